@@ -1,0 +1,230 @@
+"""gwcore's compiled core: framing of NServiceBus Gateway HTTP requests, the stored envelope format
+and the LMDB dedup batch loop. Private module; the gwcore package re-exports what users need."""
+
+from typing import Final
+
+from typing_extensions import Buffer, disjoint_base
+
+CALL_SUBMIT: Final[int]
+"""``NServiceBus.CallType`` ``SingleCallSubmit`` (enum value 0)."""
+CALL_DATABUS: Final[int]
+"""``NServiceBus.CallType`` ``SingleCallDatabusProperty`` (enum value 1)."""
+DEBUG_BUILD: Final[bool]
+"""True when the extension was built with ``GWCORE_DEBUG=1``."""
+
+def url_decode(data: Buffer) -> str:
+    """Decode raw header bytes like .NET ``System.Net.WebUtility.UrlDecode``.
+
+    ``+`` becomes a space and ``%XX`` (either hex case) a byte; a ``%`` not followed by two hex
+    digits stays literal. Other bytes, non-ASCII ones included, pass through. The result is
+    decoded as UTF-8 with invalid sequences replaced by U+FFFD. There is no ``%uXXXX`` form.
+    """
+
+def url_encode(text: str) -> str:
+    """Encode like .NET ``WebUtility.UrlEncode`` (Gateway 4.x and later senders).
+
+    UTF-8; ``A-Z a-z 0-9 - _ . ! * ( )`` stay as they are, a space becomes ``+``, every other
+    byte ``%XX`` with upper-case hex (``~`` too). Lone surrogates become U+FFFD, as in .NET.
+    """
+
+def content_md5(body: Buffer) -> str:
+    """``Content-MD5`` value of *body*: standard, padded base64 of its MD5 digest.
+
+    ``content_md5(b"myData") == "4HJGsZlkhfKtZTbdlkaTgw=="``
+    """
+
+def parse_timespan(text: str) -> int | None:
+    """Parse a .NET ``TimeSpan`` string (``TimeSpan.TryParse``, invariant culture).
+
+    Accepted, with optional surrounding whitespace and an optional leading ``-``: ``d``,
+    ``hh:mm``, ``hh:mm:ss``, ``d.hh:mm``, ``d.hh:mm:ss``, ``d:hh:mm:ss``, and each form with
+    seconds followed by ``.f`` to ``.fffffff``. Hours 0-23, minutes and seconds 0-59, at most
+    ``TimeSpan.MaxValue`` (``10675199.02:48:05.4775807``).
+
+    :return: whole milliseconds (sub-millisecond parts are truncated towards zero), or None
+        when *text* is not such a value.
+    """
+
+def pack_seq(seq: int) -> bytes:
+    """Queue sequence number as an 8-byte big-endian key (sorts in numeric order).
+
+    :raises OverflowError: *seq* is negative or does not fit 64 bits.
+    """
+
+def unpack_seq(data: Buffer) -> int:
+    """Inverse of :func:`pack_seq`.
+
+    :raises gwcore.errors.FramingError: *data* is not 8 bytes long.
+    """
+
+def encode_envelope(
+    id: str,
+    headers: list[tuple[str, str]] | dict[str, str],
+    body: Buffer,
+    expiry_ms: int,
+    accepted_ms: int,
+) -> bytes:
+    """Build the stored form of a message (envelope format v1).
+
+    Layout: ``b"GW"``, version byte 1, u64 ``accepted_ms``, u64 ``expiry_ms``, u32 length + id,
+    u32 header count, per header u32 length + name and u32 length + value, u64 length + body.
+    Integers are big-endian, text is UTF-8. Headers are written in the order given, repeats
+    included (decoding keeps the last).
+
+    :raises gwcore.errors.FramingError: a string is longer than 4 GiB.
+    """
+
+def decode_envelope(framed: Buffer) -> tuple[str, dict[str, str], bytes, int, int]:
+    """Parse an envelope made by :func:`encode_envelope`.
+
+    :return: ``(id, headers, body, expiry_ms, accepted_ms)``; for a repeated header name the
+        later value wins.
+    :raises gwcore.errors.FramingError: the input is truncated, has trailing bytes, invalid
+        UTF-8, a bad magic or an unknown version. Never reads past the input.
+    """
+
+@disjoint_base
+class Envelope:
+    """A message accepted by :meth:`Framer.frame`, ready to be stored. Made only by the framer."""
+
+    @property
+    def id(self) -> str:
+        """The decoded ``NServiceBus.Id``."""
+    @property
+    def key(self) -> bytes:
+        """Dedup key: the framer's scope (UTF-8), ``b"\\x00"``, the id (UTF-8)."""
+    @property
+    def call_type(self) -> int:
+        """:data:`CALL_SUBMIT` or :data:`CALL_DATABUS`."""
+    @property
+    def expiry_ms(self) -> int:
+        """Absolute expiry in ms since the epoch (from ``NServiceBus.TimeToBeReceived``); 0 = never."""
+    @property
+    def accepted_ms(self) -> int:
+        """The ``now_ms`` given to :meth:`Framer.frame`."""
+    @property
+    def headers(self) -> dict[str, str]:
+        """The message headers that are stored. Do not mutate: :attr:`framed` is already built."""
+    @property
+    def body(self) -> bytes:
+        """The message body (owned bytes)."""
+    @property
+    def framed(self) -> bytes:
+        """``encode_envelope(id, headers, body, expiry_ms, accepted_ms)``."""
+    @property
+    def callback(self) -> str | None:
+        """The JSONP ``callback`` query parameter (only when the framer parses queries)."""
+
+@disjoint_base
+class Rejection:
+    """A request the framer refused: answer it with ``status`` and ``reason``."""
+
+    def __init__(self, status: int, reason: str, callback: str | None = None) -> None:
+        """:param reason: cleaned to ASCII (non-ASCII and control characters become ``?``) and
+        cut to 512 characters, since it is sent as the HTTP reason phrase."""
+    @property
+    def status(self) -> int:
+        """HTTP status code."""
+    @property
+    def reason(self) -> str:
+        """Reason phrase, also the response body."""
+    @property
+    def callback(self) -> str | None:
+        """The JSONP ``callback`` query parameter, if any."""
+
+@disjoint_base
+class Framer:
+    """Turns one gateway HTTP request into an :class:`Envelope` or a :class:`Rejection`.
+
+    Follows the NServiceBus Gateway receiver (``HttpChannelReceiver`` and
+    ``SingleCallChannelReceiver``), with these deliberate differences: a header that appears
+    twice (after decoding, ignoring ASCII case) is a 400 instead of a 502; the
+    ``NServiceBus.Header.`` prefix of message headers is matched ignoring case, so headers a
+    proxy lower-cased are kept rather than dropped; ``SingleCallDatabusProperty`` is answered
+    501 for now. A framer is not thread-safe: use it from one thread (the event loop).
+    """
+
+    def __init__(self, scope: str, *, max_id_bytes: int = 400, parse_query: bool = False) -> None:
+        """
+        :param scope: dedup scope, the receiving site or endpoint name; it prefixes every
+            :attr:`Envelope.key`, so one store can serve several endpoints.
+        :param max_id_bytes: longest accepted ``NServiceBus.Id``, in UTF-8 bytes.
+        :param parse_query: honour query-string parameters (GET/JSONP clients): each overrides
+            the header of the same name, ``Message`` replaces the body, ``callback`` is kept.
+        :raises gwcore.errors.ConfigurationError: *scope* contains NUL or is not encodable, or
+            *max_id_bytes* is not positive.
+        """
+    @property
+    def scope(self) -> str: ...
+    @property
+    def max_id_bytes(self) -> int: ...
+    @property
+    def parse_query(self) -> bool: ...
+    @property
+    def framed_total(self) -> int:
+        """Requests turned into envelopes."""
+    @property
+    def rejected_total(self) -> int:
+        """Requests rejected."""
+    def frame(self, headers: list[Buffer], body: Buffer, query: Buffer | None, now_ms: int) -> Envelope | Rejection:
+        """Validate one request and build its envelope.
+
+        :param headers: flat ``[name0, value0, name1, value1, ...]`` of the raw header bytes as
+            httptools delivered them (still URL-encoded).
+        :param body: the request body.
+        :param query: the raw query string without ``?``, or None; ignored unless the framer
+            was made with ``parse_query=True``.
+        :param now_ms: current time in ms since the epoch; becomes ``accepted_ms`` and the base
+            of ``expiry_ms``.
+        :return: a :class:`Rejection` (400 missing/invalid/duplicate headers or an id too long,
+            412 MD5 mismatch or claim-check parts missing, 501 databus call, 502 gateway message
+            without ``NServiceBus.CorrelationId``) or an :class:`Envelope`. Gateway messages
+            (``NServiceBus.Gateway`` present) keep the ``NServiceBus.Header.*`` headers without
+            the prefix plus the top-level ``NServiceBus.CorrelationId``, and expire after their
+            ``NServiceBus.TimeToBeReceived`` (at least 1 s); other messages keep every header.
+        :raises gwcore.errors.InternalError: *headers* has an odd length.
+        """
+
+@disjoint_base
+class DedupIndex:
+    """Atomic check-and-record of dedup keys inside an open py-lmdb write transaction.
+
+    Layout: ``dedup`` maps key -> u64 accepted_ms + u64 seq; ``queue`` maps :func:`pack_seq`
+    (seq) -> :attr:`Envelope.framed`; ``expiry`` maps u64 accepted_ms + u64 seq -> key. lmdb
+    exceptions (``MapFullError`` ...) propagate unchanged; the caller aborts the transaction.
+    """
+
+    def __init__(self) -> None: ...
+    @property
+    def new_total(self) -> int:
+        """Envelopes recorded as new (counted when a batch completes without error)."""
+    @property
+    def duplicate_total(self) -> int:
+        """Envelopes found already recorded."""
+    @property
+    def expired_total(self) -> int:
+        """Dedup records removed by :meth:`expire`."""
+    def apply_batch(
+        self,
+        txn: object,
+        dedup_db: object,
+        queue_db: object,
+        expiry_db: object,
+        envelopes: list[Envelope],
+        accepted_ms: int,
+        next_seq: int,
+    ) -> tuple[list[bool], int]:
+        """Record each envelope's key unless present, and queue the new ones.
+
+        :return: ``(results, next_seq)``: True per new envelope (stored under the next sequence
+            number), False per duplicate, including a repeat of a key earlier in the same batch.
+        """
+    def check_batch(self, txn: object, dedup_db: object, envelopes: list[Envelope]) -> list[bool]:
+        """True per envelope whose key is already recorded. Read-only."""
+    def expire(self, txn: object, dedup_db: object, expiry_db: object, cutoff_ms: int, limit: int) -> int:
+        """Remove up to *limit* expiry entries accepted before *cutoff_ms*, oldest first, with the
+        dedup record each names (unless that id was recorded again since).
+
+        :return: the number of dedup records removed.
+        :raises gwcore.errors.FramingError: an expiry key is not 16 bytes (corrupt store).
+        """

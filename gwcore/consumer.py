@@ -1,0 +1,228 @@
+"""Consuming the durable local queue: an async iterator and a handler runner.
+
+A message leaves the queue only when it is acknowledged (``await message.ack()``, or the handler
+returned). A process that dies before that sees the message again after restart: at-least-once
+into the handler, exactly-once into the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import importlib
+import inspect
+import logging
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from ._core import core
+from .errors import ConfigurationError
+from .store import Store, Writer, encode_error, now_ms
+
+__all__ = ("Message", "LocalQueue", "load_handler", "run_handler")
+
+log = logging.getLogger("gwcore.consumer")
+
+_FETCH = 256
+
+
+class Message:
+    """One message from the local queue.
+
+    :ivar id: the NServiceBus message id (``NServiceBus.Id``).
+    :ivar headers: message headers, names as sent (``NServiceBus.Header.`` prefix removed).
+    :ivar body: the message body.
+    :ivar seq: the position in the local queue.
+    :ivar attempt: 1 for the first delivery in this process, more for redeliveries after failures.
+    """
+
+    __slots__ = ("id", "headers", "body", "seq", "expiry_ms", "accepted_ms", "attempt", "_queue", "_settled")
+
+    def __init__(self, queue: "LocalQueue", seq: int, framed: bytes, attempt: int) -> None:
+        self.id, self.headers, self.body, self.expiry_ms, self.accepted_ms = core.decode_envelope(framed)
+        self.seq = seq
+        self.attempt = attempt
+        self._queue = queue
+        self._settled = False
+
+    async def ack(self) -> None:
+        """Remove the message from the queue (durably) once it has been handled."""
+        if not self._settled:
+            self._settled = True
+            await self._queue._ack(self)
+
+    def release(self, error: BaseException | None = None) -> None:
+        """Hand the message back for a later redelivery (after a failed attempt)."""
+        if not self._settled:
+            self._settled = True
+            self._queue._release(self, error)
+
+    def __repr__(self) -> str:
+        return f"<Message id={self.id!r} seq={self.seq} attempt={self.attempt}>"
+
+
+class LocalQueue:
+    """Hands out queued messages in order, each to one consumer at a time."""
+
+    def __init__(self, store: Store, writer: Writer, *, max_attempts: int = 5,
+                 retry_base: float = 0.5, retry_cap: float = 30.0) -> None:
+        self.store = store
+        self.writer = writer
+        self.max_attempts = max_attempts
+        self.retry_base = retry_base
+        self.retry_cap = retry_cap
+        self._cursor = 0  # highest seq read from the store
+        self._buffer: list[tuple[int, bytes]] = []
+        self._buffer_pos = 0
+        self._retries: list[tuple[float, int, int]] = []  # (due monotonic, seq, attempts so far)
+        self._attempts: dict[int, int] = {}
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self.delivered = 0
+        self.acked = 0
+        self.failed = 0
+        self.expired = 0
+        self.poisoned = 0
+
+    def notify(self, added: int = 1) -> None:
+        """Called after a commit that queued new messages."""
+        self._wakeup.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wakeup.set()
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Message]:
+        while True:
+            msg = await self.get()
+            if msg is None:
+                return
+            yield msg
+
+    async def get(self) -> Message | None:
+        """The next message, waiting for one; ``None`` once the queue is closed."""
+        while not self._closed:
+            msg = self._next_ready()
+            if msg is not None:
+                if msg.expiry_ms and msg.expiry_ms < now_ms():
+                    # NServiceBus semantics of TimeToBeReceived: discard if not received in time.
+                    log.info("message %s expired (TimeToBeReceived) before it was consumed; discarded", msg.id)
+                    self.expired += 1
+                    msg._settled = True
+                    await self._ack(msg, count=False)
+                    continue
+                self.delivered += 1
+                return msg
+            self._wakeup.clear()
+            timeout = None
+            if self._retries:
+                timeout = max(0.0, self._retries[0][0] - time.monotonic())
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return None
+
+    def _next_ready(self) -> Message | None:
+        if self._retries and self._retries[0][0] <= time.monotonic():
+            _due, seq, attempts = heapq.heappop(self._retries)
+            framed = self.store.read_one(seq)
+            if framed is not None:
+                return Message(self, seq, framed, attempts + 1)
+        if self._buffer_pos >= len(self._buffer):
+            self._buffer = self.store.read_queue(self._cursor, _FETCH)
+            self._buffer_pos = 0
+            if not self._buffer:
+                return None
+            self._cursor = self._buffer[-1][0]
+        seq, framed = self._buffer[self._buffer_pos]
+        self._buffer_pos += 1
+        return Message(self, seq, framed, 1)
+
+    async def _ack(self, msg: Message, count: bool = True) -> None:
+        await self.writer.ack(msg.seq)
+        self._attempts.pop(msg.seq, None)
+        if count:
+            self.acked += 1
+
+    def _release(self, msg: Message, error: BaseException | None) -> None:
+        self.failed += 1
+        if msg.attempt >= self.max_attempts:
+            self.poisoned += 1
+            reason = f"handler failed {msg.attempt} times: {error!r}"
+            log.error("message %s moved to the error store: %s", msg.id, reason)
+            asyncio.ensure_future(self._poison(msg.seq, reason))
+            return
+        delay = min(self.retry_cap, self.retry_base * (2 ** (msg.attempt - 1)))
+        log.warning("message %s: attempt %d failed (%r); retrying in %.1fs", msg.id, msg.attempt, error, delay)
+        heapq.heappush(self._retries, (time.monotonic() + delay, msg.seq, msg.attempt))
+        self._wakeup.set()
+
+    async def _poison(self, seq: int, reason: str) -> None:
+        store = self.store
+        key = core.pack_seq(seq)
+
+        def move(txn: Any) -> bool:
+            framed = txn.get(key, db=store.queue)
+            if framed is None:
+                return False
+            txn.put(key, encode_error(framed, reason, now_ms()), db=store.errors)
+            txn.delete(key, db=store.queue)
+            return True
+
+        await self.writer.call(move)
+
+
+def load_handler(spec: str) -> Callable[[Message], Any]:
+    """Resolve ``module:function`` (``GWCORE_HANDLER``) to a callable."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"GWCORE_HANDLER={spec!r}: cannot import {module_name!r}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise ConfigurationError(f"GWCORE_HANDLER={spec!r}: {module_name!r} has no {attr!r}")
+    if not callable(obj):
+        raise ConfigurationError(f"GWCORE_HANDLER={spec!r} is not callable")
+    return obj
+
+
+async def run_handler(queue: LocalQueue, handler: Callable[[Message], Any] | Callable[[Message], Awaitable[Any]],
+                      concurrency: int = 1) -> None:
+    """Feed ``handler`` (sync or async) until the queue closes; ack after it returns."""
+    is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None))
+    loop = asyncio.get_running_loop()
+
+    async def one(msg: Message) -> None:
+        try:
+            if is_async:
+                await handler(msg)  # type: ignore[misc]
+            else:
+                # Sync handlers may block: keep them off the event loop.
+                await loop.run_in_executor(None, handler, msg)
+        except asyncio.CancelledError:
+            msg.release(None)
+            raise
+        except Exception as exc:
+            msg.release(exc)
+            return
+        await msg.ack()
+
+    slots = asyncio.Semaphore(concurrency)
+    tasks: set[asyncio.Task] = set()
+    try:
+        async for msg in queue:
+            await slots.acquire()
+            task = asyncio.ensure_future(one(msg))
+            tasks.add(task)
+            task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
+    finally:
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,425 @@
+"""The HTTP/1.1 front end: an asyncio protocol over httptools, one core call per request.
+
+Requests on a connection are answered in order (pipelining); each response slot is resolved when
+its batch is durable. Reading pauses while a connection has ``http_max_pipeline`` unanswered
+requests or the peer stops reading our responses (back-pressure, never unbounded buffering).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import email.utils
+import logging
+import time
+from typing import Any
+
+import httptools
+
+from ._core import core
+from .errors import StoreError, StoreFullError
+
+__all__ = ("HTTPState", "HTTPProtocol", "render_response")
+
+log = logging.getLogger("gwcore.http")
+
+_JSON = b"application/json; charset=utf-8"
+_JS = b"application/javascript; charset=utf-8"
+_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+
+_OK = "OK"
+_LINGER_SECONDS = 2.0
+_BUILTIN = (b"/healthz", b"/readyz", b"/metrics")
+
+
+def _ascii_reason(text: str) -> str:
+    # A reason phrase is one line of visible ASCII; .NET writes '?' for what it cannot encode.
+    return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text)[:512]
+
+
+def render_response(status: int, reason: str, date: bytes, *, body: bytes | None = None,
+                    content_type: bytes = _JSON, close: bool = False, extra: bytes = b"") -> bytes:
+    """One complete HTTP/1.1 response; ``body`` defaults to the reason (NServiceBus style)."""
+    reason = _ascii_reason(reason)
+    if body is None:
+        body = reason.encode("ascii")
+    head = b"HTTP/1.1 %d %s\r\nServer: gwcore\r\nDate: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n" % (
+        status, reason.encode("ascii"), date, content_type, len(body), extra,
+        b"Connection: close\r\n" if close else b"",
+    )
+    return head + body
+
+
+def _jsonp(callback: str, text: str) -> bytes:
+    return f"{callback}({{ status: '{text}'}})".encode("ascii", "replace")
+
+
+class HTTPState:
+    """What every connection of one listener shares: settings, core objects, counters."""
+
+    def __init__(self, settings: Any, writer: Any, *, channel_paths: list[str],
+                 metrics_render: Any = None, ready: Any = None) -> None:
+        self.settings = settings
+        self.writer = writer
+        self.framer = core.Framer(settings.endpoint, parse_query=settings.http_allow_get)
+        self.channel_paths = [p.lower().encode() for p in channel_paths]
+        self.metrics_render = metrics_render
+        self.ready = ready or (lambda: True)
+        self.draining = False
+        self.connections: set[HTTPProtocol] = set()
+        self.requests_by_status: collections.Counter = collections.Counter()
+        self.rejected_connections = 0
+        self._date = b""
+        self._date_at = 0
+        self._ok_cache: tuple[bytes, bytes] = (b"", b"")
+
+    def date(self) -> bytes:
+        now = int(time.time())
+        if now != self._date_at:
+            self._date_at = now
+            self._date = email.utils.formatdate(now, usegmt=True).encode()
+        return self._date
+
+    def ok(self) -> bytes:
+        date = self.date()
+        if self._ok_cache[0] is not date:
+            self._ok_cache = (date, render_response(200, _OK, date))
+        return self._ok_cache[1]
+
+    def match_channel(self, path: bytes) -> bool:
+        low = path.lower()
+        if not low.endswith(b"/"):
+            # '/RemoteSite' addresses the channel '/RemoteSite/' as well.
+            low += b"/"
+        for p in self.channel_paths:
+            if low.startswith(p):
+                return True
+        return False
+
+
+class _Slot:
+    __slots__ = ("data", "close")
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+        self.close = False
+
+
+class HTTPProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, state: HTTPState) -> None:
+        self.state = state
+        self.settings = state.settings
+        self.loop = asyncio.get_event_loop()
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.slots: collections.deque[_Slot] = collections.deque()
+        self.closing = False  # no further requests will be read
+        self.reading_paused = False
+        self.writing_paused = False
+        self.timer: asyncio.TimerHandle | None = None
+        self._reset_request()
+        self.in_request = False
+
+    # -- connection lifecycle ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        state = self.state
+        if len(state.connections) >= self.settings.http_max_connections or state.draining:
+            state.rejected_connections += 1
+            reason = ("Service Unavailable: gwcore is shutting down" if state.draining else
+                      "Service Unavailable: too many connections (GWCORE_HTTP_MAX_CONNECTIONS)")
+            transport.write(render_response(503, reason, state.date(), close=True))  # type: ignore[attr-defined]
+            transport.close()
+            self.closing = True
+            return
+        state.connections.add(self)
+        self._arm(self.settings.http_keepalive_timeout, self._idle_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state.connections.discard(self)
+        self.closing = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        if self.transport is None or self.closing:
+            return
+        want_pause = self.writing_paused or len(self.slots) >= self.settings.http_max_pipeline
+        if want_pause and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        elif not want_pause and self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def _arm(self, delay: float, callback: Any) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(delay, callback)
+
+    def _idle_timeout(self) -> None:
+        self.timer = None
+        if not self.slots and not self.in_request and self.transport is not None:
+            self.transport.close()
+
+    def _request_timeout(self) -> None:
+        self.timer = None
+        if self.in_request:
+            self.state.requests_by_status[408] += 1
+            self._fail(408, f"Request Timeout: the request was not complete after {self.settings.http_request_timeout:g} s")
+
+    # -- parsing -----------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "Bad Request: protocol upgrades are not supported")
+        except httptools.HttpParserCallbackError:
+            pass  # a callback already answered and closed (limits)
+        except httptools.HttpParserError as exc:
+            self._fail(400, f"Bad Request: malformed HTTP ({exc})")
+        else:
+            if self.in_request and not self.headers_done:
+                # httptools buffers a header until it ends, so a header that never ends is only
+                # visible here. The chunk in which the request began is not counted (part of it
+                # may belong to the request before): the bound is the limit plus one read.
+                if self.began_in_chunk:
+                    self.began_in_chunk = False
+                else:
+                    self.unparsed_header_bytes += len(data)
+                    if self.unparsed_header_bytes > self.settings.http_max_header_bytes:
+                        self._fail(431, "Request Header Fields Too Large: header section exceeds "
+                                        f"{self.settings.http_max_header_bytes} bytes")
+
+    def _reset_request(self) -> None:
+        self.url = b""
+        self.headers: list[bytes] = []
+        self.header_bytes = 0
+        self.body_parts: list[bytes] = []
+        self.body_size = 0
+        self.headers_done = False
+        self.unparsed_header_bytes = 0
+        self.began_in_chunk = True
+
+    def on_message_begin(self) -> None:
+        self._reset_request()
+        self.in_request = True
+        self._arm(self.settings.http_request_timeout, self._request_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.header_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        h = self.headers
+        h.append(name)
+        h.append(value)
+        self.header_bytes += len(name) + len(value) + 4
+        if len(h) > 2 * self.settings.http_max_headers:
+            self._fail(431, f"Request Header Fields Too Large: more than {self.settings.http_max_headers} headers")
+            raise _Stop()
+        if self.header_bytes > self.settings.http_max_header_bytes:
+            self._fail(431, "Request Header Fields Too Large: header section exceeds "
+                            f"{self.settings.http_max_header_bytes} bytes")
+            raise _Stop()
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+        length = None
+        h = self.headers
+        for i in range(0, len(h), 2):
+            if len(h[i]) == 14 and h[i].lower() == b"content-length":
+                try:
+                    length = int(h[i + 1])
+                except ValueError:
+                    length = None  # llhttp already refuses a malformed Content-Length
+                break
+        if length is not None and length > self.settings.max_body:
+            self._fail(413, f"Payload Too Large: body of {length} bytes exceeds GWCORE_MAX_BODY={self.settings.max_body}")
+            raise _Stop()
+
+    def on_body(self, body: bytes) -> None:
+        self.body_size += len(body)
+        if self.body_size > self.settings.max_body:
+            self._fail(413, f"Payload Too Large: body exceeds GWCORE_MAX_BODY={self.settings.max_body} bytes")
+            raise _Stop()
+        self.body_parts.append(body)
+
+    def on_message_complete(self) -> None:
+        self.in_request = False
+        keep_alive = self.parser.should_keep_alive()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        slot = _Slot()
+        slot.close = not keep_alive or self.state.draining
+        self.slots.append(slot)
+        try:
+            self._handle(slot, self.parser.get_method())
+        except Exception:  # pragma: no cover - a bug must not kill the connection silently
+            log.exception("unexpected error handling a request")
+            self._answer(slot, 502, "Unexpected server error")
+        if slot.close:
+            self.closing = True
+        self._update_reading()
+
+    # -- request handling --------------------------------------------------------------------------
+
+    def _handle(self, slot: _Slot, method: bytes) -> None:
+        state = self.state
+        url = self.url
+        qpos = url.find(b"?")
+        path, query = (url, None) if qpos < 0 else (url[:qpos], url[qpos + 1:])
+        if path in _BUILTIN:
+            self._builtin(slot, method, path)
+            return
+        if not state.match_channel(path):
+            self._answer(slot, 404, f"Not Found: no receive channel at {path.decode('latin-1')}")
+            return
+        if method != b"POST" and not (method == b"GET" and self.settings.http_allow_get):
+            allowed = b"Allow: GET, POST\r\n" if self.settings.http_allow_get else b"Allow: POST\r\n"
+            self._answer(slot, 405, f"Method Not Allowed: gateway channels accept POST"
+                                    f"{' and GET' if self.settings.http_allow_get else ' (GET needs GWCORE_HTTP_ALLOW_GET=1)'}",
+                         extra=allowed)
+            return
+        if state.draining or not state.ready():
+            self._answer(slot, 503, "Service Unavailable: gwcore is shutting down" if state.draining
+                         else "Service Unavailable: not the active receiver")
+            return
+        body = b"".join(self.body_parts) if len(self.body_parts) != 1 else self.body_parts[0]
+        result = state.framer.frame(self.headers, body, query, time.time_ns() // 1_000_000)
+        if type(result) is core.Rejection:
+            self._answer(slot, result.status, result.reason, callback=result.callback)
+            return
+        writer = state.writer
+        if writer.pending >= self.settings.commit_max_pending:
+            self._answer(slot, 503, "Service Unavailable: ingest queue full, retry later",
+                         callback=result.callback)
+            return
+        fut = writer.ingest(result)
+        callback = result.callback
+        fut.add_done_callback(lambda f: self._ingested(slot, f, callback))
+
+    def _ingested(self, slot: _Slot, fut: asyncio.Future, callback: str | None) -> None:
+        if fut.cancelled():
+            self._answer(slot, 503, "Service Unavailable: gwcore is shutting down")
+            return
+        exc = fut.exception()
+        if exc is None:
+            if callback is None:
+                self.state.requests_by_status[200] += 1
+                slot.data = self.state.ok()
+                self._flush()
+            else:
+                self._answer(slot, 200, _OK, callback=callback)
+        elif isinstance(exc, StoreFullError):
+            self._answer(slot, 503, f"Service Unavailable: {exc}", callback=callback)
+        elif isinstance(exc, StoreError):
+            self._answer(slot, 503, f"Service Unavailable: {exc}", callback=callback)
+        else:
+            log.error("ingest failed: %r", exc)
+            self._answer(slot, 502, "Unexpected server error", callback=callback)
+
+    def _builtin(self, slot: _Slot, method: bytes, path: bytes) -> None:
+        if method not in (b"GET", b"HEAD"):
+            self._answer(slot, 405, "Method Not Allowed: use GET", extra=b"Allow: GET\r\n", count=False)
+            return
+        state = self.state
+        if path == b"/healthz":
+            self._answer(slot, 200, _OK, count=False)
+        elif path == b"/readyz":
+            if state.draining:
+                self._answer(slot, 503, "Service Unavailable: draining", count=False)
+            elif state.ready():
+                self._answer(slot, 200, _OK, count=False)
+            else:
+                self._answer(slot, 503, "Service Unavailable: not ready", count=False)
+        else:
+            text = state.metrics_render() if state.metrics_render else ""
+            self._answer(slot, 200, _OK, body=text.encode(), content_type=_TEXT, count=False)
+
+    def _answer(self, slot: _Slot, status: int, reason: str, *, body: bytes | None = None,
+                content_type: bytes = _JSON, callback: str | None = None, extra: bytes = b"",
+                count: bool = True) -> None:
+        if count:
+            self.state.requests_by_status[status] += 1
+        if callback is not None:
+            body = _jsonp(callback, _ascii_reason(reason))
+            content_type = _JS
+        slot.data = render_response(status, reason, self.state.date(), body=body,
+                                    content_type=content_type, close=slot.close, extra=extra)
+        self._flush()
+
+    def _fail(self, status: int, reason: str) -> None:
+        """Answer the current (broken or over-limit) request after those before it, then close."""
+        if self.transport is None:
+            return
+        self.in_request = False
+        slot = _Slot()
+        slot.close = True
+        self.slots.append(slot)
+        self.closing = True
+        self._answer(slot, status, reason)
+
+    def _flush(self) -> None:
+        slots = self.slots
+        transport = self.transport
+        while slots and slots[0].data is not None:
+            slot = slots.popleft()
+            if transport is None or transport.is_closing():
+                continue
+            transport.write(slot.data)
+            if slot.close:
+                slots.clear()
+                self._linger(transport)
+                return
+        if not slots:
+            if self.closing and not self.in_request and transport is not None:
+                transport.close()
+                return
+            if self.state.draining and not self.in_request and transport is not None:
+                transport.close()
+                return
+            if not self.in_request and self.timer is None:
+                self._arm(self.settings.http_keepalive_timeout, self._idle_timeout)
+        self._update_reading()
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        """Close after an answer: half-close and discard what the client still sends for a moment,
+        so that a client that is mid-upload reads our 413/431 instead of a connection reset."""
+        self.closing = True
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        if self.reading_paused:
+            self.reading_paused = False
+            transport.resume_reading()
+        self._arm(_LINGER_SECONDS, transport.close)
+
+    def eof_received(self) -> bool:
+        return False  # the peer is done sending: let the transport close once our writes are out
+
+    def shutdown(self) -> None:
+        """Draining: close now if idle; otherwise close once the in-flight answers are written."""
+        if not self.slots and not self.in_request and self.transport is not None:
+            self.transport.close()
+
+
+class _Stop(Exception):
+    """Raised inside a parser callback to stop parsing after a limit answer was queued."""

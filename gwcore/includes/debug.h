@@ -1,0 +1,3 @@
+#ifndef GWCORE_DEBUG
+#define GWCORE_DEBUG 0
+#endif

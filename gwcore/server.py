@@ -1,0 +1,76 @@
+"""Running a gateway as a process: loop choice, signals, graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from typing import Callable
+
+from .config import Settings
+from .errors import ConfigurationError
+from .gateway import Gateway
+
+__all__ = ("LOOP_FACTORIES", "loop_factory", "serve", "setup_logging")
+
+log = logging.getLogger("gwcore")
+
+
+def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    try:
+        import uvloop
+    except ImportError as exc:
+        raise ConfigurationError(f"GWCORE_LOOP=uvloop but uvloop is not importable: {exc}") from exc
+    return uvloop.new_event_loop
+
+
+def _auto_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    try:
+        return _uvloop_factory()
+    except ConfigurationError:
+        log.warning("uvloop is not installed: running on the asyncio default loop (slower)")
+        return asyncio.new_event_loop
+
+
+LOOP_FACTORIES: dict[str, Callable[[], Callable[[], asyncio.AbstractEventLoop]]] = {
+    "auto": _auto_factory,
+    "uvloop": _uvloop_factory,
+    "asyncio": lambda: asyncio.new_event_loop,
+}
+
+
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    try:
+        return LOOP_FACTORIES[name]()
+    except KeyError:
+        raise ConfigurationError(f"GWCORE_LOOP={name!r} is not one of {', '.join(LOOP_FACTORIES)}") from None
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def _serve(settings: Settings) -> None:
+    gateway = Gateway(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await gateway.start()
+    try:
+        await stop.wait()
+        log.info("signal received: draining (up to %gs)", settings.shutdown_timeout)
+    finally:
+        await gateway.stop()
+
+
+def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT, then drain and exit 0."""
+    with asyncio.Runner(loop_factory=loop_factory(settings.loop)) as runner:
+        runner.run(_serve(settings))
+    return 0

@@ -1,0 +1,481 @@
+"""The LMDB store: environment lifecycle, the writer thread with group commit, and retention.
+
+One environment per data dir holds five databases (design.md §2):
+
+=========  ===============================  ==========================================
+dedup      scope \\0 id                      u64 accepted_ms + u64 seq
+expiry     u64 accepted_ms + u64 seq         dedup key (for O(expired) cleanup)
+queue      u64 seq                           framed envelope (the local input queue)
+errors     u64 seq                           framed envelope + reason (poison messages)
+meta       name                              value (schema version, last seq)
+=========  ===============================  ==========================================
+
+Every write goes through one writer thread. The event loop hands it jobs and gets one callback per
+committed batch; the thread owns the write transaction, the commit and its fsync, so the loop keeps
+parsing while the disk works. A 200 is answered only after the batch holding the message committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import shutil
+import struct
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import lmdb
+
+from ._core import core
+from .errors import StoreError, StoreFullError, StoreUnavailableError
+
+__all__ = ("Store", "Writer", "StoreStats")
+
+log = logging.getLogger("gwcore.store")
+
+SCHEMA_VERSION = b"1"
+_U64 = struct.Struct(">Q")
+_DISK_FULL_MARGIN = 4 << 20  # below this much free space a failed write is taken as "disk full"
+_ERROR_RECORD = struct.Struct(">QI")  # failed_at_ms, reason length; then reason, then envelope
+
+# Job kinds handed to the writer thread.
+_INGEST = 0
+_ACK = 1
+_CALL = 2
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class StoreStats:
+    """Counters the writer maintains (read by /metrics from the loop thread; ints are atomic)."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.commits_failed = 0
+        self.accepted = 0
+        self.duplicates = 0
+        self.refused_full = 0
+        self.expired_records = 0
+        self.map_resizes = 0
+        # Histograms: bucket upper bounds -> counts (cumulative at render time).
+        self.batch_size_buckets = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+        self.batch_size_counts = [0] * (len(self.batch_size_buckets) + 1)
+        self.batch_size_sum = 0
+        self.commit_buckets = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+        self.commit_counts = [0] * (len(self.commit_buckets) + 1)
+        self.commit_sum = 0.0
+
+    def observe(self, size: int, seconds: float) -> None:
+        self.batches += 1
+        self.batch_size_sum += size
+        self.batch_size_counts[_bucket(self.batch_size_buckets, size)] += 1
+        self.commit_sum += seconds
+        self.commit_counts[_bucket(self.commit_buckets, seconds)] += 1
+
+
+def _bucket(bounds: tuple, value: float) -> int:
+    for i, b in enumerate(bounds):
+        if value <= b:
+            return i
+    return len(bounds)
+
+
+class Store:
+    """Owns one ``lmdb.Environment`` (never two for a path in one process: py-lmdb forbids it).
+
+    :param path: the data dir (created if missing).
+    :param map_size: initial map size in bytes; grows by doubling up to ``max_size``.
+    :param max_size: the hard ceiling; beyond it new messages get 503 "store full".
+    :param sync: fsync every commit (the 200-means-durable guarantee needs it).
+    :param readonly: open for inspection only (``gwcore inspect``).
+    """
+
+    def __init__(self, path: str, *, map_size: int = 256 << 20, max_size: int = 64 << 30,
+                 sync: bool = True, readonly: bool = False) -> None:
+        self.path = path
+        self.max_size = max_size
+        self.sync = sync
+        self.readonly = readonly
+        if not readonly:
+            os.makedirs(path, exist_ok=True)
+        elif not os.path.exists(os.path.join(path, "data.mdb")):
+            raise StoreUnavailableError(f"no gwcore store at {path!r} (GWCORE_DATA_DIR)")
+        try:
+            self.env = lmdb.open(
+                path,
+                map_size=map_size,
+                max_dbs=8,
+                sync=sync,
+                metasync=sync,
+                readonly=readonly,
+                lock=True,
+                readahead=False,
+                max_readers=256,
+            )
+        except lmdb.Error as exc:
+            raise StoreUnavailableError(f"cannot open the store at {path!r}: {exc}") from exc
+        # Re-read: an existing environment keeps its larger map size.
+        self.map_size = max(map_size, self.env.info()["map_size"])
+        # set_mapsize() needs every transaction of this process closed; readers take this lock for
+        # their (short, synchronous) transactions and the writer takes it to resize.
+        self.resize_lock = threading.Lock()
+        create = not readonly
+        self.dedup = self.env.open_db(b"dedup", create=create)
+        self.expiry = self.env.open_db(b"expiry", create=create)
+        self.queue = self.env.open_db(b"queue", create=create)
+        self.errors = self.env.open_db(b"errors", create=create)
+        self.meta = self.env.open_db(b"meta", create=create)
+        if not readonly:
+            with self.env.begin(write=True) as txn:
+                version = txn.get(b"schema", db=self.meta)
+                if version is None:
+                    txn.put(b"schema", SCHEMA_VERSION, db=self.meta)
+                elif version != SCHEMA_VERSION:
+                    raise StoreError(f"store at {path!r} has schema {version!r}, this gwcore needs {SCHEMA_VERSION!r}")
+
+    def close(self) -> None:
+        self.env.close()
+
+    # -- reads (any thread; short transactions) ---------------------------------------------------
+
+    def last_seq(self) -> int:
+        """The highest sequence number ever assigned (kept in meta, since consumed entries go)."""
+        with self.resize_lock, self.env.begin() as txn:
+            raw = txn.get(b"seq", db=self.meta)
+            seq = _U64.unpack(raw)[0] if raw else 0
+            cur = txn.cursor(db=self.queue)
+            if cur.last():
+                seq = max(seq, core.unpack_seq(cur.key()))
+            return seq
+
+    def read_queue(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` queued ``(seq, framed)`` pairs with ``seq > after_seq``, in order."""
+        out: list[tuple[int, bytes]] = []
+        with self.resize_lock, self.env.begin() as txn:
+            cur = txn.cursor(db=self.queue)
+            if not cur.set_range(core.pack_seq(after_seq + 1)):
+                return out
+            for key, value in cur:
+                out.append((core.unpack_seq(key), value))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def read_one(self, seq: int) -> bytes | None:
+        with self.resize_lock, self.env.begin() as txn:
+            return txn.get(core.pack_seq(seq), db=self.queue)
+
+    def iter_db(self, db: Any) -> Iterator[tuple[bytes, bytes]]:
+        """All items of one database (for inspection; holds one read transaction throughout)."""
+        with self.env.begin() as txn:
+            yield from txn.cursor(db=db)
+
+    def is_recorded(self, scope: str, msg_id: str) -> bool:
+        with self.resize_lock, self.env.begin() as txn:
+            return txn.get(scope.encode() + b"\0" + msg_id.encode(), db=self.dedup) is not None
+
+    def counts(self) -> dict[str, int]:
+        with self.resize_lock, self.env.begin() as txn:
+            return {
+                "dedup": txn.stat(self.dedup)["entries"],
+                "queue": txn.stat(self.queue)["entries"],
+                "errors": txn.stat(self.errors)["entries"],
+                "expiry": txn.stat(self.expiry)["entries"],
+            }
+
+    def size_bytes(self) -> int:
+        """Bytes the environment uses (last page number times page size), not the sparse file size."""
+        info = self.env.info()
+        return (info["last_pgno"] + 1) * self.env.stat()["psize"]
+
+
+def encode_error(framed: bytes, reason: str, failed_ms: int) -> bytes:
+    r = reason.encode("utf-8", "replace")
+    return _ERROR_RECORD.pack(failed_ms, len(r)) + r + framed
+
+
+def decode_error(value: bytes) -> tuple[int, str, bytes]:
+    failed_ms, n = _ERROR_RECORD.unpack_from(value)
+    start = _ERROR_RECORD.size
+    return failed_ms, value[start:start + n].decode("utf-8", "replace"), value[start + n:]
+
+
+class Writer:
+    """The single writer thread: batches jobs, one write transaction and one fsync per batch.
+
+    :meth:`ingest`, :meth:`ack` and :meth:`call` are called on the event loop and return
+    futures resolved on that loop once the batch that carried the job is durable.
+    """
+
+    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop, *, scope: str,
+                 max_batch: int = 1024, max_delay_us: int = 200, dedup_ttl: float = 7 * 86400.0,
+                 cleanup_slice: int = 2000, on_commit: Callable[[int], None] | None = None) -> None:
+        self.store = store
+        self.loop = loop
+        self.scope = scope
+        self.max_batch = max_batch
+        self.max_delay = max_delay_us / 1e6
+        self.ttl_ms = int(dedup_ttl * 1000)
+        self.cleanup_slice = cleanup_slice
+        self.on_commit = on_commit  # loop-thread callback: number of new queue entries
+        self.stats = StoreStats()
+        self.index = core.DedupIndex()
+        self.next_seq = store.last_seq() + 1
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending = 0  # jobs submitted and not yet resolved (loop thread only)
+        self._closed = False
+        self._cleanup_due = 0.0
+        self._thread = threading.Thread(target=self._run, name="gwcore-writer", daemon=True)
+        self._thread.start()
+
+    # -- loop side ---------------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def ingest(self, envelope: Any) -> asyncio.Future:
+        """Record-and-enqueue one framed envelope; resolves True (new) or False (duplicate)."""
+        return self._submit(_INGEST, envelope)
+
+    def ack(self, seq: int) -> asyncio.Future:
+        """Remove one consumed queue entry; resolves True if it was still there."""
+        return self._submit(_ACK, seq)
+
+    def call(self, fn: Callable[[Any], Any]) -> asyncio.Future:
+        """Run ``fn(txn)`` inside the next write transaction; resolves with its return value."""
+        return self._submit(_CALL, fn)
+
+    def _submit(self, kind: int, payload: Any) -> asyncio.Future:
+        fut = self.loop.create_future()
+        if self._closed:
+            fut.set_exception(StoreUnavailableError("the store is closed (gwcore is shutting down)"))
+            return fut
+        self._pending += 1
+        self._jobs.put((kind, payload, fut))
+        return fut
+
+    def close(self) -> None:
+        """Commit what is queued, stop the thread, and wait for it (blocking)."""
+        if not self._closed:
+            self._closed = True
+            self._jobs.put(None)
+        self._thread.join()
+
+    def _resolve(self, done: list, added: int) -> None:
+        self._pending -= len(done)
+        for fut, ok, value in done:
+            if fut.cancelled():
+                continue
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+        if added and self.on_commit is not None:
+            self.on_commit(added)
+
+    # -- writer thread -----------------------------------------------------------------------------
+
+    def _take_batch(self) -> tuple[list, bool]:
+        first = self._jobs.get()
+        if first is None:
+            return [], True
+        batch = [first]
+        get = self._jobs.get_nowait
+        stop = False
+        deadline = None
+        while len(batch) < self.max_batch:
+            try:
+                job = get()
+            except queue.Empty:
+                if self.max_delay <= 0:
+                    break
+                # Group commit: give concurrent requests up to max_delay to join this fsync.
+                if deadline is None:
+                    deadline = time.monotonic() + self.max_delay
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    job = self._jobs.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if job is None:
+                stop = True
+                break
+            batch.append(job)
+        return batch, stop
+
+    def _run(self) -> None:
+        while True:
+            try:
+                batch, stop = self._take_batch()
+                if batch:
+                    self._process(batch)
+                if stop:
+                    # Anything queued after the stop marker still gets an answer.
+                    rest = []
+                    while True:
+                        try:
+                            job = self._jobs.get_nowait()
+                        except queue.Empty:
+                            break
+                        if job is not None:
+                            rest.append(job)
+                    if rest:
+                        self._process(rest)
+                    return
+                if self._jobs.empty():
+                    self._maybe_cleanup()
+            except Exception:  # pragma: no cover - a bug; keep the thread alive and loud
+                log.exception("gwcore writer thread: unexpected error")
+
+    def _process(self, batch: list) -> None:
+        envelopes = [job[1] for job in batch if job[0] == _INGEST]
+        started = time.perf_counter()
+        while True:
+            try:
+                results, added = self._write(batch, envelopes)
+                break
+            except lmdb.MapFullError:
+                if self._grow():
+                    continue
+                results, added = self._write_when_full(batch, envelopes)
+                break
+            except lmdb.Error as exc:
+                self.stats.commits_failed += 1
+                log.error("store commit failed, %d jobs refused: %s", len(batch), exc)
+                err = _store_error(exc, self.store.path)
+                results, added = [(job[2], False, err) for job in batch], 0
+                break
+        self.stats.observe(len(batch), time.perf_counter() - started)
+        self.loop.call_soon_threadsafe(self._resolve, results, added)
+
+    def _write(self, batch: list, envelopes: list) -> tuple[list, int]:
+        store = self.store
+        txn = store.env.begin(write=True)
+        try:
+            if envelopes:
+                new_flags, next_seq = self.index.apply_batch(
+                    txn, store.dedup, store.queue, store.expiry, envelopes, now_ms(), self.next_seq
+                )
+                if next_seq != self.next_seq:
+                    txn.put(b"seq", _U64.pack(next_seq - 1), db=store.meta)
+            else:
+                new_flags, next_seq = [], self.next_seq
+            results = []
+            flags = iter(new_flags)
+            for kind, payload, fut in batch:
+                if kind == _INGEST:
+                    results.append((fut, True, next(flags)))
+                elif kind == _ACK:
+                    results.append((fut, True, txn.delete(core.pack_seq(payload), db=store.queue)))
+                else:
+                    try:
+                        results.append((fut, True, payload(txn)))
+                    except lmdb.Error:
+                        raise
+                    except Exception as exc:  # a failing call fails alone, not the batch
+                        results.append((fut, False, exc))
+            if time.monotonic() >= self._cleanup_due:
+                self._expire(txn)
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
+        added = next_seq - self.next_seq
+        self.next_seq = next_seq
+        self.stats.accepted += added
+        self.stats.duplicates += len(envelopes) - added
+        return results, added
+
+    def _write_when_full(self, batch: list, envelopes: list) -> tuple[list, int]:
+        """The map cannot grow: answer duplicates (200), refuse new messages (503), keep acks."""
+        store = self.store
+        with store.resize_lock, store.env.begin() as txn:
+            recorded = self.index.check_batch(txn, store.dedup, envelopes) if envelopes else []
+        full = StoreFullError(
+            f"store full: {store.map_size} bytes used of GWCORE_STORE_MAX_SIZE={store.max_size}; "
+            "consume the queue or raise the limit"
+        )
+        rest = [job for job in batch if job[0] != _INGEST]
+        rest_results: list = []
+        if rest:
+            try:
+                rest_results, _ = self._write(rest, [])
+            except lmdb.Error as exc:
+                rest_results = [(job[2], False, _store_error(exc, self.store.path)) for job in rest]
+        results = []
+        flags = iter(recorded)
+        others = iter(rest_results)
+        for kind, _payload, fut in batch:
+            if kind == _INGEST:
+                dup = next(flags)
+                results.append((fut, True, False) if dup else (fut, False, full))
+                if not dup:
+                    self.stats.refused_full += 1
+            else:
+                results.append(next(others))
+        return results, 0
+
+    def _grow(self) -> bool:
+        store = self.store
+        if store.map_size >= store.max_size:
+            return False
+        new_size = min(store.max_size, store.map_size * 2)
+        with store.resize_lock:
+            store.env.set_mapsize(new_size)
+        log.info("store map grown from %d to %d bytes", store.map_size, new_size)
+        store.map_size = new_size
+        self.stats.map_resizes += 1
+        return True
+
+    def _expire(self, txn: Any) -> None:
+        n = self.index.expire(txn, self.store.dedup, self.store.expiry, now_ms() - self.ttl_ms,
+                              self.cleanup_slice)
+        self.stats.expired_records += n
+        # A full slice means more is waiting: come back soon; otherwise once a second is plenty.
+        self._cleanup_due = time.monotonic() + (0.05 if n >= self.cleanup_slice else 1.0)
+
+    def _maybe_cleanup(self) -> None:
+        if time.monotonic() < self._cleanup_due:
+            return
+        try:
+            with self.store.env.begin(write=True) as txn:
+                self._expire(txn)
+        except lmdb.MapFullError:
+            # Deleting needs free pages too; try again after the next successful batch.
+            self._cleanup_due = time.monotonic() + 5.0
+        except lmdb.Error as exc:
+            log.warning("dedup retention cleanup failed: %s", exc)
+            self._cleanup_due = time.monotonic() + 5.0
+
+
+def _disk_nearly_full(path: str) -> bool:
+    try:
+        return shutil.disk_usage(path).free < _DISK_FULL_MARGIN
+    except OSError:
+        return False
+
+
+def _store_error(exc: lmdb.Error, path: str) -> StoreError:
+    text = str(exc)
+    # LMDB reports a short write on a full disk as EIO, not ENOSPC: look at the disk as well.
+    if "No space left" in text or "ENOSPC" in text or _disk_nearly_full(path):
+        err: StoreError = StoreFullError(f"store full: the disk is full ({text})")
+    else:
+        err = StoreUnavailableError(f"store write failed: {text}")
+    err.__cause__ = exc
+    return err
+
+
+def queue_entries(store: Store) -> Iterator[tuple[int, tuple[str, dict, bytes, int, int]]]:
+    """``(seq, decoded envelope)`` for every queued message (inspection)."""
+    for key, value in store.iter_db(store.queue):
+        yield core.unpack_seq(key), core.decode_envelope(value)
+

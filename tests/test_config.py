@@ -1,0 +1,72 @@
+"""Configuration: parsing, precedence, clear errors naming the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from gwcore import ConfigurationError, Settings
+from gwcore.config import ReceiveChannel, parse_duration, parse_size, variables
+
+
+def test_defaults():
+    s = Settings.from_env({})
+    assert s.mode == "standalone"
+    assert s.data_dir == "./var/gwcore"
+    assert s.dedup_ttl == 7 * 86400
+    assert s.store_sync is True
+    assert s.http_allow_get is False
+    assert [c.url for c in s.receive_channels] == ["http://127.0.0.1:25900/gwcore/"]
+
+
+def test_environment_and_precedence():
+    env = {"GWCORE_ENDPOINT": "RemoteSite", "GWCORE_COMMIT_MAX_BATCH": "64", "GWCORE_DEDUP_TTL": "12h",
+           "GWCORE_MAX_BODY": "1MiB", "GWCORE_HTTP_ALLOW_GET": "yes",
+           "GWCORE_RECEIVE_CHANNELS": "http://+:25900/RemoteSite/, http://127.0.0.1:25901/Other"}
+    s = Settings.from_env(env)
+    assert (s.endpoint, s.commit_max_batch, s.dedup_ttl, s.max_body, s.http_allow_get) == \
+        ("RemoteSite", 64, 43200.0, 1 << 20, True)
+    assert s.receive_channels[0] == ReceiveChannel("http://+:25900/RemoteSite/", "0.0.0.0", 25900, "/RemoteSite/")
+    assert s.receive_channels[1].path == "/Other/"
+    # an explicit argument beats the environment
+    assert Settings.from_env(env, commit_max_batch=8).commit_max_batch == 8
+
+
+@pytest.mark.parametrize("name,value", [
+    ("GWCORE_COMMIT_MAX_BATCH", "0"), ("GWCORE_COMMIT_MAX_BATCH", "many"), ("GWCORE_DEDUP_TTL", "soon"),
+    ("GWCORE_MAX_BODY", "-1"), ("GWCORE_STORE_SYNC", "maybe"), ("GWCORE_MODE", "cluster"),
+    ("GWCORE_RECEIVE_CHANNELS", "https://x:1/A/"), ("GWCORE_RECEIVE_CHANNELS", "http://x:notaport/A/"),
+    ("GWCORE_HANDLER", "nocolon"), ("GWCORE_LOOP", "trio"), ("GWCORE_ENDPOINT", " "),
+    ("GWCORE_STORE_MAP_SIZE", "128GiB"), ("GWCORE_MODE", "selected"),
+])
+def test_invalid_values_name_the_variable(name, value):
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_env({name: value})
+    assert name in str(info.value)
+
+
+def test_unknown_variable_is_refused():
+    with pytest.raises(ConfigurationError, match="GWCORE_COMIT_MAX_BATCH"):
+        Settings.from_env({"GWCORE_COMIT_MAX_BATCH": "1"})
+
+
+def test_channels_sharing_port_and_path_are_refused():
+    with pytest.raises(ConfigurationError, match="share port"):
+        Settings.from_env({"GWCORE_RECEIVE_CHANNELS": "http://127.0.0.1:1/A/,http://localhost:1/A/"})
+
+
+def test_units():
+    assert parse_duration("250ms") == 0.25 and parse_duration("7d") == 604800 and parse_duration("30") == 30
+    assert parse_size("512k") == 512 << 10 and parse_size("2G") == 2 << 30 and parse_size("10") == 10
+    with pytest.raises(ValueError):
+        parse_size("1.5G")
+
+
+def test_settings_are_frozen():
+    s = Settings.from_env({})
+    with pytest.raises(Exception):
+        s.endpoint = "x"  # type: ignore[misc]
+
+
+def test_every_default_parses():
+    # the defaults go through the same parsers as user values
+    assert Settings.from_env({k: v for k, v in variables().items() if v})

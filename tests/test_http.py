@@ -1,0 +1,342 @@
+"""The HTTP front end on real loopback sockets, on asyncio and on uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from httpclient import Client, get, nsb_request, read_response
+
+MSG_ID = "0b1f6f0e-5d8a-4f43-b1d5-b3a400c1d2e3"
+
+
+def addr(gw):
+    return gw.addresses[0]
+
+
+async def queued(gw):
+    out = []
+    for seq, framed in gw.store.read_queue(0, 1_000_000):
+        out.append(seq)
+    return out
+
+
+def test_submit_is_stored_and_answered_like_nservicebus(run, gateway_factory):
+    async def main():
+        async with gateway_factory() as gw:
+            async with Client(*addr(gw)) as c:
+                r = await c.request(nsb_request(MSG_ID))
+            assert (r.status, r.reason, r.body) == (200, "OK", b"OK")
+            assert r.headers["content-type"] == "application/json; charset=utf-8"
+            assert r.headers["content-length"] == "2"
+            msg = await asyncio.wait_for(gw.messages().get(), 5)
+            assert msg.id == MSG_ID
+            assert msg.body == b'{"Hello":"World"}'
+            assert msg.headers["NServiceBus.ContentType"] == "application/json"
+            assert msg.headers["NServiceBus.EnclosedMessageTypes"].startswith("Shared.UpdatePrice, Shared, Version=1.0.0.0")
+            assert msg.headers["NServiceBus.OriginatingSite"] == "http,http://localhost:25899/Headquarters/"
+            assert msg.headers["NServiceBus.CorrelationId"] == MSG_ID
+            assert "NServiceBus.Id" not in msg.headers and "Content-MD5" not in msg.headers
+
+    run(main())
+
+
+def test_duplicate_is_200_and_stored_once(run, gateway_factory):
+    async def main():
+        async with gateway_factory() as gw:
+            async with Client(*addr(gw)) as c:
+                for _ in range(3):
+                    r = await c.request(nsb_request(MSG_ID))
+                    assert (r.status, r.body) == (200, b"OK")
+                retry = nsb_request(MSG_ID, extra=[("NServiceBus.Header.NServiceBus.Retries", "1")])
+                assert (await c.request(retry)).status == 200
+            assert len(await queued(gw)) == 1
+            assert gw.writer.stats.duplicates == 3
+
+    run(main())
+
+
+def test_concurrent_submits_of_one_id_store_it_once(run, gateway_factory):
+    async def main():
+        async with gateway_factory() as gw:
+            async def one():
+                async with Client(*addr(gw)) as c:
+                    return (await c.request(nsb_request(MSG_ID))).status
+
+            statuses = await asyncio.gather(*(one() for _ in range(40)))
+            assert statuses == [200] * 40
+            assert len(await queued(gw)) == 1
+
+    run(main())
+
+
+ERROR_CASES = [
+    (dict(msg_id=""), 400, "Required header 'NServiceBus.Id' missing."),
+    (dict(call_type=None), 400, "Required header 'NServiceBus.CallType' missing."),
+    (dict(call_type="Submit"), 400, "Invalid CallType 'Submit'. CallTypes supported 'SingleCallSubmit, SingleCallDatabusProperty'"),
+    (dict(call_type="Ack"), 400, "Invalid CallType 'Ack'. CallTypes supported 'SingleCallSubmit, SingleCallDatabusProperty'"),
+    (dict(call_type="DatabusProperty"), 400, "Invalid CallType 'DatabusProperty'. CallTypes supported 'SingleCallSubmit, SingleCallDatabusProperty'"),
+    (dict(md5="1B2M2Y8AsgTpgAmY7PhCfg%3D%3D"), 412, "MD5 hash received does not match hash calculated on server. Please resubmit."),
+    (dict(correlation=False), 502, "Unexpected server error"),
+    (dict(extra=[("NServiceBus.Header.NServiceBus.DataBus.9999-12-31_23%2Fabc", "9999-12-31_23%2Fabc")]),
+     412, "Expected 1 claimcheck properties. None were received. Please resubmit."),
+]
+
+
+@pytest.mark.parametrize("kwargs,status,reason", ERROR_CASES, ids=[c[2][:30] for c in ERROR_CASES])
+def test_error_rows_leave_no_trace(run, gateway_factory, kwargs, status, reason):
+    kwargs = dict(kwargs)  # parametrized values are shared between the two loops
+
+    async def main():
+        async with gateway_factory() as gw:
+            async with Client(*addr(gw)) as c:
+                r = await c.request(nsb_request(kwargs.pop("msg_id", MSG_ID), **kwargs))
+                assert (r.status, r.reason, r.body.decode()) == (status, reason, reason)
+                # the connection stays usable after a rejected request
+                assert (await c.request(nsb_request(str(uuid.uuid4())))).status == 200
+            assert len(await queued(gw)) == 1
+            assert not gw.store.is_recorded("RemoteSite", MSG_ID)
+
+    run(main())
+
+
+def test_databus_part_answers_501_until_supported(run, gateway_factory):
+    async def main():
+        async with gateway_factory() as gw:
+            async with Client(*addr(gw)) as c:
+                r = await c.request(nsb_request(MSG_ID, call_type="SingleCallDatabusProperty"))
+            assert r.status == 501 and "SingleCallDatabusProperty" in r.reason
+
+    run(main())
+
+
+def test_missing_md5_is_accepted_unverified(run, gateway_factory):
+    async def main():
+        async with gateway_factory() as gw:
+            async with Client(*addr(gw)) as c:
+                assert (await c.request(nsb_request(MSG_ID, md5=None))).status == 200
+
+    run(main())
+
+
+def test_pipelined_requests_answered_in_order(run, gateway_factory):
+    async def main():
+        async with gateway_factory() as gw:
+            ids = [str(uuid.uuid4()) for _ in range(30)]
+            # interleave good, duplicate and bad requests in one write
+            reqs = []
+            expected = []
+            for i, mid in enumerate(ids):
+                if i % 5 == 3:
+                    reqs.append(nsb_request(mid, call_type="Ack"))
+                    expected.append(400)
+                else:
+                    reqs.append(nsb_request(mid))
+                    expected.append(200)
+            async with Client(*addr(gw)) as c:
+                await c.send(b"".join(reqs))
+                got = [(await c.response()).status for _ in reqs]
+            assert got == expected
+            assert len(await queued(gw)) == expected.count(200)
+
+    run(main())
+
+
+def test_back_pressure_bounds_unanswered_requests(run, gateway_factory, monkeypatch):
+    from gwcore import http
+
+    depths = []
+    sizes = []
+    original = http.HTTPProtocol._update_reading
+
+    def spy(self):
+        depths.append(len(self.slots))
+        original(self)
+
+    monkeypatch.setattr(http.HTTPProtocol, "_update_reading", spy)
+
+    async def main():
+        async with gateway_factory(http_max_pipeline=4, commit_max_delay_us=5000) as gw:
+            reqs = [nsb_request(str(uuid.uuid4()), body=b"b" * 8192) for _ in range(200)]
+            sizes.append(len(reqs[0]))
+            async with Client(*addr(gw)) as c:
+                await c.send(b"".join(reqs))
+                got = [(await c.response()).status for _ in reqs]
+            assert got == [200] * 200
+            assert len(await queued(gw)) == 200
+
+    run(main())
+    # Reading pauses at the limit; the parser still finishes the chunk in hand, so allow what one
+    # read (at most 256 KiB on either loop) can hold beyond it, but never the whole pipeline.
+    assert 4 <= max(depths) <= 4 + (256 * 1024) // sizes[0] + 1
+
+
+def test_body_too_large_413_and_close(run, gateway_factory):
+    async def main():
+        async with gateway_factory(max_body=1024) as gw:
+            async with Client(*addr(gw)) as c:
+                r = await c.request(nsb_request(MSG_ID, body=b"x" * 2048))
+                assert r.status == 413 and "GWCORE_MAX_BODY=1024" in r.reason
+                assert r.headers.get("connection") == "close"
+                assert await c.closed()
+            # chunked bodies are counted as they arrive
+            async with Client(*addr(gw)) as c:
+                head = nsb_request(MSG_ID, body=b"").split(b"Content-Length: 0\r\n")[0]
+                await c.send(head + b"Transfer-Encoding: chunked\r\n\r\n" + b"800\r\n" + b"y" * 2048 + b"\r\n0\r\n\r\n")
+                r = await c.response()
+                assert r.status == 413
+            assert await queued(gw) == []
+
+    run(main())
+
+
+def test_too_many_or_too_large_headers_431(run, gateway_factory):
+    async def main():
+        async with gateway_factory(http_max_headers=30, http_max_header_bytes=4096) as gw:
+            async with Client(*addr(gw)) as c:
+                extra = [(f"X-H{i}", "v") for i in range(40)]
+                r = await c.request(nsb_request(MSG_ID, extra=extra))
+                assert r.status == 431 and "more than 30 headers" in r.reason
+                assert await c.closed()
+            async with Client(*addr(gw)) as c:
+                r = await c.request(nsb_request(MSG_ID, extra=[("X-Big", "a" * 5000)]))
+                assert r.status == 431 and "4096 bytes" in r.reason
+            async with Client(*addr(gw)) as c:
+                # a header that never ends is cut off too
+                await c.send(b"POST /RemoteSite/ HTTP/1.1\r\nX-Endless: ")
+                for _ in range(10):
+                    await c.send(b"a" * 2000)
+                    await asyncio.sleep(0.01)
+                r = await c.response()
+                assert r.status == 431
+            assert await queued(gw) == []
+
+    run(main())
+
+
+def test_slow_client_gets_408_and_close(run, gateway_factory):
+    async def main():
+        async with gateway_factory(http_request_timeout=0.3) as gw:
+            async with Client(*addr(gw)) as c:
+                req = nsb_request(MSG_ID)
+                await c.send(req[:-5])  # body never completes
+                r = await c.response()
+                assert r.status == 408 and "Request Timeout" in r.reason
+                assert await c.closed()
+            assert await queued(gw) == []
+
+    run(main())
+
+
+def test_idle_keepalive_connection_is_closed(run, gateway_factory):
+    async def main():
+        async with gateway_factory(http_keepalive_timeout=0.2) as gw:
+            async with Client(*addr(gw)) as c:
+                assert (await c.request(nsb_request(MSG_ID))).status == 200
+                assert await c.closed(timeout=3)
+
+    run(main())
+
+
+def test_methods_paths_and_malformed(run, gateway_factory):
+    async def main():
+        async with gateway_factory() as gw:
+            async with Client(*addr(gw)) as c:
+                r = await c.request(nsb_request(MSG_ID, method="GET"))
+                assert r.status == 405 and r.headers["allow"] == "POST" and "GWCORE_HTTP_ALLOW_GET" in r.reason
+                r = await c.request(nsb_request(MSG_ID, path="/OtherSite/"))
+                assert r.status == 404 and "/OtherSite/" in r.reason
+                # any path below the channel prefix is the channel (HttpListener prefix rules)
+                assert (await c.request(nsb_request(MSG_ID, path="/remotesite/sub"))).status == 200
+            async with Client(*addr(gw)) as c:
+                r = await c.request(b"POST /RemoteSite/ HTTP/1.1\r\nContent-Length: zz\r\n\r\n")
+                assert r.status == 400 and "malformed HTTP" in r.reason
+                assert await c.closed()
+            async with Client(*addr(gw)) as c:
+                r = await c.request(b"NONSENSE\r\n\r\n")
+                assert r.status == 400
+
+    run(main())
+
+
+def test_get_query_and_jsonp_when_enabled(run, gateway_factory):
+    async def main():
+        async with gateway_factory(http_allow_get=True) as gw:
+            host, port = addr(gw)
+            # the docs' JSONP web client: everything in the query, double-encoded where it must be
+            q = (f"callback=cb&Message=%257B%2522a%2522%253A1%257D&NServiceBus.CallType=SingleCallSubmit"
+                 f"&NServiceBus.Id={MSG_ID}&NServiceBus.EnclosedMessageTypes=My.Cmd")
+            async with Client(host, port) as c:
+                r = await c.request(f"GET /RemoteSite/?{q} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                assert r.status == 200
+                assert r.body == b"cb({ status: 'OK'})"
+                assert r.headers["content-type"] == "application/javascript; charset=utf-8"
+                r = await c.request(b"GET /RemoteSite/?callback=cb HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert r.status == 400 and r.body == b"cb({ status: 'Required header 'NServiceBus.Id' missing.'})"
+            msg = await asyncio.wait_for(gw.messages().get(), 5)
+            assert msg.body == b'{"a":1}'
+            assert msg.headers["NServiceBus.EnclosedMessageTypes"] == "My.Cmd"
+
+    run(main())
+
+
+def test_health_ready_metrics(run, gateway_factory):
+    async def main():
+        async with gateway_factory() as gw:
+            host, port = addr(gw)
+            assert (await get(host, port, "/healthz")).status == 200
+            assert (await get(host, port, "/readyz")).status == 200
+            async with Client(host, port) as c:
+                await c.request(nsb_request(MSG_ID))
+                await c.request(nsb_request(MSG_ID))
+                await c.request(nsb_request(MSG_ID, call_type="Ack"))
+            m = await get(host, port, "/metrics")
+            text = m.body.decode()
+            assert m.headers["content-type"].startswith("text/plain; version=0.0.4")
+            assert 'gwcore_http_requests_total{status="200"} 2' in text
+            assert 'gwcore_http_requests_total{status="400"} 1' in text
+            assert "gwcore_messages_accepted_total 1" in text
+            assert "gwcore_messages_duplicate_total 1" in text
+            assert "gwcore_queue_depth 1" in text
+            assert "gwcore_commit_seconds_bucket" in text
+
+    run(main())
+
+
+def test_connection_limit_503(run, gateway_factory):
+    async def main():
+        async with gateway_factory(http_max_connections=2) as gw:
+            host, port = addr(gw)
+            async with Client(host, port) as a, Client(host, port) as b:
+                await a.request(nsb_request(str(uuid.uuid4())))
+                await b.request(nsb_request(str(uuid.uuid4())))
+                async with Client(host, port) as c:
+                    r = await read_response(c.reader)
+                    assert r.status == 503 and "GWCORE_HTTP_MAX_CONNECTIONS" in r.reason
+
+    run(main())
+
+
+def test_graceful_stop_answers_in_flight_requests(run, gateway_factory):
+    async def main():
+        gw = gateway_factory(commit_max_delay_us=200_000)  # a slow group commit keeps requests in flight
+        await gw.start()
+        host, port = addr(gw)
+        ids = [str(uuid.uuid4()) for _ in range(20)]
+        async with Client(host, port) as c:
+            await c.send(b"".join(nsb_request(i) for i in ids))
+            await asyncio.sleep(0.05)
+            stopping = asyncio.ensure_future(gw.stop())
+            got = [(await c.response()).status for _ in ids]
+            await stopping
+        assert got == [200] * 20
+        # reopen: every answered message is there
+        gw2 = gateway_factory()
+        await gw2.start()
+        try:
+            assert len(gw2.store.read_queue(0, 100)) == 20
+        finally:
+            await gw2.stop()
+
+    run(main())

@@ -1,0 +1,61 @@
+"""Project rules checked as tests: one reader of GWCORE_*, every variable documented, no fallback."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+from gwcore.config import variables
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_only_config_reads_the_environment():
+    offenders = []
+    for path in (ROOT / "gwcore").rglob("*.py*"):
+        if path.suffix not in (".py", ".pyx") or path.name == "config.py":
+            continue
+        text = path.read_text()
+        if re.search(r"os\.environ|getenv\(|environ\.get", text):
+            offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
+
+
+def test_every_variable_is_documented():
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    missing = [name for name in variables() if f"`{name}`" not in doc]
+    assert missing == []
+    # and the docs do not describe variables that do not exist
+    documented = set(re.findall(r"`(GWCORE_[A-Z0-9_]+)`", doc))
+    build_flags = {"GWCORE_DEBUG", "GWCORE_ANNOTATE", "GWCORE_CYTHON_ALWAYS"}
+    assert documented - set(variables()) - build_flags == set()
+
+
+def test_missing_extension_stops_loudly(tmp_path):
+    # Hide the compiled module: importing gwcore must fail with instructions, not fall back.
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'gwcore._dedup':\n"
+        "            raise ImportError('simulated: extension not built')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import gwcore\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode != 0
+    assert "ExtensionMissingError" in res.stderr
+    assert "make compile" in res.stderr and "no pure-Python fallback" in res.stderr
+
+
+def test_readme_quick_start_has_two_commands_and_ci_runs_the_test_one():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Quick start\s*\n+```[a-z]*\n(.*?)```", readme, re.S)
+    assert block, "README needs a Quick start code block"
+    commands = [line for line in block.group(1).splitlines() if line.strip() and not line.startswith("#")]
+    assert len(commands) == 2
+    assert commands[1].strip() in (ROOT / ".ci" / "run").read_text()
