@@ -75,6 +75,7 @@ class Gateway:
                                   ready=lambda: self.ready)
                 server = await loop.create_server(lambda st=state: HTTPProtocol(st), host, port,
                                                   reuse_address=True, backlog=2048)
+                state.start(loop)
                 self.states.append(state)
                 self.servers.append(server)
         except BaseException:
@@ -125,6 +126,8 @@ class Gateway:
                 await asyncio.wait_for(self._handler_task, max(0.1, deadline - loop.time()))
             except asyncio.TimeoutError:
                 log.warning("shutdown timeout: handlers still running were cancelled (their messages stay queued)")
+        for state in self.states:
+            state.stop()
         for server in self.servers:
             await server.wait_closed()
         await self._close_store()

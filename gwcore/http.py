@@ -72,6 +72,25 @@ class HTTPState:
         self._date = b""
         self._date_at = 0
         self._ok_cache: tuple[bytes, bytes] = (b"", b"")
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the timeout sweeper (request, keep-alive and linger deadlines of every connection)."""
+        s = self.settings
+        self._sweep_every = min(1.0, max(0.01, min(s.http_request_timeout, s.http_keepalive_timeout) / 4))
+        self._loop = loop
+        self._sweeper = loop.call_later(self._sweep_every, self._sweep)
+
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    def _sweep(self) -> None:
+        now = self._loop.time()
+        for conn in list(self.connections):
+            conn.check_timeouts(now)
+        self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
 
     def date(self) -> bytes:
         now = int(time.time())
@@ -118,7 +137,9 @@ class HTTPProtocol(asyncio.Protocol):
         self.closing = False  # no further requests will be read
         self.reading_paused = False
         self.writing_paused = False
-        self.timer: asyncio.TimerHandle | None = None
+        self.request_started = 0.0  # loop time the current request began (timeouts are swept)
+        self.idle_since = 0.0
+        self.linger_until = 0.0
         self._reset_request()
         self.in_request = False
 
@@ -136,14 +157,11 @@ class HTTPProtocol(asyncio.Protocol):
             self.closing = True
             return
         state.connections.add(self)
-        self._arm(self.settings.http_keepalive_timeout, self._idle_timeout)
+        self.idle_since = self.loop.time()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.connections.discard(self)
         self.closing = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -164,21 +182,20 @@ class HTTPProtocol(asyncio.Protocol):
             self.reading_paused = False
             self.transport.resume_reading()
 
-    def _arm(self, delay: float, callback: Any) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.loop.call_later(delay, callback)
-
-    def _idle_timeout(self) -> None:
-        self.timer = None
-        if not self.slots and not self.in_request and self.transport is not None:
-            self.transport.close()
-
-    def _request_timeout(self) -> None:
-        self.timer = None
-        if self.in_request:
-            self.state.requests_by_status[408] += 1
-            self._fail(408, f"Request Timeout: the request was not complete after {self.settings.http_request_timeout:g} s")
+    def check_timeouts(self, now: float) -> None:
+        """Called by the state's sweeper: one timer per listener instead of two per request."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.linger_until:
+            if now >= self.linger_until:
+                transport.close()
+        elif self.in_request:
+            if now - self.request_started >= self.settings.http_request_timeout:
+                self._fail(408, "Request Timeout: the request was not complete after "
+                                f"{self.settings.http_request_timeout:g} s")
+        elif not self.slots and now - self.idle_since >= self.settings.http_keepalive_timeout:
+            transport.close()
 
     # -- parsing -----------------------------------------------------------------------------------
 
@@ -219,7 +236,7 @@ class HTTPProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._reset_request()
         self.in_request = True
-        self._arm(self.settings.http_request_timeout, self._request_timeout)
+        self.request_started = self.loop.time()
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -263,9 +280,6 @@ class HTTPProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self.in_request = False
         keep_alive = self.parser.should_keep_alive()
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         slot = _Slot()
         slot.close = not keep_alive or self.state.draining
         self.slots.append(slot)
@@ -395,8 +409,8 @@ class HTTPProtocol(asyncio.Protocol):
             if self.state.draining and not self.in_request and transport is not None:
                 transport.close()
                 return
-            if not self.in_request and self.timer is None:
-                self._arm(self.settings.http_keepalive_timeout, self._idle_timeout)
+            if not self.in_request:
+                self.idle_since = self.loop.time()
         self._update_reading()
 
     def _linger(self, transport: asyncio.Transport) -> None:
@@ -410,7 +424,7 @@ class HTTPProtocol(asyncio.Protocol):
         if self.reading_paused:
             self.reading_paused = False
             transport.resume_reading()
-        self._arm(_LINGER_SECONDS, transport.close)
+        self.linger_until = self.loop.time() + _LINGER_SECONDS
 
     def eof_received(self) -> bool:
         return False  # the peer is done sending: let the transport close once our writes are out
