@@ -85,8 +85,11 @@ def decode_envelope(framed: Buffer) -> tuple[str, dict[str, str], bytes, int, in
 
 @disjoint_base
 class Envelope:
-    """A message accepted by :meth:`Framer.frame`, ready to be stored. Made only by the framer."""
+    """A message accepted by :meth:`Framer.frame`, ready to be stored."""
 
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        """Always raises TypeError: envelopes are made only by :meth:`Framer.frame`, which keeps
+        :attr:`key` and :attr:`framed` consistent with the other fields."""
     @property
     def id(self) -> str:
         """The decoded ``NServiceBus.Id``."""
@@ -166,7 +169,9 @@ class Framer:
     @property
     def rejected_total(self) -> int:
         """Requests rejected."""
-    def frame(self, headers: list[Buffer], body: Buffer, query: Buffer | None, now_ms: int) -> Envelope | Rejection:
+    def frame(
+        self, headers: list[bytes] | list[Buffer], body: Buffer, query: Buffer | None, now_ms: int
+    ) -> Envelope | Rejection:
         """Validate one request and build its envelope.
 
         :param headers: flat ``[name0, value0, name1, value1, ...]`` of the raw header bytes as

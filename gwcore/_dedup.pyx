@@ -58,8 +58,8 @@ cdef enum:
     MAX_TIMESPAN_DAYS = 10675199
     TIMESPAN_PARTS = 5
 
-# TimeSpan.MaxValue (what NServiceBus 4.x sent for "infinite") and anything else this far out
-# means "never expires"; it also keeps now + ttbr far from u64 overflow.
+# 100 years. TimeSpan.MaxValue (what NServiceBus 4.x sent for "infinite") and anything else this
+# far out means "never expires".
 cdef long long NEVER_MS = 100LL * 365 * 24 * 3600 * 1000
 cdef unsigned long long MAX_TICKS = 9223372036854775807ULL
 cdef unsigned long long NUMBER_CAP = 1000000000000000ULL   # saturates digits: way past any limit
@@ -86,7 +86,6 @@ cdef str NET_WHITESPACE = (
     "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
     "\u2028\u2029\u202f\u205f\u3000"
 )
-cdef str TIMESPAN_BLANKS = " \t\n\v\f\r"
 
 cdef const char* HEX_DIGITS = b"0123456789ABCDEF"     # upper case, as WebUtility.UrlEncode
 
@@ -149,6 +148,10 @@ cdef inline void _ascii_lower(unsigned char* p, Py_ssize_t n) noexcept nogil:
     for i in range(n):
         if 65 <= p[i] <= 90:
             p[i] |= 0x20
+
+
+cdef inline bint _is_ascii_blank(unsigned char c) noexcept nogil:
+    return c == ASCII_SPACE or 0x09 <= c <= 0x0D      # space, \t \n \v \f \r
 
 
 cdef inline str _utf8(const unsigned char* p, Py_ssize_t n):
@@ -220,7 +223,7 @@ def url_decode(data):
         PyMem_Free(buf)
 
 
-def url_encode(str text):
+def url_encode(str text not None):
     cdef const char* src
     cdef Py_ssize_t n, i, o = 0
     cdef unsigned char c
@@ -261,7 +264,7 @@ cdef str _content_md5(object body):
     return std_b2a_base64(digest, newline=False).decode("ascii")
 
 
-def parse_timespan(str text):
+def parse_timespan(str text not None):
     cdef long long ms
     if _parse_timespan(text, &ms):
         return ms
@@ -282,7 +285,7 @@ cdef bint _parse_timespan(str text, long long* out_ms) except -1:
     if not text.isascii():
         return False
     p = <const unsigned char*>PyUnicode_AsUTF8AndSize(text, &n)
-    while i < n and p[i] in b" \t\n\v\f\r":
+    while i < n and _is_ascii_blank(p[i]):
         i += 1
     if i < n and p[i] == ASCII_MINUS:
         negative = True
@@ -302,7 +305,7 @@ cdef bint _parse_timespan(str text, long long* out_ms) except -1:
             i += 1
         else:
             break
-    while i < n and p[i] in b" \t\n\v\f\r":
+    while i < n and _is_ascii_blank(p[i]):
         i += 1
     if i != n:
         return False
@@ -409,7 +412,7 @@ cdef bytes _encode_envelope(str id, list flat, bytes body, uint64_t expiry_ms, u
     return out
 
 
-def encode_envelope(str id, headers, body, uint64_t expiry_ms, uint64_t accepted_ms):
+def encode_envelope(str id not None, headers, body, uint64_t expiry_ms, uint64_t accepted_ms):
     if len(headers) > MAX_U32:
         raise FramingError("too many headers for an envelope")
     return _encode_envelope(id, _flatten_headers(headers), _as_bytes(body), expiry_ms, accepted_ms)
@@ -446,6 +449,7 @@ def decode_envelope(framed):
     cdef uint32_t count, i
     cdef dict headers = {}
     cdef str id, name
+    cdef bytes body
     r.left = view.shape[0]
     r.p = &view[0] if r.left else <const unsigned char*>b""
     head = _take(&r, 3, "the preamble")
@@ -493,7 +497,7 @@ cdef str _clean_reason(str text):
 
 
 cdef class Rejection:
-    def __init__(self, int status, str reason, callback=None):
+    def __init__(self, int status, str reason not None, callback=None):
         self.status = status
         self.reason = _clean_reason(reason)
         self.callback = callback
@@ -553,7 +557,9 @@ cdef class _HeaderSet:
                 continue
             name = self.names[i]
             hit = fold.find(F_HEADER_PREFIX)
-            if hit >= 0:
+            if hit == 0 and fold.find(F_HEADER_PREFIX, HEADER_PREFIX_LEN) < 0:
+                name = name[HEADER_PREFIX_LEN:]     # the usual case: one prefix, in front
+            elif hit >= 0:
                 pieces = []
                 start = 0
                 while hit >= 0:
@@ -572,7 +578,7 @@ cdef class _HeaderSet:
 cdef uint64_t _expiry(object ttbr, uint64_t now_ms, bint gateway) except? 0:
     # Gateway messages: unparseable counts as zero and anything under a second becomes one
     # second (SingleCallChannelReceiver). Custom messages keep TryParse's value, and a value that
-    # is not positive means "no expiry". Both: absent or about TimeSpan.MaxValue = never.
+    # is not positive means "no expiry". Both: absent, or 100 years and more, means never.
     cdef long long ms = 0
     cdef bint parsed
     if ttbr is None:
@@ -593,7 +599,7 @@ cdef class Framer:
         self._scratch = NULL
         self._scratch_size = 0
 
-    def __init__(self, str scope, *, Py_ssize_t max_id_bytes=400, bint parse_query=False):
+    def __init__(self, str scope not None, *, Py_ssize_t max_id_bytes=400, bint parse_query=False):
         if "\x00" in scope:
             raise ConfigurationError("the dedup scope must not contain NUL: it separates scope and id")
         if max_id_bytes < 1:
@@ -669,7 +675,7 @@ cdef class Framer:
         self.rejected_total += 1
         return Rejection(status, reason, callback)
 
-    def frame(self, list headers, body, query, uint64_t now_ms):
+    def frame(self, list headers not None, body, query, uint64_t now_ms):
         return self._frame(headers, body, query, now_ms)
 
     cdef object _frame(self, list headers, object body, object query, uint64_t now_ms):
@@ -779,10 +785,7 @@ cdef class Framer:
 # dedup index over an open py-lmdb write transaction
 
 cdef class DedupIndex:
-    def __init__(self):
-        pass
-
-    def apply_batch(self, txn, dedup_db, queue_db, expiry_db, list envelopes,
+    def apply_batch(self, txn, dedup_db, queue_db, expiry_db, list envelopes not None,
                     uint64_t accepted_ms, uint64_t next_seq):
         cdef object put = txn.put
         cdef list results = []
@@ -810,7 +813,7 @@ cdef class DedupIndex:
         self.duplicate_total += duplicate
         return results, seq
 
-    def check_batch(self, txn, dedup_db, list envelopes):
+    def check_batch(self, txn, dedup_db, list envelopes not None):
         cdef object get = txn.get
         cdef list results = []
         for obj in envelopes:

@@ -1,0 +1,288 @@
+"""Pure-Python oracle for the framing half of gwcore._dedup (test-only, never shipped).
+
+Written for clarity, not speed, and on purpose by other means than the extension (regular
+expressions, urllib, struct), so the differential tests compare two independent readings of
+protocol.md rather than one algorithm twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import re
+import struct
+from urllib.parse import quote_plus
+
+from gwcore.errors import ConfigurationError, FramingError, InternalError
+
+CALL_SUBMIT = 0
+CALL_DATABUS = 1
+
+NEVER_MS = 100 * 365 * 24 * 3600 * 1000
+MAX_TICKS = 2**63 - 1
+
+# char.IsWhiteSpace (string.IsNullOrWhiteSpace, and the trim in Enum.TryParse)
+NET_WHITESPACE = "\t\n\v\f\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+_ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
+
+
+def ascii_fold(text: str) -> str:
+    return text.translate(_ASCII_LOWER)
+
+
+def url_decode(data) -> str:
+    raw = bytes(data).replace(b"+", b" ")
+    return re.sub(rb"%([0-9A-Fa-f]{2})", lambda m: bytes([int(m[1], 16)]), raw).decode("utf-8", "replace")
+
+
+def url_encode(text: str) -> str:
+    text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return quote_plus(text, safe="!*()").replace("~", "%7E")
+
+
+def content_md5(body) -> str:
+    return base64.b64encode(hashlib.md5(bytes(body)).digest()).decode("ascii")
+
+
+_TIMESPAN = re.compile(r"[ \t\n\v\f\r]*(-?)([0-9]+(?:[.:][0-9]+)*)[ \t\n\v\f\r]*")
+# separator pattern -> names of the numbers in order
+_TIMESPAN_FORMS = {
+    "": "d",
+    ":": "hm",
+    "::": "hms",
+    ".:": "dhm",
+    ".::": "dhms",
+    ":::": "dhms",
+    "::.": "hmsf",
+    ".::.": "dhmsf",
+    ":::.": "dhmsf",
+}
+
+
+def parse_timespan(text: str) -> int | None:
+    m = _TIMESPAN.fullmatch(text)
+    if m is None:
+        return None
+    tokens = re.split(r"([.:])", m[2])
+    numbers, seps = tokens[0::2], "".join(tokens[1::2])
+    form = _TIMESPAN_FORMS.get(seps)
+    if form is None:
+        return None
+    parts = dict(zip(form, numbers))
+    if "f" in parts and len(parts["f"]) > 7:
+        return None
+    d, h, mi, s = (int(parts.get(k, "0")) for k in "dhms")
+    f = int(parts.get("f", "0").ljust(7, "0"))
+    if h > 23 or mi > 59 or s > 59:
+        return None
+    ticks = (((d * 24 + h) * 60 + mi) * 60 + s) * 10**7 + f
+    if ticks > MAX_TICKS + (1 if m[1] else 0):
+        return None
+    ms = ticks // 10_000
+    return -ms if m[1] else ms
+
+
+def pack_seq(seq: int) -> bytes:
+    return struct.pack(">Q", seq)
+
+
+def unpack_seq(data) -> int:
+    data = bytes(data)
+    if len(data) != 8:
+        raise FramingError("a sequence number is 8 bytes")
+    return struct.unpack(">Q", data)[0]
+
+
+def _lp32(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return struct.pack(">I", len(raw)) + raw
+
+
+def encode_envelope(id: str, headers, body, expiry_ms: int, accepted_ms: int) -> bytes:
+    pairs = list(headers.items()) if isinstance(headers, dict) else list(headers)
+    body = bytes(body)
+    return b"".join(
+        [b"GW\x01", struct.pack(">QQ", accepted_ms, expiry_ms), _lp32(id), struct.pack(">I", len(pairs))]
+        + [_lp32(name) + _lp32(value) for name, value in pairs]
+        + [struct.pack(">Q", len(body)), body]
+    )
+
+
+class _Cursor:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise FramingError("envelope truncated")
+        self.pos += n
+        return self.data[self.pos - n : self.pos]
+
+    def int(self, fmt: str) -> int:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def text(self) -> str:
+        try:
+            return self.take(self.int(">I")).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise FramingError("invalid UTF-8") from exc
+
+
+def decode_envelope(framed):
+    cur = _Cursor(bytes(framed))
+    if cur.take(2) != b"GW" or cur.take(1) != b"\x01":
+        raise FramingError("bad magic or version")
+    accepted_ms, expiry_ms = cur.int(">Q"), cur.int(">Q")
+    id = cur.text()
+    headers = {}
+    for _ in range(cur.int(">I")):
+        name = cur.text()
+        headers[name] = cur.text()
+    body = cur.take(cur.int(">Q"))
+    if cur.pos != len(cur.data):
+        raise FramingError("trailing bytes")
+    return id, headers, body, expiry_ms, accepted_ms
+
+
+@dataclasses.dataclass(frozen=True)
+class Envelope:
+    id: str
+    key: bytes
+    call_type: int
+    expiry_ms: int
+    accepted_ms: int
+    headers: dict
+    body: bytes
+    framed: bytes
+    callback: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejection:
+    status: int
+    reason: str
+    callback: str | None = None
+
+    def __post_init__(self) -> None:
+        clean = "".join(c if " " <= c <= "~" else "?" for c in self.reason[:512])
+        object.__setattr__(self, "reason", clean)
+
+
+def _expiry(ttbr: str | None, now_ms: int, gateway: bool) -> int:
+    if ttbr is None:
+        return 0
+    ms = parse_timespan(ttbr)
+    if gateway:
+        ms = max(ms or 0, 1000)
+    elif ms is None or ms <= 0:
+        return 0
+    if ms >= NEVER_MS or now_ms + ms >= 2**64:
+        return 0
+    return now_ms + ms
+
+
+def _strip_header_prefix(name: str) -> str:
+    return re.sub(re.escape("NServiceBus.Header."), "", name, flags=re.IGNORECASE | re.ASCII)
+
+
+class Framer:
+    def __init__(self, scope: str, *, max_id_bytes: int = 400, parse_query: bool = False) -> None:
+        if "\x00" in scope or max_id_bytes < 1:
+            raise ConfigurationError("bad framer settings")
+        self.scope, self.max_id_bytes, self.parse_query = scope, max_id_bytes, parse_query
+        self.framed_total = self.rejected_total = 0
+
+    def _reject(self, status: int, reason: str, callback: str | None) -> Rejection:
+        self.rejected_total += 1
+        return Rejection(status, reason, callback)
+
+    def frame(self, headers: list, body, query, now_ms: int):
+        if len(headers) % 2:
+            raise InternalError("odd header list")
+        params = []
+        if self.parse_query and query is not None:
+            for part in bytes(query).split(b"&"):
+                if part:
+                    key, _, value = part.partition(b"=")
+                    twice = lambda raw: url_decode(url_decode(raw).encode("utf-8"))  # noqa: E731
+                    params.append((twice(key), twice(value)))
+        callback = None
+        for name, value in params:
+            if ascii_fold(name) == "callback":
+                callback = value
+
+        # fold -> [name, value]; dicts keep insertion (wire) order
+        merged: dict[str, list[str]] = {}
+        for raw_name, raw_value in zip(headers[0::2], headers[1::2]):
+            name = url_decode(raw_name)
+            if ascii_fold(name) in merged:
+                return self._reject(400, f"Header '{name}' appears more than once.", callback)
+            merged[ascii_fold(name)] = [name, url_decode(raw_value)]
+        body = bytes(body)
+        for name, value in params:
+            if ascii_fold(name) in merged:
+                merged[ascii_fold(name)][:] = [name, value]
+            else:
+                merged[ascii_fold(name)] = [name, value]
+            if ascii_fold(name) == "message":
+                body = value.encode("utf-8")
+
+        def get(name: str) -> str | None:
+            entry = merged.get(name.lower())
+            return None if entry is None else entry[1]
+
+        id = get("NServiceBus.Id")
+        if id is None or id.strip(NET_WHITESPACE) == "":
+            return self._reject(400, "Required header 'NServiceBus.Id' missing.", callback)
+        if len(id.encode("utf-8")) > self.max_id_bytes:
+            return self._reject(400, f"Header 'NServiceBus.Id' is longer than {self.max_id_bytes} bytes.", callback)
+        call_type = get("NServiceBus.CallType")
+        if call_type is None:
+            return self._reject(400, "Required header 'NServiceBus.CallType' missing.", callback)
+        kind = {"SingleCallSubmit": CALL_SUBMIT, "0": CALL_SUBMIT, "SingleCallDatabusProperty": CALL_DATABUS, "1": CALL_DATABUS}.get(
+            call_type.strip(NET_WHITESPACE)
+        )
+        if kind is None:
+            return self._reject(
+                400,
+                f"Invalid CallType '{call_type}'. CallTypes supported 'SingleCallSubmit, SingleCallDatabusProperty'",
+                callback,
+            )
+        if kind == CALL_DATABUS:
+            return self._reject(
+                501,
+                "SingleCallDatabusProperty is not supported by this gwcore version yet: claim-check properties cannot be received.",
+                callback,
+            )
+        md5 = get("Content-MD5")
+        if md5 is not None and md5 != content_md5(body):
+            return self._reject(412, "MD5 hash received does not match hash calculated on server. Please resubmit.", callback)
+        parts = sum("nservicebus.databus." in fold for fold in merged)
+        if parts:
+            return self._reject(412, f"Expected {parts} claimcheck properties. None were received. Please resubmit.", callback)
+
+        gateway = get("NServiceBus.Gateway") is not None
+        if gateway:
+            correlation_id = get("NServiceBus.CorrelationId")
+            if correlation_id is None:
+                return self._reject(502, "Unexpected server error", callback)
+            message_headers = {
+                _strip_header_prefix(name): value for fold, (name, value) in merged.items() if "nservicebus.header" in fold
+            }
+            message_headers["NServiceBus.CorrelationId"] = correlation_id
+        else:
+            message_headers = dict(merged.values())
+        expiry_ms = _expiry(get("NServiceBus.TimeToBeReceived"), now_ms, gateway)
+        self.framed_total += 1
+        return Envelope(
+            id=id,
+            key=self.scope.encode("utf-8") + b"\x00" + id.encode("utf-8"),
+            call_type=CALL_SUBMIT,
+            expiry_ms=expiry_ms,
+            accepted_ms=now_ms,
+            headers=message_headers,
+            body=body,
+            framed=encode_envelope(id, message_headers, body, expiry_ms, now_ms),
+            callback=callback,
+        )
