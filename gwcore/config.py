@@ -135,7 +135,7 @@ class ReceiveChannel:
 
 # name -> (attribute, parser, default text). The default goes through the parser too, so a default
 # can never be of another shape than a value a user could set.
-_VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
+_VARIABLES: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "GWCORE_MODE": ("mode", _choice(MODES), "standalone"),
     "GWCORE_ENDPOINT": ("endpoint", str.strip, "gwcore"),
     "GWCORE_RECEIVE_CHANNELS": ("receive_channels", None, ""),  # parsed with the endpoint

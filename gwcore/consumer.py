@@ -222,7 +222,8 @@ async def run_handler(queue: LocalQueue, handler: Callable[[Message], Any] | Cal
             await slots.acquire()
             task = asyncio.ensure_future(one(msg))
             tasks.add(task)
-            task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
+            task.add_done_callback(tasks.discard)
+            task.add_done_callback(lambda _t: slots.release())
     finally:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any, Callable
 
@@ -73,7 +74,7 @@ class Gateway:
             for (host, port), paths in listeners.items():
                 state = HTTPState(s, self.writer, channel_paths=paths, metrics_render=self.render_metrics,
                                   ready=lambda: self.ready)
-                server = await loop.create_server(lambda st=state: HTTPProtocol(st), host, port,
+                server = await loop.create_server(functools.partial(HTTPProtocol, state), host, port,
                                                   reuse_address=True, backlog=2048)
                 state.start(loop)
                 self.states.append(state)

@@ -140,6 +140,8 @@ class HTTPProtocol(asyncio.Protocol):
         self.request_started = 0.0  # loop time the current request began (timeouts are swept)
         self.idle_since = 0.0
         self.linger_until = 0.0
+        self.began_in_chunk: bool = True  # (re)set per request by _reset_request
+        self.unparsed_header_bytes: int = 0
         self._reset_request()
         self.in_request = False
 
@@ -397,7 +399,7 @@ class HTTPProtocol(asyncio.Protocol):
             slot = slots.popleft()
             if transport is None or transport.is_closing():
                 continue
-            transport.write(slot.data)
+            transport.write(slot.data)  # type: ignore[arg-type]  # loop condition: not None
             if slot.close:
                 slots.clear()
                 self._linger(transport)

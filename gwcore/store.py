@@ -368,7 +368,7 @@ class Writer:
                     txn.put(b"seq", _U64.pack(next_seq - 1), db=store.meta)
             else:
                 new_flags, next_seq = [], self.next_seq
-            results = []
+            results: list[tuple[Any, bool, Any]] = []
             flags = iter(new_flags)
             for kind, payload, fut in batch:
                 if kind == _INGEST:

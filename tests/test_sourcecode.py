@@ -59,3 +59,22 @@ def test_readme_quick_start_has_two_commands_and_ci_runs_the_test_one():
     commands = [line for line in block.group(1).splitlines() if line.strip() and not line.startswith("#")]
     assert len(commands) == 2
     assert commands[1].strip() in (ROOT / ".ci" / "run").read_text()
+
+
+def _mypy_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mypy") is not None
+
+
+def test_typecheck_and_stubtest():
+    import pytest
+
+    if not _mypy_available():
+        pytest.skip("mypy is not installed (it comes with the dev extra)")
+    res = subprocess.run([sys.executable, "-m", "mypy", "gwcore"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    # the .pyi must describe the compiled module exactly
+    res = subprocess.run([sys.executable, "-m", "mypy.stubtest", "gwcore._dedup"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
