@@ -17,7 +17,7 @@ from typing import Any
 import httptools
 
 from ._core import core
-from .errors import StoreError, StoreFullError
+from .errors import StoreError
 
 __all__ = ("HTTPState", "HTTPProtocol", "render_response")
 
@@ -117,11 +117,31 @@ class HTTPState:
 
 
 class _Slot:
-    __slots__ = ("data", "close")
+    """One request's place in the connection's response order."""
+
+    __slots__ = ("data", "close", "callback", "protocol")
 
     def __init__(self) -> None:
         self.data: bytes | None = None
         self.close = False
+        self.callback: str | None = None  # JSONP callback name
+        self.protocol: HTTPProtocol | None = None
+
+    def ingested(self, ok: bool, value: Any) -> None:
+        """The writer's answer for this slot's envelope (on the loop thread)."""
+        proto = self.protocol
+        assert proto is not None
+        if ok and self.callback is None:
+            proto.state.requests_by_status[200] += 1
+            self.data = proto.state.ok()
+            proto._flush()
+        elif ok:
+            proto._answer(self, 200, _OK, callback=self.callback)
+        elif isinstance(value, StoreError):
+            proto._answer(self, 503, f"Service Unavailable: {value}", callback=self.callback)
+        else:
+            log.error("ingest failed: %r", value)
+            proto._answer(self, 502, "Unexpected server error", callback=self.callback)
 
 
 class HTTPProtocol(asyncio.Protocol):
@@ -327,29 +347,9 @@ class HTTPProtocol(asyncio.Protocol):
             self._answer(slot, 503, "Service Unavailable: ingest queue full, retry later",
                          callback=result.callback)
             return
-        fut = writer.ingest(result)
-        callback = result.callback
-        fut.add_done_callback(lambda f: self._ingested(slot, f, callback))
-
-    def _ingested(self, slot: _Slot, fut: asyncio.Future, callback: str | None) -> None:
-        if fut.cancelled():
-            self._answer(slot, 503, "Service Unavailable: gwcore is shutting down")
-            return
-        exc = fut.exception()
-        if exc is None:
-            if callback is None:
-                self.state.requests_by_status[200] += 1
-                slot.data = self.state.ok()
-                self._flush()
-            else:
-                self._answer(slot, 200, _OK, callback=callback)
-        elif isinstance(exc, StoreFullError):
-            self._answer(slot, 503, f"Service Unavailable: {exc}", callback=callback)
-        elif isinstance(exc, StoreError):
-            self._answer(slot, 503, f"Service Unavailable: {exc}", callback=callback)
-        else:
-            log.error("ingest failed: %r", exc)
-            self._answer(slot, 502, "Unexpected server error", callback=callback)
+        slot.callback = result.callback
+        slot.protocol = self
+        writer.ingest_then(result, slot.ingested)
 
     def _builtin(self, slot: _Slot, method: bytes, path: bytes) -> None:
         if method not in (b"GET", b"HEAD"):
