@@ -280,17 +280,25 @@ class HTTPProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.headers_done = True
         length = None
+        expect_continue = False
         h = self.headers
         for i in range(0, len(h), 2):
-            if len(h[i]) == 14 and h[i].lower() == b"content-length":
+            n = len(h[i])
+            if n == 14 and h[i].lower() == b"content-length":
                 try:
                     length = int(h[i + 1])
                 except ValueError:
                     length = None  # llhttp already refuses a malformed Content-Length
-                break
+            elif n == 6 and h[i].lower() == b"expect":
+                expect_continue = h[i + 1].strip().lower() == b"100-continue"
         if length is not None and length > self.settings.max_body:
             self._fail(413, f"Payload Too Large: body of {length} bytes exceeds GWCORE_MAX_BODY={self.settings.max_body}")
             raise _Stop()
+        if expect_continue and not self.slots and self.transport is not None:
+            # .NET WebRequest (NServiceBus Gateway <= 3.x) sends "Expect: 100-continue" and waits
+            # up to 350 ms before sending the body anyway. Answer at once; with earlier requests
+            # still unanswered an interim response would jump the queue, so then stay silent.
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)

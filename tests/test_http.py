@@ -340,3 +340,24 @@ def test_graceful_stop_answers_in_flight_requests(run, gateway_factory):
             await gw2.stop()
 
     run(main())
+
+
+def test_expect_100_continue_is_answered_before_the_body(run, gateway_factory):
+    async def main():
+        async with gateway_factory() as gw:
+            req = nsb_request(MSG_ID, extra=[("Expect", "100-continue")])
+            head, body = req.split(b"\r\n\r\n", 1)
+            async with Client(*addr(gw)) as c:
+                await c.send(head + b"\r\n\r\n")
+                interim = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 2)
+                assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+                await c.send(body)
+                r = await c.response()
+                assert (r.status, r.body) == (200, b"OK")
+            # an oversized body is refused instead of invited
+        async with gateway_factory(max_body=8) as gw:
+            async with Client(*addr(gw)) as c:
+                r = await c.request(nsb_request(MSG_ID, extra=[("Expect", "100-continue")]).split(b"\r\n\r\n")[0] + b"\r\n\r\n")
+                assert r.status == 413
+
+    run(main())
