@@ -18,6 +18,7 @@ parsing while the disk works. A 200 is answered only after the batch holding the
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import logging
 import os
@@ -102,8 +103,10 @@ class Store:
         self.max_size = max_size
         self.sync = sync
         self.readonly = readonly
+        self._owner_fd: int | None = None
         if not readonly:
             os.makedirs(path, exist_ok=True)
+            self._owner_fd = _take_ownership(path)
         elif not os.path.exists(os.path.join(path, "data.mdb")):
             raise StoreUnavailableError(f"no gwcore store at {path!r} (GWCORE_DATA_DIR)")
         try:
@@ -119,6 +122,7 @@ class Store:
                 max_readers=256,
             )
         except lmdb.Error as exc:
+            self._release_ownership()
             raise StoreUnavailableError(f"cannot open the store at {path!r}: {exc}") from exc
         # Re-read: an existing environment keeps its larger map size.
         self.map_size = max(map_size, self.env.info()["map_size"])
@@ -141,6 +145,12 @@ class Store:
 
     def close(self) -> None:
         self.env.close()
+        self._release_ownership()
+
+    def _release_ownership(self) -> None:
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)  # closing the descriptor drops the flock
+            self._owner_fd = None
 
     # -- reads (any thread; short transactions) ---------------------------------------------------
 
@@ -202,6 +212,26 @@ def _settle(fut: asyncio.Future, ok: bool, value: Any) -> None:
         fut.set_result(value)
     else:
         fut.set_exception(value)
+
+
+def _take_ownership(path: str) -> int:
+    """One writing gwcore per data dir: the writer keeps its sequence counter in memory, so a
+    second writer would reuse queue positions. An flock dies with its process, so a crash never
+    leaves a stale lock behind."""
+    lock_path = os.path.join(path, "gwcore.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreUnavailableError(
+            f"the store at {path!r} is in use by another gwcore process (pid {holder}); "
+            "one data dir serves one gateway process (GWCORE_DATA_DIR)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def encode_error(framed: bytes, reason: str, failed_ms: int) -> bytes:

@@ -218,3 +218,27 @@ def test_expired_ttbr_messages_are_discarded(tmp_path):
         assert store.counts()["queue"] == 1
 
     run_writer(tmp_path, body)
+
+
+def test_one_writing_process_per_data_dir(tmp_path):
+    import subprocess
+    import sys
+
+    first = open_store(tmp_path / "s")
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from gwcore.store import Store\n"
+            "from gwcore import StoreUnavailableError\n"
+            "print(Store(%r, readonly=True).counts()['queue'])\n"  # readers are welcome
+            "try:\n    Store(%r)\nexcept StoreUnavailableError as e:\n    print(e); sys.exit(3)\n")
+    path = str(tmp_path / "s")
+    try:
+        res = subprocess.run([sys.executable, "-c", code % (os.getcwd(), path, path)],
+                             capture_output=True, text=True, cwd=os.getcwd())
+        assert res.returncode == 3, res.stderr
+        assert res.stdout.startswith("0\n")
+        assert f"in use by another gwcore process (pid {os.getpid()})" in res.stdout
+    finally:
+        first.close()
+    res = subprocess.run([sys.executable, "-c", code % (os.getcwd(), path, path)],
+                         capture_output=True, text=True, cwd=os.getcwd())
+    assert res.returncode == 0, res.stdout + res.stderr  # released on close
