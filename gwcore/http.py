@@ -160,6 +160,8 @@ class HTTPProtocol(asyncio.Protocol):
         self.request_started = 0.0  # loop time the current request began (timeouts are swept)
         self.idle_since = 0.0
         self.linger_until = 0.0
+        self.max_header_bytes = self.settings.http_max_header_bytes
+        self.max_header_items = 2 * self.settings.http_max_headers  # names and values
         self.began_in_chunk: bool = True  # (re)set per request by _reset_request
         self.unparsed_header_bytes: int = 0
         self._reset_request()
@@ -229,7 +231,9 @@ class HTTPProtocol(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(400, "Bad Request: protocol upgrades are not supported")
         except httptools.HttpParserCallbackError:
-            pass  # a callback already answered and closed (limits)
+            if not self.closing:  # not a limit answer (those close first): a bug in a callback
+                log.exception("unexpected error in an HTTP parser callback")
+                self._fail(502, "Unexpected server error")
         except httptools.HttpParserError as exc:
             self._fail(400, f"Bad Request: malformed HTTP ({exc})")
         else:
@@ -248,6 +252,7 @@ class HTTPProtocol(asyncio.Protocol):
     def _reset_request(self) -> None:
         self.url = b""
         self.headers: list[bytes] = []
+        self.special_headers: list[int] = []  # positions of names starting with c/e
         self.header_bytes = 0
         self.body_parts: list[bytes] = []
         self.body_size = 0
@@ -265,31 +270,39 @@ class HTTPProtocol(asyncio.Protocol):
         self.header_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Called ~20 times per request: keep it to the appends and two limit checks.
         h = self.headers
         h.append(name)
         h.append(value)
-        self.header_bytes += len(name) + len(value) + 4
-        if len(h) > 2 * self.settings.http_max_headers:
+        size = self.header_bytes + len(name) + len(value) + 4
+        self.header_bytes = size
+        if size > self.max_header_bytes or len(h) > self.max_header_items:
+            self._header_limit()
+        first = name[0] | 0x20 if name else 0
+        if first == 0x63 or first == 0x65:  # 'c'/'e': Content-Length or Expect, looked at later
+            self.special_headers.append(len(h) - 2)
+
+    def _header_limit(self) -> None:
+        if len(self.headers) > self.max_header_items:
             self._fail(431, f"Request Header Fields Too Large: more than {self.settings.http_max_headers} headers")
-            raise _Stop()
-        if self.header_bytes > self.settings.http_max_header_bytes:
+        else:
             self._fail(431, "Request Header Fields Too Large: header section exceeds "
                             f"{self.settings.http_max_header_bytes} bytes")
-            raise _Stop()
+        raise _Stop()
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
         length = None
         expect_continue = False
         h = self.headers
-        for i in range(0, len(h), 2):
-            n = len(h[i])
-            if n == 14 and h[i].lower() == b"content-length":
+        for i in self.special_headers:
+            name = h[i].lower()
+            if name == b"content-length":
                 try:
                     length = int(h[i + 1])
                 except ValueError:
                     length = None  # llhttp already refuses a malformed Content-Length
-            elif n == 6 and h[i].lower() == b"expect":
+            elif name == b"expect":
                 expect_continue = h[i + 1].strip().lower() == b"100-continue"
         if length is not None and length > self.settings.max_body:
             self._fail(413, f"Payload Too Large: body of {length} bytes exceeds GWCORE_MAX_BODY={self.settings.max_body}")

@@ -256,6 +256,9 @@ def test_methods_paths_and_malformed(run, gateway_factory):
             async with Client(*addr(gw)) as c:
                 r = await c.request(b"NONSENSE\r\n\r\n")
                 assert r.status == 400
+            async with Client(*addr(gw)) as c:
+                r = await c.request(b"POST /RemoteSite/ HTTP/1.1\r\n: empty\r\nContent-Length: 0\r\n\r\n")
+                assert r.status == 400
 
     run(main())
 
