@@ -72,8 +72,7 @@ class Gateway:
             for ch in s.receive_channels:
                 listeners.setdefault((ch.host, ch.port), []).append(ch.path)
             for (host, port), paths in listeners.items():
-                state = HTTPState(s, self.writer, channel_paths=paths, metrics_render=self.render_metrics,
-                                  ready=lambda: self.ready)
+                state = HTTPState(s, self.writer, channel_paths=paths, metrics_render=self.render_metrics)
                 server = await loop.create_server(functools.partial(HTTPProtocol, state), host, port,
                                                   reuse_address=True, backlog=2048)
                 state.start(loop)
@@ -90,6 +89,8 @@ class Gateway:
             self._handler_task = asyncio.ensure_future(
                 run_handler(self.queue, self._handler, s.handler_concurrency))
         self._started = True
+        for state in self.states:
+            state.active = True
         bound = ", ".join(f"http://{h}:{p}" for h, p in self.addresses)
         log.info("gwcore %s ready: endpoint %r, channels %s on %s, data dir %s, handler %s",
                  _version(), s.endpoint, ", ".join(c.path for c in s.receive_channels), bound,
@@ -106,6 +107,7 @@ class Gateway:
         deadline = loop.time() + timeout
         for state in self.states:
             state.draining = True
+            state.active = False
         for server in self.servers:
             server.close()
         for state in self.states:

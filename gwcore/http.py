@@ -58,13 +58,16 @@ class HTTPState:
     """What every connection of one listener shares: settings, core objects, counters."""
 
     def __init__(self, settings: Any, writer: Any, *, channel_paths: list[str],
-                 metrics_render: Any = None, ready: Any = None) -> None:
+                 metrics_render: Any = None) -> None:
         self.settings = settings
         self.writer = writer
         self.framer = core.Framer(settings.endpoint, parse_query=settings.http_allow_get)
         self.channel_paths = [p.lower().encode() for p in channel_paths]
         self.metrics_render = metrics_render
-        self.ready = ready or (lambda: True)
+        # False while this instance must not take gateway traffic (not started yet; later: a
+        # standby or passive node). Set by the owner; read per request, so a plain attribute.
+        self.active = False
+        self._routes: dict[bytes, bool] = {}
         self.draining = False
         self.connections: set[HTTPProtocol] = set()
         self.requests_by_status: collections.Counter = collections.Counter()
@@ -106,6 +109,14 @@ class HTTPState:
         return self._ok_cache[1]
 
     def match_channel(self, path: bytes) -> bool:
+        known = self._routes.get(path)
+        if known is None:
+            known = self._match(path)
+            if len(self._routes) < 1024:  # bounded: paths are client input
+                self._routes[path] = known
+        return known
+
+    def _match(self, path: bytes) -> bool:
         low = path.lower()
         if not low.endswith(b"/"):
             # '/RemoteSite' addresses the channel '/RemoteSite/' as well.
@@ -354,7 +365,7 @@ class HTTPProtocol(asyncio.Protocol):
                                     f"{' and GET' if self.settings.http_allow_get else ' (GET needs GWCORE_HTTP_ALLOW_GET=1)'}",
                          extra=allowed)
             return
-        if state.draining or not state.ready():
+        if state.draining or not state.active:
             self._answer(slot, 503, "Service Unavailable: gwcore is shutting down" if state.draining
                          else "Service Unavailable: not the active receiver")
             return
@@ -382,7 +393,7 @@ class HTTPProtocol(asyncio.Protocol):
         elif path == b"/readyz":
             if state.draining:
                 self._answer(slot, 503, "Service Unavailable: draining", count=False)
-            elif state.ready():
+            elif state.active:
                 self._answer(slot, 200, _OK, count=False)
             else:
                 self._answer(slot, 503, "Service Unavailable: not ready", count=False)
