@@ -364,3 +364,26 @@ def test_expect_100_continue_is_answered_before_the_body(run, gateway_factory):
                 assert r.status == 413
 
     run(main())
+
+
+def test_store_full_answers_503_with_the_reason_and_keeps_duplicates(run, gateway_factory):
+    async def main():
+        async with gateway_factory(store_map_size=256 << 10, store_max_size=1 << 20) as gw:
+            statuses = []
+            async with Client(*addr(gw)) as c:
+                first = str(uuid.uuid4())
+                assert (await c.request(nsb_request(first, body=b"f" * 20_000))).status == 200
+                for _ in range(100):
+                    r = await c.request(nsb_request(str(uuid.uuid4()), body=b"f" * 20_000))
+                    statuses.append(r.status)
+                    if r.status == 503:
+                        assert r.reason.startswith("Service Unavailable: store full")
+                        assert "GWCORE_STORE_MAX_SIZE" in r.reason
+                        break
+                assert statuses[-1] == 503
+                # a retry of a stored id is still a duplicate, answered 200
+                assert (await c.request(nsb_request(first, body=b"f" * 20_000))).status == 200
+            counts = gw.store.counts()
+            assert counts["queue"] == counts["dedup"] == statuses.count(200) + 1
+
+    run(main())
