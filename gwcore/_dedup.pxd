@@ -1,7 +1,7 @@
 # Layouts of the cdef classes of gwcore._dedup, so that a later Cython module (an HTTP parser in
 # gwcore/_http.pyx, say) can cimport them and call the core without a Python-level crossing.
 
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint32_t, uint64_t
 
 
 cdef enum:
@@ -17,7 +17,7 @@ cdef class Envelope:
         readonly int call_type
         readonly uint64_t expiry_ms         # absolute ms since the epoch; 0 = never expires
         readonly uint64_t accepted_ms
-        readonly dict headers
+        dict _headers                       # decoded from framed on first access; None until then
         readonly bytes body
         readonly bytes framed               # encode_envelope() of the fields above
         readonly object callback            # str or None (JSONP, query string only)
@@ -30,19 +30,15 @@ cdef class Rejection:
         readonly object callback            # str or None
 
 
-cdef class _HeaderSet:
-    cdef:
-        list names                          # decoded names as sent (or as the query spelled them)
-        list folds                          # ASCII-lower-cased names, parallel to names
-        list values
-        dict index                          # fold -> position in the three lists
-
-    cdef bint add(self, str name, str fold, str value)
-    cdef void put(self, str name, str fold, str value)
-    cdef object get(self, str fold)
-    cdef Py_ssize_t count_containing(self, str fold_part)
-    cdef dict gateway_headers(self)
-    cdef dict all_headers(self)
+cdef struct _Span:
+    # One decoded header (or query parameter) of the request being framed. Offsets point into
+    # Framer._text, which may move while it grows; the text is always valid UTF-8.
+    Py_ssize_t name
+    Py_ssize_t name_n
+    Py_ssize_t value
+    Py_ssize_t value_n
+    uint32_t hash                       # of the ASCII-folded name
+    int marks                           # MARK_* bits, set once all headers are in
 
 
 cdef class Framer:
@@ -51,16 +47,40 @@ cdef class Framer:
         readonly Py_ssize_t max_id_bytes
         readonly bint parse_query
         bytes _key_prefix                   # scope UTF-8 + NUL: every dedup key starts with it
-        unsigned char* _scratch             # reusable percent-decoding buffer (PyMem, owned)
-        Py_ssize_t _scratch_size
+        # Per-request scratch, owned (PyMem) and reused: decoded text, spans over it, and an
+        # open-addressing index of span numbers (slot 0 = empty, else span index + 1).
+        unsigned char* _text
+        Py_ssize_t _text_n
+        Py_ssize_t _text_cap
+        _Span* _spans
+        Py_ssize_t _spans_n
+        Py_ssize_t _spans_cap
+        uint32_t* _slots
+        Py_ssize_t _slots_mask
+        Py_ssize_t _slots_cap
         readonly unsigned long long framed_total
         readonly unsigned long long rejected_total
 
-    cdef unsigned char* _reserve(self, Py_ssize_t n) except NULL
-    cdef str _decode(self, const unsigned char* src, Py_ssize_t n)
-    cdef str _decode_twice(self, const unsigned char* src, Py_ssize_t n)
-    cdef str _fold(self, str text)
-    cdef list _query_params(self, object query)
+    cdef unsigned char* _room(self, Py_ssize_t n) except NULL
+    cdef Py_ssize_t _decode(self, const unsigned char* src, Py_ssize_t n) except -1
+    cdef int _replace_invalid(self, Py_ssize_t start) except -1
+    cdef Py_ssize_t _decode_twice(self, const unsigned char* src, Py_ssize_t n) except -1
+    cdef Py_ssize_t _new_span(self) except -1
+    cdef Py_ssize_t _add_pair(self, object name, object value) except -1
+    cdef int _parse_query(self, object query) except -1
+    cdef int _index_clear(self, Py_ssize_t entries) except -1
+    cdef Py_ssize_t _index_slot(self, const unsigned char* name, Py_ssize_t n, uint32_t hash,
+                                bint exact) noexcept
+    cdef Py_ssize_t _lookup(self, Py_ssize_t control) noexcept
+    cdef int _put(self, _Span entry, bint exact) except -1
+    cdef Py_ssize_t _gateway_headers(self, Py_ssize_t first, Py_ssize_t end,
+                                     Py_ssize_t correlation) except -1
+    cdef bytes _apply_query(self, Py_ssize_t params, bytes body)
+    cdef Py_ssize_t _mark(self, Py_ssize_t first, Py_ssize_t end) noexcept
+    cdef bytes _key(self, const _Span* id)
+    cdef str _str(self, Py_ssize_t offset, Py_ssize_t n)
+    cdef bytes _envelope(self, const _Span* id, Py_ssize_t first, Py_ssize_t end, bytes body,
+                         uint64_t expiry_ms, uint64_t accepted_ms)
     cdef object _frame(self, list headers, object body, object query, uint64_t now_ms)
     cdef Rejection _reject(self, int status, str reason, object callback)
 

@@ -107,7 +107,8 @@ class Envelope:
         """The ``now_ms`` given to :meth:`Framer.frame`."""
     @property
     def headers(self) -> dict[str, str]:
-        """The message headers that are stored. Do not mutate: :attr:`framed` is already built."""
+        """The message headers that are stored, decoded from :attr:`framed` on first access (the
+        framer itself never builds this dict). Do not mutate: :attr:`framed` is already built."""
     @property
     def body(self) -> bytes:
         """The message body (owned bytes)."""
