@@ -9,27 +9,14 @@ from __future__ import annotations
 import pytest
 
 import reference_impl  # tests/ is on sys.path through bench/conftest.py
+from test_framing import MSG_ID
+from test_framing import PLAIN_SUBMIT_MESSAGE_HEADERS as MESSAGE_HEADERS  # the §8.1 headers
+
 from gwcore import _dedup
 
 NOW = 1_787_000_000_000
-MSG_ID = "0b1f6f0e-5d8a-4f43-b1d5-b3a400c1d2e3"
-BODY = (b'{"Sku":"HQ-0001","Price":12.5,"Note":"' + b"x" * 1024)[:1022] + b'"}'
 
-MESSAGE_HEADERS = {
-    "NServiceBus.MessageId": MSG_ID,
-    "NServiceBus.MessageIntent": "Send",
-    "NServiceBus.ConversationId": "5c0e9a47-3a5e-4d0c-9a1c-b3a400c1d2e3",
-    "NServiceBus.CorrelationId": MSG_ID,
-    "NServiceBus.ReplyToAddress": "Headquarters",
-    "NServiceBus.OriginatingEndpoint": "Headquarters",
-    "NServiceBus.OriginatingMachine": "HQ-SRV01",
-    "NServiceBus.ContentType": "application/json",
-    "NServiceBus.EnclosedMessageTypes": "Shared.UpdatePrice, Shared, Version=1.0.0.0, Culture=neutral, PublicKeyToken=null",
-    "NServiceBus.Version": "10.2.8",
-    "NServiceBus.TimeSent": "2026-08-20 10:15:30:123456 Z",
-    "NServiceBus.DestinationSites": "RemoteSite",
-    "NServiceBus.OriginatingSite": "http,http://localhost:25899/Headquarters/",
-}
+BODY = (b'{"Sku":"HQ-0001","Price":12.5,"Note":"' + b"x" * 1024)[:1022] + b'"}'
 
 
 def submit_headers(body: bytes = BODY, msg_id: str = MSG_ID) -> list[bytes]:
