@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 import lmdb
 
 from ._core import core
-from .errors import StoreError, StoreFullError, StoreUnavailableError
+from .errors import InternalError, StoreError, StoreFullError, StoreUnavailableError
 
 __all__ = ("Store", "Writer", "StoreStats")
 
@@ -396,6 +396,11 @@ class Writer:
                 log.error("store commit failed, %d jobs refused: %s", len(batch), exc)
                 err = _store_error(exc, self.store.path)
                 results, added = [(job[2], False, err) for job in batch], 0
+                break
+            except Exception as exc:  # a bug: answer every job (502) rather than leave it hanging
+                self.stats.commits_failed += 1
+                log.exception("store batch failed unexpectedly, %d jobs refused", len(batch))
+                results, added = [(job[2], False, InternalError(f"store batch failed: {exc!r}")) for job in batch], 0
                 break
         self.stats.observe(len(batch), time.perf_counter() - started)
         self.loop.call_soon_threadsafe(self._resolve, results, added)

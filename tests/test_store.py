@@ -242,3 +242,19 @@ def test_one_writing_process_per_data_dir(tmp_path):
     res = subprocess.run([sys.executable, "-c", code % (os.getcwd(), path, path)],
                          capture_output=True, text=True, cwd=os.getcwd())
     assert res.returncode == 0, res.stdout + res.stderr  # released on close
+
+
+def test_a_failing_batch_answers_every_job(tmp_path, monkeypatch):
+    from gwcore import InternalError
+
+    async def body(store, writer):
+        def broken(*args):
+            raise RuntimeError("simulated bug")
+
+        monkeypatch.setattr(writer, "index", type("Broken", (), {"apply_batch": broken})())
+        results = await asyncio.gather(*(writer.ingest(envelope(str(uuid.uuid4()))) for _ in range(5)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, InternalError) for r in results)
+        assert store.counts()["queue"] == 0
+
+    run_writer(tmp_path, body)
