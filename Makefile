@@ -14,7 +14,11 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-# Rebuild the extension whenever the Cython sources change (editable installs do not).
+# Rebuild the extension whenever the Cython sources change (editable installs do not), and
+# whenever the build in place is a debug build (setup.py records the mode in build/gwcore-mode).
+ifeq ($(shell cat build/gwcore-mode 2>/dev/null),debug)
+.PHONY: $(EXT)
+endif
 $(EXT): $(STAMP) gwcore/_dedup.pyx gwcore/_dedup.pxd gwcore/includes/debug.h
 	$(PY) setup.py -q build_ext --inplace
 
