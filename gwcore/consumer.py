@@ -208,7 +208,9 @@ async def run_handler(queue: LocalQueue, handler: Callable[[Message], Any] | Cal
                 # Sync handlers may block: keep them off the event loop.
                 await loop.run_in_executor(None, handler, msg)
         except asyncio.CancelledError:
-            msg.release(None)
+            # Shutting down mid-handler: the message stays queued and comes back after restart;
+            # not a failed attempt.
+            msg._settled = True
             raise
         except Exception as exc:
             msg.release(exc)
