@@ -63,7 +63,7 @@ class Gateway:
         self.store = Store(s.data_dir, map_size=s.store_map_size, max_size=s.store_max_size, sync=s.store_sync)
         try:
             self.writer = Writer(
-                self.store, loop, scope=s.endpoint, max_batch=s.commit_max_batch,
+                self.store, loop, max_batch=s.commit_max_batch,
                 max_delay_us=s.commit_max_delay_us, dedup_ttl=s.dedup_ttl, cleanup_slice=s.dedup_cleanup_slice,
             )
             self.queue = LocalQueue(self.store, self.writer, max_attempts=s.handler_max_attempts)

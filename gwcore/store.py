@@ -252,12 +252,11 @@ class Writer:
     futures resolved on that loop once the batch that carried the job is durable.
     """
 
-    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop, *, scope: str,
+    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop, *,
                  max_batch: int = 1024, max_delay_us: int = 200, dedup_ttl: float = 7 * 86400.0,
                  cleanup_slice: int = 2000, on_commit: Callable[[int], None] | None = None) -> None:
         self.store = store
         self.loop = loop
-        self.scope = scope
         self.max_batch = max_batch
         self.max_delay = max_delay_us / 1e6
         self.ttl_ms = int(dedup_ttl * 1000)

@@ -35,7 +35,7 @@ def open_store(path, **kw):
 def run_writer(path, coro_fn, **writer_kw):
     async def main():
         store = open_store(path, **{k: writer_kw.pop(k) for k in ("map_size", "max_size") if k in writer_kw})
-        writer = Writer(store, asyncio.get_running_loop(), scope=SCOPE, **writer_kw)
+        writer = Writer(store, asyncio.get_running_loop(), **writer_kw)
         try:
             return await coro_fn(store, writer)
         finally:
