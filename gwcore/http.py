@@ -130,18 +130,22 @@ class HTTPState:
 class _Slot:
     """One request's place in the connection's response order."""
 
-    __slots__ = ("data", "close", "callback", "protocol")
+    __slots__ = ("data", "close", "callback", "protocol", "msg_id")
 
     def __init__(self) -> None:
         self.data: bytes | None = None
         self.close = False
         self.callback: str | None = None  # JSONP callback name
         self.protocol: HTTPProtocol | None = None
+        self.msg_id = ""
 
     def ingested(self, ok: bool, value: Any) -> None:
         """The writer's answer for this slot's envelope (on the loop thread)."""
         proto = self.protocol
         assert proto is not None
+        if ok and value is False and log.isEnabledFor(logging.DEBUG):
+            # NServiceBus logs this at INFO; under a retry storm that is a line per request.
+            log.debug("message %s has already been accepted: duplicate answered 200, not stored", self.msg_id)
         if ok and self.callback is None:
             proto.state.requests_by_status[200] += 1
             self.data = proto.state.ok()
@@ -371,7 +375,9 @@ class HTTPProtocol(asyncio.Protocol):
             return
         body = b"".join(self.body_parts) if len(self.body_parts) != 1 else self.body_parts[0]
         result = state.framer.frame(self.headers, body, query, time.time_ns() // 1_000_000)
-        if type(result) is core.Rejection:
+        if isinstance(result, core.Rejection):
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("request refused: %d %s", result.status, result.reason)
             self._answer(slot, result.status, result.reason, callback=result.callback)
             return
         writer = state.writer
@@ -381,6 +387,7 @@ class HTTPProtocol(asyncio.Protocol):
             return
         slot.callback = result.callback
         slot.protocol = self
+        slot.msg_id = result.id
         writer.ingest_then(result, slot.ingested)
 
     def _builtin(self, slot: _Slot, method: bytes, path: bytes) -> None:

@@ -387,3 +387,22 @@ def test_store_full_answers_503_with_the_reason_and_keeps_duplicates(run, gatewa
             assert counts["queue"] == counts["dedup"] == statuses.count(200) + 1
 
     run(main())
+
+
+def test_duplicates_and_refusals_are_logged_at_debug_with_the_id(run, gateway_factory, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="gwcore.http")
+
+    async def main():
+        async with gateway_factory() as gw:
+            async with Client(*addr(gw)) as c:
+                await c.request(nsb_request(MSG_ID))
+                await c.request(nsb_request(MSG_ID))
+                await c.request(nsb_request(MSG_ID, call_type="Ack"))
+
+    run(main())
+    text = caplog.text
+    assert f"message {MSG_ID} has already been accepted" in text
+    assert text.count("has already been accepted") == 1
+    assert "request refused: 400 Invalid CallType 'Ack'" in text
