@@ -406,3 +406,21 @@ def test_duplicates_and_refusals_are_logged_at_debug_with_the_id(run, gateway_fa
     assert f"message {MSG_ID} has already been accepted" in text
     assert text.count("has already been accepted") == 1
     assert "request refused: 400 Invalid CallType 'Ack'" in text
+
+
+def test_several_receive_channels_on_one_or_more_listeners(run, gateway_factory):
+    async def main():
+        channels = "http://127.0.0.1:0/SiteA/,http://127.0.0.1:0/SiteB/,http://127.0.0.2:0/SiteC/"
+        async with gateway_factory(receive_channels=channels) as gw:
+            assert len(gw.addresses) == 2  # SiteA and SiteB share a listener
+            (h1, p1), (h2, p2) = gw.addresses
+            async with Client(h1, p1) as c:
+                assert (await c.request(nsb_request("a", path="/SiteA/"))).status == 200
+                assert (await c.request(nsb_request("b", path="/SiteB/"))).status == 200
+                assert (await c.request(nsb_request("c", path="/SiteC/"))).status == 404
+            async with Client(h2, p2) as c:
+                assert (await c.request(nsb_request("c", path="/SiteC/"))).status == 200
+                assert (await c.request(nsb_request("a2", path="/SiteA/"))).status == 404
+            assert sorted(m for m in [gw.store.is_recorded("RemoteSite", i) for i in "abc"]) == [True] * 3
+
+    run(main())
