@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml setup.py
 ifeq ($(shell cat build/gwcore-mode 2>/dev/null),debug)
 .PHONY: $(EXT)
 endif
-$(EXT): $(STAMP) gwcore/_dedup.pyx gwcore/_dedup.pxd gwcore/includes/debug.h
+$(EXT): $(STAMP) gwcore/_dedup.pyx gwcore/_dedup.pxd gwcore/_parts/*.pyx gwcore/includes/debug.h
 	$(PY) setup.py -q build_ext --inplace
 
 compile: $(EXT)

@@ -1,0 +1,302 @@
+# Part of gwcore/_dedup.pyx (included there, compiled as one module). gwcore._dedup: the public codec functions (URL, MD5, TimeSpan, sequence numbers) and the stored envelope format.
+
+# ---------------------------------------------------------------------------------------------
+# public codec functions
+
+def url_decode(data):
+    cdef bytes raw = _as_bytes(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(raw)
+    cdef unsigned char* buf = <unsigned char*>PyMem_Malloc(n + 1)
+    cdef bint ascii
+    if buf == NULL:
+        raise MemoryError()
+    try:
+        return _utf8(buf, _percent_decode(_ptr(raw), n, buf, &ascii))
+    finally:
+        PyMem_Free(buf)
+
+
+def url_encode(str text not None):
+    cdef const char* src
+    cdef Py_ssize_t n, i, o = 0
+    cdef unsigned char c
+    cdef bytes out
+    cdef unsigned char* dst
+    try:
+        src = PyUnicode_AsUTF8AndSize(text, &n)
+    except UnicodeEncodeError:
+        # A .NET string is UTF-16: a pair of surrogates is one character, a lone one becomes
+        # U+FFFD in Encoding.UTF8. A round trip through UTF-16 does exactly that in Python.
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        src = PyUnicode_AsUTF8AndSize(text, &n)
+    out = PyBytes_FromStringAndSize(NULL, n * 3)
+    dst = <unsigned char*>PyBytes_AS_STRING(out)
+    for i in range(n):
+        c = <unsigned char>src[i]
+        if URL_SAFE[c]:
+            dst[o] = c
+            o += 1
+        elif c == ASCII_SPACE:
+            dst[o] = ASCII_PLUS
+            o += 1
+        else:
+            dst[o] = ASCII_PERCENT
+            dst[o + 1] = HEX_DIGITS[c >> 4]
+            dst[o + 2] = HEX_DIGITS[c & 15]
+            o += 3
+    return PyUnicode_DecodeASCII(<const char*>dst, o, NULL)
+
+
+def content_md5(body):
+    cdef unsigned char out[MD5_BASE64_LEN]
+    _content_md5(body, out)
+    return PyUnicode_DecodeASCII(<const char*>out, MD5_BASE64_LEN, NULL)
+
+
+cdef int _content_md5(object body, unsigned char* out) except -1:
+    # Padded base64 of the MD5 digest into out[0:24]: 5 groups of 3 bytes, then 1 byte and "==".
+    cdef object md5 = std_md5_copy()
+    cdef bytes digest
+    cdef const unsigned char* d
+    cdef uint32_t v
+    cdef int g
+    md5.update(body)
+    digest = md5.digest()
+    d = _ptr(digest)
+    for g in range(5):
+        v = (<uint32_t>d[3 * g] << 16) | (<uint32_t>d[3 * g + 1] << 8) | d[3 * g + 2]
+        out[4 * g] = BASE64_DIGITS[v >> 18]
+        out[4 * g + 1] = BASE64_DIGITS[(v >> 12) & 63]
+        out[4 * g + 2] = BASE64_DIGITS[(v >> 6) & 63]
+        out[4 * g + 3] = BASE64_DIGITS[v & 63]
+    out[20] = BASE64_DIGITS[d[15] >> 2]
+    out[21] = BASE64_DIGITS[(d[15] & 3) << 4]
+    out[22] = out[23] = ASCII_EQUALS
+    return 0
+
+
+def parse_timespan(str text not None):
+    cdef long long ms
+    cdef const char* p
+    cdef Py_ssize_t n
+    if not text.isascii():
+        return None
+    p = PyUnicode_AsUTF8AndSize(text, &n)
+    if _parse_timespan(<const unsigned char*>p, n, &ms):
+        return ms
+    return None
+
+
+cdef inline bint _seps_are(const unsigned char* seps, int n, const char* form) noexcept nogil:
+    return n == <int>strlen(form) and memcmp(seps, form, n) == 0
+
+
+cdef bint _parse_timespan(const unsigned char* p, Py_ssize_t n, long long* out_ms) noexcept nogil:
+    # .NET TimeSpan.TryParse, invariant culture, in the forms the gateway meets: "d", "hh:mm",
+    # "hh:mm:ss", "d.hh:mm[:ss]", "d:hh:mm:ss", each of the ss forms with ".f" to ".fffffff".
+    # Non-ASCII bytes never match, as non-ASCII text never parses.
+    cdef Py_ssize_t i = 0, start
+    cdef unsigned long long nums[5]
+    cdef unsigned char seps[5]          # separator after part k
+    cdef int count = 0, frac_digits = 0, k
+    cdef bint negative = False
+    cdef unsigned long long days = 0, hours = 0, minutes = 0, seconds = 0, fraction = 0, ticks
+    while i < n and _is_ascii_blank(p[i]):
+        i += 1
+    if i < n and p[i] == ASCII_MINUS:
+        negative = True
+        i += 1
+    while True:
+        start = i
+        nums[count] = 0
+        while i < n and 48 <= p[i] <= 57:
+            nums[count] = min(nums[count] * 10 + (p[i] - 48), NUMBER_CAP)
+            i += 1
+        if i == start:
+            return False
+        frac_digits = <int>(i - start)
+        count += 1
+        if i < n and (p[i] == ASCII_DOT or p[i] == ASCII_COLON) and count < TIMESPAN_PARTS:
+            seps[count - 1] = p[i]
+            i += 1
+        else:
+            break
+    while i < n and _is_ascii_blank(p[i]):
+        i += 1
+    if i != n:
+        return False
+    count -= 1                          # now the number of separators
+    # part order per separator pattern: D(ays) H(ours) M(inutes) S(econds) F(raction)
+    if _seps_are(seps, count, b""):
+        days = nums[0]
+    elif _seps_are(seps, count, b":"):
+        hours, minutes = nums[0], nums[1]
+    elif _seps_are(seps, count, b"::"):
+        hours, minutes, seconds = nums[0], nums[1], nums[2]
+    elif _seps_are(seps, count, b".:"):
+        days, hours, minutes = nums[0], nums[1], nums[2]
+    elif _seps_are(seps, count, b".::") or _seps_are(seps, count, b":::"):
+        days, hours, minutes, seconds = nums[0], nums[1], nums[2], nums[3]
+    elif _seps_are(seps, count, b"::."):
+        hours, minutes, seconds, fraction = nums[0], nums[1], nums[2], nums[3]
+    elif _seps_are(seps, count, b".::.") or _seps_are(seps, count, b":::."):
+        days, hours, minutes, seconds, fraction = nums[0], nums[1], nums[2], nums[3], nums[4]
+    else:
+        return False
+    if count and seps[count - 1] == ASCII_DOT:
+        if frac_digits > 7:
+            return False
+        for k in range(7 - frac_digits):    # ".5" is half a second, as in .NET
+            fraction *= 10
+    if days > MAX_TIMESPAN_DAYS or hours > 23 or minutes > 59 or seconds > 59:
+        return False
+    ticks = (((days * 24 + hours) * 60 + minutes) * 60 + seconds) * 10000000ULL + fraction
+    if ticks > MAX_TICKS + <unsigned long long>negative:    # TimeSpan.MinValue has one tick more
+        return False
+    out_ms[0] = <long long>(ticks // TICKS_PER_MS)
+    if negative:
+        out_ms[0] = -out_ms[0]
+    return True
+
+
+def pack_seq(uint64_t seq):
+    return _pack_u64(seq)
+
+
+def unpack_seq(data):
+    cdef bytes raw = _as_bytes(data)
+    if PyBytes_GET_SIZE(raw) != 8:
+        raise FramingError(f"a sequence number is 8 bytes, got {PyBytes_GET_SIZE(raw)}")
+    return _get_u64(_ptr(raw))
+
+
+# ---------------------------------------------------------------------------------------------
+# envelope codec
+
+cdef list _flatten_headers(object headers):
+    cdef list flat = []
+    if isinstance(headers, dict):
+        for name, value in (<dict>headers).items():
+            flat.append(<str?>name)
+            flat.append(<str?>value)
+    else:
+        for name, value in headers:
+            flat.append(<str?>name)
+            flat.append(<str?>value)
+    return flat
+
+
+cdef inline Py_ssize_t _u32_len(Py_ssize_t n, str what) except -1:
+    if n > MAX_U32:
+        raise FramingError(f"{what} is too long for an envelope ({n} bytes)")
+    return n
+
+
+# Both envelope builders size the bytes object exactly, then write it front to back with these.
+
+cdef unsigned char* _put_head(unsigned char* w, uint64_t accepted_ms, uint64_t expiry_ms,
+                              const void* id, Py_ssize_t id_n, Py_ssize_t header_count) noexcept:
+    w[0] = MAGIC_G
+    w[1] = MAGIC_W
+    w[2] = ENVELOPE_VERSION
+    w = _put_u64(_put_u64(w + 3, accepted_ms), expiry_ms)
+    w = _put_text(w, id, id_n)
+    return _put_u32(w, <uint32_t>header_count)
+
+
+cdef inline unsigned char* _put_text(unsigned char* w, const void* p, Py_ssize_t n) noexcept:
+    w = _put_u32(w, <uint32_t>n)
+    memcpy(w, p, n)
+    return w + n
+
+
+cdef int _put_body(bytes out, unsigned char* w, bytes body) except -1:
+    cdef Py_ssize_t body_n = PyBytes_GET_SIZE(body)
+    w = _put_u64(w, <uint64_t>body_n)
+    memcpy(w, PyBytes_AS_STRING(body), body_n)
+    if GWCORE_DEBUG:
+        if w + body_n != <unsigned char*>PyBytes_AS_STRING(out) + PyBytes_GET_SIZE(out):
+            raise InternalError("envelope size computed wrongly")
+    return 0
+
+
+cdef bytes _encode_envelope(str id, list flat, bytes body, uint64_t expiry_ms, uint64_t accepted_ms):
+    # `flat` is [name0, value0, name1, value1, ...] of str; it keeps every str alive, so the UTF-8
+    # pointers CPython caches inside them stay valid between the sizing pass and the copy pass.
+    cdef Py_ssize_t id_n, part_n, i, count = len(flat)
+    cdef Py_ssize_t total
+    cdef const char* part
+    cdef const char* id_p = PyUnicode_AsUTF8AndSize(id, &id_n)
+    cdef bytes out
+    cdef unsigned char* w
+    total = ENVELOPE_FIXED + _u32_len(id_n, "the id") + PyBytes_GET_SIZE(body)
+    for i in range(count):
+        PyUnicode_AsUTF8AndSize(flat[i], &part_n)
+        total += 4 + _u32_len(part_n, "a header")
+    out = PyBytes_FromStringAndSize(NULL, total)
+    w = _put_head(<unsigned char*>PyBytes_AS_STRING(out), accepted_ms, expiry_ms, id_p, id_n,
+                  count // 2)
+    for i in range(count):
+        part = PyUnicode_AsUTF8AndSize(flat[i], &part_n)
+        w = _put_text(w, part, part_n)
+    _put_body(out, w, body)
+    return out
+
+
+def encode_envelope(str id not None, headers, body, uint64_t expiry_ms, uint64_t accepted_ms):
+    if len(headers) > MAX_U32:
+        raise FramingError("too many headers for an envelope")
+    return _encode_envelope(id, _flatten_headers(headers), _as_bytes(body), expiry_ms, accepted_ms)
+
+
+cdef struct _Reader:
+    const unsigned char* p
+    Py_ssize_t left
+
+
+cdef const unsigned char* _take(_Reader* r, uint64_t n, str what) except NULL:
+    cdef const unsigned char* at = r.p
+    if n > <uint64_t>r.left:
+        raise FramingError(f"envelope truncated in {what}: {n} bytes needed, {r.left} left")
+    r.p += n
+    r.left -= <Py_ssize_t>n
+    return at
+
+
+cdef str _take_str(_Reader* r, str what):
+    cdef uint32_t n = _get_u32(_take(r, 4, what))
+    cdef const unsigned char* p = _take(r, n, what)
+    try:
+        return PyUnicode_DecodeUTF8(<const char*>p, n, NULL)
+    except UnicodeDecodeError as exc:
+        raise FramingError(f"envelope has invalid UTF-8 in {what}") from exc
+
+
+def decode_envelope(framed):
+    cdef const unsigned char[::1] view = framed
+    cdef _Reader r
+    cdef const unsigned char* head
+    cdef uint64_t accepted_ms, expiry_ms, body_n
+    cdef uint32_t count, i
+    cdef dict headers = {}
+    cdef str id, name
+    cdef bytes body
+    r.left = view.shape[0]
+    r.p = &view[0] if r.left else <const unsigned char*>b""
+    head = _take(&r, 3, "the preamble")
+    if head[0] != MAGIC_G or head[1] != MAGIC_W:
+        raise FramingError("not a gwcore envelope (bad magic)")
+    if head[2] != ENVELOPE_VERSION:
+        raise FramingError(f"unsupported envelope version {head[2]}")
+    accepted_ms = _get_u64(_take(&r, 8, "accepted_ms"))
+    expiry_ms = _get_u64(_take(&r, 8, "expiry_ms"))
+    id = _take_str(&r, "the id")
+    count = _get_u32(_take(&r, 4, "the header count"))
+    for i in range(count):
+        name = _take_str(&r, "a header name")
+        headers[name] = _take_str(&r, "a header value")
+    body_n = _get_u64(_take(&r, 8, "the body length"))
+    body = PyBytes_FromStringAndSize(<const char*>_take(&r, body_n, "the body"), <Py_ssize_t>body_n)
+    if r.left:
+        raise FramingError(f"{r.left} unexpected bytes after the envelope body")
+    return id, headers, body, expiry_ms, accepted_ms

@@ -1,0 +1,441 @@
+# Part of gwcore/_dedup.pyx (included there, compiled as one module). gwcore._dedup: framing of one NServiceBus gateway request (Envelope, Rejection, Framer).
+
+# ---------------------------------------------------------------------------------------------
+# framing of one gateway request
+
+cdef class Envelope:
+    def __init__(self):
+        raise TypeError("Envelope objects are made by Framer.frame()")
+
+    @property
+    def headers(self):
+        # Built on demand: the HTTP path stores `framed` and never needs the dict.
+        if self._headers is None:
+            self._headers = decode_envelope(self.framed)[1]
+        return self._headers
+
+    def __repr__(self):
+        return (f"<Envelope id={self.id!r} call_type={self.call_type} expiry_ms={self.expiry_ms} "
+                f"headers={len(self.headers)} body={len(self.body)}B>")
+
+
+cdef str _clean_reason(str text):
+    # The reason doubles as the HTTP reason phrase, so it must be ASCII without control
+    # characters (NServiceBus fails to answer at all when the phrase is invalid).
+    cdef Py_ssize_t n = min(len(text), MAX_REASON_CHARS), i
+    cdef Py_UCS4 ch
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
+    cdef unsigned char* w = <unsigned char*>PyBytes_AS_STRING(out)
+    for i in range(n):
+        ch = text[i]
+        w[i] = <unsigned char>ch if ASCII_SPACE <= ch < ASCII_DEL else ASCII_QUESTION
+    return PyUnicode_DecodeASCII(<const char*>w, n, NULL)
+
+
+cdef class Rejection:
+    def __init__(self, int status, str reason not None, callback=None):
+        self.status = status
+        self.reason = _clean_reason(reason)
+        self.callback = callback
+
+    def __repr__(self):
+        return f"<Rejection {self.status} {self.reason!r}>"
+
+
+cdef uint64_t _expiry(const unsigned char* ttbr, Py_ssize_t n, uint64_t now_ms,
+                      bint gateway) noexcept nogil:
+    # ttbr is NULL when the header is absent. Gateway messages: unparseable counts as zero and
+    # anything under a second becomes one second (SingleCallChannelReceiver). Custom messages
+    # keep TryParse's value, and a value that is not positive means "no expiry". Both: absent,
+    # or 100 years and more, means never.
+    cdef long long ms = 0
+    cdef bint parsed
+    if ttbr == NULL:
+        return 0
+    parsed = _parse_timespan(ttbr, n, &ms)
+    if gateway:
+        if not parsed or ms < 1000:
+            ms = 1000
+    elif not parsed or ms <= 0:
+        return 0
+    if ms >= NEVER_MS or now_ms > <uint64_t>-1 - <uint64_t>ms:
+        return 0
+    return now_ms + <uint64_t>ms
+
+
+cdef int _call_type(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    # Enum.TryParse: trims, case-sensitive names, numeric values accepted. -1: none of them.
+    p = _net_strip(p, &n)
+    if (n == 16 and memcmp(p, b"SingleCallSubmit", 16) == 0) or (n == 1 and p[0] == ASCII_0):
+        return CALL_TYPE_SUBMIT
+    if (n == 25 and memcmp(p, b"SingleCallDatabusProperty", 25) == 0) or (n == 1 and p[0] == ASCII_1):
+        return CALL_TYPE_DATABUS
+    return -1
+
+
+# The framer decodes every header into one reused text buffer and works on spans of it; Python
+# objects are made only for what leaves (id, key, envelope, rejection reason). Text that is not
+# valid UTF-8 after decoding is replaced at once by what errors="replace" makes of it, so names
+# and values compare and get stored exactly as the decoded str values they stand for.
+
+cdef class Framer:
+    def __cinit__(self):
+        self._text = NULL
+        self._spans = NULL
+        self._slots = NULL
+
+    def __init__(self, str scope not None, *, Py_ssize_t max_id_bytes=400, bint parse_query=False):
+        if "\x00" in scope:
+            raise ConfigurationError("the dedup scope must not contain NUL: it separates scope and id")
+        if max_id_bytes < 1:
+            raise ConfigurationError(f"max_id_bytes must be positive, got {max_id_bytes}")
+        try:
+            self._key_prefix = scope.encode("utf-8") + b"\x00"
+        except UnicodeEncodeError as exc:
+            raise ConfigurationError(f"the dedup scope is not valid text: {scope!r}") from exc
+        self.scope = scope
+        self.max_id_bytes = max_id_bytes
+        self.parse_query = parse_query
+
+    def __dealloc__(self):
+        PyMem_Free(self._text)
+        PyMem_Free(self._spans)
+        PyMem_Free(self._slots)
+
+    cdef unsigned char* _room(self, Py_ssize_t n) except NULL:
+        # Where n more bytes of text go (never NULL). The buffer may move: spans hold offsets.
+        cdef unsigned char* grown
+        cdef Py_ssize_t cap
+        if self._text_cap - self._text_n < n or self._text == NULL:
+            cap = max(self._text_n + n, MIN_TEXT, self._text_cap * 2)
+            grown = <unsigned char*>PyMem_Realloc(self._text, cap)
+            if grown == NULL:
+                raise MemoryError()
+            self._text = grown
+            self._text_cap = cap
+        return self._text + self._text_n
+
+    cdef Py_ssize_t _decode(self, const unsigned char* src, Py_ssize_t n) except -1:
+        # Percent-decodes src onto the end of the text; returns where it starts. src must not
+        # point into the text unless room for n bytes was made beforehand.
+        cdef Py_ssize_t start = self._text_n
+        cdef unsigned char* dst = self._room(n)
+        cdef bint ascii
+        self._text_n += _percent_decode(src, n, dst, &ascii)
+        if not ascii and not _utf8_valid(dst, self._text_n - start):
+            self._replace_invalid(start)
+        return start
+
+    cdef int _replace_invalid(self, Py_ssize_t start) except -1:
+        # Rare: not UTF-8 after decoding. Python's decoder decides which bytes become U+FFFD.
+        cdef str text = _utf8(self._text + start, self._text_n - start)
+        cdef Py_ssize_t n
+        cdef const char* p = PyUnicode_AsUTF8AndSize(text, &n)
+        self._text_n = start
+        memcpy(self._room(n), p, n)
+        self._text_n += n
+        return 0
+
+    cdef Py_ssize_t _decode_twice(self, const unsigned char* src, Py_ssize_t n) except -1:
+        # HttpListener decodes the query once, then the gateway decodes every key and value
+        # again (protocol.md 1.2 step 3): "%252B" arrives as "+", "%2B" as a space.
+        cdef Py_ssize_t once = self._decode(src, n)
+        n = self._text_n - once
+        self._room(n)
+        return self._decode(self._text + once, n)
+
+    cdef Py_ssize_t _new_span(self) except -1:
+        cdef _Span* grown
+        cdef Py_ssize_t cap
+        if self._spans_n == self._spans_cap:
+            cap = max(MIN_SPANS, self._spans_cap * 2)
+            grown = <_Span*>PyMem_Realloc(self._spans, cap * sizeof(_Span))
+            if grown == NULL:
+                raise MemoryError()
+            self._spans = grown
+            self._spans_cap = cap
+        memset(&self._spans[self._spans_n], 0, sizeof(_Span))
+        self._spans_n += 1
+        return self._spans_n - 1
+
+    cdef Py_ssize_t _add_pair(self, object name, object value) except -1:
+        cdef Py_ssize_t at = self._new_span()
+        cdef _Span* s = &self._spans[at]
+        cdef bytes raw = _as_bytes(name)
+        s.name = self._decode(_ptr(raw), PyBytes_GET_SIZE(raw))
+        s.name_n = self._text_n - s.name
+        s.hash = _fold_hash(self._text + s.name, s.name_n)
+        raw = _as_bytes(value)
+        s.value = self._decode(_ptr(raw), PyBytes_GET_SIZE(raw))
+        s.value_n = self._text_n - s.value
+        return at
+
+    cdef int _parse_query(self, object query) except -1:
+        # One span per parameter. A segment without '=' has an empty value; empty segments
+        # ("a=1&&b=2") are skipped.
+        cdef bytes raw = _as_bytes(query)
+        cdef const unsigned char* p = _ptr(raw)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(raw), start = 0, end, eq
+        cdef _Span* s
+        while start < n:
+            end = start
+            eq = -1
+            while end < n and p[end] != ASCII_AMP:
+                if eq < 0 and p[end] == ASCII_EQUALS:
+                    eq = end
+                end += 1
+            if end > start:
+                s = &self._spans[self._new_span()]
+                s.name = self._decode_twice(p + start, (end if eq < 0 else eq) - start)
+                s.name_n = self._text_n - s.name
+                s.hash = _fold_hash(self._text + s.name, s.name_n)
+                s.value = self._decode_twice(p + eq + 1, end - eq - 1) if eq >= 0 else self._text_n
+                s.value_n = self._text_n - s.value
+            start = end + 1
+        return 0
+
+    cdef int _index_clear(self, Py_ssize_t entries) except -1:
+        # Room for `entries` spans at most half full, so probing stays short and always ends.
+        cdef Py_ssize_t size = MIN_SLOTS
+        cdef uint32_t* grown
+        while size < 2 * entries:
+            size *= 2
+        if size > self._slots_cap:
+            grown = <uint32_t*>PyMem_Realloc(self._slots, size * sizeof(uint32_t))
+            if grown == NULL:
+                raise MemoryError()
+            self._slots = grown
+            self._slots_cap = size
+        memset(self._slots, 0, size * sizeof(uint32_t))
+        self._slots_mask = size - 1
+        return 0
+
+    cdef Py_ssize_t _index_slot(self, const unsigned char* name, Py_ssize_t n, uint32_t hash,
+                                bint exact) noexcept:
+        # The slot of the indexed span with this name (ignoring ASCII case unless exact), or the
+        # empty slot where it would go.
+        cdef Py_ssize_t slot = hash & self._slots_mask
+        cdef const _Span* s
+        while self._slots[slot]:
+            s = &self._spans[self._slots[slot] - 1]
+            if s.hash == hash and s.name_n == n and _same(self._text + s.name, name, n, exact):
+                break
+            slot = (slot + 1) & self._slots_mask
+        return slot
+
+    cdef Py_ssize_t _lookup(self, Py_ssize_t control) noexcept:
+        # -> the span of a control header, or -1
+        cdef const _Name* c = &CONTROLS[control]
+        return <Py_ssize_t>self._slots[self._index_slot(c.p, c.n, c.hash, False)] - 1
+
+    cdef int _put(self, _Span entry, bint exact) except -1:
+        # Dictionary assignment: an indexed span with the same name takes entry's name and value
+        # in place (wire order kept), otherwise entry is appended.
+        cdef Py_ssize_t slot = self._index_slot(self._text + entry.name, entry.name_n, entry.hash, exact)
+        cdef Py_ssize_t at
+        if self._slots[slot]:
+            at = self._slots[slot] - 1
+        else:
+            at = self._new_span()
+            self._slots[slot] = <uint32_t>(at + 1)
+        self._spans[at] = entry
+        return 0
+
+    cdef Py_ssize_t _gateway_headers(self, Py_ssize_t first, Py_ssize_t end,
+                                     Py_ssize_t correlation) except -1:
+        # The stored headers of a gateway message, appended as spans after `end`; returns their
+        # end. Message headers travel as "NServiceBus.Header.<name>". NServiceBus matches the
+        # prefix case-sensitively and silently drops headers a proxy lower-cased; gwcore folds
+        # case. Stripped names can collide ("NServiceBus.Header." twice, or once): as in a
+        # dictionary, the first position stays and the last value wins.
+        cdef Py_ssize_t i
+        cdef _Span out
+        self._index_clear(end - first + 1)
+        for i in range(first, end):
+            if not self._spans[i].marks & MARK_HEADER:
+                continue
+            out = self._spans[i]
+            if out.marks & MARK_PREFIX_IN_FRONT:
+                out.name += HEADER_PREFIX_LEN
+                out.name_n -= HEADER_PREFIX_LEN
+            else:
+                self._room(out.name_n)
+                out.name = self._text_n
+                out.name_n = _strip_prefix(self._text + self._spans[i].name, out.name_n,
+                                           self._text + out.name)
+                self._text_n += out.name_n
+            out.hash = _fold_hash(self._text + out.name, out.name_n)
+            self._put(out, True)
+        # and the top-level NServiceBus.CorrelationId, under its canonical spelling
+        out = self._spans[correlation]
+        out.name = self._text_n
+        out.name_n = PyBytes_GET_SIZE(CORRELATION_ID)
+        memcpy(self._room(out.name_n), _ptr(CORRELATION_ID), out.name_n)
+        self._text_n += out.name_n
+        out.hash = _fold_hash(self._text + out.name, out.name_n)
+        self._put(out, True)
+        return self._spans_n
+
+    cdef bytes _apply_query(self, Py_ssize_t params, bytes body):
+        # Each parameter overrides the header of the same name, in place and under its own
+        # spelling, or is appended; "message" replaces the body. Returns the body.
+        cdef const _Span* s
+        cdef Py_ssize_t i
+        for i in range(params):
+            self._put(self._spans[i], False)
+            s = &self._spans[i]
+            if s.name_n == 7 and _same(self._text + s.name, <const unsigned char*>b"message", 7, False):
+                body = PyBytes_FromStringAndSize(<const char*>self._text + s.value, s.value_n)
+        return body
+
+    cdef Py_ssize_t _mark(self, Py_ssize_t first, Py_ssize_t end) noexcept:
+        # Sets the marks of the spans [first, end); returns how many are claim-check parts.
+        cdef Py_ssize_t i, parts = 0
+        cdef _Span* s
+        for i in range(first, end):
+            s = &self._spans[i]
+            s.marks = _name_marks(self._text + s.name, s.name_n)
+            parts += s.marks & MARK_DATABUS
+        return parts
+
+    cdef bytes _key(self, const _Span* id):
+        # the scope prefix, then the id
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(self._key_prefix)
+        cdef bytes key = PyBytes_FromStringAndSize(NULL, n + id.value_n)
+        memcpy(PyBytes_AS_STRING(key), PyBytes_AS_STRING(self._key_prefix), n)
+        memcpy(PyBytes_AS_STRING(key) + n, self._text + id.value, id.value_n)
+        return key
+
+    cdef str _str(self, Py_ssize_t offset, Py_ssize_t n):
+        return PyUnicode_DecodeUTF8(<const char*>self._text + offset, n, NULL)
+
+    cdef bytes _envelope(self, const _Span* id, Py_ssize_t first, Py_ssize_t end, bytes body,
+                         uint64_t expiry_ms, uint64_t accepted_ms):
+        # encode_envelope() of the spans [first, end) as message headers
+        cdef Py_ssize_t total = ENVELOPE_FIXED + id.value_n + PyBytes_GET_SIZE(body), i
+        cdef const _Span* s
+        cdef bytes out
+        cdef unsigned char* w
+        for i in range(first, end):
+            s = &self._spans[i]
+            total += 8 + _u32_len(s.name_n, "a header") + _u32_len(s.value_n, "a header")
+        out = PyBytes_FromStringAndSize(NULL, total)
+        w = _put_head(<unsigned char*>PyBytes_AS_STRING(out), accepted_ms, expiry_ms,
+                      self._text + id.value, id.value_n, end - first)
+        for i in range(first, end):
+            s = &self._spans[i]
+            w = _put_text(w, self._text + s.name, s.name_n)
+            w = _put_text(w, self._text + s.value, s.value_n)
+        _put_body(out, w, body)
+        return out
+
+    cdef Rejection _reject(self, int status, str reason, object callback):
+        self.rejected_total += 1
+        return Rejection(status, reason, callback)
+
+    def frame(self, list headers not None, body, query, uint64_t now_ms):
+        return self._frame(headers, body, query, now_ms)
+
+    cdef object _frame(self, list headers, object body, object query, uint64_t now_ms):
+        cdef Py_ssize_t count = len(headers), i, first, end, slot, n
+        cdef Py_ssize_t found[CONTROL_COUNT]
+        cdef const _Span* s
+        cdef const _Span* id
+        cdef const unsigned char* ttbr = NULL
+        cdef Py_ssize_t ttbr_n = 0
+        cdef unsigned char md5[MD5_BASE64_LEN]
+        cdef bytes body_bytes
+        cdef object callback = None
+        cdef bint gateway
+        cdef Envelope env
+
+        if count & 1:
+            raise InternalError("headers must be a flat [name, value, ...] list")
+        self._text_n = 0
+        self._spans_n = 0
+        if self.parse_query and query is not None:
+            # parsed first: a rejection carries the JSONP callback too
+            self._parse_query(query)
+            for i in range(self._spans_n):
+                s = &self._spans[i]
+                if s.name_n == 8 and _same(self._text + s.name, <const unsigned char*>b"callback", 8, False):
+                    callback = self._str(s.value, s.value_n)
+
+        # spans: [query parameters | headers in wire order | parameters no header had]
+        first = self._spans_n
+        self._index_clear(count // 2 + first)
+        for i in range(0, count, 2):
+            end = self._add_pair(headers[i], headers[i + 1])
+            s = &self._spans[end]
+            slot = self._index_slot(self._text + s.name, s.name_n, s.hash, False)
+            if self._slots[slot]:
+                return self._reject(
+                    400, f"Header '{self._str(s.name, s.name_n)}' appears more than once.", callback)
+            self._slots[slot] = <uint32_t>(end + 1)
+
+        body_bytes = self._apply_query(first, _as_bytes(body))
+        end = self._spans_n
+        for i in range(CONTROL_COUNT):
+            found[i] = self._lookup(i)
+
+        if found[CTL_ID] < 0:
+            return self._reject(400, "Required header 'NServiceBus.Id' missing.", callback)
+        id = &self._spans[found[CTL_ID]]
+        n = id.value_n
+        _net_strip(self._text + id.value, &n)
+        if n == 0:
+            return self._reject(400, "Required header 'NServiceBus.Id' missing.", callback)
+        if id.value_n > self.max_id_bytes:
+            return self._reject(
+                400, f"Header 'NServiceBus.Id' is longer than {self.max_id_bytes} bytes.", callback)
+
+        if found[CTL_CALL_TYPE] < 0:
+            return self._reject(400, "Required header 'NServiceBus.CallType' missing.", callback)
+        s = &self._spans[found[CTL_CALL_TYPE]]
+        i = _call_type(self._text + s.value, s.value_n)
+        if i == CALL_TYPE_DATABUS:
+            return self._reject(
+                501, "SingleCallDatabusProperty is not supported by this gwcore version yet: "
+                     "claim-check properties cannot be received.", callback)
+        if i != CALL_TYPE_SUBMIT:
+            return self._reject(
+                400, f"Invalid CallType '{self._str(s.value, s.value_n)}'. CallTypes supported "
+                     f"'SingleCallSubmit, SingleCallDatabusProperty'", callback)
+
+        if found[CTL_CONTENT_MD5] >= 0:
+            s = &self._spans[found[CTL_CONTENT_MD5]]
+            _content_md5(body_bytes, md5)
+            if s.value_n != MD5_BASE64_LEN or memcmp(self._text + s.value, md5, MD5_BASE64_LEN):
+                return self._reject(
+                    412, "MD5 hash received does not match hash calculated on server. "
+                         "Please resubmit.", callback)
+        # No part can have arrived while SingleCallDatabusProperty is refused above.
+        n = self._mark(first, end)
+        if n:
+            return self._reject(
+                412, f"Expected {n} claimcheck properties. None were received. Please resubmit.",
+                callback)
+
+        gateway = found[CTL_GATEWAY] >= 0
+        if gateway and found[CTL_CORRELATION_ID] < 0:
+            # NServiceBus reads it with a throwing indexer: an unhandled exception -> 502
+            return self._reject(502, "Unexpected server error", callback)
+        if found[CTL_TTBR] >= 0:
+            s = &self._spans[found[CTL_TTBR]]
+            ttbr = self._text + s.value
+            ttbr_n = s.value_n
+        env = Envelope.__new__(Envelope)
+        env.expiry_ms = _expiry(ttbr, ttbr_n, now_ms, gateway)
+        if gateway:
+            first, end = end, self._gateway_headers(first, end, found[CTL_CORRELATION_ID])
+
+        id = &self._spans[found[CTL_ID]]        # spans may have moved
+        env.id = self._str(id.value, id.value_n)
+        env.key = self._key(id)
+        env.call_type = CALL_TYPE_SUBMIT
+        env.accepted_ms = now_ms
+        env.body = body_bytes
+        env.callback = callback
+        env.framed = self._envelope(id, first, end, body_bytes, env.expiry_ms, now_ms)
+        self.framed_total += 1
+        return env
