@@ -71,7 +71,11 @@ def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gwcore", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="gwcore",
+        description="gwcore: a cross-site messaging gateway speaking the NServiceBus Gateway HTTP channel. "
+                    "Configured by GWCORE_* environment variables (docs/configuration.md).",
+    )
     parser.add_argument("--version", action="version", version=f"gwcore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run the gateway (configured by GWCORE_* variables)")
