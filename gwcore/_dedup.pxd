@@ -41,6 +41,12 @@ cdef struct _Span:
     int marks                           # MARK_* bits, set once all headers are in
 
 
+cdef struct _RawSpan:
+    # Raw bytes of one header name or value in a caller's buffer (still URL-encoded).
+    const unsigned char* p
+    Py_ssize_t n
+
+
 cdef class Framer:
     cdef:
         readonly str scope
@@ -66,7 +72,8 @@ cdef class Framer:
     cdef int _replace_invalid(self, Py_ssize_t start) except -1
     cdef Py_ssize_t _decode_twice(self, const unsigned char* src, Py_ssize_t n) except -1
     cdef Py_ssize_t _new_span(self) except -1
-    cdef Py_ssize_t _add_pair(self, object name, object value) except -1
+    cdef Py_ssize_t _add_header(self, const unsigned char* name, Py_ssize_t name_n,
+                                const unsigned char* value, Py_ssize_t value_n) except -2
     cdef int _parse_query(self, object query) except -1
     cdef int _index_clear(self, Py_ssize_t entries) except -1
     cdef Py_ssize_t _index_slot(self, const unsigned char* name, Py_ssize_t n, uint32_t hash,
@@ -82,6 +89,11 @@ cdef class Framer:
     cdef bytes _envelope(self, const _Span* id, Py_ssize_t first, Py_ssize_t end, bytes body,
                          uint64_t expiry_ms, uint64_t accepted_ms)
     cdef object _frame(self, list headers, object body, object query, uint64_t now_ms)
+    cdef object _frame_raw(self, const _RawSpan* headers, Py_ssize_t count, bytes body,
+                           object query, uint64_t now_ms)
+    cdef object _begin(self, object query, Py_ssize_t headers)
+    cdef object _finish(self, Py_ssize_t first, Py_ssize_t repeated, object body,
+                        object callback, uint64_t now_ms)
     cdef Rejection _reject(self, int status, str reason, object callback)
 
 
@@ -90,3 +102,75 @@ cdef class DedupIndex:
         readonly unsigned long long new_total
         readonly unsigned long long duplicate_total
         readonly unsigned long long expired_total
+
+
+cdef struct _HeaderAt:
+    # One header line of the request being parsed: offsets into RequestParser._buf.
+    Py_ssize_t name
+    Py_ssize_t name_n
+    Py_ssize_t value
+    Py_ssize_t value_n
+
+
+cdef class RequestParser:
+    cdef:
+        Framer _framer
+        list _channel_paths                 # lower-case bytes, each starting and ending with "/"
+        Py_ssize_t _max_headers
+        Py_ssize_t _max_header_bytes
+        Py_ssize_t _max_body
+        bint _allow_get
+        readonly bint in_request
+        # Receive buffer, owned (PyMem): [_start, _len) is unconsumed; offsets below are into it.
+        unsigned char* _buf
+        Py_ssize_t _len
+        Py_ssize_t _cap
+        Py_ssize_t _start                   # where the current request (or what is kept of it) begins
+        Py_ssize_t _pos                     # parsed up to here
+        Py_ssize_t _scan                    # no LF in [_pos, _scan): where the line search resumes
+        int _state                          # RP_*
+        # the current request
+        Py_ssize_t _method
+        Py_ssize_t _method_n
+        Py_ssize_t _target
+        Py_ssize_t _target_n
+        Py_ssize_t _path_n                  # of the target, up to '?'
+        bint _http11
+        _HeaderAt* _headers
+        Py_ssize_t _headers_n
+        Py_ssize_t _headers_cap
+        _RawSpan* _raw                      # _headers as pointers, built just before framing
+        Py_ssize_t _raw_cap
+        Py_ssize_t _length                  # Content-Length, -1 when absent
+        bint _has_te
+        bint _chunked
+        bint _conn_close
+        bint _conn_keep_alive
+        bint _conn_upgrade
+        bint _has_upgrade
+        bint _expect
+        bint _continue_sent
+        bint _keep_alive
+        bint _submit                        # for the framer; otherwise the body is dropped
+        bytes _method_bytes                 # of a request that is not framed (EV_OTHER)
+        bytes _path_bytes
+        Py_ssize_t _body                    # where the (de-chunked) body begins
+        Py_ssize_t _body_n                  # body bytes kept so far
+        Py_ssize_t _body_total              # body bytes seen so far, kept or not
+        Py_ssize_t _remaining               # of the Content-Length body or the current chunk
+        Py_ssize_t _trailer                 # where the trailer section begins
+
+    cdef unsigned char* _room(self, Py_ssize_t n) except NULL
+    cdef int _reset(self) except -1
+    cdef int _parse(self, list events, uint64_t now_ms) except -1
+    cdef Py_ssize_t _line(self) noexcept
+    cdef int _fail(self, list events, int status, str reason) except -1
+    cdef int _malformed(self, list events, str detail) except -1
+    cdef int _request_line(self, list events, Py_ssize_t n) except -1
+    cdef int _header_line(self, list events, Py_ssize_t n) except -1
+    cdef int _headers_complete(self, list events) except -1
+    cdef int _chunk_size(self, list events, Py_ssize_t n) except -1
+    cdef bint _matches_channel(self) noexcept
+    cdef int _complete(self, list events, uint64_t now_ms) except -1
+    cdef int _compact(self) except -1
+    cdef int _shrink(self) except -1

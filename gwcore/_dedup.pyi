@@ -234,3 +234,67 @@ class DedupIndex:
         :return: the number of dedup records removed.
         :raises gwcore.errors.FramingError: an expiry key is not 16 bytes (corrupt store).
         """
+
+EV_SUBMIT: Final[int]
+""":meth:`RequestParser.feed` event ``(EV_SUBMIT, keep_alive, result)``: a complete gateway
+request, framed; *result* is the :class:`Envelope` or :class:`Rejection` of :meth:`Framer.frame`."""
+EV_OTHER: Final[int]
+"""Event ``(EV_OTHER, keep_alive, method, path)``: any other complete request (another path, a
+built-in endpoint, another method); its body was read and dropped."""
+EV_CONTINUE: Final[int]
+"""Event ``(EV_CONTINUE,)``: the request being read asked for ``Expect: 100-continue`` and its
+body has not arrived yet."""
+EV_ERROR: Final[int]
+"""Event ``(EV_ERROR, status, reason)``: the input cannot be read on (400 malformed or an
+upgrade, 413, 431); the parser is finished and later feeds return ``[]``."""
+
+@disjoint_base
+class RequestParser:
+    """An HTTP/1.1 request parser for one connection that frames gateway requests itself.
+
+    Strict like llhttp's default mode: CRLF line ends, token methods and header names, no
+    whitespace before ``:``, no obsolete line folding, no control characters in values, only
+    ``HTTP/1.0`` and ``HTTP/1.1``. Header values lose surrounding spaces and tabs. A request with
+    ``Content-Length`` and ``Transfer-Encoding``, two ``Content-Length`` headers, or a
+    ``Transfer-Encoding`` whose last coding is not ``chunked`` is malformed (request smuggling).
+    Requests may be pipelined and split anywhere; a request crosses into Python once, as an event.
+    After a request without keep-alive the parser stops reading. Not thread-safe.
+    """
+
+    def __init__(
+        self,
+        framer: Framer,
+        channel_paths: list[bytes],
+        *,
+        max_headers: int,
+        max_header_bytes: int,
+        max_body: int,
+        allow_get: bool,
+    ) -> None:
+        """
+        :param framer: frames the requests to a channel.
+        :param channel_paths: the receive channels' paths, lower-case bytes starting and ending
+            with ``/``. A request path matches a channel when, ignoring ASCII case and with a
+            ``/`` added when it lacks one, it starts with the channel's path; ``/healthz``,
+            ``/readyz`` and ``/metrics`` never do.
+        :param max_headers: more header lines are answered 431.
+        :param max_header_bytes: a longer header section (request line and header lines with
+            their CRLFs, or the trailer lines of a chunked body) is answered 431, as soon as
+            the buffered part of it is longer.
+        :param max_body: a longer body is answered 413 (with ``Content-Length`` once the headers
+            are in, chunked once a chunk size goes past it).
+        :param allow_get: GET requests to a channel are framed too, with their query string.
+        :raises gwcore.errors.ConfigurationError: a channel path is not as described, or a limit
+            is negative.
+        """
+    @property
+    def in_request(self) -> bool:
+        """Bytes of an unfinished request are buffered (for the request timeout)."""
+    def feed(self, data: Buffer, now_ms: int) -> list[tuple[object, ...]]:
+        """Parse received bytes; returns the events they complete, in order.
+
+        :param data: the bytes received, any buffer (copied).
+        :param now_ms: current time in ms since the epoch, for the framer.
+        :return: ``(EV_SUBMIT, keep_alive, result)``, ``(EV_OTHER, keep_alive, method, path)``,
+            ``(EV_CONTINUE,)`` and ``(EV_ERROR, status, reason)`` tuples; an error is always last.
+        """

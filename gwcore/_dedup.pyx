@@ -117,4 +117,5 @@ cdef unsigned char FOLD[256]
 include "_parts/bytes.pyx"
 include "_parts/codec.pyx"
 include "_parts/framing.pyx"
+include "_parts/http.pyx"
 include "_parts/index.pyx"

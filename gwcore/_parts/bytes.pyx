@@ -272,4 +272,19 @@ cdef void _init_tables():
         CONTROLS[c].hash = _fold_hash(CONTROLS[c].p, CONTROLS[c].n)
 
 
+
+# Room for n more bytes after `used` in a growable PyMem buffer (doubling); the buffer may move,
+# so callers keep offsets, never pointers, into it across calls.
+cdef unsigned char* _grow(unsigned char** buf, Py_ssize_t* cap, Py_ssize_t used, Py_ssize_t n) except NULL:
+    cdef unsigned char* grown
+    cdef Py_ssize_t want
+    if cap[0] - used < n or buf[0] == NULL:
+        want = max(used + n, MIN_TEXT, cap[0] * 2)
+        grown = <unsigned char*>PyMem_Realloc(buf[0], want)
+        if grown == NULL:
+            raise MemoryError()
+        buf[0] = grown
+        cap[0] = want
+    return buf[0] + used
+
 _init_tables()

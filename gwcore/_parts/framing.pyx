@@ -104,16 +104,7 @@ cdef class Framer:
 
     cdef unsigned char* _room(self, Py_ssize_t n) except NULL:
         # Where n more bytes of text go (never NULL). The buffer may move: spans hold offsets.
-        cdef unsigned char* grown
-        cdef Py_ssize_t cap
-        if self._text_cap - self._text_n < n or self._text == NULL:
-            cap = max(self._text_n + n, MIN_TEXT, self._text_cap * 2)
-            grown = <unsigned char*>PyMem_Realloc(self._text, cap)
-            if grown == NULL:
-                raise MemoryError()
-            self._text = grown
-            self._text_cap = cap
-        return self._text + self._text_n
+        return _grow(&self._text, &self._text_cap, self._text_n, n)
 
     cdef Py_ssize_t _decode(self, const unsigned char* src, Py_ssize_t n) except -1:
         # Percent-decodes src onto the end of the text; returns where it starts. src must not
@@ -158,17 +149,22 @@ cdef class Framer:
         self._spans_n += 1
         return self._spans_n - 1
 
-    cdef Py_ssize_t _add_pair(self, object name, object value) except -1:
-        cdef Py_ssize_t at = self._new_span()
+    cdef Py_ssize_t _add_header(self, const unsigned char* name, Py_ssize_t name_n,
+                                const unsigned char* value, Py_ssize_t value_n) except -2:
+        # Decodes one raw header into a new span and indexes it. Returns -1, or the new span when
+        # its name repeats an indexed one (the request is then rejected).
+        cdef Py_ssize_t at = self._new_span(), slot
         cdef _Span* s = &self._spans[at]
-        cdef bytes raw = _as_bytes(name)
-        s.name = self._decode(_ptr(raw), PyBytes_GET_SIZE(raw))
+        s.name = self._decode(name, name_n)
         s.name_n = self._text_n - s.name
         s.hash = _fold_hash(self._text + s.name, s.name_n)
-        raw = _as_bytes(value)
-        s.value = self._decode(_ptr(raw), PyBytes_GET_SIZE(raw))
+        s.value = self._decode(value, value_n)
         s.value_n = self._text_n - s.value
-        return at
+        slot = self._index_slot(self._text + s.name, s.name_n, s.hash, False)
+        if self._slots[slot]:
+            return at
+        self._slots[slot] = <uint32_t>(at + 1)
+        return -1
 
     cdef int _parse_query(self, object query) except -1:
         # One span per parameter. A segment without '=' has an empty value; empty segments
@@ -337,20 +333,42 @@ cdef class Framer:
         return self._frame(headers, body, query, now_ms)
 
     cdef object _frame(self, list headers, object body, object query, uint64_t now_ms):
-        cdef Py_ssize_t count = len(headers), i, first, end, slot, n
-        cdef Py_ssize_t found[CONTROL_COUNT]
-        cdef const _Span* s
-        cdef const _Span* id
-        cdef const unsigned char* ttbr = NULL
-        cdef Py_ssize_t ttbr_n = 0
-        cdef unsigned char md5[MD5_BASE64_LEN]
-        cdef bytes body_bytes
-        cdef object callback = None
-        cdef bint gateway
-        cdef Envelope env
-
+        # Framer.frame: the headers as a flat list of buffers.
+        cdef Py_ssize_t count = len(headers), i, first, repeated = -1
+        cdef bytes name, value
+        cdef object callback
         if count & 1:
             raise InternalError("headers must be a flat [name, value, ...] list")
+        callback = self._begin(query, count // 2)
+        first = self._spans_n
+        for i in range(0, count, 2):
+            name = _as_bytes(headers[i])
+            value = _as_bytes(headers[i + 1])
+            repeated = self._add_header(_ptr(name), PyBytes_GET_SIZE(name), _ptr(value),
+                                        PyBytes_GET_SIZE(value))
+            if repeated >= 0:
+                break
+        return self._finish(first, repeated, body, callback, now_ms)
+
+    cdef object _frame_raw(self, const _RawSpan* headers, Py_ssize_t count, bytes body,
+                           object query, uint64_t now_ms):
+        # The same for `count` headers as (name, value) span pairs in headers[0 : 2 * count],
+        # raw as on the wire (RequestParser frames straight from its receive buffer).
+        cdef Py_ssize_t i, first, repeated = -1
+        cdef object callback = self._begin(query, count)
+        first = self._spans_n
+        for i in range(count):
+            repeated = self._add_header(headers[2 * i].p, headers[2 * i].n,
+                                        headers[2 * i + 1].p, headers[2 * i + 1].n)
+            if repeated >= 0:
+                break
+        return self._finish(first, repeated, body, callback, now_ms)
+
+    cdef object _begin(self, object query, Py_ssize_t headers):
+        # Resets the scratch for one request and parses its query; returns the JSONP callback.
+        cdef Py_ssize_t i
+        cdef const _Span* s
+        cdef object callback = None
         self._text_n = 0
         self._spans_n = 0
         if self.parse_query and query is not None:
@@ -360,18 +378,29 @@ cdef class Framer:
                 s = &self._spans[i]
                 if s.name_n == 8 and _same(self._text + s.name, <const unsigned char*>b"callback", 8, False):
                     callback = self._str(s.value, s.value_n)
-
         # spans: [query parameters | headers in wire order | parameters no header had]
-        first = self._spans_n
-        self._index_clear(count // 2 + first)
-        for i in range(0, count, 2):
-            end = self._add_pair(headers[i], headers[i + 1])
-            s = &self._spans[end]
-            slot = self._index_slot(self._text + s.name, s.name_n, s.hash, False)
-            if self._slots[slot]:
-                return self._reject(
-                    400, f"Header '{self._str(s.name, s.name_n)}' appears more than once.", callback)
-            self._slots[slot] = <uint32_t>(end + 1)
+        self._index_clear(headers + self._spans_n)
+        return callback
+
+    cdef object _finish(self, Py_ssize_t first, Py_ssize_t repeated, object body,
+                        object callback, uint64_t now_ms):
+        # Validates the spans of one request (headers from `first` on, all added unless
+        # `repeated` >= 0 names a repeated one) and builds its envelope or rejection.
+        cdef Py_ssize_t i, end, n
+        cdef Py_ssize_t found[CONTROL_COUNT]
+        cdef const _Span* s
+        cdef const _Span* id
+        cdef const unsigned char* ttbr = NULL
+        cdef Py_ssize_t ttbr_n = 0
+        cdef unsigned char md5[MD5_BASE64_LEN]
+        cdef bytes body_bytes
+        cdef bint gateway
+        cdef Envelope env
+
+        if repeated >= 0:
+            s = &self._spans[repeated]
+            return self._reject(
+                400, f"Header '{self._str(s.name, s.name_n)}' appears more than once.", callback)
 
         body_bytes = self._apply_query(first, _as_bytes(body))
         end = self._spans_n
