@@ -1,4 +1,8 @@
-"""The HTTP/1.1 front end: an asyncio protocol over httptools, one core call per request.
+"""The HTTP/1.1 front end: an asyncio protocol over the core's request parser.
+
+Each chunk read from a socket goes into the Cython core in one call (``RequestParser.feed``), which
+parses HTTP/1.1, frames every complete gateway request straight from its receive buffer and returns
+a list of events; Python only routes them, hands envelopes to the writer and answers.
 
 Requests on a connection are answered in order (pipelining); each response slot is resolved when
 its batch is durable. Reading pauses while a connection has ``http_max_pipeline`` unanswered
@@ -14,8 +18,6 @@ import logging
 import time
 from typing import Any
 
-import httptools
-
 from ._core import core
 from .errors import StoreError
 
@@ -30,6 +32,7 @@ _TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 _OK = "OK"
 _LINGER_SECONDS = 2.0
 _BUILTIN = (b"/healthz", b"/readyz", b"/metrics")
+_EV_SUBMIT, _EV_OTHER, _EV_CONTINUE = core.EV_SUBMIT, core.EV_OTHER, core.EV_CONTINUE
 
 
 def _ascii_reason(text: str) -> str:
@@ -164,23 +167,21 @@ class HTTPProtocol(asyncio.Protocol):
 
     def __init__(self, state: HTTPState) -> None:
         self.state = state
-        self.settings = state.settings
+        settings = self.settings = state.settings
         self.loop = asyncio.get_event_loop()
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser = core.RequestParser(
+            state.framer, state.channel_paths, max_headers=settings.http_max_headers,
+            max_header_bytes=settings.http_max_header_bytes, max_body=settings.max_body,
+            allow_get=settings.http_allow_get,
+        )
         self.slots: collections.deque[_Slot] = collections.deque()
         self.closing = False  # no further requests will be read
         self.reading_paused = False
         self.writing_paused = False
-        self.request_started = 0.0  # loop time the current request began (timeouts are swept)
+        self.request_started = 0.0  # loop time the unfinished request began (timeouts are swept)
         self.idle_since = 0.0
         self.linger_until = 0.0
-        self.max_header_bytes = self.settings.http_max_header_bytes
-        self.max_header_items = 2 * self.settings.http_max_headers  # names and values
-        self.began_in_chunk: bool = True  # (re)set per request by _reset_request
-        self.unparsed_header_bytes: int = 0
-        self._reset_request()
-        self.in_request = False
 
     # -- connection lifecycle ----------------------------------------------------------------------
 
@@ -229,7 +230,7 @@ class HTTPProtocol(asyncio.Protocol):
         if self.linger_until:
             if now >= self.linger_until:
                 transport.close()
-        elif self.in_request:
+        elif self.parser.in_request:
             if now - self.request_started >= self.settings.http_request_timeout:
                 self._fail(408, "Request Timeout: the request was not complete after "
                                 f"{self.settings.http_request_timeout:g} s")
@@ -238,143 +239,53 @@ class HTTPProtocol(asyncio.Protocol):
 
     # -- parsing -----------------------------------------------------------------------------------
 
+    @property
+    def in_request(self) -> bool:
+        return self.parser.in_request
+
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(400, "Bad Request: protocol upgrades are not supported")
-        except httptools.HttpParserCallbackError:
-            if not self.closing:  # not a limit answer (those close first): a bug in a callback
-                log.exception("unexpected error in an HTTP parser callback")
-                self._fail(502, "Unexpected server error")
-        except httptools.HttpParserError as exc:
-            self._fail(400, f"Bad Request: malformed HTTP ({exc})")
-        else:
-            if self.in_request and not self.headers_done:
-                # httptools buffers a header until it ends, so a header that never ends is only
-                # visible here. The chunk in which the request began is not counted (part of it
-                # may belong to the request before): the bound is the limit plus one read.
-                if self.began_in_chunk:
-                    self.began_in_chunk = False
-                else:
-                    self.unparsed_header_bytes += len(data)
-                    if self.unparsed_header_bytes > self.settings.http_max_header_bytes:
-                        self._fail(431, "Request Header Fields Too Large: header section exceeds "
-                                        f"{self.settings.http_max_header_bytes} bytes")
-
-    def _reset_request(self) -> None:
-        self.url = b""
-        self.headers: list[bytes] = []
-        self.special_headers: list[int] = []  # positions of names starting with c/e
-        self.header_bytes = 0
-        self.body_parts: list[bytes] = []
-        self.body_size = 0
-        self.headers_done = False
-        self.unparsed_header_bytes = 0
-        self.began_in_chunk = True
-
-    def on_message_begin(self) -> None:
-        self._reset_request()
-        self.in_request = True
-        self.request_started = self.loop.time()
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-        self.header_bytes += len(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        # Called ~20 times per request: keep it to the appends and two limit checks.
-        h = self.headers
-        h.append(name)
-        h.append(value)
-        size = self.header_bytes + len(name) + len(value) + 4
-        self.header_bytes = size
-        if size > self.max_header_bytes or len(h) > self.max_header_items:
-            self._header_limit()
-        first = name[0] | 0x20 if name else 0
-        if first == 0x63 or first == 0x65:  # 'c'/'e': Content-Length or Expect, looked at later
-            self.special_headers.append(len(h) - 2)
-
-    def _header_limit(self) -> None:
-        if len(self.headers) > self.max_header_items:
-            self._fail(431, f"Request Header Fields Too Large: more than {self.settings.http_max_headers} headers")
-        else:
-            self._fail(431, "Request Header Fields Too Large: header section exceeds "
-                            f"{self.settings.http_max_header_bytes} bytes")
-        raise _Stop()
-
-    def on_headers_complete(self) -> None:
-        self.headers_done = True
-        length = None
-        expect_continue = False
-        h = self.headers
-        for i in self.special_headers:
-            name = h[i].lower()
-            if name == b"content-length":
-                try:
-                    length = int(h[i + 1])
-                except ValueError:
-                    length = None  # llhttp already refuses a malformed Content-Length
-            elif name == b"expect":
-                expect_continue = h[i + 1].strip().lower() == b"100-continue"
-        if length is not None and length > self.settings.max_body:
-            self._fail(413, f"Payload Too Large: body of {length} bytes exceeds GWCORE_MAX_BODY={self.settings.max_body}")
-            raise _Stop()
-        if expect_continue and not self.slots and self.transport is not None:
-            # .NET WebRequest (NServiceBus Gateway <= 3.x) sends "Expect: 100-continue" and waits
-            # up to 350 ms before sending the body anyway. Answer at once; with earlier requests
-            # still unanswered an interim response would jump the queue, so then stay silent.
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def on_body(self, body: bytes) -> None:
-        self.body_size += len(body)
-        if self.body_size > self.settings.max_body:
-            self._fail(413, f"Payload Too Large: body exceeds GWCORE_MAX_BODY={self.settings.max_body} bytes")
-            raise _Stop()
-        self.body_parts.append(body)
-
-    def on_message_complete(self) -> None:
-        self.in_request = False
-        keep_alive = self.parser.should_keep_alive()
-        slot = _Slot()
-        slot.close = not keep_alive or self.state.draining
-        self.slots.append(slot)
-        try:
-            self._handle(slot, self.parser.get_method())
-        except Exception:  # pragma: no cover - a bug must not kill the connection silently
-            log.exception("unexpected error handling a request")
-            self._answer(slot, 502, "Unexpected server error")
-        if slot.close:
-            self.closing = True
+        parser = self.parser
+        was_in_request = parser.in_request
+        events: list[Any] = parser.feed(data, time.time_ns() // 1_000_000)
+        for event in events:
+            kind = event[0]
+            if kind == _EV_SUBMIT:
+                self._submit(event[1], event[2])
+            elif kind == _EV_OTHER:
+                self._other(event[1], event[2], event[3])
+            elif kind == _EV_CONTINUE:
+                if not self.slots and self.transport is not None:
+                    # .NET WebRequest (NServiceBus Gateway <= 3.x) sends "Expect: 100-continue"
+                    # and waits up to 350 ms before sending the body anyway. With earlier requests
+                    # unanswered an interim response would jump the queue, so then stay silent.
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            else:
+                self._fail(event[1], event[2])
+            if self.closing:
+                return
+        if parser.in_request and (events or not was_in_request):
+            self.request_started = self.loop.time()
         self._update_reading()
 
     # -- request handling --------------------------------------------------------------------------
 
-    def _handle(self, slot: _Slot, method: bytes) -> None:
+    def _slot(self, keep_alive: bool) -> _Slot:
+        slot = _Slot()
+        slot.close = not keep_alive or self.state.draining
+        self.slots.append(slot)
+        if slot.close:
+            self.closing = True
+        return slot
+
+    def _submit(self, keep_alive: bool, result: Any) -> None:
+        slot = self._slot(keep_alive)
         state = self.state
-        url = self.url
-        qpos = url.find(b"?")
-        path, query = (url, None) if qpos < 0 else (url[:qpos], url[qpos + 1:])
-        if path in _BUILTIN:
-            self._builtin(slot, method, path)
-            return
-        if not state.match_channel(path):
-            self._answer(slot, 404, f"Not Found: no receive channel at {path.decode('latin-1')}")
-            return
-        if method != b"POST" and not (method == b"GET" and self.settings.http_allow_get):
-            allowed = b"Allow: GET, POST\r\n" if self.settings.http_allow_get else b"Allow: POST\r\n"
-            self._answer(slot, 405, f"Method Not Allowed: gateway channels accept POST"
-                                    f"{' and GET' if self.settings.http_allow_get else ' (GET needs GWCORE_HTTP_ALLOW_GET=1)'}",
-                         extra=allowed)
-            return
         if state.draining or not state.active:
             self._answer(slot, 503, "Service Unavailable: gwcore is shutting down" if state.draining
                          else "Service Unavailable: not the active receiver")
             return
-        body = b"".join(self.body_parts) if len(self.body_parts) != 1 else self.body_parts[0]
-        result = state.framer.frame(self.headers, body, query, time.time_ns() // 1_000_000)
         if isinstance(result, core.Rejection):
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("request refused: %d %s", result.status, result.reason)
@@ -389,6 +300,19 @@ class HTTPProtocol(asyncio.Protocol):
         slot.protocol = self
         slot.msg_id = result.id
         writer.ingest_then(result, slot.ingested)
+
+    def _other(self, keep_alive: bool, method: bytes, path: bytes) -> None:
+        """Everything but a gateway submit: built-in endpoints, unknown paths, other methods."""
+        slot = self._slot(keep_alive)
+        if path in _BUILTIN:
+            self._builtin(slot, method, path)
+        elif not self.state.match_channel(path):
+            self._answer(slot, 404, f"Not Found: no receive channel at {path.decode('latin-1')}")
+        else:
+            allow_get = self.settings.http_allow_get
+            self._answer(slot, 405, "Method Not Allowed: gateway channels accept POST"
+                                    f"{' and GET' if allow_get else ' (GET needs GWCORE_HTTP_ALLOW_GET=1)'}",
+                         extra=b"Allow: GET, POST\r\n" if allow_get else b"Allow: POST\r\n")
 
     def _builtin(self, slot: _Slot, method: bytes, path: bytes) -> None:
         if method not in (b"GET", b"HEAD"):
@@ -424,7 +348,6 @@ class HTTPProtocol(asyncio.Protocol):
         """Answer the current (broken or over-limit) request after those before it, then close."""
         if self.transport is None:
             return
-        self.in_request = False
         slot = _Slot()
         slot.close = True
         self.slots.append(slot)
@@ -474,7 +397,3 @@ class HTTPProtocol(asyncio.Protocol):
         """Draining: close now if idle; otherwise close once the in-flight answers are written."""
         if not self.slots and not self.in_request and self.transport is not None:
             self.transport.close()
-
-
-class _Stop(Exception):
-    """Raised inside a parser callback to stop parsing after a limit answer was queued."""
