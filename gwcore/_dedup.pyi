@@ -176,7 +176,7 @@ class Framer:
         """Validate one request and build its envelope.
 
         :param headers: flat ``[name0, value0, name1, value1, ...]`` of the raw header bytes as
-            httptools delivered them (still URL-encoded).
+            an HTTP parser delivered them (still URL-encoded).
         :param body: the request body.
         :param query: the raw query string without ``?``, or None; ignored unless the framer
             was made with ``parse_query=True``.
