@@ -133,7 +133,7 @@ class HTTPState:
 class _Slot:
     """One request's place in the connection's response order."""
 
-    __slots__ = ("data", "close", "callback", "protocol", "msg_id")
+    __slots__ = ("data", "close", "callback", "protocol", "msg_id", "head")
 
     def __init__(self) -> None:
         self.data: bytes | None = None
@@ -141,6 +141,7 @@ class _Slot:
         self.callback: str | None = None  # JSONP callback name
         self.protocol: HTTPProtocol | None = None
         self.msg_id = ""
+        self.head = False  # a HEAD request: answer without the body
 
     def ingested(self, ok: bool, value: Any) -> None:
         """The writer's answer for this slot's envelope (on the loop thread)."""
@@ -316,8 +317,9 @@ class HTTPProtocol(asyncio.Protocol):
 
     def _builtin(self, slot: _Slot, method: bytes, path: bytes) -> None:
         if method not in (b"GET", b"HEAD"):
-            self._answer(slot, 405, "Method Not Allowed: use GET", extra=b"Allow: GET\r\n", count=False)
+            self._answer(slot, 405, "Method Not Allowed: use GET", extra=b"Allow: GET, HEAD\r\n", count=False)
             return
+        slot.head = method == b"HEAD"
         state = self.state
         if path == b"/healthz":
             self._answer(slot, 200, _OK, count=False)
@@ -340,8 +342,12 @@ class HTTPProtocol(asyncio.Protocol):
         if callback is not None:
             body = _jsonp(callback, _ascii_reason(reason))
             content_type = _JS
-        slot.data = render_response(status, reason, self.state.date(), body=body,
-                                    content_type=content_type, close=slot.close, extra=extra)
+        data = render_response(status, reason, self.state.date(), body=body,
+                               content_type=content_type, close=slot.close, extra=extra)
+        if slot.head:
+            # A HEAD answer has the headers GET would have, Content-Length included, and no body.
+            data = data[:data.index(b"\r\n\r\n") + 4]
+        slot.data = data
         self._flush()
 
     def _fail(self, status: int, reason: str) -> None:

@@ -424,3 +424,17 @@ def test_several_receive_channels_on_one_or_more_listeners(run, gateway_factory)
             assert sorted(m for m in [gw.store.is_recorded("RemoteSite", i) for i in "abc"]) == [True] * 3
 
     run(main())
+
+
+def test_head_on_builtins_has_no_body_and_keeps_the_connection_usable(run, gateway_factory):
+    async def main():
+        async with gateway_factory() as gw:
+            async with Client(*addr(gw)) as c:
+                await c.send(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                head = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 2)
+                assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 2\r\n" in head
+                # the next response starts right after the headers: no body bytes in between
+                r = await c.request(nsb_request(MSG_ID))
+                assert (r.status, r.body) == (200, b"OK")
+
+    run(main())
