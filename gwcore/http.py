@@ -372,15 +372,11 @@ class HTTPProtocol(asyncio.Protocol):
                 slots.clear()
                 self._linger(transport)
                 return
-        if not slots:
-            if self.closing and not self.in_request and transport is not None:
+        if not slots and not self.in_request:
+            if (self.closing or self.state.draining) and transport is not None:
                 transport.close()
                 return
-            if self.state.draining and not self.in_request and transport is not None:
-                transport.close()
-                return
-            if not self.in_request:
-                self.idle_since = self.loop.time()
+            self.idle_since = self.loop.time()
         self._update_reading()
 
     def _linger(self, transport: asyncio.Transport) -> None:

@@ -101,8 +101,6 @@ class Store:
                  sync: bool = True, readonly: bool = False) -> None:
         self.path = path
         self.max_size = max_size
-        self.sync = sync
-        self.readonly = readonly
         self._owner_fd: int | None = None
         if not readonly:
             os.makedirs(path, exist_ok=True)
