@@ -97,11 +97,31 @@ cdef class Framer:
     cdef Rejection _reject(self, int status, str reason, object callback)
 
 
+cdef struct _IndexSlot:
+    uint64_t hash                       # SipHash-1-3 of the dedup key
+    uint64_t seq                        # the dedup log entry (and queue position); 0 = empty
+
+
 cdef class DedupIndex:
     cdef:
         readonly unsigned long long new_total
         readonly unsigned long long duplicate_total
         readonly unsigned long long expired_total
+        uint64_t _k0                        # the SipHash key, random per index
+        uint64_t _k1
+        _IndexSlot* _slots                  # open addressing, a power of two, load at most 3/4
+        Py_ssize_t _mask
+        Py_ssize_t _count
+        _IndexSlot* _undo                   # inserted since the last commit()/rollback()
+        Py_ssize_t _undo_n
+        Py_ssize_t _undo_cap
+
+    cdef uint64_t _hash(self, const unsigned char* p, Py_ssize_t n) noexcept
+    cdef int _resize(self, Py_ssize_t slots) except -1
+    cdef int _insert(self, uint64_t h, uint64_t seq) except -1
+    cdef bint _remove(self, uint64_t h, uint64_t seq) noexcept
+    cdef int _remember(self, uint64_t h, uint64_t seq) except -1
+    cdef uint64_t _find(self, object get, object log_db, bytes key, uint64_t h) except? 0
 
 
 cdef struct _HeaderAt:

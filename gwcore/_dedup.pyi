@@ -1,7 +1,7 @@
 """gwcore's compiled core: framing of NServiceBus Gateway HTTP requests, the stored envelope format
 and the LMDB dedup batch loop. Private module; the gwcore package re-exports what users need."""
 
-from typing import Final
+from typing import Callable, Final
 
 from typing_extensions import Buffer, disjoint_base
 
@@ -193,14 +193,31 @@ class Framer:
 
 @disjoint_base
 class DedupIndex:
-    """Atomic check-and-record of dedup keys inside an open py-lmdb write transaction.
+    """Atomic check-and-record of dedup keys: an append-only dedup log in LMDB plus a hash table of
+    every live record in memory.
 
-    Layout: ``dedup`` maps key -> u64 accepted_ms + u64 seq; ``queue`` maps :func:`pack_seq`
-    (seq) -> :attr:`Envelope.framed`; ``expiry`` maps u64 accepted_ms + u64 seq -> key. lmdb
-    exceptions (``MapFullError`` ...) propagate unchanged; the caller aborts the transaction.
+    Layout: the log maps :func:`pack_seq` (seq) -> u64 accepted_ms + :attr:`Envelope.key`; the
+    queue maps :func:`pack_seq` (seq) -> :attr:`Envelope.framed`. Both keys only grow, so a batch
+    appends to the right edge of two trees whatever the store's size. The table maps the keyed
+    SipHash-1-3 of a key to its seq; a hash match is confirmed against the key in the log, so a
+    collision is never a false duplicate. 16 bytes per slot, load at most 3/4.
+
+    The caller owns the transaction: after it commits call :meth:`commit`, after an abort call
+    :meth:`rollback` so the table forgets what the aborted batches added. lmdb exceptions
+    (``MapFullError`` ...) propagate unchanged. Not thread-safe beyond the GIL: one writer thread;
+    other threads may call the read-only methods.
     """
 
-    def __init__(self) -> None: ...
+    def __init__(self, key: bytes | None = None) -> None:
+        """:param key: 16-byte SipHash key; random (``os.urandom``) by default."""
+    def __len__(self) -> int:
+        """Records in the table."""
+    @property
+    def capacity(self) -> int:
+        """Slots in the table (a power of two)."""
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes the table (and its undo list) holds."""
     @property
     def new_total(self) -> int:
         """Envelopes recorded as new (counted when a batch completes without error)."""
@@ -210,12 +227,19 @@ class DedupIndex:
     @property
     def expired_total(self) -> int:
         """Dedup records removed by :meth:`expire`."""
+    def load(
+        self, txn: object, log_db: object, progress: Callable[[int, int], object] | None = None, every: int = 1000000
+    ) -> int:
+        """Add every record of the log to the table (start-up); ``progress(done, total)`` is called
+        every *every* records. Returns the number loaded.
+
+        :raises gwcore.errors.FramingError: a log entry is malformed (corrupt store).
+        """
     def apply_batch(
         self,
         txn: object,
-        dedup_db: object,
+        log_db: object,
         queue_db: object,
-        expiry_db: object,
         envelopes: list[Envelope],
         accepted_ms: int,
         next_seq: int,
@@ -224,16 +248,28 @@ class DedupIndex:
 
         :return: ``(results, next_seq)``: True per new envelope (stored under the next sequence
             number), False per duplicate, including a repeat of a key earlier in the same batch.
+        :raises ValueError: *next_seq* is 0 or beyond 2**62.
+        :raises gwcore.errors.InternalError: a sequence number is not above the last one in the log
+            or the queue (nothing is overwritten).
         """
-    def check_batch(self, txn: object, dedup_db: object, envelopes: list[Envelope]) -> list[bool]:
-        """True per envelope whose key is already recorded. Read-only."""
-    def expire(self, txn: object, dedup_db: object, expiry_db: object, cutoff_ms: int, limit: int) -> int:
-        """Remove up to *limit* expiry entries accepted before *cutoff_ms*, oldest first, with the
-        dedup record each names (unless that id was recorded again since).
+    def commit(self) -> None:
+        """The transaction holding the batches applied since the last commit/rollback committed."""
+    def rollback(self) -> int:
+        """That transaction aborted: remove what it added from the table; returns how many."""
+    def check_batch(self, txn: object, log_db: object, envelopes: list[Envelope]) -> list[bool]:
+        """True per envelope whose key is recorded (as of *txn*). Read-only."""
+    def contains(self, txn: object, log_db: object, key: bytes) -> bool:
+        """Is this dedup key (scope, NUL, id; UTF-8) recorded (as of *txn*)? Read-only."""
+    def expire(self, txn: object, log_db: object, cutoff_ms: int, limit: int) -> int:
+        """Remove up to *limit* records accepted before *cutoff_ms* from the front of the log and
+        from the table. The log is in acceptance order, so the first younger record ends the walk.
 
-        :return: the number of dedup records removed.
-        :raises gwcore.errors.FramingError: an expiry key is not 16 bytes (corrupt store).
+        :return: the number of records removed.
+        :raises gwcore.errors.FramingError: a log entry is malformed (corrupt store).
         """
+
+def siphash13(key: bytes, data: bytes) -> int:
+    """SipHash-1-3 of *data* under a 16-byte *key*, as :class:`DedupIndex` hashes keys."""
 
 EV_SUBMIT: Final[int]
 """:meth:`RequestParser.feed` event ``(EV_SUBMIT, keep_alive, result)``: a complete gateway

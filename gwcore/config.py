@@ -115,13 +115,13 @@ class ReceiveChannel:
             raise ValueError(f"{url!r}: only http:// receive channels are supported so far")
         # NServiceBus (HttpListener) accepts '+' and '*' as "every interface".
         host = parts.hostname or ""
-        netloc_host = parts.netloc.rsplit(":", 1)[0] if parts.port else parts.netloc
+        netloc_host = parts.netloc.rsplit(":", 1)[0] if parts.port is not None else parts.netloc
         if netloc_host in ("+", "*") or host in ("+", "*"):
             host = "0.0.0.0"
         if not host:
             raise ValueError(f"{url!r}: no host")
         try:
-            port = parts.port or 80
+            port = parts.port if parts.port is not None else 80   # ":0" = an ephemeral port
         except ValueError as exc:
             raise ValueError(f"{url!r}: {exc}") from None
         path = parts.path or "/"

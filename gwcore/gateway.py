@@ -62,10 +62,11 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self.store = Store(s.data_dir, map_size=s.store_map_size, max_size=s.store_max_size, sync=s.store_sync)
         try:
-            self.writer = Writer(
-                self.store, loop, max_batch=s.commit_max_batch,
+            # Off the loop: loading a large dedup log into memory takes seconds.
+            self.writer = await loop.run_in_executor(None, functools.partial(
+                Writer, self.store, loop, max_batch=s.commit_max_batch,
                 max_delay_us=s.commit_max_delay_us, dedup_ttl=s.dedup_ttl, cleanup_slice=s.dedup_cleanup_slice,
-            )
+            ))
             self.queue = LocalQueue(self.store, self.writer, max_attempts=s.handler_max_attempts)
             self.writer.on_commit = self.queue.notify
             listeners: dict[tuple[str, int], list[str]] = {}

@@ -1,14 +1,20 @@
 """The LMDB store: environment lifecycle, the writer thread with group commit, and retention.
 
-One environment per data dir holds five databases (design.md §2):
+One environment per data dir holds four databases (design.md §2, with the dedup records kept as
+a log; docs/architecture.md says why):
 
 =========  ===============================  ==========================================
-dedup      scope \\0 id                      u64 accepted_ms + u64 seq
-expiry     u64 accepted_ms + u64 seq         dedup key (for O(expired) cleanup)
+dedup_log  u64 seq                           u64 accepted_ms + dedup key (scope \\0 id)
 queue      u64 seq                           framed envelope (the local input queue)
 errors     u64 seq                           framed envelope + reason (poison messages)
 meta       name                              value (schema version, last seq)
 =========  ===============================  ==========================================
+
+A new message takes the next sequence number and is appended to both ``dedup_log`` and ``queue``
+in the same transaction. The writer keeps a hash table of every live record in memory
+(:class:`gwcore._dedup.DedupIndex`, loaded from the log at start-up), so the check needs no tree
+lookup and the commit writes only the right edges of two trees, however many records the store
+holds. Retention deletes from the front of the log.
 
 Every write goes through one writer thread. The event loop hands it jobs and gets one callback per
 committed batch; the thread owns the write transaction, the commit and its fsync, so the loop keeps
@@ -38,7 +44,7 @@ __all__ = ("Store", "Writer", "StoreStats")
 
 log = logging.getLogger("gwcore.store")
 
-SCHEMA_VERSION = b"1"
+SCHEMA_VERSION = b"2"
 _U64 = struct.Struct(">Q")
 _DISK_FULL_MARGIN = 4 << 20  # below this much free space a failed write is taken as "disk full"
 _ERROR_RECORD = struct.Struct(">QI")  # failed_at_ms, reason length; then reason, then envelope
@@ -128,8 +134,7 @@ class Store:
         # their (short, synchronous) transactions and the writer takes it to resize.
         self.resize_lock = threading.Lock()
         create = not readonly
-        self.dedup = self.env.open_db(b"dedup", create=create)
-        self.expiry = self.env.open_db(b"expiry", create=create)
+        self.dedup_log = self.env.open_db(b"dedup_log", create=create)
         self.queue = self.env.open_db(b"queue", create=create)
         self.errors = self.env.open_db(b"errors", create=create)
         self.meta = self.env.open_db(b"meta", create=create)
@@ -139,7 +144,10 @@ class Store:
                 if version is None:
                     txn.put(b"schema", SCHEMA_VERSION, db=self.meta)
                 elif version != SCHEMA_VERSION:
-                    raise StoreError(f"store at {path!r} has schema {version!r}, this gwcore needs {SCHEMA_VERSION!r}")
+                    raise StoreError(
+                        f"store at {path!r} has schema {version.decode(errors='replace')}, this gwcore "
+                        f"needs {SCHEMA_VERSION.decode()} (a store from a development build before "
+                        "0.1.0: consume its queue with that build, then start on a new data dir)")
 
     def close(self) -> None:
         self.env.close()
@@ -157,9 +165,10 @@ class Store:
         with self.resize_lock, self.env.begin() as txn:
             raw = txn.get(b"seq", db=self.meta)
             seq = _U64.unpack(raw)[0] if raw else 0
-            cur = txn.cursor(db=self.queue)
-            if cur.last():
-                seq = max(seq, core.unpack_seq(cur.key()))
+            for db in (self.queue, self.dedup_log):
+                cur = txn.cursor(db=db)
+                if cur.last():
+                    seq = max(seq, core.unpack_seq(cur.key()))
             return seq
 
     def read_queue(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
@@ -184,17 +193,12 @@ class Store:
         with self.env.begin() as txn:
             yield from txn.cursor(db=db)
 
-    def is_recorded(self, scope: str, msg_id: str) -> bool:
-        with self.resize_lock, self.env.begin() as txn:
-            return txn.get(scope.encode() + b"\0" + msg_id.encode(), db=self.dedup) is not None
-
     def counts(self) -> dict[str, int]:
         with self.resize_lock, self.env.begin() as txn:
             return {
-                "dedup": txn.stat(self.dedup)["entries"],
+                "dedup": txn.stat(self.dedup_log)["entries"],
                 "queue": txn.stat(self.queue)["entries"],
                 "errors": txn.stat(self.errors)["entries"],
-                "expiry": txn.stat(self.expiry)["entries"],
             }
 
     def size_bytes(self) -> int:
@@ -262,13 +266,38 @@ class Writer:
         self.on_commit = on_commit  # loop-thread callback: number of new queue entries
         self.stats = StoreStats()
         self.index = core.DedupIndex()
+        self.index_load_seconds = self._load_index()
         self.next_seq = store.last_seq() + 1
+        self._last_accepted_ms = 0
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._pending = 0  # jobs submitted and not yet resolved (loop thread only)
         self._closed = False
         self._cleanup_due = 0.0
         self._thread = threading.Thread(target=self._run, name="gwcore-writer", daemon=True)
         self._thread.start()
+
+    def _load_index(self) -> float:
+        """Fill the in-memory dedup table from the log (before the thread starts; blocking)."""
+        store = self.store
+        started = time.perf_counter()
+
+        def progress(done: int, total: int) -> None:
+            log.info("loading dedup records: %d of %d (%.0f%%)", done, total, 100.0 * done / max(total, 1))
+
+        with store.resize_lock, store.env.begin() as txn:
+            n = self.index.load(txn, store.dedup_log, progress=progress)
+        took = time.perf_counter() - started
+        if n >= 100_000 or took >= 1.0:
+            log.info("dedup records loaded: %d in %.1f s, %d MiB of memory", n, took,
+                     self.index.memory_bytes >> 20)
+        return took
+
+    def is_recorded(self, scope: str, msg_id: str) -> bool:
+        """Is (scope, id) recorded in a committed transaction? Any thread (inspection, tests)."""
+        store = self.store
+        key = scope.encode() + b"\0" + msg_id.encode()
+        with store.resize_lock, store.env.begin() as txn:
+            return self.index.contains(txn, store.dedup_log, key)
 
     # -- loop side ---------------------------------------------------------------------------------
 
@@ -407,8 +436,10 @@ class Writer:
         txn = store.env.begin(write=True)
         try:
             if envelopes:
+                # The log must stay in acceptance order for retention: never let the clock step back.
+                accepted_ms = self._last_accepted_ms = max(now_ms(), self._last_accepted_ms)
                 new_flags, next_seq = self.index.apply_batch(
-                    txn, store.dedup, store.queue, store.expiry, envelopes, now_ms(), self.next_seq
+                    txn, store.dedup_log, store.queue, envelopes, accepted_ms, self.next_seq
                 )
                 if next_seq != self.next_seq:
                     txn.put(b"seq", _U64.pack(next_seq - 1), db=store.meta)
@@ -433,7 +464,9 @@ class Writer:
             txn.commit()
         except BaseException:
             txn.abort()
+            self.index.rollback()
             raise
+        self.index.commit()
         added = next_seq - self.next_seq
         self.next_seq = next_seq
         self.stats.accepted += added
@@ -444,7 +477,7 @@ class Writer:
         """The map cannot grow: answer duplicates (200), refuse new messages (503), keep acks."""
         store = self.store
         with store.resize_lock, store.env.begin() as txn:
-            recorded = self.index.check_batch(txn, store.dedup, envelopes) if envelopes else []
+            recorded = self.index.check_batch(txn, store.dedup_log, envelopes) if envelopes else []
         full = StoreFullError(
             f"store full: {store.map_size} bytes used of GWCORE_STORE_MAX_SIZE={store.max_size}; "
             "consume the queue or raise the limit"
@@ -482,8 +515,7 @@ class Writer:
         return True
 
     def _expire(self, txn: Any) -> None:
-        n = self.index.expire(txn, self.store.dedup, self.store.expiry, now_ms() - self.ttl_ms,
-                              self.cleanup_slice)
+        n = self.index.expire(txn, self.store.dedup_log, now_ms() - self.ttl_ms, self.cleanup_slice)
         self.stats.expired_records += n
         # A full slice means more is waiting: come back soon; otherwise once a second is plenty.
         self._cleanup_due = time.monotonic() + (0.05 if n >= self.cleanup_slice else 1.0)

@@ -70,3 +70,12 @@ def test_settings_are_frozen():
 def test_every_default_parses():
     # the defaults go through the same parsers as user values
     assert Settings.from_env({k: v for k, v in variables().items() if v})
+
+
+def test_channel_ports():
+    from gwcore.config import ReceiveChannel
+
+    assert ReceiveChannel.parse("http://127.0.0.1:0/RemoteSite/").port == 0   # ephemeral, not 80
+    assert ReceiveChannel.parse("http://localhost/RemoteSite/").port == 80
+    assert ReceiveChannel.parse("http://+:25900/RemoteSite/").host == "0.0.0.0"
+    assert ReceiveChannel.parse("http://*/RemoteSite/").port == 80

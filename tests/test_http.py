@@ -96,7 +96,7 @@ def test_error_rows_leave_no_trace(run, gateway_factory, kwargs, status, reason)
                 # the connection stays usable after a rejected request
                 assert (await c.request(nsb_request(str(uuid.uuid4())))).status == 200
             assert len(await queued(gw)) == 1
-            assert not gw.store.is_recorded("RemoteSite", MSG_ID)
+            assert not gw.writer.is_recorded("RemoteSite", MSG_ID)
 
     run(main())
 
@@ -421,7 +421,7 @@ def test_several_receive_channels_on_one_or_more_listeners(run, gateway_factory)
             async with Client(h2, p2) as c:
                 assert (await c.request(nsb_request("c", path="/SiteC/"))).status == 200
                 assert (await c.request(nsb_request("a2", path="/SiteA/"))).status == 404
-            assert sorted(m for m in [gw.store.is_recorded("RemoteSite", i) for i in "abc"]) == [True] * 3
+            assert sorted(m for m in [gw.writer.is_recorded("RemoteSite", i) for i in "abc"]) == [True] * 3
 
     run(main())
 

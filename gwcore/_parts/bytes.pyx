@@ -233,13 +233,6 @@ cdef bytes _pack_u64(uint64_t v):
     return out
 
 
-cdef bytes _pack_pair(uint64_t a, uint64_t b):
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, 16)
-    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
-    _put_u64(_put_u64(p, a), b)
-    return out
-
-
 cdef inline bytes _as_bytes(object data):
     # Any contiguous buffer in, owned bytes out; bytes pass through without a copy.
     if type(data) is bytes:
