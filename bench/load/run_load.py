@@ -312,50 +312,46 @@ def run_wrk(cfg: argparse.Namespace, url: str, *, duration: str, connections: in
 
 # -- prefill -------------------------------------------------------------------------------------
 
-_U64X2 = struct.Struct(">QQ")
+_U64 = struct.Struct(">Q")
+LAYOUT = 2                        # gwcore/store.py SCHEMA_VERSION this prefill writes
 
 
 def prefill_store(path: Path, n: int, *, batch: int = 1_000_000) -> None:
     """Write ``n`` dedup records for scope ``ENDPOINT`` straight into an LMDB environment.
 
-    Layout as gwcore/store.py keeps it: ``dedup`` maps scope NUL id → u64 BE accepted_ms + u64 BE
-    seq, ``expiry`` maps that same 16-byte value → the dedup key. Ids are random GUID-shaped
-    strings (like real senders'), so the tree has the shape random inserts give it. accepted_ms
-    spreads evenly over the last six days, inside the default 7-day retention: nothing expires
-    during the run, and gwcore's own keys (now, seq from 1) sort after these, so none collide.
+    Layout as gwcore/store.py keeps it (schema 2): ``dedup_log`` maps u64 BE seq → u64 BE
+    accepted_ms + dedup key (scope NUL id); ``meta`` holds the schema and the last seq, so
+    gwcore's own sequence numbers start after these. Ids are random GUID-shaped strings (like real
+    senders'). accepted_ms spreads evenly over the last six days, inside the default 7-day
+    retention: nothing expires during the run.
     """
     import lmdb  # only this option needs it; the rest of the driver is standard library
 
     path.mkdir(parents=True, exist_ok=True)
     env = lmdb.open(str(path), map_size=64 << 30, max_dbs=8, sync=False)
     try:
-        dedup = env.open_db(b"dedup")
-        expiry = env.open_db(b"expiry")
+        log_db = env.open_db(b"dedup_log")
+        meta = env.open_db(b"meta")
         prefix = ENDPOINT.encode() + b"\0"
         span_ms = 6 * 86400 * 1000
         start_ms = time.time_ns() // 1_000_000 - span_ms - 60_000
-        pack = _U64X2.pack
+        pack = _U64.pack
         t0 = time.monotonic()
         seq = 0
         while seq < n:
             count = min(batch, n - seq)
             h = os.urandom(16 * count).hex()
-            dedup_items = []
-            expiry_items = []
+            items = []
             for i in range(0, 32 * count, 32):
                 seq += 1
                 key = prefix + f"{h[i:i+8]}-{h[i+8:i+12]}-{h[i+12:i+16]}-{h[i+16:i+20]}-{h[i+20:i+32]}".encode()
-                value = pack(start_ms + seq * span_ms // n, seq)
-                dedup_items.append((key, value))
-                expiry_items.append((value, key))
-            # Sorted puts touch each page once per batch; expiry keys ascend, so they can append.
-            dedup_items.sort()
+                items.append((pack(seq), pack(start_ms + seq * span_ms // n) + key))
             with env.begin(write=True) as txn:
-                _, added = txn.cursor(db=dedup).putmulti(dedup_items, overwrite=False)
-                txn.cursor(db=expiry).putmulti(expiry_items, append=True)
-            if added != count:
-                log(f"  prefill: {count - added} random ids collided (ignored)")
+                txn.cursor(db=log_db).putmulti(items, append=True)
             log(f"  prefill: {seq:,}/{n:,} records ({time.monotonic() - t0:.0f} s)")
+        with env.begin(write=True) as txn:
+            txn.put(b"schema", str(LAYOUT).encode(), db=meta)
+            txn.put(b"seq", pack(seq), db=meta)
         env.sync(True)
     finally:
         env.close()
@@ -366,7 +362,7 @@ class Prefill:
 
     def __init__(self, n: int, work: Path, cache: Path | None) -> None:
         self.n = n
-        self.dir = (cache or work) / f"prefill-{ENDPOINT}-{n}"
+        self.dir = (cache or work) / f"prefill-v{LAYOUT}-{ENDPOINT}-{n}"
         stamp = self.dir / "COMPLETE"
         if stamp.exists():
             log(f"prefill: reusing {self.dir}")
