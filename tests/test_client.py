@@ -51,6 +51,7 @@ class ScriptedServer:
         self.max_open = 0
         self.requests: list[Seen] = []
         self.eofs = 0                  # connections the client closed
+        self.peercerts: list = []      # TLS client certificates seen
         self.server: asyncio.base_events.Server | None = None
 
     async def __aenter__(self) -> "ScriptedServer":
@@ -75,6 +76,8 @@ class ScriptedServer:
         asyncio.current_task().set_name(f"scripted-{id(writer)}")
         self.accepted += 1
         conn = self.accepted
+        if self.ssl_context is not None and writer.get_extra_info("peercert"):
+            self.peercerts.append(writer.get_extra_info("peercert"))
         self.open += 1
         self.max_open = max(self.max_open, self.open)
         try:
@@ -545,6 +548,12 @@ def pki(tmp_path_factory):
     sh("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
     sh("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
        "-out", "server.pem", "-days", "2", "-extfile", "server.ext")
+    (d / "client.ext").write_text(
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
+    sh("req", *ec, "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=Headquarters")
+    sh("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+       "-out", "client.pem", "-days", "2", "-extfile", "client.ext")
     return d
 
 
@@ -590,6 +599,21 @@ def test_tls_host_name_is_checked(run, pki):
             async with SiteClient(srv.url(scheme="https"), ssl_context=ctx) as site:
                 with pytest.raises(SendTLSError, match="127.0.0.2"):
                     await site.post(HEADERS, b"x")
+
+    run(main())
+
+
+def test_mutual_tls_presents_the_client_certificate(run, pki):
+    async def main():
+        server_ctx = server_tls(pki)
+        server_ctx.verify_mode = ssl.CERT_REQUIRED
+        server_ctx.load_verify_locations(pki / "ca.pem")
+        async with ScriptedServer(ssl_context=server_ctx) as srv:
+            ctx = make_client_ssl_context(str(pki / "ca.pem"), str(pki / "client.pem"), str(pki / "client.key"))
+            async with SiteClient(srv.url(scheme="https"), ssl_context=ctx) as site:
+                assert (await site.post(HEADERS, b"x")).status == 200
+            subject = dict(item[0] for item in srv.peercerts[0]["subject"])
+            assert subject["commonName"] == "Headquarters"
 
     run(main())
 
