@@ -293,8 +293,17 @@ class SiteClient:
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
+        # As .NET's Uri does: non-ASCII (as UTF-8), spaces and other characters a request line
+        # cannot carry are percent-encoded; existing escapes are left alone.
+        target = urllib.parse.quote(target, safe="!#$%&'()*+,/:;=?@[]~")
         host_header = parts.netloc.rpartition("@")[2]  # drop any user:password@
-        self._head = f"POST {target} HTTP/1.1\r\nHost: {host_header}\r\n".encode("ascii")
+        try:
+            host_bytes = host_header.encode("ascii")
+        except UnicodeEncodeError:
+            host_bytes = host_header.encode("idna")
+        #: The request target written on the request line (the path to sign, see gwcore.auth).
+        self.target = target
+        self._head = b"POST " + target.encode("ascii") + b" HTTP/1.1\r\nHost: " + host_bytes + b"\r\n"
         self._slots = asyncio.Semaphore(concurrency)
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()

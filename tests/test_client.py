@@ -150,11 +150,12 @@ def test_request_bytes_are_exactly_as_given(run):
 def test_path_is_the_channel_address_with_nothing_appended(run):
     async def main():
         async with ScriptedServer() as srv:
-            for path in ("/SiteB/", "/a/Deep/Path/", "/x?y=1"):
+            for path in ("/SiteB/", "/a/Deep/Path/", "/x?y=1", "/Zürich Site/", "/a%2Fb/"):
                 async with SiteClient(srv.url(path)) as site:
                     await site.post([], b"")
             assert [s.head.split(b"\r\n")[0] for s in srv.requests] == [
-                b"POST /SiteB/ HTTP/1.1", b"POST /a/Deep/Path/ HTTP/1.1", b"POST /x?y=1 HTTP/1.1"]
+                b"POST /SiteB/ HTTP/1.1", b"POST /a/Deep/Path/ HTTP/1.1", b"POST /x?y=1 HTTP/1.1",
+                b"POST /Z%C3%BCrich%20Site/ HTTP/1.1", b"POST /a%2Fb/ HTTP/1.1"]
             assert b"\r\nContent-Length: 0\r\n" in srv.requests[0].head
 
     run(main())
@@ -624,6 +625,45 @@ def test_make_client_ssl_context_bad_files(tmp_path):
     (tmp_path / "junk.pem").write_text("not a certificate")
     with pytest.raises(ConfigurationError):
         make_client_ssl_context(None, certfile=str(tmp_path / "junk.pem"))
+
+
+# -- signed requests -------------------------------------------------------------------------------
+
+
+def test_signed_request_verifies_at_the_receiving_end(run):
+    from gwcore import auth
+
+    secret = b"k" * 32
+    body = b'{"Hello":"World"}'
+
+    def verify(seen):
+        lines = seen.head.decode("latin-1").split("\r\n")
+        method, target, _ = lines[0].split(" ")
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        try:
+            auth.verify({"hq": secret}, method, target, lambda n: headers.get(n.lower()),
+                        core.url_decode(headers["nservicebus.id"].encode()), auth.body_digest(seen.body),
+                        1_800_000_010, 300)
+        except Exception as exc:
+            reason = str(exc).encode("ascii", "replace")
+            return b"HTTP/1.1 401 %s\r\nContent-Length: 0\r\n\r\n" % reason, False
+        return OK, False
+
+    async def main():
+        async with ScriptedServer(verify) as srv, SiteClient(srv.url("/Zürich/")) as site:
+            msg_id = "id with spaces/ü"
+            headers = [(b"NServiceBus.Id", core.url_encode(msg_id).encode())]
+            headers += auth.signature_headers(secret, "hq", "POST", site.target, msg_id, body, now=1_800_000_000)
+            r = await site.post(headers, body)
+            assert (r.status, r.reason) == (200, "OK")
+            r = await site.post(headers, body + b" ")           # body changed after signing
+            assert (r.status, r.reason.split(":")[0]) == (401, "bad-signature")
+
+    run(main())
 
 
 # -- against a real gwcore Gateway -------------------------------------------------------------------
