@@ -2,15 +2,23 @@
 
 from ._version import __version__
 from ._core import core as _core  # fails loudly when the compiled core is missing
+from .client import Response, SiteClient, make_client_ssl_context
 from .config import ReceiveChannel, Settings
 from .consumer import Message
 from .errors import (
+    AuthenticationError,
     ConfigurationError,
     ExtensionMissingError,
     FramingError,
     GatewayError,
     HandoverError,
     InternalError,
+    ResponseTooLargeError,
+    SendConnectError,
+    SendError,
+    SendProtocolError,
+    SendTimeoutError,
+    SendTLSError,
     StoreError,
     StoreFullError,
     StoreUnavailableError,
@@ -25,6 +33,10 @@ __all__ = (
     "Settings",
     "ReceiveChannel",
     "Message",
+    # sending to a remote site
+    "SiteClient",
+    "Response",
+    "make_client_ssl_context",
     # errors
     "GatewayError",
     "ConfigurationError",
@@ -35,6 +47,13 @@ __all__ = (
     "HandoverError",
     "InternalError",
     "ExtensionMissingError",
+    "SendError",
+    "SendConnectError",
+    "SendTLSError",
+    "SendTimeoutError",
+    "SendProtocolError",
+    "ResponseTooLargeError",
+    "AuthenticationError",
     # build
     "DEBUG_BUILD",
     "__version__",

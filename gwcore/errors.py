@@ -10,6 +10,13 @@ __all__ = (
     "HandoverError",
     "InternalError",
     "ExtensionMissingError",
+    "SendError",
+    "SendConnectError",
+    "SendTLSError",
+    "SendTimeoutError",
+    "SendProtocolError",
+    "ResponseTooLargeError",
+    "AuthenticationError",
 )
 
 
@@ -47,3 +54,39 @@ class InternalError(GatewayError):
 
 class ExtensionMissingError(GatewayError, ImportError):
     """The compiled core gwcore._dedup is not importable."""
+
+
+class SendError(GatewayError):
+    """Forwarding a request to a remote site failed; the message names the site's URL."""
+
+    def __init__(self, url: str, message: str) -> None:
+        super().__init__(f"{url}: {message}")
+        self.url = url
+
+
+class SendConnectError(SendError, ConnectionError):
+    """No connection to the remote site (refused, unreachable, name not resolved)."""
+
+
+class SendTLSError(SendConnectError):
+    """The TLS handshake with the remote site failed (untrusted certificate, wrong host name)."""
+
+
+class SendTimeoutError(SendError, TimeoutError):
+    """Connecting, or waiting for the whole response, took longer than the client's timeout."""
+
+
+class SendProtocolError(SendError):
+    """The remote site's answer is not a valid HTTP/1.1 response, or the connection ended inside it."""
+
+
+class ResponseTooLargeError(SendProtocolError):
+    """The remote site's response (headers or body) is larger than the client accepts."""
+
+
+class AuthenticationError(GatewayError):
+    """A request's signature is missing, unknown, wrong or outside the time window (see ``reason``)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason

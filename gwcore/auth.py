@@ -1,0 +1,200 @@
+"""Per-site shared-secret request signing (design.md §6), scheme ``v1``.
+
+The sender adds two headers to each gateway request::
+
+    gwcore-Date: 20261126T171029Z
+    gwcore-Signature: v1.<key id>.<signature>
+
+*signature* is the unpadded base64url HMAC-SHA256, keyed with the site's secret, of the canonical
+string (UTF-8, lines joined by ``\\n``, no trailing newline)::
+
+    gwcore-v1
+    <METHOD>          upper case, e.g. POST
+    <path>            the request target exactly as sent, e.g. /RemoteSite/
+    <date>            the gwcore-Date value
+    <message id>      the decoded NServiceBus.Id
+    <body digest>     padded standard base64 of SHA-256(body)
+
+Only the message id may contain a newline (the other fields are refused if they do), so the
+string splits back into its fields in exactly one way. The body digest is SHA-256 and not the
+Content-MD5 value: MD5 collisions are cheap to make, and the signature must not inherit that.
+
+Both header values use only characters that .NET URL encoding leaves alone (``A-Z a-z 0-9 - _ .``),
+so they read the same raw, URL-encoded or URL-decoded, whichever way a receiver looks them up;
+the names have no dots or underscores, which proxies such as nginx drop by default.
+
+Replays: a captured request verifies again only while its date is within ``max_skew_s`` of the
+receiver's clock. Inside that window a replay is harmless: the message id and body are signed, so
+it can only be the same message again, and the receiver deduplicates it (200, not stored twice),
+as long as dedup records live longer than the window (days against minutes). Outside it, the
+request is refused as ``date-out-of-window``. Path and method are signed too, so a request for one
+channel cannot be replayed against another; use one secret per pair of sites.
+"""
+
+from __future__ import annotations
+
+import base64
+import calendar
+import hashlib
+import hmac
+import re
+import time
+from typing import Callable, Mapping
+
+from .errors import AuthenticationError
+
+__all__ = (
+    "sign",
+    "signature_headers",
+    "verify",
+    "body_digest",
+    "format_date",
+    "DATE_HEADER",
+    "SIGNATURE_HEADER",
+    "MIN_SECRET_BYTES",
+    # AuthenticationError.reason values
+    "MISSING_SIGNATURE",
+    "MALFORMED_SIGNATURE",
+    "UNKNOWN_KEY",
+    "MISSING_DATE",
+    "BAD_DATE",
+    "BAD_SIGNATURE",
+    "DATE_OUT_OF_WINDOW",
+)
+
+DATE_HEADER = "gwcore-Date"
+SIGNATURE_HEADER = "gwcore-Signature"
+MIN_SECRET_BYTES = 16
+
+MISSING_SIGNATURE = "missing-signature"
+MALFORMED_SIGNATURE = "malformed-signature"
+UNKNOWN_KEY = "unknown-key"
+MISSING_DATE = "missing-date"
+BAD_DATE = "bad-date"
+BAD_SIGNATURE = "bad-signature"
+DATE_OUT_OF_WINDOW = "date-out-of-window"
+
+_VERSION = "v1"
+_KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+_DATE = re.compile(r"(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})Z\Z")
+_SIG = re.compile(r"[A-Za-z0-9_-]{43}\Z")  # 32 bytes, unpadded base64url
+
+
+def body_digest(body: bytes) -> str:
+    """The canonical string's body digest: padded standard base64 of SHA-256(*body*)."""
+    return base64.b64encode(hashlib.sha256(body).digest()).decode("ascii")
+
+
+def format_date(now: float) -> str:
+    """``gwcore-Date`` value for *now* (seconds since the epoch): ``YYYYMMDDTHHMMSSZ``, UTC."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+
+
+def sign(secret: bytes, method: str, path: str, date_value: str, message_id: str, body_digest: str) -> str:
+    """The signature (unpadded base64url HMAC-SHA256) of one request's canonical string.
+
+    :raises ValueError: *secret* is shorter than :data:`MIN_SECRET_BYTES`, or *method*, *path*,
+        *date_value* or *body_digest* contains a newline.
+    """
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(f"signing secret must be at least {MIN_SECRET_BYTES} bytes")
+    for name, value in (("method", method), ("path", path), ("date", date_value), ("body digest", body_digest)):
+        if "\n" in value:
+            raise ValueError(f"{name} must not contain a newline")
+    canonical = "\n".join(("gwcore-" + _VERSION, method.upper(), path, date_value, message_id, body_digest))
+    mac = hmac.new(secret, canonical.encode("utf-8"), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
+
+
+def signature_headers(secret: bytes, key_id: str, method: str, path: str, message_id: str, body: bytes,
+                      now: float | None = None) -> list[tuple[bytes, bytes]]:
+    """The ``gwcore-Date`` and ``gwcore-Signature`` headers for one request, ready for the wire.
+
+    :param key_id: names the secret at the receiver: 1-64 of ``A-Z a-z 0-9 _ -``.
+    :param now: seconds since the epoch (default: the current time).
+    :raises ValueError: bad *key_id* or *secret* (see :func:`sign`).
+    """
+    if not _KEY_ID.match(key_id):
+        raise ValueError(f"key id {key_id!r}: use 1-64 of A-Z a-z 0-9 _ -")
+    date_value = format_date(time.time() if now is None else now)
+    signature = sign(secret, method, path, date_value, message_id, body_digest(body))
+    return [
+        (DATE_HEADER.encode("ascii"), date_value.encode("ascii")),
+        (SIGNATURE_HEADER.encode("ascii"), f"{_VERSION}.{key_id}.{signature}".encode("ascii")),
+    ]
+
+
+def verify(secrets: Mapping[str, bytes], method: str, path: str,
+           headers_lookup: Callable[[str], str | bytes | None] | Mapping[str, str | bytes],
+           message_id: str, body_digest: str, now: float, max_skew_s: float) -> None:
+    """Check a request's signature; return None when it is valid.
+
+    Checks run in this order, and the first failure is raised: signature header present and well
+    formed, key id known, date header present, HMAC matches, date parses, date within
+    *max_skew_s* of *now*. The HMAC is checked before the date is interpreted, so
+    ``date-out-of-window`` always means a genuine request that is too old or too new (a replay
+    or a clock problem), never a forgery.
+
+    :param secrets: key id -> secret.
+    :param path: the request target as received.
+    :param headers_lookup: a callable or mapping giving a header value by name (``gwcore-Date``,
+        ``gwcore-Signature``), or None when absent; matching names without regard to case is
+        up to it. Raw or URL-decoded values both work.
+    :param message_id: the decoded ``NServiceBus.Id``.
+    :param body_digest: :func:`body_digest` of the received body.
+    :param now: the receiver's time, seconds since the epoch.
+    :param max_skew_s: largest accepted distance, either way, between *now* and the date.
+    :raises gwcore.errors.AuthenticationError: with ``reason`` one of this module's reason
+        constants and a message a person can act on.
+    """
+    get = headers_lookup.get if isinstance(headers_lookup, Mapping) else headers_lookup
+    raw_sig = _text(get(SIGNATURE_HEADER))
+    if raw_sig is None or not raw_sig.strip():
+        raise AuthenticationError(MISSING_SIGNATURE, f"no {SIGNATURE_HEADER} header")
+    parts = raw_sig.strip().split(".")
+    if len(parts) != 3 or parts[0] != _VERSION or not _KEY_ID.match(parts[1]) or not _SIG.match(parts[2]):
+        raise AuthenticationError(MALFORMED_SIGNATURE,
+                                  f"{SIGNATURE_HEADER} is not '{_VERSION}.<key id>.<signature>'")
+    _, key_id, given = parts
+    secret = secrets.get(key_id)
+    if secret is None:
+        raise AuthenticationError(UNKNOWN_KEY, f"key id {key_id!r} is not configured for this site")
+    date_value = _text(get(DATE_HEADER))
+    if date_value is None or not date_value.strip():
+        raise AuthenticationError(MISSING_DATE, f"no {DATE_HEADER} header")
+    date_value = date_value.strip()
+    try:
+        expected = sign(secret, method, path, date_value, message_id, body_digest)
+    except ValueError as exc:
+        raise AuthenticationError(BAD_SIGNATURE, f"cannot compute the signature: {exc}") from None
+    if not hmac.compare_digest(expected.encode("ascii"), given.encode("ascii")):
+        raise AuthenticationError(BAD_SIGNATURE, f"signature does not match (key id {key_id!r}): wrong secret, "
+                                                 "or method, path, date, id or body changed on the way")
+    when = _parse_date(date_value)
+    if when is None:
+        raise AuthenticationError(BAD_DATE, f"{DATE_HEADER} {date_value!r} is not YYYYMMDDTHHMMSSZ")
+    delta = now - when
+    if delta > max_skew_s:
+        raise AuthenticationError(DATE_OUT_OF_WINDOW, f"request dated {date_value} is {delta:.0f} s old "
+                                                      f"(limit {max_skew_s:g} s): stale or replayed")
+    if -delta > max_skew_s:
+        raise AuthenticationError(DATE_OUT_OF_WINDOW, f"request dated {date_value} is {-delta:.0f} s in the "
+                                                      f"future (limit {max_skew_s:g} s): check the clocks")
+
+
+def _text(value: str | bytes | None) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    return value
+
+
+def _parse_date(value: str) -> int | None:
+    m = _DATE.match(value)
+    if m is None:
+        return None
+    year, month, day, hour, minute, second = map(int, m.groups())
+    try:
+        time.strptime(value, "%Y%m%dT%H%M%SZ")  # rejects month 13, Feb 30, hour 24 ...
+    except ValueError:
+        return None
+    return calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
