@@ -35,7 +35,88 @@ def _fmt_ms(ms: int) -> str:
     return datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
+def _direct(settings: Settings, data_dir: str, fn):
+    """Run ``fn(gateway)`` on a gateway over the store itself, without listeners or forwarding
+    (the data dir's gateway is not running; what is queued goes out when it starts)."""
+    import asyncio
+    import dataclasses
+
+    from .gateway import Gateway
+
+    async def run():
+        s = dataclasses.replace(settings, data_dir=data_dir)
+        gw = Gateway(s)
+        await gw.start(listen=False, forward=False)
+        try:
+            return await fn(gw)
+        finally:
+            await gw.stop()
+
+    return asyncio.run(run())
+
+
+def _control(settings: Settings, args: argparse.Namespace, request: dict, fallback):
+    import asyncio
+
+    from .control import call
+
+    data_dir = args.data_dir or settings.data_dir
+    answer = asyncio.run(call(data_dir, request))
+    if answer is None:
+        result = _direct(settings, data_dir, fallback)
+        print("gwcore: the gateway is not running: recorded in the store; it is sent when `gwcore serve` starts",
+              file=sys.stderr)
+        return result
+    if not answer.get("ok"):
+        raise GatewayError(answer.get("error", "the gateway refused the request"))
+    return answer
+
+
+def _cmd_send(args: argparse.Namespace, settings: Settings) -> int:
+    if args.body is not None:
+        body = args.body.encode("utf-8")
+    elif args.body_file:
+        with open(args.body_file, "rb") as f:
+            body = f.read()
+    else:
+        body = sys.stdin.buffer.read()
+    headers = {}
+    for item in args.header or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise GatewayError(f"--header {item!r}: use NAME=VALUE")
+        headers[name] = value
+    request = {"op": "send", "sites": args.to, "body_b64": base64.b64encode(body).decode(),
+               "headers": headers, "id": args.id}
+
+    async def direct(gw):
+        return {"id": await gw.send_to_sites(args.to, body, headers, message_id=args.id)}
+
+    print(_control(settings, args, request, direct)["id"])
+    return 0
+
+
+def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.all and not args.ids:
+        raise GatewayError("name message ids to retry, or --all")
+    ids = None if args.all else args.ids
+
+    async def direct(gw):
+        return {"moved": await gw.retry_failed(ids)}
+
+    moved = _control(settings, args, {"op": "retry", "ids": ids}, direct)["moved"]
+    for msg_id in moved:
+        print(msg_id)
+    if ids is not None and len(set(moved)) < len(set(ids)):
+        missing = sorted(set(ids) - set(moved))
+        print(f"gwcore: not in the outgoing error queue: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    print(f"gwcore: {len(moved)} message(s) queued for sending again", file=sys.stderr)
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
+    from .egress import decode_failed
     from .store import decode_error, queue_entries
     from ._core import core
 
@@ -47,6 +128,7 @@ def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
             out.write(f"dedup records: {counts['dedup']}\n")
             out.write(f"queued messages: {counts['queue']}\n")
             out.write(f"error store: {counts['errors']}\n")
+            out.write(f"outgoing: {counts['outgoing']}, failed sends: {counts['outgoing_errors']}\n")
             out.write(f"store size: {store.size_bytes()} bytes (map {store.map_size} bytes)\n")
         elif args.what == "queue":
             for seq, (msg_id, headers, body, expiry_ms, accepted_ms) in queue_entries(store):
@@ -56,15 +138,37 @@ def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
                 else:
                     out.write(f"{seq}\t{msg_id}\taccepted {_fmt_ms(accepted_ms)}\texpires {_fmt_ms(expiry_ms)}"
                               f"\t{len(headers)} headers\t{len(body)} bytes\n")
-        else:  # errors
+        elif args.what == "outgoing":
+            for seq, rec in store.outgoing_records():
+                msg_id, headers, body, expiry_ms, _a = core.decode_envelope(rec.framed)
+                if args.json:
+                    out.write(orjson.dumps({"id": msg_id, "site": rec.dest, "attempts": rec.attempt,
+                                            "next_attempt": _fmt_ms(rec.next_ms) if rec.next_ms else "now",
+                                            "last_error": rec.last_error, "headers": headers,
+                                            "body_b64": base64.b64encode(body).decode()}).decode() + "\n")
+                else:
+                    out.write(f"{seq}\t{msg_id}\tto {rec.dest}\tattempts {rec.attempt}\t"
+                              f"{rec.last_error or 'not tried yet'}\n")
+        else:  # errors: failed handlers (local queue) and failed sends (outgoing)
             for key, value in store.iter_db(store.errors):
                 failed_ms, reason, framed = decode_error(value)
                 msg_id, headers, body, _e, _a = core.decode_envelope(framed)
                 if args.json:
-                    out.write(orjson.dumps({"id": msg_id, "reason": reason, "failed_at": _fmt_ms(failed_ms),
+                    out.write(orjson.dumps({"kind": "handler", "id": msg_id, "reason": reason,
+                                            "failed_at": _fmt_ms(failed_ms), "headers": headers,
+                                            "body_b64": base64.b64encode(body).decode()}).decode() + "\n")
+                else:
+                    out.write(f"handler\t{core.unpack_seq(key)}\t{msg_id}\t{_fmt_ms(failed_ms)}\t{reason}\n")
+            for key, value in store.iter_db(store.outgoing_errors):
+                failed_ms, rec = decode_failed(value)
+                msg_id, headers, body, _e, _a = core.decode_envelope(rec.framed)
+                if args.json:
+                    out.write(orjson.dumps({"kind": "send", "id": msg_id, "site": rec.dest, "attempts": rec.attempt,
+                                            "reason": rec.last_error, "failed_at": _fmt_ms(failed_ms),
                                             "headers": headers, "body_b64": base64.b64encode(body).decode()}).decode() + "\n")
                 else:
-                    out.write(f"{core.unpack_seq(key)}\t{msg_id}\t{_fmt_ms(failed_ms)}\t{reason}\n")
+                    out.write(f"send\t{core.unpack_seq(key)}\t{msg_id}\t{_fmt_ms(failed_ms)}\tto {rec.dest} after "
+                              f"{rec.attempt} attempt(s): {rec.last_error}\n")
     finally:
         store.close()
     return 0
@@ -81,10 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the gateway (configured by GWCORE_* variables)")
     p.set_defaults(func=_cmd_serve)
     p = sub.add_parser("inspect", help="look into a store (safe while the gateway runs)")
-    p.add_argument("what", choices=("queue", "dedup", "errors"))
+    p.add_argument("what", choices=("queue", "dedup", "errors", "outgoing"))
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--data-dir", help="the store to read (default GWCORE_DATA_DIR)")
     p.set_defaults(func=_cmd_inspect)
+    p = sub.add_parser("send", help="send a message to one or more sites (durably queued, then forwarded)")
+    p.add_argument("--to", action="append", required=True, metavar="SITE", help="site key (repeat for several)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--body", help="the body as text (UTF-8)")
+    src.add_argument("--body-file", help="read the body from this file (default: standard input)")
+    p.add_argument("--header", action="append", metavar="NAME=VALUE", help="a message header (repeatable)")
+    p.add_argument("--id", help="the message id (default: a new UUID)")
+    p.add_argument("--data-dir", help="the gateway's data dir (default GWCORE_DATA_DIR)")
+    p.set_defaults(func=_cmd_send)
+    p = sub.add_parser("retry", help="send failed messages (gwcore inspect errors) again")
+    p.add_argument("ids", nargs="*", metavar="ID", help="message ids")
+    p.add_argument("--all", action="store_true", help="every message in the outgoing error queue")
+    p.add_argument("--data-dir", help="the gateway's data dir (default GWCORE_DATA_DIR)")
+    p.set_defaults(func=_cmd_retry)
     return parser
 
 

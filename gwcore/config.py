@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import tomllib
 import urllib.parse
 from typing import Any, Callable, Mapping
 
 from .errors import ConfigurationError
 
-__all__ = ("Settings", "ReceiveChannel", "MODES", "parse_duration", "parse_size")
+__all__ = ("Settings", "ReceiveChannel", "Site", "MODES", "parse_duration", "parse_size")
 
 MODES = ("standalone", "distributor", "selected")
 LOOPS = ("auto", "uvloop", "asyncio")
@@ -89,6 +90,41 @@ def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
+def _optional_text(text: str) -> str | None:
+    return text.strip() or None
+
+
+def _optional_file(text: str) -> str | None:
+    path = text.strip()
+    if not path:
+        return None
+    if not os.path.isfile(path):
+        raise ValueError(f"no such file: {path!r}")
+    return path
+
+
+def _optional_uri(text: str) -> str | None:
+    uri = text.strip()
+    if not uri:
+        return None
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{uri!r} is not an http:// or https:// URL")
+    if parts.hostname in ("+", "*", "0.0.0.0", "::"):
+        raise ValueError(f"{uri!r} contains a wildcard host: replies need an address other sites can reach")
+    return uri
+
+
+def _durations(text: str) -> tuple[float, ...]:
+    items = [t for t in re.split(r"[,\s]+", text) if t]
+    if not items:
+        raise ValueError("give at least one delay (example: 60s,120s,180s,240s)")
+    values = tuple(parse_duration(t) for t in items)
+    if any(v < 0 for v in values):
+        raise ValueError("delays cannot be negative")
+    return values
+
+
 def _handler(text: str) -> str | None:
     text = text.strip()
     if not text:
@@ -100,6 +136,122 @@ def _handler(text: str) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class Site:
+    """A remote site this gateway sends to: its key, channel address and how to talk to it."""
+
+    key: str
+    url: str
+    concurrency: int = 8
+    secret: bytes | None = dataclasses.field(default=None, repr=False)  # signs our requests to it
+    key_id: str | None = None  # the name the site knows our secret by (default: our endpoint)
+    ca_file: str | None = None  # CA bundle to verify an https site (default: GWCORE_TLS_CA, then system)
+
+    @classmethod
+    def parse_url(cls, key: str, url: str, **kw: Any) -> "Site":
+        url = url.strip()
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"site {key!r}: {url!r} is not an http:// or https:// channel address")
+        try:
+            parts.port
+        except ValueError as exc:
+            raise ValueError(f"site {key!r}: {url!r}: {exc}") from None
+        if not key or any(c in key for c in ",= \t"):
+            raise ValueError(f"site key {key!r} must be non-empty without commas, '=' or spaces")
+        return cls(key=key, url=url, **kw)
+
+
+def _parse_sites(text: str) -> dict[str, str]:
+    """``"Key=url, Key2=url2"`` -> {key: url} (GWCORE_SITES)."""
+    out: dict[str, str] = {}
+    for item in (t for t in re.split(r"[,\s]+", text) if t):
+        key, sep, url = item.partition("=")
+        if not sep or not key.strip() or not url.strip():
+            raise ValueError(f"{item!r} is not of the form Key=url")
+        out[key.strip()] = url.strip()
+    return out
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigurationError(f"GWCORE_CONFIG={path!r}: cannot read it: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"GWCORE_CONFIG={path!r} is not valid TOML: {exc}") from None
+
+
+def _secret(where: str, table: Mapping[str, Any]) -> bytes | None:
+    if "secret" in table and "secret_file" in table:
+        raise ValueError(f"{where}: give secret or secret_file, not both")
+    if "secret_file" in table:
+        try:
+            with open(str(table["secret_file"]), "rb") as f:
+                value = f.read().strip()
+        except OSError as exc:
+            raise ValueError(f"{where}: secret_file {table['secret_file']!r}: {exc.strerror}") from None
+    elif "secret" in table:
+        value = str(table["secret"]).encode()
+    else:
+        return None
+    if len(value) < 16:
+        raise ValueError(f"{where}: a shared secret needs at least 16 bytes")
+    return value
+
+
+_SITE_KEYS = frozenset({"url", "concurrency", "secret", "secret_file", "key_id", "ca_file"})
+
+
+def _sites_from(config: Mapping[str, Any], env_sites: Mapping[str, str], concurrency: int) -> tuple["Site", ...]:
+    tables = config.get("sites", {})
+    if not isinstance(tables, dict):
+        raise ValueError("[sites] must be a table of [sites.<Key>] tables")
+    sites: dict[str, Site] = {}
+    for key, table in tables.items():
+        where = f"[sites.{key}]"
+        if not isinstance(table, dict):
+            raise ValueError(f"{where} must be a table")
+        unknown = sorted(set(table) - _SITE_KEYS)
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(_SITE_KEYS))})")
+        if "url" not in table and key not in env_sites:
+            raise ValueError(f"{where} has no url")
+        conc = table.get("concurrency", concurrency)
+        if not isinstance(conc, int) or isinstance(conc, bool) or conc <= 0:
+            raise ValueError(f"{where}: concurrency must be a positive integer")
+        sites[key] = Site.parse_url(
+            key, env_sites.get(key, str(table.get("url", ""))), concurrency=conc,
+            secret=_secret(where, table), key_id=table.get("key_id"), ca_file=table.get("ca_file"),
+        )
+    for key, url in env_sites.items():
+        if key not in sites:
+            sites[key] = Site.parse_url(key, url, concurrency=concurrency)
+    return tuple(sites.values())
+
+
+def _receive_keys(config: Mapping[str, Any]) -> tuple[tuple[tuple[str, bytes], ...], bool]:
+    receive = config.get("receive", {})
+    if not isinstance(receive, dict):
+        raise ValueError("[receive] must be a table")
+    unknown = sorted(set(receive) - {"keys", "allow_unsigned"})
+    if unknown:
+        raise ValueError(f"[receive]: unknown keys {', '.join(unknown)} (known: keys, allow_unsigned)")
+    keys = receive.get("keys", {})
+    if not isinstance(keys, dict):
+        raise ValueError("[receive.keys] must map key ids to secrets")
+    out = []
+    for key_id, value in keys.items():
+        secret = _secret(f"[receive.keys] {key_id}", value if isinstance(value, dict) else {"secret": value})
+        assert secret is not None
+        out.append((key_id, secret))
+    allow = receive.get("allow_unsigned", not out)
+    if not isinstance(allow, bool):
+        raise ValueError("[receive] allow_unsigned must be true or false")
+    return tuple(out), allow
+
+
+@dataclasses.dataclass(frozen=True)
 class ReceiveChannel:
     """One receive channel: an HTTP listener address plus the path prefix it answers under."""
 
@@ -107,12 +259,14 @@ class ReceiveChannel:
     host: str
     port: int
     path: str  # always starts and ends with '/'
+    tls: bool = False  # https:// (needs GWCORE_TLS_CERT and GWCORE_TLS_KEY)
 
     @classmethod
     def parse(cls, url: str) -> "ReceiveChannel":
         parts = urllib.parse.urlsplit(url.strip())
-        if parts.scheme.lower() != "http":
-            raise ValueError(f"{url!r}: only http:// receive channels are supported so far")
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            raise ValueError(f"{url!r}: a receive channel is an http:// or https:// URL")
         # NServiceBus (HttpListener) accepts '+' and '*' as "every interface".
         host = parts.hostname or ""
         netloc_host = parts.netloc.rsplit(":", 1)[0] if parts.port is not None else parts.netloc
@@ -121,7 +275,8 @@ class ReceiveChannel:
         if not host:
             raise ValueError(f"{url!r}: no host")
         try:
-            port = parts.port if parts.port is not None else 80   # ":0" = an ephemeral port
+            default_port = 443 if scheme == "https" else 80
+            port = parts.port if parts.port is not None else default_port   # ":0" = an ephemeral port
         except ValueError as exc:
             raise ValueError(f"{url!r}: {exc}") from None
         path = parts.path or "/"
@@ -130,7 +285,7 @@ class ReceiveChannel:
         if not path.endswith("/"):
             # HttpListener prefixes must end with '/'; a missing one is an easy slip, not an error.
             path += "/"
-        return cls(url=url.strip(), host=host, port=port, path=path)
+        return cls(url=url.strip(), host=host, port=port, path=path, tls=scheme == "https")
 
 
 # name -> (attribute, parser, default text). The default goes through the parser too, so a default
@@ -162,6 +317,19 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "GWCORE_SHUTDOWN_TIMEOUT": ("shutdown_timeout", _positive_duration, "30s"),
     "GWCORE_LOOP": ("loop", _choice(LOOPS), "auto"),
     "GWCORE_LOG_LEVEL": ("log_level", _choice(("debug", "info", "warning", "error")), "info"),
+    # sending side
+    "GWCORE_SITES": ("sites", None, ""),  # parsed with GWCORE_CONFIG
+    "GWCORE_CONFIG": ("config_file", _optional_file, ""),
+    "GWCORE_REPLY_TO_URI": ("reply_to_uri", _optional_uri, ""),
+    "GWCORE_RETRIES": ("retries", _non_negative_int, "4"),
+    "GWCORE_RETRY_DELAYS": ("retry_delays", _durations, "60s,120s,180s,240s"),
+    "GWCORE_SEND_CONCURRENCY": ("send_concurrency", _positive_int, "8"),
+    "GWCORE_SEND_TIMEOUT": ("send_timeout", _positive_duration, "30s"),
+    # security
+    "GWCORE_TLS_CERT": ("tls_cert", _optional_file, ""),
+    "GWCORE_TLS_KEY": ("tls_key", _optional_file, ""),
+    "GWCORE_TLS_CA": ("tls_ca", _optional_file, ""),
+    "GWCORE_AUTH_MAX_SKEW": ("auth_max_skew", _positive_duration, "5m"),
 }
 
 
@@ -195,6 +363,39 @@ class Settings:
     shutdown_timeout: float = 30.0
     loop: str = "auto"
     log_level: str = "info"
+    sites: tuple[Site, ...] = ()
+    config_file: str | None = None
+    reply_to_uri: str | None = None
+    retries: int = 4
+    retry_delays: tuple[float, ...] = (60.0, 120.0, 180.0, 240.0)
+    send_concurrency: int = 8
+    send_timeout: float = 30.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    auth_max_skew: float = 300.0
+    receive_keys: tuple[tuple[str, bytes], ...] = dataclasses.field(default=(), repr=False)
+    allow_unsigned: bool = True
+
+    def site(self, key: str) -> Site | None:
+        for s in self.sites:
+            if s.key == key:
+                return s
+        return None
+
+    @property
+    def reply_uri(self) -> str | None:
+        """Where other sites send replies (NServiceBus.OriginatingSite): GWCORE_REPLY_TO_URI, else the
+        first receive channel unless it binds a wildcard address."""
+        if self.reply_to_uri:
+            return self.reply_to_uri
+        if self.receive_channels and self.receive_channels[0].host not in ("0.0.0.0", "::"):
+            return self.receive_channels[0].url
+        return None
+
+    def retry_delay(self, retry: int) -> float:
+        """Seconds before retry number ``retry`` (1-based); the last delay repeats."""
+        return self.retry_delays[min(retry, len(self.retry_delays)) - 1]
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
@@ -220,7 +421,27 @@ class Settings:
                 values[attr] = parser(text)
             except ValueError as exc:
                 raise ConfigurationError(f"{name}={text!r} is invalid: {exc}") from None
-        values.update({k: v for k, v in overrides.items() if k != "receive_channels"})
+        values.update({k: v for k, v in overrides.items() if k not in ("receive_channels", "sites")})
+        config = _read_config_file(values["config_file"]) if values.get("config_file") else {}
+        where = f"GWCORE_CONFIG={values.get('config_file')!r}"
+        try:
+            if "sites" in overrides:
+                sites = overrides["sites"]
+                env_sites = _parse_sites(sites) if isinstance(sites, str) else dict(sites)
+            else:
+                env_sites = _parse_sites(env.get("GWCORE_SITES", ""))
+        except ValueError as exc:
+            raise ConfigurationError(f"GWCORE_SITES is invalid: {exc}") from None
+        try:
+            values["sites"] = _sites_from(config, env_sites, values.get("send_concurrency", 8))
+            if "receive_keys" not in overrides:
+                values["receive_keys"], allow = _receive_keys(config)
+                values.setdefault("allow_unsigned", allow)
+        except ValueError as exc:
+            raise ConfigurationError(f"{where if config else 'GWCORE_SITES'}: {exc}") from None
+        unknown_tables = sorted(set(config) - {"sites", "receive"})
+        if unknown_tables:
+            raise ConfigurationError(f"{where}: unknown tables {', '.join(unknown_tables)} (known: sites, receive)")
         if not values.get("endpoint"):
             raise ConfigurationError("GWCORE_ENDPOINT must not be empty: it names the endpoint and its dedup scope")
         if "receive_channels" in overrides:
@@ -256,6 +477,23 @@ class Settings:
             seen[k] = ch.url
             if ch.path in ("/healthz/", "/readyz/", "/metrics/"):
                 raise ConfigurationError(f"GWCORE_RECEIVE_CHANNELS: {ch.url!r} collides with a built-in endpoint")
+        schemes: dict[tuple[str, int], bool] = {}
+        for ch in self.receive_channels:
+            if schemes.setdefault((ch.host, ch.port), ch.tls) != ch.tls:
+                raise ConfigurationError(
+                    f"GWCORE_RECEIVE_CHANNELS: http:// and https:// channels on one port ({ch.host}:{ch.port})")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigurationError("GWCORE_TLS_CERT and GWCORE_TLS_KEY go together: set both or neither")
+        for ch in self.receive_channels:
+            if ch.tls and not self.tls_cert:
+                raise ConfigurationError(
+                    f"GWCORE_RECEIVE_CHANNELS: {ch.url!r} is https:// and needs GWCORE_TLS_CERT and GWCORE_TLS_KEY")
+        if self.tls_cert and not any(ch.tls for ch in self.receive_channels):
+            raise ConfigurationError("GWCORE_TLS_CERT is set but no receive channel is https://")
+        if self.sites and self.reply_uri is None:
+            raise ConfigurationError(
+                "GWCORE_REPLY_TO_URI is required: the first receive channel binds a wildcard address, "
+                "and other sites need an address to send replies to")
 
 
 # Build-time flags read by setup.py only; listed so that from_env does not call them unknown.

@@ -78,6 +78,9 @@ class LocalQueue:
         self._attempts: dict[int, int] = {}
         self._wakeup = asyncio.Event()
         self._closed = False
+        #: Called with each message before it is delivered; True = taken (e.g. a reply a
+        #: request() waits for): it is acknowledged and not delivered.
+        self.intercept: Callable[[Message], bool] | None = None
         self.delivered = 0
         self.acked = 0
         self.failed = 0
@@ -113,6 +116,10 @@ class LocalQueue:
                     self.expired += 1
                     msg._settled = True
                     await self._ack(msg, count=False)
+                    continue
+                if self.intercept is not None and self.intercept(msg):
+                    msg._settled = True
+                    await self._ack(msg)
                     continue
                 self.delivered += 1
                 return msg

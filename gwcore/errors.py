@@ -17,6 +17,7 @@ __all__ = (
     "SendProtocolError",
     "ResponseTooLargeError",
     "AuthenticationError",
+    "UnknownSiteError",
 )
 
 
@@ -90,3 +91,7 @@ class AuthenticationError(GatewayError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+
+
+class UnknownSiteError(GatewayError, ValueError):
+    """A send names a site that is not configured (GWCORE_SITES, GWCORE_CONFIG)."""

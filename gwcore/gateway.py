@@ -13,10 +13,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from typing import Any, Callable
+import ssl
+import uuid
+from typing import Any, Callable, Iterable, Mapping
 
+from . import egress
+from .control import ControlServer
 from .config import Settings
 from .consumer import LocalQueue, Message, load_handler, run_handler
+from .errors import ConfigurationError, GatewayError
 from .http import HTTPProtocol, HTTPState
 from .store import Store, Writer
 
@@ -44,6 +49,9 @@ class Gateway:
         self.states: list[HTTPState] = []
         self.servers: list[asyncio.base_events.Server] = []
         self._handler_task: asyncio.Task | None = None
+        self.forwarder: egress.Forwarder | None = None
+        self.control: ControlServer | None = None
+        self._requests: dict[str, asyncio.Future[Message]] = {}
         self._started = False
         self._stopped = False
 
@@ -53,11 +61,29 @@ class Gateway:
         return [s.sockets[0].getsockname()[:2] for s in self.servers if s.sockets]
 
     @property
+    def reply_uri(self) -> str | None:
+        """The address replies come back to (``NServiceBus.OriginatingSite``): GWCORE_REPLY_TO_URI,
+        else the first receive channel, with the port it is bound to when it was given as 0."""
+        uri = self.settings.reply_uri
+        first = self.settings.receive_channels[0] if self.settings.receive_channels else None
+        if uri is None or self.settings.reply_to_uri or first is None or first.port != 0 or not self.servers:
+            return uri
+        port = self.addresses[0][1]
+        scheme = "https" if first.tls else "http"
+        host = first.host if ":" not in first.host else f"[{first.host}]"
+        return f"{scheme}://{host}:{port}{first.path}"
+
+    @property
     def ready(self) -> bool:
         return self._started and not self._stopped
 
-    async def start(self) -> "Gateway":
-        """Open the store, start the writer thread and the listeners."""
+    async def start(self, *, listen: bool = True, forward: bool = True) -> "Gateway":
+        """Open the store, start the writer thread, the forwarder and the listeners.
+
+        :param listen: open the receive channels and the control socket (False: store access only,
+            as the CLI uses when no gateway runs on the data dir).
+        :param forward: send queued outgoing messages (False: sends are only recorded).
+        """
         s = self.settings
         loop = asyncio.get_running_loop()
         self.store = Store(s.data_dir, map_size=s.store_map_size, max_size=s.store_max_size, sync=s.store_sync)
@@ -68,34 +94,57 @@ class Gateway:
                 max_delay_us=s.commit_max_delay_us, dedup_ttl=s.dedup_ttl, cleanup_slice=s.dedup_cleanup_slice,
             ))
             self.queue = LocalQueue(self.store, self.writer, max_attempts=s.handler_max_attempts)
+            self.queue.intercept = self._intercept_reply
             self.writer.on_commit = self.queue.notify
+            if forward:
+                self.forwarder = egress.Forwarder(s, self.store, self.writer)
+                await self.forwarder.start()
             listeners: dict[tuple[str, int], list[str]] = {}
-            for ch in s.receive_channels:
+            tls_ports = {(ch.host, ch.port) for ch in s.receive_channels if ch.tls}
+            for ch in s.receive_channels if listen else ():
                 listeners.setdefault((ch.host, ch.port), []).append(ch.path)
+            tls_context = _server_ssl_context(s) if tls_ports and listen else None
             for (host, port), paths in listeners.items():
                 state = HTTPState(s, self.writer, channel_paths=paths, metrics_render=self.render_metrics)
                 server = await loop.create_server(functools.partial(HTTPProtocol, state), host, port,
-                                                  reuse_address=True, backlog=2048)
+                                                  reuse_address=True, backlog=2048,
+                                                  ssl=tls_context if (host, port) in tls_ports else None)
                 state.start(loop)
                 self.states.append(state)
                 self.servers.append(server)
         except BaseException:
+            if self.forwarder is not None:
+                await self.forwarder.stop()
             await self._close_store()
             for server in self.servers:
                 server.close()
             raise
+        if listen:
+            self.control = ControlServer(self)
+            await self.control.start()
         if not s.store_sync:
             log.warning("GWCORE_STORE_SYNC=0: commits are not fsync'd; a 200 does NOT mean durable")
-        if self._handler is not None:
+        if self._handler is not None and listen:
             self._handler_task = asyncio.ensure_future(
                 run_handler(self.queue, self._handler, s.handler_concurrency))
         self._started = True
         for state in self.states:
             state.active = True
-        bound = ", ".join(f"http://{h}:{p}" for h, p in self.addresses)
+        if not listen:
+            return self
+        scheme = "https" if any(c.tls for c in s.receive_channels) else "http"
+        bound = ", ".join(f"{scheme}://{h}:{p}" for h, p in self.addresses)
         log.info("gwcore %s ready: endpoint %r, channels %s on %s, data dir %s, handler %s",
                  _version(), s.endpoint, ", ".join(c.path for c in s.receive_channels), bound,
                  s.data_dir, s.handler or ("embedded" if self._handler else "none"))
+        if s.sites:
+            log.info("sending to %s; replies to %s", ", ".join(
+                f"{x.key} at {x.url} ({'signed' if x.secret else 'unsigned'})" for x in s.sites), s.reply_uri)
+        if s.receive_keys:
+            log.info("receiving: signed requests from %s%s", ", ".join(k for k, _ in s.receive_keys),
+                     "; unsigned requests accepted too (allow_unsigned)" if s.allow_unsigned else "; unsigned refused (401)")
+        else:
+            log.info("receiving: no site secrets configured, any sender is accepted (as NServiceBus does)")
         return self
 
     async def stop(self, timeout: float | None = None) -> None:
@@ -111,6 +160,8 @@ class Gateway:
             state.active = False
         for server in self.servers:
             server.close()
+        if self.control is not None:
+            await self.control.stop()
         for state in self.states:
             for conn in list(state.connections):
                 conn.shutdown()
@@ -134,6 +185,11 @@ class Gateway:
             state.stop()
         for server in self.servers:
             await server.wait_closed()
+        if self.forwarder is not None:
+            await self.forwarder.stop()  # records not yet confirmed stay queued for the next start
+        for fut in self._requests.values():
+            if not fut.done():
+                fut.set_exception(GatewayError("the gateway stopped before the reply arrived"))
         await self._close_store()
         log.info("gwcore stopped")
 
@@ -154,6 +210,92 @@ class Gateway:
         if self.queue is None:
             raise RuntimeError("the gateway is not started")
         return self.queue
+
+    # -- sending -----------------------------------------------------------------------------------
+
+    def _require_started(self) -> tuple[Writer, egress.Forwarder | None]:
+        if self.writer is None or self.store is None or not self._started or self._stopped:
+            raise RuntimeError("the gateway is not running")
+        return self.writer, self.forwarder
+
+    def _schedule(self, forwarder: egress.Forwarder | None, seqs: list[tuple[int, str]]) -> None:
+        if forwarder is not None:
+            for seq, dest in seqs:
+                forwarder.schedule(seq, dest)
+
+    async def send_to_sites(self, sites: Iterable[str], body: bytes, headers: Mapping[str, str] | None = None,
+                            *, message_id: str | None = None) -> str:
+        """Queue *body* for each site (one copy per site, one message id) and return the id once
+        the outgoing records are committed (fsync'd). The forwarder sends them afterwards.
+
+        :raises gwcore.errors.UnknownSiteError: a site is not configured (every missing key named).
+        """
+        writer, forwarder = self._require_started()
+        msg_id, items = egress.prepare(self.settings, list(sites), body, headers, message_id,
+                                       reply_uri=self.reply_uri)
+        seqs = await writer.call(egress.append_records(self.store, items))  # type: ignore[arg-type]
+        self._schedule(forwarder, [(seq, dest) for seq, (dest, _f) in zip(seqs, items)])
+        return msg_id
+
+    async def reply(self, incoming: Message, body: bytes, headers: Mapping[str, str] | None = None) -> str:
+        """Send a reply to the site *incoming* came from (its ``NServiceBus.OriginatingSite``),
+        with ``MessageIntent: Reply``, ``CorrelationId`` and ``RelatedTo`` set as NServiceBus does."""
+        writer, forwarder = self._require_started()
+        dest = egress.reply_destination(incoming.headers)
+        h = dict(headers or {})
+        h["NServiceBus.MessageIntent"] = "Reply"
+        h["NServiceBus.CorrelationId"] = incoming.headers.get("NServiceBus.CorrelationId", incoming.id)
+        h["NServiceBus.RelatedTo"] = incoming.id
+        if "NServiceBus.ConversationId" in incoming.headers:
+            h.setdefault("NServiceBus.ConversationId", incoming.headers["NServiceBus.ConversationId"])
+        msg_id, items = egress.prepare_to(self.settings, dest, body, h, reply_uri=self.reply_uri)
+        seqs = await writer.call(egress.append_records(self.store, items))  # type: ignore[arg-type]
+        self._schedule(forwarder, [(seq, dest) for seq, (dest, _f) in zip(seqs, items)])
+        return msg_id
+
+    async def request(self, site: str, body: bytes, headers: Mapping[str, str] | None = None,
+                      *, timeout: float = 60.0) -> Message:
+        """Send to *site* and wait for the reply (matched by correlation id); the reply is
+        acknowledged (removed from the local queue) when it is returned.
+
+        :raises TimeoutError: no reply within *timeout* seconds (the message names the id).
+        """
+        msg_id = str(uuid.uuid4())
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._requests[msg_id] = fut
+        try:
+            await self.send_to_sites([site], body, headers, message_id=msg_id)
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"no reply to request {msg_id} from site {site!r} within {timeout:g} s") from None
+        finally:
+            self._requests.pop(msg_id, None)
+
+    def _intercept_reply(self, msg: Message) -> bool:
+        """A reply some request() waits for is handed to it instead of the consumers."""
+        if not self._requests or msg.headers.get("NServiceBus.MessageIntent") != "Reply":
+            return False
+        fut = self._requests.get(msg.headers.get("NServiceBus.CorrelationId", ""))
+        if fut is None or fut.done():
+            return False
+        fut.set_result(msg)
+        return True
+
+    async def retry_failed(self, ids: Iterable[str] | None = None) -> list[str]:
+        """Move sends from the outgoing error queue back to the outgoing queue (all when *ids* is
+        None); returns the message ids moved."""
+        writer, forwarder = self._require_started()
+        wanted = None if ids is None else set(ids)
+
+        def match(seq: int, rec: egress.OutgoingRecord) -> bool:
+            if wanted is None:
+                return True
+            return egress.record_id(rec) in wanted
+
+        moved = await writer.call(egress.retry_failed(self.store, match))  # type: ignore[arg-type]
+        self._schedule(forwarder, [(seq, dest) for seq, dest, _id in moved])
+        return [msg_id for _seq, _dest, msg_id in moved]
 
     # -- metrics -----------------------------------------------------------------------------------
 
@@ -213,6 +355,19 @@ class Gateway:
         metric("gwcore_role", "gauge", "1 for the role this instance has.",
                [(f'{{mode="{self.settings.mode}",role="active"}}', 1 if self.ready else 0)])
         return "\n".join(out) + "\n"
+
+
+def _server_ssl_context(s: Settings) -> ssl.SSLContext:
+    """TLS for the https:// receive channels: TLS 1.2 or later, HTTP/1.1 offered by ALPN."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(s.tls_cert, s.tls_key)  # type: ignore[arg-type]
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(
+            f"GWCORE_TLS_CERT={s.tls_cert!r} / GWCORE_TLS_KEY={s.tls_key!r}: cannot load them: {exc}") from None
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
 
 
 def _histogram(name: str, help_text: str, bounds: tuple, counts: list[int], total: float) -> list[str]:

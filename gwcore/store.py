@@ -1,13 +1,15 @@
 """The LMDB store: environment lifecycle, the writer thread with group commit, and retention.
 
-One environment per data dir holds four databases (design.md §2, with the dedup records kept as
+One environment per data dir holds these databases (design.md §2, with the dedup records kept as
 a log; docs/architecture.md says why):
 
 =========  ===============================  ==========================================
 dedup_log  u64 seq                           u64 accepted_ms + dedup key (scope \\0 id)
 queue      u64 seq                           framed envelope (the local input queue)
 errors     u64 seq                           framed envelope + reason (poison messages)
-meta       name                              value (schema version, last seq)
+outgoing   u64 out seq                       egress record (gwcore/egress.py): site, attempts, envelope
+outgoing_errors  u64 out seq                 failed_ms + egress record (sends that gave up)
+meta       name                              value (schema version, last seq, last out seq)
 =========  ===============================  ==========================================
 
 A new message takes the next sequence number and is appended to both ``dedup_log`` and ``queue``
@@ -117,7 +119,7 @@ class Store:
             self.env = lmdb.open(
                 path,
                 map_size=map_size,
-                max_dbs=8,
+                max_dbs=16,
                 sync=sync,
                 metasync=sync,
                 readonly=readonly,
@@ -137,6 +139,8 @@ class Store:
         self.dedup_log = self.env.open_db(b"dedup_log", create=create)
         self.queue = self.env.open_db(b"queue", create=create)
         self.errors = self.env.open_db(b"errors", create=create)
+        self.outgoing = self.env.open_db(b"outgoing", create=create)
+        self.outgoing_errors = self.env.open_db(b"outgoing_errors", create=create)
         self.meta = self.env.open_db(b"meta", create=create)
         if not readonly:
             with self.env.begin(write=True) as txn:
@@ -188,6 +192,24 @@ class Store:
         with self.resize_lock, self.env.begin() as txn:
             return txn.get(core.pack_seq(seq), db=self.queue)
 
+    def get(self, db: Any, key: bytes) -> bytes | None:
+        with self.resize_lock, self.env.begin() as txn:
+            return txn.get(key, db=db)
+
+    def outgoing_records(self) -> list[tuple[int, Any]]:
+        """Every ``(out seq, OutgoingRecord)`` waiting to be sent (start-up, inspection)."""
+        from .egress import decode_outgoing
+
+        with self.resize_lock, self.env.begin() as txn:
+            return [(_U64.unpack(bytes(k))[0], decode_outgoing(v)) for k, v in txn.cursor(db=self.outgoing)]
+
+    def failed_sends(self) -> list[tuple[int, Any]]:
+        """Every ``(out seq, OutgoingRecord)`` in the outgoing error queue."""
+        from .egress import decode_failed
+
+        with self.resize_lock, self.env.begin() as txn:
+            return [(_U64.unpack(bytes(k))[0], decode_failed(v)[1]) for k, v in txn.cursor(db=self.outgoing_errors)]
+
     def iter_db(self, db: Any) -> Iterator[tuple[bytes, bytes]]:
         """All items of one database (for inspection; holds one read transaction throughout)."""
         with self.env.begin() as txn:
@@ -199,6 +221,8 @@ class Store:
                 "dedup": txn.stat(self.dedup_log)["entries"],
                 "queue": txn.stat(self.queue)["entries"],
                 "errors": txn.stat(self.errors)["entries"],
+                "outgoing": txn.stat(self.outgoing)["entries"],
+                "outgoing_errors": txn.stat(self.outgoing_errors)["entries"],
             }
 
     def size_bytes(self) -> int:

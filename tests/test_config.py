@@ -79,3 +79,66 @@ def test_channel_ports():
     assert ReceiveChannel.parse("http://localhost/RemoteSite/").port == 80
     assert ReceiveChannel.parse("http://+:25900/RemoteSite/").host == "0.0.0.0"
     assert ReceiveChannel.parse("http://*/RemoteSite/").port == 80
+
+
+def test_sites_from_the_environment_and_retry_delays():
+    s = Settings.from_env({"GWCORE_SITES": "RemoteSite=http://10.0.0.2:25900/RemoteSite/, HQ=https://hq.example/HQ/",
+                           "GWCORE_RETRY_DELAYS": "1s,2s", "GWCORE_RETRIES": "5"})
+    assert [(x.key, x.url, x.concurrency, x.secret) for x in s.sites] == [
+        ("RemoteSite", "http://10.0.0.2:25900/RemoteSite/", 8, None), ("HQ", "https://hq.example/HQ/", 8, None)]
+    assert s.site("HQ").url == "https://hq.example/HQ/" and s.site("Nope") is None
+    assert [s.retry_delay(n) for n in (1, 2, 3, 5)] == [1.0, 2.0, 2.0, 2.0]
+    assert s.reply_uri == "http://127.0.0.1:25900/gwcore/"
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"GWCORE_SITES": "NoUrl"}, "GWCORE_SITES"),
+    ({"GWCORE_SITES": "A=ftp://x/A/"}, "GWCORE_SITES"),
+    ({"GWCORE_RETRY_DELAYS": ""}, "GWCORE_RETRY_DELAYS"),
+    ({"GWCORE_REPLY_TO_URI": "http://+:25900/A/"}, "GWCORE_REPLY_TO_URI"),
+    ({"GWCORE_SITES": "A=http://x/A/", "GWCORE_RECEIVE_CHANNELS": "http://+:25900/Me/"}, "GWCORE_REPLY_TO_URI"),
+    ({"GWCORE_CONFIG": "/nonexistent/gwcore.toml"}, "GWCORE_CONFIG"),
+    ({"GWCORE_TLS_CERT": __file__}, "GWCORE_TLS_KEY"),
+])
+def test_sending_settings_name_the_variable(env, needle):
+    with pytest.raises(ConfigurationError, match=needle):
+        Settings.from_env(env)
+
+
+def test_config_file_sites_and_receive_keys(tmp_path):
+    secret_file = tmp_path / "remote.secret"
+    secret_file.write_bytes(b"0123456789abcdef-remote\n")
+    cfg = tmp_path / "gwcore.toml"
+    cfg.write_text(f"""
+[sites.RemoteSite]
+url = "https://remote.example/RemoteSite/"
+concurrency = 3
+secret = "0123456789abcdef-ours"
+key_id = "HQ"
+
+[sites.Other]
+url = "http://other/Other/"
+
+[receive.keys]
+RemoteSite = {{ secret_file = "{secret_file}" }}
+""")
+    s = Settings.from_env({"GWCORE_CONFIG": str(cfg), "GWCORE_SITES": "Other=http://override/Other/"})
+    remote = s.site("RemoteSite")
+    assert (remote.concurrency, remote.secret, remote.key_id) == (3, b"0123456789abcdef-ours", "HQ")
+    assert s.site("Other").url == "http://override/Other/"
+    assert s.receive_keys == (("RemoteSite", b"0123456789abcdef-remote"),) and s.allow_unsigned is False
+    assert "0123456789abcdef" not in repr(s)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[sites.A]\nurl = 'http://a/A/'\nsecret = 'short'\n", "at least 16 bytes"),
+    ("[sites.A]\nurl = 'http://a/A/'\ncolour = 'red'\n", "unknown keys colour"),
+    ("[sites.A]\nconcurrency = 2\n", "has no url"),
+    ("[listeners]\n", "unknown tables listeners"),
+    ("[sites.A\n", "not valid TOML"),
+])
+def test_config_file_errors(tmp_path, text, needle):
+    cfg = tmp_path / "gwcore.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigurationError, match=needle):
+        Settings.from_env({"GWCORE_CONFIG": str(cfg)})

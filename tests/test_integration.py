@@ -16,67 +16,7 @@ import uuid
 
 import pytest
 from httpclient import Client, get, nsb_request
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    def __init__(self, data_dir: str, port: int, **env: str) -> None:
-        self.data_dir = data_dir
-        self.port = port
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("GWCORE_")}
-        self.env.update(
-            GWCORE_DATA_DIR=data_dir,
-            GWCORE_ENDPOINT="RemoteSite",
-            GWCORE_RECEIVE_CHANNELS=f"http://127.0.0.1:{port}/RemoteSite/",
-            PYTHONPATH=ROOT,
-        )
-        self.env.update(env)
-        self.proc: subprocess.Popen | None = None
-        self.log = os.path.join(data_dir + ".log")
-
-    def start(self, timeout: float = 20.0) -> "ServerProcess":
-        os.makedirs(os.path.dirname(self.data_dir), exist_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "gwcore", "serve"], env=self.env, cwd=ROOT,
-                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {open(self.log).read()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("server did not start listening")
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-
-def gwcore_cli(*args: str, data_dir: str) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GWCORE_")}
-    env.update(GWCORE_DATA_DIR=data_dir, PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, "-m", "gwcore", *args], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stderr
-    return res.stdout
-
-
-def queued_ids(data_dir: str) -> list[str]:
-    out = gwcore_cli("inspect", "queue", "--json", data_dir=data_dir)
-    return [json.loads(line)["id"] for line in out.splitlines() if line]
+from procs import ROOT, ServerProcess, free_port, gwcore_cli, queued_ids  # noqa: F401
 
 
 async def submit_all(port: int, ids: list[str], acked: set[str], connections: int = 8) -> None:

@@ -14,6 +14,11 @@
 --   NSB_DUP_PERCENT  0-100 (default 0): share of requests that resend a recently sent id.
 --   NSB_DELAY_MS     think time in ms before each request on a connection (default 0 = none).
 --                    wrk takes whole milliseconds. Offered rate ~ connections*1000/(delay+latency).
+--   NSB_THINK        "exp" (default): each think time is drawn from an exponential distribution
+--                    with mean NSB_DELAY_MS, so arrivals approximate a Poisson stream (what many
+--                    independent senders produce); "fixed": exactly NSB_DELAY_MS every time. With a
+--                    fixed think time every connection answered by one group commit comes back in
+--                    the same millisecond, and the server sees lock-step bursts of a whole batch.
 
 local bit = require("bit")
 
@@ -53,7 +58,7 @@ end
 
 -- Everything below runs in each wrk thread's own Lua state.
 
-local body, pieces, prefix, dup_share, delay_ms
+local body, pieces, prefix, dup_share, delay_ms, think_exp
 local counter = 0
 local RECENT = 4096            -- ring of recently sent ids that duplicates are drawn from
 local recent, recent_n, recent_pos = {}, 0, 0
@@ -77,6 +82,9 @@ function init(args)
    assert(#prefix == 12 and prefix:match("^%x+$"), "NSB_RUN_PREFIX must be 12 hex digits")
    dup_share = (tonumber(os.getenv("NSB_DUP_PERCENT") or "0") or 0) / 100
    delay_ms = math.floor(tonumber(os.getenv("NSB_DELAY_MS") or "0") or 0)
+   local think = os.getenv("NSB_THINK") or "exp"
+   assert(think == "exp" or think == "fixed", "NSB_THINK must be exp or fixed")
+   think_exp = think == "exp"
    if delay_ms <= 0 then
       delay = nil   -- no think time: wrk skips the per-request timer entirely
    end
@@ -143,6 +151,10 @@ function request()
 end
 
 function delay()
+   if think_exp then
+      -- inverse CDF of the exponential distribution, rounded to wrk's whole milliseconds
+      return math.floor(-math.log(1 - math.random()) * delay_ms + 0.5)
+   end
    return delay_ms
 end
 

@@ -15,7 +15,8 @@ Scenarios (``--scenarios``, comma-separated):
 ``half``
     latency at about half of gwcore's maximum: measures the maximum (or takes it from ``unique`` if
     that ran in this invocation), then offers ``--half-fraction`` of it with wrk's per-connection
-    think time (``delay()``), the connection count calibrated per server with short probe runs,
+    think time (``delay()``; exponentially distributed around ``--think-ms`` unless
+    ``--think-dist fixed``), the connection count calibrated per server with short probe runs,
     and reports achieved req/s and p50/p90/p99 for both servers.
 
 ``--prefill N`` gives every gwcore run a store that already holds N dedup records (built once with
@@ -290,7 +291,7 @@ def run_wrk(cfg: argparse.Namespace, url: str, *, duration: str, connections: in
     threads = min(cfg.threads, connections)
     env = dict(os.environ, NSB_BODY_FILE=str(cfg.body_file), NSB_CONTENT_MD5=cfg.body_md5,
                NSB_RUN_PREFIX=secrets.token_hex(6), NSB_DUP_PERCENT=str(dup_percent),
-               NSB_DELAY_MS=str(int(delay_ms)))
+               NSB_DELAY_MS=str(int(delay_ms)), NSB_THINK=cfg.think_dist)
     cmd = pin(cfg.wrk_cpu) + [cfg.wrk, f"-t{threads}", f"-c{connections}", f"-d{duration}", "--latency",
                               f"--timeout={cfg.wrk_timeout}", "-s", str(LUA_SCRIPT), url]
     cpu0 = children_cpu_s()
@@ -544,7 +545,8 @@ def scenario_half(ctx: Context, max_rps: float | None) -> dict[str, Any]:
             ctx.problems.append(f"[half] {kind} needed more than --max-connections={cfg.max_connections}: "
                                 "lower --think-ms or raise the cap")
     params = {"max_rps": max_rps, "max_rps_source": source, "fraction": cfg.half_fraction,
-              "target_rps": target, "think_ms": think, "connections": conns, "probes": probes}
+              "target_rps": target, "think_ms": think, "think_dist": cfg.think_dist,
+              "connections": conns, "probes": probes}
     log(f"[half] offering ~{target:,.0f} req/s, think {think} ms: "
         + ", ".join(f"{k} c{c}" for k, c in conns.items()))
     return run_rounds(ctx, "half", params, per_server={k: {"connections": c} for k, c in conns.items()},
@@ -654,7 +656,7 @@ def _load_text(sc: dict[str, Any]) -> str:
     if sc["name"] != "half":
         return f"c{p['connections']}"
     conns = ", ".join(f"{k} c{c}" for k, c in p["connections"].items())
-    return (f"think {p['think_ms']} ms, ≈{fmt_rps(p['target_rps'])}/s offered "
+    return (f"think {p.get('think_dist', 'fixed')} {p['think_ms']} ms, ≈{fmt_rps(p['target_rps'])}/s offered "
             f"({p['fraction']:.0%} of {fmt_rps(p['max_rps'])}); {conns}")
 
 
@@ -742,7 +744,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pin", action="store_true", help="do not use taskset at all")
     p.add_argument("--dup-percent", type=float, default=20.0, help="dup scenario: share of resent ids (default 20)")
     p.add_argument("--half-fraction", type=float, default=0.5, help="half scenario: share of max offered (default 0.5)")
-    p.add_argument("--think-ms", type=int, default=10, help="half scenario: wrk delay() per request, whole ms (default 10)")
+    p.add_argument("--think-ms", type=int, default=10, help="half scenario: mean wrk delay() per request, whole ms (default 10)")
+    p.add_argument("--think-dist", choices=("exp", "fixed"), default="exp",
+                   help="half scenario: think times drawn from an exponential distribution (Poisson-like "
+                        "arrivals, default) or all equal (lock-step bursts after each group commit)")
     p.add_argument("--max-rps", type=float, help="half scenario: use this maximum instead of measuring it")
     p.add_argument("--max-connections", type=int, default=1000, help="half scenario: cap on wrk -c (default 1000)")
     p.add_argument("--calibration-duration", default="3s", help="half scenario: length of each probe run (default 3s)")

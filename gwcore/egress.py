@@ -1,0 +1,434 @@
+"""The sending side: the durable outgoing queue, NServiceBus framing on the wire, and the forwarder.
+
+``send_to_sites`` appends one outgoing record per destination site in one fsync'd write transaction
+and returns once it is committed. The forwarder reads committed records, sends each with the
+framing of protocol.md §1.3 over a bounded keep-alive pool per site (:class:`gwcore.client.SiteClient`),
+and then, in another transaction, removes it (200), schedules its next attempt (a failure that may
+pass), or moves it to the ``outgoing_errors`` database (a permanent refusal, or the retries ran out).
+A crash between the send and the removal sends the message again after restart, with the same
+``NServiceBus.Id``: the receiver's dedup turns that into a duplicate, so every message arrives once.
+
+Outgoing record (``outgoing`` database, key u64 seq)::
+
+    u64 BE next_attempt_ms   (0 = as soon as possible)
+    u32 BE failed attempts so far
+    u16 BE destination length, destination (a site key, or a channel URL for replies)
+    u32 BE last failure length, last failure (UTF-8; empty before the first failure)
+    the envelope (core.encode_envelope) of id, headers, body and TimeToBeReceived expiry
+
+Failed record (``outgoing_errors``, key u64 seq): u64 BE failed_ms, then the outgoing record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import heapq
+import logging
+import ssl
+import struct
+import time
+import uuid
+from typing import Any, Callable, Iterable, Mapping
+
+from . import auth
+from ._core import core
+from .client import SiteClient, make_client_ssl_context
+from .config import Settings, Site
+from .errors import ConfigurationError, GatewayError, SendError, StoreError, UnknownSiteError
+from .store import Store, Writer, now_ms
+
+__all__ = (
+    "OutgoingRecord", "wire_headers", "prepare", "Forwarder", "PERMANENT_STATUSES",
+    "encode_outgoing", "decode_outgoing", "encode_failed", "decode_failed", "time_sent", "prepare_to",
+    "record_id", "reply_destination", "append_records", "retry_failed",
+)
+
+log = logging.getLogger("gwcore.egress")
+
+_HEAD = struct.Struct(">QIH")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+#: Answers that cannot succeed on a retry: the message goes to the error queue at once.
+PERMANENT_STATUSES = frozenset({400, 401, 403, 413})
+
+_GATEWAY_TRUE = (b"NServiceBus.Gateway", b"True")
+_HEADER_PREFIX = "NServiceBus.Header."
+
+
+@dataclasses.dataclass
+class OutgoingRecord:
+    dest: str
+    attempt: int
+    next_ms: int
+    last_error: str
+    framed: bytes
+
+
+def encode_outgoing(rec: OutgoingRecord) -> bytes:
+    dest = rec.dest.encode("utf-8")
+    err = rec.last_error.encode("utf-8", "replace")[:2000]
+    return b"".join((_HEAD.pack(rec.next_ms, rec.attempt, len(dest)), dest, _U32.pack(len(err)), err, rec.framed))
+
+
+def decode_outgoing(value: bytes) -> OutgoingRecord:
+    value = bytes(value)
+    next_ms, attempt, n = _HEAD.unpack_from(value)
+    pos = _HEAD.size
+    dest = value[pos:pos + n].decode("utf-8")
+    pos += n
+    (m,) = _U32.unpack_from(value, pos)
+    pos += 4
+    err = value[pos:pos + m].decode("utf-8", "replace")
+    return OutgoingRecord(dest, attempt, next_ms, err, value[pos + m:])
+
+
+def encode_failed(failed_ms: int, rec: OutgoingRecord) -> bytes:
+    return _U64.pack(failed_ms) + encode_outgoing(rec)
+
+
+def decode_failed(value: bytes) -> tuple[int, OutgoingRecord]:
+    value = bytes(value)
+    return _U64.unpack_from(value)[0], decode_outgoing(value[8:])
+
+
+def time_sent(now: float | None = None) -> str:
+    """NServiceBus's wire format for times (``yyyy-MM-dd HH:mm:ss:ffffff Z``, UTC)."""
+    t = time.time() if now is None else now
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + f":{int(t % 1 * 1_000_000):06d} Z"
+
+
+def _enc(text: str) -> bytes:
+    return core.url_encode(text).encode("ascii")
+
+
+def wire_headers(msg_id: str, headers: Mapping[str, str], body: bytes,
+                 call_type: str = "SingleCallSubmit") -> list[tuple[bytes, bytes]]:
+    """The HTTP headers NServiceBus's forwarder sends for one message (protocol.md §1.3), in its
+    order, every name and value URL-encoded with the .NET rules (upper-case hex).
+
+    :param msg_id: the message id (``NServiceBus.Id``); ``headers`` should carry it as
+        ``NServiceBus.MessageId`` too.
+    :param headers: the message headers; each crosses as ``NServiceBus.Header.<name>``.
+    """
+    out = [(b"NServiceBus.Id", _enc(msg_id)),
+           (b"NServiceBus.CorrelationId", _enc(headers.get("NServiceBus.CorrelationId", msg_id)))]
+    ttbr = headers.get("NServiceBus.TimeToBeReceived")
+    if ttbr is not None:
+        out.append((b"NServiceBus.TimeToBeReceived", _enc(ttbr)))
+    reply_to = headers.get("NServiceBus.ReplyToAddress")
+    if reply_to is not None:
+        out.append((b"NServiceBus.ReplyToAddress", _enc(reply_to)))
+    for name, value in headers.items():
+        out.append((_enc(_HEADER_PREFIX + name), _enc(value)))
+    out.append(_GATEWAY_TRUE)
+    out.append((b"NServiceBus.CallType", _enc(call_type)))
+    out.append((b"Content-MD5", _enc(core.content_md5(body))))
+    return out
+
+
+def prepare(settings: Settings, sites: Iterable[str], body: bytes, headers: Mapping[str, str] | None = None,
+            message_id: str | None = None, now: float | None = None,
+            reply_uri: str | None = None) -> tuple[str, list[tuple[str, bytes]]]:
+    """Check the destinations and build one envelope per site (protocol.md §4.2–§4.4).
+
+    :return: ``(message id, [(site key, envelope)])``.
+    :raises UnknownSiteError: a site is not configured (NServiceBus's text, with every missing key).
+    :raises ConfigurationError: no reply URI is known (needed for ``NServiceBus.OriginatingSite``).
+    """
+    keys = list(dict.fromkeys(sites))
+    if not keys:
+        raise UnknownSiteError("no destination sites given")
+    missing = [k for k in keys if settings.site(k) is None]
+    if missing:
+        raise UnknownSiteError(f"The following sites have not been configured: {', '.join(missing)}")
+    return _build(settings, [(k, k) for k in keys], body, headers, message_id, now, reply_uri)
+
+
+def prepare_to(settings: Settings, url: str, body: bytes, headers: Mapping[str, str] | None = None,
+               message_id: str | None = None, now: float | None = None,
+               reply_uri: str | None = None) -> tuple[str, list[tuple[str, bytes]]]:
+    """Like :func:`prepare` for one channel URL that need not be a configured site (a reply to
+    ``NServiceBus.OriginatingSite``)."""
+    site = next((s for s in settings.sites if s.url.rstrip("/") == url.rstrip("/")), None)
+    return _build(settings, [(url, site.key if site else None)], body, headers, message_id, now, reply_uri)
+
+
+def _build(settings: Settings, dests: list[tuple[str, str | None]], body: bytes, headers: Mapping[str, str] | None,
+           message_id: str | None, now: float | None, reply_uri: str | None) -> tuple[str, list[tuple[str, bytes]]]:
+    if not isinstance(body, (bytes, bytearray, memoryview)):
+        raise TypeError("the message body must be bytes")
+    h = dict(headers or {})
+    msg_id = message_id or h.get("NServiceBus.MessageId") or str(uuid.uuid4())
+    h["NServiceBus.MessageId"] = msg_id
+    h.setdefault("NServiceBus.CorrelationId", msg_id)
+    h.setdefault("NServiceBus.MessageIntent", "Send")
+    h.setdefault("NServiceBus.ConversationId", msg_id)
+    h.setdefault("NServiceBus.TimeSent", time_sent(now))
+    h.setdefault("NServiceBus.OriginatingEndpoint", settings.endpoint)
+    reply_uri = reply_uri or settings.reply_uri
+    if reply_uri is None:
+        raise ConfigurationError("GWCORE_REPLY_TO_URI is needed to send (the receive channel binds a wildcard address)")
+    h["NServiceBus.OriginatingSite"] = f"http,{reply_uri}"
+    expiry = _expiry_ms(h, now)
+    out = []
+    accepted = int((time.time() if now is None else now) * 1000)
+    for dest, key in dests:
+        per_site = dict(h)
+        if key is not None:
+            per_site["NServiceBus.DestinationSites"] = key   # one key per copy, as NServiceBus does
+        out.append((dest, core.encode_envelope(msg_id, per_site, bytes(body), expiry, accepted)))
+    return msg_id, out
+
+
+def record_id(rec: OutgoingRecord) -> str:
+    """The message id of an outgoing record."""
+    return core.decode_envelope(rec.framed)[0]
+
+
+def _expiry_ms(headers: Mapping[str, str], now: float | None) -> int:
+    ttbr = headers.get("NServiceBus.TimeToBeReceived")
+    if ttbr is None:
+        return 0
+    ms = core.parse_timespan(ttbr)
+    if ms is None or ms <= 0:
+        raise ValueError(f"NServiceBus.TimeToBeReceived {ttbr!r} is not a positive .NET TimeSpan")
+    if ms >= 100 * 365 * 86400 * 1000:
+        return 0
+    return int((time.time() if now is None else now) * 1000) + ms
+
+
+def reply_destination(incoming_headers: Mapping[str, str]) -> str:
+    """The channel URL a reply goes to: the address part of ``NServiceBus.OriginatingSite``."""
+    site = incoming_headers.get("NServiceBus.OriginatingSite")
+    if not site:
+        raise GatewayError("No destination found for message: the incoming message has no NServiceBus.OriginatingSite")
+    kind, sep, address = site.partition(",")
+    if not sep or not address.strip():
+        raise GatewayError(f"NServiceBus.OriginatingSite {site!r} is not of the form type,address")
+    return address.strip()
+
+
+# -- the store side: functions run inside the writer's transaction --------------------------------
+
+def append_records(store: Store, items: list[tuple[str, bytes]]) -> Callable[[Any], list[int]]:
+    """A writer job that appends one outgoing record per (destination, envelope); returns the seqs."""
+    def job(txn: Any) -> list[int]:
+        raw = txn.get(b"out_seq", db=store.meta)
+        seq = _U64.unpack(raw)[0] if raw else 0
+        seqs = []
+        for dest, framed in items:
+            seq += 1
+            txn.put(_U64.pack(seq), encode_outgoing(OutgoingRecord(dest, 0, 0, "", framed)), db=store.outgoing)
+            seqs.append(seq)
+        txn.put(b"out_seq", _U64.pack(seq), db=store.meta)
+        return seqs
+    return job
+
+
+def retry_failed(store: Store, match: Callable[[int, OutgoingRecord], bool]) -> Callable[[Any], list[tuple[int, str, str]]]:
+    """A writer job moving matching ``outgoing_errors`` records back to ``outgoing`` (attempts
+    reset); returns ``(seq, destination, message id)`` of each."""
+    def job(txn: Any) -> list[tuple[int, str, str]]:
+        moved = []
+        for key, value in list(txn.cursor(db=store.outgoing_errors)):
+            _failed, rec = decode_failed(value)
+            seq = _U64.unpack(bytes(key))[0]
+            if match(seq, rec):
+                rec.attempt, rec.next_ms = 0, 0
+                txn.put(bytes(key), encode_outgoing(rec), db=store.outgoing)
+                txn.delete(bytes(key), db=store.outgoing_errors)
+                moved.append((seq, rec.dest, record_id(rec)))
+        return moved
+    return job
+
+
+# -- the forwarder ------------------------------------------------------------------------------------
+
+class _Destination:
+    def __init__(self, name: str, url: str, site: Site | None, client: SiteClient) -> None:
+        self.name = name
+        self.url = url
+        self.site = site
+        self.client = client
+        self.ready: asyncio.Queue[int] = asyncio.Queue()
+        self.tasks: list[asyncio.Task] = []
+        self.sent = 0
+        self.failed_attempts = 0
+        self.in_flight = 0
+
+
+class Forwarder:
+    """Sends committed outgoing records to their sites; one per gateway."""
+
+    def __init__(self, settings: Settings, store: Store, writer: Writer) -> None:
+        self.settings = settings
+        self.store = store
+        self.writer = writer
+        self._dests: dict[str, _Destination] = {}
+        self._delayed: list[tuple[int, int, str]] = []  # (due ms, seq, destination)
+        self._timer_wakeup = asyncio.Event()
+        self._timer: asyncio.Task | None = None
+        self._closed = False
+        self._ssl_default: ssl.SSLContext | None = None
+        self.sent = 0
+        self.retried = 0
+        self.failed = 0
+        self.expired = 0
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        pending = 0
+        for seq, rec in self.store.outgoing_records():
+            self.schedule(seq, rec.dest, rec.next_ms)
+            pending += 1
+        if pending:
+            log.info("forwarder: %d outgoing messages waiting from before the restart", pending)
+        self._timer = asyncio.get_running_loop().create_task(self._run_timer(), name="gwcore-forwarder-timer")
+
+    async def stop(self) -> None:
+        self._closed = True
+        tasks = [t for d in self._dests.values() for t in d.tasks]
+        if self._timer is not None:
+            tasks.append(self._timer)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for d in self._dests.values():
+            await d.client.close()
+
+    # -- scheduling
+
+    def schedule(self, seq: int, dest: str, due_ms: int = 0) -> None:
+        if self._closed:
+            return
+        if due_ms and due_ms > now_ms():
+            heapq.heappush(self._delayed, (due_ms, seq, dest))
+            self._timer_wakeup.set()
+            return
+        self._destination(dest).ready.put_nowait(seq)
+
+    def _destination(self, name: str) -> _Destination:
+        d = self._dests.get(name)
+        if d is not None:
+            return d
+        site = self.settings.site(name)
+        url = site.url if site is not None else name
+        if site is None:
+            # A reply goes to a channel URL; sign it if that URL is a configured site's.
+            site = next((s for s in self.settings.sites if s.url.rstrip("/") == url.rstrip("/")), None)
+        concurrency = site.concurrency if site is not None else self.settings.send_concurrency
+        client = SiteClient(url, concurrency=concurrency, ssl_context=self._ssl_for(site, url),
+                            request_timeout=self.settings.send_timeout)
+        d = _Destination(name, url, site, client)
+        self._dests[name] = d
+        loop = asyncio.get_running_loop()
+        d.tasks = [loop.create_task(self._work(d), name=f"gwcore-forward-{name}-{i}") for i in range(concurrency)]
+        return d
+
+    def _ssl_for(self, site: Site | None, url: str) -> ssl.SSLContext | None:
+        if not url.lower().startswith("https:"):
+            return None
+        if site is not None and site.ca_file:
+            return make_client_ssl_context(site.ca_file)
+        if self._ssl_default is None:
+            self._ssl_default = make_client_ssl_context(self.settings.tls_ca)
+        return self._ssl_default
+
+    async def _run_timer(self) -> None:
+        while True:
+            self._timer_wakeup.clear()
+            now = now_ms()
+            while self._delayed and self._delayed[0][0] <= now:
+                _due, seq, dest = heapq.heappop(self._delayed)
+                self._destination(dest).ready.put_nowait(seq)
+            timeout = (self._delayed[0][0] - now) / 1000 if self._delayed else None
+            try:
+                await asyncio.wait_for(self._timer_wakeup.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    # -- sending
+
+    async def _work(self, d: _Destination) -> None:
+        while True:
+            seq = await d.ready.get()
+            try:
+                await self._forward(d, seq)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug: keep the worker alive, try the message again later
+                log.exception("forwarder: unexpected error sending record %d to %s", seq, d.name)
+                self.schedule(seq, d.name, now_ms() + 5000)
+
+    async def _forward(self, d: _Destination, seq: int) -> None:
+        value = self.store.get(self.store.outgoing, _U64.pack(seq))
+        if value is None:
+            return  # already sent (a duplicate schedule), or moved by `gwcore retry`
+        rec = decode_outgoing(value)
+        msg_id, headers, body, expiry_ms, _accepted = core.decode_envelope(rec.framed)
+        if expiry_ms and expiry_ms < now_ms():
+            log.info("message %s to %s expired (TimeToBeReceived) before it could be sent; discarded", msg_id, d.name)
+            self.expired += 1
+            await self._commit(seq, d, lambda txn: txn.delete(_U64.pack(seq), db=self.store.outgoing))
+            return
+        if rec.attempt:
+            headers["NServiceBus.Retries"] = str(rec.attempt)
+            headers["NServiceBus.Retries.Timestamp"] = time_sent()
+        wire = wire_headers(msg_id, headers, body)
+        if d.site is not None and d.site.secret:
+            wire += auth.signature_headers(d.site.secret, d.site.key_id or self.settings.endpoint, "POST",
+                                           d.client.target, msg_id, body)
+        d.in_flight += 1
+        try:
+            response = await d.client.post(wire, body)
+            status, problem = response.status, f"{response.status} {response.reason}"
+        except SendError as exc:
+            status, problem = 0, str(exc)
+        finally:
+            d.in_flight -= 1
+        if status == 200:
+            d.sent += 1
+            self.sent += 1
+            await self._commit(seq, d, lambda txn: txn.delete(_U64.pack(seq), db=self.store.outgoing))
+            return
+        d.failed_attempts += 1
+        rec.attempt += 1
+        rec.last_error = problem
+        if status in PERMANENT_STATUSES or rec.attempt > self.settings.retries:
+            why = "refused for good" if status in PERMANENT_STATUSES else f"failed {rec.attempt} times"
+            log.warning("message %s to %s %s (%s): moved to the outgoing error queue", msg_id, d.name, why, problem)
+            self.failed += 1
+            failed = encode_failed(now_ms(), rec)
+
+            def to_errors(txn: Any) -> None:
+                key = _U64.pack(seq)
+                txn.put(key, failed, db=self.store.outgoing_errors)
+                txn.delete(key, db=self.store.outgoing)
+
+            await self._commit(seq, d, to_errors)
+            return
+        delay = self.settings.retry_delay(rec.attempt)
+        rec.next_ms = now_ms() + int(delay * 1000)
+        log.info("message %s to %s failed (%s); retry %d of %d in %g s", msg_id, d.name, problem,
+                 rec.attempt, self.settings.retries, delay)
+        self.retried += 1
+        updated = encode_outgoing(rec)
+        if await self._commit(seq, d, lambda txn: txn.put(_U64.pack(seq), updated, db=self.store.outgoing)):
+            self.schedule(seq, d.name, rec.next_ms)
+
+    async def _commit(self, seq: int, d: _Destination, job: Callable[[Any], Any]) -> bool:
+        try:
+            await self.writer.call(job)
+            return True
+        except StoreError as exc:
+            # The send happened; the record stays and is sent again later (a duplicate there).
+            log.error("forwarder: cannot record the outcome for record %d to %s: %s; will resend", seq, d.name, exc)
+            self.schedule(seq, d.name, now_ms() + 5000)
+            return False
+
+    def metrics(self) -> list[tuple[str, int, int, int]]:
+        """(destination, sent, failed attempts, in flight) per destination."""
+        return [(d.name, d.sent, d.failed_attempts, d.in_flight) for d in self._dests.values()]
