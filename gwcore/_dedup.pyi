@@ -268,6 +268,21 @@ class DedupIndex:
         :raises gwcore.errors.FramingError: a log entry is malformed (corrupt store).
         """
 
+def encode_submit(framed: Buffer, extra: list[tuple[str, str]] | None = None) -> tuple[str, bytes, int, bytes]:
+    """The HTTP header block NServiceBus's forwarder sends for a stored envelope (protocol.md
+    §1.3): ``NServiceBus.Id``, ``NServiceBus.CorrelationId`` (the header, else the id),
+    ``NServiceBus.TimeToBeReceived`` and ``NServiceBus.ReplyToAddress`` when present, every
+    message header as ``NServiceBus.Header.<name>``, ``NServiceBus.Gateway: True``,
+    ``NServiceBus.CallType: SingleCallSubmit`` and ``Content-MD5``; names and values URL-encoded
+    with the .NET rules (upper-case hex); each line ends with CRLF.
+
+    :param extra: headers to add (or to replace a stored one of the same name), e.g. the retry
+        counters.
+    :return: ``(message id, body, expiry_ms, header block)``; the same lines as
+        ``gwcore.egress.wire_headers`` gives.
+    :raises gwcore.errors.FramingError: *framed* is not a valid envelope.
+    """
+
 def siphash13(key: bytes, data: bytes) -> int:
     """SipHash-1-3 of *data* under a 16-byte *key*, as :class:`DedupIndex` hashes keys."""
 

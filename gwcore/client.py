@@ -101,11 +101,13 @@ class _Connection(asyncio.Protocol):
         self.closed = False          # EOF, error, Connection: close, or unsolicited bytes
         self.used = 0                # requests completed on this connection
         self.idle_timer: asyncio.TimerHandle | None = None
+        # One parser for the connection's life: llhttp parses response after response on a
+        # keep-alive connection; per-response state lives in the fields _reset() clears.
+        self.parser = httptools.HttpResponseParser(self)
         self._reset(None)
 
     def _reset(self, waiter: asyncio.Future[Response] | None) -> None:
         self.waiter = waiter
-        self.parser = httptools.HttpResponseParser(self)
         self.received = 0            # bytes of the current response seen so far
         self.reason = bytearray()
         self.headers: list[tuple[bytes, bytes]] = []
@@ -243,8 +245,9 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         waiter: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         self._reset(waiter)
-        self.transport.write(data)
-        if body:
+        # One write, one send(2): the head and a gateway body are small next to the syscall.
+        self.transport.write(data + body if len(body) <= 65536 else data)
+        if len(body) > 65536:
             self.transport.write(body)
         try:
             return await waiter
@@ -333,7 +336,14 @@ class SiteClient:
             (``ResponseTooLargeError``) or cut off.
         :raises gwcore.errors.SendError: the client is closed.
         """
-        data = self._build(headers, body)
+        return await self.post_block(self._build_block(headers), body)
+
+    async def post_block(self, block: bytes, body: bytes) -> Response:
+        """:meth:`post` with the header lines already joined (``Name: value\r\n`` each), as
+        ``gwcore._dedup.encode_submit`` makes them. Not checked: the caller vouches for the block
+        (no CR/LF inside values, none of the client's own headers)."""
+        data = b"%s%sContent-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n" % (
+            self._head, block, len(body))
         if self._closed:
             raise SendError(self.url, "client is closed")
         async with self._slots:
@@ -361,8 +371,8 @@ class SiteClient:
             self._release(conn)
             return response
 
-    def _build(self, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
-        out = [self._head]
+    def _build_block(self, headers: list[tuple[bytes, bytes]]) -> bytes:
+        out = []
         for name, value in headers:
             if not _TOKEN.match(name):
                 raise ValueError(f"header name {name!r} is not an HTTP token")
@@ -371,7 +381,6 @@ class SiteClient:
             if name.lower() in _RESERVED:
                 raise ValueError(f"header {name!r} is set by the client")
             out.append(name + b": " + value + b"\r\n")
-        out.append(b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n" % len(body))
         return b"".join(out)
 
     async def _send(self, conn: _Connection, data: bytes, body: bytes) -> Response:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import heapq
 import logging
 import ssl
@@ -41,7 +42,7 @@ from .store import Store, Writer, now_ms
 __all__ = (
     "OutgoingRecord", "wire_headers", "prepare", "Forwarder", "PERMANENT_STATUSES",
     "encode_outgoing", "decode_outgoing", "encode_failed", "decode_failed", "time_sent", "prepare_to",
-    "record_id", "reply_destination", "append_records", "retry_failed",
+    "record_id", "reply_destination", "append_records", "retry_failed", "peek_outgoing",
 )
 
 log = logging.getLogger("gwcore.egress")
@@ -63,7 +64,7 @@ class OutgoingRecord:
     attempt: int
     next_ms: int
     last_error: str
-    framed: bytes
+    framed: bytes | memoryview
 
 
 def encode_outgoing(rec: OutgoingRecord) -> bytes:
@@ -73,15 +74,21 @@ def encode_outgoing(rec: OutgoingRecord) -> bytes:
 
 
 def decode_outgoing(value: bytes) -> OutgoingRecord:
-    value = bytes(value)
+    """Decode a record; ``framed`` is a zero-copy view into *value*."""
     next_ms, attempt, n = _HEAD.unpack_from(value)
     pos = _HEAD.size
-    dest = value[pos:pos + n].decode("utf-8")
+    dest = bytes(value[pos:pos + n]).decode("utf-8")
     pos += n
     (m,) = _U32.unpack_from(value, pos)
     pos += 4
-    err = value[pos:pos + m].decode("utf-8", "replace")
-    return OutgoingRecord(dest, attempt, next_ms, err, value[pos + m:])
+    err = bytes(value[pos:pos + m]).decode("utf-8", "replace")
+    return OutgoingRecord(dest, attempt, next_ms, err, memoryview(value)[pos + m:])
+
+
+def peek_outgoing(value: bytes | memoryview) -> tuple[str, int]:
+    """``(destination, next attempt ms)`` of a record, without copying its envelope."""
+    next_ms, _attempt, n = _HEAD.unpack_from(value)
+    return bytes(value[_HEAD.size:_HEAD.size + n]).decode("utf-8"), next_ms
 
 
 def encode_failed(failed_ms: int, rec: OutgoingRecord) -> bytes:
@@ -89,8 +96,7 @@ def encode_failed(failed_ms: int, rec: OutgoingRecord) -> bytes:
 
 
 def decode_failed(value: bytes) -> tuple[int, OutgoingRecord]:
-    value = bytes(value)
-    return _U64.unpack_from(value)[0], decode_outgoing(value[8:])
+    return _U64.unpack_from(value)[0], decode_outgoing(memoryview(value)[8:])
 
 
 def time_sent(now: float | None = None) -> str:
@@ -272,6 +278,8 @@ class Forwarder:
         self._timer: asyncio.Task | None = None
         self._closed = False
         self._ssl_default: ssl.SSLContext | None = None
+        self._delivered: list[int] = []  # sent (200), their removal not yet handed to the writer
+        self._removals: set[asyncio.Future] = set()
         self.sent = 0
         self.retried = 0
         self.failed = 0
@@ -281,8 +289,8 @@ class Forwarder:
 
     async def start(self) -> None:
         pending = 0
-        for seq, rec in self.store.outgoing_records():
-            self.schedule(seq, rec.dest, rec.next_ms)
+        for seq, dest, next_ms in self.store.outgoing_schedule():
+            self.schedule(seq, dest, next_ms)
             pending += 1
         if pending:
             log.info("forwarder: %d outgoing messages waiting from before the restart", pending)
@@ -290,6 +298,9 @@ class Forwarder:
 
     async def stop(self) -> None:
         self._closed = True
+        self._flush_delivered()
+        if self._removals:
+            await asyncio.gather(*self._removals, return_exceptions=True)
         tasks = [t for d in self._dests.values() for t in d.tasks]
         if self._timer is not None:
             tasks.append(self._timer)
@@ -368,22 +379,22 @@ class Forwarder:
         if value is None:
             return  # already sent (a duplicate schedule), or moved by `gwcore retry`
         rec = decode_outgoing(value)
-        msg_id, headers, body, expiry_ms, _accepted = core.decode_envelope(rec.framed)
+        extra = [("NServiceBus.Retries", str(rec.attempt)),
+                 ("NServiceBus.Retries.Timestamp", time_sent())] if rec.attempt else None
+        # The header block straight from the stored envelope, in the core (egress.wire_headers is
+        # the readable reference of the same lines).
+        msg_id, body, expiry_ms, block = core.encode_submit(rec.framed, extra)
         if expiry_ms and expiry_ms < now_ms():
             log.info("message %s to %s expired (TimeToBeReceived) before it could be sent; discarded", msg_id, d.name)
             self.expired += 1
             await self._commit(seq, d, lambda txn: txn.delete(_U64.pack(seq), db=self.store.outgoing))
             return
-        if rec.attempt:
-            headers["NServiceBus.Retries"] = str(rec.attempt)
-            headers["NServiceBus.Retries.Timestamp"] = time_sent()
-        wire = wire_headers(msg_id, headers, body)
         if d.site is not None and d.site.secret:
-            wire += auth.signature_headers(d.site.secret, d.site.key_id or self.settings.endpoint, "POST",
-                                           d.client.target, msg_id, body)
+            block += b"".join(n + b": " + v + b"\r\n" for n, v in auth.signature_headers(
+                d.site.secret, d.site.key_id or self.settings.endpoint, "POST", d.client.target, msg_id, body))
         d.in_flight += 1
         try:
-            response = await d.client.post(wire, body)
+            response = await d.client.post_block(block, body)
             status, problem = response.status, f"{response.status} {response.reason}"
         except SendError as exc:
             status, problem = 0, str(exc)
@@ -392,7 +403,10 @@ class Forwarder:
         if status == 200:
             d.sent += 1
             self.sent += 1
-            await self._commit(seq, d, lambda txn: txn.delete(_U64.pack(seq), db=self.store.outgoing))
+            # Removals of every message delivered in this loop turn go to the writer as one job.
+            if not self._delivered:
+                asyncio.get_running_loop().call_soon(self._flush_delivered)
+            self._delivered.append(seq)
             return
         d.failed_attempts += 1
         rec.attempt += 1
@@ -418,6 +432,27 @@ class Forwarder:
         updated = encode_outgoing(rec)
         if await self._commit(seq, d, lambda txn: txn.put(_U64.pack(seq), updated, db=self.store.outgoing)):
             self.schedule(seq, d.name, rec.next_ms)
+
+    def _flush_delivered(self) -> None:
+        seqs, self._delivered = self._delivered, []
+        if not seqs:
+            return
+        outgoing = self.store.outgoing
+
+        def remove(txn: Any) -> None:
+            for seq in seqs:
+                txn.delete(_U64.pack(seq), db=outgoing)
+
+        fut = self.writer.call(remove)
+        self._removals.add(fut)
+        fut.add_done_callback(functools.partial(self._removed, seqs))
+
+    def _removed(self, seqs: list[int], fut: asyncio.Future) -> None:
+        self._removals.discard(fut)
+        exc = fut.exception() if not fut.cancelled() else None
+        if exc is not None:
+            # The sites have these messages; the records stay and go again later (duplicates there).
+            log.error("forwarder: cannot remove %d delivered records: %s; they will be sent again", len(seqs), exc)
 
     async def _commit(self, seq: int, d: _Destination, job: Callable[[Any], Any]) -> bool:
         try:

@@ -352,6 +352,24 @@ class Gateway:
             metric("gwcore_consumer_expired_total", "counter", "Messages discarded after their TimeToBeReceived.",
                    [("", q.expired)])
             metric("gwcore_consumer_poisoned_total", "counter", "Messages moved to the error store.", [("", q.poisoned)])
+        f = self.forwarder
+        if f is not None:
+            metric("gwcore_outgoing_sent_total", "counter", "Messages a site answered 200 (removed from the outgoing queue).",
+                   [("", f.sent)])
+            metric("gwcore_outgoing_retries_total", "counter", "Failed send attempts scheduled for a retry.", [("", f.retried)])
+            metric("gwcore_outgoing_failed_total", "counter", "Messages moved to the outgoing error queue.", [("", f.failed)])
+            metric("gwcore_outgoing_expired_total", "counter", "Outgoing messages discarded after their TimeToBeReceived.",
+                   [("", f.expired)])
+            per_site = f.metrics()
+            metric("gwcore_outgoing_in_flight", "gauge", "Requests being sent, per destination.",
+                   [(f'{{site="{name}"}}', inflight) for name, _sent, _failed, inflight in per_site])
+            metric("gwcore_outgoing_site_sent_total", "counter", "Messages delivered, per destination.",
+                   [(f'{{site="{name}"}}', sent) for name, sent, _failed, _inflight in per_site])
+        if self.store is not None and self._started and not self._stopped:
+            counts = self.store.counts()
+            metric("gwcore_outgoing_depth", "gauge", "Messages waiting in the outgoing queue.", [("", counts["outgoing"])])
+            metric("gwcore_outgoing_error_depth", "gauge", "Messages in the outgoing error queue.",
+                   [("", counts["outgoing_errors"])])
         metric("gwcore_role", "gauge", "1 for the role this instance has.",
                [(f'{{mode="{self.settings.mode}",role="active"}}', 1 if self.ready else 0)])
         return "\n".join(out) + "\n"

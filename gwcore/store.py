@@ -196,12 +196,20 @@ class Store:
         with self.resize_lock, self.env.begin() as txn:
             return txn.get(key, db=db)
 
-    def outgoing_records(self) -> list[tuple[int, Any]]:
-        """Every ``(out seq, OutgoingRecord)`` waiting to be sent (start-up, inspection)."""
+    def outgoing_records(self) -> Iterator[tuple[int, Any]]:
+        """Every ``(out seq, OutgoingRecord)`` waiting to be sent (inspection; one read
+        transaction held throughout)."""
         from .egress import decode_outgoing
 
-        with self.resize_lock, self.env.begin() as txn:
-            return [(_U64.unpack(bytes(k))[0], decode_outgoing(v)) for k, v in txn.cursor(db=self.outgoing)]
+        for k, v in self.iter_db(self.outgoing):
+            yield _U64.unpack(bytes(k))[0], decode_outgoing(v)
+
+    def outgoing_schedule(self) -> list[tuple[int, str, int]]:
+        """``(out seq, destination, next attempt ms)`` of every waiting record (forwarder start)."""
+        from .egress import peek_outgoing
+
+        with self.resize_lock, self.env.begin(buffers=True) as txn:
+            return [(_U64.unpack(k)[0], *peek_outgoing(v)) for k, v in txn.cursor(db=self.outgoing)]
 
     def failed_sends(self) -> list[tuple[int, Any]]:
         """Every ``(out seq, OutgoingRecord)`` in the outgoing error queue."""

@@ -7,6 +7,7 @@ import asyncio
 import urllib.parse
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from gwcore import Gateway, Settings
 from gwcore._core import core
@@ -281,3 +282,38 @@ def test_reply_without_originating_site_is_refused(run, tmp_path):
                 await gw.reply(msg, b"r")
 
     run(main())
+
+
+@pytest.mark.parametrize("extra", [None, [("NServiceBus.Retries", "2"), ("NServiceBus.Retries.Timestamp", "t")],
+                                   [("NServiceBus.ReplyToAddress", "Other Endpoint")]])
+def test_core_encoder_matches_wire_headers(extra):
+    headers = dict(MESSAGE_HEADERS, **{"NServiceBus.TimeToBeReceived": "00:10:00", "Zürich ~ x": "a+b/c=d"})
+    framed = core.encode_envelope(MSG_ID, headers, b'{"Hello":"World"}', 0, 1)
+    msg_id, body, expiry, block = core.encode_submit(framed, extra)
+    expected_headers = dict(headers)
+    expected_headers.update(extra or [])
+    expected = b"".join(n + b": " + v + b"\r\n" for n, v in wire_headers(MSG_ID, expected_headers, body))
+    assert (msg_id, body, expiry, block) == (MSG_ID, b'{"Hello":"World"}', 0, expected)
+
+
+def test_core_encoder_without_correlation_header_uses_the_id():
+    framed = core.encode_envelope("only-id", {}, b"", 5, 1)
+    assert core.encode_submit(framed) == ("only-id", b"", 5, b"".join(
+        n + b": " + v + b"\r\n" for n, v in wire_headers("only-id", {}, b"")))
+    with pytest.raises(Exception, match="envelope"):
+        core.encode_submit(framed[:-1])
+
+
+_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(msg_id=_text.filter(bool), headers=st.dictionaries(_text, _text, max_size=8), body=st.binary(max_size=64),
+       retries=st.none() | st.integers(1, 9))
+def test_core_encoder_agrees_with_the_reference(msg_id, headers, body, retries):
+    extra = [("NServiceBus.Retries", str(retries))] if retries else None
+    framed = core.encode_envelope(msg_id, headers, body, 0, 1)
+    expected_headers = dict(headers)
+    expected_headers.update(extra or [])
+    expected = b"".join(n + b": " + v + b"\r\n" for n, v in wire_headers(msg_id, expected_headers, body))
+    assert core.encode_submit(framed, extra) == (msg_id, body, 0, expected)
