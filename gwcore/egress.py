@@ -73,7 +73,7 @@ def encode_outgoing(rec: OutgoingRecord) -> bytes:
     return b"".join((_HEAD.pack(rec.next_ms, rec.attempt, len(dest)), dest, _U32.pack(len(err)), err, rec.framed))
 
 
-def decode_outgoing(value: bytes) -> OutgoingRecord:
+def decode_outgoing(value: bytes | memoryview) -> OutgoingRecord:
     """Decode a record; ``framed`` is a zero-copy view into *value*."""
     next_ms, attempt, n = _HEAD.unpack_from(value)
     pos = _HEAD.size
