@@ -22,9 +22,11 @@ Failed record (``outgoing_errors``, key u64 seq): u64 BE failed_ms, then the out
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import functools
 import heapq
+import itertools
 import logging
 import ssl
 import struct
@@ -55,6 +57,7 @@ _U64 = struct.Struct(">Q")
 PERMANENT_STATUSES = frozenset({400, 401, 403, 413})
 
 _GATEWAY_TRUE = (b"NServiceBus.Gateway", b"True")
+_READ_AHEAD = 63  # records read along with the one a worker needs
 _HEADER_PREFIX = "NServiceBus.Header."
 
 
@@ -252,13 +255,39 @@ def retry_failed(store: Store, match: Callable[[int, OutgoingRecord], bool]) -> 
 
 # -- the forwarder ------------------------------------------------------------------------------------
 
+class _Ready:
+    """The due records of one destination, in order: a deque plus the workers waiting on it."""
+
+    __slots__ = ("items", "waiters")
+
+    def __init__(self) -> None:
+        self.items: collections.deque[int] = collections.deque()
+        self.waiters: collections.deque[asyncio.Future[int]] = collections.deque()
+
+    def put_nowait(self, seq: int) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(seq)
+                return
+        self.items.append(seq)
+
+    async def get(self) -> int:
+        if self.items:
+            return self.items.popleft()
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        return await waiter
+
+
 class _Destination:
     def __init__(self, name: str, url: str, site: Site | None, client: SiteClient) -> None:
         self.name = name
         self.url = url
         self.site = site
         self.client = client
-        self.ready: asyncio.Queue[int] = asyncio.Queue()
+        self.ready = _Ready()
+        self.cache: dict[int, bytes] = {}  # records read ahead for the workers, by seq
         self.tasks: list[asyncio.Task] = []
         self.sent = 0
         self.failed_attempts = 0
@@ -375,7 +404,9 @@ class Forwarder:
                 self.schedule(seq, d.name, now_ms() + 5000)
 
     async def _forward(self, d: _Destination, seq: int) -> None:
-        value = self.store.get(self.store.outgoing, _U64.pack(seq))
+        value = d.cache.pop(seq, None)
+        if value is None:
+            value = self._read_ahead(d, seq)
         if value is None:
             return  # already sent (a duplicate schedule), or moved by `gwcore retry`
         rec = decode_outgoing(value)
@@ -432,6 +463,20 @@ class Forwarder:
         updated = encode_outgoing(rec)
         if await self._commit(seq, d, lambda txn: txn.put(_U64.pack(seq), updated, db=self.store.outgoing)):
             self.schedule(seq, d.name, rec.next_ms)
+
+    def _read_ahead(self, d: _Destination, seq: int) -> bytes | None:
+        """Read *seq* and the next due records of *d* in one read transaction; the others wait in
+        ``d.cache`` for the workers that take them."""
+        upcoming = list(itertools.islice(d.ready.items, _READ_AHEAD))
+        store = self.store
+        with store.resize_lock, store.env.begin() as txn:
+            value = txn.get(_U64.pack(seq), db=store.outgoing)
+            for other in upcoming:
+                if other not in d.cache:
+                    found = txn.get(_U64.pack(other), db=store.outgoing)
+                    if found is not None:
+                        d.cache[other] = found
+        return value
 
     def _flush_delivered(self) -> None:
         seqs, self._delivered = self._delivered, []
