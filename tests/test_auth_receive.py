@@ -191,16 +191,21 @@ def sender_config(tmp_path, url: str, secret: bytes, ca: str | None = None) -> s
     return str(path)
 
 
+async def send_and_receive(hq: Gateway, remote: Gateway) -> None:
+    """hq sends one message to RemoteSite: it arrives once and leaves hq's outgoing queue."""
+    msg_id = await hq.send_to_sites(["RemoteSite"], BODY)
+    (msg,) = await drain(remote, 1)
+    assert (msg.id, msg.body) == (msg_id, BODY)
+    await until(lambda: hq.store.counts()["outgoing"] == 0)
+    assert hq.store.counts()["outgoing_errors"] == 0
+
+
 def test_signed_sends_between_two_gateways(run, tmp_path):
     async def main():
         async with Gateway(settings_for(tmp_path, "RemoteSite", receive_keys=KEYS)) as remote:
             cfg = sender_config(tmp_path, url_of(remote, "RemoteSite"), SECRET)
             async with Gateway(settings_for(tmp_path, "Headquarters", config_file=cfg)) as hq:
-                msg_id = await hq.send_to_sites(["RemoteSite"], BODY)
-                (msg,) = await drain(remote, 1)
-                assert (msg.id, msg.body) == (msg_id, BODY)
-                await until(lambda: hq.store.counts()["outgoing"] == 0)
-                assert hq.store.counts()["outgoing_errors"] == 0
+                await send_and_receive(hq, remote)
 
     run(main())
 
@@ -265,10 +270,6 @@ def test_two_gateways_over_https_signed(run, tmp_path, pki):
             cfg = sender_config(tmp_path, https_url(remote), SECRET)
             settings = settings_for(tmp_path, "Headquarters", config_file=cfg, tls_ca=str(pki / "ca.pem"))
             async with Gateway(settings) as hq:
-                msg_id = await hq.send_to_sites(["RemoteSite"], BODY)
-                (msg,) = await drain(remote, 1)
-                assert (msg.id, msg.body) == (msg_id, BODY)
-                await until(lambda: hq.store.counts()["outgoing"] == 0)
-                assert hq.store.counts()["outgoing_errors"] == 0
+                await send_and_receive(hq, remote)
 
     run(main())
