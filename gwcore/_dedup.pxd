@@ -21,6 +21,13 @@ cdef class Envelope:
         readonly bytes body
         readonly bytes framed               # encode_envelope() of the fields above
         readonly object callback            # str or None (JSONP, query string only)
+        # Request signing (Framer signatures=True only; None otherwise): the gwcore-Date and
+        # gwcore-Signature values, and the method and request target RequestParser adds when
+        # a signature is present.
+        readonly str auth_date
+        readonly str auth_signature
+        readonly str method
+        readonly str target
 
 
 cdef class Rejection:
@@ -28,6 +35,14 @@ cdef class Rejection:
         readonly int status
         readonly str reason                 # ASCII, no control characters, at most 512 chars
         readonly object callback            # str or None
+        # With Framer signatures=True, a rejection decided once the id is known carries what a
+        # signature check needs, so that the receiver can answer 401 first; None otherwise.
+        readonly str id
+        readonly bytes body
+        readonly str auth_date
+        readonly str auth_signature
+        readonly str method
+        readonly str target
 
 
 cdef struct _Span:
@@ -52,6 +67,7 @@ cdef class Framer:
         readonly str scope
         readonly Py_ssize_t max_id_bytes
         readonly bint parse_query
+        readonly bint signatures            # find gwcore-Date and gwcore-Signature (request signing)
         bytes _key_prefix                   # scope UTF-8 + NUL: every dedup key starts with it
         # Per-request scratch, owned (PyMem) and reused: decoded text, spans over it, and an
         # open-addressing index of span numbers (slot 0 = empty, else span index + 1).
@@ -95,6 +111,9 @@ cdef class Framer:
     cdef object _finish(self, Py_ssize_t first, Py_ssize_t repeated, object body,
                         object callback, uint64_t now_ms)
     cdef Rejection _reject(self, int status, str reason, object callback)
+    cdef Rejection _reject_known(self, int status, str reason, object callback,
+                                 const Py_ssize_t* found, bytes body)
+    cdef str _value_or_none(self, Py_ssize_t span)
 
 
 cdef struct _IndexSlot:
@@ -192,5 +211,6 @@ cdef class RequestParser:
     cdef int _chunk_size(self, list events, Py_ssize_t n) except -1
     cdef bint _matches_channel(self) noexcept
     cdef int _complete(self, list events, uint64_t now_ms) except -1
+    cdef int _add_request_line(self, object result) except -1
     cdef int _compact(self) except -1
     cdef int _shrink(self) except -1

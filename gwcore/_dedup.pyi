@@ -118,6 +118,20 @@ class Envelope:
     @property
     def callback(self) -> str | None:
         """The JSONP ``callback`` query parameter (only when the framer parses queries)."""
+    @property
+    def auth_date(self) -> str | None:
+        """The (URL-decoded) ``gwcore-Date`` header, found like the control headers (ignoring
+        ASCII case); None when absent or when the framer was made without ``signatures``."""
+    @property
+    def auth_signature(self) -> str | None:
+        """The ``gwcore-Signature`` header, as :attr:`auth_date`."""
+    @property
+    def method(self) -> str | None:
+        """The request method, set by :class:`RequestParser` when :attr:`auth_signature` is not
+        None (a signature covers it); otherwise None."""
+    @property
+    def target(self) -> str | None:
+        """The request target exactly as received (path and query), set like :attr:`method`."""
 
 @disjoint_base
 class Rejection:
@@ -135,6 +149,26 @@ class Rejection:
     @property
     def callback(self) -> str | None:
         """The JSONP ``callback`` query parameter, if any."""
+    @property
+    def id(self) -> str | None:
+        """The decoded ``NServiceBus.Id`` when the framer has ``signatures`` on and refused the
+        request after reading the id (so a receiver that requires signatures can check the
+        signature first and answer 401 instead); otherwise None."""
+    @property
+    def body(self) -> bytes | None:
+        """The request body, set together with :attr:`id`."""
+    @property
+    def auth_date(self) -> str | None:
+        """As :attr:`Envelope.auth_date`, set together with :attr:`id`."""
+    @property
+    def auth_signature(self) -> str | None:
+        """As :attr:`Envelope.auth_signature`, set together with :attr:`id`."""
+    @property
+    def method(self) -> str | None:
+        """As :attr:`Envelope.method`."""
+    @property
+    def target(self) -> str | None:
+        """As :attr:`Envelope.target`."""
 
 @disjoint_base
 class Framer:
@@ -148,13 +182,20 @@ class Framer:
     501 for now. A framer is not thread-safe: use it from one thread (the event loop).
     """
 
-    def __init__(self, scope: str, *, max_id_bytes: int = 400, parse_query: bool = False) -> None:
+    def __init__(
+        self, scope: str, *, max_id_bytes: int = 400, parse_query: bool = False, signatures: bool = False
+    ) -> None:
         """
         :param scope: dedup scope, the receiving site or endpoint name; it prefixes every
             :attr:`Envelope.key`, so one store can serve several endpoints.
         :param max_id_bytes: longest accepted ``NServiceBus.Id``, in UTF-8 bytes.
         :param parse_query: honour query-string parameters (GET/JSONP clients): each overrides
             the header of the same name, ``Message`` replaces the body, ``callback`` is kept.
+        :param signatures: also find ``gwcore-Date`` and ``gwcore-Signature`` (request signing,
+            ``gwcore.auth``) and keep them on the envelope, and give rejections decided after
+            the id was read the fields a signature check needs. Off, the framer does no work
+            for them. These headers are not message headers: a gateway message drops them like
+            every header outside ``NServiceBus.Header.*``.
         :raises gwcore.errors.ConfigurationError: *scope* contains NUL or is not encodable, or
             *max_id_bytes* is not positive.
         """
@@ -164,6 +205,8 @@ class Framer:
     def max_id_bytes(self) -> int: ...
     @property
     def parse_query(self) -> bool: ...
+    @property
+    def signatures(self) -> bool: ...
     @property
     def framed_total(self) -> int:
         """Requests turned into envelopes."""
@@ -348,4 +391,6 @@ class RequestParser:
         :param now_ms: current time in ms since the epoch, for the framer.
         :return: ``(EV_SUBMIT, keep_alive, result)``, ``(EV_OTHER, keep_alive, method, path)``,
             ``(EV_CONTINUE,)`` and ``(EV_ERROR, status, reason)`` tuples; an error is always last.
+            When the framer has ``signatures`` on and a submit carries ``gwcore-Signature``, its
+            result's ``method`` and ``target`` are set (unsigned requests pay nothing).
         """

@@ -69,7 +69,10 @@ cdef enum:
     CTL_GATEWAY
     CTL_CORRELATION_ID
     CTL_TTBR
-    CONTROL_COUNT
+    CONTROL_COUNT                       # the controls every request looks up
+    CTL_AUTH_DATE = CONTROL_COUNT       # looked up only by a Framer made with signatures=True
+    CTL_AUTH_SIGNATURE
+    ALL_CONTROLS
 
     # What a folded header name contains (_Span.marks).
     MARK_DATABUS = 1                    # "nservicebus.databus.": a claim-check part
@@ -96,8 +99,9 @@ cdef struct _Name:
 cdef tuple CONTROL_NAMES = (
     b"nservicebus.id", b"nservicebus.calltype", b"content-md5", b"nservicebus.gateway",
     b"nservicebus.correlationid", b"nservicebus.timetobereceived",
+    b"gwcore-date", b"gwcore-signature",
 )
-cdef _Name CONTROLS[CONTROL_COUNT]
+cdef _Name CONTROLS[ALL_CONTROLS]
 
 cdef const char* NSB = b"nservicebus."                 # common start of both marks
 cdef const char* HEADER_PREFIX = b"nservicebus.header."  # stripped from gateway message headers

@@ -39,7 +39,7 @@ import hashlib
 import hmac
 import re
 import time
-from typing import Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from .errors import AuthenticationError
 
@@ -48,6 +48,7 @@ __all__ = (
     "signature_headers",
     "verify",
     "body_digest",
+    "Verifier",
     "format_date",
     "DATE_HEADER",
     "SIGNATURE_HEADER",
@@ -198,3 +199,63 @@ def _parse_date(value: str) -> int | None:
     except ValueError:
         return None
     return calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
+
+
+# What to do about each refusal, for the 401 reason phrase (read by the sender's operator).
+_ADVICE = {
+    MISSING_SIGNATURE: "this site accepts signed requests only; give the sender a secret for it, "
+                       "see docs/security.md",
+    MALFORMED_SIGNATURE: f"{SIGNATURE_HEADER} must be '{_VERSION}.<key id>.<signature>'",
+    UNKNOWN_KEY: "key id {key!r} is not in this site's [receive.keys]",
+    MISSING_DATE: f"no {DATE_HEADER} header; sign with gwcore.auth.signature_headers",
+    BAD_SIGNATURE: "the request's signature does not match; check the shared secret for key {key!r}",
+}
+
+
+class Verifier:
+    """The receiving side: decides whether a framed request may pass (docs/security.md).
+
+    :param keys: (key id, secret) pairs, as ``Settings.receive_keys``; several ids may be
+        configured side by side while a secret is rotated.
+    :param max_skew_s: ``GWCORE_AUTH_MAX_SKEW``.
+    :param allow_unsigned: pass requests that carry no ``gwcore-Signature`` at all.
+    :param clock: seconds since the epoch (tests replace it).
+    """
+
+    def __init__(self, keys: Iterable[tuple[str, bytes]], max_skew_s: float, allow_unsigned: bool,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.secrets = dict(keys)
+        self.max_skew_s = max_skew_s
+        self.allow_unsigned = allow_unsigned
+        self.clock = clock
+
+    def refusal(self, result: Any) -> str | None:
+        """None when *result* may pass, else the reason phrase of its ``401 Unauthorized``.
+
+        :param result: an ``Envelope`` or ``Rejection`` from a framer made with
+            ``signatures=True`` (its ``id``, ``body``, ``auth_date``, ``auth_signature``,
+            ``method`` and ``target``). A rejection without ``id`` was refused before the signed
+            fields were read; it passes, to be answered as it is.
+        """
+        if result.id is None:
+            return None
+        signature = result.auth_signature
+        if signature is None and self.allow_unsigned:
+            return None
+        try:
+            verify(self.secrets, result.method or "POST", result.target or "",
+                   {SIGNATURE_HEADER: signature, DATE_HEADER: result.auth_date}, result.id,
+                   body_digest(result.body), self.clock(), self.max_skew_s)
+        except AuthenticationError as exc:
+            advice = _ADVICE.get(exc.reason)
+            if advice is None:
+                advice = str(exc).partition(": ")[2]     # auth's own detail says it best
+            else:
+                advice = advice.format(key=_key_id(signature))
+            return f"Unauthorized: {exc.reason} ({advice})"
+        return None
+
+
+def _key_id(signature: str | None) -> str:
+    parts = (signature or "").strip().split(".")
+    return parts[1] if len(parts) == 3 else ""

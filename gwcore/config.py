@@ -437,6 +437,9 @@ class Settings:
             if "receive_keys" not in overrides:
                 values["receive_keys"], allow = _receive_keys(config)
                 values.setdefault("allow_unsigned", allow)
+            else:
+                # as in the file: keys given means unsigned requests are refused unless said otherwise
+                values.setdefault("allow_unsigned", not values["receive_keys"])
         except ValueError as exc:
             raise ConfigurationError(f"{where if config else 'GWCORE_SITES'}: {exc}") from None
         unknown_tables = sorted(set(config) - {"sites", "receive"})

@@ -18,6 +18,7 @@ import logging
 import time
 from typing import Any
 
+from . import auth
 from ._core import core
 from .errors import StoreError
 
@@ -30,6 +31,7 @@ _JS = b"application/javascript; charset=utf-8"
 _TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 
 _OK = "OK"
+_CHALLENGE = b"WWW-Authenticate: gwcore-v1\r\n"   # RFC 9110: a 401 names its scheme
 _LINGER_SECONDS = 2.0
 _BUILTIN = (b"/healthz", b"/readyz", b"/metrics")
 _EV_SUBMIT, _EV_OTHER, _EV_CONTINUE = core.EV_SUBMIT, core.EV_OTHER, core.EV_CONTINUE
@@ -64,7 +66,13 @@ class HTTPState:
                  metrics_render: Any = None) -> None:
         self.settings = settings
         self.writer = writer
-        self.framer = core.Framer(settings.endpoint, parse_query=settings.http_allow_get)
+        # Request signing (docs/security.md): None when no site secrets are configured, and then
+        # a request costs nothing more than this attribute test.
+        self.verifier = (auth.Verifier(settings.receive_keys, settings.auth_max_skew, settings.allow_unsigned)
+                         if settings.receive_keys else None)
+        self.framer = core.Framer(settings.endpoint, parse_query=settings.http_allow_get,
+                                  signatures=self.verifier is not None)
+        self._auth_logged: dict[str, float] = {}
         self.channel_paths = [p.lower().encode() for p in channel_paths]
         self.metrics_render = metrics_render
         # False while this instance must not take gateway traffic (not started yet; later: a
@@ -110,6 +118,15 @@ class HTTPState:
         if self._ok_cache[0] is not date:
             self._ok_cache = (date, render_response(200, _OK, date))
         return self._ok_cache[1]
+
+    def log_refusal(self, reason: str) -> None:
+        """A 401 is worth a log line (a sender with the wrong secret, or someone probing), but
+        not one per request: each kind of refusal is logged at most every 10 s."""
+        kind = reason.partition(" (")[0]
+        now = time.monotonic()
+        if now - self._auth_logged.get(kind, -1e9) >= 10.0:
+            self._auth_logged[kind] = now
+            log.warning("request refused: 401 %s", reason)
 
     def match_channel(self, path: bytes) -> bool:
         known = self._routes.get(path)
@@ -287,6 +304,12 @@ class HTTPProtocol(asyncio.Protocol):
             self._answer(slot, 503, "Service Unavailable: gwcore is shutting down" if state.draining
                          else "Service Unavailable: not the active receiver")
             return
+        if state.verifier is not None:
+            refusal = state.verifier.refusal(result)
+            if refusal is not None:
+                state.log_refusal(refusal)
+                self._answer(slot, 401, refusal, callback=result.callback, extra=_CHALLENGE)
+                return
         if isinstance(result, core.Rejection):
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("request refused: %d %s", result.status, result.reason)

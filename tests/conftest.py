@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -58,3 +60,37 @@ def gateway_factory(make_settings):
         return Gateway(make_settings(**overrides), handler=handler)
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """A throw-away CA, a server certificate for 127.0.0.1/localhost and a client certificate
+    (CN=Headquarters) signed by it, made with the openssl CLI: ca.pem, server.pem/.key,
+    client.pem/.key. Without openssl the TLS tests are skipped, except in CI (CI=true), where
+    that is a failure: a CI run must not pass without having tested TLS."""
+    if shutil.which("openssl") is None:
+        if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+            pytest.fail("the openssl command is required in CI (CI=true) for the TLS tests")
+        pytest.skip("the openssl command is not installed")
+    d = tmp_path_factory.mktemp("pki")
+
+    def sh(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    sh("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=gwcore test CA",
+       "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    (d / "server.ext").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
+    sh("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    sh("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+       "-out", "server.pem", "-days", "2", "-extfile", "server.ext")
+    (d / "client.ext").write_text(
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
+    sh("req", *ec, "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=Headquarters")
+    sh("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+       "-out", "client.pem", "-days", "2", "-extfile", "client.ext")
+    return d

@@ -156,6 +156,10 @@ class Envelope:
     body: bytes
     framed: bytes
     callback: str | None
+    auth_date: str | None = None
+    auth_signature: str | None = None
+    method: str | None = None
+    target: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +167,12 @@ class Rejection:
     status: int
     reason: str
     callback: str | None = None
+    id: str | None = None
+    body: bytes | None = None
+    auth_date: str | None = None
+    auth_signature: str | None = None
+    method: str | None = None
+    target: str | None = None
 
     def __post_init__(self) -> None:
         clean = "".join(c if " " <= c <= "~" else "?" for c in self.reason[:512])
@@ -187,10 +197,12 @@ def _strip_header_prefix(name: str) -> str:
 
 
 class Framer:
-    def __init__(self, scope: str, *, max_id_bytes: int = 400, parse_query: bool = False) -> None:
+    def __init__(self, scope: str, *, max_id_bytes: int = 400, parse_query: bool = False,
+                 signatures: bool = False) -> None:
         if "\x00" in scope or max_id_bytes < 1:
             raise ConfigurationError("bad framer settings")
         self.scope, self.max_id_bytes, self.parse_query = scope, max_id_bytes, parse_query
+        self.signatures = signatures
         self.framed_total = self.rejected_total = 0
 
     def _reject(self, status: int, reason: str, callback: str | None) -> Rejection:
@@ -237,36 +249,44 @@ class Framer:
             return self._reject(400, "Required header 'NServiceBus.Id' missing.", callback)
         if len(id.encode("utf-8")) > self.max_id_bytes:
             return self._reject(400, f"Header 'NServiceBus.Id' is longer than {self.max_id_bytes} bytes.", callback)
+        auth = {}
+        if self.signatures:
+            auth = {"auth_date": get("gwcore-Date"), "auth_signature": get("gwcore-Signature")}
+        signed = {"id": id, "body": body, **auth} if self.signatures else {}
+
+        def refuse(status: int, reason: str) -> Rejection:
+            # decided once the id is known: with signatures on, the signed fields come along
+            self.rejected_total += 1
+            return Rejection(status, reason, callback, **signed)
+
         call_type = get("NServiceBus.CallType")
         if call_type is None:
-            return self._reject(400, "Required header 'NServiceBus.CallType' missing.", callback)
+            return refuse(400, "Required header 'NServiceBus.CallType' missing.")
         kind = {"SingleCallSubmit": CALL_SUBMIT, "0": CALL_SUBMIT, "SingleCallDatabusProperty": CALL_DATABUS, "1": CALL_DATABUS}.get(
             call_type.strip(NET_WHITESPACE)
         )
         if kind is None:
-            return self._reject(
+            return refuse(
                 400,
                 f"Invalid CallType '{call_type}'. CallTypes supported 'SingleCallSubmit, SingleCallDatabusProperty'",
-                callback,
             )
         if kind == CALL_DATABUS:
-            return self._reject(
+            return refuse(
                 501,
                 "SingleCallDatabusProperty is not supported by this gwcore version yet: claim-check properties cannot be received.",
-                callback,
             )
         md5 = get("Content-MD5")
         if md5 is not None and md5 != content_md5(body):
-            return self._reject(412, "MD5 hash received does not match hash calculated on server. Please resubmit.", callback)
+            return refuse(412, "MD5 hash received does not match hash calculated on server. Please resubmit.")
         parts = sum("nservicebus.databus." in fold for fold in merged)
         if parts:
-            return self._reject(412, f"Expected {parts} claimcheck properties. None were received. Please resubmit.", callback)
+            return refuse(412, f"Expected {parts} claimcheck properties. None were received. Please resubmit.")
 
         gateway = get("NServiceBus.Gateway") is not None
         if gateway:
             correlation_id = get("NServiceBus.CorrelationId")
             if correlation_id is None:
-                return self._reject(502, "Unexpected server error", callback)
+                return refuse(502, "Unexpected server error")
             message_headers = {
                 _strip_header_prefix(name): value for fold, (name, value) in merged.items() if "nservicebus.header" in fold
             }
@@ -285,4 +305,5 @@ class Framer:
             body=body,
             framed=encode_envelope(id, message_headers, body, expiry_ms, now_ms),
             callback=callback,
+            **auth,
         )

@@ -130,6 +130,13 @@ RemoteSite = {{ secret_file = "{secret_file}" }}
     assert "0123456789abcdef" not in repr(s)
 
 
+def test_receive_keys_given_as_an_argument_refuse_unsigned_by_default():
+    keys = (("hq", b"0123456789abcdef-hq"),)
+    assert Settings.from_env({}, receive_keys=keys).allow_unsigned is False
+    assert Settings.from_env({}, receive_keys=keys, allow_unsigned=True).allow_unsigned is True
+    assert Settings.from_env({}, receive_keys=()).allow_unsigned is True
+
+
 @pytest.mark.parametrize("text,needle", [
     ("[sites.A]\nurl = 'http://a/A/'\nsecret = 'short'\n", "at least 16 bytes"),
     ("[sites.A]\nurl = 'http://a/A/'\ncolour = 'red'\n", "unknown keys colour"),

@@ -97,6 +97,11 @@ def gateway_request(draw):
         control["NServiceBus.Gateway"] = draw(st.sampled_from(["True", "", "false"]))
     if draw(st.booleans()):
         control["NServiceBus.TimeToBeReceived"] = draw(st.one_of(timespan_text, header_text))
+    if draw(st.booleans()):
+        # request signing: the framer keeps these only when made with signatures=True
+        control["gwcore-Date"] = draw(st.sampled_from(["20261126T171029Z", ""]))
+        if draw(st.booleans()):
+            control["gwcore-Signature"] = draw(st.one_of(st.just("v1.hq." + "A" * 43), header_text))
     if mutation and mutation.startswith("drop-"):
         del control[{"drop-id": "NServiceBus.Id", "drop-call-type": "NServiceBus.CallType",
                      "drop-correlation-id": "NServiceBus.CorrelationId"}[mutation]]
@@ -130,7 +135,7 @@ def gateway_request(draw):
     if draw(st.booleans()):
         params = []
         for _ in range(draw(st.integers(0, 4))):
-            key = draw(random_case(draw(st.sampled_from(["NServiceBus.Id", "NServiceBus.CallType", "Content-MD5", "Message", "callback", "NServiceBus.Gateway", "X"]))))
+            key = draw(random_case(draw(st.sampled_from(["NServiceBus.Id", "NServiceBus.CallType", "Content-MD5", "Message", "callback", "NServiceBus.Gateway", "gwcore-Signature", "X"]))))
             value = draw(header_text)
             once = draw(url_encoded(value))
             # usually double-encoded (what survives both decodes), sometimes only once
@@ -138,17 +143,20 @@ def gateway_request(draw):
             params.append(draw(url_encoded(key)) + (b"=" + raw_value if draw(st.integers(0, 5)) else b""))
         query = b"&".join(params)
 
-    framer_args = {"max_id_bytes": draw(st.sampled_from([400] * 8 + [13, 8])), "parse_query": draw(st.booleans())}
+    framer_args = {"max_id_bytes": draw(st.sampled_from([400] * 8 + [13, 8])), "parse_query": draw(st.booleans()),
+                   "signatures": draw(st.booleans())}
     body_arg = draw(st.sampled_from([bytes, bytearray, lambda b: memoryview(b"pad" + b)[3:]]))(body)
     return flat, body_arg, query, draw(st.integers(0, 2**64 - 1)), framer_args
 
 
 def outcome(result):
     if type(result).__name__ == "Rejection":
-        return ("rejected", result.status, result.reason, result.callback)
+        return ("rejected", result.status, result.reason, result.callback, result.id, result.body,
+                result.auth_date, result.auth_signature, result.method, result.target)
     return (
         "accepted", result.id, result.key, result.call_type, result.expiry_ms, result.accepted_ms,
         list(result.headers.items()), result.body, result.framed, result.callback,
+        result.auth_date, result.auth_signature, result.method, result.target,
     )
 
 

@@ -259,7 +259,7 @@ cdef void _init_tables():
             or c in (0x2D, 0x5F, 0x2E, 0x21, 0x2A, 0x28, 0x29)   # - _ . ! * ( )
         )
         FOLD[c] = c | 0x20 if 65 <= c <= 90 else c
-    for c in range(CONTROL_COUNT):
+    for c in range(ALL_CONTROLS):
         CONTROLS[c].p = _ptr(CONTROL_NAMES[c])
         CONTROLS[c].n = len(CONTROL_NAMES[c])
         CONTROLS[c].hash = _fold_hash(CONTROLS[c].p, CONTROLS[c].n)

@@ -84,7 +84,8 @@ cdef class Framer:
         self._spans = NULL
         self._slots = NULL
 
-    def __init__(self, str scope not None, *, Py_ssize_t max_id_bytes=400, bint parse_query=False):
+    def __init__(self, str scope not None, *, Py_ssize_t max_id_bytes=400, bint parse_query=False,
+                 bint signatures=False):
         if "\x00" in scope:
             raise ConfigurationError("the dedup scope must not contain NUL: it separates scope and id")
         if max_id_bytes < 1:
@@ -96,6 +97,7 @@ cdef class Framer:
         self.scope = scope
         self.max_id_bytes = max_id_bytes
         self.parse_query = parse_query
+        self.signatures = signatures
 
     def __dealloc__(self):
         PyMem_Free(self._text)
@@ -329,6 +331,24 @@ cdef class Framer:
         self.rejected_total += 1
         return Rejection(status, reason, callback)
 
+    cdef Rejection _reject_known(self, int status, str reason, object callback,
+                                 const Py_ssize_t* found, bytes body):
+        # A rejection decided once the id is known (found: _finish's control spans). With
+        # signatures on it carries the signed fields the framer has, so that the receiver can
+        # check the signature before it answers with this rejection.
+        cdef Rejection r = self._reject(status, reason, callback)
+        if self.signatures:
+            r.id = self._value_or_none(found[CTL_ID])
+            r.body = body
+            r.auth_date = self._value_or_none(found[CTL_AUTH_DATE])
+            r.auth_signature = self._value_or_none(found[CTL_AUTH_SIGNATURE])
+        return r
+
+    cdef str _value_or_none(self, Py_ssize_t span):
+        if span < 0:
+            return None
+        return self._str(self._spans[span].value, self._spans[span].value_n)
+
     def frame(self, list headers not None, body, query, uint64_t now_ms):
         return self._frame(headers, body, query, now_ms)
 
@@ -387,7 +407,7 @@ cdef class Framer:
         # Validates the spans of one request (headers from `first` on, all added unless
         # `repeated` >= 0 names a repeated one) and builds its envelope or rejection.
         cdef Py_ssize_t i, end, n
-        cdef Py_ssize_t found[CONTROL_COUNT]
+        cdef Py_ssize_t found[ALL_CONTROLS]
         cdef const _Span* s
         cdef const _Span* id
         cdef const unsigned char* ttbr = NULL
@@ -406,6 +426,9 @@ cdef class Framer:
         end = self._spans_n
         for i in range(CONTROL_COUNT):
             found[i] = self._lookup(i)
+        if self.signatures:
+            found[CTL_AUTH_DATE] = self._lookup(CTL_AUTH_DATE)
+            found[CTL_AUTH_SIGNATURE] = self._lookup(CTL_AUTH_SIGNATURE)
 
         if found[CTL_ID] < 0:
             return self._reject(400, "Required header 'NServiceBus.Id' missing.", callback)
@@ -419,36 +442,37 @@ cdef class Framer:
                 400, f"Header 'NServiceBus.Id' is longer than {self.max_id_bytes} bytes.", callback)
 
         if found[CTL_CALL_TYPE] < 0:
-            return self._reject(400, "Required header 'NServiceBus.CallType' missing.", callback)
+            return self._reject_known(400, "Required header 'NServiceBus.CallType' missing.", callback,
+                                      found, body_bytes)
         s = &self._spans[found[CTL_CALL_TYPE]]
         i = _call_type(self._text + s.value, s.value_n)
         if i == CALL_TYPE_DATABUS:
-            return self._reject(
+            return self._reject_known(
                 501, "SingleCallDatabusProperty is not supported by this gwcore version yet: "
-                     "claim-check properties cannot be received.", callback)
+                     "claim-check properties cannot be received.", callback, found, body_bytes)
         if i != CALL_TYPE_SUBMIT:
-            return self._reject(
+            return self._reject_known(
                 400, f"Invalid CallType '{self._str(s.value, s.value_n)}'. CallTypes supported "
-                     f"'SingleCallSubmit, SingleCallDatabusProperty'", callback)
+                     f"'SingleCallSubmit, SingleCallDatabusProperty'", callback, found, body_bytes)
 
         if found[CTL_CONTENT_MD5] >= 0:
             s = &self._spans[found[CTL_CONTENT_MD5]]
             _content_md5(body_bytes, md5)
             if s.value_n != MD5_BASE64_LEN or memcmp(self._text + s.value, md5, MD5_BASE64_LEN):
-                return self._reject(
+                return self._reject_known(
                     412, "MD5 hash received does not match hash calculated on server. "
-                         "Please resubmit.", callback)
+                         "Please resubmit.", callback, found, body_bytes)
         # No part can have arrived while SingleCallDatabusProperty is refused above.
         n = self._mark(first, end)
         if n:
-            return self._reject(
+            return self._reject_known(
                 412, f"Expected {n} claimcheck properties. None were received. Please resubmit.",
-                callback)
+                callback, found, body_bytes)
 
         gateway = found[CTL_GATEWAY] >= 0
         if gateway and found[CTL_CORRELATION_ID] < 0:
             # NServiceBus reads it with a throwing indexer: an unhandled exception -> 502
-            return self._reject(502, "Unexpected server error", callback)
+            return self._reject_known(502, "Unexpected server error", callback, found, body_bytes)
         if found[CTL_TTBR] >= 0:
             s = &self._spans[found[CTL_TTBR]]
             ttbr = self._text + s.value
@@ -465,6 +489,9 @@ cdef class Framer:
         env.accepted_ms = now_ms
         env.body = body_bytes
         env.callback = callback
+        if self.signatures:
+            env.auth_date = self._value_or_none(found[CTL_AUTH_DATE])
+            env.auth_signature = self._value_or_none(found[CTL_AUTH_SIGNATURE])
         env.framed = self._envelope(id, first, end, body_bytes, env.expiry_ms, now_ms)
         self.framed_total += 1
         return env

@@ -579,6 +579,8 @@ cdef class RequestParser:
                 self._raw[2 * i + 1].p = self._buf + h.value
                 self._raw[2 * i + 1].n = h.value_n
             result = self._framer._frame_raw(self._raw, self._headers_n, body, query, now_ms)
+            if self._framer.signatures:
+                self._add_request_line(result)
             events.append((EVENT_SUBMIT, self._keep_alive, result))
         else:
             events.append((EVENT_OTHER, self._keep_alive, self._method_bytes, self._path_bytes))
@@ -586,6 +588,25 @@ cdef class RequestParser:
         self._method_bytes = self._path_bytes = None
         # After a request without keep-alive the connection closes: what follows is not read.
         self._state = RP_START if self._keep_alive else RP_DONE
+        return 0
+
+    cdef int _add_request_line(self, object result) except -1:
+        # A signature covers the method and the request target as received, which only the
+        # parser knows; they are decoded for signed requests only (the target is ASCII here).
+        cdef str method, target
+        if type(result) is Envelope:
+            if (<Envelope>result).auth_signature is None:
+                return 0
+        elif (<Rejection>result).auth_signature is None:
+            return 0
+        method = PyUnicode_DecodeASCII(<const char*>self._buf + self._method, self._method_n, NULL)
+        target = PyUnicode_DecodeASCII(<const char*>self._buf + self._target, self._target_n, NULL)
+        if type(result) is Envelope:
+            (<Envelope>result).method = method
+            (<Envelope>result).target = target
+        else:
+            (<Rejection>result).method = method
+            (<Rejection>result).target = target
         return 0
 
     cdef int _compact(self) except -1:
