@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator, Mapping
 
 import orjson
 
@@ -59,9 +59,10 @@ _gateway: Gateway | None = None
 
 
 # One event as one write, so the lines of the two sites never interleave inside an event.
-def _say(who: str, headline: str, fields: Iterable[tuple[str, Any]] = ()) -> None:
+def _say(who: str, headline: str, fields: Mapping[str, object] | None = None) -> None:
     prefix = f"[{who}]".ljust(_PREFIX_WIDTH)
-    text = prefix + headline + "\n" + "".join(f"{prefix}    {name:<16}{value}\n" for name, value in fields)
+    lines = [headline] + [f"    {name:<16}{value}" for name, value in (fields or {}).items()]
+    text = "".join(f"{prefix}{line}\n" for line in lines)
     sys.stdout.write(text)
     sys.stdout.flush()
 
@@ -72,18 +73,23 @@ def _message_type(headers: dict[str, str]) -> str:
     return full.split(",", 1)[0].rsplit(".", 1)[-1]
 
 
+def _updates(count: int) -> str:
+    return f"{count} price update{'s' if count != 1 else ''}"
+
+
 def _text(body: bytes) -> str:
     return body.decode("utf-8", errors="replace")
 
 
 # The headers that tell where a message came from and what it answers.
-def _headers_shown(msg: Message) -> list[tuple[str, Any]]:
-    shown: list[tuple[str, Any]] = [("MessageId", msg.id)]
+def _headers_shown(msg: Message) -> dict[str, str]:
+    shown = {"MessageId": msg.id}
     for name in ("MessageIntent", "CorrelationId", "RelatedTo", "OriginatingSite"):
         value = msg.headers.get(f"NServiceBus.{name}")
         if value is not None:
-            shown.append((name, value))
-    return shown + [("body", _text(msg.body))]
+            shown[name] = value
+    shown["body"] = _text(msg.body)
+    return shown
 
 
 def _running_gateway() -> Gateway:
@@ -108,7 +114,7 @@ async def acknowledge_price(msg: Message) -> None:
     # Choosing the reply's id lets the line go out before the reply does, so it always precedes
     # Headquarters' line about receiving it.
     reply_id = str(uuid.uuid4())
-    _say(REMOTE, f"-> {_message_type(PRICE_ACK)} (reply)", [("MessageId", reply_id), ("body", _text(ack))])
+    _say(REMOTE, f"-> {_message_type(PRICE_ACK)} (reply)", {"MessageId": reply_id, "body": _text(ack)})
     await gw.reply(msg, ack, {**PRICE_ACK, "NServiceBus.MessageId": reply_id})
 
 
@@ -127,7 +133,7 @@ async def _price_updates(gw: Gateway, count: int, interval: float, timeout: floa
         body = orjson.dumps({"ProductId": f"P-{1000 + n}", "NewPrice": round(9.5 + 1.25 * n, 2)})
         msg_id = str(uuid.uuid4())
         _say(HQ, f"-> {_message_type(UPDATE_PRICE)} {n}/{count} to {REMOTE}",
-             [("MessageId", msg_id), ("body", _text(body))])
+             {"MessageId": msg_id, "body": _text(body)})
         started = time.perf_counter()
         try:
             reply = await gw.request(REMOTE, body, UPDATE_PRICE, timeout=timeout, message_id=msg_id)
@@ -136,16 +142,16 @@ async def _price_updates(gw: Gateway, count: int, interval: float, timeout: floa
             return 1
         took.append((time.perf_counter() - started) * 1000)
         fields = _headers_shown(reply)
-        fields = [(k, f"{v}  (= the id of {_message_type(UPDATE_PRICE)} {n})" if k == "CorrelationId" and v == msg_id
-                   else v) for k, v in fields]
+        if fields.get("CorrelationId") == msg_id:
+            fields["CorrelationId"] += f"  (= the id of {_message_type(UPDATE_PRICE)} {n})"
         _say(HQ, f"<- {_message_type(reply.headers)} {n}/{count}, round trip {took[-1]:.1f} ms", fields)
-    _say(HQ, f"{count} price updates sent, {len(took)} acknowledged; round trip min {min(took):.1f} ms, "
+    _say(HQ, f"{_updates(count)} sent, {len(took)} acknowledged; round trip min {min(took):.1f} ms, "
              f"median {statistics.median(took):.1f} ms, max {max(took):.1f} ms")
     return 0
 
 
 async def _headquarters(gw: Gateway, stop: asyncio.Event, count: int, interval: float, timeout: float) -> int:
-    _say(HQ, f"listening on {gw.reply_uri}; sending {count} price updates to {REMOTE}")
+    _say(HQ, f"listening on {gw.reply_uri}; sending {_updates(count)} to {REMOTE}")
     took: list[float] = []
     sending = asyncio.ensure_future(_price_updates(gw, count, interval, timeout, took))
     stopping = asyncio.ensure_future(stop.wait())
@@ -156,7 +162,7 @@ async def _headquarters(gw: Gateway, stop: asyncio.Event, count: int, interval: 
     sending.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await sending
-    _say(HQ, f"interrupted: {len(took)} of {count} price updates acknowledged")
+    _say(HQ, f"interrupted: {len(took)} of {_updates(count)} acknowledged")
     return 1
 
 
@@ -187,7 +193,7 @@ async def _run_site(settings: Settings, parent: int, args: argparse.Namespace) -
             return 1
         try:
             if args.site == HQ:
-                return await _headquarters(gw, stop, args.count, args.interval, args.timeout)
+                return await _headquarters(gw, stop, args.count, args.interval, REPLY_TIMEOUT)
             return await _remote_site(gw, stop)
         finally:
             await gw.stop()
@@ -203,7 +209,6 @@ def _child_main(argv: list[str]) -> int:
     p.add_argument("site", choices=(HQ, REMOTE))
     p.add_argument("--count", type=int, default=5)
     p.add_argument("--interval", type=float, default=0.5)
-    p.add_argument("--timeout", type=float, default=REPLY_TIMEOUT)
     args = p.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -211,7 +216,7 @@ def _child_main(argv: list[str]) -> int:
         _say(args.site, f"error: {exc}")
         return 2
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format=f"[{settings.endpoint}] %(levelname)s %(name)s: %(message)s")
+                        format=f"[{settings.endpoint}]".ljust(_PREFIX_WIDTH) + "%(levelname)s %(name)s: %(message)s")
     from .server import loop_factory
 
     with asyncio.Runner(loop_factory=loop_factory(settings.loop)) as runner:
@@ -348,8 +353,8 @@ def run(*, count: int = 5, hq_port: int = 25899, remote_port: int = 25900, data_
     shared = {"GWCORE_LOG_LEVEL": "info" if verbose else "warning",
               "GWCORE_RETRY_DELAYS": "1s",  # a send that fails is tried again soon, not after a minute
               "GWCORE_SHUTDOWN_TIMEOUT": "5s"}
-    _say("demo", f"the NServiceBus gateway sample on loopback: {HQ} sends {count} UpdatePrice "
-                 f"request{'s' if count > 1 else ''} to {REMOTE}, which acknowledges {'each' if count > 1 else 'it'}")
+    _say("demo", f"the NServiceBus gateway sample on loopback: {HQ} sends {_updates(count)} to {REMOTE}, "
+                 f"which acknowledges {'each' if count > 1 else 'it'}")
     for site in (hq, remote):
         site.data_dir = os.path.join(root, site.name)
         _say("demo", f"{site.name:<13} {site.url:<38} data {site.data_dir}")

@@ -83,9 +83,10 @@ def test_three_price_updates_are_acknowledged_and_everything_is_cleaned_up(tmp_p
     ev = events(res.stdout)
     hq_url, remote_url = f"http://127.0.0.1:{hq}/Headquarters/", f"http://127.0.0.1:{remote}/RemoteSite/"
 
-    sent = [f for site, head, f in ev if site == "Headquarters" and re.fullmatch(r"-> UpdatePrice \d/3 to RemoteSite", head)]
+    hq_events = [(head, f) for site, head, f in ev if site == "Headquarters"]
+    sent = [f for head, f in hq_events if re.fullmatch(r"-> UpdatePrice \d/3 to RemoteSite", head)]
     received = [f for site, head, f in ev if site == "RemoteSite" and head == "<- UpdatePrice received"]
-    acks = [(head, f) for site, head, f in ev if site == "Headquarters" and head.startswith("<- PriceUpdateAcknowledged")]
+    acks = [(head, f) for head, f in hq_events if head.startswith("<- PriceUpdateAcknowledged")]
     assert len(sent) == len(received) == len(acks) == 3
     ids = [f["MessageId"] for f in sent]
     assert len(set(ids)) == 3 and all(uuid.UUID(i) for i in ids)
@@ -117,6 +118,16 @@ def test_keep_leaves_both_stores(tmp_path):
     assert kept.startswith(str(tmp_path))
     assert sorted(os.listdir(kept)) == ["Headquarters", "RemoteSite"]
     assert not any(running(pid) for pid in child_pids(res.stdout).values())
+
+
+def test_a_given_data_dir_is_kept_and_can_be_used_again(tmp_path):
+    stores = tmp_path / "stores"
+    for _run in range(2):
+        res, _hq, _remote = run_demo(tmp_path, "--count", "1", "--data-dir", str(stores))
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert f"data kept in {stores}" in res.stdout
+    assert sorted(os.listdir(stores)) == ["Headquarters", "RemoteSite"]
+    assert os.listdir(tmp_path) == ["stores"]  # no temporary dir besides
 
 
 @pytest.mark.parametrize("option,site", [("--remote-port", "RemoteSite"), ("--hq-port", "Headquarters")])
