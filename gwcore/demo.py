@@ -232,7 +232,6 @@ class _Interrupted(Exception):
 # The first stop signal becomes _Interrupted; later ones (and any once the demo is cleaning up) are
 # ignored, so that cleaning up is never cut short.
 class _Signals:
-
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
@@ -257,7 +256,6 @@ class _Signals:
 
 # One child gateway process as the demo process sees it.
 class _Site:
-
     def __init__(self, name: str, port: int, option: str) -> None:
         self.name = name
         self.port = port
