@@ -174,6 +174,13 @@ def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from .demo import run
+
+    return run(count=args.count, hq_port=args.hq_port, remote_port=args.remote_port, data_dir=args.data_dir,
+               keep=args.keep, interval=args.interval, verbose=args.verbose)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gwcore",
@@ -203,13 +210,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every message in the outgoing error queue")
     p.add_argument("--data-dir", help="the gateway's data dir (default GWCORE_DATA_DIR)")
     p.set_defaults(func=_cmd_retry)
+    p = sub.add_parser("demo", help="watch two sites talk: Headquarters and RemoteSite on loopback (no setup)",
+                       description="The NServiceBus gateway sample in one command: Headquarters and RemoteSite, "
+                                   "each a gateway process with its own data dir; Headquarters sends UpdatePrice "
+                                   "requests, RemoteSite replies to each. GWCORE_* variables are not used.")
+    p.add_argument("--count", type=int, default=5, metavar="N", help="price updates to send (default 5)")
+    p.add_argument("--interval", type=float, default=0.5, metavar="SECONDS",
+                   help="pause between price updates (default 0.5)")
+    p.add_argument("--hq-port", type=int, default=25899, metavar="PORT", help="Headquarters' port (default 25899)")
+    p.add_argument("--remote-port", type=int, default=25900, metavar="PORT", help="RemoteSite's port (default 25900)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="keep the two stores under DIR (never removed; default: a temporary dir)")
+    p.add_argument("--keep", action="store_true", help="do not remove the temporary data dir")
+    p.add_argument("--verbose", action="store_true", help="the gateways' info logs too (default: warnings only)")
+    p.set_defaults(func=_cmd_demo, reads_environment=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = Settings.from_env()
+        # the demo configures its own gateways: a GWCORE_* variable of this shell must not stop it
+        settings = Settings.from_env() if getattr(args, "reads_environment", True) else Settings()
         return args.func(args, settings)
     except GatewayError as exc:
         print(f"gwcore: error: {exc}", file=sys.stderr)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 from .errors import ConfigurationError
 
-__all__ = ("Settings", "ReceiveChannel", "Site", "MODES", "parse_duration", "parse_size")
+__all__ = ("Settings", "ReceiveChannel", "Site", "MODES", "parse_duration", "parse_size", "child_environment")
 
 MODES = ("standalone", "distributor", "selected")
 LOOPS = ("auto", "uvloop", "asyncio")
@@ -518,3 +518,18 @@ def _parse_channels(name: str, text: str, endpoint: str) -> tuple[ReceiveChannel
 def variables() -> dict[str, str]:
     """Name -> default text of every runtime variable (used by the docs check)."""
     return {name: default for name, (_a, _p, default) in _VARIABLES.items()}
+
+
+def child_environment(variables: Mapping[str, str]) -> dict[str, str]:
+    """The environment for a child gwcore process configured by *variables* alone: this process's
+    environment without its ``GWCORE_*`` variables (so the caller's shell cannot change the child),
+    plus *variables*.
+
+    :raises ConfigurationError: a name in *variables* is not a runtime ``GWCORE_*`` setting.
+    """
+    unknown = sorted(name for name in variables if name not in _VARIABLES)
+    if unknown:
+        raise ConfigurationError(f"not a gwcore setting: {', '.join(unknown)}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GWCORE_")}
+    env.update(variables)
+    return env

@@ -254,13 +254,17 @@ class Gateway:
         return msg_id
 
     async def request(self, site: str, body: bytes, headers: Mapping[str, str] | None = None,
-                      *, timeout: float = 60.0) -> Message:
+                      *, timeout: float = 60.0, message_id: str | None = None) -> Message:
         """Send to *site* and wait for the reply (matched by correlation id); the reply is
         acknowledged (removed from the local queue) when it is returned.
 
+        :param message_id: the request's id (default: a new UUID), e.g. to log it before sending.
         :raises TimeoutError: no reply within *timeout* seconds (the message names the id).
+        :raises ValueError: a request with this *message_id* is already waiting.
         """
-        msg_id = str(uuid.uuid4())
+        msg_id = message_id or str(uuid.uuid4())
+        if msg_id in self._requests:
+            raise ValueError(f"a request with id {msg_id} is already waiting for its reply")
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._requests[msg_id] = fut
         try:

@@ -149,3 +149,16 @@ def test_config_file_errors(tmp_path, text, needle):
     cfg.write_text(text)
     with pytest.raises(ConfigurationError, match=needle):
         Settings.from_env({"GWCORE_CONFIG": str(cfg)})
+
+
+def test_child_environment_holds_only_the_given_settings(monkeypatch):
+    from gwcore.config import child_environment
+
+    monkeypatch.setenv("GWCORE_DATA_DIR", "/from/the/shell")
+    monkeypatch.setenv("GWCORE_NOT_A_SETTING", "x")
+    monkeypatch.setenv("DEMO_UNRELATED", "kept")
+    env = child_environment({"GWCORE_ENDPOINT": "RemoteSite"})
+    assert {k: v for k, v in env.items() if k.startswith("GWCORE_")} == {"GWCORE_ENDPOINT": "RemoteSite"}
+    assert env["DEMO_UNRELATED"] == "kept"
+    with pytest.raises(ConfigurationError, match="GWCORE_ENDPIONT"):
+        child_environment({"GWCORE_ENDPIONT": "typo"})

@@ -265,8 +265,16 @@ def test_reply_and_request_between_two_gateways(run, tmp_path):
                 # a second one, and the reply went to the request, not to the handler
                 assert (await hq.request("RemoteSite", b"price-2", timeout=20)).body == b"ack:price-2"
                 assert seen == []
-                with pytest.raises(TimeoutError, match="no reply to request"):
-                    await hq.request("RemoteSite", b"x", {"Silent": "yes"}, timeout=0.5)
+                # the caller may choose the request's id, e.g. to log it before sending
+                reply = await hq.request("RemoteSite", b"price-3", timeout=20, message_id="price-3-id")
+                assert reply.headers["NServiceBus.CorrelationId"] == reply.headers["NServiceBus.RelatedTo"] == "price-3-id"
+                silent = asyncio.ensure_future(
+                    hq.request("RemoteSite", b"x", {"Silent": "yes"}, timeout=0.5, message_id="silent"))
+                await asyncio.sleep(0)
+                with pytest.raises(ValueError, match="already waiting"):
+                    await hq.request("RemoteSite", b"y", timeout=0.5, message_id="silent")
+                with pytest.raises(TimeoutError, match="no reply to request silent"):
+                    await silent
 
     run(main())
 
