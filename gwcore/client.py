@@ -23,6 +23,7 @@ this client for requests that are not idempotent.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import re
 import ssl
@@ -96,8 +97,10 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, client: SiteClient) -> None:
         self.client = client
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.lost = asyncio.get_running_loop().create_future()
+        self.lost = self.loop.create_future()
+        self.started = 0.0           # loop time the current request was written (timeouts are swept)
         self.closed = False          # EOF, error, Connection: close, or unsolicited bytes
         self.used = 0                # requests completed on this connection
         self.idle_timer: asyncio.TimerHandle | None = None
@@ -243,8 +246,9 @@ class _Connection(asyncio.Protocol):
 
     async def request(self, data: bytes, body: bytes) -> Response:
         assert self.transport is not None
-        waiter: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Response] = self.loop.create_future()
         self._reset(waiter)
+        self.started = self.loop.time()
         # One write, one send(2): the head and a gateway body are small next to the syscall.
         self.transport.write(data + body if len(body) <= 65536 else data)
         if len(body) > 65536:
@@ -307,7 +311,11 @@ class SiteClient:
         #: The request target written on the request line (the path to sign, see gwcore.auth).
         self.target = target
         self._head = b"POST " + target.encode("ascii") + b" HTTP/1.1\r\nHost: " + host_bytes + b"\r\n"
-        self._slots = asyncio.Semaphore(concurrency)
+        # Free request slots, and callers waiting for one (a semaphore without the coroutine layers:
+        # this is on every message's path).
+        self._free = concurrency
+        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._sweeper: asyncio.TimerHandle | None = None
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()
         self._closed = False
@@ -346,9 +354,12 @@ class SiteClient:
             self._head, block, len(body))
         if self._closed:
             raise SendError(self.url, "client is closed")
-        async with self._slots:
+        await self._acquire_slot()
+        try:
             if self._closed:
                 raise SendError(self.url, "client is closed")
+            if self._sweeper is None:
+                self._start_sweeper()
             conn = self._take_idle()
             reused = conn is not None
             if conn is None:
@@ -370,6 +381,46 @@ class SiteClient:
                 raise
             self._release(conn)
             return response
+        finally:
+            self._release_slot()
+
+    async def _acquire_slot(self) -> None:
+        if self._free > 0 and not self._slot_waiters:
+            self._free -= 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release_slot()  # handed a slot, then cancelled: pass it on
+            raise
+
+    def _release_slot(self) -> None:
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot goes straight to the next caller
+                return
+        self._free += 1
+
+    def _start_sweeper(self) -> None:
+        # One timer per client instead of one per request: a request past request_timeout fails
+        # at the next sweep, so the limit holds within a quarter of it (at most 1 s late).
+        self._sweep_every = min(1.0, self.request_timeout / 4)
+        self._sweeper = asyncio.get_running_loop().call_later(self._sweep_every, self._sweep)
+
+    def _sweep(self) -> None:
+        if self._closed:
+            self._sweeper = None
+            return
+        now = asyncio.get_running_loop().time()
+        for conn in list(self._all):
+            waiter = conn.waiter
+            if waiter is not None and not waiter.done() and now - conn.started >= self.request_timeout:
+                conn._fail(SendTimeoutError(self.url, f"no complete response within {self.request_timeout:g} s"))
+        self._sweeper = asyncio.get_running_loop().call_later(self._sweep_every, self._sweep)
 
     def _build_block(self, headers: list[tuple[bytes, bytes]]) -> bytes:
         out = []
@@ -384,11 +435,7 @@ class SiteClient:
         return b"".join(out)
 
     async def _send(self, conn: _Connection, data: bytes, body: bytes) -> Response:
-        try:
-            async with asyncio.timeout(self.request_timeout):
-                response = await conn.request(data, body)
-        except TimeoutError:
-            raise SendTimeoutError(self.url, f"no complete response within {self.request_timeout:g} s") from None
+        response = await conn.request(data, body)  # the sweeper fails it after request_timeout
         conn.used += 1
         return response
 
@@ -457,6 +504,9 @@ class SiteClient:
         """Close idle connections now and the others as their requests finish; refuse new posts.
         Waits (briefly) until the idle connections are closed."""
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         idle, self._idle = self._idle, []
         for conn in idle:
             conn._close()

@@ -409,12 +409,16 @@ class Forwarder:
             value = self._read_ahead(d, seq)
         if value is None:
             return  # already sent (a duplicate schedule), or moved by `gwcore retry`
-        rec = decode_outgoing(value)
-        extra = [("NServiceBus.Retries", str(rec.attempt)),
-                 ("NServiceBus.Retries.Timestamp", time_sent())] if rec.attempt else None
+        # Only the attempt count and where the envelope starts: the rest of the record is read
+        # when an attempt fails.
+        _next, attempt, n = _HEAD.unpack_from(value)
+        pos = _HEAD.size + n
+        framed = memoryview(value)[pos + 4 + _U32.unpack_from(value, pos)[0]:]
+        extra = [("NServiceBus.Retries", str(attempt)),
+                 ("NServiceBus.Retries.Timestamp", time_sent())] if attempt else None
         # The header block straight from the stored envelope, in the core (egress.wire_headers is
         # the readable reference of the same lines).
-        msg_id, body, expiry_ms, block = core.encode_submit(rec.framed, extra)
+        msg_id, body, expiry_ms, block = core.encode_submit(framed, extra)
         if expiry_ms and expiry_ms < now_ms():
             log.info("message %s to %s expired (TimeToBeReceived) before it could be sent; discarded", msg_id, d.name)
             self.expired += 1
@@ -440,6 +444,7 @@ class Forwarder:
             self._delivered.append(seq)
             return
         d.failed_attempts += 1
+        rec = decode_outgoing(value)
         rec.attempt += 1
         rec.last_error = problem
         if status in PERMANENT_STATUSES or rec.attempt > self.settings.retries:
