@@ -83,7 +83,12 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_message(tmp_path):
 
         async def load_and_kill() -> None:
             load = asyncio.ensure_future(submit_all(port, [i for i in ids if i not in acked], acked))
-            await asyncio.sleep(rng.uniform(0.05, 0.6))
+            # Kill at a random point of the remaining load (after 1 to a third of what is left
+            # has been acknowledged), not after a fixed time: a fast server would otherwise have
+            # finished before the later kills, and a slow one not have started.
+            target = len(acked) + rng.randint(1, max(1, (len(ids) - len(acked)) // 3))
+            while len(acked) < target and not load.done():
+                await asyncio.sleep(0.001)
             server.kill()
             await load
 
