@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
 import time
 
 import pytest
@@ -84,3 +86,46 @@ def test_ten_thousand_messages_cross_through_kills(tmp_path, victim):
     assert set(received) == set(ids)
     assert counts(a_dir)["outgoing_errors"] == 0
     assert gwcore_cli("inspect", "errors", data_dir=a_dir) == ""
+
+
+def test_cli_send_inspect_and_retry_through_the_control_socket(tmp_path):
+    a_dir, b_dir = str(tmp_path / "a" / "store"), str(tmp_path / "b" / "store")
+    a_port, b_port = free_port(), free_port()
+    b_url = f"http://127.0.0.1:{b_port}/SiteB/"
+    a_env = dict(GWCORE_ENDPOINT="SiteA", GWCORE_SITES=f"SiteB={b_url}", GWCORE_RETRIES="0")
+    cli_env = {k: v for k, v in a_env.items()}
+    a = ServerProcess(a_dir, a_port, **a_env).start()
+    try:
+        # SiteB is down and retries are off: the send fails at once into the error queue
+        first = gwcore_cli("send", "--to", "SiteB", "--body", "hello", "--header", "Kind=price",
+                           data_dir=a_dir, **cli_env).strip()
+        wait_for(lambda: counts(a_dir)["outgoing_errors"] == 1, 30, "the failed send")
+        errors = gwcore_cli("inspect", "errors", data_dir=a_dir)
+        assert first in errors and "to SiteB after 1 attempt(s)" in errors
+        # an unconfigured site is refused with every missing name, nothing queued
+        out = subprocess.run([sys.executable, "-m", "gwcore", "send", "--to", "Nowhere", "--to", "Gone",
+                              "--body", "x"], env=dict(a.env), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2
+        assert "The following sites have not been configured: Nowhere, Gone" in out.stderr
+        b = ServerProcess(b_dir, b_port, GWCORE_ENDPOINT="SiteB").start()
+        try:
+            assert gwcore_cli("retry", "--all", data_dir=a_dir, **cli_env).split() == [first]
+            second = gwcore_cli("send", "--to", "SiteB", "--body", "again", data_dir=a_dir, **cli_env).strip()
+            wait_for(lambda: counts(b_dir)["queue"] == 2, 30, "both messages at SiteB")
+            assert gwcore_cli("retry", "no-such-id", data_dir=a_dir, check=False, **cli_env) == ""
+        finally:
+            assert b.terminate() == 0
+    finally:
+        assert a.terminate() == 0
+    assert sorted(queued_ids(b_dir)) == sorted([first, second])
+    assert counts(a_dir)["outgoing_errors"] == 0
+    # with no gateway running, `gwcore send` records the message; the gateway sends it when it starts
+    third = gwcore_cli("send", "--to", "SiteB", "--body", "later", data_dir=a_dir, **cli_env).strip()
+    assert counts(a_dir)["outgoing"] == 1
+    b = ServerProcess(b_dir, b_port, GWCORE_ENDPOINT="SiteB").start()
+    a = ServerProcess(a_dir, a_port, **a_env).start()
+    try:
+        wait_for(lambda: counts(b_dir)["queue"] == 3, 30, "the message recorded offline")
+    finally:
+        assert a.terminate() == 0 and b.terminate() == 0
+    assert third in queued_ids(b_dir)
