@@ -13,6 +13,7 @@ from gwcore import Gateway, Settings
 from gwcore._core import core
 from gwcore.egress import wire_headers
 from gwcore.errors import UnknownSiteError
+from test_framing import PLAIN_SUBMIT_MESSAGE_HEADERS
 
 MSG_ID = "0b1f6f0e-5d8a-4f43-b1d5-b3a400c1d2e3"
 
@@ -39,21 +40,7 @@ NServiceBus.Gateway: True
 NServiceBus.CallType: SingleCallSubmit
 Content-MD5: 0S9RmNGZjrrjq41F3ZZBjw%3D%3D"""
 
-MESSAGE_HEADERS = {
-    "NServiceBus.MessageId": MSG_ID,
-    "NServiceBus.MessageIntent": "Send",
-    "NServiceBus.ConversationId": "5c0e9a47-3a5e-4d0c-9a1c-b3a400c1d2e3",
-    "NServiceBus.CorrelationId": MSG_ID,
-    "NServiceBus.ReplyToAddress": "Headquarters",
-    "NServiceBus.OriginatingEndpoint": "Headquarters",
-    "NServiceBus.OriginatingMachine": "HQ-SRV01",
-    "NServiceBus.ContentType": "application/json",
-    "NServiceBus.EnclosedMessageTypes": "Shared.UpdatePrice, Shared, Version=1.0.0.0, Culture=neutral, PublicKeyToken=null",
-    "NServiceBus.Version": "10.2.8",
-    "NServiceBus.TimeSent": "2026-08-20 10:15:30:123456 Z",
-    "NServiceBus.DestinationSites": "RemoteSite",
-    "NServiceBus.OriginatingSite": "http,http://localhost:25899/Headquarters/",
-}
+MESSAGE_HEADERS = PLAIN_SUBMIT_MESSAGE_HEADERS  # protocol.md §8.1, as tests/test_framing.py has them
 
 
 def test_wire_headers_match_section_8_1_line_for_line():

@@ -272,24 +272,31 @@ cdef str _take_str(_Reader* r, str what):
         raise FramingError(f"envelope has invalid UTF-8 in {what}") from exc
 
 
+cdef int _envelope_start(_Reader* r, const unsigned char[::1] view, uint64_t* accepted_ms,
+                         uint64_t* expiry_ms) except -1:
+    # Points r at the envelope in view, checks magic and version, reads the two times.
+    cdef const unsigned char* head
+    r.left = view.shape[0]
+    r.p = &view[0] if r.left else <const unsigned char*>b""
+    head = _take(r, 3, "the preamble")
+    if head[0] != MAGIC_G or head[1] != MAGIC_W:
+        raise FramingError("not a gwcore envelope (bad magic)")
+    if head[2] != ENVELOPE_VERSION:
+        raise FramingError(f"unsupported envelope version {head[2]}")
+    accepted_ms[0] = _get_u64(_take(r, 8, "accepted_ms"))
+    expiry_ms[0] = _get_u64(_take(r, 8, "expiry_ms"))
+    return 0
+
+
 def decode_envelope(framed):
     cdef const unsigned char[::1] view = framed
     cdef _Reader r
-    cdef const unsigned char* head
     cdef uint64_t accepted_ms, expiry_ms, body_n
     cdef uint32_t count, i
     cdef dict headers = {}
     cdef str id, name
     cdef bytes body
-    r.left = view.shape[0]
-    r.p = &view[0] if r.left else <const unsigned char*>b""
-    head = _take(&r, 3, "the preamble")
-    if head[0] != MAGIC_G or head[1] != MAGIC_W:
-        raise FramingError("not a gwcore envelope (bad magic)")
-    if head[2] != ENVELOPE_VERSION:
-        raise FramingError(f"unsupported envelope version {head[2]}")
-    accepted_ms = _get_u64(_take(&r, 8, "accepted_ms"))
-    expiry_ms = _get_u64(_take(&r, 8, "expiry_ms"))
+    _envelope_start(&r, view, &accepted_ms, &expiry_ms)
     id = _take_str(&r, "the id")
     count = _get_u32(_take(&r, 4, "the header count"))
     for i in range(count):

@@ -49,8 +49,7 @@ def encode_submit(framed, list extra=None):
     """See _dedup.pyi."""
     cdef const unsigned char[::1] view = framed
     cdef _Reader r
-    cdef const unsigned char* head
-    cdef uint64_t expiry_ms, body_n
+    cdef uint64_t accepted_ms, expiry_ms, body_n
     cdef uint32_t count, i, j, k
     cdef _TextSpan id_span, span
     cdef _TextSpan* names = NULL
@@ -65,15 +64,7 @@ def encode_submit(framed, list extra=None):
     cdef Py_ssize_t text_n
     cdef bytes body, block
     cdef str msg_id
-    r.left = view.shape[0]
-    r.p = &view[0] if r.left else <const unsigned char*>b""
-    head = _take(&r, 3, "the preamble")
-    if head[0] != MAGIC_G or head[1] != MAGIC_W:
-        raise FramingError("not a gwcore envelope (bad magic)")
-    if head[2] != ENVELOPE_VERSION:
-        raise FramingError(f"unsupported envelope version {head[2]}")
-    _take(&r, 8, "accepted_ms")
-    expiry_ms = _get_u64(_take(&r, 8, "expiry_ms"))
+    _envelope_start(&r, view, &accepted_ms, &expiry_ms)
     id_span.n = _get_u32(_take(&r, 4, "the id"))
     id_span.p = _take(&r, id_span.n, "the id")
     count = _get_u32(_take(&r, 4, "the header count"))
