@@ -27,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from typing import Any, Iterator, Mapping
 
@@ -127,11 +129,14 @@ async def unexpected_message(msg: Message) -> None:
 
 # Send the price updates one at a time; *took* receives each round trip (ms).
 async def _price_updates(gw: Gateway, count: int, interval: float, timeout: float, took: list[float]) -> int:
+    first: tuple[str, bytes] = ("", b"")
     for n in range(1, count + 1):
         if n > 1 and interval:
             await asyncio.sleep(interval)
         body = orjson.dumps({"ProductId": f"P-{1000 + n}", "NewPrice": round(9.5 + 1.25 * n, 2)})
         msg_id = str(uuid.uuid4())
+        if n == 1:
+            first = (msg_id, body)
         _say(HQ, f"-> {_message_type(UPDATE_PRICE)} {n}/{count} to {REMOTE}",
              {"MessageId": msg_id, "body": _text(body)})
         started = time.perf_counter()
@@ -147,7 +152,38 @@ async def _price_updates(gw: Gateway, count: int, interval: float, timeout: floa
         _say(HQ, f"<- {_message_type(reply.headers)} {n}/{count}, round trip {took[-1]:.1f} ms", fields)
     _say(HQ, f"{_updates(count)} sent, {len(took)} acknowledged; round trip min {min(took):.1f} ms, "
              f"median {statistics.median(took):.1f} ms, max {max(took):.1f} ms")
+    return await _resend_first(gw, first, timeout)
+
+
+async def _resend_first(gw: Gateway, first: tuple[str, bytes], timeout: float) -> int:
+    """Send UpdatePrice 1 again with its id, as a sender whose 200 got lost would: RemoteSite
+    answers 200 and neither stores nor handles it a second time."""
+    msg_id, body = first
+    forwarder = gw.forwarder
+    assert forwarder is not None
+    delivered = forwarder.sent
+    _say(HQ, f"-> {_message_type(UPDATE_PRICE)} 1 again, on purpose, with the same id", {"MessageId": msg_id})
+    await gw.send_to_sites([REMOTE], body, UPDATE_PRICE, message_id=msg_id)
+    deadline = time.monotonic() + timeout
+    while forwarder.sent == delivered:
+        if time.monotonic() > deadline:
+            _say(HQ, "the resent message was not answered in time")
+            return 1
+        await asyncio.sleep(0.01)
+    site = gw.settings.site(REMOTE)
+    assert site is not None
+    parts = urllib.parse.urlsplit(site.url)
+    metrics = await asyncio.to_thread(_fetch, f"{parts.scheme}://{parts.netloc}/metrics")
+    suppressed = next((line.split()[-1] for line in metrics.splitlines()
+                       if line.startswith("gwcore_messages_duplicate_total ")), "?")
+    _say(HQ, f"<- 200 OK from {REMOTE} for the resent id: a duplicate, suppressed (stored once, handled once)",
+         {"Duplicates": f"{suppressed} so far at {REMOTE} (gwcore_messages_duplicate_total)"})
     return 0
+
+
+def _fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode("utf-8", "replace")
 
 
 async def _headquarters(gw: Gateway, stop: asyncio.Event, count: int, interval: float, timeout: float) -> int:

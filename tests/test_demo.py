@@ -101,6 +101,11 @@ def test_three_price_updates_are_acknowledged_and_everything_is_cleaned_up(tmp_p
         assert ack["MessageId"] not in ids
         assert '"Status":"Applied at RemoteSite"' in ack["body"]
     assert "3 price updates sent, 3 acknowledged" in res.stdout
+    # UpdatePrice 1 is resent on purpose with its id: answered 200, not handled a second time
+    resent = [f for head, f in hq_events if head == "-> UpdatePrice 1 again, on purpose, with the same id"]
+    assert [f["MessageId"] for f in resent] == [ids[0]]
+    (dup,) = [f for head, f in hq_events if head.startswith("<- 200 OK from RemoteSite for the resent id")]
+    assert dup["Duplicates"].split()[0] == "1"
 
     pids = child_pids(res.stdout)
     assert set(pids) == {"Headquarters", "RemoteSite"}
