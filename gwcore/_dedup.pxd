@@ -140,7 +140,8 @@ cdef class DedupIndex:
     cdef int _insert(self, uint64_t h, uint64_t seq) except -1
     cdef bint _remove(self, uint64_t h, uint64_t seq) noexcept
     cdef int _remember(self, uint64_t h, uint64_t seq) except -1
-    cdef uint64_t _find(self, object get, object log_db, bytes key, uint64_t h) except? 0
+    cdef uint64_t _find(self, object get, object log_db, bytes key, uint64_t h,
+                        uint64_t batch_start, list pending) except? 0
 
 
 cdef struct _HeaderAt:

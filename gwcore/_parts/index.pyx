@@ -209,18 +209,26 @@ cdef class DedupIndex:
         self._undo_n += 1
         return 0
 
-    cdef uint64_t _find(self, object get, object log_db, bytes key, uint64_t h) except? 0:
+    cdef uint64_t _find(self, object get, object log_db, bytes key, uint64_t h,
+                        uint64_t batch_start, list pending) except? 0:
         # The seq of the log entry recording `key`, or 0. Every slot with the same hash is checked
-        # against the log, so a collision is a read, never a wrong answer.
+        # against the log, so a collision is a read, never a wrong answer. Records of the batch
+        # being applied (seq >= batch_start) are not in the log yet: `pending` holds their keys.
         cdef Py_ssize_t i = <Py_ssize_t>(h & <uint64_t>self._mask)
         cdef uint64_t seq
-        cdef bytes value
+        cdef bytes value, other
         cdef Py_ssize_t n = PyBytes_GET_SIZE(key)
         while self._slots[i].seq:
             if self._slots[i].hash == h:
                 # A slot the log does not confirm (a hash collision, or a reader whose snapshot
                 # predates the writer's open transaction) is simply not a match.
                 seq = self._slots[i].seq
+                if pending is not None and seq >= batch_start:
+                    other = <bytes>pending[seq - batch_start]
+                    if PyBytes_GET_SIZE(other) == n and memcmp(_ptr(other), _ptr(key), n) == 0:
+                        return seq
+                    i = (i + 1) & self._mask
+                    continue
                 found = get(_pack_u64(seq), db=log_db)
                 if found is not None:
                     value = _as_bytes(found)
@@ -263,9 +271,11 @@ cdef class DedupIndex:
 
     def apply_batch(self, txn, log_db, queue_db, list envelopes not None,
                     uint64_t accepted_ms, uint64_t next_seq):
-        cdef object put = txn.put
         cdef object get = txn.get
         cdef list results = []
+        cdef list pending = []              # keys of this batch's new records, by seq - next_seq
+        cdef list queue_items = []
+        cdef list log_items = []
         cdef uint64_t seq = next_seq, h
         cdef unsigned long long new = 0, duplicate = 0
         cdef bytes seq_key, key, value
@@ -278,7 +288,7 @@ cdef class DedupIndex:
             key = env.key
             n = PyBytes_GET_SIZE(key)
             h = self._hash(_ptr(key), n)
-            if self._find(get, log_db, key, h):
+            if self._find(get, log_db, key, h, next_seq, pending):
                 results.append(False)
                 duplicate += 1
                 continue
@@ -286,17 +296,21 @@ cdef class DedupIndex:
             value = PyBytes_FromStringAndSize(NULL, LOG_VALUE_PREFIX + n)
             _put_u64(<unsigned char*>PyBytes_AS_STRING(value), accepted_ms)
             memcpy(<unsigned char*>PyBytes_AS_STRING(value) + LOG_VALUE_PREFIX, _ptr(key), n)
-            # Both keys only grow: append at the right edge of each tree. A False from put means
-            # the key was not greater than the last one, i.e. a sequence number went backwards.
-            if not put(seq_key, env.framed, db=queue_db, append=True):
-                raise InternalError(f"queue position {seq} already taken (sequence went backwards)")
-            if not put(seq_key, value, db=log_db, append=True):
-                raise InternalError(f"dedup log position {seq} already taken (sequence went backwards)")
+            queue_items.append((seq_key, env.framed))
+            log_items.append((seq_key, value))
+            pending.append(key)
             self._insert(h, seq)
             self._remember(h, seq)
             results.append(True)
             seq += 1
             new += 1
+        if new:
+            # Both keys only grow: append at the right edge of each tree, one call per tree. A
+            # pair not added means its key was not above the last one: a sequence went backwards.
+            if txn.cursor(db=queue_db).putmulti(queue_items, append=True)[1] != <Py_ssize_t>new:
+                raise InternalError(f"queue positions from {next_seq} already taken (sequence went backwards)")
+            if txn.cursor(db=log_db).putmulti(log_items, append=True)[1] != <Py_ssize_t>new:
+                raise InternalError(f"dedup log positions from {next_seq} already taken (sequence went backwards)")
         # Counted only once every put went through: an lmdb error makes the caller abort the
         # whole transaction (and call rollback()), and then nothing of this batch happened.
         self.new_total += new
@@ -321,11 +335,11 @@ cdef class DedupIndex:
         cdef bytes key
         for obj in envelopes:
             key = (<Envelope?>obj).key
-            results.append(self._find(get, log_db, key, self._hash(_ptr(key), PyBytes_GET_SIZE(key))) != 0)
+            results.append(self._find(get, log_db, key, self._hash(_ptr(key), PyBytes_GET_SIZE(key)), 0, None) != 0)
         return results
 
     def contains(self, txn, log_db, bytes key not None):
-        return self._find(txn.get, log_db, key, self._hash(_ptr(key), PyBytes_GET_SIZE(key))) != 0
+        return self._find(txn.get, log_db, key, self._hash(_ptr(key), PyBytes_GET_SIZE(key)), 0, None) != 0
 
     def expire(self, txn, log_db, uint64_t cutoff_ms, Py_ssize_t limit):
         cdef object cursor
