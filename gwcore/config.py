@@ -330,6 +330,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "GWCORE_TLS_KEY": ("tls_key", _optional_file, ""),
     "GWCORE_TLS_CA": ("tls_ca", _optional_file, ""),
     "GWCORE_AUTH_MAX_SKEW": ("auth_max_skew", _positive_duration, "5m"),
+    # distributor mode
+    "GWCORE_WORKER_LEASE": ("worker_lease", _positive_duration, "30s"),
 }
 
 
@@ -374,6 +376,7 @@ class Settings:
     tls_key: str | None = None
     tls_ca: str | None = None
     auth_max_skew: float = 300.0
+    worker_lease: float = 30.0
     receive_keys: tuple[tuple[str, bytes], ...] = dataclasses.field(default=(), repr=False)
     allow_unsigned: bool = True
 
@@ -466,9 +469,10 @@ class Settings:
             raise ConfigurationError(
                 f"GWCORE_STORE_MAP_SIZE ({self.store_map_size}) is larger than GWCORE_STORE_MAX_SIZE ({self.store_max_size})"
             )
-        if self.mode != "standalone":
+        if self.mode not in _AVAILABLE_MODES:
             raise ConfigurationError(
-                f"GWCORE_MODE={self.mode!r} is not available in this version yet; use 'standalone'"
+                f"GWCORE_MODE={self.mode!r} is not available in this version yet; use "
+                + " or ".join(repr(m) for m in _AVAILABLE_MODES)
             )
         seen: dict[tuple[int, str], str] = {}
         for ch in self.receive_channels:
@@ -498,6 +502,9 @@ class Settings:
                 "GWCORE_REPLY_TO_URI is required: the first receive channel binds a wildcard address, "
                 "and other sites need an address to send replies to")
 
+
+# Modes this version runs (MODES lists every name the design has).
+_AVAILABLE_MODES = ("standalone", "distributor")
 
 # Build-time flags read by setup.py only; listed so that from_env does not call them unknown.
 _BUILD_VARIABLES = frozenset({"GWCORE_DEBUG", "GWCORE_ANNOTATE", "GWCORE_CYTHON_ALWAYS"})
