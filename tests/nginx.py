@@ -53,6 +53,7 @@ http {{
     upstream gwcore_nodes {{
 {servers}
         keepalive 32;
+        keepalive_timeout 10s;
     }}
     server {{
         listen 127.0.0.1:{self.port};
