@@ -76,7 +76,8 @@ class LeaseWaiter:
     releases the lock or dies) and hands the locked descriptor to the event loop.
 
     :meth:`acquire` is cancellable: a lease won after the waiter was abandoned is released at
-    once, so an abandoned waiter can never keep a store locked.
+    once, so an abandoned waiter never keeps a store locked (a thread in ``flock`` cannot be
+    interrupted, so in a process that goes on running it takes the freed lock for an instant).
     """
 
     def __init__(self, path: str, loop: asyncio.AbstractEventLoop) -> None:

@@ -7,11 +7,10 @@ import getpass
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import time
 
 import pytest
+from procs import wait_listening
 
 LOG_FORMAT = "$msec|$status|$upstream_addr|$upstream_status"
 
@@ -83,16 +82,8 @@ http {{
         directives = f"daemon off; pid {self.dir}/nginx.pid; error_log {self.dir}/error.log;"
         self.proc = subprocess.Popen([binary, "-p", self.dir, "-c", conf, "-g", directives],
                                      stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "stderr.log"), "ab"))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nginx exited with {self.proc.returncode}: {self.errors()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"nginx did not start listening: {self.errors()}")
+        wait_listening(self.proc, self.port, timeout, "nginx", self.errors)
+        return self
 
     def errors(self) -> str:
         text = ""

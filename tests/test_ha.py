@@ -5,6 +5,7 @@ nginx while the active node is SIGKILLed again and again."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import statistics
 import time
@@ -175,3 +176,43 @@ def test_takeover_under_load_through_nginx(tmp_path):
           f"p50 {statistics.median(gaps) * 1000:.0f} ms, max {max(gaps) * 1000:.0f} ms")
     assert len(gaps) == KILLS
     assert max(gaps) < 10.0
+
+
+def test_a_passive_gateway_stops_cleanly_and_leaves_the_lease_free(make_settings, run):
+    from gwcore import Gateway
+    from gwcore.lease import try_lease
+
+    async def main():
+        settings = make_settings(ha="on")
+        active = await Gateway(settings).start()
+        passive = await Gateway(settings).start()
+        assert (active.role, passive.role) == ("active", "passive")
+        assert passive.store is None  # never opened before the lease is won
+        await passive.stop()
+        assert passive.takeover.cancelled()
+        await active.stop()
+        # the abandoned waiter may hold the freed lock for an instant before it lets go
+        for _ in range(100):
+            fd = try_lease(settings.data_dir)
+            if fd is not None:
+                os.close(fd)
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the lease stayed held after both gateways stopped")
+
+    run(main())
+
+
+def test_a_missing_nginx_fails_in_ci_and_skips_elsewhere(monkeypatch):
+    import pytest
+
+    import nginx
+
+    monkeypatch.setattr(nginx.shutil, "which", lambda name: None)
+    monkeypatch.setattr(nginx.os, "access", lambda path, mode: False)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception):
+        nginx.nginx_binary()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        nginx.nginx_binary()
