@@ -188,6 +188,7 @@ class Gateway:
             if self.forwarder is not None:
                 await self.forwarder.stop()
             await self._close_store()
+            self.forwarder, self.writer, self.store = None, None, None  # stop() must not close them again
             self._close_listeners()
             raise
         if listen:
