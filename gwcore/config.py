@@ -20,6 +20,7 @@ __all__ = ("Settings", "ReceiveChannel", "Site", "MODES", "parse_duration", "par
 
 MODES = ("standalone", "distributor", "selected")
 LOOPS = ("auto", "uvloop", "asyncio")
+HA_CHOICES = ("auto", "on", "off")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -332,6 +333,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "GWCORE_AUTH_MAX_SKEW": ("auth_max_skew", _positive_duration, "5m"),
     # distributor mode
     "GWCORE_WORKER_LEASE": ("worker_lease", _positive_duration, "30s"),
+    # active/passive on one data dir
+    "GWCORE_HA": ("ha", _choice(HA_CHOICES), "auto"),
 }
 
 
@@ -377,6 +380,7 @@ class Settings:
     tls_ca: str | None = None
     auth_max_skew: float = 300.0
     worker_lease: float = 30.0
+    ha: str = "auto"
     receive_keys: tuple[tuple[str, bytes], ...] = dataclasses.field(default=(), repr=False)
     allow_unsigned: bool = True
 
@@ -395,6 +399,12 @@ class Settings:
         if self.receive_channels and self.receive_channels[0].host not in ("0.0.0.0", "::"):
             return self.receive_channels[0].url
         return None
+
+    @property
+    def passive_allowed(self) -> bool:
+        """Whether a node that finds the data dir's lease held waits as passive (GWCORE_HA; auto
+        means: in distributor mode) rather than stopping with "the store is in use"."""
+        return self.ha == "on" or (self.ha == "auto" and self.mode == "distributor")
 
     def retry_delay(self, retry: int) -> float:
         """Seconds before retry number ``retry`` (1-based); the last delay repeats."""

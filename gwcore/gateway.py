@@ -23,6 +23,7 @@ from .config import Settings
 from .consumer import LocalQueue, Message, load_handler, run_handler
 from .errors import ConfigurationError, GatewayError
 from .http import HTTPProtocol, HTTPState
+from .lease import LeaseWaiter, lease_holder, try_lease
 from .store import Store, Writer
 
 __all__ = ("Gateway",)
@@ -54,6 +55,9 @@ class Gateway:
         self._requests: dict[str, asyncio.Future[Message]] = {}
         self._started = False
         self._stopped = False
+        self.role = "starting"  # then "passive" or "active"; "stopped" after stop()
+        self._takeover: asyncio.Task[None] | None = None
+        self._activating = False
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -75,19 +79,95 @@ class Gateway:
 
     @property
     def ready(self) -> bool:
-        return self._started and not self._stopped
+        return self.role == "active" and not self._stopped
+
+    @property
+    def takeover(self) -> "asyncio.Task[None] | None":
+        """A passive node's wait for the lease and its switch to active (None when not passive);
+        it fails if the switch did (the node then has no role: stop it)."""
+        return self._takeover
 
     async def start(self, *, listen: bool = True, forward: bool = True) -> "Gateway":
         """Open the store, start the writer thread, the forwarder and the listeners.
+
+        With active/passive on (``GWCORE_HA``) and the data dir's lease held by another process,
+        the listeners start as a passive node (503 ``passive``) and the rest follows the moment
+        the lease is won (:attr:`takeover`).
 
         :param listen: open the receive channels and the control socket (False: store access only,
             as the CLI uses when no gateway runs on the data dir).
         :param forward: send queued outgoing messages (False: sends are only recorded).
         """
         s = self.settings
+        lease = None
+        if listen and s.passive_allowed:
+            lease = try_lease(s.data_dir)
+            if lease is None:
+                await self._listen()
+                for state in self.states:
+                    state.passive = True
+                self.role = "passive"
+                self._started = True
+                self._takeover = asyncio.ensure_future(self._take_over(forward))
+                log.info("role: passive: the data dir %s is leased by %s; listening on %s and answering 503 "
+                         "until the lease is ours", s.data_dir, lease_holder(s.data_dir), self._bound())
+                return self
+        await self._activate(lease, listen=listen, forward=forward)
+        self._started = True
+        return self
+
+    async def _take_over(self, forward: bool) -> None:
         loop = asyncio.get_running_loop()
-        self.store = Store(s.data_dir, map_size=s.store_map_size, max_size=s.store_max_size, sync=s.store_sync)
+        waiting_since = loop.time()
+        waiter = LeaseWaiter(self.settings.data_dir, loop)
+        lease = await waiter.acquire()
+        won = loop.time()
+        self._activating = True
+        log.info("role: passive -> active: lease won after %.1f s of waiting; opening the store", won - waiting_since)
         try:
+            await self._activate(lease, listen=True, forward=forward)
+        except BaseException:
+            log.exception("role: the takeover failed: this node is neither active nor passive any more")
+            self.role = "failed"
+            raise
+        log.info("role: active: took over in %.0f ms after the lease was won", (loop.time() - won) * 1000)
+
+    async def _listen(self) -> None:
+        """Open the receive channels; their states refuse submits until the node is active."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        listeners: dict[tuple[str, int], list[str]] = {}
+        tls_ports = {(ch.host, ch.port) for ch in s.receive_channels if ch.tls}
+        for ch in s.receive_channels:
+            listeners.setdefault((ch.host, ch.port), []).append(ch.path)
+        tls_context = _server_ssl_context(s) if tls_ports else None
+        try:
+            for (host, port), paths in listeners.items():
+                state = HTTPState(s, self.writer, channel_paths=paths, metrics_render=self.render_metrics)
+                server = await loop.create_server(functools.partial(HTTPProtocol, state), host, port,
+                                                  reuse_address=True, backlog=2048,
+                                                  ssl=tls_context if (host, port) in tls_ports else None)
+                state.start(loop)
+                self.states.append(state)
+                self.servers.append(server)
+        except BaseException:
+            self._close_listeners()
+            raise
+
+    def _close_listeners(self) -> None:
+        for state in self.states:
+            state.stop()
+        for server in self.servers:
+            server.close()
+
+    async def _activate(self, lease: int | None, *, listen: bool, forward: bool) -> None:
+        """Everything an active node runs, started once the data dir's lease is ours: the same
+        path for a first start and for a passive node's takeover."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        try:
+            self.store = Store(s.data_dir, map_size=s.store_map_size, max_size=s.store_max_size,
+                               sync=s.store_sync, lease=lease)
             # Off the loop: loading a large dedup log into memory takes seconds.
             self.writer = await loop.run_in_executor(None, functools.partial(
                 Writer, self.store, loop, max_batch=s.commit_max_batch,
@@ -99,25 +179,17 @@ class Gateway:
             if forward:
                 self.forwarder = egress.Forwarder(s, self.store, self.writer)
                 await self.forwarder.start()
-            listeners: dict[tuple[str, int], list[str]] = {}
-            tls_ports = {(ch.host, ch.port) for ch in s.receive_channels if ch.tls}
-            for ch in s.receive_channels if listen else ():
-                listeners.setdefault((ch.host, ch.port), []).append(ch.path)
-            tls_context = _server_ssl_context(s) if tls_ports and listen else None
-            for (host, port), paths in listeners.items():
-                state = HTTPState(s, self.writer, channel_paths=paths, metrics_render=self.render_metrics)
-                server = await loop.create_server(functools.partial(HTTPProtocol, state), host, port,
-                                                  reuse_address=True, backlog=2048,
-                                                  ssl=tls_context if (host, port) in tls_ports else None)
-                state.start(loop)
-                self.states.append(state)
-                self.servers.append(server)
+            if listen and not self.servers:
+                await self._listen()
+            for state in self.states:
+                state.writer = self.writer
+            await self._start_mode()
         except BaseException:
             if self.forwarder is not None:
                 await self.forwarder.stop()
             await self._close_store()
-            for server in self.servers:
-                server.close()
+            self.forwarder, self.writer, self.store = None, None, None  # stop() must not close them again
+            self._close_listeners()
             raise
         if listen:
             self.control = ControlServer(self)
@@ -127,16 +199,17 @@ class Gateway:
         if self._handler is not None and listen:
             self._handler_task = asyncio.ensure_future(
                 run_handler(self.queue, self._handler, s.handler_concurrency))
-        self._started = True
+        self.role = "active"
         for state in self.states:
+            state.passive = False
             state.active = True
         if not listen:
-            return self
-        scheme = "https" if any(c.tls for c in s.receive_channels) else "http"
-        bound = ", ".join(f"{scheme}://{h}:{p}" for h, p in self.addresses)
+            return
         log.info("gwcore %s ready: endpoint %r, channels %s on %s, data dir %s, handler %s",
-                 _version(), s.endpoint, ", ".join(c.path for c in s.receive_channels), bound,
+                 _version(), s.endpoint, ", ".join(c.path for c in s.receive_channels), self._bound(),
                  s.data_dir, s.handler or ("embedded" if self._handler else "none"))
+        if s.passive_allowed:
+            log.info("role: active (mode %s): this node holds the lease on %s", s.mode, s.data_dir)
         if s.sites:
             log.info("sending to %s; replies to %s", ", ".join(
                 f"{x.key} at {x.url} ({'signed' if x.secret else 'unsigned'})" for x in s.sites), s.reply_uri)
@@ -145,13 +218,24 @@ class Gateway:
                      "; unsigned requests accepted too (allow_unsigned)" if s.allow_unsigned else "; unsigned refused (401)")
         else:
             log.info("receiving: no site secrets configured, any sender is accepted (as NServiceBus does)")
-        return self
+
+    async def _start_mode(self) -> None:
+        """What GWCORE_MODE runs beside the gateway (the distributor), started after the store and
+        before the node reports active; on a first start and on a takeover alike."""
+
+    async def _stop_mode(self) -> None:
+        """Stops what :meth:`_start_mode` started, before the store closes."""
+
+    def _bound(self) -> str:
+        scheme = "https" if any(c.tls for c in self.settings.receive_channels) else "http"
+        return ", ".join(f"{scheme}://{h}:{p}" for h, p in self.addresses)
 
     async def stop(self, timeout: float | None = None) -> None:
         """Graceful stop: refuse new connections, answer in-flight requests, commit, close."""
         if self._stopped or not self._started:
             return
         self._stopped = True
+        await self._end_takeover()
         timeout = self.settings.shutdown_timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -185,13 +269,29 @@ class Gateway:
             state.stop()
         for server in self.servers:
             await server.wait_closed()
+        if self.role == "active":
+            await self._stop_mode()
         if self.forwarder is not None:
             await self.forwarder.stop()  # records not yet confirmed stay queued for the next start
         for fut in self._requests.values():
             if not fut.done():
                 fut.set_exception(GatewayError("the gateway stopped before the reply arrived"))
-        await self._close_store()
-        log.info("gwcore stopped")
+        role, self.role = self.role, "stopped"
+        await self._close_store()  # releases the lease: a passive node takes over now
+        log.info("gwcore stopped%s", " (lease released)" if role == "active" and self.settings.passive_allowed else "")
+
+    async def _end_takeover(self) -> None:
+        """A passive node stops waiting; a takeover already past winning the lease completes
+        first (then the node stops as an active one)."""
+        task = self._takeover
+        if task is None or task.done():
+            return
+        if not self._activating:
+            task.cancel()
+        try:
+            await task
+        except BaseException:  # cancelled, or the failure it logged already
+            pass
 
     async def _close_store(self) -> None:
         if self.writer is not None:
@@ -375,7 +475,8 @@ class Gateway:
             metric("gwcore_outgoing_error_depth", "gauge", "Messages in the outgoing error queue.",
                    [("", counts["outgoing_errors"])])
         metric("gwcore_role", "gauge", "1 for the role this instance has.",
-               [(f'{{mode="{self.settings.mode}",role="active"}}', 1 if self.ready else 0)])
+               [(f'{{mode="{self.settings.mode}",role="{role}"}}', 1 if self.role == role and not self._stopped else 0)
+                for role in ("active", "passive")])
         return "\n".join(out) + "\n"
 
 

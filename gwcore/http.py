@@ -33,6 +33,7 @@ _TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 _OK = "OK"
 _CHALLENGE = b"WWW-Authenticate: gwcore-v1\r\n"   # RFC 9110: a 401 names its scheme
 _LINGER_SECONDS = 2.0
+_PASSIVE = "Service Unavailable: passive"
 _BUILTIN = (b"/healthz", b"/readyz", b"/metrics")
 _EV_SUBMIT, _EV_OTHER, _EV_CONTINUE = core.EV_SUBMIT, core.EV_OTHER, core.EV_CONTINUE
 
@@ -78,6 +79,8 @@ class HTTPState:
         # False while this instance must not take gateway traffic (not started yet; later: a
         # standby or passive node). Set by the owner; read per request, so a plain attribute.
         self.active = False
+        # A passive node (docs/deployment.md): up and answering, waiting for the data dir's lease.
+        self.passive = False
         self._routes: dict[bytes, bool] = {}
         self.draining = False
         self.connections: set[HTTPProtocol] = set()
@@ -302,7 +305,7 @@ class HTTPProtocol(asyncio.Protocol):
         state = self.state
         if state.draining or not state.active:
             self._answer(slot, 503, "Service Unavailable: gwcore is shutting down" if state.draining
-                         else "Service Unavailable: not the active receiver")
+                         else _PASSIVE if state.passive else "Service Unavailable: not the active receiver")
             return
         if state.verifier is not None:
             refusal = state.verifier.refusal(result)
@@ -352,7 +355,7 @@ class HTTPProtocol(asyncio.Protocol):
             elif state.active:
                 self._answer(slot, 200, _OK, count=False)
             else:
-                self._answer(slot, 503, "Service Unavailable: not ready", count=False)
+                self._answer(slot, 503, _PASSIVE if state.passive else "Service Unavailable: not ready", count=False)
         else:
             text = state.metrics_render() if state.metrics_render else ""
             self._answer(slot, 200, _OK, body=text.encode(), content_type=_TEXT, count=False)

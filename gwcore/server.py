@@ -55,7 +55,7 @@ def setup_logging(level: str) -> None:
     )
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings) -> int:
     gateway = Gateway(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -63,14 +63,23 @@ async def _serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await gateway.start()
     try:
-        await stop.wait()
+        stopping = asyncio.ensure_future(stop.wait())
+        takeover = gateway.takeover
+        if takeover is not None:
+            # A passive node: a takeover that fails ends the process (status 1), so a supervisor
+            # restarts it rather than leaving a node that answers 503 for ever.
+            await asyncio.wait([stopping, takeover], return_when=asyncio.FIRST_COMPLETED)
+            if takeover.done() and not takeover.cancelled() and takeover.exception() is not None:
+                stopping.cancel()
+                return 1
+        await stopping
         log.info("signal received: draining (up to %gs)", settings.shutdown_timeout)
     finally:
         await gateway.stop()
+    return 0
 
 
 def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT, then drain and exit 0."""
     with asyncio.Runner(loop_factory=loop_factory(settings.loop)) as runner:
-        runner.run(_serve(settings))
-    return 0
+        return runner.run(_serve(settings))

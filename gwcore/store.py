@@ -26,7 +26,6 @@ parsing while the disk works. A 200 is answered only after the batch holding the
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import functools
 import logging
 import os
@@ -41,6 +40,7 @@ import lmdb
 
 from ._core import core
 from .errors import InternalError, StoreError, StoreFullError, StoreUnavailableError
+from .lease import take_lease
 
 __all__ = ("Store", "Writer", "StoreStats")
 
@@ -103,18 +103,34 @@ class Store:
     :param max_size: the hard ceiling; beyond it new messages get 503 "store full".
     :param sync: fsync every commit (the 200-means-durable guarantee needs it).
     :param readonly: open for inspection only (``gwcore inspect``).
+    :param lease: the data dir's lease, already held (a locked descriptor from
+        :mod:`gwcore.lease`; the store releases it on close). Default: take it now, or fail.
     """
 
     def __init__(self, path: str, *, map_size: int = 256 << 20, max_size: int = 64 << 30,
-                 sync: bool = True, readonly: bool = False) -> None:
+                 sync: bool = True, readonly: bool = False, lease: int | None = None) -> None:
         self.path = path
         self.max_size = max_size
-        self._owner_fd: int | None = None
-        if not readonly:
+        self._owner_fd: int | None = lease
+        if readonly:
+            if not os.path.exists(os.path.join(path, "data.mdb")):
+                raise StoreUnavailableError(f"no gwcore store at {path!r} (GWCORE_DATA_DIR)")
+        elif lease is None:
+            # One writing gwcore per data dir: the writer keeps its sequence counter in memory, so
+            # a second writer would reuse queue positions. The lease dies with its process.
             os.makedirs(path, exist_ok=True)
-            self._owner_fd = _take_ownership(path)
-        elif not os.path.exists(os.path.join(path, "data.mdb")):
-            raise StoreUnavailableError(f"no gwcore store at {path!r} (GWCORE_DATA_DIR)")
+            self._owner_fd = take_lease(path)
+        try:
+            self._open(path, map_size, sync, readonly)
+        except BaseException:
+            # Whatever failed (LMDB, the schema check), a store that did not open holds no lease.
+            env = getattr(self, "env", None)
+            if env is not None:
+                env.close()
+            self._release_ownership()
+            raise
+
+    def _open(self, path: str, map_size: int, sync: bool, readonly: bool) -> None:
         try:
             self.env = lmdb.open(
                 path,
@@ -128,7 +144,6 @@ class Store:
                 max_readers=256,
             )
         except lmdb.Error as exc:
-            self._release_ownership()
             raise StoreUnavailableError(f"cannot open the store at {path!r}: {exc}") from exc
         # Re-read: an existing environment keeps its larger map size.
         self.map_size = max(map_size, self.env.info()["map_size"])
@@ -246,26 +261,6 @@ def _settle(fut: asyncio.Future, ok: bool, value: Any) -> None:
         fut.set_result(value)
     else:
         fut.set_exception(value)
-
-
-def _take_ownership(path: str) -> int:
-    """One writing gwcore per data dir: the writer keeps its sequence counter in memory, so a
-    second writer would reuse queue positions. An flock dies with its process, so a crash never
-    leaves a stale lock behind."""
-    lock_path = os.path.join(path, "gwcore.lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise StoreUnavailableError(
-            f"the store at {path!r} is in use by another gwcore process (pid {holder}); "
-            "one data dir serves one gateway process (GWCORE_DATA_DIR)"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
 
 
 def encode_error(framed: bytes, reason: str, failed_ms: int) -> bytes:

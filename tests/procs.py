@@ -19,6 +19,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_listening(proc: subprocess.Popen, port: int, timeout: float, what: str, output) -> None:
+    """Wait until *proc* accepts connections on 127.0.0.1:*port*; its *output()* goes into the
+    error when it exits first or never listens."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {output()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start listening: {output()}")
+
+
 class ServerProcess:
     def __init__(self, data_dir: str, port: int, **env: str) -> None:
         self.data_dir = data_dir
@@ -38,16 +53,8 @@ class ServerProcess:
         os.makedirs(os.path.dirname(self.data_dir), exist_ok=True)
         self.proc = subprocess.Popen([sys.executable, "-m", "gwcore", "serve"], env=self.env, cwd=ROOT,
                                      stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {open(self.log).read()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("server did not start listening")
+        wait_listening(self.proc, self.port, timeout, "server", lambda: open(self.log).read()[-2000:])
+        return self
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)

@@ -236,7 +236,7 @@ def test_one_writing_process_per_data_dir(tmp_path):
                              capture_output=True, text=True, cwd=os.getcwd())
         assert res.returncode == 3, res.stderr
         assert res.stdout.startswith("0\n")
-        assert f"in use by another gwcore process (pid {os.getpid()})" in res.stdout
+        assert f"in use by another gwcore process (pid {os.getpid()} on " in res.stdout
     finally:
         first.close()
     res = subprocess.run([sys.executable, "-c", code % (os.getcwd(), path, path)],

@@ -1,0 +1,113 @@
+"""A real nginx in front of gwcore nodes for tests: its own config, logs and temp dirs in a test
+directory, free ports, run as a non-daemon child process (never the system's nginx)."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import signal
+import subprocess
+
+import pytest
+from procs import wait_listening
+
+LOG_FORMAT = "$msec|$status|$upstream_addr|$upstream_status"
+
+
+def nginx_binary() -> str:
+    """The nginx executable; without one the test is skipped, except in CI (CI=true), where it
+    fails: a CI run must not pass without having tested failover through a real load balancer."""
+    path = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
+                                         if os.access(p, os.X_OK)), None)
+    if path is None:
+        if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+            pytest.fail("nginx is required in CI (CI=true): .ci/run installs it (apt-get install nginx-light)")
+        pytest.skip("nginx is not installed (apt-get install nginx-light)")
+    return path
+
+
+class Nginx:
+    """nginx listening on 127.0.0.1:port, proxying to the gwcore nodes at *upstreams* with the
+    failover settings of docs/deployment.md ("nginx in front")."""
+
+    def __init__(self, directory: str, port: int, upstreams: list[int]) -> None:
+        self.dir = directory
+        self.port = port
+        self.upstreams = upstreams
+        self.access_log = os.path.join(directory, "access.log")
+        self.proc: subprocess.Popen | None = None
+
+    def config(self) -> str:
+        temp = "\n".join(f"    {kind}_temp_path {self.dir}/{kind}_temp;"
+                         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=0;" for p in self.upstreams)
+        user = f"user {getpass.getuser()};\n" if os.geteuid() == 0 else ""
+        return f"""{user}worker_processes 1;
+events {{ worker_connections 1024; }}
+http {{
+{temp}
+    log_format failover '{LOG_FORMAT}';
+    access_log {self.access_log} failover;
+    upstream gwcore_nodes {{
+{servers}
+        keepalive 32;
+        keepalive_timeout 10s;
+    }}
+    server {{
+        listen 127.0.0.1:{self.port};
+        ignore_invalid_headers off;
+        client_max_body_size 16m;
+        location / {{
+            proxy_pass http://gwcore_nodes;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_next_upstream error timeout http_503 non_idempotent;
+            proxy_next_upstream_tries 2;
+            proxy_next_upstream_timeout 10s;
+            proxy_connect_timeout 1s;
+            proxy_send_timeout 10s;
+            proxy_read_timeout 10s;
+        }}
+    }}
+}}
+"""
+
+    def start(self, timeout: float = 10.0) -> "Nginx":
+        binary = nginx_binary()
+        os.makedirs(self.dir, exist_ok=True)
+        conf = os.path.join(self.dir, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(self.config())
+        directives = f"daemon off; pid {self.dir}/nginx.pid; error_log {self.dir}/error.log;"
+        self.proc = subprocess.Popen([binary, "-p", self.dir, "-c", conf, "-g", directives],
+                                     stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "stderr.log"), "ab"))
+        wait_listening(self.proc, self.port, timeout, "nginx", self.errors)
+        return self
+
+    def errors(self) -> str:
+        text = ""
+        for name in ("stderr.log", "error.log"):
+            path = os.path.join(self.dir, name)
+            if os.path.exists(path):
+                text += open(path, errors="replace").read()[-2000:]
+        return text
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)  # graceful: lets the access log be written out
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def answers(self) -> list[tuple[float, int, str]]:
+        """``(time, status, node)`` of every request, in log order; *node* is the upstream that gave
+        the final answer (the last of ``$upstream_addr`` after retries on the other node)."""
+        out = []
+        with open(self.access_log) as f:
+            for line in f:
+                msec, status, addrs, _statuses = line.rstrip("\n").split("|")
+                out.append((float(msec), int(status), addrs.split(",")[-1].strip()))
+        return out

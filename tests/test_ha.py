@@ -1,0 +1,218 @@
+"""Active/passive on one data dir, with real processes and a real nginx (docs/deployment.md):
+never two actives; SIGKILL and SIGTERM takeovers; 20,000 messages from a gwcore sender through
+nginx while the active node is SIGKILLed again and again."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import statistics
+import time
+
+from httpclient import Client, get, nsb_request
+from nginx import Nginx
+from procs import ServerProcess, free_port, gwcore_cli, queued_ids
+from test_sites import counts, enqueue, wait_for
+
+PASSIVE = "Service Unavailable: passive"
+
+
+def node(tmp_path, name: str, data_dir: str, port: int, endpoint: str = "RemoteSite", **env: str) -> ServerProcess:
+    """A distributor-mode node on the shared *data_dir*, with a log of its own."""
+    env = {"GWCORE_MODE": "distributor", "GWCORE_SHUTDOWN_TIMEOUT": "5s", **env}
+    proc = ServerProcess(data_dir, port, GWCORE_ENDPOINT=endpoint, **env)
+    proc.log = str(tmp_path / f"{name}.log")
+    return proc
+
+
+def readyz(port: int) -> tuple[int, str]:
+    r = asyncio.run(get("127.0.0.1", port, "/readyz"))
+    return r.status, r.reason
+
+
+def submit(port: int, msg_id: str, path: str = "/RemoteSite/") -> tuple[int, str]:
+    async def main():
+        async with Client("127.0.0.1", port) as c:
+            return await c.request(nsb_request(msg_id, path=path))
+
+    r = asyncio.run(main())
+    return r.status, r.reason
+
+
+def metric(port: int, line_start: str) -> str:
+    body = asyncio.run(get("127.0.0.1", port, "/metrics")).body.decode()
+    return next(line for line in body.splitlines() if line.startswith(line_start))
+
+
+def active_of(nodes: list[ServerProcess]) -> list[ServerProcess]:
+    return [n for n in nodes if n.proc is not None and n.proc.poll() is None and readyz(n.port)[0] == 200]
+
+
+def test_never_two_actives_and_takeovers(tmp_path):
+    shared = str(tmp_path / "shared" / "store")
+    a = node(tmp_path, "a", shared, free_port())
+    b = node(tmp_path, "b", shared, free_port())
+    a.start()
+    b.start()
+    try:
+        assert readyz(a.port) == (200, "OK")
+        assert readyz(b.port) == (503, PASSIVE)
+        assert asyncio.run(get("127.0.0.1", b.port, "/healthz")).status == 200
+        assert submit(a.port, "m1") == (200, "OK")
+        assert submit(b.port, "m2") == (503, PASSIVE)
+        assert metric(b.port, 'gwcore_role{mode="distributor",role="passive"}').endswith(" 1")
+        assert metric(b.port, 'gwcore_http_requests_total{status="503"}').endswith(" 1")
+        assert metric(a.port, 'gwcore_role{mode="distributor",role="active"}').endswith(" 1")
+
+        a.kill()
+        killed = time.monotonic()
+        wait_for(lambda: readyz(b.port)[0] == 200, 10, "the passive to take over")
+        print(f"takeover after SIGKILL (seen through /readyz): {(time.monotonic() - killed) * 1000:.0f} ms")
+        assert submit(b.port, "m1") == (200, "OK")  # a duplicate: the store came over intact
+        assert submit(b.port, "m2") == (200, "OK")
+        a.start()  # the killed node comes back as the passive
+        assert readyz(a.port) == (503, PASSIVE)
+        assert submit(a.port, "m3") == (503, PASSIVE)
+        assert len(active_of([a, b])) == 1
+
+        # graceful: SIGTERM drains the active and releases the lease; the passive takes over at once
+        stopping = time.monotonic()
+        assert b.terminate() == 0
+        wait_for(lambda: readyz(a.port)[0] == 200, 10, "the passive to take over after SIGTERM")
+        print(f"takeover after SIGTERM: {(time.monotonic() - stopping) * 1000:.0f} ms")
+        assert submit(a.port, "m3") == (200, "OK")
+    finally:
+        for n in (a, b):
+            if n.proc is not None and n.proc.poll() is None:
+                assert n.terminate() == 0
+    assert sorted(queued_ids(shared)) == ["m1", "m2", "m3"]
+    logs = (tmp_path / "a.log").read_text() + (tmp_path / "b.log").read_text()
+    assert "role: passive:" in logs and "role: passive -> active" in logs and "lease released" in logs
+
+
+def test_standalone_refuses_a_second_process_unless_ha_is_on(tmp_path):
+    shared = str(tmp_path / "shared" / "store")
+    a = ServerProcess(shared, free_port()).start()
+    try:
+        second = ServerProcess(shared, free_port())
+        second.log = str(tmp_path / "second.log")
+        try:
+            second.start()
+        except RuntimeError as exc:
+            assert "in use by another gwcore process" in str(exc) and "GWCORE_HA=on" in str(exc)
+        else:
+            raise AssertionError("a second standalone process started on a data dir in use")
+        third = node(tmp_path, "third", shared, free_port(), GWCORE_MODE="standalone", GWCORE_HA="on").start()
+        try:
+            assert readyz(third.port) == (503, PASSIVE)
+        finally:
+            assert third.terminate() == 0
+    finally:
+        assert a.terminate() == 0
+
+
+N = 20_000
+KILLS = 3
+
+
+def takeover_gaps(answers: list[tuple[float, int, str]]) -> list[float]:
+    """Seconds from the last 200 of one node to the first 200 of the next, at each change."""
+    oks = sorted((t, n) for t, status, n in answers if status == 200)
+    gaps = []
+    for (t0, n0), (t1, n1) in zip(oks, oks[1:]):
+        if n1 != n0:
+            gaps.append(t1 - t0)
+    return gaps
+
+
+def test_takeover_under_load_through_nginx(tmp_path):
+    seed = random.randrange(1 << 30)
+    print(f"kill schedule seed: {seed}")
+    rng = random.Random(seed)
+    shared = str(tmp_path / "shared" / "store")
+    nodes = [node(tmp_path, name, shared, free_port(), endpoint="SiteB") for name in ("b1", "b2")]
+    for n in nodes:
+        n.start()
+    proxy = Nginx(str(tmp_path / "nginx"), free_port(), [n.port for n in nodes]).start()
+    url = f"http://127.0.0.1:{proxy.port}/SiteB/"
+    a_dir = str(tmp_path / "a" / "store")
+    a_port = free_port()
+    ids = enqueue(a_dir, a_port, f"SiteB={url}", N)
+    sender = ServerProcess(a_dir, a_port, GWCORE_ENDPOINT="SiteA", GWCORE_SITES=f"SiteB={url}",
+                           GWCORE_RETRIES="100000", GWCORE_RETRY_DELAYS="0.05s", GWCORE_SEND_CONCURRENCY="16")
+    try:
+        sender.start()
+        for kill in range(KILLS):
+            floor = (kill + 1) * N // (KILLS + 2) + rng.randrange(N // 10)
+            wait_for(lambda: counts(shared)["queue"] >= floor, 120, f"{floor} messages in the shared queue")
+            active = active_of(nodes)
+            assert len(active) == 1, "exactly one active node"
+            victim = active[0]
+            victim.kill()
+            assert counts(a_dir)["outgoing"] > 0, "the kill came after the transfer ended: it tests nothing"
+            time.sleep(rng.uniform(0.1, 0.6))
+            victim.start()
+            assert readyz(victim.port) == (503, PASSIVE), "a restarted node comes back as the passive"
+        wait_for(lambda: counts(a_dir)["outgoing"] == 0, 180, "the sender's outgoing queue to drain")
+    finally:
+        for proc in (sender, *nodes):
+            if proc.proc is not None and proc.proc.poll() is None:
+                assert proc.terminate() == 0
+        proxy.stop()
+    received = queued_ids(shared)
+    assert len(received) == N, f"{len(received) - len(set(received))} duplicates, {len(set(ids) - set(received))} missing"
+    assert set(received) == set(ids)
+    assert counts(a_dir)["outgoing_errors"] == 0
+    assert gwcore_cli("inspect", "errors", data_dir=a_dir) == ""
+
+    answers = proxy.answers()
+    gaps = takeover_gaps(answers)
+    by_status: dict[int, int] = {}
+    for _t, status, _n in answers:
+        by_status[status] = by_status.get(status, 0) + 1
+    print(f"nginx answers by status: {dict(sorted(by_status.items()))}")
+    print(f"takeover (last 200 from the old active to first 200 from the new), {len(gaps)} takeovers: "
+          f"p50 {statistics.median(gaps) * 1000:.0f} ms, max {max(gaps) * 1000:.0f} ms")
+    assert len(gaps) == KILLS
+    assert max(gaps) < 10.0
+
+
+def test_a_passive_gateway_stops_cleanly_and_leaves_the_lease_free(make_settings, run):
+    from gwcore import Gateway
+    from gwcore.lease import try_lease
+
+    async def main():
+        settings = make_settings(ha="on")
+        active = await Gateway(settings).start()
+        passive = await Gateway(settings).start()
+        assert (active.role, passive.role) == ("active", "passive")
+        assert passive.store is None  # never opened before the lease is won
+        await passive.stop()
+        assert passive.takeover.cancelled()
+        await active.stop()
+        # the abandoned waiter may hold the freed lock for an instant before it lets go
+        for _ in range(100):
+            fd = try_lease(settings.data_dir)
+            if fd is not None:
+                os.close(fd)
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the lease stayed held after both gateways stopped")
+
+    run(main())
+
+
+def test_a_missing_nginx_fails_in_ci_and_skips_elsewhere(monkeypatch):
+    import pytest
+
+    import nginx
+
+    monkeypatch.setattr(nginx.shutil, "which", lambda name: None)
+    monkeypatch.setattr(nginx.os, "access", lambda path, mode: False)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception):
+        nginx.nginx_binary()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        nginx.nginx_binary()
