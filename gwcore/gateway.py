@@ -21,6 +21,7 @@ from . import egress
 from .control import ControlServer
 from .config import Settings
 from .consumer import LocalQueue, Message, load_handler, run_handler
+from .distributor import Distributor, check_channels
 from .errors import ConfigurationError, GatewayError
 from .http import HTTPProtocol, HTTPState
 from .store import Store, Writer
@@ -41,6 +42,9 @@ class Gateway:
     def __init__(self, settings: Settings | None = None, *, handler: Callable[[Message], Any] | None = None) -> None:
         self.settings = settings or Settings.from_env()
         self._handler = handler
+        if self.settings.mode == "distributor" and (handler is not None or self.settings.handler):
+            raise ConfigurationError("GWCORE_MODE=distributor hands messages to `gwcore worker` processes: "
+                                     "GWCORE_HANDLER (or handler=) is for standalone mode")
         if handler is None and self.settings.handler:
             self._handler = load_handler(self.settings.handler)
         self.store: Store | None = None
@@ -49,6 +53,7 @@ class Gateway:
         self.states: list[HTTPState] = []
         self.servers: list[asyncio.base_events.Server] = []
         self._handler_task: asyncio.Task | None = None
+        self.distributor: Distributor | None = None
         self.forwarder: egress.Forwarder | None = None
         self.control: ControlServer | None = None
         self._requests: dict[str, asyncio.Future[Message]] = {}
@@ -96,6 +101,9 @@ class Gateway:
             self.queue = LocalQueue(self.store, self.writer, max_attempts=s.handler_max_attempts)
             self.queue.intercept = self._intercept_reply
             self.writer.on_commit = self.queue.notify
+            if s.mode == "distributor":
+                check_channels([ch.path for ch in s.receive_channels])
+                self.distributor = Distributor(self.queue, self.store, self.writer, lease=s.worker_lease)
             if forward:
                 self.forwarder = egress.Forwarder(s, self.store, self.writer)
                 await self.forwarder.start()
@@ -106,6 +114,8 @@ class Gateway:
             tls_context = _server_ssl_context(s) if tls_ports and listen else None
             for (host, port), paths in listeners.items():
                 state = HTTPState(s, self.writer, channel_paths=paths, metrics_render=self.render_metrics)
+                if self.distributor is not None:
+                    state.worker_api = self.distributor.handle
                 server = await loop.create_server(functools.partial(HTTPProtocol, state), host, port,
                                                   reuse_address=True, backlog=2048,
                                                   ssl=tls_context if (host, port) in tls_ports else None)
@@ -124,6 +134,8 @@ class Gateway:
             await self.control.start()
         if not s.store_sync:
             log.warning("GWCORE_STORE_SYNC=0: commits are not fsync'd; a 200 does NOT mean durable")
+        if self.distributor is not None and listen:
+            self.distributor.start()
         if self._handler is not None and listen:
             self._handler_task = asyncio.ensure_future(
                 run_handler(self.queue, self._handler, s.handler_concurrency))
@@ -136,7 +148,8 @@ class Gateway:
         bound = ", ".join(f"{scheme}://{h}:{p}" for h, p in self.addresses)
         log.info("gwcore %s ready: endpoint %r, channels %s on %s, data dir %s, handler %s",
                  _version(), s.endpoint, ", ".join(c.path for c in s.receive_channels), bound,
-                 s.data_dir, s.handler or ("embedded" if self._handler else "none"))
+                 s.data_dir, "distributor workers" if self.distributor else
+                 s.handler or ("embedded" if self._handler else "none"))
         if s.sites:
             log.info("sending to %s; replies to %s", ", ".join(
                 f"{x.key} at {x.url} ({'signed' if x.secret else 'unsigned'})" for x in s.sites), s.reply_uri)
@@ -158,6 +171,8 @@ class Gateway:
         for state in self.states:
             state.draining = True
             state.active = False
+        if self.distributor is not None:
+            await self.distributor.close()  # waiting takes are answered, so their connections can close
         for server in self.servers:
             server.close()
         if self.control is not None:
@@ -356,6 +371,9 @@ class Gateway:
             metric("gwcore_consumer_expired_total", "counter", "Messages discarded after their TimeToBeReceived.",
                    [("", q.expired)])
             metric("gwcore_consumer_poisoned_total", "counter", "Messages moved to the error store.", [("", q.poisoned)])
+        if self.distributor is not None:
+            for series in self.distributor.metrics():
+                metric(*series)  # type: ignore[arg-type]
         f = self.forwarder
         if f is not None:
             metric("gwcore_outgoing_sent_total", "counter", "Messages a site answered 200 (removed from the outgoing queue).",
