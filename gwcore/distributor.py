@@ -451,6 +451,11 @@ async def _op_drain(d: Distributor, args: list[str], alive: Callable[[], bool]) 
     return {"drained": d.drain(args[0])}
 
 
+async def _op_heartbeat(d: Distributor, args: list[str], alive: Callable[[], bool]) -> dict[str, Any]:
+    d._session(args[0])  # renews the lease
+    return {"lease": d.lease}
+
+
 async def _op_leave(d: Distributor, args: list[str], alive: Callable[[], bool]) -> dict[str, Any]:
     return {"redelivered": d.leave(args[0])}
 
@@ -463,6 +468,7 @@ _OPS: dict[str, tuple[int, _Op]] = {
     "ack": (2, _op_ack),          # ack/<session>/<seq>,<seq>,...
     "nack": (3, _op_nack),        # nack/<session>/<seq>/<reason>
     "drain": (1, _op_drain),      # drain/<session or worker name>
+    "heartbeat": (1, _op_heartbeat),  # heartbeat/<session>: a busy worker's sign of life
     "leave": (1, _op_leave),      # leave/<session>
 }
 

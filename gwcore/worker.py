@@ -87,10 +87,12 @@ class _Protocol:
 
     def __init__(self, url: str, concurrency: int, wait: float) -> None:
         self.client = SiteClient(_base_url(url), concurrency=concurrency, request_timeout=wait + 30.0)
+        self.last_answer = 0.0  # loop time of the last answer (every call renews the lease)
 
     async def call(self, *segments: str) -> dict[str, Any]:
         target = (_PREFIX + "/".join(_seg(s) for s in segments)).encode("ascii")
         response = await self.client.post_block(b"", b"", target=target)
+        self.last_answer = asyncio.get_running_loop().time()
         if response.status != 200:
             raise _Refused(response.status, response.reason)
         result: dict[str, Any] = orjson.loads(response.body)
@@ -126,6 +128,7 @@ class Worker:
         self._draining = False
         self._run_task: asyncio.Task | None = None
         self._drain_task: asyncio.Future | None = None
+        self._lease = 30.0  # the session's lease, as the distributor said at enlisting
         #: Messages handled and acknowledged / whose handler raised.
         self.processed = 0
         self.failed = 0
@@ -144,6 +147,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._executor = concurrent.futures.ThreadPoolExecutor(self.capacity, thread_name_prefix="gwcore-handler")
         call = handler_caller(self._handler, self._executor)
+        heartbeat = loop.create_task(self._heartbeat())
         try:
             while not self._draining:
                 if self.session is None and not await self._enlist():
@@ -184,6 +188,7 @@ class Worker:
                     log.warning("leaving the distributor failed (the session lapses instead): %s", exc)
                 self.session = None
         finally:
+            heartbeat.cancel()
             await self._proto.client.close()
             self._executor.shutdown(wait=False)
 
@@ -194,8 +199,27 @@ class Worker:
             log.warning("cannot enlist with the distributor at %s: %s", self.url, exc)
             return False
         self.session = answer["session"]
+        self._lease = float(answer["lease"])
         log.info("worker %r enlisted at %s with capacity %d", self.name, self.url, self.capacity)
         return True
+
+    async def _heartbeat(self) -> None:
+        """While every slot is busy (or draining) no take is sent: renew the lease some other way,
+        so a long handler is not mistaken for a dead worker."""
+        loop = asyncio.get_running_loop()
+        while True:
+            # (not enlisted yet: look again soon, the lease is not known)
+            await asyncio.sleep(min(1.0, self._lease / 6) if self.session is not None else 0.05)
+            session = self.session
+            if session is not None and loop.time() - self._proto.last_answer >= self._lease / 3:
+                try:
+                    await self._proto.call("heartbeat", session)
+                except _Refused as exc:
+                    log.warning("heartbeat refused: %s", exc)
+                    if exc.status == 404 and self.session == session:
+                        self.session = None  # lapsed after all: enlist again when a slot frees
+                except SendError as exc:
+                    log.warning("heartbeat failed: %s", exc)
 
     def _done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)

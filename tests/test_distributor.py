@@ -155,6 +155,47 @@ def test_handler_failures_are_retried_then_poisoned(run, make_settings):
     assert marks["flaky"] == [(1, False), (2, True)]
 
 
+def test_a_handler_longer_than_the_lease_keeps_its_message(run, make_settings):
+    handled: list[tuple[str, int]] = []
+
+    async def slow(message):
+        await asyncio.sleep(1.6)   # the lease is 0.5 s: the worker's heartbeats keep the session
+        handled.append((message.id, message.delivery_count))
+
+    async def main():
+        async with Gateway(dist_settings(make_settings, worker_lease=0.5)) as gw:
+            async with Worker(base_url(gw), 1, slow, name="w"):
+                await submit(gw, ["long"])
+                await until(lambda: gw.store.counts()["queue"] == 0, 10, "the ack")
+            assert gw.distributor.redelivered == 0
+
+    run(main())
+    assert handled == [("long", 1)]
+
+
+def test_delivery_count_survives_a_distributor_restart(run, make_settings):
+    settings = dist_settings(make_settings, worker_lease=30.0)
+
+    async def take_one(gw, name):
+        s = gw.distributor.enlist(name, 1)
+        batch, _stop = await gw.distributor.take(s.id, 5.0)
+        return batch
+
+    async def main():
+        async with Gateway(settings) as gw:
+            await submit(gw, ["held", "queued"])
+            ((msg, count),) = await take_one(gw, "w")
+            assert (msg.id, count) == ("held", 1)
+            # the distributor stops while the worker holds "held"
+        async with Gateway(settings) as gw:
+            first = await take_one(gw, "w1")
+            second = await take_one(gw, "w2")
+            # possibly handled before the restart: marked; never handed out: not marked
+            assert [(m.id, c) for m, c in first + second] == [("held", 2), ("queued", 1)]
+
+    run(main())
+
+
 def test_metrics_show_each_worker_and_the_queue(run, make_settings):
     async def main():
         async with Gateway(dist_settings(make_settings)) as gw:
