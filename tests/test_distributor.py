@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import signal
 import subprocess
@@ -203,11 +204,9 @@ def test_metrics_show_each_worker_and_the_queue(run, make_settings):
                 await submit(gw, [f"x{i}" for i in range(5)])
                 await until(lambda: gw.store.counts()["queue"] == 0, 10, "an empty queue")
                 text = (await get(*gw.addresses[0], "/metrics")).body.decode()
-            assert 'gwcore_worker_capacity{worker="alpha"} 4' in text
-            assert 'gwcore_worker_in_flight{worker="alpha"} 0' in text
-            assert 'gwcore_worker_processed_total{worker="alpha"} 5' in text
-            assert "gwcore_workers 1" in text
-            assert "gwcore_queue_depth 0" in text
+            expected = ['gwcore_worker_capacity{worker="alpha"} 4', 'gwcore_worker_in_flight{worker="alpha"} 0',
+                        'gwcore_worker_processed_total{worker="alpha"} 5', "gwcore_workers 1", "gwcore_queue_depth 0"]
+            assert [line for line in expected if line not in text.splitlines()] == []
 
     run(main())
 
@@ -272,22 +271,30 @@ def metrics(port: int) -> str:
     return asyncio.run(get("127.0.0.1", port, "/metrics")).body.decode()
 
 
-def start_distributor(tmp_path) -> tuple[ServerProcess, str]:
+@contextlib.contextmanager
+def two_workers(tmp_path, ids):
+    """A distributor process (lease 1 s) with `gwcore worker` processes A and B (capacity 3, handler
+    0.3 s, both logging to one file), and *ids* submitted once both enlisted."""
+    log = str(tmp_path / "handled.log")
     port = free_port()
     server = ServerProcess(str(tmp_path / "dist" / "store"), port, GWCORE_MODE="distributor",
                            GWCORE_WORKER_LEASE="1s").start()
-    return server, f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}"
+    workers: list[WorkerProcess] = []
+    try:
+        workers = [WorkerProcess(url, "A", log), WorkerProcess(url, "B", log)]
+        wait_for(lambda: "gwcore_workers 2" in metrics(port), 30, "two workers")
+        asyncio.run(submit(port, ids))
+        yield server, url, workers, log
+    finally:
+        for w in workers:
+            w.stop()
+        assert server.terminate() == 0
 
 
 def test_sigkilled_worker_messages_go_to_the_other_worker_marked(tmp_path):
-    log = str(tmp_path / "handled.log")
-    server, url = start_distributor(tmp_path)
     ids = [f"m{i:03d}" for i in range(40)]
-    workers = []
-    try:
-        workers = [WorkerProcess(url, "A", log), WorkerProcess(url, "B", log)]
-        wait_for(lambda: "gwcore_workers 2" in metrics(server.port), 30, "two workers")
-        asyncio.run(submit(server.port, ids))
+    with two_workers(tmp_path, ids) as (server, _url, workers, log):
         a_pid = workers[0].proc.pid
 
         def a_mid_batch() -> bool:
@@ -301,10 +308,6 @@ def test_sigkilled_worker_messages_go_to_the_other_worker_marked(tmp_path):
         workers[0].proc.wait()
         wait_for(lambda: counts(server.data_dir)["queue"] == 0, 60, "every message handled and acknowledged")
         text = metrics(server.port)
-    finally:
-        for w in workers:
-            w.stop()
-        assert server.terminate() == 0
     rows = read_log(log)
     done = {r[1] for r in rows if r[0] == "done"}
     assert done == set(ids)
@@ -322,19 +325,15 @@ def test_sigkilled_worker_messages_go_to_the_other_worker_marked(tmp_path):
         if len(rs) > 1:
             assert rs[0][4] == a_pid and all(r[4] != a_pid for r in rs[1:])
     redelivered = {m for m, rs in starts.items() if len(rs) > 1}
-    assert redelivered == lost_by_a  # exactly once, except A's unacknowledged messages
-    assert f"gwcore_distributor_redelivered_total {len(lost_by_a)}" in text
+    # exactly once, except what A took and did not acknowledge: the messages it was handling when
+    # killed (and, rarely, one whose handler had returned but whose ack was not through yet)
+    assert lost_by_a <= redelivered <= {r[1] for r in a_started}
+    assert f"gwcore_distributor_redelivered_total {len(redelivered)}" in text
 
 
 def test_sigterm_drains_a_worker_and_cli_drain_stops_another(tmp_path):
-    log = str(tmp_path / "handled.log")
-    server, url = start_distributor(tmp_path)
     ids = [f"d{i:03d}" for i in range(30)]
-    workers = []
-    try:
-        workers = [WorkerProcess(url, "A", log), WorkerProcess(url, "B", log)]
-        wait_for(lambda: "gwcore_workers 2" in metrics(server.port), 30, "two workers")
-        asyncio.run(submit(server.port, ids))
+    with two_workers(tmp_path, ids) as (server, url, workers, log):
         a_pid = workers[0].proc.pid
         wait_for(lambda: sum(1 for r in read_log(log) if r[0] == "start" and r[4] == a_pid) >= 4, 30,
                  "worker A busy")
@@ -349,10 +348,6 @@ def test_sigterm_drains_a_worker_and_cli_drain_stops_another(tmp_path):
         assert res.returncode == 0, res.stderr
         assert workers[1].proc.wait(30) == 0
         wait_for(lambda: "gwcore_workers 0" in metrics(server.port), 10, "both sessions gone")
-    finally:
-        for w in workers:
-            w.stop()
-        assert server.terminate() == 0
     rows = read_log(log)
     assert sorted(r[1] for r in rows if r[0] == "done") == sorted(ids)   # each exactly once
     assert not any(r[3] for r in rows)                                    # nothing redelivered
