@@ -474,9 +474,11 @@ _OPS: dict[str, tuple[int, _Op]] = {
 
 
 def check_channels(paths: list[str]) -> None:
-    """A channel at ``/`` would swallow the worker protocol's paths."""
+    """A channel at ``/`` (or anywhere on the way to, or below, the worker prefix) would swallow
+    the worker protocol's paths."""
+    prefix = WORKER_PREFIX.decode()
     for p in paths:
-        if WORKER_PREFIX.decode().startswith(p.lower()):
+        if prefix.startswith(p.lower()) or p.lower().startswith(prefix):
             raise ConfigurationError(
                 f"GWCORE_RECEIVE_CHANNELS: the channel path {p!r} covers {WORKER_PREFIX.decode()!r}, "
                 "which distributor mode reserves for its workers")
