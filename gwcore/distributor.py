@@ -250,12 +250,21 @@ class Distributor:
                 self._end(s)
         self._reaper = asyncio.get_running_loop().call_later(self._reap_every, self._reap)
 
-    async def take(self, sid: str, wait: float, alive: Callable[[], bool] | None = None) -> tuple[list[tuple[Message, int]], bool]:
+    async def take(self, sid: str, wait: float, alive: Callable[[], bool] | None = None,
+                   held: set[int] | None = None) -> tuple[list[tuple[Message, int]], bool]:
         """Wait up to *wait* seconds for work; returns ``(batch, stop)``: messages with their
-        delivery count, and whether the worker is to take nothing more (drained or stopping)."""
+        delivery count, and whether the worker is to take nothing more (drained or stopping).
+
+        :param held: the seqs the worker holds; any other the session holds never reached it
+            (a batch lost on the way) and is handed out again."""
         s = self._session(sid)
         if s.waiter is not None:
             self._flush(s)  # a take that superseded an earlier one (the worker gave up on it)
+        if held is not None:
+            lost = [(m, 0) for seq, m in s.inflight.items() if seq not in held]
+            if lost:
+                log.warning("worker %r never got %d message(s) handed to it: handed out again", s.name, len(lost))
+                self._return(s, lost)
         if s.draining or self._closed:
             return [], True
         fut: asyncio.Future[list[tuple[Message, int]]] = asyncio.get_running_loop().create_future()
@@ -434,7 +443,8 @@ async def _op_enlist(d: Distributor, args: list[str], alive: Callable[[], bool])
 
 async def _op_take(d: Distributor, args: list[str], alive: Callable[[], bool]) -> dict[str, Any]:
     wait = _positive(args[1], "wait (milliseconds)") / 1000.0
-    batch, stop = await d.take(args[0], wait, alive)
+    held = {_positive(x, "seq") for x in args[2].split(",") if x}
+    batch, stop = await d.take(args[0], wait, alive, held)
     return {"messages": [_wire(m, c) for m, c in batch], "stop": stop}
 
 
@@ -464,7 +474,7 @@ _Op = Callable[[Distributor, list[str], Callable[[], bool]], Awaitable[dict[str,
 # operation -> (number of path arguments, implementation)
 _OPS: dict[str, tuple[int, _Op]] = {
     "enlist": (2, _op_enlist),    # enlist/<name>/<capacity>
-    "take": (2, _op_take),        # take/<session>/<wait ms>
+    "take": (3, _op_take),        # take/<session>/<wait ms>/<seqs held>,...
     "ack": (2, _op_ack),          # ack/<session>/<seq>,<seq>,...
     "nack": (3, _op_nack),        # nack/<session>/<seq>/<reason>
     "drain": (1, _op_drain),      # drain/<session or worker name>

@@ -124,6 +124,7 @@ class Worker:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.session: str | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._held: set[int] = set()   # seqs taken and not yet answered
         self._room = asyncio.Event()
         self._draining = False
         self._run_task: asyncio.Task | None = None
@@ -159,7 +160,8 @@ class Worker:
                 if self._draining:
                     break
                 try:
-                    answer = await self._proto.call("take", self.session or "", str(int(self.wait * 1000)))
+                    answer = await self._proto.call("take", self.session or "", str(int(self.wait * 1000)),
+                                                    ",".join(map(str, sorted(self._held))))
                 except _Refused as exc:
                     if exc.status == 404:
                         self.session = None  # the distributor forgot us (restart, or we lapsed)
@@ -172,6 +174,7 @@ class Worker:
                     await asyncio.sleep(_RETRY_DELAY)
                     continue
                 for wire in answer["messages"]:
+                    self._held.add(wire["seq"])
                     task = loop.create_task(self._one(call, self.session or "", WorkerMessage(wire)))
                     self._tasks.add(task)
                     task.add_done_callback(self._done)
@@ -227,14 +230,18 @@ class Worker:
 
     async def _one(self, call: Callable[[WorkerMessage], Any], session: str, msg: WorkerMessage) -> None:
         try:
-            await call(msg)
-        except Exception as exc:
-            self.failed += 1
-            log.warning("handler failed on message %s (attempt %d): %r", msg.id, msg.attempt, exc)
-            await self._answer(msg, "nack", session, str(msg.seq), repr(exc))
-            return
-        self.processed += 1
-        await self._answer(msg, "ack", session, str(msg.seq))
+            try:
+                await call(msg)
+            except Exception as exc:
+                self.failed += 1
+                log.warning("handler failed on message %s (attempt %d): %r", msg.id, msg.attempt, exc)
+                await self._answer(msg, "nack", session, str(msg.seq), repr(exc))
+                return
+            self.processed += 1
+            await self._answer(msg, "ack", session, str(msg.seq))
+        finally:
+            # held until answered: a take lists it, so the distributor does not hand it out again
+            self._held.discard(msg.seq)
 
     async def _answer(self, msg: WorkerMessage, *call: str) -> None:
         for attempt in range(3):

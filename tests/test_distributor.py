@@ -130,6 +130,24 @@ def test_least_recently_freed_slot_first(run, make_settings):
     run(main())
 
 
+def test_a_batch_the_worker_never_got_is_handed_out_again(run, make_settings):
+    async def main():
+        async with Gateway(dist_settings(make_settings, worker_lease=30.0)) as gw:
+            d = gw.distributor
+            s = d.enlist("w", 2)
+            await submit(gw, ["lost"])
+            ((msg, count),), _stop = await d.take(s.id, 5.0, held=set())
+            assert (msg.id, count) == ("lost", 1)
+            # the answer never arrived: the next take says the worker holds nothing
+            ((again, count),), _stop = await d.take(s.id, 5.0, held=set())
+            assert (again.id, count) == ("lost", 2)
+            # held: not handed out again
+            batch, _stop = await d.take(s.id, 0.1, held={again.seq})
+            assert batch == [] and list(s.inflight) == [again.seq]
+
+    run(main())
+
+
 def test_handler_failures_are_retried_then_poisoned(run, make_settings):
     attempts: collections.Counter = collections.Counter()
     marks: dict[str, list[tuple[int, bool]]] = collections.defaultdict(list)
@@ -218,7 +236,7 @@ def test_protocol_errors_and_standalone_mode(run, make_settings, tmp_path):
 
     async def main():
         async with Gateway(dist_settings(make_settings)) as gw:
-            assert (await call(gw, "/.gwcore/worker/take/nosuchsession/100")).status == 404
+            assert (await call(gw, "/.gwcore/worker/take/nosuchsession/100/")).status == 404
             assert (await call(gw, "/.gwcore/worker/enlist/w/0")).status == 400
             assert (await call(gw, "/.gwcore/worker/frobnicate/x")).status == 404
             r = await call(gw, "/.gwcore/worker/enlist/w%2F1/2")
