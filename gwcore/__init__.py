@@ -24,6 +24,7 @@ from .errors import (
     StoreUnavailableError,
 )
 from .gateway import Gateway
+from .worker import Worker, WorkerMessage
 
 DEBUG_BUILD: bool = bool(_core.DEBUG_BUILD)
 
@@ -33,6 +34,9 @@ __all__ = (
     "Settings",
     "ReceiveChannel",
     "Message",
+    # distributor workers
+    "Worker",
+    "WorkerMessage",
     # sending to a remote site
     "SiteClient",
     "Response",

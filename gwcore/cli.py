@@ -181,6 +181,36 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
                keep=args.keep, interval=args.interval, verbose=args.verbose)
 
 
+def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+    import signal
+
+    from .consumer import load_handler
+    from .server import loop_factory, setup_logging
+    from .worker import Worker, drain_worker
+
+    setup_logging(args.log_level)
+    if args.drain is not None:
+        if not asyncio.run(drain_worker(args.distributor, args.drain)):
+            print(f"gwcore: no worker named {args.drain!r} is enlisted at {args.distributor}", file=sys.stderr)
+            return 1
+        return 0
+    if not args.handler:
+        raise GatewayError("gwcore worker needs --handler module:function (or --drain NAME)")
+    handler = load_handler(args.handler, what="--handler")
+
+    async def run() -> None:
+        worker = Worker(args.distributor, args.capacity, handler, name=args.name, wait=args.wait)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.drain)
+        await worker.run()
+
+    with asyncio.Runner(loop_factory=loop_factory("auto")) as runner:
+        runner.run(run())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gwcore",
@@ -210,6 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every message in the outgoing error queue")
     p.add_argument("--data-dir", help="the gateway's data dir (default GWCORE_DATA_DIR)")
     p.set_defaults(func=_cmd_retry)
+    p = sub.add_parser("worker", help="work off a distributor's queue (GWCORE_MODE=distributor on the gateway)",
+                       description="Enlist with a gateway in distributor mode and run a handler on the messages "
+                                   "it hands out; SIGTERM drains (finish in-flight work, take nothing new, leave). "
+                                   "Configured by these options only, not by GWCORE_* variables.")
+    p.add_argument("--distributor", required=True, metavar="URL",
+                   help="the distributor node's base URL, e.g. http://host:25900")
+    p.add_argument("--capacity", type=int, default=1, metavar="N", help="messages handled at once (default 1)")
+    p.add_argument("--handler", metavar="MODULE:FUNCTION", help="sync or async callable taking one message")
+    p.add_argument("--name", help="the worker's name on the distributor (default host-pid)")
+    p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
+                   help="longest a request for work waits (default 10)")
+    p.add_argument("--drain", metavar="NAME",
+                   help="instead of working: tell the distributor to give worker NAME nothing new")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=_cmd_worker, reads_environment=False)
     p = sub.add_parser("demo", help="watch two sites talk: Headquarters and RemoteSite on loopback (no setup)",
                        description="The NServiceBus gateway sample in one command: Headquarters and RemoteSite, "
                                    "each a gateway process with its own data dir; Headquarters sends UpdatePrice "

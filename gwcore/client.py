@@ -310,6 +310,7 @@ class SiteClient:
             host_bytes = host_header.encode("idna")
         #: The request target written on the request line (the path to sign, see gwcore.auth).
         self.target = target
+        self._host_bytes = host_bytes
         self._head = b"POST " + target.encode("ascii") + b" HTTP/1.1\r\nHost: " + host_bytes + b"\r\n"
         # Free request slots, and callers waiting for one (a semaphore without the coroutine layers:
         # this is on every message's path).
@@ -346,12 +347,16 @@ class SiteClient:
         """
         return await self.post_block(self._build_block(headers), body)
 
-    async def post_block(self, block: bytes, body: bytes) -> Response:
+    async def post_block(self, block: bytes, body: bytes, *, target: bytes | None = None) -> Response:
         """:meth:`post` with the header lines already joined (``Name: value\r\n`` each), as
         ``gwcore._dedup.encode_submit`` makes them. Not checked: the caller vouches for the block
-        (no CR/LF inside values, none of the client's own headers)."""
+        (no CR/LF inside values, none of the client's own headers).
+
+        :param target: another request target on the same server (an absolute path, already
+            percent-encoded), e.g. for the distributor's worker protocol; default the URL's."""
+        head = self._head if target is None else b"POST %s HTTP/1.1\r\nHost: %s\r\n" % (target, self._host_bytes)
         data = b"%s%sContent-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n" % (
-            self._head, block, len(body))
+            head, block, len(body))
         if self._closed:
             raise SendError(self.url, "client is closed")
         await self._acquire_slot()

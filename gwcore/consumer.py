@@ -13,13 +13,14 @@ import importlib
 import inspect
 import logging
 import time
+from concurrent.futures import Executor
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from ._core import core
 from .errors import ConfigurationError
 from .store import Store, Writer, encode_error, now_ms
 
-__all__ = ("Message", "LocalQueue", "load_handler", "run_handler")
+__all__ = ("Message", "LocalQueue", "load_handler", "run_handler", "handler_caller")
 
 log = logging.getLogger("gwcore.consumer")
 
@@ -35,6 +36,16 @@ class Message:
     :ivar seq: the position in the local queue.
     :ivar attempt: 1 for the first delivery in this process, more for redeliveries after failures.
     """
+
+    @property
+    def delivery_count(self) -> int:
+        """Deliveries of this message so far, this one included (the attempt here)."""
+        return self.attempt
+
+    @property
+    def redelivered(self) -> bool:
+        """True when this message was delivered before (an earlier attempt failed)."""
+        return self.attempt > 1
 
     __slots__ = ("id", "headers", "body", "seq", "expiry_ms", "accepted_ms", "attempt", "_queue", "_settled")
 
@@ -168,6 +179,13 @@ class LocalQueue:
         heapq.heappush(self._retries, (time.monotonic() + delay, msg.seq, msg.attempt))
         self._wakeup.set()
 
+    def requeue(self, msg: Message) -> None:
+        """Hand *msg* out again at once, as the same attempt: its consumer went away before it
+        answered (a distributor worker whose session lapsed), which is not a failed attempt."""
+        msg._settled = True
+        heapq.heappush(self._retries, (time.monotonic(), msg.seq, msg.attempt - 1))
+        self._wakeup.set()
+
     async def _poison(self, seq: int, reason: str) -> None:
         store = self.store
         key = core.pack_seq(seq)
@@ -183,37 +201,46 @@ class LocalQueue:
         await self.writer.call(move)
 
 
-def load_handler(spec: str) -> Callable[[Message], Any]:
-    """Resolve ``module:function`` (``GWCORE_HANDLER``) to a callable."""
+def load_handler(spec: str, what: str = "GWCORE_HANDLER") -> Callable[[Message], Any]:
+    """Resolve ``module:function`` (``GWCORE_HANDLER``, ``gwcore worker --handler``) to a callable.
+
+    :param what: how the spec is named in errors.
+    """
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigurationError(f"GWCORE_HANDLER={spec!r}: cannot import {module_name!r}: {exc}") from exc
+        raise ConfigurationError(f"{what}={spec!r}: cannot import {module_name!r}: {exc}") from exc
     obj: Any = module
     for part in attr.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
-            raise ConfigurationError(f"GWCORE_HANDLER={spec!r}: {module_name!r} has no {attr!r}")
+            raise ConfigurationError(f"{what}={spec!r}: {module_name!r} has no {attr!r}")
     if not callable(obj):
-        raise ConfigurationError(f"GWCORE_HANDLER={spec!r} is not callable")
+        raise ConfigurationError(f"{what}={spec!r} is not callable")
     return obj
+
+
+def handler_caller(handler: Callable[[Any], Any], executor: Executor | None = None) -> Callable[[Any], Awaitable[Any]]:
+    """``await call(message)`` runs *handler* on it: an async handler on the loop, a sync one
+    (which may block) in *executor* (default: the loop's)."""
+    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(getattr(handler, "__call__", None)):
+        return handler
+
+    async def call(message: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(executor, handler, message)
+
+    return call
 
 
 async def run_handler(queue: LocalQueue, handler: Callable[[Message], Any] | Callable[[Message], Awaitable[Any]],
                       concurrency: int = 1) -> None:
     """Feed ``handler`` (sync or async) until the queue closes; ack after it returns."""
-    is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
-        getattr(handler, "__call__", None))
-    loop = asyncio.get_running_loop()
+    call = handler_caller(handler)
 
     async def one(msg: Message) -> None:
         try:
-            if is_async:
-                await handler(msg)  # type: ignore[misc]
-            else:
-                # Sync handlers may block: keep them off the event loop.
-                await loop.run_in_executor(None, handler, msg)
+            await call(msg)
         except asyncio.CancelledError:
             # Shutting down mid-handler: the message stays queued and comes back after restart;
             # not a failed attempt.

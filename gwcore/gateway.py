@@ -21,6 +21,7 @@ from . import egress
 from .control import ControlServer
 from .config import Settings
 from .consumer import LocalQueue, Message, load_handler, run_handler
+from .distributor import Distributor, check_channels
 from .errors import ConfigurationError, GatewayError
 from .http import HTTPProtocol, HTTPState
 from .lease import LeaseWaiter, lease_holder, try_lease
@@ -42,6 +43,9 @@ class Gateway:
     def __init__(self, settings: Settings | None = None, *, handler: Callable[[Message], Any] | None = None) -> None:
         self.settings = settings or Settings.from_env()
         self._handler = handler
+        if self.settings.mode == "distributor" and (handler is not None or self.settings.handler):
+            raise ConfigurationError("GWCORE_MODE=distributor hands messages to `gwcore worker` processes: "
+                                     "GWCORE_HANDLER (or handler=) is for standalone mode")
         if handler is None and self.settings.handler:
             self._handler = load_handler(self.settings.handler)
         self.store: Store | None = None
@@ -50,6 +54,7 @@ class Gateway:
         self.states: list[HTTPState] = []
         self.servers: list[asyncio.base_events.Server] = []
         self._handler_task: asyncio.Task | None = None
+        self.distributor: Distributor | None = None
         self.forwarder: egress.Forwarder | None = None
         self.control: ControlServer | None = None
         self._requests: dict[str, asyncio.Future[Message]] = {}
@@ -176,6 +181,9 @@ class Gateway:
             self.queue = LocalQueue(self.store, self.writer, max_attempts=s.handler_max_attempts)
             self.queue.intercept = self._intercept_reply
             self.writer.on_commit = self.queue.notify
+            if s.mode == "distributor":
+                check_channels([ch.path for ch in s.receive_channels])
+                self.distributor = Distributor(self.queue, self.store, self.writer, lease=s.worker_lease)
             if forward:
                 self.forwarder = egress.Forwarder(s, self.store, self.writer)
                 await self.forwarder.start()
@@ -183,6 +191,7 @@ class Gateway:
                 await self._listen()
             for state in self.states:
                 state.writer = self.writer
+                state.worker_api = self.distributor.handle if self.distributor is not None else None
             await self._start_mode()
         except BaseException:
             if self.forwarder is not None:
@@ -196,6 +205,8 @@ class Gateway:
             await self.control.start()
         if not s.store_sync:
             log.warning("GWCORE_STORE_SYNC=0: commits are not fsync'd; a 200 does NOT mean durable")
+        if self.distributor is not None and listen:
+            self.distributor.start()
         if self._handler is not None and listen:
             self._handler_task = asyncio.ensure_future(
                 run_handler(self.queue, self._handler, s.handler_concurrency))
@@ -207,7 +218,8 @@ class Gateway:
             return
         log.info("gwcore %s ready: endpoint %r, channels %s on %s, data dir %s, handler %s",
                  _version(), s.endpoint, ", ".join(c.path for c in s.receive_channels), self._bound(),
-                 s.data_dir, s.handler or ("embedded" if self._handler else "none"))
+                 s.data_dir, "distributor workers" if self.distributor else
+                 s.handler or ("embedded" if self._handler else "none"))
         if s.passive_allowed:
             log.info("role: active (mode %s): this node holds the lease on %s", s.mode, s.data_dir)
         if s.sites:
@@ -242,6 +254,8 @@ class Gateway:
         for state in self.states:
             state.draining = True
             state.active = False
+        if self.distributor is not None:
+            await self.distributor.close()  # waiting takes are answered, so their connections can close
         for server in self.servers:
             server.close()
         if self.control is not None:
@@ -456,6 +470,9 @@ class Gateway:
             metric("gwcore_consumer_expired_total", "counter", "Messages discarded after their TimeToBeReceived.",
                    [("", q.expired)])
             metric("gwcore_consumer_poisoned_total", "counter", "Messages moved to the error store.", [("", q.poisoned)])
+        if self.distributor is not None:
+            for series in self.distributor.metrics():
+                metric(*series)  # type: ignore[arg-type]
         f = self.forwarder
         if f is not None:
             metric("gwcore_outgoing_sent_total", "counter", "Messages a site answered 200 (removed from the outgoing queue).",

@@ -35,6 +35,7 @@ _CHALLENGE = b"WWW-Authenticate: gwcore-v1\r\n"   # RFC 9110: a 401 names its sc
 _LINGER_SECONDS = 2.0
 _PASSIVE = "Service Unavailable: passive"
 _BUILTIN = (b"/healthz", b"/readyz", b"/metrics")
+_WORKER_PREFIX = b"/.gwcore/worker/"   # gwcore.distributor.WORKER_PREFIX
 _EV_SUBMIT, _EV_OTHER, _EV_CONTINUE = core.EV_SUBMIT, core.EV_OTHER, core.EV_CONTINUE
 
 
@@ -76,6 +77,10 @@ class HTTPState:
         self._auth_logged: dict[str, float] = {}
         self.channel_paths = [p.lower().encode() for p in channel_paths]
         self.metrics_render = metrics_render
+        #: Distributor mode: answers ``/.gwcore/worker/...`` requests, ``await worker_api(method,
+        #: path, alive) -> (status, reason, json body)`` (gwcore/distributor.py); None elsewhere.
+        self.worker_api: Any = None
+        self.worker_calls: set[asyncio.Future] = set()
         # False while this instance must not take gateway traffic (not started yet; later: a
         # standby or passive node). Set by the owner; read per request, so a plain attribute.
         self.active = False
@@ -333,6 +338,11 @@ class HTTPProtocol(asyncio.Protocol):
         slot = self._slot(keep_alive)
         if path in _BUILTIN:
             self._builtin(slot, method, path)
+        elif self.state.worker_api is not None and path.startswith(_WORKER_PREFIX):
+            self._worker_call(slot, method, path)
+        elif self.state.passive and path.startswith(_WORKER_PREFIX):
+            # workers reach whichever node is active through one URL: a passive node sends them on
+            self._answer(slot, 503, _PASSIVE, count=False)
         elif not self.state.match_channel(path):
             self._answer(slot, 404, f"Not Found: no receive channel at {path.decode('latin-1')}")
         else:
@@ -359,6 +369,35 @@ class HTTPProtocol(asyncio.Protocol):
         else:
             text = state.metrics_render() if state.metrics_render else ""
             self._answer(slot, 200, _OK, body=text.encode(), content_type=_TEXT, count=False)
+
+    def _worker_call(self, slot: _Slot, method: bytes, path: bytes) -> None:
+        """A distributor worker's request: answered when its (possibly long-polling) call ends."""
+        state = self.state
+        if state.draining or not state.active:
+            self._answer(slot, 503, "Service Unavailable: gwcore is shutting down" if state.draining
+                         else "Service Unavailable: not the active distributor", count=False)
+            return
+        call = asyncio.ensure_future(state.worker_api(method, path, self._open))
+        state.worker_calls.add(call)
+        call.add_done_callback(state.worker_calls.discard)
+        call.add_done_callback(lambda done: self._worker_answer(slot, done))
+
+    def _open(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def _worker_answer(self, slot: _Slot, call: asyncio.Future) -> None:
+        if call.cancelled():
+            self._answer(slot, 503, "Service Unavailable: gwcore is shutting down", count=False)
+        elif call.exception() is not None:
+            exc = call.exception()
+            if isinstance(exc, StoreError):
+                self._answer(slot, 503, f"Service Unavailable: {exc}", count=False)
+            else:
+                log.error("worker protocol request failed: %r", exc, exc_info=exc)
+                self._answer(slot, 502, "Unexpected server error", count=False)
+        else:
+            status, reason, body = call.result()
+            self._answer(slot, status, reason, body=body or None, count=False)
 
     def _answer(self, slot: _Slot, status: int, reason: str, *, body: bytes | None = None,
                 content_type: bytes = _JSON, callback: str | None = None, extra: bytes = b"",

@@ -29,3 +29,16 @@ def append_slowly(message) -> None:
 
     time.sleep(0.01)
     append_to_file(message)
+
+
+def log_slowly(message) -> None:
+    """For `gwcore worker` processes: a 'start' line (id, delivery count, redelivered, pid) in
+    $HANDLER_LOG, a pause of $HANDLER_SLEEP seconds, then a 'done' line."""
+    import time
+
+    pid = os.getpid()
+    with open(os.environ["HANDLER_LOG"], "a") as f:
+        f.write(f"start {message.id} {message.delivery_count} {int(message.redelivered)} {pid}\n")
+    time.sleep(float(os.environ.get("HANDLER_SLEEP", "0.2")))
+    with open(os.environ["HANDLER_LOG"], "a") as f:
+        f.write(f"done {message.id} {message.delivery_count} {int(message.redelivered)} {pid}\n")
