@@ -125,6 +125,8 @@ class Worker:
         self.session: str | None = None
         self._tasks: set[asyncio.Task] = set()
         self._held: set[int] = set()   # seqs taken and not yet answered
+        # Acks of the messages finished in one loop turn go out as one request.
+        self._acks: list[tuple[str, int, asyncio.Future[None]]] = []
         self._room = asyncio.Event()
         self._draining = False
         self._run_task: asyncio.Task | None = None
@@ -238,22 +240,50 @@ class Worker:
                 await self._answer(msg, "nack", session, str(msg.seq), repr(exc))
                 return
             self.processed += 1
-            await self._answer(msg, "ack", session, str(msg.seq))
+            await self._ack(session, msg.seq)
         finally:
             # held until answered: a take lists it, so the distributor does not hand it out again
             self._held.discard(msg.seq)
 
+    async def _ack(self, session: str, seq: int) -> None:
+        loop = asyncio.get_running_loop()
+        if not self._acks:
+            loop.call_soon(self._send_acks)
+        done: asyncio.Future[None] = loop.create_future()
+        self._acks.append((session, seq, done))
+        await done
+
+    def _send_acks(self) -> None:
+        batch, self._acks = self._acks, []
+        by_session: dict[str, list[tuple[int, asyncio.Future[None]]]] = {}
+        for session, seq, done in batch:
+            by_session.setdefault(session, []).append((seq, done))
+        for session, items in by_session.items():
+            asyncio.ensure_future(self._ack_batch(session, items))
+
+    async def _ack_batch(self, session: str, items: list[tuple[int, asyncio.Future[None]]]) -> None:
+        what = f"{len(items)} message(s)" if len(items) > 1 else f"seq {items[0][0]}"
+        try:
+            await self._answer_call(what, "ack", session, ",".join(str(seq) for seq, _ in items))
+        finally:
+            for _seq, done in items:
+                if not done.done():
+                    done.set_result(None)
+
     async def _answer(self, msg: WorkerMessage, *call: str) -> None:
+        await self._answer_call(f"message {msg.id}", *call)
+
+    async def _answer_call(self, what: str, *call: str) -> None:
         for attempt in range(3):
             try:
                 await self._proto.call(*call)
                 return
             except _Refused as exc:
-                log.warning("%s of message %s refused (%s): the distributor redelivers it", call[0], msg.id, exc)
+                log.warning("%s of %s refused (%s): the distributor redelivers it", call[0], what, exc)
                 return
             except SendError as exc:
                 if attempt == 2:
-                    log.warning("%s of message %s failed (%s): the distributor redelivers it", call[0], msg.id, exc)
+                    log.warning("%s of %s failed (%s): the distributor redelivers it", call[0], what, exc)
                     return
                 await asyncio.sleep(_RETRY_DELAY)
 

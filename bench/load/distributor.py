@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""Distributor mode against standalone mode, in the same run on the same cores.
+
+Each round, in alternating order, a sender (gwcore site A, its store prefilled with ``--messages``
+outgoing messages, about 20 headers and 1 KiB each) forwards to a receiving node B, and we count
+how fast B's messages are *handled* (empty handlers):
+
+``standalone``
+    B is ``gwcore serve`` in standalone mode with an in-process empty handler
+    (``GWCORE_HANDLER``, ``GWCORE_HANDLER_CONCURRENCY`` = the two workers' slots); A sends to B
+    directly. Rate from ``gwcore_consumer_acked_total``.
+``distributor``
+    B is ``gwcore serve`` with ``GWCORE_MODE=distributor`` behind a real nginx (the
+    docs/deployment.md configuration); A sends through nginx; two ``gwcore worker`` processes
+    (capacity ``--capacity`` each, empty handlers) take the work through nginx. Rate from the
+    sum of ``gwcore_worker_processed_total``.
+
+B runs on ``--server-cpu``; A, nginx and the workers share ``--client-cpu``. The rate is taken
+between 10 % and 90 % of the messages handled; the ratio distributor ÷ standalone per round is
+reported with its median and range. Results go to bench/results/ (gitignored).
+
+    .venv/bin/python bench/load/distributor.py                        # 5 rounds, 100,000 messages
+    .venv/bin/python bench/load/distributor.py --rounds 1 --messages 10000   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent.parent / "tests"))
+import run_load as rl  # noqa: E402
+import site_to_site as s2s  # noqa: E402
+from nginx import Nginx  # noqa: E402  (the tests' nginx runner: the documented configuration)
+
+HANDLER = "handlers:noop"  # bench/load/handlers.py
+
+
+def _env(extra: dict[str, str]) -> list[str]:
+    return [f"{k}={v}" for k, v in extra.items()]
+
+
+def _node(cfg: argparse.Namespace, work: Path, label: str, env: dict[str, str]) -> rl.Server:
+    node_cfg = argparse.Namespace(**vars(cfg))
+    node_cfg.gwcore_env = _env(env)
+    b = rl.Server("gwcore", node_cfg, work, work / f"b-{label}")
+    b.env["PYTHONPATH"] = f"{HERE}{os.pathsep}{b.env.get('PYTHONPATH', '')}"
+    return b
+
+
+def _sender(cfg: argparse.Namespace, work: Path, template: Path, label: str, site_url: str) -> rl.Server:
+    a_dir = work / f"a-{label}"
+    a_dir.mkdir()
+    shutil.copyfile(template / "data.mdb", a_dir / "data.mdb")
+    a_cfg = argparse.Namespace(**vars(cfg))
+    a_cfg.server_cpu = cfg.client_cpu
+    a_cfg.gwcore_env = _env({"GWCORE_ENDPOINT": s2s.A_ENDPOINT, "GWCORE_SITES": f"{rl.ENDPOINT}={site_url}",
+                             "GWCORE_SEND_CONCURRENCY": str(cfg.send_concurrency),
+                             "GWCORE_RETRY_DELAYS": "0.2s", "GWCORE_RETRIES": "1000"})
+    a = rl.Server("gwcore", a_cfg, work, a_dir)
+    a.env["GWCORE_RECEIVE_CHANNELS"] = f"http://127.0.0.1:{a.port}/{s2s.A_ENDPOINT}/"
+    return a
+
+
+def _rate(samples: list[tuple[float, float]], n: int) -> float:
+    lo = next(s for s in samples if s[1] >= 0.1 * n)
+    hi = next(s for s in samples if s[1] >= 0.9 * n)
+    return (hi[1] - lo[1]) / (hi[0] - lo[0])
+
+
+def _watch(b: rl.Server, n: int, timeout: float, counter) -> list[tuple[float, float]]:
+    samples: list[tuple[float, float]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = counter(b.metrics())
+        samples.append((time.monotonic(), got))
+        if got >= n:
+            return samples
+        time.sleep(0.05)
+    raise RuntimeError(f"only {samples[-1][1] if samples else 0:.0f} of {n} messages handled within {timeout} s")
+
+
+def run_standalone(cfg: argparse.Namespace, work: Path, template: Path, label: str) -> dict[str, Any]:
+    # as many handlers at once as the two workers have slots
+    b = _node(cfg, work, f"standalone-{label}", {"GWCORE_HANDLER": HANDLER,
+                                                 "GWCORE_HANDLER_CONCURRENCY": str(2 * cfg.capacity)})
+    b.start(cfg.ready_timeout)
+    a = _sender(cfg, work, template, f"standalone-{label}", b.url)
+    try:
+        a.start(cfg.ready_timeout)
+        samples = _watch(b, cfg.messages, cfg.timeout, lambda m: m.get("gwcore_consumer_acked_total", 0.0))
+    finally:
+        a.stop()
+        b.stop()
+    rate = _rate(samples, cfg.messages)
+    rl.log(f"  [{label}] standalone : {rate:>10,.0f} msg/s handled (A → B, in-process handler)")
+    return {"rps": rate}
+
+
+def run_distributor(cfg: argparse.Namespace, work: Path, template: Path, label: str) -> dict[str, Any]:
+    b = _node(cfg, work, f"distributor-{label}", {"GWCORE_MODE": "distributor"})
+    b.start(cfg.ready_timeout)
+    proxy = Nginx(str(work / f"nginx-{label.replace('/', 'of')}"), rl.free_port(), [b.port])
+    workers: list[subprocess.Popen] = []
+    a = None
+    try:
+        proxy.start()
+        front = f"http://127.0.0.1:{proxy.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GWCORE_")}
+        env["PYTHONPATH"] = f"{HERE}{os.pathsep}{rl.REPO}"
+        for i in range(2):
+            workers.append(subprocess.Popen(
+                rl.pin(cfg.client_cpu) + [cfg.python, "-m", "gwcore", "worker", "--distributor", front,
+                                          "--capacity", str(cfg.capacity), "--handler", HANDLER,
+                                          "--name", f"w{i}"],
+                env=env, cwd=rl.REPO, stdout=subprocess.DEVNULL, stderr=open(work / f"worker{i}.log", "ab")))
+        a = _sender(cfg, work, template, f"distributor-{label}", f"{front}{rl.CHANNEL_PATH}")
+        a.start(cfg.ready_timeout)
+        samples = _watch(b, cfg.messages, cfg.timeout, lambda m: sum(
+            v for k, v in m.items() if k.startswith("gwcore_worker_processed_total")))
+    finally:
+        if a is not None:
+            a.stop()
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            try:
+                w.wait(30)
+            except subprocess.TimeoutExpired:
+                w.kill()
+        proxy.stop()
+        b.stop()
+    rate = _rate(samples, cfg.messages)
+    rl.log(f"  [{label}] distributor: {rate:>10,.0f} msg/s handled (A → nginx → B → 2 workers)")
+    return {"rps": rate}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--messages", type=int, default=100_000)
+    p.add_argument("--capacity", type=int, default=64, help="capacity of each of the 2 workers (default 64)")
+    p.add_argument("--send-concurrency", type=int, default=256, help="GWCORE_SEND_CONCURRENCY of A")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--server-cpu", default="0", help="CPU of node B (default 0)")
+    p.add_argument("--client-cpu", default="1", help="CPU of A, nginx and the workers (default 1)")
+    p.add_argument("--body-size", type=int, default=1024)
+    p.add_argument("--python", default=str(rl.REPO / ".venv" / "bin" / "python"))
+    p.add_argument("--ready-timeout", type=float, default=120.0)
+    p.add_argument("--work-dir", type=Path, default=rl.REPO / "var")
+    p.add_argument("--results-dir", type=Path, default=rl.RESULTS_DIR)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = build_parser().parse_args(argv)
+    cfg.store_sync, cfg.commit_max_delay_us, cfg.gwcore_env = None, None, []
+    started = dt.datetime.now(dt.timezone.utc)
+    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gwcore-dist-", dir=cfg.work_dir))
+    rounds = []
+    try:
+        template = work / "template"
+        rl.log(f"building A's store with {cfg.messages:,} outgoing messages")
+        s2s.build_template(template, cfg.messages, rl.make_body(cfg.body_size), f"http://127.0.0.1:1{rl.CHANNEL_PATH}")
+        for i in range(cfg.rounds):
+            label = f"{i + 1}/{cfg.rounds}"
+            order = ("standalone", "distributor") if i % 2 == 0 else ("distributor", "standalone")
+            res: dict[str, Any] = {"order": " → ".join(order)}
+            for kind in order:
+                run = run_standalone if kind == "standalone" else run_distributor
+                res[kind] = run(cfg, work, template, label.replace("/", "of"))
+            res["ratio"] = res["distributor"]["rps"] / res["standalone"]["rps"]
+            rl.log(f"  [{label}] ratio {res['ratio']:.3f}")
+            rounds.append(res)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ratios = [r["ratio"] for r in rounds]
+    summary = {"ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+               "standalone_median": statistics.median(r["standalone"]["rps"] for r in rounds),
+               "distributor_median": statistics.median(r["distributor"]["rps"] for r in rounds)}
+    lines = [
+        f"Node B on CPU {cfg.server_cpu}; sender, nginx and workers on CPU {cfg.client_cpu}; {cfg.rounds} rounds of "
+        f"{cfg.messages:,} messages ({cfg.body_size} bytes); 2 workers of capacity {cfg.capacity}; empty handlers.",
+        "",
+        "| | standalone msg/s | distributor msg/s | distributor ÷ standalone |",
+        "|---|---:|---:|---|",
+        f"| median (min–max) | {summary['standalone_median']:,.0f} | {summary['distributor_median']:,.0f} | "
+        f"{summary['ratio_median']:.3f} ({summary['ratio_min']:.3f}–{summary['ratio_max']:.3f}) |",
+        "",
+        "| round | order | standalone | distributor | ratio |",
+        "|---:|---|---:|---:|---:|",
+    ] + [f"| {i + 1} | {r['order']} | {r['standalone']['rps']:,.0f} | {r['distributor']['rps']:,.0f} | "
+         f"{r['ratio']:.3f} |" for i, r in enumerate(rounds)]
+    md = "\n".join(lines) + "\n"
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    cfg.results_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.results_dir / f"distributor-{stamp}.json").write_text(json.dumps(
+        {"started": started.isoformat(timespec="seconds"), "argv": sys.argv[1:], "rounds": rounds,
+         "summary": summary}, indent=2) + "\n")
+    (cfg.results_dir / f"distributor-{stamp}.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
