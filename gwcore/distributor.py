@@ -306,7 +306,11 @@ class Distributor:
         store = self.store
 
         def put(txn: Any) -> None:
-            txn.put(_MARK_KEY, _U64.pack(seq), db=store.meta)
+            # Takes record concurrently and their writes commit in any order: never lower the
+            # mark, or a later take's smaller top would hide what an earlier take handed out.
+            raw = txn.get(_MARK_KEY, db=store.meta)
+            if raw is None or _U64.unpack(raw)[0] < seq:
+                txn.put(_MARK_KEY, _U64.pack(seq), db=store.meta)
 
         await self.writer.call(put)
         self._handed_mark = max(self._handed_mark, seq)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import concurrent.futures
 import logging
 import os
@@ -124,7 +125,9 @@ class Worker:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.session: str | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._held: set[int] = set()   # seqs taken and not yet answered
+        # seqs taken and not yet answered, with how many copies: after a takeover the new active
+        # may hand a message out again while the old session's copy is still being handled
+        self._held: collections.Counter[int] = collections.Counter()
         # Acks of the messages finished in one loop turn go out as one request.
         self._acks: list[tuple[str, int, asyncio.Future[None]]] = []
         self._room = asyncio.Event()
@@ -176,7 +179,7 @@ class Worker:
                     await asyncio.sleep(_RETRY_DELAY)
                     continue
                 for wire in answer["messages"]:
-                    self._held.add(wire["seq"])
+                    self._held[wire["seq"]] += 1
                     task = loop.create_task(self._one(call, self.session or "", WorkerMessage(wire)))
                     self._tasks.add(task)
                     task.add_done_callback(self._done)
@@ -243,7 +246,9 @@ class Worker:
             await self._ack(session, msg.seq)
         finally:
             # held until answered: a take lists it, so the distributor does not hand it out again
-            self._held.discard(msg.seq)
+            self._held[msg.seq] -= 1
+            if self._held[msg.seq] <= 0:
+                del self._held[msg.seq]
 
     async def _ack(self, session: str, seq: int) -> None:
         loop = asyncio.get_running_loop()

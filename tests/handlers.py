@@ -31,14 +31,24 @@ def append_slowly(message) -> None:
     append_to_file(message)
 
 
+def _log_line(line: str) -> None:
+    """One line in $HANDLER_LOG, written and flushed at once (several processes append to it)."""
+    with open(os.environ["HANDLER_LOG"], "a") as f:
+        f.write(line + "\n")
+
+
 def log_slowly(message) -> None:
     """For `gwcore worker` processes: a 'start' line (id, delivery count, redelivered, pid) in
     $HANDLER_LOG, a pause of $HANDLER_SLEEP seconds, then a 'done' line."""
     import time
 
-    pid = os.getpid()
-    with open(os.environ["HANDLER_LOG"], "a") as f:
-        f.write(f"start {message.id} {message.delivery_count} {int(message.redelivered)} {pid}\n")
+    marks = f"{message.id} {message.delivery_count} {int(message.redelivered)} {os.getpid()}"
+    _log_line(f"start {marks}")
     time.sleep(float(os.environ.get("HANDLER_SLEEP", "0.2")))
-    with open(os.environ["HANDLER_LOG"], "a") as f:
-        f.write(f"done {message.id} {message.delivery_count} {int(message.redelivered)} {pid}\n")
+    _log_line(f"done {marks}")
+
+
+def log_handled(message) -> None:
+    """For `gwcore worker` processes: one line per handled message in $HANDLER_LOG: id,
+    redelivered (0/1), delivery count, worker name ($WORKER_NAME)."""
+    _log_line(f"{message.id} {int(message.redelivered)} {message.delivery_count} {os.environ['WORKER_NAME']}")

@@ -12,7 +12,23 @@ import subprocess
 import pytest
 from procs import wait_listening
 
-LOG_FORMAT = "$msec|$status|$upstream_addr|$upstream_status"
+LOG_FORMAT = "$msec|$status|$upstream_addr|$upstream_status|$uri"
+
+
+def _location(path: str, read_timeout: int) -> str:
+    """A location proxied to both nodes with failover; *read_timeout* (s) must exceed the longest
+    answer there: a submit's group commit, or a worker's take waiting for work (at most 20 s)."""
+    return f"""        location {path} {{
+            proxy_pass http://gwcore_nodes;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_next_upstream error timeout http_503 non_idempotent;
+            proxy_next_upstream_tries 2;
+            proxy_next_upstream_timeout 10s;
+            proxy_connect_timeout 1s;
+            proxy_send_timeout 10s;
+            proxy_read_timeout {read_timeout}s;
+        }}"""
 
 
 def nginx_binary() -> str:
@@ -58,17 +74,8 @@ http {{
         listen 127.0.0.1:{self.port};
         ignore_invalid_headers off;
         client_max_body_size 16m;
-        location / {{
-            proxy_pass http://gwcore_nodes;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_next_upstream error timeout http_503 non_idempotent;
-            proxy_next_upstream_tries 2;
-            proxy_next_upstream_timeout 10s;
-            proxy_connect_timeout 1s;
-            proxy_send_timeout 10s;
-            proxy_read_timeout 10s;
-        }}
+{_location("/", 10)}
+{_location("/.gwcore/worker/", 30)}
     }}
 }}
 """
@@ -102,12 +109,14 @@ http {{
                 self.proc.kill()
                 self.proc.wait()
 
-    def answers(self) -> list[tuple[float, int, str]]:
-        """``(time, status, node)`` of every request, in log order; *node* is the upstream that gave
-        the final answer (the last of ``$upstream_addr`` after retries on the other node)."""
+    def answers(self, prefix: str = "/") -> list[tuple[float, int, str]]:
+        """``(time, status, node)`` of every request whose path starts with *prefix*, in log order;
+        *node* is the upstream that gave the final answer (the last of ``$upstream_addr`` after
+        retries on the other node)."""
         out = []
         with open(self.access_log) as f:
             for line in f:
-                msec, status, addrs, _statuses = line.rstrip("\n").split("|")
-                out.append((float(msec), int(status), addrs.split(",")[-1].strip()))
+                msec, status, addrs, _statuses, uri = line.rstrip("\n").split("|")
+                if uri.startswith(prefix):
+                    out.append((float(msec), int(status), addrs.split(",")[-1].strip()))
         return out

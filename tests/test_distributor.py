@@ -215,6 +215,58 @@ def test_delivery_count_survives_a_distributor_restart(run, make_settings):
     run(main())
 
 
+def test_concurrent_takes_never_lower_the_handed_out_mark(run, make_settings):
+    """Two takes record their batch's top seq at once and the writes commit in submit order: the
+    smaller one committed last must not lower the stored mark, or after a takeover the larger
+    batch's messages would be handed out again unmarked."""
+    settings = dist_settings(make_settings, worker_lease=30.0)
+
+    async def main():
+        async with Gateway(settings) as gw:
+            d = gw.distributor
+            await asyncio.gather(d._record_mark(100), d._record_mark(95))
+            assert d._handed_mark == 100
+        async with Gateway(settings) as gw:
+            assert gw.distributor._restart_mark == 100
+
+    run(main())
+
+
+def test_a_message_held_twice_across_a_restart_is_listed_until_both_copies_are_answered(run, make_settings):
+    """The distributor restarts (a takeover) while a worker handles "x"; the new one hands "x" out
+    again (marked) to the same worker, which now handles two copies. When the old copy's ack is
+    refused, the new copy is still held: the worker's takes keep listing it, so the distributor
+    does not hand it out a third time."""
+    settings = dist_settings(make_settings, worker_lease=30.0,
+                             receive_channels=f"http://127.0.0.1:{free_port()}/RemoteSite/")
+    counts_seen: list[int] = []
+    release = {1: asyncio.Event(), 2: asyncio.Event()}
+
+    async def handle(message):
+        counts_seen.append(message.delivery_count)
+        await release[min(message.delivery_count, 2)].wait()
+
+    async def main():
+        async with Gateway(settings) as gw:
+            worker = Worker(base_url(gw), 2, handle, name="w", wait=0.2)
+            run_task = asyncio.ensure_future(worker.run())
+            await until(lambda: "w" in gw.distributor._by_name, 10, "the worker enlisted")
+            await submit(gw, ["x"])
+            await until(lambda: counts_seen == [1], 10, "the first delivery")
+        async with Gateway(settings) as gw:
+            await until(lambda: counts_seen == [1, 2], 20, "the redelivery to the re-enlisted worker")
+            release[1].set()   # the old copy: its ack goes to a session the new distributor never knew
+            await asyncio.sleep(1.0)   # takes in the meantime list what the worker holds
+            release[2].set()
+            await until(lambda: gw.store.counts()["queue"] == 0, 10, "the ack of the second copy")
+            assert gw.distributor.redelivered == 1
+            worker.drain()
+            await run_task
+        assert counts_seen == [1, 2]
+
+    run(main())
+
+
 def test_metrics_show_each_worker_and_the_queue(run, make_settings):
     async def main():
         async with Gateway(dist_settings(make_settings)) as gw:
@@ -258,14 +310,19 @@ def test_protocol_errors_and_standalone_mode(run, make_settings, tmp_path):
 
 
 class WorkerProcess:
-    def __init__(self, url: str, name: str, log: str, capacity: int = 3, sleep: float = 0.3) -> None:
+    """A `gwcore worker` process running a handler of tests/handlers.py that logs to *log*."""
+
+    def __init__(self, url: str, name: str, log: str, capacity: int = 3, sleep: float = 0.3,
+                 handler: str = "handlers:log_slowly") -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GWCORE_")}
-        env.update(PYTHONPATH=os.pathsep.join([ROOT, TESTS]), HANDLER_LOG=log, HANDLER_SLEEP=str(sleep))
+        env.update(PYTHONPATH=os.pathsep.join([ROOT, TESTS]), HANDLER_LOG=log, HANDLER_SLEEP=str(sleep),
+                   WORKER_NAME=name)
         self.name = name
-        self.stderr = open(log + f".{name}.err", "ab")
+        self.stderr_path = log + f".{name}.err"
+        self.stderr = open(self.stderr_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gwcore", "worker", "--distributor", url, "--capacity", str(capacity),
-             "--handler", "handlers:log_slowly", "--name", name, "--wait", "2"],
+             "--handler", handler, "--name", name, "--wait", "2"],
             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.stderr)
 
     def stop(self) -> None:

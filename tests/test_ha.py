@@ -1,6 +1,6 @@
 """Active/passive on one data dir, with real processes and a real nginx (docs/deployment.md):
 never two actives; SIGKILL and SIGTERM takeovers; 20,000 messages from a gwcore sender through
-nginx while the active node is SIGKILLed again and again."""
+nginx to two `gwcore worker` processes while the active node is SIGKILLed again and again."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import time
 from httpclient import Client, get, nsb_request
 from nginx import Nginx
 from procs import ServerProcess, free_port, gwcore_cli, queued_ids
+from test_distributor import WorkerProcess, metrics
 from test_sites import counts, enqueue, wait_for
 
 PASSIVE = "Service Unavailable: passive"
@@ -126,7 +127,23 @@ def takeover_gaps(answers: list[tuple[float, int, str]]) -> list[float]:
     return gaps
 
 
+def handled_rows(path: str) -> list[tuple[str, bool, int, str]]:
+    """``(id, redelivered, delivery_count, worker)`` per line of handlers.log_handled's file."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.endswith("\n"):  # a line being written is read next time
+                msg_id, redelivered, count, worker = line.split()
+                rows.append((msg_id, redelivered == "1", int(count), worker))
+    return rows
+
+
 def test_takeover_under_load_through_nginx(tmp_path):
+    """Two distributor nodes behind nginx, two `gwcore worker` processes reaching them through
+    nginx too; 20,000 messages from a gwcore sender while the active node is SIGKILLed three times:
+    every message handled, twice only as a marked redelivery, nothing in the sender's errors."""
     seed = random.randrange(1 << 30)
     print(f"kill schedule seed: {seed}")
     rng = random.Random(seed)
@@ -136,16 +153,20 @@ def test_takeover_under_load_through_nginx(tmp_path):
         n.start()
     proxy = Nginx(str(tmp_path / "nginx"), free_port(), [n.port for n in nodes]).start()
     url = f"http://127.0.0.1:{proxy.port}/SiteB/"
+    handled_log = str(tmp_path / "handled.log")
+    workers = [WorkerProcess(f"http://127.0.0.1:{proxy.port}", name, handled_log, capacity=4,
+                             handler="handlers:log_handled") for name in ("w1", "w2")]
     a_dir = str(tmp_path / "a" / "store")
     a_port = free_port()
     ids = enqueue(a_dir, a_port, f"SiteB={url}", N)
     sender = ServerProcess(a_dir, a_port, GWCORE_ENDPOINT="SiteA", GWCORE_SITES=f"SiteB={url}",
                            GWCORE_RETRIES="100000", GWCORE_RETRY_DELAYS="0.05s", GWCORE_SEND_CONCURRENCY="16")
     try:
+        wait_for(lambda: "gwcore_workers 2" in metrics(active_of(nodes)[0].port), 30, "two enlisted workers")
         sender.start()
         for kill in range(KILLS):
             floor = (kill + 1) * N // (KILLS + 2) + rng.randrange(N // 10)
-            wait_for(lambda: counts(shared)["queue"] >= floor, 120, f"{floor} messages in the shared queue")
+            wait_for(lambda: N - counts(a_dir)["outgoing"] >= floor, 120, f"{floor} messages sent")
             active = active_of(nodes)
             assert len(active) == 1, "exactly one active node"
             victim = active[0]
@@ -155,23 +176,40 @@ def test_takeover_under_load_through_nginx(tmp_path):
             victim.start()
             assert readyz(victim.port) == (503, PASSIVE), "a restarted node comes back as the passive"
         wait_for(lambda: counts(a_dir)["outgoing"] == 0, 180, "the sender's outgoing queue to drain")
+        everything_handled = lambda: {r[0] for r in handled_rows(handled_log)} >= set(ids)  # noqa: E731
+        wait_for(lambda: everything_handled() and counts(shared)["queue"] == 0, 120,
+                 "every message handled and acknowledged")
+        assert all(w.proc.poll() is None for w in workers), "a worker exited"
     finally:
+        for w in workers:
+            w.stop()
         for proc in (sender, *nodes):
             if proc.proc is not None and proc.proc.poll() is None:
                 assert proc.terminate() == 0
         proxy.stop()
-    received = queued_ids(shared)
-    assert len(received) == N, f"{len(received) - len(set(received))} duplicates, {len(set(ids) - set(received))} missing"
-    assert set(received) == set(ids)
     assert counts(a_dir)["outgoing_errors"] == 0
     assert gwcore_cli("inspect", "errors", data_dir=a_dir) == ""
 
-    answers = proxy.answers()
+    rows = handled_rows(handled_log)
+    by_id: dict[str, list[tuple[bool, int]]] = {}
+    for msg_id, redelivered, count, _worker in rows:
+        by_id.setdefault(msg_id, []).append((redelivered, count))
+    assert set(by_id) == set(ids), f"{len(set(ids) - set(by_id))} never handled, {len(set(by_id) - set(ids))} unknown"
+    for msg_id, handlings in by_id.items():
+        # the first delivery is the only unmarked one; any later one is marked, with its count
+        assert all(redelivered == (count > 1) for redelivered, count in handlings), (msg_id, handlings)
+        assert sum(1 for redelivered, _c in handlings if not redelivered) <= 1, (msg_id, handlings)
+    redeliveries = len(rows) - len(by_id)
+    per_worker = {name: sum(1 for r in rows if r[3] == name) for name in ("w1", "w2")}
+    print(f"handled {len(rows)} times: {redeliveries} marked redeliveries "
+          f"({sum(1 for h in by_id.values() if len(h) > 1)} ids), per worker {per_worker}")
+
+    answers = proxy.answers("/SiteB/")  # gateway submits only (the workers' calls go to the active too)
     gaps = takeover_gaps(answers)
     by_status: dict[int, int] = {}
     for _t, status, _n in answers:
         by_status[status] = by_status.get(status, 0) + 1
-    print(f"nginx answers by status: {dict(sorted(by_status.items()))}")
+    print(f"nginx answers to submits by status: {dict(sorted(by_status.items()))}")
     print(f"takeover (last 200 from the old active to first 200 from the new), {len(gaps)} takeovers: "
           f"p50 {statistics.median(gaps) * 1000:.0f} ms, max {max(gaps) * 1000:.0f} ms")
     assert len(gaps) == KILLS
