@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import shutil
 import statistics
@@ -153,14 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--messages", type=int, default=100_000)
     p.add_argument("--capacity", type=int, default=64, help="capacity of each of the 2 workers (default 64)")
     p.add_argument("--send-concurrency", type=int, default=256, help="GWCORE_SEND_CONCURRENCY of A")
-    p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("--server-cpu", default="0", help="CPU of node B (default 0)")
     p.add_argument("--client-cpu", default="1", help="CPU of A, nginx and the workers (default 1)")
-    p.add_argument("--body-size", type=int, default=1024)
-    p.add_argument("--python", default=str(rl.REPO / ".venv" / "bin" / "python"))
-    p.add_argument("--ready-timeout", type=float, default=120.0)
-    p.add_argument("--work-dir", type=Path, default=rl.REPO / "var")
-    p.add_argument("--results-dir", type=Path, default=rl.RESULTS_DIR)
+    s2s.add_common_options(p)
     return p
 
 
@@ -205,13 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ] + [f"| {i + 1} | {r['order']} | {r['standalone']['rps']:,.0f} | {r['distributor']['rps']:,.0f} | "
          f"{r['ratio']:.3f} |" for i, r in enumerate(rounds)]
     md = "\n".join(lines) + "\n"
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    cfg.results_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.results_dir / f"distributor-{stamp}.json").write_text(json.dumps(
-        {"started": started.isoformat(timespec="seconds"), "argv": sys.argv[1:], "rounds": rounds,
-         "summary": summary}, indent=2) + "\n")
-    (cfg.results_dir / f"distributor-{stamp}.md").write_text(md)
-    print(md)
+    s2s.write_results(cfg, started, "distributor", rounds, summary, md)
     return 0
 
 

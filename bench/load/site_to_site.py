@@ -137,16 +137,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--connections", type=int, default=256, help="wrk -c of the ingest run (default 256)")
     p.add_argument("-d", "--duration", default="10s", help="wrk -d of the ingest run (default 10s)")
     p.add_argument("--warmup", default="1s")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds A may take per round")
-    p.add_argument("--server-cpu", default="0", help="CPU of site B (default 0)")
     p.add_argument("--wrk-cpu", default="1", help="CPU of wrk, and of site A (default 1)")
+    p.add_argument("--wrk", default="wrk")
+    add_common_options(p)
+    return p
+
+
+def add_common_options(p: argparse.ArgumentParser) -> None:
+    """Options this driver shares with bench/load/distributor.py."""
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a round's transfer may take")
+    p.add_argument("--server-cpu", default="0", help="CPU of site B (default 0)")
     p.add_argument("--body-size", type=int, default=1024)
     p.add_argument("--python", default=str(rl.REPO / ".venv" / "bin" / "python"))
-    p.add_argument("--wrk", default="wrk")
     p.add_argument("--ready-timeout", type=float, default=120.0)
     p.add_argument("--work-dir", type=Path, default=rl.REPO / "var")
     p.add_argument("--results-dir", type=Path, default=rl.RESULTS_DIR)
-    return p
+
+
+def write_results(cfg: argparse.Namespace, started: dt.datetime, stem: str, rounds: list, summary: dict,
+                  md: str) -> None:
+    """bench/results/<stem>-<UTC time>.json and .md, and the Markdown on standard output."""
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    cfg.results_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.results_dir / f"{stem}-{stamp}.json").write_text(json.dumps(
+        {"started": started.isoformat(timespec="seconds"), "argv": sys.argv[1:], "rounds": rounds,
+         "summary": summary}, indent=2, default=str) + "\n")
+    (cfg.results_dir / f"{stem}-{stamp}.md").write_text(md)
+    print(md)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,13 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     ] + [f"| {i + 1} | {r['order']} | {r['ingest']['rps']:,.0f} | {r['s2s']['rps']:,.0f} | {r['ratio']:.3f} |"
          for i, r in enumerate(rounds)]
     md = "\n".join(lines) + "\n"
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    cfg.results_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.results_dir / f"s2s-{stamp}.json").write_text(json.dumps(
-        {"started": started.isoformat(timespec="seconds"), "argv": sys.argv[1:], "rounds": rounds,
-         "summary": summary}, indent=2, default=str) + "\n")
-    (cfg.results_dir / f"s2s-{stamp}.md").write_text(md)
-    print(md)
+    write_results(cfg, started, "s2s", rounds, summary, md)
     return 0
 
 
