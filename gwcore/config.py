@@ -390,6 +390,12 @@ class Settings:
                 return s
         return None
 
+    def site_at(self, url: str) -> Site | None:
+        """The configured site whose channel address is *url* (a trailing '/' aside), if any: a
+        reply addressed by URL is signed with that site's secret."""
+        want = url.rstrip("/")
+        return next((s for s in self.sites if s.url.rstrip("/") == want), None)
+
     @property
     def reply_uri(self) -> str | None:
         """Where other sites send replies (NServiceBus.OriginatingSite): GWCORE_REPLY_TO_URI, else the

@@ -76,16 +76,20 @@ def encode_outgoing(rec: OutgoingRecord) -> bytes:
     return b"".join((_HEAD.pack(rec.next_ms, rec.attempt, len(dest)), dest, _U32.pack(len(err)), err, rec.framed))
 
 
+def _layout(value: bytes | memoryview) -> tuple[int, int, int, int]:
+    """``(next_ms, attempt, destination length, envelope offset)`` of a record."""
+    next_ms, attempt, n = _HEAD.unpack_from(value)
+    pos = _HEAD.size + n
+    return next_ms, attempt, n, pos + 4 + _U32.unpack_from(value, pos)[0]
+
+
 def decode_outgoing(value: bytes | memoryview) -> OutgoingRecord:
     """Decode a record; ``framed`` is a zero-copy view into *value*."""
-    next_ms, attempt, n = _HEAD.unpack_from(value)
+    next_ms, attempt, n, framed_at = _layout(value)
     pos = _HEAD.size
     dest = bytes(value[pos:pos + n]).decode("utf-8")
-    pos += n
-    (m,) = _U32.unpack_from(value, pos)
-    pos += 4
-    err = bytes(value[pos:pos + m]).decode("utf-8", "replace")
-    return OutgoingRecord(dest, attempt, next_ms, err, memoryview(value)[pos + m:])
+    err = bytes(value[pos + n + 4:framed_at]).decode("utf-8", "replace")
+    return OutgoingRecord(dest, attempt, next_ms, err, memoryview(value)[framed_at:])
 
 
 def peek_outgoing(value: bytes | memoryview) -> tuple[str, int]:
@@ -160,7 +164,7 @@ def prepare_to(settings: Settings, url: str, body: bytes, headers: Mapping[str, 
                reply_uri: str | None = None) -> tuple[str, list[tuple[str, bytes]]]:
     """Like :func:`prepare` for one channel URL that need not be a configured site (a reply to
     ``NServiceBus.OriginatingSite``)."""
-    site = next((s for s in settings.sites if s.url.rstrip("/") == url.rstrip("/")), None)
+    site = settings.site_at(url)
     return _build(settings, [(url, site.key if site else None)], body, headers, message_id, now, reply_uri)
 
 
@@ -358,7 +362,7 @@ class Forwarder:
         url = site.url if site is not None else name
         if site is None:
             # A reply goes to a channel URL; sign it if that URL is a configured site's.
-            site = next((s for s in self.settings.sites if s.url.rstrip("/") == url.rstrip("/")), None)
+            site = self.settings.site_at(url)
         concurrency = site.concurrency if site is not None else self.settings.send_concurrency
         client = SiteClient(url, concurrency=concurrency, ssl_context=self._ssl_for(site, url),
                             request_timeout=self.settings.send_timeout)
@@ -411,9 +415,8 @@ class Forwarder:
             return  # already sent (a duplicate schedule), or moved by `gwcore retry`
         # Only the attempt count and where the envelope starts: the rest of the record is read
         # when an attempt fails.
-        _next, attempt, n = _HEAD.unpack_from(value)
-        pos = _HEAD.size + n
-        framed = memoryview(value)[pos + 4 + _U32.unpack_from(value, pos)[0]:]
+        _next, attempt, _n, framed_at = _layout(value)
+        framed = memoryview(value)[framed_at:]
         extra = [("NServiceBus.Retries", str(attempt)),
                  ("NServiceBus.Retries.Timestamp", time_sent())] if attempt else None
         # The header block straight from the stored envelope, in the core (egress.wire_headers is
