@@ -115,6 +115,37 @@ def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_handover(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+    import time
+
+    from .control import call
+    from .lease import try_lease
+
+    data_dir = args.data_dir or settings.data_dir
+    answer = asyncio.run(call(data_dir, {"op": "handover"}))
+    if answer is None:
+        raise GatewayError(f"no gateway is running on {data_dir}")
+    if not answer.get("ok"):
+        raise GatewayError(answer.get("error", "the gateway refused the handover"))
+    print("gwcore: handing over the leadership; the gateway exits when it is done" if answer.get("leader")
+          else "gwcore: not the leader: the gateway stops", file=sys.stderr)
+    if args.wait:
+        # the process holds the data dir's lease until it exits
+        deadline = time.monotonic() + args.wait
+        while time.monotonic() < deadline:
+            fd = try_lease(data_dir)
+            if fd is not None:
+                import os
+
+                os.close(fd)
+                return 0
+            time.sleep(0.05)
+        print("gwcore: the gateway is still running", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
     from .egress import decode_failed
     from .store import decode_error, queue_entries
@@ -240,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every message in the outgoing error queue")
     p.add_argument("--data-dir", help="the gateway's data dir (default GWCORE_DATA_DIR)")
     p.set_defaults(func=_cmd_retry)
+    p = sub.add_parser("handover", help="stop a running gateway; a selected-mode leader first drains and passes "
+                                        "the leadership to another instance")
+    p.add_argument("--data-dir", help="the gateway's data dir (default GWCORE_DATA_DIR)")
+    p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                   help="wait this long for the gateway to exit (0: do not wait; default 60)")
+    p.set_defaults(func=_cmd_handover)
     p = sub.add_parser("worker", help="work off a distributor's queue (GWCORE_MODE=distributor on the gateway)",
                        description="Enlist with a gateway in distributor mode and run a handler on the messages "
                                    "it hands out; SIGTERM drains (finish in-flight work, take nothing new, leave). "

@@ -21,6 +21,7 @@ __all__ = ("Settings", "ReceiveChannel", "Site", "MODES", "parse_duration", "par
 MODES = ("standalone", "distributor", "selected")
 LOOPS = ("auto", "uvloop", "asyncio")
 HA_CHOICES = ("auto", "on", "off")
+ACK_CHOICES = ("dispatched", "stored")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -114,6 +115,21 @@ def _optional_uri(text: str) -> str | None:
     if parts.hostname in ("+", "*", "0.0.0.0", "::"):
         raise ValueError(f"{uri!r} contains a wildcard host: replies need an address other sites can reach")
     return uri
+
+
+def _amqp_url(text: str) -> str:
+    url = text.strip()
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() not in ("amqp", "amqps") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an amqp:// or amqps:// URL")
+    return url
+
+
+def _instance_name(text: str) -> str | None:
+    name = text.strip()
+    if name and not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", name):
+        raise ValueError(f"{name!r}: use letters, digits, '.', '_' and '-' (it names a queue)")
+    return name or None
 
 
 def _durations(text: str) -> tuple[float, ...]:
@@ -335,6 +351,12 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "GWCORE_WORKER_LEASE": ("worker_lease", _positive_duration, "30s"),
     # active/passive on one data dir
     "GWCORE_HA": ("ha", _choice(HA_CHOICES), "auto"),
+    # selected-instance mode (RabbitMQ)
+    "GWCORE_AMQP_URL": ("amqp_url", _amqp_url, "amqp://guest:guest@127.0.0.1:5672/"),
+    "GWCORE_AMQP_PREFETCH": ("amqp_prefetch", _positive_int, "64"),
+    "GWCORE_ACK": ("ack", _choice(ACK_CHOICES), "dispatched"),
+    "GWCORE_ELECTION_INTERVAL": ("election_interval", _positive_duration, "250ms"),
+    "GWCORE_INSTANCE": ("instance", _instance_name, ""),
 }
 
 
@@ -381,6 +403,11 @@ class Settings:
     auth_max_skew: float = 300.0
     worker_lease: float = 30.0
     ha: str = "auto"
+    amqp_url: str = dataclasses.field(default="amqp://guest:guest@127.0.0.1:5672/", repr=False)
+    amqp_prefetch: int = 64
+    ack: str = "dispatched"
+    election_interval: float = 0.25
+    instance: str | None = None
     receive_keys: tuple[tuple[str, bytes], ...] = dataclasses.field(default=(), repr=False)
     allow_unsigned: bool = True
 
@@ -490,6 +517,9 @@ class Settings:
                 f"GWCORE_MODE={self.mode!r} is not available in this version yet; use "
                 + " or ".join(repr(m) for m in _AVAILABLE_MODES)
             )
+        if self.mode == "selected" and self.ha == "on":
+            raise ConfigurationError("GWCORE_HA=on does not go with GWCORE_MODE=selected: selected instances each "
+                                     "have a data dir of their own and are elected through the broker")
         seen: dict[tuple[int, str], str] = {}
         for ch in self.receive_channels:
             k = (ch.port, ch.path)
@@ -520,7 +550,7 @@ class Settings:
 
 
 # Modes this version runs (MODES lists every name the design has).
-_AVAILABLE_MODES = ("standalone", "distributor")
+_AVAILABLE_MODES = ("standalone", "distributor", "selected")
 
 # Build-time flags read by setup.py only; listed so that from_env does not call them unknown.
 _BUILD_VARIABLES = frozenset({"GWCORE_DEBUG", "GWCORE_ANNOTATE", "GWCORE_CYTHON_ALWAYS"})

@@ -8,6 +8,8 @@ may use it may also read the store) for one JSON object per line and answers one
       -> {"ok": true, "id": "..."}
     {"op": "retry", "ids": ["..."]}   (or "ids": null for every failed send)
       -> {"ok": true, "moved": ["..."]}
+    {"op": "handover"}   (the gateway stops: a selected-mode leader passes the leadership first)
+      -> {"ok": true, "leader": true}
     failures -> {"ok": false, "error": "..."}
 """
 
@@ -93,7 +95,12 @@ class ControlServer:
                 return {"ok": True, "id": msg_id}
             if op == "retry":
                 return {"ok": True, "moved": await self.gateway.retry_failed(req.get("ids"))}
-            return {"ok": False, "error": f"unknown op {op!r} (send, retry)"}
+            if op == "handover":
+                # answered at once; the process then drains, passes the leadership and exits
+                sel = self.gateway.selected
+                self.gateway.stop_requested.set()
+                return {"ok": True, "leader": bool(sel is not None and sel.leading)}
+            return {"ok": False, "error": f"unknown op {op!r} (send, retry, handover)"}
         except (GatewayError, KeyError, TypeError, ValueError) as exc:
             return {"ok": False, "error": str(exc) if not isinstance(exc, KeyError) else f"missing field {exc}"}
 

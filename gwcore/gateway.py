@@ -63,6 +63,8 @@ class Gateway:
         self.role = "starting"  # then "passive" or "active"; "stopped" after stop()
         self._takeover: asyncio.Task[None] | None = None
         self._activating = False
+        self.selected: Any = None  # gwcore.selected.Selected in GWCORE_MODE=selected
+        self.stop_requested = asyncio.Event()  # `gwcore handover` asks the serving process to stop
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -84,7 +86,8 @@ class Gateway:
 
     @property
     def ready(self) -> bool:
-        return self.role == "active" and not self._stopped
+        """Active and taking gateway traffic (in selected mode: the elected receiver)."""
+        return self.role == "active" and not self._stopped and (self.selected is None or self.selected.accepting)
 
     @property
     def takeover(self) -> "asyncio.Task[None] | None":
@@ -209,11 +212,11 @@ class Gateway:
             self.distributor.start()
         if self._handler is not None and listen:
             self._handler_task = asyncio.ensure_future(
-                run_handler(self.queue, self._handler, s.handler_concurrency))
+                run_handler(self.messages(), self._handler, s.handler_concurrency))  # type: ignore[arg-type]
         self.role = "active"
         for state in self.states:
             state.passive = False
-            state.active = True
+            state.active = self.selected is None or self.selected.accepting
         if not listen:
             return
         log.info("gwcore %s ready: endpoint %r, channels %s on %s, data dir %s, handler %s",
@@ -232,11 +235,25 @@ class Gateway:
             log.info("receiving: no site secrets configured, any sender is accepted (as NServiceBus does)")
 
     async def _start_mode(self) -> None:
-        """What GWCORE_MODE runs beside the gateway (the distributor), started after the store and
-        before the node reports active; on a first start and on a takeover alike."""
+        """What GWCORE_MODE runs beside the gateway (the distributor, the broker link of selected
+        mode), started after the store and before the node reports active; on a first start and
+        on a takeover alike."""
+        if self.settings.mode != "selected" or self.selected is not None:
+            return
+        from .selected import Selected
+
+        sel = self.selected = Selected(self)
+        sel.consume = self._handler is not None
+        sel.messages.intercept = self._intercept_reply
+        for state in self.states:
+            state.writer = sel  # submits go through the outbox and the broker (Selected.ingest_then)
+            state.hold = sel.hold
+        await sel.start()
 
     async def _stop_mode(self) -> None:
         """Stops what :meth:`_start_mode` started, before the store closes."""
+        if self.selected is not None:
+            await self.selected.stop()
 
     def _bound(self) -> str:
         scheme = "https" if any(c.tls for c in self.settings.receive_channels) else "http"
@@ -251,6 +268,9 @@ class Gateway:
         timeout = self.settings.shutdown_timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        if self.selected is not None:
+            # a leader passes the leadership first: drain, flush, release, hand the held submits on
+            await self.selected.step_down(timeout)
         for state in self.states:
             state.draining = True
             state.active = False
@@ -274,6 +294,8 @@ class Gateway:
                         conn.transport.abort()
         if self.queue is not None:
             self.queue.close()
+        if self.selected is not None:
+            self.selected.messages.close()
         if self._handler_task is not None:
             try:
                 await asyncio.wait_for(self._handler_task, max(0.1, deadline - loop.time()))
@@ -323,6 +345,8 @@ class Gateway:
         """The local queue as an async iterator of :class:`Message`; call ``await m.ack()``."""
         if self.queue is None:
             raise RuntimeError("the gateway is not started")
+        if self.selected is not None:
+            return self.selected.messages  # type: ignore[return-value]
         return self.queue
 
     # -- sending -----------------------------------------------------------------------------------
@@ -358,6 +382,11 @@ class Gateway:
         dest = egress.reply_destination(incoming.headers)
         h = dict(headers or {})
         h["NServiceBus.MessageIntent"] = "Reply"
+        route = incoming.headers.get("NServiceBus.ReplyToAddress")
+        if route:
+            # as NServiceBus's gateway does (protocol.md §4.4): the requester's own queue, so a
+            # scaled-out requester delivers the reply to the instance that waits for it
+            h.setdefault("NServiceBus.Header.RouteTo", route)
         h["NServiceBus.CorrelationId"] = incoming.headers.get("NServiceBus.CorrelationId", incoming.id)
         h["NServiceBus.RelatedTo"] = incoming.id
         if "NServiceBus.ConversationId" in incoming.headers:
@@ -381,6 +410,8 @@ class Gateway:
             raise ValueError(f"a request with id {msg_id} is already waiting for its reply")
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._requests[msg_id] = fut
+        if self.selected is not None:
+            headers = {**(headers or {}), "NServiceBus.ReplyToAddress": self.selected.reply_queue}
         try:
             await self.send_to_sites([site], body, headers, message_id=msg_id)
             try:
@@ -473,6 +504,14 @@ class Gateway:
         if self.distributor is not None:
             for series in self.distributor.metrics():
                 metric(*series)  # type: ignore[arg-type]
+        if self.selected is not None:
+            for series in self.selected.metrics():
+                metric(*series)
+            sq = self.selected.messages
+            metric("gwcore_broker_consumer_delivered_total", "counter", "Deliveries from the broker to handlers.",
+                   [("", sq.delivered)])
+            metric("gwcore_broker_consumer_acked_total", "counter", "Deliveries acknowledged to the broker.",
+                   [("", sq.acked)])
         f = self.forwarder
         if f is not None:
             metric("gwcore_outgoing_sent_total", "counter", "Messages a site answered 200 (removed from the outgoing queue).",
@@ -494,6 +533,9 @@ class Gateway:
         metric("gwcore_role", "gauge", "1 for the role this instance has.",
                [(f'{{mode="{self.settings.mode}",role="{role}"}}', 1 if self.role == role and not self._stopped else 0)
                 for role in ("active", "passive")])
+        if self.selected is not None:
+            metric("gwcore_selected_role", "gauge", "1 for the selected-mode role this instance has.",
+                   [(f'{{role="{r}"}}', int(self.selected.role == r)) for r in ("leader", "standby")])
         return "\n".join(out) + "\n"
 
 

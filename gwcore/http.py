@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import email.utils
+import functools
 import logging
 import time
 from typing import Any
@@ -86,6 +87,11 @@ class HTTPState:
         self.active = False
         # A passive node (docs/deployment.md): up and answering, waiting for the data dir's lease.
         self.passive = False
+        # Selected mode (gwcore/selected.py): the 503 text while not active ("standby", "broker
+        # unavailable"), and a hook that may hold a submit during a handover: ``hold(retry)`` is
+        # True when it took it and will call ``retry()`` to route it again.
+        self.unavailable: str | None = None
+        self.hold: Any = None
         self._routes: dict[bytes, bool] = {}
         self.draining = False
         self.connections: set[HTTPProtocol] = set()
@@ -306,11 +312,15 @@ class HTTPProtocol(asyncio.Protocol):
         return slot
 
     def _submit(self, keep_alive: bool, result: Any) -> None:
-        slot = self._slot(keep_alive)
+        self._route(self._slot(keep_alive), result)
+
+    def _route(self, slot: _Slot, result: Any) -> None:
         state = self.state
         if state.draining or not state.active:
+            if state.hold is not None and not state.draining and state.hold(functools.partial(self._route, slot, result)):
+                return
             self._answer(slot, 503, "Service Unavailable: gwcore is shutting down" if state.draining
-                         else _PASSIVE if state.passive else "Service Unavailable: not the active receiver")
+                         else _PASSIVE if state.passive else state.unavailable or "Service Unavailable: not the active receiver")
             return
         if state.verifier is not None:
             refusal = state.verifier.refusal(result)
@@ -365,7 +375,8 @@ class HTTPProtocol(asyncio.Protocol):
             elif state.active:
                 self._answer(slot, 200, _OK, count=False)
             else:
-                self._answer(slot, 503, _PASSIVE if state.passive else "Service Unavailable: not ready", count=False)
+                self._answer(slot, 503, _PASSIVE if state.passive else state.unavailable or "Service Unavailable: not ready",
+                             count=False)
         else:
             text = state.metrics_render() if state.metrics_render else ""
             self._answer(slot, 200, _OK, body=text.encode(), content_type=_TEXT, count=False)

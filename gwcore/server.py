@@ -63,6 +63,8 @@ async def _serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     await gateway.start()
     try:
+        requested = asyncio.ensure_future(gateway.stop_requested.wait())  # `gwcore handover`
+        requested.add_done_callback(lambda _f: stop.set())
         stopping = asyncio.ensure_future(stop.wait())
         takeover = gateway.takeover
         if takeover is not None:

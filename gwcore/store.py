@@ -157,6 +157,11 @@ class Store:
         self.outgoing = self.env.open_db(b"outgoing", create=create)
         self.outgoing_errors = self.env.open_db(b"outgoing_errors", create=create)
         self.meta = self.env.open_db(b"meta", create=create)
+        # selected mode: dedup records followed from the broker's stream (gwcore/selected.py)
+        try:
+            self.replica = self.env.open_db(b"replica", create=create)
+        except lmdb.NotFoundError:  # read-only, on a store that never ran in selected mode
+            self.replica = None
         if not readonly:
             with self.env.begin(write=True) as txn:
                 version = txn.get(b"schema", db=self.meta)

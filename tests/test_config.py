@@ -36,7 +36,8 @@ def test_environment_and_precedence():
     ("GWCORE_MAX_BODY", "-1"), ("GWCORE_STORE_SYNC", "maybe"), ("GWCORE_MODE", "cluster"),
     ("GWCORE_RECEIVE_CHANNELS", "https://x:1/A/"), ("GWCORE_RECEIVE_CHANNELS", "http://x:notaport/A/"),
     ("GWCORE_HANDLER", "nocolon"), ("GWCORE_LOOP", "trio"), ("GWCORE_ENDPOINT", " "),
-    ("GWCORE_STORE_MAP_SIZE", "128GiB"), ("GWCORE_MODE", "selected"),
+    ("GWCORE_STORE_MAP_SIZE", "128GiB"), ("GWCORE_ACK", "later"), ("GWCORE_AMQP_URL", "http://x/"),
+    ("GWCORE_INSTANCE", "a b"), ("GWCORE_ELECTION_INTERVAL", "0"),
 ])
 def test_invalid_values_name_the_variable(name, value):
     with pytest.raises(ConfigurationError) as info:

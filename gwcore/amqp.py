@@ -1,0 +1,198 @@
+"""RabbitMQ (AMQP 0.9.1, through aio-pika) for selected-instance mode: the connection with its
+reconnect loop, the topology, message mapping and the confirmed publisher.
+
+Names on the broker, for an endpoint ``E`` (``GWCORE_ENDPOINT``):
+
+==============================  =============================================================
+``E``                           the endpoint's input queue: durable quorum queue, every instance
+                                consumes it (competing consumers, ``GWCORE_AMQP_PREFETCH``)
+``E.gwcore.dedup``              stream queue (``x-max-age`` = ``GWCORE_DEDUP_TTL``): the dedup
+                                records every instance follows into its own LMDB
+``E.gwcore.leader``             exclusive queue: whoever declared it is the gateway receiver;
+                                the broker deletes it when the owner's connection dies
+``E.gwcore.instance.<name>``    one instance's reply queue (callbacks, ``request()``)
+==============================  =============================================================
+
+A message published to the input queue carries ``message_id`` = ``NServiceBus.Id``,
+``correlation_id`` = ``NServiceBus.CorrelationId``, ``reply_to`` = ``NServiceBus.ReplyToAddress``,
+``content_type`` = ``NServiceBus.ContentType`` and every message header as an AMQP header (string
+values), so a plain RabbitMQ consumer can read it; the body is the message body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable
+
+import aio_pika
+import aiormq
+
+__all__ = ("Link", "Topology", "to_amqp", "from_amqp", "POSSIBLE_DUPLICATE", "broker_errors")
+
+log = logging.getLogger("gwcore.amqp")
+
+#: The header a message dispatched again after a crash carries (issue 5, design.md §4).
+POSSIBLE_DUPLICATE = "gwcore.PossibleDuplicate"
+
+# What a lost connection or channel raises from aio-pika/aiormq calls.
+broker_errors: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException, ConnectionError, OSError, asyncio.TimeoutError,
+)
+
+
+class Topology:
+    """The queue names of one endpoint and how they are declared."""
+
+    def __init__(self, endpoint: str, instance: str, dedup_ttl: float) -> None:
+        self.endpoint = endpoint
+        self.input = endpoint
+        self.dedup = f"{endpoint}.gwcore.dedup"
+        self.leader = f"{endpoint}.gwcore.leader"
+        self.instance_prefix = f"{endpoint}.gwcore.instance."
+        self.instance = self.instance_prefix + instance
+        self.dedup_ttl = dedup_ttl
+
+    def input_args(self) -> dict[str, Any]:
+        return {"x-queue-type": "quorum"}
+
+    def dedup_args(self) -> dict[str, Any]:
+        return {"x-queue-type": "stream", "x-max-age": f"{max(1, int(self.dedup_ttl))}s"}
+
+    async def declare(self, channel: aio_pika.abc.AbstractChannel) -> None:
+        await channel.declare_queue(self.input, durable=True, arguments=self.input_args())
+        await channel.declare_queue(self.dedup, durable=True, arguments=self.dedup_args())
+        # Not exclusive: a reply that arrives while this instance reconnects must wait for it;
+        # the queue goes 10 minutes after its last consumer did.
+        await channel.declare_queue(self.instance, durable=True, arguments={"x-expires": 600_000})
+
+    def route(self, headers: dict[str, str]) -> str:
+        """The queue a message goes to: the requesting instance's queue for a reply addressed by
+        ``NServiceBus.Header.RouteTo`` (protocol.md §4.4) to one of ours, else the input queue."""
+        to = headers.get("NServiceBus.Header.RouteTo")
+        if to is not None and to.startswith(self.instance_prefix):
+            return to
+        return self.input
+
+
+def to_amqp(msg_id: str, headers: dict[str, str], body: bytes, expiry_ms: int, flagged: bool) -> aio_pika.Message:
+    """The AMQP message for a stored envelope's parts (``core.decode_envelope``)."""
+    amqp_headers: dict[str, Any] = dict(headers)
+    if flagged:
+        amqp_headers[POSSIBLE_DUPLICATE] = "true"
+    if expiry_ms:
+        amqp_headers["gwcore.ExpiryMs"] = str(expiry_ms)
+    return aio_pika.Message(
+        body, headers=amqp_headers, message_id=msg_id,
+        correlation_id=headers.get("NServiceBus.CorrelationId", msg_id),
+        reply_to=headers.get("NServiceBus.ReplyToAddress"),
+        content_type=headers.get("NServiceBus.ContentType"),
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+def from_amqp(incoming: aio_pika.abc.AbstractIncomingMessage) -> tuple[str, dict[str, str], bytes, int]:
+    """``(id, headers, body, expiry_ms)`` of a delivered message (any producer: a header that is
+    not a string is turned into one)."""
+    headers = {str(k): v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+               for k, v in (incoming.headers or {}).items()}
+    expiry = headers.pop("gwcore.ExpiryMs", "")
+    msg_id = incoming.message_id or headers.get("NServiceBus.MessageId", "")
+    return msg_id, headers, incoming.body, int(expiry) if expiry.isdigit() else 0
+
+
+class Link:
+    """One broker connection, re-opened after it drops (backoff up to 2 s).
+
+    ``on_up(connection)`` runs after each connect (declare, consume, elect); ``on_down()`` runs
+    the moment the connection is lost (fencing). :attr:`connected` is exact: it turns false in
+    the connection's close callback, before any other code of this process runs.
+    """
+
+    def __init__(self, url: str, name: str, on_up: Callable[[Any], Awaitable[None]],
+                 on_down: Callable[[BaseException | None], None]) -> None:
+        self.url = url
+        self.name = name
+        self.on_up = on_up
+        self.on_down = on_down
+        self.connection: Any = None
+        self.connected = False
+        self.last_error = "not connected yet"
+        self.connects = 0
+        self._task: asyncio.Task | None = None
+        self._closed = asyncio.Event()
+        self._stopping = False
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        delay = 0.05
+        while not self._stopping:
+            try:
+                conn = await aio_pika.connect(self.url, client_properties={"connection_name": self.name},
+                                              timeout=5)
+            except broker_errors as exc:
+                self.last_error = f"cannot connect to {_safe(self.url)}: {exc or type(exc).__name__}"
+                if delay >= 0.4:
+                    log.warning("broker: %s (retrying)", self.last_error)
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+                continue
+            self._closed.clear()
+            self.connection = conn
+            self.connected = True
+            self.connects += 1
+            conn.close_callbacks.add(self._lost)
+            try:
+                await self.on_up(conn)
+            except broker_errors as exc:
+                log.warning("broker: setting up the connection failed: %s", exc)
+                await conn.close()
+            except Exception:
+                log.exception("broker: setting up the connection failed")
+                await conn.close()
+            else:
+                delay = 0.05
+                log.info("broker: connected to %s", _safe(self.url))
+            await self._closed.wait()
+            if not self._stopping:
+                await asyncio.sleep(delay)
+
+    def _lost(self, _conn: Any, exc: BaseException | None = None) -> None:
+        if not self.connected:
+            return
+        self.connected = False
+        self.connection = None
+        if not self._stopping:
+            self.last_error = f"connection lost: {exc or 'closed'}"
+            log.warning("broker: %s", self.last_error)
+        try:
+            self.on_down(exc)
+        finally:
+            self._closed.set()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        conn = self.connection
+        if conn is not None:
+            try:
+                await asyncio.wait_for(conn.close(), 5)
+            except broker_errors:
+                pass
+        self._closed.set()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except BaseException:
+                pass
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for logs."""
+    head, sep, tail = url.partition("@")
+    if not sep:
+        return url
+    scheme, _, userinfo = head.partition("://")
+    return f"{scheme}://{userinfo.split(':')[0]}@{tail}"

@@ -1,0 +1,698 @@
+"""Selected-instance mode (``GWCORE_MODE=selected``): N instances on RabbitMQ, one gateway receiver.
+
+Every instance has its own data dir and one broker connection (:class:`gwcore.amqp.Link`):
+
+- **Election.** Leadership is owning the exclusive queue ``E.gwcore.leader``. Standbys try to
+  declare it every ``GWCORE_ELECTION_INTERVAL`` (and at once when a leader announces a handover);
+  RESOURCE_LOCKED means someone holds it. The broker deletes it when its owner's connection dies,
+  and the owner stops answering 200 in the connection's close callback (fencing).
+- **Ingest (leader).** The submit goes through the writer as in standalone mode: dedup record and
+  envelope in one fsync'd transaction; the ``queue`` database is the outbox. The dispatcher takes
+  committed outbox entries in batches: (1) an *intent* record with the batch's dedup keys is
+  appended to the stream ``E.gwcore.dedup`` and confirmed, (2) the messages are published to the
+  input queue and confirmed, (3) a *done* record is appended and confirmed, (4) the entries leave
+  the outbox. ``GWCORE_ACK=dispatched`` answers 200 after (3), ``stored`` after the commit.
+- **Dedup continuity.** Every instance follows the stream into a ``replica`` database of its own
+  LMDB (key -> intent/done), resuming at the stored offset. A submit whose key the stream shows
+  *done* is a duplicate; one that shows only *intent* was in flight when a leader died: it is
+  accepted again and published with ``gwcore.PossibleDuplicate: true``. So is anything dispatched
+  outside the leadership term that accepted it (entries left in an outbox by a crash, or accepted
+  while the broker was unreachable). A new leader appends a marker and reads the stream up to it
+  before it reports ready.
+- **Handover** (:meth:`Selected.step_down`, on SIGTERM or ``gwcore handover``): hold new submits,
+  let the outbox drain, append a *release* record and give up the leader queue, wait until another
+  instance announces its leadership, then answer the held submits 503 (the load balancer retries
+  them at the new leader). Standbys that see the *release* hold their submits too until the
+  election is decided, so a retry that reaches them in that window is not refused early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import socket
+import struct
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+
+import aio_pika
+import aiormq
+
+from ._core import core
+from .amqp import Link, Topology, broker_errors, from_amqp, to_amqp
+from .errors import StoreUnavailableError
+from .store import encode_error, now_ms
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
+
+__all__ = ("Selected", "BrokerUnavailableError", "BrokerMessage", "BrokerQueue", "STANDBY")
+
+log = logging.getLogger("gwcore.selected")
+
+STANDBY = "Service Unavailable: standby"
+_BROKER_DOWN = "Service Unavailable: broker unavailable"
+_INTENT, _DONE = 1, 2
+_KIND = "gwcore.kind"
+_FROM = "gwcore.instance"
+_U32 = struct.Struct(">I")
+_REPLICA = struct.Struct(">BQ")  # state, recorded_ms
+_DISPATCH_BATCH = 512
+_HOLD_LIMIT = 5.0  # longest a standby holds submits after a release record
+
+
+class BrokerUnavailableError(StoreUnavailableError):
+    """The broker cannot be reached (or refused a publish): the submit is answered 503."""
+
+
+def _pack_keys(keys: list[bytes]) -> bytes:
+    return b"".join(_U32.pack(len(k)) + k for k in keys)
+
+
+def _unpack_keys(data: bytes) -> list[bytes]:
+    out, pos = [], 0
+    while pos < len(data):
+        (n,) = _U32.unpack_from(data, pos)
+        out.append(data[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    return out
+
+
+class BrokerMessage:
+    """A message from the endpoint's input queue (or this instance's reply queue), with the
+    interface of :class:`gwcore.consumer.Message`: ``await ack()``, ``release(error)``."""
+
+    __slots__ = ("id", "headers", "body", "seq", "expiry_ms", "accepted_ms", "attempt", "_incoming",
+                 "_settled", "_queue")
+
+    def __init__(self, queue: "BrokerQueue", incoming: Any) -> None:
+        self.id, self.headers, self.body, self.expiry_ms = from_amqp(incoming)
+        self.seq = 0
+        self.accepted_ms = 0
+        # quorum queues count redeliveries in x-delivery-count
+        self.attempt = int((incoming.headers or {}).get("x-delivery-count", 0) or 0) + 1
+        self._incoming = incoming
+        self._settled = False
+        self._queue = queue
+
+    @property
+    def delivery_count(self) -> int:
+        return self.attempt
+
+    @property
+    def redelivered(self) -> bool:
+        return self.attempt > 1 or bool(self._incoming.redelivered)
+
+    @property
+    def possible_duplicate(self) -> bool:
+        """True when gwcore dispatched this message again after a crash (it may be there twice)."""
+        return self.headers.get("gwcore.PossibleDuplicate") == "true"
+
+    async def ack(self) -> None:
+        if not self._settled:
+            self._settled = True
+            await self._queue._settle(self, None)
+
+    def release(self, error: BaseException | None = None) -> None:
+        if not self._settled:
+            self._settled = True
+            asyncio.ensure_future(self._queue._settle(self, error or Exception("released")))
+
+    def __repr__(self) -> str:
+        return f"<BrokerMessage id={self.id!r} attempt={self.attempt}>"
+
+
+class BrokerQueue:
+    """Deliveries from the broker as an async iterator (what ``Gateway.messages()`` returns and
+    ``GWCORE_HANDLER`` runs on in selected mode)."""
+
+    def __init__(self, selected: "Selected", max_attempts: int) -> None:
+        self._selected = selected
+        self._items: asyncio.Queue[BrokerMessage | None] = asyncio.Queue()
+        self.max_attempts = max_attempts
+        self.intercept: Callable[[Any], bool] | None = None
+        self.delivered = self.acked = self.failed = self.expired = self.poisoned = 0
+
+    async def deliver(self, incoming: Any) -> None:
+        msg = BrokerMessage(self, incoming)
+        if msg.expiry_ms and msg.expiry_ms < now_ms():
+            self.expired += 1
+            await self._settle(msg, None, count=False)
+            return
+        if self.intercept is not None and self.intercept(msg):
+            await self._settle(msg, None)
+            return
+        self._items.put_nowait(msg)
+
+    def close(self) -> None:
+        self._items.put_nowait(None)
+
+    def __aiter__(self) -> AsyncIterator[BrokerMessage]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[BrokerMessage]:
+        while True:
+            msg = await self._items.get()
+            if msg is None:
+                return
+            self.delivered += 1
+            yield msg
+
+    async def _settle(self, msg: BrokerMessage, error: BaseException | None, count: bool = True) -> None:
+        incoming = msg._incoming
+        try:
+            if error is None:
+                await incoming.ack()
+                self.acked += count
+                return
+            self.failed += 1
+            if msg.attempt < self.max_attempts:
+                log.warning("message %s: attempt %d failed (%r); the broker redelivers it", msg.id, msg.attempt, error)
+                await incoming.nack(requeue=True)
+                return
+            self.poisoned += 1
+            reason = f"handler failed {msg.attempt} times: {error!r}"
+            log.error("message %s moved to the error store: %s", msg.id, reason)
+            await self._selected.poison(msg, reason)
+            await incoming.ack()
+        except broker_errors as exc:
+            # the channel went with its connection: the broker redelivers the message
+            log.info("message %s: settling failed (%s); the broker redelivers it", msg.id, exc)
+
+
+class Selected:
+    """The selected-instance mode of one gateway (created by :class:`gwcore.gateway.Gateway`)."""
+
+    def __init__(self, gateway: "Gateway") -> None:
+        s = self.settings = gateway.settings
+        self.gateway = gateway
+        self.store = gateway.store
+        self.writer = gateway.writer
+        self.instance = s.instance or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.topology = Topology(s.endpoint, self.instance, s.dedup_ttl)
+        self.reply_queue = self.topology.instance
+        self.dispatched_ack = s.ack == "dispatched"
+        self.link = Link(s.amqp_url, f"gwcore {s.endpoint} {self.instance}", self._up, self._down)
+        self.messages = BrokerQueue(self, s.handler_max_attempts)
+        self.consume = False  # set by the gateway when a handler (or messages()) takes the input queue
+        # leadership
+        self.leading = False
+        self.term = 0
+        self.fenced_accepting = False  # ack=stored: a leader cut off from the broker keeps accepting
+        self.leader_seen = ""  # the instance that announced leadership last (from the stream)
+        self._wake = asyncio.Event()
+        self._conn_tasks: list[asyncio.Task] = []
+        self._leader_channel: Any = None
+        self._pub: Any = None
+        # dedup records from the stream: key -> _INTENT / _DONE
+        self.replica: dict[bytes, int] = {}
+        self.offset = -1
+        self._replica_pending: list[tuple[bytes, int]] = []
+        self._flushing = False
+        self._markers: dict[bytes, asyncio.Future] = {}
+        self.caught_up = False
+        # outbox
+        self.undone: dict[bytes, list[tuple[Callable[[bool, Any], None], Any]]] = {}
+        self._fresh: set[bytes] = set()  # accepted in this leadership term, not attempted yet
+        self._finishing: set[int] = set()
+        self._cursor = 0
+        self._work = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._dispatcher: asyncio.Task | None = None
+        # holding submits (handover)
+        self.holding = False
+        self._held: list[Callable[[], None]] = []
+        self._hold_timer: asyncio.TimerHandle | None = None
+        # counters
+        self.dispatched = 0
+        self.possible_duplicates = 0
+        self.skipped = 0
+        self.elections_won = 0
+        self.fenced = 0
+        self._stopping = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        expired = await loop.run_in_executor(None, self._load)
+        if expired:
+            store = self.store
+
+            def drop(txn: Any) -> None:
+                for key in expired:
+                    txn.delete(key, db=store.replica)
+
+            await self.writer.call(drop)
+        self.writer.on_commit = self._kick
+        self._dispatcher = asyncio.ensure_future(self._dispatch_loop())
+        self.link.start()
+        log.info("selected mode: instance %s, broker %s, ack=%s; %d dedup records replicated (stream offset %d), "
+                 "%d messages left in the outbox", self.instance, self.settings.amqp_url.split("@")[-1], self.settings.ack, len(self.replica), self.offset, len(self.undone))
+
+    def _load(self) -> list[bytes]:
+        """Replica and outbox from the store (executor); returns the expired replica keys."""
+        store = self.store
+        cutoff = now_ms() - int(self.settings.dedup_ttl * 1000)
+        expired = []
+        for key, value in store.iter_db(store.replica):
+            state, recorded = _REPLICA.unpack(value)
+            if recorded < cutoff:
+                expired.append(key)
+            else:
+                self.replica[bytes(key)] = state
+        raw = store.get(store.meta, b"stream_offset")
+        self.offset = struct.unpack(">q", raw)[0] if raw else -1
+        scope = self.settings.endpoint.encode() + b"\0"
+        after = 0
+        while True:
+            batch = store.read_queue(after, 4096)
+            if not batch:
+                break
+            for _seq, framed in batch:
+                self.undone[scope + core.decode_envelope(framed)[0].encode()] = []
+            after = batch[-1][0]
+        if not self.undone:
+            self._drained.set()
+        return expired
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._release_held()
+        await self.link.stop()
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            try:
+                await self._dispatcher
+            except BaseException:
+                pass
+        self.messages.close()
+        await self._flush_replica()
+
+    # -- states seen by the HTTP front end -----------------------------------------------------------
+
+    @property
+    def accepting(self) -> bool:
+        return (self.leading or self.fenced_accepting) and not self.holding and not self._stopping
+
+    @property
+    def role(self) -> str:
+        if self.leading:
+            return "leader"
+        return "leader (broker unreachable)" if self.fenced_accepting else "standby"
+
+    def _update_states(self) -> None:
+        accepting = self.accepting
+        reason = STANDBY if self.link.connected else _BROKER_DOWN
+        for state in self.gateway.states:
+            state.active = accepting
+            state.unavailable = reason
+        if accepting and self._held:
+            self._release_held()
+
+    def hold(self, retry: Callable[[], None]) -> bool:
+        """http.py's hook for a submit this instance does not accept now: held (True) while a
+        handover is deciding the next leader; ``retry()`` routes it again afterwards."""
+        if not self.holding or self._stopping:
+            return False
+        self._held.append(retry)
+        return True
+
+    def _start_holding(self, limit: float) -> None:
+        self.holding = True
+        self._update_states()
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+        self._hold_timer = asyncio.get_running_loop().call_later(limit, self._release_held)
+
+    def _release_held(self) -> None:
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        self.holding = False
+        held, self._held = self._held, []
+        self._update_states()
+        for retry in held:
+            retry()
+
+    # -- the ingest hook (HTTPState.writer in selected mode) -----------------------------------------
+
+    @property
+    def pending(self) -> int:
+        return self.writer.pending
+
+    def ingest_then(self, envelope: Any, done: Callable[[bool, Any], None]) -> None:
+        key = envelope.key
+        known = self.replica.get(key)
+        if known == _DONE:
+            done(True, False)  # the stream confirms it was dispatched: a duplicate
+            return
+        if self.dispatched_ack and not self.link.connected:
+            done(False, BrokerUnavailableError(f"broker unavailable ({self.link.last_error})"))
+            return
+        self.writer.ingest_then(envelope, functools.partial(self._committed, key, known == _INTENT, done))
+
+    def _committed(self, key: bytes, in_doubt: bool, done: Callable[[bool, Any], None], ok: bool, value: Any) -> None:
+        if not ok:
+            done(ok, value)
+            return
+        if value:
+            waiters = self.undone[key] = []
+            self._drained.clear()
+            if self.leading and not in_doubt:
+                self._fresh.add(key)
+        else:
+            got = self.undone.get(key)
+            if got is None:
+                done(True, False)  # a duplicate of a message already dispatched
+                return
+            waiters = got
+        if not self.dispatched_ack:
+            done(True, value)
+        elif not self.link.connected:
+            done(False, BrokerUnavailableError(f"broker unavailable ({self.link.last_error})"))
+        else:
+            waiters.append((done, value))
+
+    def _kick(self, _added: int = 0) -> None:
+        self._work.set()
+
+    # -- the connection ------------------------------------------------------------------------------
+
+    async def _up(self, conn: Any) -> None:
+        pub = await conn.channel(publisher_confirms=True)
+        await self.topology.declare(pub)
+        self._pub = pub
+        self._cursor = 0
+        follow = await conn.channel()
+        await follow.set_qos(prefetch_count=2000)
+        self._conn_tasks = [asyncio.ensure_future(self._follow(follow)),
+                            asyncio.ensure_future(self._elect(conn))]
+        if self.consume:
+            ch = await conn.channel()
+            await ch.set_qos(prefetch_count=self.settings.amqp_prefetch)
+            inq = await ch.declare_queue(self.topology.input, durable=True, arguments=self.topology.input_args())
+            await inq.consume(self.messages.deliver)
+        replies = await conn.channel()
+        rq = await replies.declare_queue(self.reply_queue, durable=True, arguments={"x-expires": 600_000})
+        await rq.consume(self.messages.deliver)
+        self._update_states()
+
+    def _down(self, exc: BaseException | None) -> None:
+        was_leading = self.leading
+        self.leading = False
+        self.caught_up = False
+        self._fresh.clear()
+        self._pub = self._leader_channel = None
+        for task in self._conn_tasks:
+            task.cancel()
+        self._conn_tasks = []
+        for fut in self._markers.values():
+            if not fut.done():
+                fut.set_exception(BrokerUnavailableError("connection lost"))
+        self._markers.clear()
+        if was_leading:
+            self.fenced += 1
+            if not self.dispatched_ack and not self._stopping:
+                self.fenced_accepting = True
+                log.warning("role: leader -> cut off from the broker: accepting into the outbox (GWCORE_ACK=stored); "
+                            "these messages are dispatched, marked gwcore.PossibleDuplicate, once it is back")
+            else:
+                log.warning("role: leader -> standby: the broker connection is gone (fenced)")
+        self._fail_waiters(BrokerUnavailableError(f"broker unavailable ({self.link.last_error})"))
+        self._update_states()
+
+    def _fail_waiters(self, exc: BaseException) -> None:
+        for waiters in self.undone.values():
+            items, waiters[:] = list(waiters), []
+            for done, _value in items:
+                done(False, exc)
+
+    # -- the stream: appending and following ---------------------------------------------------------
+
+    async def _append(self, kind: str, body: bytes) -> None:
+        pub = self._pub
+        if pub is None:
+            raise BrokerUnavailableError("not connected")
+        await pub.default_exchange.publish(
+            aio_pika.Message(body, headers={_KIND: kind, _FROM: self.instance},
+                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key=self.topology.dedup)
+
+    async def _sync(self, kind: str) -> None:
+        """Append a marker and wait until the follower reads it back: everything appended before
+        it (by any instance) is in :attr:`replica` then."""
+        token = uuid.uuid4().bytes
+        fut = asyncio.get_running_loop().create_future()
+        self._markers[token] = fut
+        try:
+            await self._append(kind, token)
+            await fut
+        finally:
+            self._markers.pop(token, None)
+
+    async def _follow(self, channel: Any) -> None:
+        queue = await channel.declare_queue(self.topology.dedup, durable=True, arguments=self.topology.dedup_args())
+        start: Any = self.offset + 1 if self.offset >= 0 else "first"
+        asyncio.ensure_future(self._catch_up())
+        async with queue.iterator(arguments={"x-stream-offset": start}) as records:
+            async for record in records:
+                self._record(record)
+                await record.ack()
+
+    async def _catch_up(self) -> None:
+        try:
+            await self._sync("marker")
+        except broker_errors + (asyncio.CancelledError,):
+            return
+        self.caught_up = True
+        self._kick()
+
+    def _record(self, record: Any) -> None:
+        headers = record.headers or {}
+        offset = headers.get("x-stream-offset")
+        if isinstance(offset, int):
+            if offset <= self.offset:
+                return  # a record seen before a reconnect
+            self.offset = offset
+        kind = headers.get(_KIND)
+        sender = headers.get(_FROM)
+        if isinstance(sender, bytes):
+            sender = sender.decode()
+        if kind in ("intent", "done"):
+            state = _INTENT if kind == "intent" else _DONE
+            replica = self.replica
+            pending = self._replica_pending
+            for key in _unpack_keys(record.body):
+                if replica.get(key) != _DONE:
+                    replica[key] = state
+                    pending.append((key, state))
+        elif kind in ("marker", "leader"):
+            fut = self._markers.get(record.body)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            if kind == "leader":
+                self.leader_seen = sender or ""
+                if sender != self.instance and self.holding and not self.leading:
+                    self._release_held()
+        elif kind == "release" and sender != self.instance and not self.leading:
+            self._wake.set()
+            self._start_holding(_HOLD_LIMIT)
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush_replica()))
+
+    async def _flush_replica(self) -> None:
+        try:
+            while True:
+                items, self._replica_pending = self._replica_pending, []
+                offset = self.offset
+                if not items and offset < 0:
+                    return
+                store = self.store
+                stamp = now_ms()
+
+                def write(txn: Any) -> None:
+                    for key, state in items:
+                        txn.put(key, _REPLICA.pack(state, stamp), db=store.replica)
+                    txn.put(b"stream_offset", struct.pack(">q", offset), db=store.meta)
+
+                await self.writer.call(write)
+                if not self._replica_pending:
+                    return
+        except Exception as exc:  # the store is closing: the stream has it all, it is read again
+            log.debug("replica flush failed: %s", exc)
+        finally:
+            self._flushing = False
+
+    # -- election ------------------------------------------------------------------------------------
+
+    async def _elect(self, conn: Any) -> None:
+        try:
+            await self._try_elect(conn)
+        except broker_errors as exc:
+            log.info("election: the connection went (%s)", exc)
+
+    async def _try_elect(self, conn: Any) -> None:
+        interval = self.settings.election_interval
+        while not self._stopping:
+            ch = await conn.channel()
+            try:
+                await ch.declare_queue(self.topology.leader, exclusive=True, durable=False)
+            except aiormq.exceptions.ChannelLockedResource:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), interval)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            self._leader_channel = ch
+            break
+        else:
+            return
+        won = time.monotonic()
+        await self._sync("leader")  # every record of earlier leaders is in the replica now
+        self.term += 1
+        self.elections_won += 1
+        self.leading = True
+        self.fenced_accepting = False
+        if self.holding:
+            self._release_held()  # the submits held for the handover are ours now
+        self._update_states()
+        self._kick()
+        log.info("role: leader (term %d): the stream read to its end in %.0f ms", self.term,
+                 (time.monotonic() - won) * 1000)
+
+    async def step_down(self, timeout: float) -> None:
+        """Planned handover: drain, flush, pass the leadership (see the module docstring)."""
+        if not self.leading:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self._start_holding(timeout)
+        log.info("handover: holding new submits, draining %d outbox entries", len(self.undone))
+        try:
+            await asyncio.wait_for(self._drained.wait(), max(0.1, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            log.warning("handover: %d messages still in the outbox; they are dispatched when this instance "
+                        "runs again", len(self.undone))
+        if not self.leading:
+            self._release_held()
+            return
+        self.leading = False
+        self._fresh.clear()
+        try:
+            await self._append("release", b"")
+            await self._leader_channel.queue_delete(self.topology.leader)
+            log.info("handover: leadership released")
+            self.leader_seen = self.instance
+            until = loop.time() + min(_HOLD_LIMIT, max(0.1, deadline - loop.time()))
+            while self.leader_seen == self.instance and loop.time() < until and self.link.connected:
+                await asyncio.sleep(0.005)
+            if self.leader_seen != self.instance:
+                log.info("handover: %s is the leader now", self.leader_seen)
+        except broker_errors as exc:
+            log.warning("handover: releasing the leadership failed (%s); it ends with this connection", exc)
+        self._release_held()
+
+    # -- the dispatcher ------------------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            while self.link.connected and self.caught_up and self._pub is not None:
+                raw = self.store.read_queue(self._cursor, _DISPATCH_BATCH)
+                if not raw:
+                    break
+                self._cursor = raw[-1][0]
+                batch = [(seq, framed) for seq, framed in raw if seq not in self._finishing]
+                try:
+                    await self._dispatch(batch)
+                except broker_errors as exc:
+                    log.warning("dispatch failed (%s): the outbox keeps the messages", exc)
+                    self._cursor = 0
+                    self._fail_waiters(BrokerUnavailableError(f"broker unavailable ({exc})"))
+                    break
+
+    async def _dispatch(self, batch: list[tuple[int, bytes]]) -> None:
+        scope = self.settings.endpoint.encode() + b"\0"
+        route = self.topology.route
+        out = []
+        skipped = []
+        for seq, framed in batch:
+            msg_id, headers, body, expiry_ms, _acc = core.decode_envelope(framed)
+            key = scope + msg_id.encode()
+            fresh = key in self._fresh
+            if not fresh and self.replica.get(key) == _DONE:
+                skipped.append((seq, key))  # another leader (or an earlier run) dispatched it
+                continue
+            out.append((seq, key, to_amqp(msg_id, headers, body, expiry_ms, not fresh), route(headers), not fresh))
+        if out:
+            keys = [item[1] for item in out]
+            await self._append("intent", _pack_keys(keys))
+            self._fresh.difference_update(keys)
+            exchange = self._pub.default_exchange
+            await asyncio.gather(*(exchange.publish(msg, routing_key=to) for _s, _k, msg, to, _f in out))
+            await self._append("done", _pack_keys(keys))
+            self.dispatched += len(out)
+            self.possible_duplicates += sum(1 for item in out if item[4])
+        self.skipped += len(skipped)
+        self._finish([(seq, key) for seq, key, *_rest in out] + skipped)
+
+    def _finish(self, items: list[tuple[int, bytes]]) -> None:
+        seqs = [seq for seq, _key in items]
+        for _seq, key in items:
+            for done, value in self.undone.pop(key, ()):
+                done(True, value)
+        if not self.undone:
+            self._drained.set()
+        self._finishing.update(seqs)
+        store = self.store
+
+        def delete(txn: Any) -> None:
+            for seq in seqs:
+                txn.delete(core.pack_seq(seq), db=store.queue)
+
+        fut = self.writer.call(delete)
+        fut.add_done_callback(lambda _f: self._finishing.difference_update(seqs))
+
+    async def poison(self, msg: BrokerMessage, reason: str) -> None:
+        """Keep a message whose handler kept failing in this instance's error store."""
+        framed = core.encode_envelope(msg.id, msg.headers, msg.body, msg.expiry_ms, now_ms())
+        store = self.store
+
+        def put(txn: Any) -> None:
+            cur = txn.cursor(db=store.errors)
+            seq = core.unpack_seq(cur.key()) + 1 if cur.last() else 1
+            txn.put(core.pack_seq(seq), encode_error(framed, reason, now_ms()), db=store.errors)
+
+        await self.writer.call(put)
+
+    # -- metrics -------------------------------------------------------------------------------------
+
+    def metrics(self) -> list[tuple[str, str, str, list[tuple[str, Any]]]]:
+        return [
+            ("gwcore_selected_leader", "gauge", "1 while this instance is the elected gateway receiver.",
+             [("", int(self.leading))]),
+            ("gwcore_selected_term", "counter", "Leadership terms this instance won.", [("", self.elections_won)]),
+            ("gwcore_selected_fenced_total", "counter", "Times the leadership ended with the broker connection.",
+             [("", self.fenced)]),
+            ("gwcore_broker_connected", "gauge", "1 while the broker connection is up.", [("", int(self.link.connected))]),
+            ("gwcore_broker_connects_total", "counter", "Broker connections opened.", [("", self.link.connects)]),
+            ("gwcore_dispatched_total", "counter", "Messages published to the broker and confirmed.",
+             [("", self.dispatched)]),
+            ("gwcore_possible_duplicates_total", "counter",
+             "Messages dispatched with gwcore.PossibleDuplicate: true (in flight at a crash or outage).",
+             [("", self.possible_duplicates)]),
+            ("gwcore_dispatch_skipped_total", "counter", "Outbox entries another leader had dispatched already.",
+             [("", self.skipped)]),
+            ("gwcore_outbox_undispatched", "gauge", "Accepted messages not yet confirmed by the broker.",
+             [("", len(self.undone))]),
+            ("gwcore_dedup_replica_records", "gauge", "Dedup records followed from the stream.", [("", len(self.replica))]),
+            ("gwcore_dedup_stream_offset", "gauge", "Last stream offset read.", [("", self.offset)]),
+        ]
+
