@@ -68,8 +68,10 @@ class Topology:
 
     def route(self, headers: dict[str, str]) -> str:
         """The queue a message goes to: the requesting instance's queue for a reply addressed by
-        ``NServiceBus.Header.RouteTo`` (protocol.md §4.4) to one of ours, else the input queue."""
-        to = headers.get("NServiceBus.Header.RouteTo")
+        ``RouteTo`` (protocol.md §4.4) to one of ours, else the input queue."""
+        # The receiving framer removes every "NServiceBus.Header." from a name, as NServiceBus
+        # does, so the RouteTo a responder sets (protocol.md §4.4) arrives as plain "RouteTo".
+        to = headers.get("RouteTo") or headers.get("NServiceBus.Header.RouteTo")
         if to is not None and to.startswith(self.instance_prefix):
             return to
         return self.input

@@ -410,9 +410,11 @@ class Gateway:
             raise ValueError(f"a request with id {msg_id} is already waiting for its reply")
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._requests[msg_id] = fut
-        if self.selected is not None:
-            headers = {**(headers or {}), "NServiceBus.ReplyToAddress": self.selected.reply_queue}
         try:
+            if self.selected is not None:
+                # the reply comes back through this instance's own queue, which must exist first
+                await self.selected.wait_connected(timeout)
+                headers = {**(headers or {}), "NServiceBus.ReplyToAddress": self.selected.reply_queue}
             await self.send_to_sites([site], body, headers, message_id=msg_id)
             try:
                 return await asyncio.wait_for(asyncio.shield(fut), timeout)

@@ -204,6 +204,7 @@ class Selected:
         self.fenced_accepting = False  # ack=stored: a leader cut off from the broker keeps accepting
         self.leader_seen = ""  # the instance that announced leadership last (from the stream)
         self._wake = asyncio.Event()
+        self._ready_link = asyncio.Event()  # connected, topology declared, consumers up
         self._conn_tasks: list[asyncio.Task] = []
         self._leader_channel: Any = None
         self._pub: Any = None
@@ -233,6 +234,7 @@ class Selected:
         self.elections_won = 0
         self.fenced = 0
         self._stopping = False
+        self._retiring = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -377,6 +379,16 @@ class Selected:
         else:
             waiters.append((done, value))
 
+    async def wait_connected(self, timeout: float) -> None:
+        """Until the broker link is up and this instance's reply queue is declared.
+
+        :raises BrokerUnavailableError: not within *timeout* seconds.
+        """
+        try:
+            await asyncio.wait_for(self._ready_link.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise BrokerUnavailableError(f"broker unavailable ({self.link.last_error})") from None
+
     def _kick(self, _added: int = 0) -> None:
         self._work.set()
 
@@ -399,10 +411,12 @@ class Selected:
         replies = await conn.channel()
         rq = await replies.declare_queue(self.reply_queue, durable=True, arguments={"x-expires": 600_000})
         await rq.consume(self.messages.deliver)
+        self._ready_link.set()
         self._update_states()
 
     def _down(self, exc: BaseException | None) -> None:
         was_leading = self.leading
+        self._ready_link.clear()
         self.leading = False
         self.caught_up = False
         self._fresh.clear()
@@ -538,7 +552,7 @@ class Selected:
 
     async def _try_elect(self, conn: Any) -> None:
         interval = self.settings.election_interval
-        while not self._stopping:
+        while not self._retiring:
             ch = await conn.channel()
             try:
                 await ch.declare_queue(self.topology.leader, exclusive=True, durable=False)
@@ -555,6 +569,9 @@ class Selected:
             return
         won = time.monotonic()
         await self._sync("leader")  # every record of earlier leaders is in the replica now
+        if self._retiring:
+            await ch.queue_delete(self.topology.leader)
+            return
         self.term += 1
         self.elections_won += 1
         self.leading = True
@@ -568,6 +585,7 @@ class Selected:
 
     async def step_down(self, timeout: float) -> None:
         """Planned handover: drain, flush, pass the leadership (see the module docstring)."""
+        self._retiring = True  # a stopping instance takes no leadership any more
         if not self.leading:
             return
         loop = asyncio.get_running_loop()
@@ -589,8 +607,11 @@ class Selected:
             await self._leader_channel.queue_delete(self.topology.leader)
             log.info("handover: leadership released")
             self.leader_seen = self.instance
+            # Submits held meanwhile are answered 503 once another instance leads (the load
+            # balancer then finds it); with none held there is nobody to wait for.
             until = loop.time() + min(_HOLD_LIMIT, max(0.1, deadline - loop.time()))
-            while self.leader_seen == self.instance and loop.time() < until and self.link.connected:
+            while (self._held and self.leader_seen == self.instance and loop.time() < until
+                   and self.link.connected):
                 await asyncio.sleep(0.005)
             if self.leader_seen != self.instance:
                 log.info("handover: %s is the leader now", self.leader_seen)

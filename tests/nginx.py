@@ -15,7 +15,7 @@ from procs import wait_listening
 LOG_FORMAT = "$msec|$status|$upstream_addr|$upstream_status|$uri"
 
 
-def _location(path: str, read_timeout: int) -> str:
+def _location(path: str, read_timeout: int, tries: int = 2) -> str:
     """A location proxied to both nodes with failover; *read_timeout* (s) must exceed the longest
     answer there: a submit's group commit, or a worker's take waiting for work (at most 20 s)."""
     return f"""        location {path} {{
@@ -23,7 +23,7 @@ def _location(path: str, read_timeout: int) -> str:
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_next_upstream error timeout http_503 non_idempotent;
-            proxy_next_upstream_tries 2;
+            proxy_next_upstream_tries {tries};
             proxy_next_upstream_timeout 10s;
             proxy_connect_timeout 1s;
             proxy_send_timeout 10s;
@@ -47,7 +47,9 @@ class Nginx:
     """nginx listening on 127.0.0.1:port, proxying to the gwcore nodes at *upstreams* with the
     failover settings of docs/deployment.md ("nginx in front")."""
 
-    def __init__(self, directory: str, port: int, upstreams: list[int]) -> None:
+    def __init__(self, directory: str, port: int, upstreams: list[int], tries: int = 2) -> None:
+        """:param tries: proxy_next_upstream_tries (0: every upstream, the selected-mode setting)."""
+        self.tries = tries
         self.dir = directory
         self.port = port
         self.upstreams = upstreams
@@ -74,7 +76,7 @@ http {{
         listen 127.0.0.1:{self.port};
         ignore_invalid_headers off;
         client_max_body_size 16m;
-{_location("/", 10)}
+{_location("/", 10, self.tries)}
 {_location("/.gwcore/worker/", 30)}
     }}
 }}

@@ -1,0 +1,293 @@
+"""Selected-instance mode in process (docs/deployment.md): real RabbitMQ, real sockets. The
+broker link goes through a TCP relay the tests can cut, which is what a broker outage or a
+partition looks like to the instance (RabbitMQ itself keeps running for the other tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+
+import aio_pika
+import pytest
+from broker import AMQP_URL, delete_queues, drain, rabbitmqctl, require_broker, unique_endpoint
+from httpclient import Client, get, nsb_request
+from nginx import Nginx
+from procs import free_port
+
+from gwcore import Gateway, Settings
+
+
+@pytest.fixture
+def endpoint():
+    require_broker()
+    name = unique_endpoint()
+    yield name
+    delete_queues(name)
+
+
+class Relay:
+    """A TCP relay to RabbitMQ: :meth:`cut` drops every connection and refuses new ones until
+    :meth:`restore`."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.server: asyncio.AbstractServer | None = None
+        self.pipes: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> "Relay":
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port, reuse_address=True)
+        return self
+
+    async def _client(self, reader, writer) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", 5672)
+        except OSError:
+            writer.close()
+            return
+        self.pipes.update((writer, up_w))
+
+        async def pump(src, dst):
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_w), pump(up_r, writer))
+
+    async def cut(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+        for w in self.pipes:
+            w.transport.abort()
+        self.pipes.clear()
+
+    async def restore(self) -> None:
+        await self.start()
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+
+def selected_settings(tmp_path, endpoint: str, name: str, **kw) -> Settings:
+    kw.setdefault("amqp_url", AMQP_URL)
+    return Settings.from_env({}, data_dir=str(tmp_path / name), endpoint=endpoint, mode="selected",
+                             receive_channels=f"http://127.0.0.1:{kw.pop('port', 0)}/{endpoint}/",
+                             election_interval=0.05, instance=name, shutdown_timeout=5.0, **kw)
+
+
+async def until(predicate, timeout: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def submit(port: int, endpoint: str, msg_id: str, extra=None) -> tuple[int, str]:
+    async with Client("127.0.0.1", port) as c:
+        r = await c.request(nsb_request(msg_id, path=f"/{endpoint}/", extra=extra))
+        return r.status, r.reason
+
+
+def port_of(gw: Gateway) -> int:
+    return gw.addresses[0][1]
+
+
+async def append_record(endpoint: str, kind: str, ids: list[str]) -> None:
+    """A dedup record as a leader appends it (what a leader that crashed left behind)."""
+    body = b"".join(struct.pack(">I", len(k)) + k for k in (f"{endpoint}\0{i}".encode() for i in ids))
+    conn = await aio_pika.connect(AMQP_URL)
+    try:
+        ch = await conn.channel(publisher_confirms=True)
+        await ch.declare_queue(f"{endpoint}.gwcore.dedup", durable=True,
+                               arguments={"x-queue-type": "stream", "x-max-age": "604800s"})
+        await ch.default_exchange.publish(
+            aio_pika.Message(body, headers={"gwcore.kind": kind, "gwcore.instance": "crashed"}),
+            routing_key=f"{endpoint}.gwcore.dedup")
+    finally:
+        await conn.close()
+
+
+def test_messages_reach_a_quorum_queue_as_a_plain_consumer_reads_them(tmp_path, endpoint, run):
+    async def main():
+        gw = await Gateway(selected_settings(tmp_path, endpoint, "i1")).start()
+        try:
+            await until(lambda: gw.ready, 10, "the only instance to be elected")
+            extra = [("NServiceBus.Header.Custom.Thing", "caf%C3%A9")]
+            assert await submit(port_of(gw), endpoint, "m1", extra) == (200, "OK")
+            assert await submit(port_of(gw), endpoint, "m1", extra) == (200, "OK")  # duplicate
+            assert await submit(port_of(gw), endpoint, "m2") == (200, "OK")
+            assert gw.selected.dispatched == 2 and not gw.selected.undone
+        finally:
+            await gw.stop()
+
+    run(main())
+    got = drain(endpoint)
+    assert [m[0] for m in got] == ["m1", "m2"]
+    headers = got[0][1]
+    assert headers["Custom.Thing"] == "café" and headers["NServiceBus.MessageId"] == "m1"
+    assert "gwcore.PossibleDuplicate" not in headers
+    assert got[0][2] == b'{"Hello":"World"}'
+    listed = {row["name"]: row for row in json.loads(rabbitmqctl("list_queues", "name", "type", "--formatter", "json", "-q"))
+              if row["name"].startswith(endpoint)}
+    assert listed[endpoint]["type"] == "quorum" and listed[f"{endpoint}.gwcore.dedup"]["type"] == "stream"
+
+
+def test_one_leader_the_others_answer_503_standby(tmp_path, endpoint, run):
+    async def main():
+        gws = [await Gateway(selected_settings(tmp_path, endpoint, f"i{i}")).start() for i in range(3)]
+        try:
+            await until(lambda: sum(g.ready for g in gws) == 1, 10, "a leader")
+            await asyncio.sleep(0.3)  # the standbys keep trying: still one
+            assert sum(g.ready for g in gws) == 1
+            leader = next(g for g in gws if g.ready)
+            for g in gws:
+                r = await get("127.0.0.1", port_of(g), "/readyz")
+                assert (r.status, r.reason) == ((200, "OK") if g is leader else (503, "Service Unavailable: standby"))
+                if g is not leader:
+                    assert await submit(port_of(g), endpoint, "x") == (503, "Service Unavailable: standby")
+            assert await submit(port_of(leader), endpoint, "a") == (200, "OK")
+            metrics = (await get("127.0.0.1", port_of(leader), "/metrics")).body.decode()
+            assert 'gwcore_selected_role{role="leader"} 1' in metrics and "gwcore_dispatched_total 1" in metrics
+            # the standbys follow the dedup stream into their own store
+            for g in gws:
+                await until(lambda g=g: g.selected.replica.get(f"{endpoint}\0a".encode()) == 2, 5, "the record")
+        finally:
+            for g in gws:
+                await g.stop()
+
+    run(main())
+    assert [m[0] for m in drain(endpoint)] == ["a"]
+
+
+def test_ack_dispatched_answers_503_while_the_broker_is_away(tmp_path, endpoint, run):
+    async def main():
+        relay = await Relay().start()
+        gw = await Gateway(selected_settings(tmp_path, endpoint, "i1", amqp_url=relay.url)).start()
+        try:
+            await until(lambda: gw.ready, 10, "the election")
+            assert await submit(port_of(gw), endpoint, "before") == (200, "OK")
+            await relay.cut()
+            await until(lambda: not gw.selected.link.connected, 5, "the instance to notice")
+            assert not gw.ready  # fenced: the leadership went with the connection
+            assert await submit(port_of(gw), endpoint, "during") == (503, "Service Unavailable: broker unavailable")
+            r = await get("127.0.0.1", port_of(gw), "/readyz")
+            assert r.status == 503
+            await relay.restore()
+            await until(lambda: gw.ready, 10, "the instance to be elected again")
+            assert await submit(port_of(gw), endpoint, "during") == (200, "OK")
+            assert await submit(port_of(gw), endpoint, "after") == (200, "OK")
+        finally:
+            await gw.stop()
+            await relay.cut()
+
+    run(main())
+    assert [m[0] for m in drain(endpoint)] == ["before", "during", "after"]
+
+
+def test_ack_stored_keeps_accepting_while_the_broker_is_away(tmp_path, endpoint, run):
+    async def main():
+        relay = await Relay().start()
+        gw = await Gateway(selected_settings(tmp_path, endpoint, "i1", amqp_url=relay.url, ack="stored")).start()
+        try:
+            await until(lambda: gw.ready, 10, "the election")
+            assert await submit(port_of(gw), endpoint, "before") == (200, "OK")
+            await until(lambda: not gw.selected.undone, 5, "the dispatch")
+            await relay.cut()
+            await until(lambda: not gw.selected.link.connected, 5, "the instance to notice")
+            for i in range(5):
+                assert await submit(port_of(gw), endpoint, f"during{i}") == (200, "OK")
+            assert len(gw.selected.undone) == 5
+            await relay.restore()
+            await until(lambda: gw.selected.leading and not gw.selected.undone, 10, "the outbox to drain")
+        finally:
+            await gw.stop()
+            await relay.cut()
+
+    run(main())
+    got = drain(endpoint)
+    assert [m[0] for m in got] == ["before"] + [f"during{i}" for i in range(5)]
+    # accepted outside a leadership term: another leader could have taken a retry of them
+    assert [m[1].get("gwcore.PossibleDuplicate") for m in got] == [None] + ["true"] * 5
+
+
+def test_the_stream_decides_duplicates_and_in_flight_ids_at_a_new_leader(tmp_path, endpoint, run):
+    """A record 'done' = acknowledged by the old leader: a duplicate. 'intent' without 'done' =
+    in flight when it died: dispatched again, marked, and counted."""
+
+    async def main():
+        await append_record(endpoint, "intent", ["inflight", "acked"])
+        await append_record(endpoint, "done", ["acked"])
+        gw = await Gateway(selected_settings(tmp_path, endpoint, "i1")).start()
+        try:
+            await until(lambda: gw.ready, 10, "the election")
+            assert await submit(port_of(gw), endpoint, "acked") == (200, "OK")
+            assert await submit(port_of(gw), endpoint, "inflight") == (200, "OK")
+            assert await submit(port_of(gw), endpoint, "new") == (200, "OK")
+            metrics = (await get("127.0.0.1", port_of(gw), "/metrics")).body.decode()
+            assert "gwcore_possible_duplicates_total 1" in metrics
+        finally:
+            await gw.stop()
+        # the records are in the instance's own store: after a restart it knows them at once
+        gw = await Gateway(selected_settings(tmp_path, endpoint, "i1")).start()
+        try:
+            assert gw.selected.replica[f"{endpoint}\0acked".encode()] == 2
+            await until(lambda: gw.ready, 10, "the election")
+            assert await submit(port_of(gw), endpoint, "new") == (200, "OK")
+        finally:
+            await gw.stop()
+
+    run(main())
+    got = drain(endpoint)
+    assert [(m[0], m[1].get("gwcore.PossibleDuplicate")) for m in got] == [("inflight", "true"), ("new", None)]
+
+
+def test_a_callback_is_answered_on_the_instance_that_asked(tmp_path, endpoint, run):
+    """SiteA: three selected instances behind nginx; SiteB: a standalone gateway whose handler
+    replies. Each SiteA instance's request() gets its own reply, whoever is the leader."""
+    require_broker()
+    site_b = unique_endpoint("gwtest-b")
+    a_ports = [free_port() for _ in range(3)]
+    proxy = Nginx(str(tmp_path / "nginx"), free_port(), a_ports, tries=0).start()
+    a_url = f"http://127.0.0.1:{proxy.port}/{endpoint}/"
+
+    async def main():
+        b_holder: list[Gateway] = []
+
+        async def respond(message):
+            await b_holder[0].reply(message, b"re:" + message.body)
+
+        b_port = free_port()
+        b = await Gateway(Settings.from_env({}, data_dir=str(tmp_path / "b"), endpoint=site_b,
+                                            receive_channels=f"http://127.0.0.1:{b_port}/{site_b}/",
+                                            retry_delays=(0.1,)),
+                          handler=respond).start()
+        b_holder.append(b)
+        sites = f"SiteB=http://127.0.0.1:{b_port}/{site_b}/"
+        a = [await Gateway(selected_settings(tmp_path, endpoint, f"a{i}", port=a_ports[i], sites=sites,
+                                             reply_to_uri=a_url, retry_delays=(0.1,), retries=50)).start()
+             for i in range(3)]
+        try:
+            await until(lambda: sum(g.ready for g in a) == 1, 10, "a leader")
+            replies = await asyncio.gather(*(g.request("SiteB", f"q{i}".encode(), timeout=20) for i, g in enumerate(a)))
+            assert [r.body for r in replies] == [b"re:q0", b"re:q1", b"re:q2"]
+            for g, r in zip(a, replies):
+                assert r.headers["RouteTo"] == g.selected.reply_queue
+        finally:
+            for g in a:
+                await g.stop()
+            await b.stop()
+
+    try:
+        run(main())
+    finally:
+        proxy.stop()
+        delete_queues(endpoint, [f"{endpoint}.gwcore.instance.a{i}" for i in range(3)])
+    assert drain(endpoint) == []  # every reply went to its instance's queue, none to the shared one
