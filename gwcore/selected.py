@@ -250,6 +250,7 @@ class Selected:
 
             await self.writer.call(drop)
         self.writer.on_commit = self._kick
+        self._update_states()
         self._dispatcher = asyncio.ensure_future(self._dispatch_loop())
         self.link.start()
         log.info("selected mode: instance %s, broker %s, ack=%s; %d dedup records replicated (stream offset %d), "

@@ -39,7 +39,9 @@ def unique_endpoint(prefix: str = "gwtest") -> str:
 
 
 def queue_names(endpoint: str) -> list[str]:
-    return [endpoint, f"{endpoint}.gwcore.dedup", f"{endpoint}.gwcore.leader"]
+    """The endpoint's queues, with the reply queues of instances named i0-i3, a0-a3 (the tests' names)."""
+    return [endpoint, f"{endpoint}.gwcore.dedup", f"{endpoint}.gwcore.leader"] + [
+        f"{endpoint}.gwcore.instance.{p}{i}" for p in "ia" for i in range(4)]
 
 
 async def _delete(endpoint: str, extra: list[str]) -> None:

@@ -1,0 +1,217 @@
+"""Selected-instance mode with real processes, a real nginx and a real RabbitMQ: the election
+under SIGKILLs, failover and planned handover under load from a gwcore sender, a broker restart
+under load with both ack modes (docs/deployment.md, "Selected-instance mode")."""
+
+from __future__ import annotations
+
+import collections
+import json
+import random
+import statistics
+import time
+
+import pytest
+from broker import AMQP_URL, delete_queues, drain, rabbitmqctl, require_broker, unique_endpoint
+from nginx import Nginx
+from procs import ServerProcess, free_port, gwcore_cli
+from test_ha import metric, readyz, takeover_gaps
+from test_sites import counts, enqueue, wait_for
+
+STANDBY = "Service Unavailable: standby"
+
+
+@pytest.fixture
+def endpoint():
+    require_broker()
+    name = unique_endpoint()
+    yield name
+    delete_queues(name)
+
+
+def instance(tmp_path, endpoint: str, name: str, **env: str) -> ServerProcess:
+    env = {"GWCORE_MODE": "selected", "GWCORE_INSTANCE": name, "GWCORE_AMQP_URL": AMQP_URL,
+           "GWCORE_ELECTION_INTERVAL": "20ms", "GWCORE_SHUTDOWN_TIMEOUT": "15s", **env}
+    proc = ServerProcess(str(tmp_path / name / "store"), free_port(), GWCORE_ENDPOINT=endpoint, **env)
+    proc.log = str(tmp_path / f"{name}.log")
+    return proc
+
+
+def alive(n: ServerProcess) -> bool:
+    return n.proc is not None and n.proc.poll() is None
+
+
+def leaders(nodes: list[ServerProcess]) -> list[ServerProcess]:
+    return [n for n in nodes if alive(n) and readyz(n.port)[0] == 200]
+
+
+def broker_leader(endpoint: str) -> list[str]:
+    """The broker's view: the instance names whose connection owns the leader queue."""
+    owners = [q["owner_pid"] for q in json.loads(rabbitmqctl("list_queues", "name", "owner_pid", "-q", "--formatter", "json"))
+              if q["name"] == f"{endpoint}.gwcore.leader"]
+    names = {}
+    for c in json.loads(rabbitmqctl("list_connections", "pid", "client_properties", "-q", "--formatter", "json")):
+        props = c["client_properties"]
+        items = props.items() if isinstance(props, dict) else ((p[0], p[-1]) for p in props)
+        for key, value in items:
+            if key == "connection_name":
+                names[c["pid"]] = value
+    return [names.get(o, f"unknown connection {o}").rsplit(" ", 1)[-1] for o in owners]
+
+
+def test_at_most_one_leader_over_100_kills_and_restarts(tmp_path, endpoint):
+    seed = random.randrange(1 << 30)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    nodes = [instance(tmp_path, endpoint, f"i{i}") for i in range(3)]
+    for n in nodes:
+        n.start()
+    names = {n.port: n.env["GWCORE_INSTANCE"] for n in nodes}
+    elections = []
+    try:
+        wait_for(lambda: len(leaders(nodes)) == 1, 10, "the first election")
+        for step in range(100):
+            running = [n for n in nodes if alive(n)]
+            # kill the leader more often than not: that is what makes an election
+            if len(running) == 3 or (running and rng.random() < 0.6):
+                victim = leaders(running)[0] if leaders(running) and rng.random() < 0.7 else rng.choice(running)
+                victim.kill()
+            else:
+                rng.choice([n for n in nodes if not alive(n)]).start()
+            started = time.monotonic()
+            while True:
+                now = leaders(nodes)
+                assert len(now) <= 1, f"step {step}: two leaders {[names[n.port] for n in now]}"
+                if now or not any(alive(n) for n in nodes):
+                    break
+                assert time.monotonic() - started < 10, f"step {step}: no leader among the running instances"
+            elections.append(time.monotonic() - started)
+            for n in nodes:
+                if alive(n) and n not in now:
+                    # a standby (one that was just started may still be connecting to the broker)
+                    wait_for(lambda n=n: readyz(n.port) == (503, STANDBY), 5, "the standby to connect")
+            if step % 25 == 24 and now:
+                # the broker's view: one owner of the leader queue, the instance that says it leads
+                assert broker_leader(endpoint) == [names[now[0].port]]
+    finally:
+        for n in nodes:
+            if alive(n):
+                assert n.terminate() == 0
+    print(f"time to a (new) leader as seen through /readyz: p50 {statistics.median(elections) * 1000:.0f} ms, "
+          f"max {max(elections) * 1000:.0f} ms")
+
+
+N = 20_000
+
+
+def run_under_load(tmp_path, endpoint: str, disrupt, n: int = N, **env: str):
+    """3 instances behind nginx, a gwcore sender pushing *n* messages; ``disrupt(nodes, i)`` is
+    called 3 times mid-stream. Returns (ids, messages in the endpoint queue, nginx answers)."""
+    nodes = [instance(tmp_path, endpoint, f"i{i}", **env) for i in range(3)]
+    for node in nodes:
+        node.start()
+    proxy = Nginx(str(tmp_path / "nginx"), free_port(), [node.port for node in nodes], tries=0).start()
+    url = f"http://127.0.0.1:{proxy.port}/{endpoint}/"
+    a_dir, a_port = str(tmp_path / "a" / "store"), free_port()
+    ids = enqueue(a_dir, a_port, f"SiteB={url}", n)
+    sender = ServerProcess(a_dir, a_port, GWCORE_ENDPOINT="SiteA", GWCORE_SITES=f"SiteB={url}",
+                           GWCORE_RETRIES="100000", GWCORE_RETRY_DELAYS="0.05s", GWCORE_SEND_CONCURRENCY="16")
+    rng = random.Random(endpoint)
+    try:
+        wait_for(lambda: len(leaders(nodes)) == 1, 10, "a leader")
+        sender.start()
+        for i in range(3):
+            floor = (i + 1) * n // 5 + rng.randrange(n // 10)
+            wait_for(lambda: n - counts(a_dir)["outgoing"] >= floor, 120, f"{floor} messages sent")
+            disrupt(nodes, i)
+            assert counts(a_dir)["outgoing"] > 0, "the disruption came after the transfer ended: it tests nothing"
+        wait_for(lambda: counts(a_dir)["outgoing"] == 0, 180, "the sender's outgoing queue to drain")
+        for node in nodes:
+            if not alive(node):
+                node.start()
+        # what a killed leader left in its outbox is dispatched once it runs again
+        wait_for(lambda: all(counts(node.data_dir)["queue"] == 0 for node in nodes), 60, "every outbox to drain")
+        flagged = sum(int(metric(node.port, "gwcore_possible_duplicates_total").split()[-1]) for node in nodes)
+    finally:
+        for proc in (sender, *nodes):
+            if alive(proc):
+                assert proc.terminate() == 0
+        proxy.stop()
+    assert counts(a_dir)["outgoing_errors"] == 0
+    assert gwcore_cli("inspect", "errors", data_dir=a_dir) == ""
+    got = drain(endpoint)
+    return ids, got, proxy.answers(f"/{endpoint}/"), flagged
+
+
+def check_queue(ids: list[str], got) -> tuple[int, int]:
+    """Every id in the queue; an id there twice has at most one unmarked copy. Returns
+    (duplicates, copies marked gwcore.PossibleDuplicate)."""
+    copies = collections.defaultdict(list)
+    for msg_id, headers, _body in got:
+        copies[msg_id].append(headers.get("gwcore.PossibleDuplicate") == "true")
+    assert set(copies) == set(ids), f"{len(set(ids) - set(copies))} missing, {len(set(copies) - set(ids))} unknown"
+    for msg_id, marks in copies.items():
+        assert marks.count(False) <= 1, f"{msg_id} is in the queue {len(marks)} times, {marks.count(False)} unmarked"
+    return len(got) - len(copies), sum(sum(marks) for marks in copies.values())
+
+
+def report(what: str, answers) -> None:
+    by_status = collections.Counter(status for _t, status, _n in answers)
+    gaps = takeover_gaps(answers)
+    print(f"{what}: nginx answers {dict(sorted(by_status.items()))}; leader changes {len(gaps)}, "
+          f"last 200 of the old to first 200 of the new: p50 {statistics.median(gaps) * 1000:.0f} ms, "
+          f"max {max(gaps) * 1000:.0f} ms" if gaps else f"{what}: nginx answers {dict(by_status)}")
+    return gaps
+
+
+@pytest.mark.parametrize("ack", ["dispatched", "stored"])
+def test_failover_under_load(tmp_path, endpoint, ack):
+    def kill_leader(nodes, i):
+        victim = leaders(nodes)
+        assert len(victim) == 1
+        victim[0].kill()
+        time.sleep(0.3)
+        victim[0].start()  # comes back as a standby; its outbox is dispatched (marked)
+
+    ids, got, answers, flagged = run_under_load(tmp_path, endpoint, kill_leader, GWCORE_ACK=ack)
+    duplicates, marked = check_queue(ids, got)
+    print(f"ack={ack}: {len(got)} messages in the queue for {len(ids)} ids: {duplicates} duplicates, "
+          f"{marked} copies marked PossibleDuplicate ({flagged} counted by the instances)")
+    gaps = report(f"failover ack={ack}", answers)
+    assert len(gaps) >= 3 and marked == flagged
+
+
+def test_planned_handover_under_load(tmp_path, endpoint):
+    def hand_over(nodes, i):
+        leader = leaders(nodes)
+        assert len(leader) == 1
+        gwcore_cli("handover", "--wait", "30", data_dir=leader[0].data_dir)
+        assert leader[0].proc.wait(5) == 0
+        leader[0].start()
+
+    ids, got, answers, flagged = run_under_load(tmp_path, endpoint, hand_over)
+    duplicates, marked = check_queue(ids, got)
+    gaps = report("handover", answers)
+    failed = [status for _t, status, _n in answers if status != 200]
+    print(f"handover: {len(failed)} failed requests, {duplicates} duplicates, {marked} marked")
+    assert (failed, duplicates, marked, flagged) == ([], 0, 0, 0)
+    assert len(gaps) >= 3
+
+
+@pytest.mark.parametrize("ack", ["dispatched", "stored"])
+def test_broker_restart_under_load(tmp_path, endpoint, ack):
+    def restart_broker(nodes, i):
+        if i != 1:
+            return
+        rabbitmqctl("stop_app")
+        try:
+            time.sleep(1.0)
+        finally:
+            rabbitmqctl("start_app")
+        rabbitmqctl("await_startup")
+
+    ids, got, answers, flagged = run_under_load(tmp_path, endpoint, restart_broker, n=6000, GWCORE_ACK=ack)
+    duplicates, marked = check_queue(ids, got)
+    by_status = collections.Counter(status for _t, status, _n in answers)
+    print(f"broker restart, ack={ack}: nginx answers {dict(sorted(by_status.items()))}; {duplicates} duplicates, "
+          f"{marked} marked")
+    assert marked == flagged
