@@ -27,13 +27,18 @@ from typing import Any, Awaitable, Callable
 
 import aio_pika
 import aiormq
+from pamqp.commands import Basic
 
-__all__ = ("Link", "Topology", "to_amqp", "from_amqp", "POSSIBLE_DUPLICATE", "broker_errors")
+__all__ = ("Link", "Topology", "to_amqp", "from_amqp", "POSSIBLE_DUPLICATE", "broker_errors", "PublishRefused")
 
 log = logging.getLogger("gwcore.amqp")
 
 #: The header a message dispatched again after a crash carries (issue 5, design.md §4).
 POSSIBLE_DUPLICATE = "gwcore.PossibleDuplicate"
+
+class PublishRefused(ConnectionError):
+    """The broker answered a publish with a nack (or returned it)."""
+
 
 # What a lost connection or channel raises from aio-pika/aiormq calls.
 broker_errors: tuple[type[BaseException], ...] = (
@@ -77,20 +82,22 @@ class Topology:
         return self.input
 
 
-def to_amqp(msg_id: str, headers: dict[str, str], body: bytes, expiry_ms: int, flagged: bool) -> aio_pika.Message:
-    """The AMQP message for a stored envelope's parts (``core.decode_envelope``)."""
+def to_amqp(msg_id: str, headers: dict[str, str], body: bytes, expiry_ms: int,
+            flagged: bool) -> tuple[Basic.Properties, bytes]:
+    """The AMQP properties and body for a stored envelope's parts (``core.decode_envelope``)."""
     amqp_headers: dict[str, Any] = dict(headers)
     if flagged:
         amqp_headers[POSSIBLE_DUPLICATE] = "true"
     if expiry_ms:
         amqp_headers["gwcore.ExpiryMs"] = str(expiry_ms)
-    return aio_pika.Message(
-        body, headers=amqp_headers, message_id=msg_id,
+    props = Basic.Properties(
+        headers=amqp_headers, message_id=msg_id,
         correlation_id=headers.get("NServiceBus.CorrelationId", msg_id),
         reply_to=headers.get("NServiceBus.ReplyToAddress"),
         content_type=headers.get("NServiceBus.ContentType"),
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        delivery_mode=2,  # persistent
     )
+    return props, body
 
 
 def from_amqp(incoming: aio_pika.abc.AbstractIncomingMessage) -> tuple[str, dict[str, str], bytes, int]:

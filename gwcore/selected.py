@@ -42,7 +42,9 @@ import aio_pika
 import aiormq
 
 from ._core import core
-from .amqp import Link, Topology, broker_errors, from_amqp, to_amqp
+from pamqp.commands import Basic
+
+from .amqp import Link, PublishRefused, Topology, broker_errors, from_amqp, to_amqp
 from .errors import StoreUnavailableError
 from .store import encode_error, now_ms
 
@@ -208,6 +210,7 @@ class Selected:
         self._conn_tasks: list[asyncio.Task] = []
         self._leader_channel: Any = None
         self._pub: Any = None
+        self._raw_pub: Any = None
         # dedup records from the stream: key -> _INTENT / _DONE
         self.replica: dict[bytes, int] = {}
         self.offset = -1
@@ -398,6 +401,7 @@ class Selected:
     async def _up(self, conn: Any) -> None:
         pub = await conn.channel(publisher_confirms=True)
         await self.topology.declare(pub)
+        self._raw_pub = await pub.get_underlay_channel()  # aiormq's: a third of aio-pika's cost per publish
         self._pub = pub
         self._cursor = 0
         follow = await conn.channel()
@@ -421,7 +425,7 @@ class Selected:
         self.leading = False
         self.caught_up = False
         self._fresh.clear()
-        self._pub = self._leader_channel = None
+        self._pub = self._raw_pub = self._leader_channel = None
         for task in self._conn_tasks:
             task.cancel()
         self._conn_tasks = []
@@ -497,14 +501,14 @@ class Selected:
         sender = headers.get(_FROM)
         if isinstance(sender, bytes):
             sender = sender.decode()
-        if kind in ("intent", "done"):
-            state = _INTENT if kind == "intent" else _DONE
-            replica = self.replica
-            pending = self._replica_pending
-            for key in _unpack_keys(record.body):
-                if replica.get(key) != _DONE:
-                    replica[key] = state
-                    pending.append((key, state))
+        if kind == "batch":
+            body = record.body
+            keys = _unpack_keys(body[4:])
+            n_done = _U32.unpack_from(body)[0]
+            self._apply(keys[:n_done], _DONE)
+            self._apply(keys[n_done:], _INTENT)
+        elif kind in ("intent", "done"):
+            self._apply(_unpack_keys(record.body), _INTENT if kind == "intent" else _DONE)
         elif kind in ("marker", "leader"):
             fut = self._markers.get(record.body)
             if fut is not None and not fut.done():
@@ -519,6 +523,14 @@ class Selected:
         if not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush_replica()))
+
+    def _apply(self, keys: list[bytes], state: int) -> None:
+        replica = self.replica
+        pending = self._replica_pending
+        for key in keys:
+            if replica.get(key) != _DONE:
+                replica[key] = state
+                pending.append((key, state))
 
     async def _flush_replica(self) -> None:
         try:
@@ -626,44 +638,79 @@ class Selected:
         while True:
             await self._work.wait()
             self._work.clear()
-            while self.link.connected and self.caught_up and self._pub is not None:
-                raw = self.store.read_queue(self._cursor, _DISPATCH_BATCH)
-                if not raw:
-                    break
-                self._cursor = raw[-1][0]
-                batch = [(seq, framed) for seq, framed in raw if seq not in self._finishing]
-                try:
-                    await self._dispatch(batch)
-                except broker_errors as exc:
-                    log.warning("dispatch failed (%s): the outbox keeps the messages", exc)
-                    self._cursor = 0
-                    self._fail_waiters(BrokerUnavailableError(f"broker unavailable ({exc})"))
-                    break
+            prev: list[tuple[int, bytes]] = []  # published and confirmed; 'done' not appended yet
+            try:
+                while self.link.connected and self.caught_up and self._pub is not None:
+                    raw = self._take()
+                    out, skipped = self._prepare(raw)
+                    if not prev and not out:
+                        self._finish(skipped)
+                        if not raw:
+                            break
+                        continue
+                    # One append records the previous batch as done and this one as intended:
+                    # the intent is in the stream before any of this batch is published.
+                    keys = [item[1] for item in out]
+                    await self._append("batch", _U32.pack(len(prev)) + _pack_keys([k for _s, k in prev])
+                                       + _pack_keys(keys))
+                    self._finish(prev + skipped)
+                    prev = []
+                    if out:
+                        self._fresh.difference_update(keys)
+                        await self._publish(out)
+                        prev = [(item[0], item[1]) for item in out]
+            except broker_errors as exc:
+                log.warning("dispatch failed (%s): the outbox keeps the messages", exc)
+                self._cursor = 0
+                self._fail_waiters(BrokerUnavailableError(f"broker unavailable ({exc})"))
+            except Exception as exc:  # a bug: keep the dispatcher alive and loud, try again soon
+                log.exception("dispatcher: unexpected error; the outbox keeps the messages")
+                self._cursor = 0
+                self._fail_waiters(BrokerUnavailableError(f"dispatch failed ({exc!r})"))
+                await asyncio.sleep(1.0)
+                self._kick()
 
-    async def _dispatch(self, batch: list[tuple[int, bytes]]) -> None:
+    def _take(self) -> list[tuple[int, bytes, tuple]]:
+        """The next outbox entries, as ``(seq, key, decoded envelope)``: only those whose commit the loop has
+        seen (their keys are in :attr:`undone`); the writer thread may have committed more,
+        whose callbacks (which decide whether they are fresh) have not run yet."""
         scope = self.settings.endpoint.encode() + b"\0"
+        undone = self.undone
+        out = []
+        for seq, framed in self.store.read_queue(self._cursor, _DISPATCH_BATCH):
+            parts = core.decode_envelope(framed)
+            key = scope + parts[0].encode()
+            if key not in undone:
+                break
+            self._cursor = seq
+            if seq not in self._finishing:
+                out.append((seq, key, parts))
+        return out
+
+    def _prepare(self, batch: list[tuple[int, bytes, tuple]]) -> tuple[list, list[tuple[int, bytes]]]:
+        """``([(seq, key, properties, body, queue, marked)], [(seq, key) to drop])``."""
         route = self.topology.route
         out = []
         skipped = []
-        for seq, framed in batch:
-            msg_id, headers, body, expiry_ms, _acc = core.decode_envelope(framed)
-            key = scope + msg_id.encode()
+        for seq, key, (msg_id, headers, body, expiry_ms, _acc) in batch:
             fresh = key in self._fresh
             if not fresh and self.replica.get(key) == _DONE:
                 skipped.append((seq, key))  # another leader (or an earlier run) dispatched it
                 continue
-            out.append((seq, key, to_amqp(msg_id, headers, body, expiry_ms, not fresh), route(headers), not fresh))
-        if out:
-            keys = [item[1] for item in out]
-            await self._append("intent", _pack_keys(keys))
-            self._fresh.difference_update(keys)
-            exchange = self._pub.default_exchange
-            await asyncio.gather(*(exchange.publish(msg, routing_key=to) for _s, _k, msg, to, _f in out))
-            await self._append("done", _pack_keys(keys))
-            self.dispatched += len(out)
-            self.possible_duplicates += sum(1 for item in out if item[4])
+            props, body = to_amqp(msg_id, headers, body, expiry_ms, not fresh)
+            out.append((seq, key, props, body, route(headers), not fresh))
         self.skipped += len(skipped)
-        self._finish([(seq, key) for seq, key, *_rest in out] + skipped)
+        return out, skipped
+
+    async def _publish(self, out: list) -> None:
+        publish = self._raw_pub.basic_publish
+        results = await asyncio.gather(*(publish(body, routing_key=to, properties=props)
+                                         for _s, _k, props, body, to, _m in out))
+        for result in results:
+            if not isinstance(result, Basic.Ack):
+                raise PublishRefused(f"the broker refused a publish ({type(result).__name__})")
+        self.dispatched += len(out)
+        self.possible_duplicates += sum(1 for item in out if item[5])
 
     def _finish(self, items: list[tuple[int, bytes]]) -> None:
         seqs = [seq for seq, _key in items]
