@@ -22,8 +22,9 @@ Every instance has its own data dir and one broker connection (:class:`gwcore.am
 - **Handover** (:meth:`Selected.step_down`, on SIGTERM or ``gwcore handover``): hold new submits,
   let the outbox drain, append a *release* record and give up the leader queue, wait until another
   instance announces its leadership, then answer the held submits 503 (the load balancer retries
-  them at the new leader). Standbys that see the *release* hold their submits too until the
-  election is decided, so a retry that reaches them in that window is not refused early.
+  them at the new leader). It announces the handover in the stream first: standbys that read that
+  record hold their submits too until the election is decided, so a submit that reaches them in
+  that window is not refused before there is a leader to retry it at.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ _FROM = "gwcore.instance"
 _U32 = struct.Struct(">I")
 _REPLICA = struct.Struct(">BQ")  # state, recorded_ms
 _DISPATCH_BATCH = 512
-_HOLD_LIMIT = 5.0  # longest a standby holds submits after a release record
+_HOLD_LIMIT = 5.0  # longest a standby holds submits after a handover record
+_HANDOVER_GRACE = 0.05  # between announcing a handover and holding submits (the standbys' read lag)
 
 
 class BrokerUnavailableError(StoreUnavailableError):
@@ -517,9 +519,10 @@ class Selected:
                 self.leader_seen = sender or ""
                 if sender != self.instance and self.holding and not self.leading:
                     self._release_held()
-        elif kind == "release" and sender != self.instance and not self.leading:
-            self._wake.set()
+        elif kind == "handover" and sender != self.instance and not self.leading and not self._retiring:
             self._start_holding(_HOLD_LIMIT)
+        elif kind == "release" and sender != self.instance:
+            self._wake.set()  # try for the leadership now rather than at the next interval
         if not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush_replica()))
@@ -603,6 +606,15 @@ class Selected:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        try:
+            # The standbys hold their submits from this record on (a submit the load balancer
+            # tries at a standby first then waits there for the election instead of running out
+            # of instances to try); give them a moment to read it before this one holds too.
+            await self._append("handover", b"")
+            await asyncio.wait_for(self._sync("marker"), max(0.1, deadline - loop.time()))
+            await asyncio.sleep(_HANDOVER_GRACE)
+        except (asyncio.TimeoutError, *broker_errors) as exc:
+            log.warning("handover: announcing it failed (%s)", exc)
         self._start_holding(timeout)
         log.info("handover: holding new submits, draining %d outbox entries", len(self.undone))
         try:

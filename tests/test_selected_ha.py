@@ -114,7 +114,7 @@ def run_under_load(tmp_path, endpoint: str, disrupt, n: int = N, **env: str):
     a_dir, a_port = str(tmp_path / "a" / "store"), free_port()
     ids = enqueue(a_dir, a_port, f"SiteB={url}", n)
     sender = ServerProcess(a_dir, a_port, GWCORE_ENDPOINT="SiteA", GWCORE_SITES=f"SiteB={url}",
-                           GWCORE_RETRIES="100000", GWCORE_RETRY_DELAYS="0.05s", GWCORE_SEND_CONCURRENCY="16")
+                           GWCORE_RETRIES="100000", GWCORE_RETRY_DELAYS="0.05s", GWCORE_SEND_CONCURRENCY="48")
     rng = random.Random(endpoint)
     try:
         wait_for(lambda: len(leaders(nodes)) == 1, 10, "a leader")
