@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import email.utils
-import functools
 import logging
 import time
 from typing import Any
@@ -88,8 +87,9 @@ class HTTPState:
         # A passive node (docs/deployment.md): up and answering, waiting for the data dir's lease.
         self.passive = False
         # Selected mode (gwcore/selected.py): the 503 text while not active ("standby", "broker
-        # unavailable"), and a hook that may hold a submit during a handover: ``hold(retry)`` is
-        # True when it took it and will call ``retry()`` to route it again.
+        # unavailable"), and a hook that may take a submit during a handover:
+        # ``hold(protocol, slot, result)`` is True when it took it; it answers it later (routing
+        # it again with ``protocol._route``, or with the new leader's answer).
         self.unavailable: str | None = None
         self.hold: Any = None
         self._routes: dict[bytes, bool] = {}
@@ -317,7 +317,7 @@ class HTTPProtocol(asyncio.Protocol):
     def _route(self, slot: _Slot, result: Any) -> None:
         state = self.state
         if state.draining or not state.active:
-            if state.hold is not None and not state.draining and state.hold(functools.partial(self._route, slot, result)):
+            if state.hold is not None and state.hold(self, slot, result):
                 return
             self._answer(slot, 503, "Service Unavailable: gwcore is shutting down" if state.draining
                          else _PASSIVE if state.passive else state.unavailable or "Service Unavailable: not the active receiver")

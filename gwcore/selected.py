@@ -36,6 +36,7 @@ import os
 import socket
 import struct
 import time
+import urllib.parse
 import uuid
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
@@ -61,6 +62,7 @@ _BROKER_DOWN = "Service Unavailable: broker unavailable"
 _INTENT, _DONE = 1, 2
 _KIND = "gwcore.kind"
 _FROM = "gwcore.instance"
+_URL = "gwcore.url"
 _U32 = struct.Struct(">I")
 _REPLICA = struct.Struct(">BQ")  # state, recorded_ms
 _DISPATCH_BATCH = 512
@@ -207,6 +209,8 @@ class Selected:
         self.term = 0
         self.fenced_accepting = False  # ack=stored: a leader cut off from the broker keeps accepting
         self.leader_seen = ""  # the instance that announced leadership last (from the stream)
+        self.leader_url = ""  # and where it receives (the handover forwards held submits there)
+        self._forwards: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self._ready_link = asyncio.Event()  # connected, topology declared, consumers up
         self._conn_tasks: list[asyncio.Task] = []
@@ -226,16 +230,16 @@ class Selected:
         self._finishing: set[int] = set()
         self._cursor = 0
         self._work = asyncio.Event()
-        self._drained = asyncio.Event()
         self._dispatcher: asyncio.Task | None = None
         # holding submits (handover)
         self.holding = False
-        self._held: list[Callable[[], None]] = []
+        self._held: list[tuple[Any, Any, Any]] = []
         self._hold_timer: asyncio.TimerHandle | None = None
         # counters
         self.dispatched = 0
         self.possible_duplicates = 0
         self.skipped = 0
+        self.forwarded = 0
         self.elections_won = 0
         self.fenced = 0
         self._stopping = False
@@ -283,8 +287,6 @@ class Selected:
             for _seq, framed in batch:
                 self.undone[scope + core.decode_envelope(framed)[0].encode()] = []
             after = batch[-1][0]
-        if not self.undone:
-            self._drained.set()
         return expired
 
     async def stop(self) -> None:
@@ -321,13 +323,20 @@ class Selected:
         if accepting and self._held:
             self._release_held()
 
-    def hold(self, retry: Callable[[], None]) -> bool:
+    def hold(self, proto: Any, slot: Any, result: Any) -> bool:
         """http.py's hook for a submit this instance does not accept now: held (True) while a
-        handover is deciding the next leader; ``retry()`` routes it again afterwards."""
-        if not self.holding or self._stopping:
+        handover is deciding the next leader, then routed again here or forwarded to the new
+        leader; a leader that handed over forwards what still reaches it while it stops."""
+        if self._stopping:
             return False
-        self._held.append(retry)
-        return True
+        if self.holding:
+            self._held.append((proto, slot, result))
+            return True
+        if (self._retiring and self.leader_url and self.leader_seen != self.instance
+                and isinstance(result, core.Envelope)):
+            self._forward(proto, slot, result)
+            return True
+        return False
 
     def _start_holding(self, limit: float) -> None:
         self.holding = True
@@ -337,14 +346,53 @@ class Selected:
         self._hold_timer = asyncio.get_running_loop().call_later(limit, self._release_held)
 
     def _release_held(self) -> None:
+        if self.holding or self._held:
+            log.info("holding ends: %d submits held (%s)", len(self._held), self.role)
         if self._hold_timer is not None:
             self._hold_timer.cancel()
             self._hold_timer = None
         self.holding = False
         held, self._held = self._held, []
         self._update_states()
-        for retry in held:
-            retry()
+        forward = not self.accepting and bool(self.leader_url) and self.leader_seen != self.instance
+        for proto, slot, result in held:
+            if forward and isinstance(result, core.Envelope):
+                self._forward(proto, slot, result)
+            else:
+                proto._route(slot, result)
+
+    def _forward(self, proto: Any, slot: Any, result: Any) -> None:
+        """Send a held submit to the new leader over HTTP and answer with its answer: the load
+        balancer may have tried the new leader before it led, and has no instance left to try."""
+        self.forwarded += 1
+        task = asyncio.ensure_future(self._post(result))
+        self._forwards.add(task)
+
+        def answer(done: asyncio.Future) -> None:
+            self._forwards.discard(task)
+            status, reason = (503, STANDBY) if done.cancelled() or done.exception() else done.result()
+            proto._answer(slot, status, reason, callback=result.callback)
+
+        task.add_done_callback(answer)
+
+    async def _post(self, envelope: Any) -> tuple[int, str]:
+        parts = urllib.parse.urlsplit(self.leader_url)
+        _id, body, _expiry, block = core.encode_submit(envelope.framed)
+        target = (envelope.target or parts.path or "/").encode()
+        if envelope.auth_signature is not None:
+            # signed requests stay verifiable at the leader: the same target, date and signature
+            block += b"gwcore-Date: %s\r\ngwcore-Signature: %s\r\n" % (
+                envelope.auth_date.encode(), envelope.auth_signature.encode())
+        request = b"POST %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\nConnection: close\r\n\r\n" % (
+            target, parts.netloc.encode(), block, len(body)) + body
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port), 2.0)
+        try:
+            writer.write(request)
+            line = await asyncio.wait_for(reader.readline(), 10.0)
+            _version, status, reason = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
+            return int(status), reason
+        finally:
+            writer.close()
 
     # -- the ingest hook (HTTPState.writer in selected mode) -----------------------------------------
 
@@ -369,7 +417,6 @@ class Selected:
             return
         if value:
             waiters = self.undone[key] = []
-            self._drained.clear()
             if self.leading and not in_doubt:
                 self._fresh.add(key)
         else:
@@ -454,23 +501,33 @@ class Selected:
 
     # -- the stream: appending and following ---------------------------------------------------------
 
-    async def _append(self, kind: str, body: bytes) -> None:
+    def _own_url(self) -> str:
+        """Where the other instances reach this one's receive channel (forwarded submits)."""
+        ch = self.settings.receive_channels[0]
+        port = self.gateway.addresses[0][1] if self.gateway.addresses else ch.port
+        host = socket.gethostname() if ch.host in ("0.0.0.0", "::") else ch.host
+        return f"http://{host}:{port}{ch.path}"
+
+    async def _append(self, kind: str, body: bytes, url: str = "") -> None:
         pub = self._pub
         if pub is None:
             raise BrokerUnavailableError("not connected")
+        headers = {_KIND: kind, _FROM: self.instance}
+        if url:
+            headers[_URL] = url
         await pub.default_exchange.publish(
-            aio_pika.Message(body, headers={_KIND: kind, _FROM: self.instance},
+            aio_pika.Message(body, headers=headers,
                              delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
             routing_key=self.topology.dedup)
 
-    async def _sync(self, kind: str) -> None:
+    async def _sync(self, kind: str, url: str = "") -> None:
         """Append a marker and wait until the follower reads it back: everything appended before
         it (by any instance) is in :attr:`replica` then."""
         token = uuid.uuid4().bytes
         fut = asyncio.get_running_loop().create_future()
         self._markers[token] = fut
         try:
-            await self._append(kind, token)
+            await self._append(kind, token, url)
             await fut
         finally:
             self._markers.pop(token, None)
@@ -517,9 +574,12 @@ class Selected:
                 fut.set_result(None)
             if kind == "leader":
                 self.leader_seen = sender or ""
+                url = headers.get(_URL)
+                self.leader_url = url.decode() if isinstance(url, bytes) else (url or "")
                 if sender != self.instance and self.holding and not self.leading:
                     self._release_held()
         elif kind == "handover" and sender != self.instance and not self.leading and not self._retiring:
+            log.info("handover announced by %s: holding submits until the election is decided", sender)
             self._start_holding(_HOLD_LIMIT)
         elif kind == "release" and sender != self.instance:
             self._wake.set()  # try for the leadership now rather than at the next interval
@@ -584,7 +644,7 @@ class Selected:
         else:
             return
         won = time.monotonic()
-        await self._sync("leader")  # every record of earlier leaders is in the replica now
+        await self._sync("leader", self._own_url())  # every record of earlier leaders is in the replica now
         if self._retiring:
             await ch.queue_delete(self.topology.leader)
             return
@@ -617,9 +677,11 @@ class Selected:
             log.warning("handover: announcing it failed (%s)", exc)
         self._start_holding(timeout)
         log.info("handover: holding new submits, draining %d outbox entries", len(self.undone))
-        try:
-            await asyncio.wait_for(self._drained.wait(), max(0.1, deadline - loop.time()))
-        except asyncio.TimeoutError:
+        # drained = nothing waiting for the writer (a submit taken just before the hold) and
+        # nothing accepted that the broker has not confirmed
+        while (self.writer.pending or self.undone) and loop.time() < deadline and self.link.connected:
+            await asyncio.sleep(0.002)
+        if self.writer.pending or self.undone:
             log.warning("handover: %d messages still in the outbox; they are dispatched when this instance "
                         "runs again", len(self.undone))
         if not self.leading:
@@ -729,8 +791,6 @@ class Selected:
         for _seq, key in items:
             for done, value in self.undone.pop(key, ()):
                 done(True, value)
-        if not self.undone:
-            self._drained.set()
         self._finishing.update(seqs)
         store = self.store
 
@@ -769,6 +829,8 @@ class Selected:
             ("gwcore_possible_duplicates_total", "counter",
              "Messages dispatched with gwcore.PossibleDuplicate: true (in flight at a crash or outage).",
              [("", self.possible_duplicates)]),
+            ("gwcore_handover_forwarded_total", "counter",
+             "Submits held during a handover and forwarded to the new leader.", [("", self.forwarded)]),
             ("gwcore_dispatch_skipped_total", "counter", "Outbox entries another leader had dispatched already.",
              [("", self.skipped)]),
             ("gwcore_outbox_undispatched", "gauge", "Accepted messages not yet confirmed by the broker.",

@@ -47,9 +47,11 @@ class Nginx:
     """nginx listening on 127.0.0.1:port, proxying to the gwcore nodes at *upstreams* with the
     failover settings of docs/deployment.md ("nginx in front")."""
 
-    def __init__(self, directory: str, port: int, upstreams: list[int], tries: int = 2) -> None:
-        """:param tries: proxy_next_upstream_tries (0: every upstream, the selected-mode setting)."""
+    def __init__(self, directory: str, port: int, upstreams: list[int], tries: int = 2, repeat: int = 1) -> None:
+        """:param tries: proxy_next_upstream_tries (0: every upstream, the selected-mode setting).
+        :param repeat: list every upstream this many times (selected mode: 2, docs/deployment.md)."""
         self.tries = tries
+        self.repeat = repeat
         self.dir = directory
         self.port = port
         self.upstreams = upstreams
@@ -59,7 +61,7 @@ class Nginx:
     def config(self) -> str:
         temp = "\n".join(f"    {kind}_temp_path {self.dir}/{kind}_temp;"
                          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=0;" for p in self.upstreams)
+        servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=0;" for p in self.upstreams * self.repeat)
         user = f"user {getpass.getuser()};\n" if os.geteuid() == 0 else ""
         return f"""{user}worker_processes 1;
 events {{ worker_connections 1024; }}

@@ -255,7 +255,7 @@ def test_a_callback_is_answered_on_the_instance_that_asked(tmp_path, endpoint, r
     require_broker()
     site_b = unique_endpoint("gwtest-b")
     a_ports = [free_port() for _ in range(3)]
-    proxy = Nginx(str(tmp_path / "nginx"), free_port(), a_ports, tries=0).start()
+    proxy = Nginx(str(tmp_path / "nginx"), free_port(), a_ports, tries=0, repeat=2).start()
     a_url = f"http://127.0.0.1:{proxy.port}/{endpoint}/"
 
     async def main():

@@ -109,7 +109,7 @@ def run_under_load(tmp_path, endpoint: str, disrupt, n: int = N, **env: str):
     nodes = [instance(tmp_path, endpoint, f"i{i}", **env) for i in range(3)]
     for node in nodes:
         node.start()
-    proxy = Nginx(str(tmp_path / "nginx"), free_port(), [node.port for node in nodes], tries=0).start()
+    proxy = Nginx(str(tmp_path / "nginx"), free_port(), [node.port for node in nodes], tries=0, repeat=2).start()
     url = f"http://127.0.0.1:{proxy.port}/{endpoint}/"
     a_dir, a_port = str(tmp_path / "a" / "store"), free_port()
     ids = enqueue(a_dir, a_port, f"SiteB={url}", n)
@@ -193,7 +193,8 @@ def test_planned_handover_under_load(tmp_path, endpoint):
     gaps = report("handover", answers)
     failed = [status for _t, status, _n in answers if status != 200]
     print(f"handover: {len(failed)} failed requests, {duplicates} duplicates, {marked} marked")
-    assert (failed, duplicates, marked, flagged) == ([], 0, 0, 0)
+    assert (failed, duplicates) == ([], 0)
+    assert marked == flagged == 0  # the leader handed over with an empty outbox: nothing is in doubt
     assert len(gaps) >= 3
 
 
