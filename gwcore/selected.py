@@ -48,7 +48,7 @@ from pamqp.commands import Basic
 
 from .amqp import Link, PublishRefused, Topology, broker_errors, from_amqp, to_amqp
 from .errors import StoreUnavailableError
-from .store import encode_error, now_ms
+from .store import Store, Writer, encode_error, now_ms
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -195,8 +195,10 @@ class Selected:
     def __init__(self, gateway: "Gateway") -> None:
         s = self.settings = gateway.settings
         self.gateway = gateway
-        self.store = gateway.store
-        self.writer = gateway.writer
+        if gateway.store is None or gateway.writer is None:
+            raise RuntimeError("selected mode starts after the store")
+        self.store: Store = gateway.store
+        self.writer: Writer = gateway.writer
         self.instance = s.instance or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.topology = Topology(s.endpoint, self.instance, s.dedup_ttl)
         self.reply_queue = self.topology.instance
@@ -512,7 +514,7 @@ class Selected:
         pub = self._pub
         if pub is None:
             raise BrokerUnavailableError("not connected")
-        headers = {_KIND: kind, _FROM: self.instance}
+        headers: dict[str, Any] = {_KIND: kind, _FROM: self.instance}
         if url:
             headers[_URL] = url
         await pub.default_exchange.publish(
@@ -673,7 +675,7 @@ class Selected:
             await self._append("handover", b"")
             await asyncio.wait_for(self._sync("marker"), max(0.1, deadline - loop.time()))
             await asyncio.sleep(_HANDOVER_GRACE)
-        except (asyncio.TimeoutError, *broker_errors) as exc:
+        except broker_errors as exc:  # asyncio.TimeoutError among them
             log.warning("handover: announcing it failed (%s)", exc)
         self._start_holding(timeout)
         log.info("handover: holding new submits, draining %d outbox entries", len(self.undone))

@@ -9,7 +9,8 @@ queue      u64 seq                           framed envelope (the local input qu
 errors     u64 seq                           framed envelope + reason (poison messages)
 outgoing   u64 out seq                       egress record (gwcore/egress.py): site, attempts, envelope
 outgoing_errors  u64 out seq                 failed_ms + egress record (sends that gave up)
-meta       name                              value (schema version, last seq, last out seq)
+meta       name                              value (schema version, last seq, last out seq, stream offset)
+replica    dedup key                         u8 state + u64 ms (selected mode: gwcore/selected.py)
 =========  ===============================  ==========================================
 
 A new message takes the next sequence number and is appended to both ``dedup_log`` and ``queue``
@@ -158,6 +159,7 @@ class Store:
         self.outgoing_errors = self.env.open_db(b"outgoing_errors", create=create)
         self.meta = self.env.open_db(b"meta", create=create)
         # selected mode: dedup records followed from the broker's stream (gwcore/selected.py)
+        self.replica: Any
         try:
             self.replica = self.env.open_db(b"replica", create=create)
         except lmdb.NotFoundError:  # read-only, on a store that never ran in selected mode
