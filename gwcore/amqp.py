@@ -29,7 +29,8 @@ import aio_pika
 import aiormq
 from pamqp.commands import Basic
 
-__all__ = ("Link", "Topology", "to_amqp", "from_amqp", "POSSIBLE_DUPLICATE", "broker_errors", "PublishRefused")
+__all__ = ("Link", "Topology", "to_amqp", "from_amqp", "POSSIBLE_DUPLICATE", "broker_errors", "PublishRefused",
+           "cancel_and_wait")
 
 log = logging.getLogger("gwcore.amqp")
 
@@ -190,12 +191,18 @@ class Link:
             except broker_errors:
                 pass
         self._closed.set()
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except BaseException:
-                pass
+        await cancel_and_wait(self._task)
+
+
+async def cancel_and_wait(task: asyncio.Future | None) -> None:
+    """Cancel *task* and wait until it has ended, whatever it ended with."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except BaseException:  # its cancellation, or the error it had ended with already
+        pass
 
 
 def _safe(url: str) -> str:

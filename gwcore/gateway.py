@@ -243,7 +243,7 @@ class Gateway:
         from .selected import Selected
 
         sel = self.selected = Selected(self)
-        sel.consume = self._handler is not None
+        sel.consume = self._handler is not None and bool(self.states)  # a gateway that listens runs it
         sel.messages.intercept = self._intercept_reply
         for state in self.states:
             state.writer = sel  # submits go through the outbox and the broker (Selected.ingest_then)
@@ -346,6 +346,7 @@ class Gateway:
         if self.queue is None:
             raise RuntimeError("the gateway is not started")
         if self.selected is not None:
+            self.selected.start_consuming()  # every instance consumes the endpoint's queue
             return self.selected.messages  # type: ignore[return-value]
         return self.queue
 

@@ -46,7 +46,7 @@ import aiormq
 from ._core import core
 from pamqp.commands import Basic
 
-from .amqp import Link, PublishRefused, Topology, broker_errors, from_amqp, to_amqp
+from .amqp import Link, PublishRefused, Topology, broker_errors, cancel_and_wait, from_amqp, to_amqp
 from .errors import StoreUnavailableError
 from .store import Store, Writer, encode_error, now_ms
 
@@ -265,7 +265,8 @@ class Selected:
         self._dispatcher = asyncio.ensure_future(self._dispatch_loop())
         self.link.start()
         log.info("selected mode: instance %s, broker %s, ack=%s; %d dedup records replicated (stream offset %d), "
-                 "%d messages left in the outbox", self.instance, self.settings.amqp_url.split("@")[-1], self.settings.ack, len(self.replica), self.offset, len(self.undone))
+                 "%d messages left in the outbox", self.instance, self.settings.amqp_url.split("@")[-1],
+                 self.settings.ack, len(self.replica), self.offset, len(self.undone))
 
     def _load(self) -> list[bytes]:
         """Replica and outbox from the store (executor); returns the expired replica keys."""
@@ -295,12 +296,7 @@ class Selected:
         self._stopping = True
         self._release_held()
         await self.link.stop()
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-            try:
-                await self._dispatcher
-            except BaseException:
-                pass
+        await cancel_and_wait(self._dispatcher)
         self.messages.close()
         await self._flush_replica()
 
@@ -460,15 +456,26 @@ class Selected:
         self._conn_tasks = [asyncio.ensure_future(self._follow(follow)),
                             asyncio.ensure_future(self._elect(conn))]
         if self.consume:
-            ch = await conn.channel()
-            await ch.set_qos(prefetch_count=self.settings.amqp_prefetch)
-            inq = await ch.declare_queue(self.topology.input, durable=True, arguments=self.topology.input_args())
-            await inq.consume(self.messages.deliver)
+            await self._consume(conn)
         replies = await conn.channel()
         rq = await replies.declare_queue(self.reply_queue, durable=True, arguments={"x-expires": 600_000})
         await rq.consume(self.messages.deliver)
         self._ready_link.set()
         self._update_states()
+
+    async def _consume(self, conn: Any) -> None:
+        ch = await conn.channel()
+        await ch.set_qos(prefetch_count=self.settings.amqp_prefetch)
+        inq = await ch.declare_queue(self.topology.input, durable=True, arguments=self.topology.input_args())
+        await inq.consume(self.messages.deliver)
+
+    def start_consuming(self) -> None:
+        """Take deliveries from the endpoint's queue from now on (a handler, or ``messages()``)."""
+        if self.consume:
+            return
+        self.consume = True
+        if self._ready_link.is_set() and self.link.connection is not None:
+            self._conn_tasks.append(asyncio.ensure_future(self._consume(self.link.connection)))
 
     def _down(self, exc: BaseException | None) -> None:
         was_leading = self.leading

@@ -90,6 +90,15 @@ def drain(queue: str, idle: float = 1.0) -> list[tuple[str, dict, bytes]]:
     return asyncio.run(_drain(queue, idle))
 
 
+@pytest.fixture
+def endpoint():
+    """A fresh endpoint name on a reachable broker (its queues are deleted afterwards)."""
+    require_broker()
+    name = unique_endpoint()
+    yield name
+    delete_queues(name)
+
+
 def rabbitmqctl(*args: str, timeout: float = 60) -> str:
     exe = shutil.which("rabbitmqctl")
     if exe is None:

@@ -10,20 +10,12 @@ import struct
 
 import aio_pika
 import pytest
-from broker import AMQP_URL, delete_queues, drain, rabbitmqctl, require_broker, unique_endpoint
+from broker import AMQP_URL, delete_queues, drain, endpoint, rabbitmqctl, require_broker, unique_endpoint  # noqa: F401
 from httpclient import Client, get, nsb_request
 from nginx import Nginx
 from procs import free_port
 
 from gwcore import Gateway, Settings
-
-
-@pytest.fixture
-def endpoint():
-    require_broker()
-    name = unique_endpoint()
-    yield name
-    delete_queues(name)
 
 
 class Relay:
@@ -291,3 +283,31 @@ def test_a_callback_is_answered_on_the_instance_that_asked(tmp_path, endpoint, r
         proxy.stop()
         delete_queues(endpoint, [f"{endpoint}.gwcore.instance.a{i}" for i in range(3)])
     assert drain(endpoint) == []  # every reply went to its instance's queue, none to the shared one
+
+
+def test_every_instance_consumes_the_endpoint_queue(tmp_path, endpoint, run):
+    """Competing consumers: a handler on each instance, the standby's included."""
+    handled: list[tuple[str, str, bool]] = []
+
+    def handler_for(name):
+        async def handle(message):
+            await asyncio.sleep(0.01)
+            handled.append((name, message.id, message.redelivered))
+        return handle
+
+    async def main():
+        gws = [await Gateway(selected_settings(tmp_path, endpoint, f"i{i}", amqp_prefetch=1),
+                             handler=handler_for(f"i{i}")).start() for i in range(2)]
+        try:
+            await until(lambda: sum(g.ready for g in gws) == 1, 10, "a leader")
+            leader = next(g for g in gws if g.ready)
+            await asyncio.gather(*(submit(port_of(leader), endpoint, f"m{i}") for i in range(40)))
+            await until(lambda: len(handled) >= 40, 20, "every message handled")
+        finally:
+            for g in gws:
+                await g.stop()
+
+    run(main())
+    assert sorted(m for _n, m, _r in handled) == sorted(f"m{i}" for i in range(40))
+    assert {n for n, _m, _r in handled} == {"i0", "i1"}  # both instances took work
+    assert drain(endpoint) == []  # every delivery was acknowledged

@@ -11,21 +11,13 @@ import statistics
 import time
 
 import pytest
-from broker import AMQP_URL, delete_queues, drain, rabbitmqctl, require_broker, unique_endpoint
+from broker import AMQP_URL, drain, endpoint, rabbitmqctl  # noqa: F401 (endpoint: a fixture)
 from nginx import Nginx
 from procs import ServerProcess, free_port, gwcore_cli
 from test_ha import metric, readyz, takeover_gaps
 from test_sites import counts, enqueue, wait_for
 
 STANDBY = "Service Unavailable: standby"
-
-
-@pytest.fixture
-def endpoint():
-    require_broker()
-    name = unique_endpoint()
-    yield name
-    delete_queues(name)
 
 
 def instance(tmp_path, endpoint: str, name: str, **env: str) -> ServerProcess:

@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 import urllib.error
 import uuid
@@ -109,15 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = build_parser().parse_args(argv)
-    cfg.threads, cfg.wrk_timeout, cfg.store_sync, cfg.commit_max_delay_us, cfg.gwcore_env = 1, "10s", None, None, []
-    cfg.think_dist = "exp"
-    started = dt.datetime.now(dt.timezone.utc)
-    cfg.work_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="gwcore-selected-", dir=cfg.work_dir))
-    body = rl.make_body(cfg.body_size)
-    cfg.body_file = work / "body.bin"
-    cfg.body_file.write_bytes(body)
-    cfg.body_md5 = rl.content_md5(body)
+    started, work, _body = s2s.wrk_setup(cfg, "gwcore-selected-")
     rounds = []
     try:
         for i in range(cfg.rounds):

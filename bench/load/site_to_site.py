@@ -166,18 +166,24 @@ def write_results(cfg: argparse.Namespace, started: dt.datetime, stem: str, roun
     print(md)
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = build_parser().parse_args(argv)
-    # what run_load's Server and run_wrk read
+def wrk_setup(cfg: argparse.Namespace, prefix: str) -> tuple[dt.datetime, Path, bytes]:
+    """What run_load's Server and run_wrk read, set on *cfg*; a work dir with the body file.
+    Returns (start time, work dir, body)."""
     cfg.threads, cfg.wrk_timeout, cfg.store_sync, cfg.commit_max_delay_us, cfg.gwcore_env = 1, "10s", None, None, []
     cfg.think_dist = "exp"
     started = dt.datetime.now(dt.timezone.utc)
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="gwcore-s2s-", dir=cfg.work_dir))
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=cfg.work_dir))
     body = rl.make_body(cfg.body_size)
     cfg.body_file = work / "body.bin"
     cfg.body_file.write_bytes(body)
     cfg.body_md5 = rl.content_md5(body)
+    return started, work, body
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = build_parser().parse_args(argv)
+    started, work, body = wrk_setup(cfg, "gwcore-s2s-")
     rounds = []
     try:
         template = work / "template"
