@@ -163,3 +163,14 @@ def test_child_environment_holds_only_the_given_settings(monkeypatch):
     assert env["DEMO_UNRELATED"] == "kept"
     with pytest.raises(ConfigurationError, match="GWCORE_ENDPIONT"):
         child_environment({"GWCORE_ENDPIONT": "typo"})
+
+
+def test_selected_mode_settings():
+    s = Settings.from_env({"GWCORE_MODE": "selected", "GWCORE_ACK": "stored", "GWCORE_AMQP_PREFETCH": "8",
+                           "GWCORE_AMQP_URL": "amqp://u:secret@broker:5672/vh", "GWCORE_INSTANCE": "node-1",
+                           "GWCORE_ELECTION_INTERVAL": "100ms"})
+    assert (s.mode, s.ack, s.amqp_prefetch, s.instance, s.election_interval) == ("selected", "stored", 8, "node-1", 0.1)
+    assert "secret" not in repr(s)
+    assert Settings.from_env({}).ack == "dispatched"
+    with pytest.raises(ConfigurationError, match="GWCORE_HA=on"):
+        Settings.from_env({"GWCORE_MODE": "selected", "GWCORE_HA": "on"})
