@@ -30,8 +30,11 @@ Every instance has its own data dir and one broker connection (:class:`gwcore.am
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
+import itertools
 import logging
+import operator
 import os
 import socket
 import struct
@@ -221,6 +224,7 @@ class Selected:
         self._raw_pub: Any = None
         # dedup records from the stream: key -> _INTENT / _DONE
         self.replica: dict[bytes, int] = {}
+        self._ages: collections.deque[tuple[int, list[bytes]]] = collections.deque()  # (first seen ms, keys)
         self.offset = -1
         self._replica_pending: list[tuple[bytes, int]] = []
         self._flushing = False
@@ -273,12 +277,18 @@ class Selected:
         store = self.store
         cutoff = now_ms() - int(self.settings.dedup_ttl * 1000)
         expired = []
+        live: list[tuple[int, bytes]] = []
         for key, value in store.iter_db(store.replica):
             state, recorded = _REPLICA.unpack(value)
             if recorded < cutoff:
                 expired.append(key)
             else:
-                self.replica[bytes(key)] = state
+                key = bytes(key)
+                self.replica[key] = state
+                live.append((recorded, key))
+        live.sort()
+        for recorded, group in itertools.groupby(live, key=operator.itemgetter(0)):
+            self._ages.append((recorded, [k for _r, k in group]))
         raw = store.get(store.meta, b"stream_offset")
         self.offset = struct.unpack(">q", raw)[0] if raw else -1
         scope = self.settings.endpoint.encode() + b"\0"
@@ -599,10 +609,27 @@ class Selected:
     def _apply(self, keys: list[bytes], state: int) -> None:
         replica = self.replica
         pending = self._replica_pending
+        first = []
         for key in keys:
-            if replica.get(key) != _DONE:
+            known = replica.get(key)
+            if known != _DONE:
+                if known is None:
+                    first.append(key)
                 replica[key] = state
                 pending.append((key, state))
+        if first:
+            self._ages.append((now_ms(), first))
+
+    def _expire_replica(self) -> list[bytes]:
+        """Forget the records older than GWCORE_DEDUP_TTL (the stream drops them too)."""
+        cutoff = now_ms() - int(self.settings.dedup_ttl * 1000)
+        ages = self._ages
+        gone = []
+        while ages and ages[0][0] < cutoff:
+            for key in ages.popleft()[1]:
+                if self.replica.pop(key, None) is not None:
+                    gone.append(key)
+        return gone
 
     async def _flush_replica(self) -> None:
         try:
@@ -613,10 +640,13 @@ class Selected:
                     return
                 store = self.store
                 stamp = now_ms()
+                gone = self._expire_replica()
 
                 def write(txn: Any) -> None:
                     for key, state in items:
                         txn.put(key, _REPLICA.pack(state, stamp), db=store.replica)
+                    for key in gone:
+                        txn.delete(key, db=store.replica)
                     txn.put(b"stream_offset", struct.pack(">q", offset), db=store.meta)
 
                 await self.writer.call(write)
@@ -642,6 +672,12 @@ class Selected:
             try:
                 await ch.declare_queue(self.topology.leader, exclusive=True, durable=False)
             except aiormq.exceptions.ChannelLockedResource:
+                if self.fenced_accepting:
+                    # another instance leads now: what this one took while cut off is dispatched
+                    # (marked), and it stops taking more
+                    self.fenced_accepting = False
+                    log.warning("role: standby: another instance leads since the broker connection was lost")
+                    self._update_states()
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), interval)

@@ -92,14 +92,14 @@ def port_of(gw: Gateway) -> int:
     return gw.addresses[0][1]
 
 
-async def append_record(endpoint: str, kind: str, ids: list[str]) -> None:
+async def append_record(endpoint: str, kind: str, ids: list[str], ttl: str = "604800s") -> None:
     """A dedup record as a leader appends it (what a leader that crashed left behind)."""
     body = b"".join(struct.pack(">I", len(k)) + k for k in (f"{endpoint}\0{i}".encode() for i in ids))
     conn = await aio_pika.connect(AMQP_URL)
     try:
         ch = await conn.channel(publisher_confirms=True)
         await ch.declare_queue(f"{endpoint}.gwcore.dedup", durable=True,
-                               arguments={"x-queue-type": "stream", "x-max-age": "604800s"})
+                               arguments={"x-queue-type": "stream", "x-max-age": ttl})
         await ch.default_exchange.publish(
             aio_pika.Message(body, headers={"gwcore.kind": kind, "gwcore.instance": "crashed"}),
             routing_key=f"{endpoint}.gwcore.dedup")
@@ -311,3 +311,22 @@ def test_every_instance_consumes_the_endpoint_queue(tmp_path, endpoint, run):
     assert sorted(m for _n, m, _r in handled) == sorted(f"m{i}" for i in range(40))
     assert {n for n, _m, _r in handled} == {"i0", "i1"}  # both instances took work
     assert drain(endpoint) == []  # every delivery was acknowledged
+
+
+def test_replicated_records_expire_with_the_dedup_ttl(tmp_path, endpoint, run):
+    async def main():
+        await append_record(endpoint, "done", ["old"], ttl="1s")
+        gw = await Gateway(selected_settings(tmp_path, endpoint, "i1", dedup_ttl=1.0)).start()
+        try:
+            key = f"{endpoint}\0old".encode()
+            await until(lambda: gw.selected.replica.get(key) == 2, 5, "the record")
+            await asyncio.sleep(1.1)
+            await append_record(endpoint, "done", ["later"], ttl="1s")  # the next flush expires
+            await until(lambda: key not in gw.selected.replica, 5, "the record to expire")
+            await until(lambda: gw.ready, 10, "the election")
+            assert await submit(port_of(gw), endpoint, "old") == (200, "OK")
+        finally:
+            await gw.stop()
+
+    run(main())
+    assert [m[0] for m in drain(endpoint)] == ["old"]  # forgotten after the TTL: accepted as new
