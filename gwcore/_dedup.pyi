@@ -132,6 +132,21 @@ class Envelope:
     @property
     def target(self) -> str | None:
         """The request target exactly as received (path and query), set like :attr:`method`."""
+    @property
+    def databus_key(self) -> str | None:
+        """A ``SingleCallDatabusProperty`` part (:attr:`call_type` :data:`CALL_DATABUS`): the
+        decoded ``NServiceBus.Gateway.DataBusKey``; None for a submit."""
+    @property
+    def content_md5(self) -> str | None:
+        """A part: the decoded ``Content-MD5`` to verify its blob against once it is on disk
+        (None when absent or for a submit). A part framed with its body was verified already."""
+    @property
+    def databus(self) -> tuple[tuple[str, str | None], ...] | None:
+        """A submit: one ``(request header name, stored header name or None)`` pair per
+        ``NServiceBus.DataBus.*`` header (the part is found by the request name; the stored
+        header, if the message keeps one, gets the local blob key); empty when none."""
+    def with_framed(self, framed: bytes) -> Envelope:
+        """A copy with another :attr:`framed` (the writer's rewrite of databus header values)."""
 
 @disjoint_base
 class Rejection:
@@ -341,6 +356,13 @@ body has not arrived yet."""
 EV_ERROR: Final[int]
 """Event ``(EV_ERROR, status, reason)``: the input cannot be read on (400 malformed or an
 upgrade, 413, 431); the parser is finished and later feeds return ``[]``."""
+EV_PART_BEGIN: Final[int]
+"""Event ``(EV_PART_BEGIN, keep_alive, envelope)``: the head of a ``SingleCallDatabusProperty``
+part the framer accepted; its body follows as ``EV_PART_DATA`` events, never buffered whole."""
+EV_PART_DATA: Final[int]
+"""Event ``(EV_PART_DATA, chunk)``: the next bytes of the part's body."""
+EV_PART_END: Final[int]
+"""Event ``(EV_PART_END,)``: the part's body is complete."""
 
 @disjoint_base
 class RequestParser:
@@ -364,6 +386,7 @@ class RequestParser:
         max_header_bytes: int,
         max_body: int,
         allow_get: bool,
+        max_blob: int = -1,
     ) -> None:
         """
         :param framer: frames the requests to a channel.
@@ -378,6 +401,8 @@ class RequestParser:
         :param max_body: a longer body is answered 413 (with ``Content-Length`` once the headers
             are in, chunked once a chunk size goes past it).
         :param allow_get: GET requests to a channel are framed too, with their query string.
+        :param max_blob: the bound of a streamed databus part's body instead of ``max_body``
+            (default: ``max_body``).
         :raises gwcore.errors.ConfigurationError: a channel path is not as described, or a limit
             is negative.
         """

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from . import egress
 from .control import ControlServer
+from .databus import BlobWriter
 from .config import Settings
 from .consumer import LocalQueue, Message, load_handler, run_handler
 from .distributor import Distributor, check_channels
@@ -50,6 +51,7 @@ class Gateway:
             self._handler = load_handler(self.settings.handler)
         self.store: Store | None = None
         self.writer: Writer | None = None
+        self.blobs: BlobWriter | None = None
         self.queue: LocalQueue | None = None
         self.states: list[HTTPState] = []
         self.servers: list[asyncio.base_events.Server] = []
@@ -177,7 +179,9 @@ class Gateway:
             self.writer = await loop.run_in_executor(None, functools.partial(
                 Writer, self.store, loop, max_batch=s.commit_max_batch,
                 max_delay_us=s.commit_max_delay_us, dedup_ttl=s.dedup_ttl, cleanup_slice=s.dedup_cleanup_slice,
+                databus_ttl=s.databus_ttl,
             ))
+            self.blobs = BlobWriter(s.data_dir, loop)
             self.queue = LocalQueue(self.store, self.writer, max_attempts=s.handler_max_attempts)
             self.queue.intercept = self._intercept_reply
             self.writer.on_commit = self.queue.notify
@@ -191,6 +195,7 @@ class Gateway:
                 await self._listen()
             for state in self.states:
                 state.writer = self.writer
+                state.blobs = self.blobs
                 state.worker_api = self.distributor.handle if self.distributor is not None else None
             await self._start_mode()
         except BaseException:
@@ -308,6 +313,9 @@ class Gateway:
             pass
 
     async def _close_store(self) -> None:
+        if self.blobs is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.blobs.close)
+            self.blobs = None
         if self.writer is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.writer.close)
         if self.store is not None:

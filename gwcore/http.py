@@ -18,7 +18,7 @@ import logging
 import time
 from typing import Any
 
-from . import auth
+from . import auth, databus
 from ._core import core
 from .errors import StoreError
 
@@ -37,6 +37,9 @@ _PASSIVE = "Service Unavailable: passive"
 _BUILTIN = (b"/healthz", b"/readyz", b"/metrics")
 _WORKER_PREFIX = b"/.gwcore/worker/"   # gwcore.distributor.WORKER_PREFIX
 _EV_SUBMIT, _EV_OTHER, _EV_CONTINUE = core.EV_SUBMIT, core.EV_OTHER, core.EV_CONTINUE
+_EV_PART_BEGIN, _EV_PART_DATA, _EV_PART_END = core.EV_PART_BEGIN, core.EV_PART_DATA, core.EV_PART_END
+_Rejection = core.Rejection
+_MD5_MISMATCH = "MD5 hash received does not match hash calculated on server. Please resubmit."
 
 
 def _ascii_reason(text: str) -> str:
@@ -81,6 +84,9 @@ class HTTPState:
         #: path, alive) -> (status, reason, json body)`` (gwcore/distributor.py); None elsewhere.
         self.worker_api: Any = None
         self.worker_calls: set[asyncio.Future] = set()
+        #: Writes databus parts to blob files (set by the owner with the writer; docs/databus.md).
+        self.blobs: databus.BlobWriter | None = None
+        self.part_tasks: set[asyncio.Future] = set()
         # False while this instance must not take gateway traffic (not started yet; later: a
         # standby or passive node). Set by the owner; read per request, so a plain attribute.
         self.active = False
@@ -172,6 +178,10 @@ class _Slot:
         """The writer's answer for this slot's envelope (on the loop thread)."""
         proto = self.protocol
         assert proto is not None
+        if ok and type(value) is _Rejection:
+            # a submit whose databus parts are not all here (412, nothing stored)
+            proto._answer(self, value.status, value.reason, callback=self.callback)
+            return
         if ok and value is False and log.isEnabledFor(logging.DEBUG):
             # NServiceBus logs this at INFO; under a retry storm that is a line per request.
             log.debug("message %s has already been accepted: duplicate answered 200, not stored", self.msg_id)
@@ -188,6 +198,19 @@ class _Slot:
             proto._answer(self, 502, "Unexpected server error", callback=self.callback)
 
 
+class _Part:
+    """A databus part being received: its slot, its framed head, and the blob it streams to
+    (None when it was refused at its head and its body is only read past)."""
+
+    __slots__ = ("slot", "env", "sink", "verified")
+
+    def __init__(self, slot: _Slot, env: Any, sink: databus.BlobSink | None, verified: bool = False) -> None:
+        self.slot = slot
+        self.env = env
+        self.sink = sink
+        self.verified = verified  # the signature was checked on the whole body already
+
+
 class HTTPProtocol(asyncio.Protocol):
     """One client connection."""
 
@@ -199,8 +222,9 @@ class HTTPProtocol(asyncio.Protocol):
         self.parser = core.RequestParser(
             state.framer, state.channel_paths, max_headers=settings.http_max_headers,
             max_header_bytes=settings.http_max_header_bytes, max_body=settings.max_body,
-            allow_get=settings.http_allow_get,
+            allow_get=settings.http_allow_get, max_blob=settings.max_blob,
         )
+        self.part: _Part | None = None
         self.slots: collections.deque[_Slot] = collections.deque()
         self.closing = False  # no further requests will be read
         self.reading_paused = False
@@ -228,6 +252,7 @@ class HTTPProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.connections.discard(self)
         self.closing = True
+        self._drop_part()
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -240,7 +265,8 @@ class HTTPProtocol(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self.transport is None or self.closing:
             return
-        want_pause = self.writing_paused or len(self.slots) >= self.settings.http_max_pipeline
+        want_pause = (self.writing_paused or len(self.slots) >= self.settings.http_max_pipeline
+                      or (self.part is not None and self.part.sink is not None and self.part.sink.behind))
         if want_pause and not self.reading_paused:
             self.reading_paused = True
             self.transport.pause_reading()
@@ -277,8 +303,16 @@ class HTTPProtocol(asyncio.Protocol):
         events: list[Any] = parser.feed(data, time.time_ns() // 1_000_000)
         for event in events:
             kind = event[0]
-            if kind == _EV_SUBMIT:
+            if kind == _EV_PART_DATA:
+                part = self.part
+                if part is not None and part.sink is not None:
+                    part.sink.write(event[1])
+            elif kind == _EV_SUBMIT:
                 self._submit(event[1], event[2])
+            elif kind == _EV_PART_BEGIN:
+                self._part_begin(event[1], event[2])
+            elif kind == _EV_PART_END:
+                self._part_end()
             elif kind == _EV_OTHER:
                 self._other(event[1], event[2], event[3])
             elif kind == _EV_CONTINUE:
@@ -288,6 +322,10 @@ class HTTPProtocol(asyncio.Protocol):
                     # unanswered an interim response would jump the queue, so then stay silent.
                     self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             else:
+                part = self.part
+                self._drop_part()
+                if part is not None and part.slot in self.slots:
+                    self.slots.remove(part.slot)  # the error answers the part's request itself
                 self._fail(event[1], event[2])
             if self.closing:
                 return
@@ -328,10 +366,105 @@ class HTTPProtocol(asyncio.Protocol):
             self._answer(slot, 503, "Service Unavailable: ingest queue full, retry later",
                          callback=result.callback)
             return
+        if result.call_type == core.CALL_DATABUS:
+            # A part the parser could not stream (framed whole, hash already verified).
+            slot.callback = result.callback
+            sink = self._sink(False)
+            if sink is not None:
+                sink.write(result.body)
+                self._store_part(_Part(slot, result, sink, verified=True))
+            return
         slot.callback = result.callback
         slot.protocol = self
         slot.msg_id = result.id
         writer.ingest_then(result, slot.ingested)
+
+    # -- databus parts (docs/databus.md) ------------------------------------------------------------
+
+    def _sink(self, signed: bool) -> databus.BlobSink | None:
+        try:
+            return self.state.blobs.sink(self._update_reading, signed=signed)  # type: ignore[union-attr]
+        except OSError as exc:
+            log.error("databus: cannot create a blob file: %s", exc)
+            return None
+
+    def _part_begin(self, keep_alive: bool, env: Any) -> None:
+        """The head of a streamed part: refuse it now, or open the blob its body goes to."""
+        slot = self._slot(keep_alive)
+        slot.callback = env.callback
+        state = self.state
+        self.part = _Part(slot, env, None)
+        if state.draining or not state.active:
+            self._answer(slot, 503, "Service Unavailable: gwcore is shutting down" if state.draining
+                         else _PASSIVE if state.passive else "Service Unavailable: not the active receiver")
+            return
+        signed = state.verifier is not None and env.auth_signature is not None
+        if state.verifier is not None and not signed:
+            refusal = state.verifier.refusal(env)  # unsigned: decided without the body
+            if refusal is not None:
+                state.log_refusal(refusal)
+                self._answer(slot, 401, refusal, callback=env.callback, extra=_CHALLENGE)
+                return
+        sink = self._sink(signed)
+        if sink is None:
+            self._answer(slot, 503, "Service Unavailable: cannot store the databus property",
+                         callback=env.callback)
+            return
+        self.part.sink = sink
+
+    def _part_end(self) -> None:
+        part, self.part = self.part, None
+        if part is not None and part.sink is not None:
+            self._store_part(part)
+
+    def _drop_part(self) -> None:
+        part, self.part = self.part, None
+        if part is not None and part.sink is not None:
+            part.sink.abort()
+
+    def _store_part(self, part: _Part) -> None:
+        task = asyncio.ensure_future(self._finish_part(part))
+        self.state.part_tasks.add(task)
+        task.add_done_callback(self.state.part_tasks.discard)
+
+    async def _finish_part(self, part: _Part) -> None:
+        """The whole body is in: seal the blob, verify it, index it; then answer."""
+        state, env, sink, slot = self.state, part.env, part.sink, part.slot
+        assert sink is not None
+        try:
+            md5, sha = await sink.finish()
+        except OSError as exc:
+            log.error("databus: writing the property of message %s failed: %s", env.id, exc)
+            self._answer(slot, 503, f"Service Unavailable: cannot store the databus property ({exc.strerror or exc})",
+                         callback=env.callback)
+            return
+        if env.content_md5 is not None and env.content_md5 != md5:
+            sink.discard_sealed()
+            self._answer(slot, 412, _MD5_MISMATCH, callback=env.callback)
+            return
+        if state.verifier is not None and env.auth_signature is not None and not part.verified:
+            refusal = state.verifier.refusal(env, digest=sha)
+            if refusal is not None:
+                sink.discard_sealed()
+                state.log_refusal(refusal)
+                self._answer(slot, 401, refusal, callback=env.callback, extra=_CHALLENGE)
+                return
+        writer = state.writer
+        part_key = env.key + b"\0" + env.databus_key.encode("utf-8")
+        try:
+            await writer.call(databus.record_part(
+                writer.store, part_key, sink.name, sink.size, md5, sha or "", writer.blob_expiry_ms(
+                    env.expiry_ms, env.accepted_ms), writer.doom))
+        except StoreError as exc:
+            sink.discard_sealed()
+            self._answer(slot, 503, f"Service Unavailable: {exc}", callback=env.callback)
+            return
+        except Exception as exc:
+            sink.discard_sealed()
+            log.error("databus: indexing the property of message %s failed: %r", env.id, exc)
+            self._answer(slot, 502, "Unexpected server error", callback=env.callback)
+            return
+        self._answer(slot, 200, _OK, callback=env.callback)
 
     def _other(self, keep_alive: bool, method: bytes, path: bytes) -> None:
         """Everything but a gateway submit: built-in endpoints, unknown paths, other methods."""

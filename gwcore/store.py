@@ -10,6 +10,7 @@ errors     u64 seq                           framed envelope + reason (poison me
 outgoing   u64 out seq                       egress record (gwcore/egress.py): site, attempts, envelope
 outgoing_errors  u64 out seq                 failed_ms + egress record (sends that gave up)
 meta       name                              value (schema version, last seq, last out seq)
+databus_*  (three databases)                 claim-check parts and blobs (gwcore/databus.py)
 =========  ===============================  ==========================================
 
 A new message takes the next sequence number and is appended to both ``dedup_log`` and ``queue``
@@ -38,6 +39,7 @@ from typing import Any, Callable, Iterator
 
 import lmdb
 
+from . import databus
 from ._core import core
 from .errors import InternalError, StoreError, StoreFullError, StoreUnavailableError
 from .lease import take_lease
@@ -46,7 +48,9 @@ __all__ = ("Store", "Writer", "StoreStats")
 
 log = logging.getLogger("gwcore.store")
 
-SCHEMA_VERSION = b"2"
+SCHEMA_VERSION = b"3"
+# Schema 3 added the databus_* databases; a schema 2 store gains them (empty) when opened.
+_UPGRADABLE = (b"2",)
 _U64 = struct.Struct(">Q")
 _DISK_FULL_MARGIN = 4 << 20  # below this much free space a failed write is taken as "disk full"
 _ERROR_RECORD = struct.Struct(">QI")  # failed_at_ms, reason length; then reason, then envelope
@@ -157,16 +161,27 @@ class Store:
         self.outgoing = self.env.open_db(b"outgoing", create=create)
         self.outgoing_errors = self.env.open_db(b"outgoing_errors", create=create)
         self.meta = self.env.open_db(b"meta", create=create)
+        self.databus_parts = self._open_db(b"databus_parts", create)
+        self.databus_blobs = self._open_db(b"databus_blobs", create)
+        self.databus_expiry = self._open_db(b"databus_expiry", create)
+        #: Where blob files live (the claim check, gwcore/databus.py).
+        self.blob_dir = databus.blob_dir(path)
         if not readonly:
             with self.env.begin(write=True) as txn:
                 version = txn.get(b"schema", db=self.meta)
-                if version is None:
+                if version is None or version in _UPGRADABLE:
                     txn.put(b"schema", SCHEMA_VERSION, db=self.meta)
                 elif version != SCHEMA_VERSION:
                     raise StoreError(
                         f"store at {path!r} has schema {version.decode(errors='replace')}, this gwcore "
                         f"needs {SCHEMA_VERSION.decode()} (a store from a development build before "
                         "0.1.0: consume its queue with that build, then start on a new data dir)")
+
+    def _open_db(self, name: bytes, create: bool) -> Any:
+        try:
+            return self.env.open_db(name, create=create)
+        except lmdb.NotFoundError:
+            return None  # read-only, on a store from before schema 3: no blobs there
 
     def close(self) -> None:
         self.env.close()
@@ -246,6 +261,8 @@ class Store:
                 "errors": txn.stat(self.errors)["entries"],
                 "outgoing": txn.stat(self.outgoing)["entries"],
                 "outgoing_errors": txn.stat(self.outgoing_errors)["entries"],
+                "databus_parts": txn.stat(self.databus_parts)["entries"] if self.databus_parts else 0,
+                "databus_blobs": txn.stat(self.databus_blobs)["entries"] if self.databus_blobs else 0,
             }
 
     def size_bytes(self) -> int:
@@ -283,13 +300,19 @@ class Writer:
 
     def __init__(self, store: Store, loop: asyncio.AbstractEventLoop, *,
                  max_batch: int = 1024, max_delay_us: int = 200, dedup_ttl: float = 7 * 86400.0,
-                 cleanup_slice: int = 2000, on_commit: Callable[[int], None] | None = None) -> None:
+                 cleanup_slice: int = 2000, on_commit: Callable[[int], None] | None = None,
+                 databus_ttl: float = 7 * 86400.0) -> None:
         self.store = store
         self.loop = loop
         self.max_batch = max_batch
         self.max_delay = max_delay_us / 1e6
         self.ttl_ms = int(dedup_ttl * 1000)
         self.cleanup_slice = cleanup_slice
+        self.databus_ttl_ms = int(databus_ttl * 1000)
+        # Blob files whose records the open transaction removes: unlinked once it commits.
+        self._doomed: list[str] = []
+        self.blobs_expired = 0
+        databus.sweep(store)
         self.on_commit = on_commit  # loop-thread callback: number of new queue entries
         self.stats = StoreStats()
         self.index = core.DedupIndex()
@@ -379,7 +402,11 @@ class Writer:
     # -- writer thread -----------------------------------------------------------------------------
 
     def _take_batch(self) -> tuple[list, bool]:
-        first = self._jobs.get()
+        try:
+            # Not forever: an idle writer still runs the retention and blob expiry slices.
+            first = self._jobs.get(timeout=1.0)
+        except queue.Empty:
+            return [], False
         if first is None:
             return [], True
         batch = [first]
@@ -458,10 +485,27 @@ class Writer:
         self.stats.observe(len(batch), time.perf_counter() - started)
         self.loop.call_soon_threadsafe(self._resolve, results, added)
 
+    def doom(self, name: str) -> None:
+        """Writer thread, inside a job: unlink this blob once the transaction commits."""
+        self._doomed.append(name)
+
+    def blob_expiry_ms(self, expiry_ms: int, accepted_ms: int) -> int:
+        """A blob's expiry: the message's TimeToBeReceived, else GWCORE_DATABUS_TTL."""
+        return expiry_ms or accepted_ms + self.databus_ttl_ms
+
+    def _committed(self) -> None:
+        doomed, self._doomed = self._doomed, []
+        if doomed:
+            databus.unlink(self.store.blob_dir, doomed)
+
     def _write(self, batch: list, envelopes: list) -> tuple[list, int]:
         store = self.store
         txn = store.env.begin(write=True)
+        rejected: dict = {}
         try:
+            if any(env.databus for env in envelopes):
+                replaced, rejected = databus.resolve_submits(txn, store, self.index, envelopes, self._doomed)
+                envelopes = [replaced.get(id(e), e) for e in envelopes if id(e) not in rejected]
             if envelopes:
                 # The log must stay in acceptance order for retention: never let the clock step back.
                 accepted_ms = self._last_accepted_ms = max(now_ms(), self._last_accepted_ms)
@@ -476,7 +520,8 @@ class Writer:
             flags = iter(new_flags)
             for kind, payload, fut in batch:
                 if kind == _INGEST:
-                    results.append((fut, True, next(flags)))
+                    results.append((fut, True, rejected[id(payload)] if rejected and id(payload) in rejected
+                                    else next(flags)))
                 elif kind == _ACK:
                     results.append((fut, True, txn.delete(core.pack_seq(payload), db=store.queue)))
                 else:
@@ -492,12 +537,14 @@ class Writer:
         except BaseException:
             txn.abort()
             self.index.rollback()
+            self._doomed.clear()
             raise
         self.index.commit()
+        self._committed()
         added = next_seq - self.next_seq
         self.next_seq = next_seq
         self.stats.accepted += added
-        self.stats.duplicates += len(envelopes) - added
+        self.stats.duplicates += len(envelopes) - added - len(rejected)
         return results, added
 
     def _write_when_full(self, batch: list, envelopes: list) -> tuple[list, int]:
@@ -544,6 +591,9 @@ class Writer:
     def _expire(self, txn: Any) -> None:
         n = self.index.expire(txn, self.store.dedup_log, now_ms() - self.ttl_ms, self.cleanup_slice)
         self.stats.expired_records += n
+        blobs = databus.expire(txn, self.store, now_ms(), self.cleanup_slice, self._doomed)
+        self.blobs_expired += blobs
+        n = max(n, blobs)
         # A full slice means more is waiting: come back soon; otherwise once a second is plenty.
         self._cleanup_due = time.monotonic() + (0.05 if n >= self.cleanup_slice else 1.0)
 
@@ -553,10 +603,13 @@ class Writer:
         try:
             with self.store.env.begin(write=True) as txn:
                 self._expire(txn)
+            self._committed()
         except lmdb.MapFullError:
             # Deleting needs free pages too; try again after the next successful batch.
+            self._doomed.clear()
             self._cleanup_due = time.monotonic() + 5.0
         except lmdb.Error as exc:
+            self._doomed.clear()
             log.warning("dedup retention cleanup failed: %s", exc)
             self._cleanup_due = time.monotonic() + 5.0
 

@@ -1,0 +1,268 @@
+"""The claim check (databus) over the gateway: durable parts, the submit's rewrite, expiry, the
+sending side, two sites, a SIGKILL between parts and submit, and memory while a 1 GiB part
+streams in."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from httpclient import Client, nsb_request
+from procs import ROOT, ServerProcess, free_port, gwcore_cli
+
+from gwcore import Gateway, Settings, databus
+from gwcore.store import Store
+
+MSG_ID = "0b1f6f0e-5d8a-4f43-b1d5-b3a400c1d2e3"
+SENDER_KEY = "9999-12-31_23/7d0d3c1e-2f4a-4b7e-9a51-0c8d2f6e4b11"
+SENDER_KEY_WIRE = "9999-12-31_23%2F7d0d3c1e-2f4a-4b7e-9a51-0c8d2f6e4b11"
+PART_HEADER = "NServiceBus.Header.NServiceBus.DataBus." + SENDER_KEY
+BLOB = b'"AAECAw=="'
+
+# protocol.md §8.3, request 1 and request 2, byte for byte (the "all NServiceBus.Header.* lines of
+# 8.1" spelled out).
+_COMMON = (
+    "Host: localhost:25900\r\n"
+    f"NServiceBus.Id: {MSG_ID}\r\n"
+    f"NServiceBus.CorrelationId: {MSG_ID}\r\n"
+    "NServiceBus.ReplyToAddress: Headquarters\r\n"
+    f"NServiceBus.Header.NServiceBus.MessageId: {MSG_ID}\r\n"
+    "NServiceBus.Header.NServiceBus.MessageIntent: Send\r\n"
+    "NServiceBus.Header.NServiceBus.ConversationId: 5c0e9a47-3a5e-4d0c-9a1c-b3a400c1d2e3\r\n"
+    f"NServiceBus.Header.NServiceBus.CorrelationId: {MSG_ID}\r\n"
+    "NServiceBus.Header.NServiceBus.ReplyToAddress: Headquarters\r\n"
+    "NServiceBus.Header.NServiceBus.OriginatingEndpoint: Headquarters\r\n"
+    "NServiceBus.Header.NServiceBus.OriginatingMachine: HQ-SRV01\r\n"
+    "NServiceBus.Header.NServiceBus.ContentType: application%2Fjson\r\n"
+    "NServiceBus.Header.NServiceBus.EnclosedMessageTypes: Shared.UpdatePrice%2C+Shared%2C+Version%3D1.0.0.0%2C+Culture%3Dneutral%2C+PublicKeyToken%3Dnull\r\n"
+    "NServiceBus.Header.NServiceBus.Version: 10.2.8\r\n"
+    "NServiceBus.Header.NServiceBus.TimeSent: 2026-08-20+10%3A15%3A30%3A123456+Z\r\n"
+    "NServiceBus.Header.NServiceBus.DestinationSites: RemoteSite\r\n"
+    "NServiceBus.Header.NServiceBus.OriginatingSite: http%2Chttp%3A%2F%2Flocalhost%3A25899%2FHeadquarters%2F\r\n"
+    f"NServiceBus.Header.NServiceBus.DataBus.{SENDER_KEY_WIRE}: {SENDER_KEY_WIRE}\r\n"
+    "NServiceBus.Header.NServiceBus.DataBusConfig.ContentType: application%2Fjson\r\n"
+)
+PART_8_3 = (
+    "POST /RemoteSite/ HTTP/1.1\r\n" + _COMMON
+    + f"NServiceBus.Gateway.DataBusKey: NServiceBus.Header.NServiceBus.DataBus.{SENDER_KEY_WIRE}\r\n"
+    "NServiceBus.Gateway: True\r\n"
+    "NServiceBus.CallType: SingleCallDatabusProperty\r\n"
+    "Content-Type: application/x-www-form-urlencoded\r\n"
+    "Content-MD5: Nbvu6YGnTj%2B9Hqh2OyA2jw%3D%3D\r\n"
+    "Content-Length: 10\r\n"
+    "\r\n"
+).encode() + BLOB
+SUBMIT_8_3 = (
+    "POST /RemoteSite/ HTTP/1.1\r\n" + _COMMON
+    + "NServiceBus.Gateway: True\r\n"
+    "NServiceBus.CallType: SingleCallSubmit\r\n"
+    "Content-Type: application/x-www-form-urlencoded\r\n"
+    "Content-MD5: 0S9RmNGZjrrjq41F3ZZBjw%3D%3D\r\n"
+    "Content-Length: 17\r\n"
+    "\r\n"
+).encode() + b'{"Hello":"World"}'
+
+
+def addr(gw):
+    return gw.addresses[0]
+
+
+def blob_files(data_dir: str) -> list[str]:
+    d = databus.blob_dir(data_dir)
+    return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+def wire_md5(data: bytes) -> str:
+    return base64.b64encode(hashlib.md5(data).digest()).decode().replace("+", "%2B").replace("/", "%2F").replace("=", "%3D")
+
+
+def part_request(msg_id: str, key: str, blob: bytes, *, md5: str | None = "auto", ttbr: str | None = None,
+                 databus_key: bool = True, parts: tuple[str, ...] | None = None, chunked: bool = False) -> bytes:
+    """A SingleCallDatabusProperty request for the property *key* of message *msg_id*."""
+    names = parts if parts is not None else (key,)
+    extra = [(f"NServiceBus.Header.NServiceBus.DataBus.{k}", k) for k in names]
+    if ttbr is not None:
+        extra.insert(0, ("NServiceBus.TimeToBeReceived", ttbr))
+    if databus_key:
+        extra.append(("NServiceBus.Gateway.DataBusKey", f"NServiceBus.Header.NServiceBus.DataBus.{key}"))
+    req = nsb_request(msg_id, blob, call_type="SingleCallDatabusProperty", extra=extra,
+                      md5=wire_md5(blob) if md5 == "auto" else md5)
+    if chunked:
+        head, _, body = req.partition(b"\r\n\r\n")
+        head = head.replace(f"Content-Length: {len(blob)}".encode(), b"Transfer-Encoding: chunked")
+        pieces = [blob[i:i + 7] for i in range(0, len(blob), 7)]
+        req = head + b"\r\n\r\n" + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+    return req
+
+
+def submit_request(msg_id: str, parts: tuple[str, ...], body: bytes = b'{"Hello":"World"}') -> bytes:
+    return nsb_request(msg_id, body, extra=[(f"NServiceBus.Header.NServiceBus.DataBus.{k}", k) for k in parts])
+
+
+# -- receiving ---------------------------------------------------------------------------------------
+
+def test_protocol_8_3_exchange_byte_for_byte(run, gateway_factory):
+    async def main():
+        async with gateway_factory() as gw:
+            async with Client(*addr(gw)) as c:
+                await c.send(PART_8_3)
+                raw = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\nOK"), 5)
+                assert raw.startswith(b"HTTP/1.1 200 OK\r\n")
+                assert b"Content-Type: application/json; charset=utf-8\r\nContent-Length: 2\r\n" in raw
+                r = await c.request(SUBMIT_8_3)
+                assert (r.status, r.reason, r.body) == (200, "OK", b"OK")
+            msg = await asyncio.wait_for(gw.messages().get(), 5)
+            name = "NServiceBus.DataBus." + SENDER_KEY
+            local = msg.headers[name]
+            assert local != SENDER_KEY and len(local) == 32         # the name keeps the sender's key
+            assert msg.headers["NServiceBus.DataBusConfig.ContentType"] == "application/json"
+            assert msg.body == b'{"Hello":"World"}'
+            assert list(msg.databus) == [name]
+            blob = msg.databus[name]
+            assert blob.key == local and blob.path == os.path.join(gw.store.blob_dir, local)
+            with blob.open() as f:
+                assert f.read() == BLOB
+            assert gw.store.counts()["databus_parts"] == 0            # the part became the message's
+            assert gw.store.counts()["databus_blobs"] == 1
+
+    run(main())
+
+
+def test_submit_8_3_without_its_part_is_412_with_nservicebus_text(run, gateway_factory):
+    async def main():
+        async with gateway_factory() as gw:
+            async with Client(*addr(gw)) as c:
+                r = await c.request(SUBMIT_8_3)
+                assert (r.status, r.reason) == (412, "Expected 1 claimcheck properties. None were received. Please resubmit.")
+                assert r.body == r.reason.encode()
+                r = await c.request(PART_8_3.replace(
+                    f"NServiceBus.Gateway.DataBusKey: NServiceBus.Header.NServiceBus.DataBus.{SENDER_KEY_WIRE}\r\n".encode(), b""))
+                assert (r.status, r.reason) == (400, "Required header 'NServiceBus.Gateway.DataBusKey' missing.")
+            assert gw.store.counts()["queue"] == 0 and gw.store.counts()["dedup"] == 0
+            assert blob_files(gw.settings.data_dir) == []
+
+    run(main())
+
+
+def test_part_with_bad_hash_is_412_and_nothing_is_kept(run, gateway_factory):
+    async def main():
+        async with gateway_factory() as gw:
+            async with Client(*addr(gw)) as c:
+                for chunked in (False, True):
+                    r = await c.request(part_request(str(uuid.uuid4()), "k", b"x" * 5000, md5=wire_md5(b"other"),
+                                                     chunked=chunked))
+                    assert (r.status, r.reason) == (412, "MD5 hash received does not match hash calculated on server. Please resubmit.")
+                # the connection still works
+                assert (await c.request(nsb_request())).status == 200
+            await asyncio.sleep(0.05)  # the rejected blob's file is removed by a blob thread
+            assert blob_files(gw.settings.data_dir) == []
+            assert gw.store.counts()["databus_parts"] == 0 and gw.store.counts()["databus_blobs"] == 0
+
+    run(main())
+
+
+def test_one_part_missing_names_it_and_a_retry_with_all_parts_succeeds(run, gateway_factory):
+    async def main():
+        async with gateway_factory() as gw:
+            msg_id = str(uuid.uuid4())
+            keys = ("a", "b")
+            async with Client(*addr(gw)) as c:
+                assert (await c.request(part_request(msg_id, "a", b"AAA", parts=keys))).status == 200
+                r = await c.request(submit_request(msg_id, keys))
+                assert (r.status, r.reason) == (412, "ClaimCheck property NServiceBus.Header.NServiceBus.DataBus.b was never received. Please resubmit.")
+                # the sender re-sends every part (the first one replaces its earlier blob), then the submit
+                assert (await c.request(part_request(msg_id, "a", b"AAA2", parts=keys, chunked=True))).status == 200
+                assert (await c.request(part_request(msg_id, "b", b"BBB", parts=keys))).status == 200
+                assert (await c.request(submit_request(msg_id, keys))).status == 200
+                # a duplicate submit (with its parts sent again) is 200 and stores nothing
+                assert (await c.request(part_request(msg_id, "a", b"AAA3", parts=keys))).status == 200
+                assert (await c.request(part_request(msg_id, "b", b"BBB3", parts=keys))).status == 200
+                assert (await c.request(submit_request(msg_id, keys))).status == 200
+            msg = await asyncio.wait_for(gw.messages().get(), 5)
+            assert {k: b.read() for k, b in msg.databus.items()} == {
+                "NServiceBus.DataBus.a": b"AAA2", "NServiceBus.DataBus.b": b"BBB"}
+            counts = gw.store.counts()
+            assert (counts["queue"], counts["databus_parts"], counts["databus_blobs"]) == (1, 0, 2)
+            assert sorted(blob_files(gw.settings.data_dir)) == sorted(b.key for b in msg.databus.values())
+
+    run(main())
+
+
+def test_orphaned_part_expires_with_its_time_to_be_received(run, gateway_factory):
+    async def main():
+        async with gateway_factory() as gw:
+            async with Client(*addr(gw)) as c:
+                # NServiceBus clamps a TimeToBeReceived below a second to one second
+                r = await c.request(part_request(str(uuid.uuid4()), "k", b"orphan", ttbr="00:00:00.2"))
+                assert r.status == 200
+                keep = str(uuid.uuid4())
+                assert (await c.request(part_request(keep, "k", b"kept"))).status == 200
+            assert len(blob_files(gw.settings.data_dir)) == 2
+            deadline = time.monotonic() + 10
+            while gw.store.counts()["databus_blobs"] != 1:
+                assert time.monotonic() < deadline, "the orphaned part did not expire"
+                await asyncio.sleep(0.1)
+            assert gw.writer.blobs_expired == 1
+            assert gw.store.counts()["databus_parts"] == 1
+            assert len(blob_files(gw.settings.data_dir)) == 1
+
+    run(main())
+
+
+def test_orphan_without_ttbr_expires_after_databus_ttl(run, gateway_factory):
+    async def main():
+        async with gateway_factory(databus_ttl=0.3) as gw:
+            async with Client(*addr(gw)) as c:
+                assert (await c.request(part_request(str(uuid.uuid4()), "k", b"orphan"))).status == 200
+            deadline = time.monotonic() + 10
+            while blob_files(gw.settings.data_dir):
+                assert time.monotonic() < deadline, "the orphaned part did not expire"
+                await asyncio.sleep(0.1)
+            assert gw.store.counts()["databus_parts"] == 0
+
+    run(main())
+
+
+def test_part_over_max_blob_is_413(run, gateway_factory):
+    async def main():
+        async with gateway_factory(max_blob=1000, max_body=100_000) as gw:
+            async with Client(*addr(gw)) as c:
+                r = await c.request(part_request(str(uuid.uuid4()), "k", b"x" * 1001))
+                assert r.status == 413 and "GWCORE_MAX_BLOB=1000" in r.reason
+            async with Client(*addr(gw)) as c:
+                r = await c.request(part_request(str(uuid.uuid4()), "k", b"x" * 1001, chunked=True))
+                assert r.status == 413 and "GWCORE_MAX_BLOB=1000" in r.reason
+            await asyncio.sleep(0.05)
+            assert blob_files(gw.settings.data_dir) == []
+
+    run(main())
+
+
+def test_part_larger_than_max_body_streams_and_keeps_the_loop_serving(run, gateway_factory):
+    async def main():
+        async with gateway_factory(max_body=64 << 10) as gw:
+            blob = os.urandom(3 << 20)
+            msg_id = str(uuid.uuid4())
+            async with Client(*addr(gw)) as c, Client(*addr(gw)) as other:
+                req = part_request(msg_id, "big", blob)
+                head = req[:-len(blob)]
+                await c.send(head + blob[:1 << 20])
+                # while the part is half sent, another connection is served
+                assert (await other.request(nsb_request())).status == 200
+                await c.send(blob[1 << 20:])
+                assert (await c.response()).status == 200
+                assert (await c.request(submit_request(msg_id, ("big",)))).status == 200
+            msgs = [await asyncio.wait_for(gw.messages().get(), 5) for _ in range(2)]
+            big = next(m for m in msgs if m.id == msg_id)
+            assert big.databus["NServiceBus.DataBus.big"].read() == blob
+
+    run(main())
