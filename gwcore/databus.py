@@ -43,7 +43,8 @@ from typing import IO, Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Uni
 from ._core import core
 
 __all__ = ("BlobWriter", "BlobSink", "Blob", "BlobInfo", "DATABUS_PREFIX", "BLOB_DIR", "blob_dir",
-           "resolve_submits", "record_part", "expire", "sweep", "copy_in", "blobs", "Source")
+           "resolve_submits", "record_part", "record_blob", "expire", "sweep", "copy_in", "blobs", "Source",
+           "new_name", "databus_header", "message_blobs", "unlink", "blob_info")
 
 log = logging.getLogger("gwcore.databus")
 
@@ -64,7 +65,8 @@ def blob_dir(data_dir: str) -> str:
     return os.path.join(data_dir, BLOB_DIR)
 
 
-def _new_name() -> str:
+def new_name() -> str:
+    """A new blob name (the local key): 32 hex digits."""
     return uuid.uuid4().hex
 
 
@@ -98,6 +100,12 @@ class BlobInfo:
 
 def _blob_record(expiry_ms: int, size: int, md5: str, sha: str, owner: bytes = b"") -> bytes:
     return _BLOB.pack(expiry_ms, size, md5.encode("ascii"), sha.encode("ascii")) + owner
+
+
+def blob_info(store: Any, name: str) -> BlobInfo | None:
+    """The record of one blob, or None (any thread)."""
+    value = store.get(store.databus_blobs, name.encode("ascii", "replace"))
+    return BlobInfo(name, bytes(value)) if value is not None else None
 
 
 def blobs(store: Any) -> Iterator[BlobInfo]:
@@ -279,7 +287,7 @@ class BlobSink:
     def __init__(self, owner: BlobWriter, on_drain: Callable[[], None], signed: bool) -> None:
         self.owner = owner
         self.loop = owner.loop
-        self.name = _new_name()
+        self.name = new_name()
         self.tmp = os.path.join(owner.directory, _TMP + self.name)
         self.path = os.path.join(owner.directory, self.name)
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -396,10 +404,10 @@ class BlobSink:
 
 # -- the sending side -------------------------------------------------------------------------------
 
-def copy_in(directory: str, source: Source) -> tuple[str, int, str, str]:
+def copy_in(directory: str, source: Source, name: str | None = None) -> tuple[str, int, str, str]:
     """Copy one databus property into the blob store durably (blocking: run it in a thread).
     Returns ``(blob name, size, Content-MD5, SHA-256)``; streams, never reads a file whole."""
-    name = _new_name()
+    name = name or new_name()
     tmp = os.path.join(directory, _TMP + name)
     md5 = hashlib.md5(usedforsecurity=False)
     sha = hashlib.sha256()

@@ -17,10 +17,11 @@ import ssl
 import uuid
 from typing import Any, Callable, Iterable, Mapping
 
-from . import egress
+from . import databus, egress
+from ._core import core
+from .config import Settings
 from .control import ControlServer
 from .databus import BlobWriter
-from .config import Settings
 from .consumer import LocalQueue, Message, load_handler, run_handler
 from .distributor import Distributor, check_channels
 from .errors import ConfigurationError, GatewayError
@@ -346,22 +347,69 @@ class Gateway:
                 forwarder.schedule(seq, dest)
 
     async def send_to_sites(self, sites: Iterable[str], body: bytes, headers: Mapping[str, str] | None = None,
-                            *, message_id: str | None = None) -> str:
+                            *, message_id: str | None = None,
+                            databus: Mapping[str, databus.Source] | None = None) -> str:
         """Queue *body* for each site (one copy per site, one message id) and return the id once
         the outgoing records are committed (fsync'd). The forwarder sends them afterwards.
 
+        :param databus: large properties sent as claim-check parts (docs/sending.md): name ->
+            bytes, a file path or a binary stream. Each is copied into this gateway's blob store
+            (streamed, fsync'd) before the records commit, and travels as the header
+            ``NServiceBus.DataBus.<name>`` plus one ``SingleCallDatabusProperty`` request.
         :raises gwcore.errors.UnknownSiteError: a site is not configured (every missing key named).
         """
         writer, forwarder = self._require_started()
-        msg_id, items = egress.prepare(self.settings, list(sites), body, headers, message_id,
+        h, blobs = self._databus_headers(headers, databus)
+        msg_id, items = egress.prepare(self.settings, list(sites), body, h, message_id,
                                        reply_uri=self.reply_uri)
-        seqs = await writer.call(egress.append_records(self.store, items))  # type: ignore[arg-type]
-        self._schedule(forwarder, [(seq, dest) for seq, (dest, _f) in zip(seqs, items)])
+        await self._queue_records(writer, forwarder, items, blobs)
         return msg_id
 
-    async def reply(self, incoming: Message, body: bytes, headers: Mapping[str, str] | None = None) -> str:
+    def _databus_headers(self, headers: Mapping[str, str] | None,
+                         props: Mapping[str, databus.Source] | None) -> tuple[Mapping[str, str] | None, list]:
+        """The headers with one ``NServiceBus.DataBus.<name>`` = new blob name per property."""
+        if not props:
+            return headers, []
+        h = dict(headers or {})
+        blobs = []
+        for name, source in props.items():
+            blob = databus.new_name()
+            h[databus.databus_header(name)] = blob
+            blobs.append((blob, source))
+        return h, blobs
+
+    async def _queue_records(self, writer: Writer, forwarder: egress.Forwarder | None,
+                             items: list[tuple[str, bytes]], blobs: list) -> None:
+        append = egress.append_records(self.store, items)  # type: ignore[arg-type]
+        if blobs:
+            loop = asyncio.get_running_loop()
+            directory = self.store.blob_dir  # type: ignore[union-attr]
+            copied = []
+            try:
+                for blob, source in blobs:
+                    copied.append(await loop.run_in_executor(None, databus.copy_in, directory, source, blob))
+            except BaseException:
+                databus.unlink(directory, [c[0] for c in copied] + [b for b, _s in blobs])
+                raise
+            expiry = writer.blob_expiry_ms(core.decode_envelope(items[0][1])[3], egress.now_ms())
+            jobs = [databus.record_blob(self.store, name, size, md5, sha, expiry) for name, size, md5, sha in copied]
+
+            def append_with_blobs(txn: Any) -> list[int]:
+                for job in jobs:
+                    job(txn)
+                return append(txn)
+
+            job = append_with_blobs
+        else:
+            job = append
+        seqs = await writer.call(job)
+        self._schedule(forwarder, [(seq, dest) for seq, (dest, _f) in zip(seqs, items)])
+
+    async def reply(self, incoming: Message, body: bytes, headers: Mapping[str, str] | None = None,
+                    *, databus: Mapping[str, databus.Source] | None = None) -> str:
         """Send a reply to the site *incoming* came from (its ``NServiceBus.OriginatingSite``),
-        with ``MessageIntent: Reply``, ``CorrelationId`` and ``RelatedTo`` set as NServiceBus does."""
+        with ``MessageIntent: Reply``, ``CorrelationId`` and ``RelatedTo`` set as NServiceBus does.
+        *databus* as in :meth:`send_to_sites`."""
         writer, forwarder = self._require_started()
         dest = egress.reply_destination(incoming.headers)
         h = dict(headers or {})
@@ -370,13 +418,14 @@ class Gateway:
         h["NServiceBus.RelatedTo"] = incoming.id
         if "NServiceBus.ConversationId" in incoming.headers:
             h.setdefault("NServiceBus.ConversationId", incoming.headers["NServiceBus.ConversationId"])
-        msg_id, items = egress.prepare_to(self.settings, dest, body, h, reply_uri=self.reply_uri)
-        seqs = await writer.call(egress.append_records(self.store, items))  # type: ignore[arg-type]
-        self._schedule(forwarder, [(seq, dest) for seq, (dest, _f) in zip(seqs, items)])
+        h2, blobs = self._databus_headers(h, databus)
+        msg_id, items = egress.prepare_to(self.settings, dest, body, h2, reply_uri=self.reply_uri)
+        await self._queue_records(writer, forwarder, items, blobs)
         return msg_id
 
     async def request(self, site: str, body: bytes, headers: Mapping[str, str] | None = None,
-                      *, timeout: float = 60.0, message_id: str | None = None) -> Message:
+                      *, timeout: float = 60.0, message_id: str | None = None,
+                      databus: Mapping[str, databus.Source] | None = None) -> Message:
         """Send to *site* and wait for the reply (matched by correlation id); the reply is
         acknowledged (removed from the local queue) when it is returned.
 
@@ -390,7 +439,7 @@ class Gateway:
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._requests[msg_id] = fut
         try:
-            await self.send_to_sites([site], body, headers, message_id=msg_id)
+            await self.send_to_sites([site], body, headers, message_id=msg_id, databus=databus)
             try:
                 return await asyncio.wait_for(asyncio.shield(fut), timeout)
             except asyncio.TimeoutError:

@@ -266,3 +266,108 @@ def test_part_larger_than_max_body_streams_and_keeps_the_loop_serving(run, gatew
             assert big.databus["NServiceBus.DataBus.big"].read() == blob
 
     run(main())
+
+
+# -- sending, and two sites ----------------------------------------------------------------------------
+
+from test_auth_receive import KEYS, SECRET  # noqa: E402
+from test_egress import ScriptedSite, settings_for, until, url_of  # noqa: E402
+
+
+def test_ten_mib_property_both_ways_between_two_sites(run, tmp_path):
+    request_blob = os.urandom(10 << 20)
+    reply_blob = os.urandom(10 << 20)
+    reply_file = tmp_path / "reply.bin"
+    reply_file.write_bytes(reply_blob)
+
+    async def main():
+        got = {}
+
+        async def remote_handler(msg):
+            blob = msg.databus["NServiceBus.DataBus.Payload"]
+            got["request"] = blob.read()
+            # reply with a property taken from a file path (streamed, never read whole)
+            await remote.reply(msg, b'{"ok":true}', databus={"Answer": str(reply_file)})
+
+        remote = Gateway(settings_for(tmp_path, "RemoteSite"), handler=remote_handler)
+        async with remote:
+            sites = f"RemoteSite={url_of(remote, 'RemoteSite')}"
+            seen = []  # a consumer must run for request() to see its reply
+            async with Gateway(settings_for(tmp_path, "Headquarters", sites=sites), handler=seen.append) as hq:
+                import io
+                reply = await hq.request("RemoteSite", b'{"Payload":"claim"}', timeout=30,
+                                         databus={"Payload": io.BytesIO(request_blob)})
+                assert got["request"] == request_blob
+                blob = reply.databus["NServiceBus.DataBus.Answer"]
+                with blob.open() as f:
+                    assert f.read() == reply_blob
+                # both sites keep their copy of each property until it expires
+                assert sorted(b.size for b in databus.blobs(hq.store)) == [10 << 20, 10 << 20]
+                assert seen == []
+            assert remote.forwarder.sent == 1
+
+    run(main(), timeout=90)
+
+
+def test_signed_sites_sign_each_part_with_its_blob_digest(run, tmp_path):
+    async def main():
+        async with Gateway(settings_for(tmp_path, "RemoteSite", receive_keys=KEYS)) as remote:
+            cfg = tmp_path / "hq.toml"
+            cfg.write_text(f'[sites.RemoteSite]\nurl = "{url_of(remote, "RemoteSite")}"\n'
+                           f'secret = "{SECRET.decode()}"\nkey_id = "hq"\n')
+            async with Gateway(settings_for(tmp_path, "Headquarters", config_file=str(cfg))) as hq:
+                msg_id = await hq.send_to_sites(["RemoteSite"], b"{}", databus={"A": b"a" * 70_000, "B": b""})
+                msg = await asyncio.wait_for(remote.messages().get(), 20)
+                assert msg.id == msg_id
+                assert {k: b.read() for k, b in msg.databus.items()} == {
+                    "NServiceBus.DataBus.A": b"a" * 70_000, "NServiceBus.DataBus.B": b""}
+                assert remote.states[0].requests_by_status[401] == 0
+
+    run(main())
+
+
+def test_sender_resends_the_parts_at_once_when_the_submit_finds_them_missing(run, tmp_path):
+    """The rule for failover (docs/databus.md): a 412 to a submit whose parts were all accepted
+    means another node (or a restarted one) got the submit; the parts go again immediately."""
+    async def main():
+        site = ScriptedSite([200, 412])  # part, submit 412; then part and submit 200
+        url = await site.start()
+        async with Gateway(settings_for(tmp_path, "Headquarters", sites=f"Scripted={url}", retries=4,
+                                        retry_delays=(60.0,))) as hq:
+            await hq.send_to_sites(["Scripted"], b"body", databus={"P": b"property"})
+            await until(lambda: hq.forwarder.sent == 1)
+            calls = [r["NServiceBus.CallType"] for r in site.requests]
+            assert calls == ["SingleCallDatabusProperty", "SingleCallSubmit"] * 2
+            assert hq.forwarder.retried == 0
+            part = site.requests[0]
+            assert part["_body"] == "property"
+            assert part["NServiceBus.Gateway.DataBusKey"] == "NServiceBus.Header.NServiceBus.DataBus.P"
+            assert part["Content-MD5"] == base64.b64encode(hashlib.md5(b"property").digest()).decode()
+            assert part["NServiceBus.Header.NServiceBus.DataBus.P"] == site.requests[1]["NServiceBus.Header.NServiceBus.DataBus.P"]
+            # the part carries the submit's header set (protocol.md §1.4)
+            submit_names = [k for k in site.requests[1] if k not in ("Content-MD5", "NServiceBus.CallType", "_body", "Content-Length")]
+            assert [k for k in part if k in submit_names] == submit_names
+        await site.close()
+
+    run(main())
+
+
+def test_a_blob_gone_from_the_sender_is_a_permanent_failure(run, tmp_path):
+    async def main():
+        site = ScriptedSite([])
+        url = await site.start()
+        async with Gateway(settings_for(tmp_path, "Headquarters", sites=f"Scripted={url}")) as hq:
+            hq.forwarder._closed = True  # queue without sending, then remove the blob file
+            await hq.send_to_sites(["Scripted"], b"body", databus={"P": b"x"})
+            for name in blob_files(hq.settings.data_dir):
+                os.unlink(os.path.join(hq.store.blob_dir, name))
+            hq.forwarder._closed = False
+            (seq, _rec), = list(hq.store.outgoing_records())
+            hq.forwarder.schedule(seq, "Scripted")
+            await until(lambda: hq.store.counts()["outgoing_errors"] == 1)
+            (_s, rec), = hq.store.failed_sends()
+            assert "is no longer in the blob store" in rec.last_error
+            assert site.requests == []
+        await site.close()
+
+    run(main())
