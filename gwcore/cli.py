@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime
+import os
 import sys
 
 import orjson
@@ -129,7 +130,28 @@ def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
             out.write(f"queued messages: {counts['queue']}\n")
             out.write(f"error store: {counts['errors']}\n")
             out.write(f"outgoing: {counts['outgoing']}, failed sends: {counts['outgoing_errors']}\n")
+            out.write(f"databus: {counts['databus_blobs']} blobs, {counts['databus_parts']} parts waiting for their submit\n")
             out.write(f"store size: {store.size_bytes()} bytes (map {store.map_size} bytes)\n")
+        elif args.what == "blobs":
+            from . import databus
+
+            for info in databus.blobs(store):
+                state = "part" if info.part else "message"
+                path = os.path.join(store.blob_dir, info.name)
+                if args.json:
+                    part = info.part.split(b"\0") if info.part else None
+                    out.write(orjson.dumps({
+                        "key": info.name, "path": path, "size": info.size, "expires": _fmt_ms(info.expiry_ms),
+                        "state": state, "content_md5": info.md5,
+                        "part": None if part is None else {
+                            "scope": part[0].decode("utf-8", "replace"), "id": part[1].decode("utf-8", "replace"),
+                            "databus_key": b"\0".join(part[2:]).decode("utf-8", "replace")},
+                    }).decode() + "\n")
+                else:
+                    waiting = ""
+                    if info.part:
+                        waiting = "\twaiting for the submit of " + info.part.split(b"\0")[1].decode("utf-8", "replace")
+                    out.write(f"{info.name}\t{info.size} bytes\texpires {_fmt_ms(info.expiry_ms)}\t{state}{waiting}\n")
         elif args.what == "queue":
             for seq, (msg_id, headers, body, expiry_ms, accepted_ms) in queue_entries(store):
                 if args.json:
@@ -222,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the gateway (configured by GWCORE_* variables)")
     p.set_defaults(func=_cmd_serve)
     p = sub.add_parser("inspect", help="look into a store (safe while the gateway runs)")
-    p.add_argument("what", choices=("queue", "dedup", "errors", "outgoing"))
+    p.add_argument("what", choices=("queue", "dedup", "errors", "outgoing", "blobs"))
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--data-dir", help="the store to read (default GWCORE_DATA_DIR)")
     p.set_defaults(func=_cmd_inspect)
