@@ -395,14 +395,13 @@ class Gateway:
             jobs = [databus.record_blob(self.store, name, size, md5, sha, expiry) for name, size, md5, sha in copied]
 
             def append_with_blobs(txn: Any) -> list[int]:
-                for job in jobs:
-                    job(txn)
+                for record in jobs:
+                    record(txn)
                 return append(txn)
 
-            job = append_with_blobs
+            seqs = await writer.call(append_with_blobs)
         else:
-            job = append
-        seqs = await writer.call(job)
+            seqs = await writer.call(append)
         self._schedule(forwarder, [(seq, dest) for seq, (dest, _f) in zip(seqs, items)])
 
     async def reply(self, incoming: Message, body: bytes, headers: Mapping[str, str] | None = None,
