@@ -369,7 +369,7 @@ class HTTPProtocol(asyncio.Protocol):
         if result.call_type == core.CALL_DATABUS:
             # A part the parser could not stream (framed whole, hash already verified).
             slot.callback = result.callback
-            sink = self._sink(False)
+            sink = self._sink(False, False)
             if sink is not None:
                 sink.write(result.body)
                 self._store_part(_Part(slot, result, sink, verified=True))
@@ -381,9 +381,9 @@ class HTTPProtocol(asyncio.Protocol):
 
     # -- databus parts (docs/databus.md) ------------------------------------------------------------
 
-    def _sink(self, signed: bool) -> databus.BlobSink | None:
+    def _sink(self, signed: bool, md5: bool) -> databus.BlobSink | None:
         try:
-            return self.state.blobs.sink(self._update_reading, signed=signed)  # type: ignore[union-attr]
+            return self.state.blobs.sink(self._update_reading, signed=signed, md5=md5)  # type: ignore[union-attr]
         except OSError as exc:
             log.error("databus: cannot create a blob file: %s", exc)
             return None
@@ -405,7 +405,7 @@ class HTTPProtocol(asyncio.Protocol):
                 state.log_refusal(refusal)
                 self._answer(slot, 401, refusal, callback=env.callback, extra=_CHALLENGE)
                 return
-        sink = self._sink(signed)
+        sink = self._sink(signed, env.content_md5 is not None)
         if sink is None:
             self._answer(slot, 503, "Service Unavailable: cannot store the databus property",
                          callback=env.callback)
@@ -438,7 +438,7 @@ class HTTPProtocol(asyncio.Protocol):
             self._answer(slot, 503, f"Service Unavailable: cannot store the databus property ({exc.strerror or exc})",
                          callback=env.callback)
             return
-        if env.content_md5 is not None and env.content_md5 != md5:
+        if not part.verified and env.content_md5 is not None and env.content_md5 != md5:
             sink.discard_sealed()
             self._answer(slot, 412, _MD5_MISMATCH, callback=env.callback)
             return
@@ -453,7 +453,7 @@ class HTTPProtocol(asyncio.Protocol):
         part_key = env.key + b"\0" + env.databus_key.encode("utf-8")
         try:
             await writer.call(databus.record_part(
-                writer.store, part_key, sink.name, sink.size, md5, sha or "", writer.blob_expiry_ms(
+                writer.store, part_key, sink.name, sink.size, md5 or "", sha or "", writer.blob_expiry_ms(
                     env.expiry_ms, env.accepted_ms), writer.doom))
         except StoreError as exc:
             sink.discard_sealed()

@@ -192,7 +192,7 @@ cdef class RequestParser:
         cdef list events = []
         cdef const unsigned char[::1] view
         cdef const unsigned char* p
-        cdef Py_ssize_t n
+        cdef Py_ssize_t n, take
         if self._state == RP_DONE:
             return events
         if type(data) is bytes:
@@ -202,6 +202,17 @@ cdef class RequestParser:
             view = data
             n = view.shape[0]
             p = &view[0] if n else NULL
+        if (n and self._part and self._state == RP_BODY and self._pos == self._len
+                and type(data) is bytes):
+            # A streamed part's body with nothing buffered: hand the received bytes on as they
+            # are (no copy into the buffer and out again); only what follows the body is kept.
+            take = min(n, self._remaining)
+            events.append((EVENT_PART_DATA, data if take == n else data[:take]))
+            self._remaining -= take
+            if self._remaining == 0:
+                self._state = RP_COMPLETE
+            p += take
+            n -= take
         if n:
             memcpy(self._room(n), p, n)
             self._len += n
