@@ -370,9 +370,12 @@ class HTTPProtocol(asyncio.Protocol):
             # A part the parser could not stream (framed whole, hash already verified).
             slot.callback = result.callback
             sink = self._sink(False, False)
-            if sink is not None:
-                sink.write(result.body)
-                self._store_part(_Part(slot, result, sink, verified=True))
+            if sink is None:
+                self._answer(slot, 503, "Service Unavailable: cannot store the databus property",
+                             callback=result.callback)
+                return
+            sink.write(result.body)
+            self._store_part(_Part(slot, result, sink, verified=True))
             return
         slot.callback = result.callback
         slot.protocol = self
@@ -382,8 +385,10 @@ class HTTPProtocol(asyncio.Protocol):
     # -- databus parts (docs/databus.md) ------------------------------------------------------------
 
     def _sink(self, signed: bool, md5: bool) -> databus.BlobSink | None:
+        if self.state.blobs is None:
+            return None  # an HTTPState without a blob store (tests of the protocol alone)
         try:
-            return self.state.blobs.sink(self._update_reading, signed=signed, md5=md5)  # type: ignore[union-attr]
+            return self.state.blobs.sink(self._update_reading, signed=signed, md5=md5)
         except OSError as exc:
             log.error("databus: cannot create a blob file: %s", exc)
             return None

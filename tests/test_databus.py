@@ -462,3 +462,46 @@ def test_receiving_a_1_gib_part_keeps_the_server_under_100_mib(tmp_path):
 
 def wire_md5_digest(digest: bytes) -> str:
     return base64.b64encode(digest).decode().replace("+", "%2B").replace("/", "%2F").replace("=", "%3D")
+
+
+# -- the parser: a part's body leaves in pieces, whatever the split ----------------------------------
+
+def _parse_all(pieces: list[bytes], max_body: int = 64, max_blob: int = 1 << 20):
+    from gwcore._core import core
+
+    parser = core.RequestParser(core.Framer("RemoteSite"), [b"/remotesite/"], max_headers=100,
+                                max_header_bytes=1 << 16, max_body=max_body, allow_get=False, max_blob=max_blob)
+    events = []
+    for piece in pieces:
+        events += parser.feed(piece, 1000)
+    return core, events
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_part_body_streams_out_at_every_split_point(chunked):
+    blob = bytes(range(256)) * 2                       # longer than max_body: never buffered whole
+    stream = part_request("id-1", "k", blob, chunked=chunked) + nsb_request("id-2")
+    for cut in range(1, len(stream)):
+        core, events = _parse_all([stream[:cut], stream[cut:]])
+        kinds = [e[0] for e in events]
+        assert kinds[0] == core.EV_PART_BEGIN and kinds[-1] == core.EV_SUBMIT, (cut, kinds)
+        assert kinds.count(core.EV_PART_END) == 1
+        head = events[0][2]
+        assert (head.id, head.databus_key, head.body) == ("id-1", "NServiceBus.Header.NServiceBus.DataBus.k", b"")
+        assert head.content_md5 == base64.b64encode(hashlib.md5(blob).digest()).decode()
+        body = b"".join(e[1] for e in events if e[0] == core.EV_PART_DATA)
+        assert body == blob, cut
+        assert events[-1][2].id == "id-2"
+    # byte at a time
+    core, events = _parse_all([stream[i:i + 1] for i in range(len(stream))])
+    assert b"".join(e[1] for e in events if e[0] == core.EV_PART_DATA) == blob
+
+
+def test_a_refused_part_head_is_read_whole_and_answered_as_a_rejection():
+    core, events = _parse_all([part_request("id-1", "k", b"x" * 10, databus_key=False)])
+    (kind, _keep_alive, result), = events
+    assert kind == core.EV_SUBMIT and (result.status, result.reason) == (
+        400, "Required header 'NServiceBus.Gateway.DataBusKey' missing.")
+    # and a refused part's body is bounded by max_body, not max_blob
+    core, events = _parse_all([part_request("id-1", "k", b"x" * 100, databus_key=False)])
+    assert events[-1][0] == core.EV_ERROR and events[-1][1] == 413
