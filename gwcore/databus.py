@@ -446,7 +446,10 @@ class BlobSink:
                 except FileNotFoundError:
                     pass
 
-        self.loop.run_in_executor(self.owner.executor, remove)
+        try:
+            self.loop.run_in_executor(self.owner.executor, remove)
+        except RuntimeError:  # the blob threads are gone (shutting down): remove it here
+            remove()
 
     def discard_sealed(self) -> None:
         """Remove a sealed blob whose index record will not be written (401, store refused)."""

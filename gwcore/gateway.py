@@ -399,7 +399,11 @@ class Gateway:
                     record(txn)
                 return append(txn)
 
-            seqs = await writer.call(append_with_blobs)
+            try:
+                seqs = await writer.call(append_with_blobs)
+            except BaseException:
+                databus.unlink(directory, [c[0] for c in copied])  # nothing names them
+                raise
         else:
             seqs = await writer.call(append)
         self._schedule(forwarder, [(seq, dest) for seq, (dest, _f) in zip(seqs, items)])
@@ -505,6 +509,8 @@ class Gateway:
                    [("", st.refused_full)])
             metric("gwcore_store_commit_failures_total", "counter", "Write transactions that failed.", [("", st.commits_failed)])
             metric("gwcore_dedup_expired_total", "counter", "Dedup records removed by retention.", [("", st.expired_records)])
+            metric("gwcore_databus_expired_total", "counter", "Databus blobs removed at their expiry (orphaned parts too).",
+                   [("", w.blobs_expired)])
             metric("gwcore_store_map_resizes_total", "counter", "LMDB map size increases.", [("", st.map_resizes)])
             out.extend(_histogram("gwcore_commit_batch_size", "Jobs per write transaction.",
                                   st.batch_size_buckets, st.batch_size_counts, st.batch_size_sum))
@@ -518,6 +524,10 @@ class Gateway:
             metric("gwcore_dedup_records", "gauge", "Dedup records held.", [("", counts["dedup"])])
             metric("gwcore_store_bytes", "gauge", "Bytes used in the LMDB environment.", [("", self.store.size_bytes())])
             metric("gwcore_store_map_bytes", "gauge", "Current LMDB map size.", [("", self.store.map_size)])
+            metric("gwcore_databus_blobs", "gauge", "Databus blobs held (files under <data dir>/blobs).",
+                   [("", counts["databus_blobs"])])
+            metric("gwcore_databus_parts_waiting", "gauge", "Databus parts waiting for their submit.",
+                   [("", counts["databus_parts"])])
         q = self.queue
         if q is not None:
             metric("gwcore_consumer_delivered_total", "counter", "Deliveries to consumers.", [("", q.delivered)])

@@ -213,6 +213,9 @@ def test_orphaned_part_expires_with_its_time_to_be_received(run, gateway_factory
                 await asyncio.sleep(0.1)
             assert gw.writer.blobs_expired == 1
             assert gw.store.counts()["databus_parts"] == 1
+            metrics = gw.render_metrics()
+            assert "gwcore_databus_expired_total 1" in metrics
+            assert "gwcore_databus_parts_waiting 1" in metrics and "gwcore_databus_blobs 1" in metrics
             assert len(blob_files(gw.settings.data_dir)) == 1
 
     run(main())
