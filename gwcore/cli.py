@@ -87,11 +87,17 @@ def _cmd_send(args: argparse.Namespace, settings: Settings) -> int:
         if not sep or not name:
             raise GatewayError(f"--header {item!r}: use NAME=VALUE")
         headers[name] = value
+    databus = {}
+    for item in args.databus or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not os.path.isfile(path):
+            raise GatewayError(f"--databus {item!r}: use NAME=FILE with an existing file")
+        databus[name] = os.path.abspath(path)  # the running gateway reads it
     request = {"op": "send", "sites": args.to, "body_b64": base64.b64encode(body).decode(),
-               "headers": headers, "id": args.id}
+               "headers": headers, "id": args.id, "databus": databus}
 
     async def direct(gw):
-        return {"id": await gw.send_to_sites(args.to, body, headers, message_id=args.id)}
+        return {"id": await gw.send_to_sites(args.to, body, headers, message_id=args.id, databus=databus or None)}
 
     print(_control(settings, args, request, direct)["id"])
     return 0
@@ -255,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--body-file", help="read the body from this file (default: standard input)")
     p.add_argument("--header", action="append", metavar="NAME=VALUE", help="a message header (repeatable)")
     p.add_argument("--id", help="the message id (default: a new UUID)")
+    p.add_argument("--databus", action="append", metavar="NAME=FILE",
+                   help="a large property sent as a databus part (header NServiceBus.DataBus.NAME; repeatable)")
     p.add_argument("--data-dir", help="the gateway's data dir (default GWCORE_DATA_DIR)")
     p.set_defaults(func=_cmd_send)
     p = sub.add_parser("retry", help="send failed messages (gwcore inspect errors) again")

@@ -508,3 +508,28 @@ def test_a_refused_part_head_is_read_whole_and_answered_as_a_rejection():
     # and a refused part's body is bounded by max_body, not max_blob
     core, events = _parse_all([part_request("id-1", "k", b"x" * 100, databus_key=False)])
     assert events[-1][0] == core.EV_ERROR and events[-1][1] == 413
+
+
+def test_cli_send_with_a_databus_file_between_two_server_processes(tmp_path):
+    a_dir, b_dir = str(tmp_path / "a" / "store"), str(tmp_path / "b" / "store")
+    a_port, b_port = free_port(), free_port()
+    a_env = dict(GWCORE_ENDPOINT="SiteA", GWCORE_SITES=f"SiteB=http://127.0.0.1:{b_port}/SiteB/")
+    prop = tmp_path / "report.bin"
+    prop.write_bytes(os.urandom(2 << 20))
+    b = ServerProcess(b_dir, b_port, GWCORE_ENDPOINT="SiteB").start()
+    a = ServerProcess(a_dir, a_port, **a_env).start()
+    try:
+        msg_id = gwcore_cli("send", "--to", "SiteB", "--body", "{}", "--databus", f"Report={prop}",
+                            data_dir=a_dir, **a_env).strip()
+        deadline = time.monotonic() + 30
+        while not gwcore_cli("inspect", "queue", data_dir=b_dir).strip():
+            assert time.monotonic() < deadline, "the message did not arrive"
+            time.sleep(0.1)
+    finally:
+        a.terminate()
+        b.terminate()
+    (line,) = gwcore_cli("inspect", "queue", "--json", data_dir=b_dir).splitlines()
+    got = json.loads(line)
+    assert got["id"] == msg_id
+    with open(os.path.join(databus.blob_dir(b_dir), got["headers"]["NServiceBus.DataBus.Report"]), "rb") as f:
+        assert f.read() == prop.read_bytes()
