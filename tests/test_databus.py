@@ -533,3 +533,33 @@ def test_cli_send_with_a_databus_file_between_two_server_processes(tmp_path):
     assert got["id"] == msg_id
     with open(os.path.join(databus.blob_dir(b_dir), got["headers"]["NServiceBus.DataBus.Report"]), "rb") as f:
         assert f.read() == prop.read_bytes()
+
+
+def test_a_schema_2_store_gains_the_databus_databases_when_opened(tmp_path):
+    path = str(tmp_path / "store")
+    store = Store(path)
+    with store.env.begin(write=True) as txn:
+        for db in (store.databus_parts, store.databus_blobs, store.databus_expiry):
+            txn.drop(db, delete=True)
+        txn.put(b"schema", b"2", db=store.meta)
+    store.close()
+    old = Store(path, readonly=True)               # inspection of an old store: no blobs there
+    try:
+        assert old.databus_blobs is None and list(databus.blobs(old)) == []
+        assert old.counts()["databus_blobs"] == 0
+    finally:
+        old.close()
+    store = Store(path)
+    try:
+        assert store.get(store.meta, b"schema") == b"3"
+        assert store.counts()["databus_parts"] == 0
+    finally:
+        store.close()
+    # a store from a newer schema is refused with a clear message
+    store = Store(path)
+    with store.env.begin(write=True) as txn:
+        txn.put(b"schema", b"4", db=store.meta)
+    store.close()
+    from gwcore.errors import StoreError
+    with pytest.raises(StoreError, match="has schema 4, this gwcore needs 3"):
+        Store(path)
