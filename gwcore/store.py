@@ -296,7 +296,11 @@ class Writer:
         self.index_load_seconds = self._load_index()
         self.next_seq = store.last_seq() + 1
         self._last_accepted_ms = 0
+        # Jobs cross to the writer thread in lists, one list per event-loop turn: the thread is
+        # woken once for everything a turn produced, not once per request (on a single core,
+        # each wake-up preempts the loop thread and then waits for the GIL it holds).
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._outbox: list = []  # this loop turn's jobs (loop thread only)
         self._pending = 0  # jobs submitted and not yet resolved (loop thread only)
         self._closed = False
         self._cleanup_due = 0.0
@@ -360,12 +364,20 @@ class Writer:
             done(False, StoreUnavailableError("the store is closed (gwcore is shutting down)"))
             return
         self._pending += 1
-        self._jobs.put((kind, payload, done))
+        if not self._outbox:
+            self.loop.call_soon(self._hand_over)
+        self._outbox.append((kind, payload, done))
+
+    def _hand_over(self) -> None:
+        if self._outbox:
+            jobs, self._outbox = self._outbox, []
+            self._jobs.put(jobs)
 
     def close(self) -> None:
         """Commit what is queued, stop the thread, and wait for it (blocking)."""
         if not self._closed:
             self._closed = True
+            self._hand_over()
             self._jobs.put(None)
         self._thread.join()
 
@@ -382,13 +394,13 @@ class Writer:
         first = self._jobs.get()
         if first is None:
             return [], True
-        batch = [first]
+        batch = list(first)
         get = self._jobs.get_nowait
         stop = False
         deadline = None
         while len(batch) < self.max_batch:
             try:
-                job = get()
+                jobs = get()
             except queue.Empty:
                 if self.max_delay <= 0:
                     break
@@ -399,13 +411,13 @@ class Writer:
                 if remaining <= 0:
                     break
                 try:
-                    job = self._jobs.get(timeout=remaining)
+                    jobs = self._jobs.get(timeout=remaining)
                 except queue.Empty:
                     break
-            if job is None:
+            if jobs is None:
                 stop = True
                 break
-            batch.append(job)
+            batch.extend(jobs)
         return batch, stop
 
     def _run(self) -> None:
@@ -419,11 +431,11 @@ class Writer:
                     rest = []
                     while True:
                         try:
-                            job = self._jobs.get_nowait()
+                            jobs = self._jobs.get_nowait()
                         except queue.Empty:
                             break
-                        if job is not None:
-                            rest.append(job)
+                        if jobs is not None:
+                            rest.extend(jobs)
                     if rest:
                         self._process(rest)
                     return

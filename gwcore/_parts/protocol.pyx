@@ -1,0 +1,189 @@
+# The per-request hot path of the HTTP front end: gwcore/http.py builds its listener state and
+# connection protocol on these two classes and keeps everything that is not a plain accepted
+# submit (built-in endpoints, refusals, JSONP, the worker protocol, timeouts) in Python.
+#
+# What runs here for each submit: the parser's events are walked, the answer slot is made, the
+# envelope goes to the writer, and when its batch is durable the writer calls the slot, which
+# puts the cached "200 OK" in place and writes every answer that is now next in line. No Python
+# function frame is entered on that path; the rare branches call the Python methods by name.
+
+from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
+from libc.time cimport time as c_time, time_t
+
+import email.utils as _email_utils
+
+cdef object _formatdate = _email_utils.formatdate
+
+
+cdef inline uint64_t _now_ms() noexcept:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <uint64_t>ts.tv_sec * 1000 + <uint64_t>(ts.tv_nsec // 1000000)
+
+
+cdef class ListenerCore:
+    """What every connection of one listener shares and reads per request (the C half of
+    ``gwcore.http.HTTPState``)."""
+
+    cdef public bint active          # may take gateway traffic (not a standby/passive/starting node)
+    cdef public bint passive         # a passive node waiting for the data dir's lease
+    cdef public bint draining        # shutting down: answer 503, close when idle
+    cdef public object writer        # ingest_then(envelope, done) and .pending
+    cdef public object verifier      # request signatures, or None
+    cdef public Py_ssize_t max_pipeline
+    cdef public Py_ssize_t max_pending
+    cdef public unsigned long long answered_ok   # 200s of the fast path (the rest: requests_by_status)
+    cdef bytes _date
+    cdef bytes _ok
+    cdef time_t _date_at
+
+    def __cinit__(self):
+        self._date = b""
+        self._ok = b""
+        self._date_at = 0
+
+    cpdef bytes date(self):
+        """The HTTP Date value of this second (formatted once a second)."""
+        cdef time_t now = c_time(NULL)
+        if now != self._date_at:
+            self._date_at = now
+            self._date = _formatdate(now, usegmt=True).encode("ascii")
+            self._ok = None
+        return self._date
+
+    cpdef bytes ok(self):
+        """The complete answer to an accepted submit: 200, body ``OK`` (cached per second)."""
+        cdef bytes date = self.date()
+        if self._ok is None or not self._ok:
+            self._ok = self.render_ok(date)
+        return self._ok
+
+    def render_ok(self, bytes date):
+        raise NotImplementedError
+
+
+cdef class AnswerSlot:
+    """One request's place in its connection's answer order. The writer calls it with the
+    outcome of the request's envelope, ``slot(ok, value)``, on the loop thread."""
+
+    cdef public object data          # the answer's bytes, once known
+    cdef public bint close           # close the connection after this answer
+    cdef public object callback      # JSONP callback name, or None
+    cdef public ConnectionCore protocol
+    cdef public str msg_id
+    cdef public bint head            # a HEAD request: headers only
+
+    def __call__(self, bint ok, value):
+        cdef ConnectionCore proto = self.protocol
+        if ok and value is True and self.callback is None:
+            proto.state.answered_ok += 1
+            self.data = proto.state.ok()
+            proto._flush()
+        else:
+            proto._ingested(self, ok, value)
+
+
+cdef class ConnectionCore:
+    """One client connection: the C half of ``gwcore.http.HTTPProtocol``."""
+
+    cdef public ListenerCore state
+    cdef public RequestParser parser
+    cdef public object transport
+    cdef public object slots         # collections.deque of AnswerSlot
+    cdef public object loop
+    cdef public bint closing         # no further requests will be read
+    cdef public bint reading_paused
+    cdef public bint writing_paused
+    cdef public double request_started   # loop time the unfinished request began
+    cdef public double idle_since
+    cdef public double linger_until
+
+    @property
+    def in_request(self):
+        return self.parser.in_request
+
+    def data_received(self, data):
+        cdef RequestParser parser = self.parser
+        cdef list events
+        cdef tuple event
+        cdef int kind
+        cdef bint was_in_request
+        if self.closing:
+            return
+        was_in_request = parser.in_request
+        events = parser.feed(data, _now_ms())
+        for event in events:
+            kind = event[0]
+            if kind == EVENT_SUBMIT:
+                self._submit(event[1], event[2])
+            elif kind == EVENT_OTHER:
+                self._other(event[1], event[2], event[3])
+            elif kind == EVENT_CONTINUE:
+                if not self.slots and self.transport is not None:
+                    # .NET WebRequest (NServiceBus Gateway <= 3.x) sends "Expect: 100-continue"
+                    # and waits up to 350 ms before sending the body anyway. With earlier requests
+                    # unanswered an interim response would jump the queue, so then stay silent.
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            else:
+                self._fail(event[1], event[2])
+            if self.closing:
+                return
+        if parser.in_request and (events or not was_in_request):
+            self.request_started = self.loop.time()
+        self._update_reading()
+
+    cpdef AnswerSlot _slot(self, bint keep_alive):
+        cdef AnswerSlot slot = AnswerSlot.__new__(AnswerSlot)
+        slot.close = not keep_alive or self.state.draining
+        self.slots.append(slot)
+        if slot.close:
+            self.closing = True
+        return slot
+
+    cdef _submit(self, bint keep_alive, result):
+        cdef AnswerSlot slot = self._slot(keep_alive)
+        cdef ListenerCore state = self.state
+        cdef Envelope env
+        if (state.draining or not state.active or state.verifier is not None
+                or type(result) is not Envelope or state.writer.pending >= state.max_pending):
+            self._submit_checked(slot, result)
+            return
+        env = <Envelope>result
+        slot.callback = env.callback
+        slot.protocol = self
+        slot.msg_id = env.id
+        state.writer.ingest_then(env, slot)
+
+    def _flush(self):
+        slots = self.slots
+        transport = self.transport
+        cdef AnswerSlot slot
+        while slots:
+            slot = <AnswerSlot>slots[0]
+            if slot.data is None:
+                break
+            slots.popleft()
+            if transport is None or transport.is_closing():
+                continue
+            transport.write(slot.data)
+            if slot.close:
+                slots.clear()
+                self._linger(transport)
+                return
+        if not slots and not self.parser.in_request:
+            if (self.closing or self.state.draining) and transport is not None:
+                transport.close()
+                return
+            self.idle_since = self.loop.time()
+        self._update_reading()
+
+    def _update_reading(self):
+        if self.transport is None or self.closing:
+            return
+        cdef bint want_pause = self.writing_paused or len(self.slots) >= self.state.max_pipeline
+        if want_pause and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        elif not want_pause and self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
