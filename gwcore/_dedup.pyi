@@ -408,6 +408,9 @@ class ListenerCore:
     """Shutting down: submits are answered 503 and idle connections close."""
     writer: Any
     """Takes envelopes: ``writer.ingest_then(envelope, done)`` and ``writer.pending``."""
+    inbox: JobInbox | None
+    """The writer's compiled inbox: submits go there without a Python call (None: through
+    ``writer.ingest_then``)."""
     verifier: Any
     """Checks request signatures, or None when requests are not signed."""
     max_pipeline: int
@@ -467,3 +470,28 @@ class ConnectionCore:
         """Write every answer that is next in line; close or go idle as the slots say."""
     def _update_reading(self) -> None:
         """Pause or resume reading by the pipeline depth and the peer's reading."""
+
+JOB_KINDS: Final[tuple[int, int, int]]
+"""The writer's job kinds: ingest an envelope, ack (remove) a queue entry, call a function."""
+
+@disjoint_base
+class JobInbox:
+    """The loop-thread side of the writer's job queue: the jobs (``(kind, payload, done)``)
+    of one event-loop turn gather in a list, and the turn's first job schedules ``hand_over``
+    with ``call_soon``, which passes the list to the writer thread with one wake-up."""
+
+    outbox: list[tuple[int, object, Callable[[bool, object], None]]]
+    pending: int
+    """Jobs added and not yet resolved."""
+    closed: bool
+    """The writer takes no more jobs (the caller checks before :meth:`add`)."""
+    def __init__(self, call_soon: Callable[[Callable[[], None]], object], hand_over: Callable[[], None]) -> None: ...
+    def add(self, kind: int, payload: object, done: Callable[[bool, object], None]) -> None:
+        """Queue one job for the writer."""
+    def take(self) -> list[tuple[int, object, Callable[[bool, object], None]]]:
+        """This turn's jobs, leaving the outbox empty."""
+    def resolve(self, done: list[tuple[Callable[[bool, object], None], bool, object]]) -> None:
+        """Call ``done(ok, value)`` for every answer of a committed batch."""
+
+def ingest_results(jobs: list[tuple[int, object, Callable[[bool, object], None]]], flags: list[bool]) -> list[tuple[Callable[[bool, object], None], bool, object]]:
+    """``[(done, True, flag), ...]`` for a batch of ingest jobs and ``apply_batch``'s flags."""

@@ -70,6 +70,9 @@ class HTTPState(core.ListenerCore):
                  metrics_render: Any = None) -> None:
         self.settings = settings
         self.writer = writer
+        # The writer's compiled inbox takes submits without a Python call; a writer without one
+        # (a test's stand-in) gets them through ingest_then().
+        self.inbox = getattr(writer, "inbox", None)
         self.max_pipeline = settings.http_max_pipeline
         self.max_pending = settings.commit_max_pending
         # Request signing (docs/security.md): None when no site secrets are configured, and then

@@ -52,9 +52,7 @@ _DISK_FULL_MARGIN = 4 << 20  # below this much free space a failed write is take
 _ERROR_RECORD = struct.Struct(">QI")  # failed_at_ms, reason length; then reason, then envelope
 
 # Job kinds handed to the writer thread.
-_INGEST = 0
-_ACK = 1
-_CALL = 2
+_INGEST, _ACK, _CALL = core.JOB_KINDS
 
 
 def now_ms() -> int:
@@ -300,8 +298,8 @@ class Writer:
         # woken once for everything a turn produced, not once per request (on a single core,
         # each wake-up preempts the loop thread and then waits for the GIL it holds).
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._outbox: list = []  # this loop turn's jobs (loop thread only)
-        self._pending = 0  # jobs submitted and not yet resolved (loop thread only)
+        #: the loop-thread side (compiled): the HTTP front end adds submits to it directly
+        self.inbox = core.JobInbox(loop.call_soon, self._hand_over)
         self._closed = False
         self._cleanup_due = 0.0
         self._thread = threading.Thread(target=self._run, name="gwcore-writer", daemon=True)
@@ -334,7 +332,8 @@ class Writer:
 
     @property
     def pending(self) -> int:
-        return self._pending
+        """Jobs added and not yet resolved."""
+        return self.inbox.pending
 
     def ingest(self, envelope: Any) -> asyncio.Future:
         """Record-and-enqueue one framed envelope; resolves True (new) or False (duplicate)."""
@@ -363,28 +362,23 @@ class Writer:
         if self._closed:
             done(False, StoreUnavailableError("the store is closed (gwcore is shutting down)"))
             return
-        self._pending += 1
-        if not self._outbox:
-            self.loop.call_soon(self._hand_over)
-        self._outbox.append((kind, payload, done))
+        self.inbox.add(kind, payload, done)
 
     def _hand_over(self) -> None:
-        if self._outbox:
-            jobs, self._outbox = self._outbox, []
+        jobs = self.inbox.take()
+        if jobs:
             self._jobs.put(jobs)
 
     def close(self) -> None:
         """Commit what is queued, stop the thread, and wait for it (blocking)."""
         if not self._closed:
-            self._closed = True
+            self._closed = self.inbox.closed = True
             self._hand_over()
             self._jobs.put(None)
         self._thread.join()
 
     def _resolve(self, done: list, added: int) -> None:
-        self._pending -= len(done)
-        for callback, ok, value in done:
-            callback(ok, value)
+        self.inbox.resolve(done)
         if added and self.on_commit is not None:
             self.on_commit(added)
 
@@ -484,20 +478,11 @@ class Writer:
                     txn.put(b"seq", _U64.pack(next_seq - 1), db=store.meta)
             else:
                 new_flags, next_seq = [], self.next_seq
-            results: list[tuple[Any, bool, Any]] = []
-            flags = iter(new_flags)
-            for kind, payload, fut in batch:
-                if kind == _INGEST:
-                    results.append((fut, True, next(flags)))
-                elif kind == _ACK:
-                    results.append((fut, True, txn.delete(core.pack_seq(payload), db=store.queue)))
-                else:
-                    try:
-                        results.append((fut, True, payload(txn)))
-                    except lmdb.Error:
-                        raise
-                    except Exception as exc:  # a failing call fails alone, not the batch
-                        results.append((fut, False, exc))
+            results: list[tuple[Any, bool, Any]]
+            if len(new_flags) == len(batch):  # ingest jobs only: the common case under load
+                results = core.ingest_results(batch, new_flags)
+            else:
+                results = self._answers(txn, batch, new_flags)
             if time.monotonic() >= self._cleanup_due:
                 self._expire(txn)
             txn.commit()
@@ -511,6 +496,26 @@ class Writer:
         self.stats.accepted += added
         self.stats.duplicates += len(envelopes) - added
         return results, added
+
+    def _answers(self, txn: Any, batch: list, new_flags: list) -> list[tuple[Any, bool, Any]]:
+        """Carry out the acks and calls of a batch (inside its transaction) and pair every job
+        with its answer."""
+        store = self.store
+        results: list[tuple[Any, bool, Any]] = []
+        flags = iter(new_flags)
+        for kind, payload, fut in batch:
+            if kind == _INGEST:
+                results.append((fut, True, next(flags)))
+            elif kind == _ACK:
+                results.append((fut, True, txn.delete(core.pack_seq(payload), db=store.queue)))
+            else:
+                try:
+                    results.append((fut, True, payload(txn)))
+                except lmdb.Error:
+                    raise
+                except Exception as exc:  # a failing call fails alone, not the batch
+                    results.append((fut, False, exc))
+        return results
 
     def _write_when_full(self, batch: list, envelopes: list) -> tuple[list, int]:
         """The map cannot grow: answer duplicates (200), refuse new messages (503), keep acks."""

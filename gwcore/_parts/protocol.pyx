@@ -15,6 +15,14 @@ import email.utils as _email_utils
 cdef object _formatdate = _email_utils.formatdate
 
 
+cdef enum:
+    JOB_INGEST = 0                   # gwcore.store's job kinds
+    JOB_ACK = 1
+    JOB_CALL = 2
+
+JOB_KINDS = (JOB_INGEST, JOB_ACK, JOB_CALL)
+
+
 cdef inline uint64_t _now_ms() noexcept:
     cdef timespec ts
     clock_gettime(CLOCK_REALTIME, &ts)
@@ -29,6 +37,7 @@ cdef class ListenerCore:
     cdef public bint passive         # a passive node waiting for the data dir's lease
     cdef public bint draining        # shutting down: answer 503, close when idle
     cdef public object writer        # ingest_then(envelope, done) and .pending
+    cdef public JobInbox inbox       # the writer's inbox, when it has one (the compiled path)
     cdef public object verifier      # request signatures, or None
     cdef public Py_ssize_t max_pipeline
     cdef public Py_ssize_t max_pending
@@ -143,16 +152,18 @@ cdef class ConnectionCore:
     cdef _submit(self, bint keep_alive, result):
         cdef AnswerSlot slot = self._slot(keep_alive)
         cdef ListenerCore state = self.state
+        cdef JobInbox inbox = state.inbox
         cdef Envelope env
         if (state.draining or not state.active or state.verifier is not None
-                or type(result) is not Envelope or state.writer.pending >= state.max_pending):
+                or type(result) is not Envelope or inbox is None or inbox.closed
+                or inbox.pending >= state.max_pending):
             self._submit_checked(slot, result)
             return
         env = <Envelope>result
         slot.callback = env.callback
         slot.protocol = self
         slot.msg_id = env.id
-        state.writer.ingest_then(env, slot)
+        inbox.put(JOB_INGEST, env, slot)
 
     def _flush(self):
         slots = self.slots
@@ -187,3 +198,60 @@ cdef class ConnectionCore:
         elif not want_pause and self.reading_paused:
             self.reading_paused = False
             self.transport.resume_reading()
+
+
+cdef class JobInbox:
+    """The loop-thread side of the writer's job queue: jobs (``(kind, payload, done)``) gather
+    in a list during one event-loop turn, and the first job of a turn schedules ``hand_over``
+    (``loop.call_soon``), which passes the whole list to the writer thread with one wake-up.
+    Not thread-safe: the loop thread only."""
+
+    cdef public list outbox          # this turn's jobs
+    cdef public Py_ssize_t pending   # jobs added and not yet resolved
+    cdef public bint closed          # the writer takes no more jobs
+    cdef object _call_soon
+    cdef object _hand_over
+
+    def __init__(self, call_soon, hand_over):
+        self.outbox = []
+        self.pending = 0
+        self.closed = False
+        self._call_soon = call_soon
+        self._hand_over = hand_over
+
+    cdef int put(self, int kind, object payload, object done) except -1:
+        self.pending += 1
+        if not self.outbox:
+            self._call_soon(self._hand_over)
+        self.outbox.append((kind, payload, done))
+        return 0
+
+    def add(self, int kind, payload, done):
+        """Queue one job for the writer (the caller checked ``closed``)."""
+        self.put(kind, payload, done)
+
+    def take(self):
+        """This turn's jobs, leaving the outbox empty."""
+        cdef list jobs = self.outbox
+        self.outbox = []
+        return jobs
+
+    def resolve(self, list done not None):
+        """Call ``done(ok, value)`` of every ``(done, ok, value)`` a committed batch returned."""
+        cdef tuple item
+        self.pending -= len(done)
+        for item in done:
+            item[0](item[1], item[2])
+
+
+def ingest_results(list jobs not None, list flags not None):
+    """``[(done, True, flag), ...]``: the answers of a batch of ingest jobs only, from the flags
+    ``DedupIndex.apply_batch`` returned for their envelopes (True new, False duplicate)."""
+    cdef Py_ssize_t i, n = len(jobs)
+    cdef list out
+    if len(flags) != n:
+        raise ValueError(f"{n} jobs but {len(flags)} flags")
+    out = [None] * n
+    for i in range(n):
+        out[i] = ((<tuple>jobs[i])[2], True, flags[i])
+    return out
