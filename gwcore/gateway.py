@@ -490,7 +490,7 @@ class Gateway:
         statuses: dict[int, int] = {}
         rejected = 0
         for state in self.states:
-            for status, n in state.requests_by_status.items():
+            for status, n in state.status_counts().items():
                 statuses[status] = statuses.get(status, 0) + n
             rejected += state.rejected_connections
         metric("gwcore_http_requests_total", "counter", "HTTP requests answered, by status.",

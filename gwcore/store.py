@@ -56,9 +56,7 @@ _DISK_FULL_MARGIN = 4 << 20  # below this much free space a failed write is take
 _ERROR_RECORD = struct.Struct(">QI")  # failed_at_ms, reason length; then reason, then envelope
 
 # Job kinds handed to the writer thread.
-_INGEST = 0
-_ACK = 1
-_CALL = 2
+_INGEST, _ACK, _CALL = core.JOB_KINDS
 
 
 def now_ms() -> int:
@@ -319,8 +317,12 @@ class Writer:
         self.index_load_seconds = self._load_index()
         self.next_seq = store.last_seq() + 1
         self._last_accepted_ms = 0
+        # Jobs cross to the writer thread in lists, one list per event-loop turn: the thread is
+        # woken once for everything a turn produced, not once per request (on a single core,
+        # each wake-up preempts the loop thread and then waits for the GIL it holds).
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._pending = 0  # jobs submitted and not yet resolved (loop thread only)
+        #: the loop-thread side (compiled): the HTTP front end adds submits to it directly
+        self.inbox = core.JobInbox(loop.call_soon, self._hand_over)
         self._closed = False
         self._cleanup_due = 0.0
         self._thread = threading.Thread(target=self._run, name="gwcore-writer", daemon=True)
@@ -353,7 +355,8 @@ class Writer:
 
     @property
     def pending(self) -> int:
-        return self._pending
+        """Jobs added and not yet resolved."""
+        return self.inbox.pending
 
     def ingest(self, envelope: Any) -> asyncio.Future:
         """Record-and-enqueue one framed envelope; resolves True (new) or False (duplicate)."""
@@ -382,20 +385,23 @@ class Writer:
         if self._closed:
             done(False, StoreUnavailableError("the store is closed (gwcore is shutting down)"))
             return
-        self._pending += 1
-        self._jobs.put((kind, payload, done))
+        self.inbox.add(kind, payload, done)
+
+    def _hand_over(self) -> None:
+        jobs = self.inbox.take()
+        if jobs:
+            self._jobs.put(jobs)
 
     def close(self) -> None:
         """Commit what is queued, stop the thread, and wait for it (blocking)."""
         if not self._closed:
-            self._closed = True
+            self._closed = self.inbox.closed = True
+            self._hand_over()
             self._jobs.put(None)
         self._thread.join()
 
     def _resolve(self, done: list, added: int) -> None:
-        self._pending -= len(done)
-        for callback, ok, value in done:
-            callback(ok, value)
+        self.inbox.resolve(done)
         if added and self.on_commit is not None:
             self.on_commit(added)
 
@@ -409,13 +415,13 @@ class Writer:
             return [], False
         if first is None:
             return [], True
-        batch = [first]
+        batch = list(first)
         get = self._jobs.get_nowait
         stop = False
         deadline = None
         while len(batch) < self.max_batch:
             try:
-                job = get()
+                jobs = get()
             except queue.Empty:
                 if self.max_delay <= 0:
                     break
@@ -426,13 +432,13 @@ class Writer:
                 if remaining <= 0:
                     break
                 try:
-                    job = self._jobs.get(timeout=remaining)
+                    jobs = self._jobs.get(timeout=remaining)
                 except queue.Empty:
                     break
-            if job is None:
+            if jobs is None:
                 stop = True
                 break
-            batch.append(job)
+            batch.extend(jobs)
         return batch, stop
 
     def _run(self) -> None:
@@ -446,11 +452,11 @@ class Writer:
                     rest = []
                     while True:
                         try:
-                            job = self._jobs.get_nowait()
+                            jobs = self._jobs.get_nowait()
                         except queue.Empty:
                             break
-                        if job is not None:
-                            rest.append(job)
+                        if jobs is not None:
+                            rest.extend(jobs)
                     if rest:
                         self._process(rest)
                     return
@@ -516,21 +522,11 @@ class Writer:
                     txn.put(b"seq", _U64.pack(next_seq - 1), db=store.meta)
             else:
                 new_flags, next_seq = [], self.next_seq
-            results: list[tuple[Any, bool, Any]] = []
-            flags = iter(new_flags)
-            for kind, payload, fut in batch:
-                if kind == _INGEST:
-                    results.append((fut, True, rejected[id(payload)] if rejected and id(payload) in rejected
-                                    else next(flags)))
-                elif kind == _ACK:
-                    results.append((fut, True, txn.delete(core.pack_seq(payload), db=store.queue)))
-                else:
-                    try:
-                        results.append((fut, True, payload(txn)))
-                    except lmdb.Error:
-                        raise
-                    except Exception as exc:  # a failing call fails alone, not the batch
-                        results.append((fut, False, exc))
+            results: list[tuple[Any, bool, Any]]
+            if len(new_flags) == len(batch):  # ingest jobs only: the common case under load
+                results = core.ingest_results(batch, new_flags)
+            else:
+                results = self._answers(txn, batch, new_flags, rejected)
             if time.monotonic() >= self._cleanup_due:
                 self._expire(txn)
             txn.commit()
@@ -546,6 +542,28 @@ class Writer:
         self.stats.accepted += added
         self.stats.duplicates += len(envelopes) - added - len(rejected)
         return results, added
+
+    def _answers(self, txn: Any, batch: list, new_flags: list, rejected: dict | None = None) -> list[tuple[Any, bool, Any]]:
+        """Carry out the acks and calls of a batch (inside its transaction) and pair every job
+        with its answer (*rejected*: the databus submits refused before the dedup step, by
+        ``id(envelope)``)."""
+        store = self.store
+        results: list[tuple[Any, bool, Any]] = []
+        flags = iter(new_flags)
+        for kind, payload, fut in batch:
+            if kind == _INGEST:
+                results.append((fut, True, rejected[id(payload)] if rejected and id(payload) in rejected
+                                else next(flags)))
+            elif kind == _ACK:
+                results.append((fut, True, txn.delete(core.pack_seq(payload), db=store.queue)))
+            else:
+                try:
+                    results.append((fut, True, payload(txn)))
+                except lmdb.Error:
+                    raise
+                except Exception as exc:  # a failing call fails alone, not the batch
+                    results.append((fut, False, exc))
+        return results
 
     def _write_when_full(self, batch: list, envelopes: list) -> tuple[list, int]:
         """The map cannot grow: answer duplicates (200), refuse new messages (503), keep acks."""

@@ -76,6 +76,13 @@ cdef inline bint _is_ctl(unsigned char c) noexcept nogil:
     return (c < ASCII_SPACE and c != ASCII_TAB) or c == ASCII_DEL
 
 
+cdef inline bint _has_ctl8(uint64_t x) noexcept nogil:
+    # Some byte of x is below 0x20 or is 0x7F (bytes 0x80 and up never count).
+    cdef uint64_t low = (x - 0x2020202020202020ULL) & ~x & 0x8080808080808080ULL
+    cdef uint64_t d = x ^ 0x7F7F7F7F7F7F7F7FULL
+    return (low | ((d - 0x0101010101010101ULL) & ~d & 0x8080808080808080ULL)) != 0
+
+
 cdef bint _is_word(const unsigned char* p, Py_ssize_t n, const char* word, Py_ssize_t m) noexcept nogil:
     # p[0:n] equals the lower-case ASCII word, ignoring case
     return n == m and _same(p, <const unsigned char*>word, n, False)
@@ -85,7 +92,8 @@ cdef const char* _field_error(const unsigned char* p, Py_ssize_t n, Py_ssize_t* 
                               Py_ssize_t* value, Py_ssize_t* value_end) noexcept nogil:
     # Checks one header (or trailer) line without its CRLF: name ":" OWS value OWS. Returns NULL
     # and where name, value and its end are, or what is wrong.
-    cdef Py_ssize_t i = 0, v, e
+    cdef Py_ssize_t i = 0, v, e, k
+    cdef uint64_t word
     if _is_ows(p[0]):
         return "obsolete line folding"
     while i < n and TOKEN[p[i]]:
@@ -101,9 +109,20 @@ cdef const char* _field_error(const unsigned char* p, Py_ssize_t n, Py_ssize_t* 
     e = n
     while e > v and _is_ows(p[e - 1]):
         e -= 1
-    for i in range(v, e):
+    i = v
+    while i + 8 <= e:
+        # eight bytes at a time; a word with a byte below 0x20 (a TAB too) or a DEL is looked
+        # at byte by byte
+        memcpy(&word, p + i, 8)
+        if _has_ctl8(word):
+            for k in range(i, i + 8):
+                if _is_ctl(p[k]):
+                    return "invalid header value character"
+        i += 8
+    while i < e:
         if _is_ctl(p[i]):
             return "invalid header value character"
+        i += 1
     value[0] = v
     value_end[0] = e
     return NULL
