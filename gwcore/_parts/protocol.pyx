@@ -157,7 +157,7 @@ cdef class ConnectionCore:
         if (state.draining or not state.active or state.verifier is not None
                 or type(result) is not Envelope or inbox is None or inbox.closed
                 or inbox.pending >= state.max_pending):
-            self._submit_checked(slot, result)
+            self._route(slot, result)
             return
         env = <Envelope>result
         slot.callback = env.callback
