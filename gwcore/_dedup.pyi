@@ -470,7 +470,7 @@ class AnswerSlot:
 class ConnectionCore:
     """One client connection: the compiled half of ``gwcore.http.HTTPProtocol``. It walks the
     parser's events, queues an answer slot per request and hands accepted envelopes to the
-    writer; a subclass provides ``_submit_checked``, ``_ingested``, ``_other``, ``_fail`` and
+    writer; a subclass provides ``_route``, ``_ingested``, ``_other``, ``_fail`` and
     ``_linger`` for everything else."""
 
     state: Any

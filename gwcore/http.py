@@ -245,7 +245,7 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
 
     # -- request handling --------------------------------------------------------------------------
 
-    def _submit_checked(self, slot: core.AnswerSlot, result: Any) -> None:
+    def _route(self, slot: core.AnswerSlot, result: Any) -> None:
         """A submit the compiled path did not hand straight to the writer: not the active
         receiver, draining, signed requests, refusals, or the writer's queue is full."""
         state = self.state

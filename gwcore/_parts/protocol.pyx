@@ -165,7 +165,7 @@ cdef class ConnectionCore:
                 or type(result) is not Envelope or (<Envelope>result).call_type != CALL_TYPE_SUBMIT
                 or inbox is None or inbox.closed
                 or inbox.pending >= state.max_pending):
-            self._submit_checked(slot, result)
+            self._route(slot, result)
             return
         env = <Envelope>result
         slot.callback = env.callback
