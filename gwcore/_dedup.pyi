@@ -470,8 +470,9 @@ class AnswerSlot:
 class ConnectionCore:
     """One client connection: the compiled half of ``gwcore.http.HTTPProtocol``. It walks the
     parser's events, queues an answer slot per request and hands accepted envelopes to the
-    writer; a subclass provides ``_route``, ``_ingested``, ``_other``, ``_fail`` and
-    ``_linger`` for everything else."""
+    writer; a subclass provides ``_route``, ``_ingested``, ``_other``, ``_fail``, ``_linger``
+    and, for streamed databus parts, ``_part_begin``, ``_part_data`` and ``_part_end`` for
+    everything else."""
 
     state: Any
     parser: RequestParser
