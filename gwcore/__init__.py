@@ -5,6 +5,7 @@ from ._core import core as _core  # fails loudly when the compiled core is missi
 from .client import Response, SiteClient, make_client_ssl_context
 from .config import ReceiveChannel, Settings
 from .consumer import Message
+from .databus import Blob
 from .errors import (
     AuthenticationError,
     ConfigurationError,
@@ -34,6 +35,7 @@ __all__ = (
     "Settings",
     "ReceiveChannel",
     "Message",
+    "Blob",
     # distributor workers
     "Worker",
     "WorkerMessage",

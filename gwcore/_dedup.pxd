@@ -28,6 +28,13 @@ cdef class Envelope:
         readonly str auth_signature
         readonly str method
         readonly str target
+        # Claim check (docs/databus.md). A SingleCallDatabusProperty part (call_type
+        # CALL_TYPE_DATABUS): its decoded NServiceBus.Gateway.DataBusKey and Content-MD5 (or None);
+        # framed is empty, body empty when RequestParser streams the part. A submit: one
+        # (request header name, stored header name or None) pair per NServiceBus.DataBus.* header.
+        readonly str databus_key
+        readonly str content_md5
+        readonly tuple databus
 
 
 cdef class Rejection:
@@ -114,6 +121,9 @@ cdef class Framer:
     cdef Rejection _reject_known(self, int status, str reason, object callback,
                                  const Py_ssize_t* found, bytes body)
     cdef str _value_or_none(self, Py_ssize_t span)
+    cdef tuple _databus_names(self, Py_ssize_t first, Py_ssize_t end, bint gateway)
+    cdef object _databus_part(self, const Py_ssize_t* found, bytes body, bint streamed,
+                              object callback, uint64_t now_ms)
 
 
 cdef struct _IndexSlot:
@@ -159,6 +169,8 @@ cdef class RequestParser:
         Py_ssize_t _max_headers
         Py_ssize_t _max_header_bytes
         Py_ssize_t _max_body
+        Py_ssize_t _max_blob                # GWCORE_MAX_BLOB: the bound of a streamed databus part
+        Py_ssize_t _limit                   # the current request's body bound (one of the two)
         bint _allow_get
         readonly bint in_request
         # Receive buffer, owned (PyMem): [_start, _len) is unconsumed; offsets below are into it.
@@ -192,6 +204,7 @@ cdef class RequestParser:
         bint _continue_sent
         bint _keep_alive
         bint _submit                        # for the framer; otherwise the body is dropped
+        bint _part                          # a databus part: the body leaves as PART_DATA events
         bytes _method_bytes                 # of a request that is not framed (EV_OTHER)
         bytes _path_bytes
         Py_ssize_t _body                    # where the (de-chunked) body begins
@@ -208,7 +221,9 @@ cdef class RequestParser:
     cdef int _malformed(self, list events, str detail) except -1
     cdef int _request_line(self, list events, Py_ssize_t n) except -1
     cdef int _header_line(self, list events, Py_ssize_t n) except -1
-    cdef int _headers_complete(self, list events) except -1
+    cdef int _headers_complete(self, list events, uint64_t now_ms) except -1
+    cdef bint _databus_call(self) noexcept
+    cdef int _raw_headers(self) except -1
     cdef int _chunk_size(self, list events, Py_ssize_t n) except -1
     cdef bint _matches_channel(self) noexcept
     cdef int _complete(self, list events, uint64_t now_ms) except -1

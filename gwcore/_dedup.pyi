@@ -1,7 +1,7 @@
 """gwcore's compiled core: framing of NServiceBus Gateway HTTP requests, the stored envelope format
 and the LMDB dedup batch loop. Private module; the gwcore package re-exports what users need."""
 
-from typing import Callable, Final
+from typing import Any, Callable, Final
 
 from typing_extensions import Buffer, disjoint_base
 
@@ -132,6 +132,21 @@ class Envelope:
     @property
     def target(self) -> str | None:
         """The request target exactly as received (path and query), set like :attr:`method`."""
+    @property
+    def databus_key(self) -> str | None:
+        """A ``SingleCallDatabusProperty`` part (:attr:`call_type` :data:`CALL_DATABUS`): the
+        decoded ``NServiceBus.Gateway.DataBusKey``; None for a submit."""
+    @property
+    def content_md5(self) -> str | None:
+        """A part: the decoded ``Content-MD5`` to verify its blob against once it is on disk
+        (None when absent or for a submit). A part framed with its body was verified already."""
+    @property
+    def databus(self) -> tuple[tuple[str, str | None], ...] | None:
+        """A submit: one ``(request header name, stored header name or None)`` pair per
+        ``NServiceBus.DataBus.*`` header (the part is found by the request name; the stored
+        header, if the message keeps one, gets the local blob key); empty when none."""
+    def with_framed(self, framed: bytes) -> Envelope:
+        """A copy with another :attr:`framed` (the writer's rewrite of databus header values)."""
 
 @disjoint_base
 class Rejection:
@@ -341,6 +356,13 @@ body has not arrived yet."""
 EV_ERROR: Final[int]
 """Event ``(EV_ERROR, status, reason)``: the input cannot be read on (400 malformed or an
 upgrade, 413, 431); the parser is finished and later feeds return ``[]``."""
+EV_PART_BEGIN: Final[int]
+"""Event ``(EV_PART_BEGIN, keep_alive, envelope)``: the head of a ``SingleCallDatabusProperty``
+part the framer accepted; its body follows as ``EV_PART_DATA`` events, never buffered whole."""
+EV_PART_DATA: Final[int]
+"""Event ``(EV_PART_DATA, chunk)``: the next bytes of the part's body."""
+EV_PART_END: Final[int]
+"""Event ``(EV_PART_END,)``: the part's body is complete."""
 
 @disjoint_base
 class RequestParser:
@@ -364,6 +386,7 @@ class RequestParser:
         max_header_bytes: int,
         max_body: int,
         allow_get: bool,
+        max_blob: int = -1,
     ) -> None:
         """
         :param framer: frames the requests to a channel.
@@ -378,6 +401,8 @@ class RequestParser:
         :param max_body: a longer body is answered 413 (with ``Content-Length`` once the headers
             are in, chunked once a chunk size goes past it).
         :param allow_get: GET requests to a channel are framed too, with their query string.
+        :param max_blob: the bound of a streamed databus part's body instead of ``max_body``
+            (default: ``max_body``).
         :raises gwcore.errors.ConfigurationError: a channel path is not as described, or a limit
             is negative.
         """
@@ -394,3 +419,108 @@ class RequestParser:
             When the framer has ``signatures`` on and a submit carries ``gwcore-Signature``, its
             result's ``method`` and ``target`` are set (unsigned requests pay nothing).
         """
+
+@disjoint_base
+class ListenerCore:
+    """What every connection of one listener shares and reads per request: the compiled half
+    of ``gwcore.http.HTTPState``. Subclass it and implement :meth:`render_ok`."""
+
+    active: bool
+    """May take gateway traffic (not starting, standby or passive)."""
+    passive: bool
+    """A passive node waiting for the data dir's lease."""
+    draining: bool
+    """Shutting down: submits are answered 503 and idle connections close."""
+    writer: Any
+    """Takes envelopes: ``writer.ingest_then(envelope, done)`` and ``writer.pending``."""
+    inbox: JobInbox | None
+    """The writer's compiled inbox: submits go there without a Python call (None: through
+    ``writer.ingest_then``)."""
+    verifier: Any
+    """Checks request signatures, or None when requests are not signed."""
+    max_pipeline: int
+    """Unanswered requests on a connection at which reading pauses."""
+    max_pending: int
+    """Envelopes waiting for the writer at which submits are answered 503."""
+    answered_ok: int
+    """Submits answered 200 since start (``HTTPState.status_counts`` adds them to the rest)."""
+    def date(self) -> bytes:
+        """The HTTP ``Date`` value of the current second."""
+    def ok(self) -> bytes:
+        """The complete 200 answer to a submit, made by :meth:`render_ok` once a second."""
+    def render_ok(self, date: bytes) -> bytes:
+        """The complete 200 answer carrying ``date`` (the subclass renders it)."""
+
+@disjoint_base
+class AnswerSlot:
+    """One request's place in its connection's answer order. The writer calls it once the
+    request's envelope is durable (or refused): ``slot(ok, value)``; an accepted new message
+    without JSONP is answered by the compiled path, every other outcome goes to the protocol's
+    ``_ingested(slot, ok, value)``."""
+
+    data: bytes | None
+    close: bool
+    callback: str | None
+    protocol: ConnectionCore | None
+    msg_id: str | None
+    head: bool
+    def __call__(self, ok: bool, value: object) -> None: ...
+
+@disjoint_base
+class ConnectionCore:
+    """One client connection: the compiled half of ``gwcore.http.HTTPProtocol``. It walks the
+    parser's events, queues an answer slot per request and hands accepted envelopes to the
+    writer; a subclass provides ``_route``, ``_ingested``, ``_other``, ``_fail``, ``_linger``
+    and, for streamed databus parts, ``_part_begin``, ``_part_data`` and ``_part_end`` for
+    everything else."""
+
+    state: Any
+    parser: RequestParser
+    transport: Any
+    slots: Any
+    loop: Any
+    closing: bool
+    reading_paused: bool
+    writing_paused: bool
+    request_started: float
+    idle_since: float
+    linger_until: float
+    part: Any
+    """The databus part being received (``gwcore.http._Part``) or None: while its blob threads
+    lag behind, reading pauses."""
+    @property
+    def in_request(self) -> bool:
+        """Bytes of an unfinished request are buffered."""
+    def data_received(self, data: bytes) -> None:
+        """Parse received bytes and act on every request they complete."""
+    def _slot(self, keep_alive: bool) -> AnswerSlot:
+        """Queue a new answer slot (closing the connection after it when not keep-alive)."""
+    def _flush(self) -> None:
+        """Write every answer that is next in line; close or go idle as the slots say."""
+    def _update_reading(self) -> None:
+        """Pause or resume reading by the pipeline depth and the peer's reading."""
+
+JOB_KINDS: Final[tuple[int, int, int]]
+"""The writer's job kinds: ingest an envelope, ack (remove) a queue entry, call a function."""
+
+@disjoint_base
+class JobInbox:
+    """The loop-thread side of the writer's job queue: the jobs (``(kind, payload, done)``)
+    of one event-loop turn gather in a list, and the turn's first job schedules ``hand_over``
+    with ``call_soon``, which passes the list to the writer thread with one wake-up."""
+
+    outbox: list[tuple[int, object, Callable[[bool, object], None]]]
+    pending: int
+    """Jobs added and not yet resolved."""
+    closed: bool
+    """The writer takes no more jobs (the caller checks before :meth:`add`)."""
+    def __init__(self, call_soon: Callable[[Callable[[], None]], object], hand_over: Callable[[], None]) -> None: ...
+    def add(self, kind: int, payload: object, done: Callable[[bool, object], None]) -> None:
+        """Queue one job for the writer."""
+    def take(self) -> list[tuple[int, object, Callable[[bool, object], None]]]:
+        """This turn's jobs, leaving the outbox empty."""
+    def resolve(self, done: list[tuple[Callable[[bool, object], None], bool, object]]) -> None:
+        """Call ``done(ok, value)`` for every answer of a committed batch."""
+
+def ingest_results(jobs: list[tuple[int, object, Callable[[bool, object], None]]], flags: list[bool]) -> list[tuple[Callable[[bool, object], None], bool, object]]:
+    """``[(done, True, flag), ...]`` for a batch of ingest jobs and ``apply_batch``'s flags."""

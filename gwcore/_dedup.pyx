@@ -72,6 +72,7 @@ cdef enum:
     CONTROL_COUNT                       # the controls every request looks up
     CTL_AUTH_DATE = CONTROL_COUNT       # looked up only by a Framer made with signatures=True
     CTL_AUTH_SIGNATURE
+    CTL_DATABUS_KEY                     # looked up for SingleCallDatabusProperty only
     ALL_CONTROLS
 
     # What a folded header name contains (_Span.marks).
@@ -99,7 +100,7 @@ cdef struct _Name:
 cdef tuple CONTROL_NAMES = (
     b"nservicebus.id", b"nservicebus.calltype", b"content-md5", b"nservicebus.gateway",
     b"nservicebus.correlationid", b"nservicebus.timetobereceived",
-    b"gwcore-date", b"gwcore-signature",
+    b"gwcore-date", b"gwcore-signature", b"nservicebus.gateway.databuskey",
 )
 cdef _Name CONTROLS[ALL_CONTROLS]
 
@@ -122,5 +123,6 @@ include "_parts/bytes.pyx"
 include "_parts/codec.pyx"
 include "_parts/framing.pyx"
 include "_parts/http.pyx"
+include "_parts/protocol.pyx"
 include "_parts/index.pyx"
 include "_parts/egress.pyx"

@@ -108,17 +108,18 @@ def sign(secret: bytes, method: str, path: str, date_value: str, message_id: str
 
 
 def signature_headers(secret: bytes, key_id: str, method: str, path: str, message_id: str, body: bytes,
-                      now: float | None = None) -> list[tuple[bytes, bytes]]:
+                      now: float | None = None, *, digest: str | None = None) -> list[tuple[bytes, bytes]]:
     """The ``gwcore-Date`` and ``gwcore-Signature`` headers for one request, ready for the wire.
 
     :param key_id: names the secret at the receiver: 1-64 of ``A-Z a-z 0-9 _ -``.
+    :param digest: :func:`body_digest` of a body not passed as *body* (a databus blob on disk).
     :param now: seconds since the epoch (default: the current time).
     :raises ValueError: bad *key_id* or *secret* (see :func:`sign`).
     """
     if not _KEY_ID.match(key_id):
         raise ValueError(f"key id {key_id!r}: use 1-64 of A-Z a-z 0-9 _ -")
     date_value = format_date(time.time() if now is None else now)
-    signature = sign(secret, method, path, date_value, message_id, body_digest(body))
+    signature = sign(secret, method, path, date_value, message_id, digest if digest is not None else body_digest(body))
     return [
         (DATE_HEADER.encode("ascii"), date_value.encode("ascii")),
         (SIGNATURE_HEADER.encode("ascii"), f"{_VERSION}.{key_id}.{signature}".encode("ascii")),
@@ -229,13 +230,15 @@ class Verifier:
         self.allow_unsigned = allow_unsigned
         self.clock = clock
 
-    def refusal(self, result: Any) -> str | None:
+    def refusal(self, result: Any, digest: str | None = None) -> str | None:
         """None when *result* may pass, else the reason phrase of its ``401 Unauthorized``.
 
         :param result: an ``Envelope`` or ``Rejection`` from a framer made with
             ``signatures=True`` (its ``id``, ``body``, ``auth_date``, ``auth_signature``,
             ``method`` and ``target``). A rejection without ``id`` was refused before the signed
             fields were read; it passes, to be answered as it is.
+        :param digest: :func:`body_digest` of the body when *result* does not carry it (a
+            databus part streamed to disk, hashed on the way).
         """
         if result.id is None:
             return None
@@ -245,7 +248,7 @@ class Verifier:
         try:
             verify(self.secrets, result.method or "POST", result.target or "",
                    {SIGNATURE_HEADER: signature, DATE_HEADER: result.auth_date}, result.id,
-                   body_digest(result.body), self.clock(), self.max_skew_s)
+                   digest if digest is not None else body_digest(result.body), self.clock(), self.max_skew_s)
         except AuthenticationError as exc:
             advice = _ADVICE.get(exc.reason)
             if advice is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime
+import os
 import sys
 
 import orjson
@@ -86,11 +87,17 @@ def _cmd_send(args: argparse.Namespace, settings: Settings) -> int:
         if not sep or not name:
             raise GatewayError(f"--header {item!r}: use NAME=VALUE")
         headers[name] = value
+    databus = {}
+    for item in args.databus or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not os.path.isfile(path):
+            raise GatewayError(f"--databus {item!r}: use NAME=FILE with an existing file")
+        databus[name] = os.path.abspath(path)  # the running gateway reads it
     request = {"op": "send", "sites": args.to, "body_b64": base64.b64encode(body).decode(),
-               "headers": headers, "id": args.id}
+               "headers": headers, "id": args.id, "databus": databus}
 
     async def direct(gw):
-        return {"id": await gw.send_to_sites(args.to, body, headers, message_id=args.id)}
+        return {"id": await gw.send_to_sites(args.to, body, headers, message_id=args.id, databus=databus or None)}
 
     print(_control(settings, args, request, direct)["id"])
     return 0
@@ -160,7 +167,28 @@ def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
             out.write(f"queued messages: {counts['queue']}\n")
             out.write(f"error store: {counts['errors']}\n")
             out.write(f"outgoing: {counts['outgoing']}, failed sends: {counts['outgoing_errors']}\n")
+            out.write(f"databus: {counts['databus_blobs']} blobs, {counts['databus_parts']} parts waiting for their submit\n")
             out.write(f"store size: {store.size_bytes()} bytes (map {store.map_size} bytes)\n")
+        elif args.what == "blobs":
+            from . import databus
+
+            for info in databus.blobs(store):
+                state = "part" if info.part else "message"
+                path = os.path.join(store.blob_dir, info.name)
+                if args.json:
+                    part = info.part.split(b"\0") if info.part else None
+                    out.write(orjson.dumps({
+                        "key": info.name, "path": path, "size": info.size, "expires": _fmt_ms(info.expiry_ms),
+                        "state": state, "content_md5": info.md5,
+                        "part": None if part is None else {
+                            "scope": part[0].decode("utf-8", "replace"), "id": part[1].decode("utf-8", "replace"),
+                            "databus_key": b"\0".join(part[2:]).decode("utf-8", "replace")},
+                    }).decode() + "\n")
+                else:
+                    waiting = ""
+                    if info.part:
+                        waiting = "\twaiting for the submit of " + info.part.split(b"\0")[1].decode("utf-8", "replace")
+                    out.write(f"{info.name}\t{info.size} bytes\texpires {_fmt_ms(info.expiry_ms)}\t{state}{waiting}\n")
         elif args.what == "queue":
             for seq, (msg_id, headers, body, expiry_ms, accepted_ms) in queue_entries(store):
                 if args.json:
@@ -253,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the gateway (configured by GWCORE_* variables)")
     p.set_defaults(func=_cmd_serve)
     p = sub.add_parser("inspect", help="look into a store (safe while the gateway runs)")
-    p.add_argument("what", choices=("queue", "dedup", "errors", "outgoing"))
+    p.add_argument("what", choices=("queue", "dedup", "errors", "outgoing", "blobs"))
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--data-dir", help="the store to read (default GWCORE_DATA_DIR)")
     p.set_defaults(func=_cmd_inspect)
@@ -264,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--body-file", help="read the body from this file (default: standard input)")
     p.add_argument("--header", action="append", metavar="NAME=VALUE", help="a message header (repeatable)")
     p.add_argument("--id", help="the message id (default: a new UUID)")
+    p.add_argument("--databus", action="append", metavar="NAME=FILE",
+                   help="a large property sent as a databus part (header NServiceBus.DataBus.NAME; repeatable)")
     p.add_argument("--data-dir", help="the gateway's data dir (default GWCORE_DATA_DIR)")
     p.set_defaults(func=_cmd_send)
     p = sub.add_parser("retry", help="send failed messages (gwcore inspect errors) again")

@@ -43,7 +43,7 @@ from .errors import (
     SendTLSError,
 )
 
-__all__ = ("SiteClient", "Response", "make_client_ssl_context", "MAX_RESPONSE_BODY", "MAX_RESPONSE_HEAD")
+__all__ = ("SiteClient", "Response", "FileBody", "make_client_ssl_context", "MAX_RESPONSE_BODY", "MAX_RESPONSE_HEAD")
 
 #: Largest response body accepted. A gateway answers ``OK`` or a one-line reason; anything near
 #: this is a misbehaving or hostile server, and it must not make us buffer without bound.
@@ -55,6 +55,23 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _BAD_VALUE = re.compile(rb"[\x00\r\n]")
 # Headers the client writes itself; a second copy would make the request ambiguous.
 _RESERVED = frozenset((b"host", b"content-length", b"content-type", b"transfer-encoding", b"connection"))
+
+
+_FILE_CHUNK = 256 << 10
+
+
+class FileBody:
+    """A request body streamed from a file (a databus blob): read in pieces as the connection
+    takes them, never whole; opened again if the request is re-sent on a fresh connection."""
+
+    __slots__ = ("path", "size")
+
+    def __init__(self, path: str, size: int) -> None:
+        self.path = path
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +121,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False          # EOF, error, Connection: close, or unsolicited bytes
         self.used = 0                # requests completed on this connection
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.writable: asyncio.Future[None] | None = None  # set while the transport's buffer is full
         # One parser for the connection's life: llhttp parses response after response on a
         # keep-alive connection; per-response state lives in the fields _reset() clears.
         self.parser = httptools.HttpResponseParser(self)
@@ -150,10 +168,20 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         return None  # let the transport close itself
 
+    def pause_writing(self) -> None:
+        if self.writable is None or self.writable.done():
+            self.writable = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._cancel_idle_timer()
         waiter = self.waiter
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
         if waiter is not None and not waiter.done():
             if self.head_done and not self.framed and not self.done:
                 # No Content-Length, not chunked: the body ends with the connection (RFC 9112 §6.3).
@@ -244,19 +272,40 @@ class _Connection(asyncio.Protocol):
             self.idle_timer.cancel()
             self.idle_timer = None
 
-    async def request(self, data: bytes, body: bytes) -> Response:
+    async def request(self, data: bytes, body: bytes | FileBody) -> Response:
         assert self.transport is not None
         waiter: asyncio.Future[Response] = self.loop.create_future()
         self._reset(waiter)
         self.started = self.loop.time()
-        # One write, one send(2): the head and a gateway body are small next to the syscall.
-        self.transport.write(data + body if len(body) <= 65536 else data)
-        if len(body) > 65536:
-            self.transport.write(body)
+        if isinstance(body, FileBody):
+            self.transport.write(data)
+            await self._stream(body, waiter)
+        else:
+            # One write, one send(2): the head and a gateway body are small next to the syscall.
+            self.transport.write(data + body if len(body) <= 65536 else data)
+            if len(body) > 65536:
+                self.transport.write(body)
         try:
             return await waiter
         finally:
             self.waiter = None
+
+    async def _stream(self, body: FileBody, waiter: asyncio.Future[Response]) -> None:
+        """Write the file in pieces, waiting whenever the transport's buffer is full. Stops early
+        when the response arrives first (a 413 or 401 before the whole body)."""
+        transport = self.transport
+        assert transport is not None
+        left = body.size
+        with open(body.path, "rb") as f:
+            while left > 0 and not waiter.done() and not self.closed:
+                chunk = await self.loop.run_in_executor(None, f.read, min(_FILE_CHUNK, left))
+                if not chunk:
+                    raise SendError(self.client.url, f"databus blob {body.path} is shorter than {body.size} bytes")
+                left -= len(chunk)
+                transport.write(chunk)
+                self.started = self.loop.time()  # progress: the request timeout counts from here
+                if self.writable is not None and not self.writable.done():
+                    await self.writable
 
 
 class SiteClient:
@@ -347,13 +396,14 @@ class SiteClient:
         """
         return await self.post_block(self._build_block(headers), body)
 
-    async def post_block(self, block: bytes, body: bytes, *, target: bytes | None = None) -> Response:
+    async def post_block(self, block: bytes, body: bytes | FileBody, *, target: bytes | None = None) -> Response:
         """:meth:`post` with the header lines already joined (``Name: value\r\n`` each), as
         ``gwcore._dedup.encode_submit`` makes them. Not checked: the caller vouches for the block
         (no CR/LF inside values, none of the client's own headers).
 
         :param target: another request target on the same server (an absolute path, already
-            percent-encoded), e.g. for the distributor's worker protocol; default the URL's."""
+            percent-encoded), e.g. for the distributor's worker protocol; default the URL's.
+        :param body: the bytes, or a :class:`FileBody` streamed from disk (databus parts)."""
         head = self._head if target is None else b"POST %s HTTP/1.1\r\nHost: %s\r\n" % (target, self._host_bytes)
         data = b"%s%sContent-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n" % (
             head, block, len(body))
@@ -439,7 +489,7 @@ class SiteClient:
             out.append(name + b": " + value + b"\r\n")
         return b"".join(out)
 
-    async def _send(self, conn: _Connection, data: bytes, body: bytes) -> Response:
+    async def _send(self, conn: _Connection, data: bytes, body: bytes | FileBody) -> Response:
         response = await conn.request(data, body)  # the sweeper fails it after request_timeout
         conn.used += 1
         return response

@@ -17,6 +17,7 @@ import time
 from concurrent.futures import Executor
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+from . import databus
 from ._core import core
 from .errors import ConfigurationError
 from .store import Store, Writer, encode_error, now_ms
@@ -47,6 +48,12 @@ class Message:
     def redelivered(self) -> bool:
         """True when this message was delivered before (an earlier attempt failed)."""
         return self.attempt > 1
+
+    @property
+    def databus(self) -> dict[str, databus.Blob]:
+        """The claim-check properties: header name (``NServiceBus.DataBus.<sender's key>``) ->
+        :class:`gwcore.databus.Blob` (``.path``, ``.open()``) of the local blob it names."""
+        return databus.message_blobs(self._queue.store.blob_dir, self.headers)
 
     __slots__ = ("id", "headers", "body", "seq", "expiry_ms", "accepted_ms", "attempt", "_queue", "_settled")
 

@@ -4,7 +4,8 @@ One gateway process owns a data dir (and its LMDB writer), so a second process m
 the store. The gateway listens on ``<data dir>/gwcore.sock`` (a Unix socket, mode 0600: whoever
 may use it may also read the store) for one JSON object per line and answers one per line:
 
-    {"op": "send", "sites": ["RemoteSite"], "body_b64": "...", "headers": {...}, "id": null}
+    {"op": "send", "sites": ["RemoteSite"], "body_b64": "...", "headers": {...}, "id": null,
+     "databus": {"Payload": "/absolute/path"}}   (databus optional: files the gateway copies in)
       -> {"ok": true, "id": "..."}
     {"op": "retry", "ids": ["..."]}   (or "ids": null for every failed send)
       -> {"ok": true, "moved": ["..."]}
@@ -91,7 +92,7 @@ class ControlServer:
             if op == "send":
                 body = base64.b64decode(req.get("body_b64", ""), validate=True)
                 msg_id = await self.gateway.send_to_sites(req["sites"], body, req.get("headers") or {},
-                                                          message_id=req.get("id"))
+                                                          message_id=req.get("id"), databus=req.get("databus") or None)
                 return {"ok": True, "id": msg_id}
             if op == "retry":
                 return {"ok": True, "moved": await self.gateway.retry_failed(req.get("ids"))}

@@ -28,15 +28,16 @@ import functools
 import heapq
 import itertools
 import logging
+import os
 import ssl
 import struct
 import time
 import uuid
 from typing import Any, Callable, Iterable, Mapping
 
-from . import auth
+from . import auth, databus
 from ._core import core
-from .client import SiteClient, make_client_ssl_context
+from .client import FileBody, SiteClient, make_client_ssl_context
 from .config import Settings, Site
 from .errors import ConfigurationError, GatewayError, SendError, StoreError, UnknownSiteError
 from .store import Store, Writer, now_ms
@@ -57,6 +58,9 @@ _U64 = struct.Struct(">Q")
 PERMANENT_STATUSES = frozenset({400, 401, 403, 413})
 
 _GATEWAY_TRUE = (b"NServiceBus.Gateway", b"True")
+_DATABUS = databus.DATABUS_PREFIX.encode("ascii")
+_SUBMIT_TAIL = b"NServiceBus.Gateway: True\r\n"   # where encode_submit's control lines begin
+_BLOB_MISSING = -1  # a local failure, no request made: permanent
 _READ_AHEAD = 63  # records read along with the one a worker needs
 _HEADER_PREFIX = "NServiceBus.Header."
 
@@ -427,13 +431,18 @@ class Forwarder:
             self.expired += 1
             await self._commit(seq, d, lambda txn: txn.delete(_U64.pack(seq), db=self.store.outgoing))
             return
+        parts: list[tuple[bytes, FileBody]] = []
+        problem = ""
+        if _DATABUS in value:
+            parts, problem = self._databus_parts(d, framed, block, msg_id)
         if d.site is not None and d.site.secret:
-            block += b"".join(n + b": " + v + b"\r\n" for n, v in auth.signature_headers(
-                d.site.secret, d.site.key_id or self.settings.endpoint, "POST", d.client.target, msg_id, body))
+            block += self._signature(d, msg_id, body)
         d.in_flight += 1
         try:
-            response = await d.client.post_block(block, body)
-            status, problem = response.status, f"{response.status} {response.reason}"
+            if problem:
+                status = _BLOB_MISSING
+            else:
+                status, problem = await self._send_all(d, msg_id, parts, block, body)
         except SendError as exc:
             status, problem = 0, str(exc)
         finally:
@@ -450,7 +459,7 @@ class Forwarder:
         rec = decode_outgoing(value)
         rec.attempt += 1
         rec.last_error = problem
-        if status in PERMANENT_STATUSES or rec.attempt > self.settings.retries:
+        if status in PERMANENT_STATUSES or status == _BLOB_MISSING or rec.attempt > self.settings.retries:
             why = "refused for good" if status in PERMANENT_STATUSES else f"failed {rec.attempt} times"
             log.warning("message %s to %s %s (%s): moved to the outgoing error queue", msg_id, d.name, why, problem)
             self.failed += 1
@@ -471,6 +480,58 @@ class Forwarder:
         updated = encode_outgoing(rec)
         if await self._commit(seq, d, lambda txn: txn.put(_U64.pack(seq), updated, db=self.store.outgoing)):
             self.schedule(seq, d.name, rec.next_ms)
+
+    def _signature(self, d: _Destination, msg_id: str, body: bytes, digest: str | None = None) -> bytes:
+        assert d.site is not None and d.site.secret
+        return b"".join(n + b": " + v + b"\r\n" for n, v in auth.signature_headers(
+            d.site.secret, d.site.key_id or self.settings.endpoint, "POST", d.client.target, msg_id, body,
+            digest=digest))
+
+    def _databus_parts(self, d: _Destination, framed: memoryview, block: bytes,
+                       msg_id: str) -> tuple[list[tuple[bytes, FileBody]], str]:
+        """One ``SingleCallDatabusProperty`` request per databus header, as NServiceBus's
+        forwarder makes them (protocol.md §1.4): the submit's header lines, then the
+        ``DataBusKey`` (the mapped header name), the call type and the blob's own Content-MD5.
+        Returns ``(parts, "")``, or ``([], why)`` when a blob is gone."""
+        headers = core.decode_envelope(framed)[1]
+        head = block[:block.rindex(_SUBMIT_TAIL)]
+        parts = []
+        for name, value in headers.items():
+            if databus.DATABUS_PREFIX not in name:
+                continue
+            info = databus.blob_info(self.store, value)
+            path = os.path.join(self.store.blob_dir, value)
+            if info is None or not os.path.exists(path):
+                return [], (f"databus property {name}: its blob {value!r} is no longer in the blob store "
+                            "(expired, GWCORE_DATABUS_TTL)")
+            lines = (head + b"NServiceBus.Gateway.DataBusKey: " + _enc(_HEADER_PREFIX + name) + b"\r\n"
+                     + _SUBMIT_TAIL + b"NServiceBus.CallType: SingleCallDatabusProperty\r\nContent-MD5: "
+                     + _enc(info.md5) + b"\r\n")
+            if d.site is not None and d.site.secret:
+                lines += self._signature(d, msg_id, b"", info.sha256)
+            parts.append((lines, FileBody(path, info.size)))
+        return parts, ""
+
+    async def _send_all(self, d: _Destination, msg_id: str, parts: list[tuple[bytes, FileBody]],
+                        block: bytes, body: bytes) -> tuple[int, str]:
+        """The parts, then the submit; ``(status, problem)`` of the first answer that is not 200.
+
+        A 412 to the submit after every part was answered 200 means the parts did not reach the
+        node that got the submit (a restart without them, a failover to another node): the parts
+        and the submit go again at once, once, instead of after the next retry delay
+        (docs/databus.md)."""
+        for again in (False, True):
+            for lines, blob in parts:
+                response = await d.client.post_block(lines, blob)
+                if response.status != 200:
+                    return response.status, f"{response.status} {response.reason} (databus property)"
+            response = await d.client.post_block(block, body)
+            if response.status == 412 and parts and not again:
+                log.info("message %s to %s: the submit found its databus properties missing (412); "
+                         "sending them again now", msg_id, d.name)
+                continue
+            break
+        return response.status, f"{response.status} {response.reason}"
 
     def _read_ahead(self, d: _Destination, seq: int) -> bytes | None:
         """Read *seq* and the next due records of *d* in one read transaction; the others wait in

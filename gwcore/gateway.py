@@ -17,9 +17,11 @@ import ssl
 import uuid
 from typing import Any, Callable, Iterable, Mapping
 
-from . import egress
-from .control import ControlServer
+from . import databus, egress
+from ._core import core
 from .config import Settings
+from .control import ControlServer
+from .databus import BlobWriter
 from .consumer import LocalQueue, Message, load_handler, run_handler
 from .distributor import Distributor, check_channels
 from .errors import ConfigurationError, GatewayError
@@ -50,6 +52,7 @@ class Gateway:
             self._handler = load_handler(self.settings.handler)
         self.store: Store | None = None
         self.writer: Writer | None = None
+        self.blobs: BlobWriter | None = None
         self.queue: LocalQueue | None = None
         self.states: list[HTTPState] = []
         self.servers: list[asyncio.base_events.Server] = []
@@ -180,7 +183,9 @@ class Gateway:
             self.writer = await loop.run_in_executor(None, functools.partial(
                 Writer, self.store, loop, max_batch=s.commit_max_batch,
                 max_delay_us=s.commit_max_delay_us, dedup_ttl=s.dedup_ttl, cleanup_slice=s.dedup_cleanup_slice,
+                databus_ttl=s.databus_ttl,
             ))
+            self.blobs = BlobWriter(s.data_dir, loop)
             self.queue = LocalQueue(self.store, self.writer, max_attempts=s.handler_max_attempts)
             self.queue.intercept = self._intercept_reply
             self.writer.on_commit = self.queue.notify
@@ -194,6 +199,7 @@ class Gateway:
                 await self._listen()
             for state in self.states:
                 state.writer = self.writer
+                state.blobs = self.blobs
                 state.worker_api = self.distributor.handle if self.distributor is not None else None
             await self._start_mode()
         except BaseException:
@@ -247,6 +253,7 @@ class Gateway:
         sel.messages.intercept = self._intercept_reply
         for state in self.states:
             state.writer = sel  # submits go through the outbox and the broker (Selected.ingest_then)
+            state.inbox = None  # so not straight into the writer's compiled inbox
             state.hold = sel.hold
         await sel.start()
 
@@ -330,6 +337,9 @@ class Gateway:
             pass
 
     async def _close_store(self) -> None:
+        if self.blobs is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.blobs.close)
+            self.blobs = None
         if self.writer is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.writer.close)
         if self.store is not None:
@@ -363,22 +373,72 @@ class Gateway:
                 forwarder.schedule(seq, dest)
 
     async def send_to_sites(self, sites: Iterable[str], body: bytes, headers: Mapping[str, str] | None = None,
-                            *, message_id: str | None = None) -> str:
+                            *, message_id: str | None = None,
+                            databus: Mapping[str, databus.Source] | None = None) -> str:
         """Queue *body* for each site (one copy per site, one message id) and return the id once
         the outgoing records are committed (fsync'd). The forwarder sends them afterwards.
 
+        :param databus: large properties sent as claim-check parts (docs/sending.md): name ->
+            bytes, a file path or a binary stream. Each is copied into this gateway's blob store
+            (streamed, fsync'd) before the records commit, and travels as the header
+            ``NServiceBus.DataBus.<name>`` plus one ``SingleCallDatabusProperty`` request.
         :raises gwcore.errors.UnknownSiteError: a site is not configured (every missing key named).
         """
         writer, forwarder = self._require_started()
-        msg_id, items = egress.prepare(self.settings, list(sites), body, headers, message_id,
+        h, blobs = self._databus_headers(headers, databus)
+        msg_id, items = egress.prepare(self.settings, list(sites), body, h, message_id,
                                        reply_uri=self.reply_uri)
-        seqs = await writer.call(egress.append_records(self.store, items))  # type: ignore[arg-type]
-        self._schedule(forwarder, [(seq, dest) for seq, (dest, _f) in zip(seqs, items)])
+        await self._queue_records(writer, forwarder, items, blobs)
         return msg_id
 
-    async def reply(self, incoming: Message, body: bytes, headers: Mapping[str, str] | None = None) -> str:
+    def _databus_headers(self, headers: Mapping[str, str] | None,
+                         props: Mapping[str, databus.Source] | None) -> tuple[Mapping[str, str] | None, list]:
+        """The headers with one ``NServiceBus.DataBus.<name>`` = new blob name per property."""
+        if not props:
+            return headers, []
+        h = dict(headers or {})
+        blobs = []
+        for name, source in props.items():
+            blob = databus.new_name()
+            h[databus.databus_header(name)] = blob
+            blobs.append((blob, source))
+        return h, blobs
+
+    async def _queue_records(self, writer: Writer, forwarder: egress.Forwarder | None,
+                             items: list[tuple[str, bytes]], blobs: list) -> None:
+        append = egress.append_records(self.store, items)  # type: ignore[arg-type]
+        if blobs:
+            loop = asyncio.get_running_loop()
+            directory = self.store.blob_dir  # type: ignore[union-attr]
+            copied = []
+            try:
+                for blob, source in blobs:
+                    copied.append(await loop.run_in_executor(None, databus.copy_in, directory, source, blob))
+            except BaseException:
+                databus.unlink(directory, [c[0] for c in copied] + [b for b, _s in blobs])
+                raise
+            expiry = writer.blob_expiry_ms(core.decode_envelope(items[0][1])[3], egress.now_ms())
+            jobs = [databus.record_blob(self.store, name, size, md5, sha, expiry) for name, size, md5, sha in copied]
+
+            def append_with_blobs(txn: Any) -> list[int]:
+                for record in jobs:
+                    record(txn)
+                return append(txn)
+
+            try:
+                seqs = await writer.call(append_with_blobs)
+            except BaseException:
+                databus.unlink(directory, [c[0] for c in copied])  # nothing names them
+                raise
+        else:
+            seqs = await writer.call(append)
+        self._schedule(forwarder, [(seq, dest) for seq, (dest, _f) in zip(seqs, items)])
+
+    async def reply(self, incoming: Message, body: bytes, headers: Mapping[str, str] | None = None,
+                    *, databus: Mapping[str, databus.Source] | None = None) -> str:
         """Send a reply to the site *incoming* came from (its ``NServiceBus.OriginatingSite``),
-        with ``MessageIntent: Reply``, ``CorrelationId`` and ``RelatedTo`` set as NServiceBus does."""
+        with ``MessageIntent: Reply``, ``CorrelationId`` and ``RelatedTo`` set as NServiceBus does.
+        *databus* as in :meth:`send_to_sites`."""
         writer, forwarder = self._require_started()
         dest = egress.reply_destination(incoming.headers)
         h = dict(headers or {})
@@ -392,13 +452,14 @@ class Gateway:
         h["NServiceBus.RelatedTo"] = incoming.id
         if "NServiceBus.ConversationId" in incoming.headers:
             h.setdefault("NServiceBus.ConversationId", incoming.headers["NServiceBus.ConversationId"])
-        msg_id, items = egress.prepare_to(self.settings, dest, body, h, reply_uri=self.reply_uri)
-        seqs = await writer.call(egress.append_records(self.store, items))  # type: ignore[arg-type]
-        self._schedule(forwarder, [(seq, dest) for seq, (dest, _f) in zip(seqs, items)])
+        h2, blobs = self._databus_headers(h, databus)
+        msg_id, items = egress.prepare_to(self.settings, dest, body, h2, reply_uri=self.reply_uri)
+        await self._queue_records(writer, forwarder, items, blobs)
         return msg_id
 
     async def request(self, site: str, body: bytes, headers: Mapping[str, str] | None = None,
-                      *, timeout: float = 60.0, message_id: str | None = None) -> Message:
+                      *, timeout: float = 60.0, message_id: str | None = None,
+                      databus: Mapping[str, databus.Source] | None = None) -> Message:
         """Send to *site* and wait for the reply (matched by correlation id); the reply is
         acknowledged (removed from the local queue) when it is returned.
 
@@ -416,7 +477,7 @@ class Gateway:
                 # the reply comes back through this instance's own queue, which must exist first
                 await self.selected.wait_connected(timeout)
                 headers = {**(headers or {}), "NServiceBus.ReplyToAddress": self.selected.reply_queue}
-            await self.send_to_sites([site], body, headers, message_id=msg_id)
+            await self.send_to_sites([site], body, headers, message_id=msg_id, databus=databus)
             try:
                 return await asyncio.wait_for(asyncio.shield(fut), timeout)
             except asyncio.TimeoutError:
@@ -464,7 +525,7 @@ class Gateway:
         statuses: dict[int, int] = {}
         rejected = 0
         for state in self.states:
-            for status, n in state.requests_by_status.items():
+            for status, n in state.status_counts().items():
                 statuses[status] = statuses.get(status, 0) + n
             rejected += state.rejected_connections
         metric("gwcore_http_requests_total", "counter", "HTTP requests answered, by status.",
@@ -483,6 +544,8 @@ class Gateway:
                    [("", st.refused_full)])
             metric("gwcore_store_commit_failures_total", "counter", "Write transactions that failed.", [("", st.commits_failed)])
             metric("gwcore_dedup_expired_total", "counter", "Dedup records removed by retention.", [("", st.expired_records)])
+            metric("gwcore_databus_expired_total", "counter", "Databus blobs removed at their expiry (orphaned parts too).",
+                   [("", w.blobs_expired)])
             metric("gwcore_store_map_resizes_total", "counter", "LMDB map size increases.", [("", st.map_resizes)])
             out.extend(_histogram("gwcore_commit_batch_size", "Jobs per write transaction.",
                                   st.batch_size_buckets, st.batch_size_counts, st.batch_size_sum))
@@ -496,6 +559,10 @@ class Gateway:
             metric("gwcore_dedup_records", "gauge", "Dedup records held.", [("", counts["dedup"])])
             metric("gwcore_store_bytes", "gauge", "Bytes used in the LMDB environment.", [("", self.store.size_bytes())])
             metric("gwcore_store_map_bytes", "gauge", "Current LMDB map size.", [("", self.store.map_size)])
+            metric("gwcore_databus_blobs", "gauge", "Databus blobs held (files under <data dir>/blobs).",
+                   [("", counts["databus_blobs"])])
+            metric("gwcore_databus_parts_waiting", "gauge", "Databus parts waiting for their submit.",
+                   [("", counts["databus_parts"])])
         q = self.queue
         if q is not None:
             metric("gwcore_consumer_delivered_total", "counter", "Deliveries to consumers.", [("", q.delivered)])

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import email.utils
 import logging
 import time
 from typing import Any
 
-from . import auth
+from . import auth, databus
 from ._core import core
 from .errors import StoreError
 
@@ -37,6 +36,8 @@ _PASSIVE = "Service Unavailable: passive"
 _BUILTIN = (b"/healthz", b"/readyz", b"/metrics")
 _WORKER_PREFIX = b"/.gwcore/worker/"   # gwcore.distributor.WORKER_PREFIX
 _EV_SUBMIT, _EV_OTHER, _EV_CONTINUE = core.EV_SUBMIT, core.EV_OTHER, core.EV_CONTINUE
+_Rejection = core.Rejection
+_MD5_MISMATCH = "MD5 hash received does not match hash calculated on server. Please resubmit."
 
 
 def _ascii_reason(text: str) -> str:
@@ -61,13 +62,21 @@ def _jsonp(callback: str, text: str) -> bytes:
     return f"{callback}({{ status: '{text}'}})".encode("ascii", "replace")
 
 
-class HTTPState:
-    """What every connection of one listener shares: settings, core objects, counters."""
+class HTTPState(core.ListenerCore):
+    """What every connection of one listener shares: settings, core objects, counters.
+
+    The flags and limits read per request (``active``, ``passive``, ``draining``, ``writer``,
+    ``verifier``, the pipeline and pending limits) live in the compiled base class."""
 
     def __init__(self, settings: Any, writer: Any, *, channel_paths: list[str],
                  metrics_render: Any = None) -> None:
         self.settings = settings
         self.writer = writer
+        # The writer's compiled inbox takes submits without a Python call; a writer without one
+        # (a test's stand-in) gets them through ingest_then().
+        self.inbox = getattr(writer, "inbox", None)
+        self.max_pipeline = settings.http_max_pipeline
+        self.max_pending = settings.commit_max_pending
         # Request signing (docs/security.md): None when no site secrets are configured, and then
         # a request costs nothing more than this attribute test.
         self.verifier = (auth.Verifier(settings.receive_keys, settings.auth_max_skew, settings.allow_unsigned)
@@ -81,10 +90,13 @@ class HTTPState:
         #: path, alive) -> (status, reason, json body)`` (gwcore/distributor.py); None elsewhere.
         self.worker_api: Any = None
         self.worker_calls: set[asyncio.Future] = set()
-        # False while this instance must not take gateway traffic (not started yet; later: a
-        # standby or passive node). Set by the owner; read per request, so a plain attribute.
+        #: Writes databus parts to blob files (set by the owner with the writer; docs/databus.md).
+        self.blobs: databus.BlobWriter | None = None
+        self.part_tasks: set[asyncio.Future] = set()
+        # ``active`` is False while this instance must not take gateway traffic (not started yet;
+        # later: a standby or passive node); ``passive``: up and answering, waiting for the data
+        # dir's lease (docs/deployment.md). Both set by the owner, read per request.
         self.active = False
-        # A passive node (docs/deployment.md): up and answering, waiting for the data dir's lease.
         self.passive = False
         # Selected mode (gwcore/selected.py): the 503 text while not active ("standby", "broker
         # unavailable"), and a hook that may take a submit during a handover:
@@ -92,15 +104,23 @@ class HTTPState:
         # it again with ``protocol._route``, or with the new leader's answer).
         self.unavailable: str | None = None
         self.hold: Any = None
-        self._routes: dict[bytes, bool] = {}
         self.draining = False
+        self._routes: dict[bytes, bool] = {}
         self.connections: set[HTTPProtocol] = set()
+        # Answers by status, but for the 200s of accepted submits, which the compiled path counts
+        # in ``answered_ok``: read both through :meth:`status_counts`.
         self.requests_by_status: collections.Counter = collections.Counter()
         self.rejected_connections = 0
-        self._date = b""
-        self._date_at = 0
-        self._ok_cache: tuple[bytes, bytes] = (b"", b"")
         self._sweeper: asyncio.TimerHandle | None = None
+
+    def render_ok(self, date: bytes) -> bytes:
+        return render_response(200, _OK, date)
+
+    def status_counts(self) -> collections.Counter:
+        """Answers by HTTP status since start."""
+        counts = collections.Counter(self.requests_by_status)
+        counts[200] += self.answered_ok
+        return counts
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the timeout sweeper (request, keep-alive and linger deadlines of every connection)."""
@@ -119,19 +139,6 @@ class HTTPState:
         for conn in list(self.connections):
             conn.check_timeouts(now)
         self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
-
-    def date(self) -> bytes:
-        now = int(time.time())
-        if now != self._date_at:
-            self._date_at = now
-            self._date = email.utils.formatdate(now, usegmt=True).encode()
-        return self._date
-
-    def ok(self) -> bytes:
-        date = self.date()
-        if self._ok_cache[0] is not date:
-            self._ok_cache = (date, render_response(200, _OK, date))
-        return self._ok_cache[1]
 
     def log_refusal(self, reason: str) -> None:
         """A 401 is worth a log line (a sender with the wrong secret, or someone probing), but
@@ -161,41 +168,23 @@ class HTTPState:
         return False
 
 
-class _Slot:
-    """One request's place in the connection's response order."""
+class _Part:
+    """A databus part being received: its slot, its framed head, and the blob it streams to
+    (None when it was refused at its head and its body is only read past)."""
 
-    __slots__ = ("data", "close", "callback", "protocol", "msg_id", "head")
+    __slots__ = ("slot", "env", "sink", "verified")
 
-    def __init__(self) -> None:
-        self.data: bytes | None = None
-        self.close = False
-        self.callback: str | None = None  # JSONP callback name
-        self.protocol: HTTPProtocol | None = None
-        self.msg_id = ""
-        self.head = False  # a HEAD request: answer without the body
-
-    def ingested(self, ok: bool, value: Any) -> None:
-        """The writer's answer for this slot's envelope (on the loop thread)."""
-        proto = self.protocol
-        assert proto is not None
-        if ok and value is False and log.isEnabledFor(logging.DEBUG):
-            # NServiceBus logs this at INFO; under a retry storm that is a line per request.
-            log.debug("message %s has already been accepted: duplicate answered 200, not stored", self.msg_id)
-        if ok and self.callback is None:
-            proto.state.requests_by_status[200] += 1
-            self.data = proto.state.ok()
-            proto._flush()
-        elif ok:
-            proto._answer(self, 200, _OK, callback=self.callback)
-        elif isinstance(value, StoreError):
-            proto._answer(self, 503, f"Service Unavailable: {value}", callback=self.callback)
-        else:
-            log.error("ingest failed: %r", value)
-            proto._answer(self, 502, "Unexpected server error", callback=self.callback)
+    def __init__(self, slot: core.AnswerSlot, env: Any, sink: databus.BlobSink | None, verified: bool = False) -> None:
+        self.slot = slot
+        self.env = env
+        self.sink = sink
+        self.verified = verified  # the signature was checked on the whole body already
 
 
-class HTTPProtocol(asyncio.Protocol):
-    """One client connection."""
+class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
+    """One client connection (an asyncio protocol). The hot path of a submit (events, answer
+    slots, handing the envelope to the writer, writing answers in order) is the compiled base
+    class; this class has the lifecycle and every answer but the 200 of an accepted submit."""
 
     def __init__(self, state: HTTPState) -> None:
         self.state = state
@@ -205,9 +194,10 @@ class HTTPProtocol(asyncio.Protocol):
         self.parser = core.RequestParser(
             state.framer, state.channel_paths, max_headers=settings.http_max_headers,
             max_header_bytes=settings.http_max_header_bytes, max_body=settings.max_body,
-            allow_get=settings.http_allow_get,
+            allow_get=settings.http_allow_get, max_blob=settings.max_blob,
         )
-        self.slots: collections.deque[_Slot] = collections.deque()
+        self.part: _Part | None = None  # the databus part being received (read by _update_reading)
+        self.slots: collections.deque[core.AnswerSlot] = collections.deque()
         self.closing = False  # no further requests will be read
         self.reading_paused = False
         self.writing_paused = False
@@ -234,6 +224,7 @@ class HTTPProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.connections.discard(self)
         self.closing = True
+        self._drop_part()
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -242,17 +233,6 @@ class HTTPProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.writing_paused = False
         self._update_reading()
-
-    def _update_reading(self) -> None:
-        if self.transport is None or self.closing:
-            return
-        want_pause = self.writing_paused or len(self.slots) >= self.settings.http_max_pipeline
-        if want_pause and not self.reading_paused:
-            self.reading_paused = True
-            self.transport.pause_reading()
-        elif not want_pause and self.reading_paused:
-            self.reading_paused = False
-            self.transport.resume_reading()
 
     def check_timeouts(self, now: float) -> None:
         """Called by the state's sweeper: one timer per listener instead of two per request."""
@@ -269,52 +249,11 @@ class HTTPProtocol(asyncio.Protocol):
         elif not self.slots and now - self.idle_since >= self.settings.http_keepalive_timeout:
             transport.close()
 
-    # -- parsing -----------------------------------------------------------------------------------
-
-    @property
-    def in_request(self) -> bool:
-        return self.parser.in_request
-
-    def data_received(self, data: bytes) -> None:
-        if self.closing:
-            return
-        parser = self.parser
-        was_in_request = parser.in_request
-        events: list[Any] = parser.feed(data, time.time_ns() // 1_000_000)
-        for event in events:
-            kind = event[0]
-            if kind == _EV_SUBMIT:
-                self._submit(event[1], event[2])
-            elif kind == _EV_OTHER:
-                self._other(event[1], event[2], event[3])
-            elif kind == _EV_CONTINUE:
-                if not self.slots and self.transport is not None:
-                    # .NET WebRequest (NServiceBus Gateway <= 3.x) sends "Expect: 100-continue"
-                    # and waits up to 350 ms before sending the body anyway. With earlier requests
-                    # unanswered an interim response would jump the queue, so then stay silent.
-                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            else:
-                self._fail(event[1], event[2])
-            if self.closing:
-                return
-        if parser.in_request and (events or not was_in_request):
-            self.request_started = self.loop.time()
-        self._update_reading()
-
     # -- request handling --------------------------------------------------------------------------
 
-    def _slot(self, keep_alive: bool) -> _Slot:
-        slot = _Slot()
-        slot.close = not keep_alive or self.state.draining
-        self.slots.append(slot)
-        if slot.close:
-            self.closing = True
-        return slot
-
-    def _submit(self, keep_alive: bool, result: Any) -> None:
-        self._route(self._slot(keep_alive), result)
-
-    def _route(self, slot: _Slot, result: Any) -> None:
+    def _route(self, slot: core.AnswerSlot, result: Any) -> None:
+        """A submit the compiled path did not hand straight to the writer: not the active
+        receiver, draining, signed requests, refusals, or the writer's queue is full."""
         state = self.state
         if state.draining or not state.active:
             if state.hold is not None and state.hold(self, slot, result):
@@ -334,14 +273,140 @@ class HTTPProtocol(asyncio.Protocol):
             self._answer(slot, result.status, result.reason, callback=result.callback)
             return
         writer = state.writer
-        if writer.pending >= self.settings.commit_max_pending:
+        if writer.pending >= state.max_pending:
             self._answer(slot, 503, "Service Unavailable: ingest queue full, retry later",
                          callback=result.callback)
+            return
+        if result.call_type == core.CALL_DATABUS:
+            # A part the parser could not stream (framed whole, hash already verified).
+            slot.callback = result.callback
+            sink = self._sink(False, False)
+            if sink is None:
+                self._answer(slot, 503, "Service Unavailable: cannot store the databus property",
+                             callback=result.callback)
+                return
+            sink.write(result.body)
+            self._store_part(_Part(slot, result, sink, verified=True))
             return
         slot.callback = result.callback
         slot.protocol = self
         slot.msg_id = result.id
-        writer.ingest_then(result, slot.ingested)
+        writer.ingest_then(result, slot)
+
+    def _ingested(self, slot: core.AnswerSlot, ok: bool, value: Any) -> None:
+        """The writer's answer for a slot, but for a new message without JSONP (compiled)."""
+        if ok and type(value) is _Rejection:
+            # a submit whose databus parts are not all here (412, nothing stored)
+            self._answer(slot, value.status, value.reason, callback=slot.callback)
+            return
+        if ok and value is False and log.isEnabledFor(logging.DEBUG):
+            # NServiceBus logs this at INFO; under a retry storm that is a line per request.
+            log.debug("message %s has already been accepted: duplicate answered 200, not stored", slot.msg_id)
+        if ok and slot.callback is None:
+            self.state.answered_ok += 1
+            slot.data = self.state.ok()
+            self._flush()
+        elif ok:
+            self._answer(slot, 200, _OK, callback=slot.callback)
+        elif isinstance(value, StoreError):
+            self._answer(slot, 503, f"Service Unavailable: {value}", callback=slot.callback)
+        else:
+            log.error("ingest failed: %r", value)
+            self._answer(slot, 502, "Unexpected server error", callback=slot.callback)
+
+    # -- databus parts (docs/databus.md) ------------------------------------------------------------
+
+    def _sink(self, signed: bool, md5: bool) -> databus.BlobSink | None:
+        if self.state.blobs is None:
+            return None  # an HTTPState without a blob store (tests of the protocol alone)
+        try:
+            return self.state.blobs.sink(self._update_reading, signed=signed, md5=md5)
+        except OSError as exc:
+            log.error("databus: cannot create a blob file: %s", exc)
+            return None
+
+    def _part_begin(self, keep_alive: bool, env: Any) -> None:
+        """The head of a streamed part: refuse it now, or open the blob its body goes to."""
+        slot = self._slot(keep_alive)
+        slot.callback = env.callback
+        state = self.state
+        self.part = _Part(slot, env, None)
+        if state.draining or not state.active:
+            self._answer(slot, 503, "Service Unavailable: gwcore is shutting down" if state.draining
+                         else _PASSIVE if state.passive else "Service Unavailable: not the active receiver")
+            return
+        signed = state.verifier is not None and env.auth_signature is not None
+        if state.verifier is not None and not signed:
+            refusal = state.verifier.refusal(env)  # unsigned: decided without the body
+            if refusal is not None:
+                state.log_refusal(refusal)
+                self._answer(slot, 401, refusal, callback=env.callback, extra=_CHALLENGE)
+                return
+        sink = self._sink(signed, env.content_md5 is not None)
+        if sink is None:
+            self._answer(slot, 503, "Service Unavailable: cannot store the databus property",
+                         callback=env.callback)
+            return
+        self.part.sink = sink
+
+    def _part_data(self, chunk: bytes) -> None:
+        part = self.part
+        if part is not None and part.sink is not None:
+            part.sink.write(chunk)
+
+    def _part_end(self) -> None:
+        part, self.part = self.part, None
+        if part is not None and part.sink is not None:
+            self._store_part(part)
+
+    def _drop_part(self) -> None:
+        part, self.part = self.part, None
+        if part is not None and part.sink is not None:
+            part.sink.abort()
+
+    def _store_part(self, part: _Part) -> None:
+        task = asyncio.ensure_future(self._finish_part(part))
+        self.state.part_tasks.add(task)
+        task.add_done_callback(self.state.part_tasks.discard)
+
+    async def _finish_part(self, part: _Part) -> None:
+        """The whole body is in: seal the blob, verify it, index it; then answer."""
+        state, env, sink, slot = self.state, part.env, part.sink, part.slot
+        assert sink is not None
+        try:
+            md5, sha = await sink.finish()
+        except OSError as exc:
+            log.error("databus: writing the property of message %s failed: %s", env.id, exc)
+            self._answer(slot, 503, f"Service Unavailable: cannot store the databus property ({exc.strerror or exc})",
+                         callback=env.callback)
+            return
+        if not part.verified and env.content_md5 is not None and env.content_md5 != md5:
+            sink.discard_sealed()
+            self._answer(slot, 412, _MD5_MISMATCH, callback=env.callback)
+            return
+        if state.verifier is not None and env.auth_signature is not None and not part.verified:
+            refusal = state.verifier.refusal(env, digest=sha)
+            if refusal is not None:
+                sink.discard_sealed()
+                state.log_refusal(refusal)
+                self._answer(slot, 401, refusal, callback=env.callback, extra=_CHALLENGE)
+                return
+        writer = state.writer
+        part_key = env.key + b"\0" + env.databus_key.encode("utf-8")
+        try:
+            await writer.call(databus.record_part(
+                writer.store, part_key, sink.name, sink.size, md5 or "", sha or "", writer.blob_expiry_ms(
+                    env.expiry_ms, env.accepted_ms), writer.doom))
+        except StoreError as exc:
+            sink.discard_sealed()
+            self._answer(slot, 503, f"Service Unavailable: {exc}", callback=env.callback)
+            return
+        except Exception as exc:
+            sink.discard_sealed()
+            log.error("databus: indexing the property of message %s failed: %r", env.id, exc)
+            self._answer(slot, 502, "Unexpected server error", callback=env.callback)
+            return
+        self._answer(slot, 200, _OK, callback=env.callback)
 
     def _other(self, keep_alive: bool, method: bytes, path: bytes) -> None:
         """Everything but a gateway submit: built-in endpoints, unknown paths, other methods."""
@@ -361,7 +426,7 @@ class HTTPProtocol(asyncio.Protocol):
                                     f"{' and GET' if allow_get else ' (GET needs GWCORE_HTTP_ALLOW_GET=1)'}",
                          extra=b"Allow: GET, POST\r\n" if allow_get else b"Allow: POST\r\n")
 
-    def _builtin(self, slot: _Slot, method: bytes, path: bytes) -> None:
+    def _builtin(self, slot: core.AnswerSlot, method: bytes, path: bytes) -> None:
         if method not in (b"GET", b"HEAD"):
             self._answer(slot, 405, "Method Not Allowed: use GET", extra=b"Allow: GET, HEAD\r\n", count=False)
             return
@@ -381,7 +446,7 @@ class HTTPProtocol(asyncio.Protocol):
             text = state.metrics_render() if state.metrics_render else ""
             self._answer(slot, 200, _OK, body=text.encode(), content_type=_TEXT, count=False)
 
-    def _worker_call(self, slot: _Slot, method: bytes, path: bytes) -> None:
+    def _worker_call(self, slot: core.AnswerSlot, method: bytes, path: bytes) -> None:
         """A distributor worker's request: answered when its (possibly long-polling) call ends."""
         state = self.state
         if state.draining or not state.active:
@@ -396,7 +461,7 @@ class HTTPProtocol(asyncio.Protocol):
     def _open(self) -> bool:
         return self.transport is not None and not self.transport.is_closing()
 
-    def _worker_answer(self, slot: _Slot, call: asyncio.Future) -> None:
+    def _worker_answer(self, slot: core.AnswerSlot, call: asyncio.Future) -> None:
         if call.cancelled():
             self._answer(slot, 503, "Service Unavailable: gwcore is shutting down", count=False)
         elif call.exception() is not None:
@@ -410,7 +475,7 @@ class HTTPProtocol(asyncio.Protocol):
             status, reason, body = call.result()
             self._answer(slot, status, reason, body=body or None, count=False)
 
-    def _answer(self, slot: _Slot, status: int, reason: str, *, body: bytes | None = None,
+    def _answer(self, slot: core.AnswerSlot, status: int, reason: str, *, body: bytes | None = None,
                 content_type: bytes = _JSON, callback: str | None = None, extra: bytes = b"",
                 count: bool = True) -> None:
         if count:
@@ -428,32 +493,13 @@ class HTTPProtocol(asyncio.Protocol):
 
     def _fail(self, status: int, reason: str) -> None:
         """Answer the current (broken or over-limit) request after those before it, then close."""
+        part = self.part
+        self._drop_part()
+        if part is not None and part.slot in self.slots:
+            self.slots.remove(part.slot)  # the failure answers the part's request itself
         if self.transport is None:
             return
-        slot = _Slot()
-        slot.close = True
-        self.slots.append(slot)
-        self.closing = True
-        self._answer(slot, status, reason)
-
-    def _flush(self) -> None:
-        slots = self.slots
-        transport = self.transport
-        while slots and slots[0].data is not None:
-            slot = slots.popleft()
-            if transport is None or transport.is_closing():
-                continue
-            transport.write(slot.data)  # type: ignore[arg-type]  # loop condition: not None
-            if slot.close:
-                slots.clear()
-                self._linger(transport)
-                return
-        if not slots and not self.in_request:
-            if (self.closing or self.state.draining) and transport is not None:
-                transport.close()
-                return
-            self.idle_since = self.loop.time()
-        self._update_reading()
+        self._answer(self._slot(False), status, reason)
 
     def _linger(self, transport: asyncio.Transport) -> None:
         """Close after an answer: half-close and discard what the client still sends for a moment,

@@ -10,6 +10,7 @@ errors     u64 seq                           framed envelope + reason (poison me
 outgoing   u64 out seq                       egress record (gwcore/egress.py): site, attempts, envelope
 outgoing_errors  u64 out seq                 failed_ms + egress record (sends that gave up)
 meta       name                              value (schema version, last seq, last out seq, stream offset)
+databus_*  (three databases)                 claim-check parts and blobs (gwcore/databus.py)
 replica    dedup key                         u8 state + u64 ms (selected mode: gwcore/selected.py)
 =========  ===============================  ==========================================
 
@@ -39,6 +40,7 @@ from typing import Any, Callable, Iterator
 
 import lmdb
 
+from . import databus
 from ._core import core
 from .errors import InternalError, StoreError, StoreFullError, StoreUnavailableError
 from .lease import take_lease
@@ -47,15 +49,15 @@ __all__ = ("Store", "Writer", "StoreStats")
 
 log = logging.getLogger("gwcore.store")
 
-SCHEMA_VERSION = b"2"
+SCHEMA_VERSION = b"3"
+# Schema 3 added the databus_* databases; a schema 2 store gains them (empty) when opened.
+_UPGRADABLE = (b"2",)
 _U64 = struct.Struct(">Q")
 _DISK_FULL_MARGIN = 4 << 20  # below this much free space a failed write is taken as "disk full"
 _ERROR_RECORD = struct.Struct(">QI")  # failed_at_ms, reason length; then reason, then envelope
 
 # Job kinds handed to the writer thread.
-_INGEST = 0
-_ACK = 1
-_CALL = 2
+_INGEST, _ACK, _CALL = core.JOB_KINDS
 
 
 def now_ms() -> int:
@@ -158,22 +160,29 @@ class Store:
         self.outgoing = self.env.open_db(b"outgoing", create=create)
         self.outgoing_errors = self.env.open_db(b"outgoing_errors", create=create)
         self.meta = self.env.open_db(b"meta", create=create)
+        self.databus_parts = self._open_db(b"databus_parts", create)
+        self.databus_blobs = self._open_db(b"databus_blobs", create)
+        self.databus_expiry = self._open_db(b"databus_expiry", create)
+        #: Where blob files live (the claim check, gwcore/databus.py).
+        self.blob_dir = databus.blob_dir(path)
         # selected mode: dedup records followed from the broker's stream (gwcore/selected.py)
-        self.replica: Any
-        try:
-            self.replica = self.env.open_db(b"replica", create=create)
-        except lmdb.NotFoundError:  # read-only, on a store that never ran in selected mode
-            self.replica = None
+        self.replica = self._open_db(b"replica", create)
         if not readonly:
             with self.env.begin(write=True) as txn:
                 version = txn.get(b"schema", db=self.meta)
-                if version is None:
+                if version is None or version in _UPGRADABLE:
                     txn.put(b"schema", SCHEMA_VERSION, db=self.meta)
                 elif version != SCHEMA_VERSION:
                     raise StoreError(
                         f"store at {path!r} has schema {version.decode(errors='replace')}, this gwcore "
                         f"needs {SCHEMA_VERSION.decode()} (a store from a development build before "
                         "0.1.0: consume its queue with that build, then start on a new data dir)")
+
+    def _open_db(self, name: bytes, create: bool) -> Any:
+        try:
+            return self.env.open_db(name, create=create)
+        except lmdb.NotFoundError:
+            return None  # read-only, on a store from before schema 3: no blobs there
 
     def close(self) -> None:
         self.env.close()
@@ -253,6 +262,8 @@ class Store:
                 "errors": txn.stat(self.errors)["entries"],
                 "outgoing": txn.stat(self.outgoing)["entries"],
                 "outgoing_errors": txn.stat(self.outgoing_errors)["entries"],
+                "databus_parts": txn.stat(self.databus_parts)["entries"] if self.databus_parts else 0,
+                "databus_blobs": txn.stat(self.databus_blobs)["entries"] if self.databus_blobs else 0,
             }
 
     def size_bytes(self) -> int:
@@ -290,21 +301,31 @@ class Writer:
 
     def __init__(self, store: Store, loop: asyncio.AbstractEventLoop, *,
                  max_batch: int = 1024, max_delay_us: int = 200, dedup_ttl: float = 7 * 86400.0,
-                 cleanup_slice: int = 2000, on_commit: Callable[[int], None] | None = None) -> None:
+                 cleanup_slice: int = 2000, on_commit: Callable[[int], None] | None = None,
+                 databus_ttl: float = 7 * 86400.0) -> None:
         self.store = store
         self.loop = loop
         self.max_batch = max_batch
         self.max_delay = max_delay_us / 1e6
         self.ttl_ms = int(dedup_ttl * 1000)
         self.cleanup_slice = cleanup_slice
+        self.databus_ttl_ms = int(databus_ttl * 1000)
+        # Blob files whose records the open transaction removes: unlinked once it commits.
+        self._doomed: list[str] = []
+        self.blobs_expired = 0
+        databus.sweep(store)
         self.on_commit = on_commit  # loop-thread callback: number of new queue entries
         self.stats = StoreStats()
         self.index = core.DedupIndex()
         self.index_load_seconds = self._load_index()
         self.next_seq = store.last_seq() + 1
         self._last_accepted_ms = 0
+        # Jobs cross to the writer thread in lists, one list per event-loop turn: the thread is
+        # woken once for everything a turn produced, not once per request (on a single core,
+        # each wake-up preempts the loop thread and then waits for the GIL it holds).
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._pending = 0  # jobs submitted and not yet resolved (loop thread only)
+        #: the loop-thread side (compiled): the HTTP front end adds submits to it directly
+        self.inbox = core.JobInbox(loop.call_soon, self._hand_over)
         self._closed = False
         self._cleanup_due = 0.0
         self._thread = threading.Thread(target=self._run, name="gwcore-writer", daemon=True)
@@ -337,7 +358,8 @@ class Writer:
 
     @property
     def pending(self) -> int:
-        return self._pending
+        """Jobs added and not yet resolved."""
+        return self.inbox.pending
 
     def ingest(self, envelope: Any) -> asyncio.Future:
         """Record-and-enqueue one framed envelope; resolves True (new) or False (duplicate)."""
@@ -366,36 +388,43 @@ class Writer:
         if self._closed:
             done(False, StoreUnavailableError("the store is closed (gwcore is shutting down)"))
             return
-        self._pending += 1
-        self._jobs.put((kind, payload, done))
+        self.inbox.add(kind, payload, done)
+
+    def _hand_over(self) -> None:
+        jobs = self.inbox.take()
+        if jobs:
+            self._jobs.put(jobs)
 
     def close(self) -> None:
         """Commit what is queued, stop the thread, and wait for it (blocking)."""
         if not self._closed:
-            self._closed = True
+            self._closed = self.inbox.closed = True
+            self._hand_over()
             self._jobs.put(None)
         self._thread.join()
 
     def _resolve(self, done: list, added: int) -> None:
-        self._pending -= len(done)
-        for callback, ok, value in done:
-            callback(ok, value)
+        self.inbox.resolve(done)
         if added and self.on_commit is not None:
             self.on_commit(added)
 
     # -- writer thread -----------------------------------------------------------------------------
 
     def _take_batch(self) -> tuple[list, bool]:
-        first = self._jobs.get()
+        try:
+            # Not forever: an idle writer still runs the retention and blob expiry slices.
+            first = self._jobs.get(timeout=1.0)
+        except queue.Empty:
+            return [], False
         if first is None:
             return [], True
-        batch = [first]
+        batch = list(first)
         get = self._jobs.get_nowait
         stop = False
         deadline = None
         while len(batch) < self.max_batch:
             try:
-                job = get()
+                jobs = get()
             except queue.Empty:
                 if self.max_delay <= 0:
                     break
@@ -406,13 +435,13 @@ class Writer:
                 if remaining <= 0:
                     break
                 try:
-                    job = self._jobs.get(timeout=remaining)
+                    jobs = self._jobs.get(timeout=remaining)
                 except queue.Empty:
                     break
-            if job is None:
+            if jobs is None:
                 stop = True
                 break
-            batch.append(job)
+            batch.extend(jobs)
         return batch, stop
 
     def _run(self) -> None:
@@ -426,11 +455,11 @@ class Writer:
                     rest = []
                     while True:
                         try:
-                            job = self._jobs.get_nowait()
+                            jobs = self._jobs.get_nowait()
                         except queue.Empty:
                             break
-                        if job is not None:
-                            rest.append(job)
+                        if jobs is not None:
+                            rest.extend(jobs)
                     if rest:
                         self._process(rest)
                     return
@@ -465,10 +494,27 @@ class Writer:
         self.stats.observe(len(batch), time.perf_counter() - started)
         self.loop.call_soon_threadsafe(self._resolve, results, added)
 
+    def doom(self, name: str) -> None:
+        """Writer thread, inside a job: unlink this blob once the transaction commits."""
+        self._doomed.append(name)
+
+    def blob_expiry_ms(self, expiry_ms: int, accepted_ms: int) -> int:
+        """A blob's expiry: the message's TimeToBeReceived, else GWCORE_DATABUS_TTL."""
+        return expiry_ms or accepted_ms + self.databus_ttl_ms
+
+    def _committed(self) -> None:
+        doomed, self._doomed = self._doomed, []
+        if doomed:
+            databus.unlink(self.store.blob_dir, doomed)
+
     def _write(self, batch: list, envelopes: list) -> tuple[list, int]:
         store = self.store
         txn = store.env.begin(write=True)
+        rejected: dict = {}
         try:
+            if any(env.databus for env in envelopes):
+                replaced, rejected = databus.resolve_submits(txn, store, self.index, envelopes, self._doomed)
+                envelopes = [replaced.get(id(e), e) for e in envelopes if id(e) not in rejected]
             if envelopes:
                 # The log must stay in acceptance order for retention: never let the clock step back.
                 accepted_ms = self._last_accepted_ms = max(now_ms(), self._last_accepted_ms)
@@ -479,33 +525,48 @@ class Writer:
                     txn.put(b"seq", _U64.pack(next_seq - 1), db=store.meta)
             else:
                 new_flags, next_seq = [], self.next_seq
-            results: list[tuple[Any, bool, Any]] = []
-            flags = iter(new_flags)
-            for kind, payload, fut in batch:
-                if kind == _INGEST:
-                    results.append((fut, True, next(flags)))
-                elif kind == _ACK:
-                    results.append((fut, True, txn.delete(core.pack_seq(payload), db=store.queue)))
-                else:
-                    try:
-                        results.append((fut, True, payload(txn)))
-                    except lmdb.Error:
-                        raise
-                    except Exception as exc:  # a failing call fails alone, not the batch
-                        results.append((fut, False, exc))
+            results: list[tuple[Any, bool, Any]]
+            if len(new_flags) == len(batch):  # ingest jobs only: the common case under load
+                results = core.ingest_results(batch, new_flags)
+            else:
+                results = self._answers(txn, batch, new_flags, rejected)
             if time.monotonic() >= self._cleanup_due:
                 self._expire(txn)
             txn.commit()
         except BaseException:
             txn.abort()
             self.index.rollback()
+            self._doomed.clear()
             raise
         self.index.commit()
+        self._committed()
         added = next_seq - self.next_seq
         self.next_seq = next_seq
         self.stats.accepted += added
-        self.stats.duplicates += len(envelopes) - added
+        self.stats.duplicates += len(envelopes) - added - len(rejected)
         return results, added
+
+    def _answers(self, txn: Any, batch: list, new_flags: list, rejected: dict | None = None) -> list[tuple[Any, bool, Any]]:
+        """Carry out the acks and calls of a batch (inside its transaction) and pair every job
+        with its answer (*rejected*: the databus submits refused before the dedup step, by
+        ``id(envelope)``)."""
+        store = self.store
+        results: list[tuple[Any, bool, Any]] = []
+        flags = iter(new_flags)
+        for kind, payload, fut in batch:
+            if kind == _INGEST:
+                results.append((fut, True, rejected[id(payload)] if rejected and id(payload) in rejected
+                                else next(flags)))
+            elif kind == _ACK:
+                results.append((fut, True, txn.delete(core.pack_seq(payload), db=store.queue)))
+            else:
+                try:
+                    results.append((fut, True, payload(txn)))
+                except lmdb.Error:
+                    raise
+                except Exception as exc:  # a failing call fails alone, not the batch
+                    results.append((fut, False, exc))
+        return results
 
     def _write_when_full(self, batch: list, envelopes: list) -> tuple[list, int]:
         """The map cannot grow: answer duplicates (200), refuse new messages (503), keep acks."""
@@ -551,6 +612,9 @@ class Writer:
     def _expire(self, txn: Any) -> None:
         n = self.index.expire(txn, self.store.dedup_log, now_ms() - self.ttl_ms, self.cleanup_slice)
         self.stats.expired_records += n
+        blobs = databus.expire(txn, self.store, now_ms(), self.cleanup_slice, self._doomed)
+        self.blobs_expired += blobs
+        n = max(n, blobs)
         # A full slice means more is waiting: come back soon; otherwise once a second is plenty.
         self._cleanup_due = time.monotonic() + (0.05 if n >= self.cleanup_slice else 1.0)
 
@@ -560,10 +624,13 @@ class Writer:
         try:
             with self.store.env.begin(write=True) as txn:
                 self._expire(txn)
+            self._committed()
         except lmdb.MapFullError:
             # Deleting needs free pages too; try again after the next successful batch.
+            self._doomed.clear()
             self._cleanup_due = time.monotonic() + 5.0
         except lmdb.Error as exc:
+            self._doomed.clear()
             log.warning("dedup retention cleanup failed: %s", exc)
             self._cleanup_due = time.monotonic() + 5.0
 

@@ -160,6 +160,9 @@ class Envelope:
     auth_signature: str | None = None
     method: str | None = None
     target: str | None = None
+    databus_key: str | None = None
+    content_md5: str | None = None
+    databus: tuple | None = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,19 +273,27 @@ class Framer:
                 400,
                 f"Invalid CallType '{call_type}'. CallTypes supported 'SingleCallSubmit, SingleCallDatabusProperty'",
             )
-        if kind == CALL_DATABUS:
-            return refuse(
-                501,
-                "SingleCallDatabusProperty is not supported by this gwcore version yet: claim-check properties cannot be received.",
-            )
         md5 = get("Content-MD5")
         if md5 is not None and md5 != content_md5(body):
             return refuse(412, "MD5 hash received does not match hash calculated on server. Please resubmit.")
-        parts = sum("nservicebus.databus." in fold for fold in merged)
-        if parts:
-            return refuse(412, f"Expected {parts} claimcheck properties. None were received. Please resubmit.")
-
         gateway = get("NServiceBus.Gateway") is not None
+        if kind == CALL_DATABUS:
+            # a part: hash (above), then the key; stored by the receiver, not as a message
+            key = get("NServiceBus.Gateway.DataBusKey")
+            if key is None or key.strip(NET_WHITESPACE) == "":
+                return refuse(400, "Required header 'NServiceBus.Gateway.DataBusKey' missing.")
+            self.framed_total += 1
+            return Envelope(
+                id=id, key=self.scope.encode("utf-8") + b"\x00" + id.encode("utf-8"), call_type=CALL_DATABUS,
+                expiry_ms=_expiry(get("NServiceBus.TimeToBeReceived"), now_ms, gateway), accepted_ms=now_ms,
+                headers={}, body=body, framed=b"", callback=callback, databus_key=key, content_md5=md5, **auth,
+            )
+        # claim-check headers: (request name, stored name or None), looked up by the writer
+        databus = tuple(
+            (name, (_strip_header_prefix(name) if "nservicebus.header" in fold else None) if gateway else name)
+            for fold, (name, _value) in merged.items() if "nservicebus.databus." in fold
+        )
+
         if gateway:
             correlation_id = get("NServiceBus.CorrelationId")
             if correlation_id is None:
@@ -305,5 +316,6 @@ class Framer:
             body=body,
             framed=encode_envelope(id, message_headers, body, expiry_ms, now_ms),
             callback=callback,
+            databus=databus,
             **auth,
         )

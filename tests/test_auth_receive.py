@@ -132,12 +132,27 @@ def test_second_key_id_side_by_side_for_rotation(run, gateway_factory):
     run(main())
 
 
-def test_databus_call_is_authenticated_before_the_501(run, gateway_factory):
+def test_databus_part_is_authenticated(run, gateway_factory):
     async def main():
         async with gateway_factory(receive_keys=KEYS) as gw:
-            assert_refused(await post(gw, nsb_request(call_type="SingleCallDatabusProperty")), "missing-signature")
+            key = [("NServiceBus.Gateway.DataBusKey", "NServiceBus.Header.NServiceBus.DataBus.k")]
+            # unsigned: refused at its head, nothing written
+            assert_refused(await post(gw, nsb_request(call_type="SingleCallDatabusProperty", extra=key)),
+                           "missing-signature")
+            msg_id = str(uuid.uuid4())
+            # signed over another body: the digest of the streamed blob does not match
+            req = signed(msg_id, sign_body=b"something else", call_type="SingleCallDatabusProperty")
+            head, _, body = req.partition(b"\r\n\r\n")
+            assert_refused(await post(gw, head + b"\r\nNServiceBus.Gateway.DataBusKey: k\r\n\r\n" + body),
+                           "bad-signature")
+            req = signed(msg_id, call_type="SingleCallDatabusProperty")
+            head, _, body = req.partition(b"\r\n\r\n")
+            r = await post(gw, head + b"\r\nNServiceBus.Gateway.DataBusKey: k\r\n\r\n" + body)
+            assert (r.status, r.reason) == (200, "OK")
+            assert gw.store.counts()["databus_parts"] == 1
+            # signed without a DataBusKey: 400 after the signature check (framed whole)
             r = await post(gw, signed(str(uuid.uuid4()), call_type="SingleCallDatabusProperty"))
-            assert r.status == 501
+            assert (r.status, r.reason) == (400, "Required header 'NServiceBus.Gateway.DataBusKey' missing.")
             # framing errors found before the id is known are answered as before
             assert (await post(gw, nsb_request(msg_id=""))).status == 400
 

@@ -157,6 +157,7 @@ def outcome(result):
         "accepted", result.id, result.key, result.call_type, result.expiry_ms, result.accepted_ms,
         list(result.headers.items()), result.body, result.framed, result.callback,
         result.auth_date, result.auth_signature, result.method, result.target,
+        result.databus_key, result.content_md5, result.databus,
     )
 
 

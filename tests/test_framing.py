@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import random
 
+import urllib.parse
+
 import pytest
 
 from gwcore import _dedup
@@ -363,7 +365,7 @@ def test_plain_submit_variants(impl, pairs, status, reason):
 MINIMAL = [("NServiceBus.Id", "m1"), ("NServiceBus.CallType", "SingleCallSubmit")]
 
 INVALID = "CallTypes supported 'SingleCallSubmit, SingleCallDatabusProperty'"
-DATABUS_501 = "SingleCallDatabusProperty is not supported by this gwcore version yet: claim-check properties cannot be received."
+NO_DATABUS_KEY = "Required header 'NServiceBus.Gateway.DataBusKey' missing."
 
 
 @pytest.mark.parametrize(
@@ -380,8 +382,8 @@ DATABUS_501 = "SingleCallDatabusProperty is not supported by this gwcore version
         ([MINIMAL[0], ("NServiceBus.CallType", "singlecallsubmit")], 400, f"Invalid CallType 'singlecallsubmit'. {INVALID}"),
         ([MINIMAL[0], ("NServiceBus.CallType", "2")], 400, f"Invalid CallType '2'. {INVALID}"),
         ([MINIMAL[0], ("NServiceBus.CallType", "+Ack+")], 400, f"Invalid CallType ' Ack '. {INVALID}"),
-        ([MINIMAL[0], ("NServiceBus.CallType", "SingleCallDatabusProperty")], 501, DATABUS_501),
-        ([MINIMAL[0], ("NServiceBus.CallType", "1")], 501, DATABUS_501),
+        ([MINIMAL[0], ("NServiceBus.CallType", "SingleCallDatabusProperty")], 400, NO_DATABUS_KEY),
+        ([MINIMAL[0], ("NServiceBus.CallType", "1"), ("NServiceBus.Gateway.DataBusKey", "+")], 400, NO_DATABUS_KEY),
         (
             [MINIMAL[0], ("NServiceBus.CallType", "Z%C3%BCrich%0A%7F")],
             400,
@@ -400,14 +402,17 @@ def test_call_type_submit_forms(impl, call_type):
 
 
 def test_validation_order(impl):
-    # id before call type, call type before MD5, MD5 before databus parts, those before correlation id
+    # id before call type, call type before MD5; a databus part's MD5 before its DataBusKey
+    # (NServiceBus stores the blob, verifies it, then wants the key)
     assert frame(impl, [("NServiceBus.CallType", "Nope")]).status == 400
     assert "Id" in frame(impl, [("NServiceBus.CallType", "Nope")]).reason
-    assert frame(impl, [MINIMAL[0], ("NServiceBus.CallType", "1"), ("Content-MD5", "bad")]).status == 501
+    assert frame(impl, [MINIMAL[0], ("NServiceBus.CallType", "1"), ("Content-MD5", "bad")]).status == 412
     bad_md5_and_parts = MINIMAL + [("Content-MD5", "bad"), ("NServiceBus.Header.NServiceBus.DataBus.k", "k")]
     assert frame(impl, bad_md5_and_parts).status == 412
     assert frame(impl, bad_md5_and_parts).reason.startswith("MD5")
-    assert frame(impl, MINIMAL + [("NServiceBus.Header.NServiceBus.DataBus.k", "k"), ("NServiceBus.Gateway", "True")]).status == 412
+    # the parts of a submit are looked up by the writer, after framing
+    parts = frame(impl, MINIMAL + [("NServiceBus.Header.NServiceBus.DataBus.k", "k"), ("NServiceBus.Gateway", "True")])
+    assert parts.status == 502  # no correlation id: framing goes on past the parts
 
 
 def test_reason_is_clean_ascii_and_bounded(impl):
@@ -426,9 +431,27 @@ def test_reason_is_clean_ascii_and_bounded(impl):
         (["NServiceBus.DataBus.Shared.Msg.Payload"], 1),
     ],
 )
-def test_databus_parts_never_received(impl, parts, n):
+def test_databus_headers_of_a_submit_are_listed_for_the_writer(impl, parts, n):
     pairs = PLAIN_SUBMIT + [(name, "key") for name in parts]
-    assert_rejected(frame(impl, pairs), 412, f"Expected {n} claimcheck properties. None were received. Please resubmit.")
+    env = frame(impl, pairs)
+    assert len(env.databus) == n
+    for (wire, stored), name in zip(env.databus, parts):
+        assert wire == urllib.parse.unquote(name)
+        # a gateway message keeps NServiceBus.Header.* headers only, without the prefix
+        assert stored == (None if not name.lower().startswith("nservicebus.header.") else wire[19:])
+        if stored is not None:
+            assert env.headers[stored] == "key"
+
+
+def test_databus_part_framed_whole(impl):
+    pairs = [MINIMAL[0], ("NServiceBus.CallType", "SingleCallDatabusProperty"),
+             ("NServiceBus.Gateway.DataBusKey", "NServiceBus.Header.NServiceBus.DataBus.a%2Fb"),
+             ("NServiceBus.TimeToBeReceived", "00%3A00%3A10"), ("Content-MD5", "4HJGsZlkhfKtZTbdlkaTgw%3D%3D")]
+    env = frame(impl, pairs, body=b"myData", now=1000)
+    assert (env.call_type, env.databus_key, env.content_md5) == (impl.CALL_DATABUS, "NServiceBus.Header.NServiceBus.DataBus.a/b", "4HJGsZlkhfKtZTbdlkaTgw==")
+    assert (env.id, env.key, env.body, env.framed, env.headers, env.expiry_ms) == ("m1", b"RemoteSite\x00m1", b"myData", b"", {}, 11000)
+    bad = frame(impl, pairs, body=b"other", now=1000)
+    assert bad.status == 412
 
 
 def test_databus_config_content_type_is_not_a_part(impl):

@@ -101,12 +101,13 @@ def test_error_rows_leave_no_trace(run, gateway_factory, kwargs, status, reason)
     run(main())
 
 
-def test_databus_part_answers_501_until_supported(run, gateway_factory):
+def test_databus_part_without_its_key_is_400(run, gateway_factory):
     async def main():
         async with gateway_factory() as gw:
             async with Client(*addr(gw)) as c:
                 r = await c.request(nsb_request(MSG_ID, call_type="SingleCallDatabusProperty"))
-            assert r.status == 501 and "SingleCallDatabusProperty" in r.reason
+            assert (r.status, r.reason) == (400, "Required header 'NServiceBus.Gateway.DataBusKey' missing.")
+            assert gw.store.counts()["databus_parts"] == 0
 
     run(main())
 

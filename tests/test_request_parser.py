@@ -624,3 +624,20 @@ def test_other_request_bodies_are_dropped_in_pieces():
 def test_channel_paths_are_checked(paths):
     with pytest.raises(ConfigurationError):
         _dedup.RequestParser(_dedup.Framer("x"), paths, allow_get=False, **LIMITS)
+
+
+@pytest.mark.parametrize("bad", [0x00, 0x01, 0x0B, 0x1F, 0x7F])
+def test_control_byte_anywhere_in_a_long_value_is_malformed(bad):
+    # header values are checked eight bytes at a time: every position in and around a word,
+    # next to a TAB (allowed) and next to UTF-8 bytes (allowed)
+    for length in (1, 7, 8, 9, 16, 23, 40):
+        for pos in range(length):
+            value = bytearray(b"\xc3\xa9\tabcdefgh" * 5)[:length]
+            value[pos] = bad
+            if value[0] in (0x09,) or value[-1] in (0x09,):
+                continue  # leading/trailing TAB is OWS, not part of the value
+            req = b"POST /RemoteSite/ HTTP/1.1\r\nHost: x\r\nX-V: " + bytes(value) + b"\r\n\r\n"
+            events = make().feed(req, NOW)
+            assert len(events) == 1 and events[0][:2] == (EV_ERROR, 400), (length, pos, events)
+    ok = b"POST /RemoteSite/ HTTP/1.1\r\nHost: x\r\nX-V: " + b"\xc3\xa9\tabcdefgh" * 5 + b"\r\nContent-Length: 0\r\n\r\n"
+    assert make().feed(ok, NOW)[0][0] != EV_ERROR

@@ -11,8 +11,29 @@ cdef class Envelope:
     def headers(self):
         # Built on demand: the HTTP path stores `framed` and never needs the dict.
         if self._headers is None:
-            self._headers = decode_envelope(self.framed)[1]
+            self._headers = decode_envelope(self.framed)[1] if self.framed else {}
         return self._headers
+
+    def with_framed(self, bytes framed not None):
+        """A copy carrying another stored form (a submit whose databus headers were rewritten
+        to the local blob keys)."""
+        cdef Envelope env = Envelope.__new__(Envelope)
+        env.id = self.id
+        env.key = self.key
+        env.call_type = self.call_type
+        env.expiry_ms = self.expiry_ms
+        env.accepted_ms = self.accepted_ms
+        env.body = self.body
+        env.framed = framed
+        env.callback = self.callback
+        env.auth_date = self.auth_date
+        env.auth_signature = self.auth_signature
+        env.method = self.method
+        env.target = self.target
+        env.databus_key = self.databus_key
+        env.content_md5 = self.content_md5
+        env.databus = self.databus
+        return env
 
     def __repr__(self):
         return (f"<Envelope id={self.id!r} call_type={self.call_type} expiry_ms={self.expiry_ms} "
@@ -349,6 +370,76 @@ cdef class Framer:
             return None
         return self._str(self._spans[span].value, self._spans[span].value_n)
 
+    cdef tuple _databus_names(self, Py_ssize_t first, Py_ssize_t end, bint gateway):
+        # (request header name, stored header name or None) of each claim-check header in
+        # [first, end) (marks set). The part is found under the request name (NServiceBus keys
+        # its map by it); the stored name is where the rewritten value goes: a gateway message
+        # keeps only NServiceBus.Header.* headers, without the prefix.
+        cdef list out = []
+        cdef Py_ssize_t i, n
+        cdef const _Span* s
+        cdef unsigned char* dst
+        cdef object stored
+        for i in range(first, end):
+            s = &self._spans[i]
+            if not s.marks & MARK_DATABUS:
+                continue
+            stored = None
+            if not gateway:
+                stored = self._str(s.name, s.name_n)
+            elif s.marks & MARK_HEADER:
+                dst = self._room(s.name_n)
+                s = &self._spans[i]             # the text may have moved
+                n = _strip_prefix(self._text + s.name, s.name_n, dst)
+                stored = PyUnicode_DecodeUTF8(<const char*>dst, n, NULL)
+            out.append((self._str(s.name, s.name_n), stored))
+        return tuple(out)
+
+    cdef object _databus_part(self, const Py_ssize_t* found, bytes body, bint streamed,
+                              object callback, uint64_t now_ms):
+        # SingleCallDatabusProperty: NServiceBus stores the blob, verifies its hash (412), then
+        # wants the DataBusKey (400). A streamed part is checked for its key before its body
+        # arrives and for its hash once the body is on disk (gwcore/databus.py).
+        cdef const _Span* s
+        cdef Py_ssize_t n
+        cdef unsigned char md5[MD5_BASE64_LEN]
+        cdef Envelope env
+        cdef Py_ssize_t key = self._lookup(CTL_DATABUS_KEY)
+        if not streamed and found[CTL_CONTENT_MD5] >= 0:
+            s = &self._spans[found[CTL_CONTENT_MD5]]
+            _content_md5(body, md5)
+            if s.value_n != MD5_BASE64_LEN or memcmp(self._text + s.value, md5, MD5_BASE64_LEN):
+                return self._reject_known(
+                    412, "MD5 hash received does not match hash calculated on server. "
+                         "Please resubmit.", callback, found, body)
+        if key >= 0:
+            n = self._spans[key].value_n
+            _net_strip(self._text + self._spans[key].value, &n)
+        if key < 0 or n == 0:
+            return self._reject_known(400, "Required header 'NServiceBus.Gateway.DataBusKey' missing.",
+                                      callback, found, body)
+        env = Envelope.__new__(Envelope)
+        if found[CTL_TTBR] >= 0:
+            s = &self._spans[found[CTL_TTBR]]
+            env.expiry_ms = _expiry(self._text + s.value, s.value_n, now_ms, found[CTL_GATEWAY] >= 0)
+        s = &self._spans[found[CTL_ID]]
+        env.id = self._str(s.value, s.value_n)
+        env.key = self._key(s)
+        env.call_type = CALL_TYPE_DATABUS
+        env.accepted_ms = now_ms
+        env.body = body
+        env.framed = b""
+        env._headers = {}
+        env.callback = callback
+        env.databus_key = self._str(self._spans[key].value, self._spans[key].value_n)
+        env.content_md5 = self._value_or_none(found[CTL_CONTENT_MD5])
+        env.databus = ()
+        if self.signatures:
+            env.auth_date = self._value_or_none(found[CTL_AUTH_DATE])
+            env.auth_signature = self._value_or_none(found[CTL_AUTH_SIGNATURE])
+        self.framed_total += 1
+        return env
+
     def frame(self, list headers not None, body, query, uint64_t now_ms):
         return self._frame(headers, body, query, now_ms)
 
@@ -415,6 +506,8 @@ cdef class Framer:
         cdef unsigned char md5[MD5_BASE64_LEN]
         cdef bytes body_bytes
         cdef bint gateway
+        cdef bint streamed = body is None        # RequestParser streams a databus part's body
+        cdef tuple databus = ()
         cdef Envelope env
 
         if repeated >= 0:
@@ -422,7 +515,7 @@ cdef class Framer:
             return self._reject(
                 400, f"Header '{self._str(s.name, s.name_n)}' appears more than once.", callback)
 
-        body_bytes = self._apply_query(first, _as_bytes(body))
+        body_bytes = self._apply_query(first, b"" if streamed else _as_bytes(body))
         end = self._spans_n
         for i in range(CONTROL_COUNT):
             found[i] = self._lookup(i)
@@ -447,9 +540,8 @@ cdef class Framer:
         s = &self._spans[found[CTL_CALL_TYPE]]
         i = _call_type(self._text + s.value, s.value_n)
         if i == CALL_TYPE_DATABUS:
-            return self._reject_known(
-                501, "SingleCallDatabusProperty is not supported by this gwcore version yet: "
-                     "claim-check properties cannot be received.", callback, found, body_bytes)
+            found[CTL_DATABUS_KEY] = self._lookup(CTL_DATABUS_KEY)
+            return self._databus_part(found, body_bytes, streamed, callback, now_ms)
         if i != CALL_TYPE_SUBMIT:
             return self._reject_known(
                 400, f"Invalid CallType '{self._str(s.value, s.value_n)}'. CallTypes supported "
@@ -462,14 +554,11 @@ cdef class Framer:
                 return self._reject_known(
                     412, "MD5 hash received does not match hash calculated on server. "
                          "Please resubmit.", callback, found, body_bytes)
-        # No part can have arrived while SingleCallDatabusProperty is refused above.
-        n = self._mark(first, end)
-        if n:
-            return self._reject_known(
-                412, f"Expected {n} claimcheck properties. None were received. Please resubmit.",
-                callback, found, body_bytes)
-
         gateway = found[CTL_GATEWAY] >= 0
+        # Claim-check headers: their parts are looked up (and the values rewritten) by the
+        # writer, in the transaction that records the message (gwcore/databus.py).
+        if self._mark(first, end):
+            databus = self._databus_names(first, end, gateway)
         if gateway and found[CTL_CORRELATION_ID] < 0:
             # NServiceBus reads it with a throwing indexer: an unhandled exception -> 502
             return self._reject_known(502, "Unexpected server error", callback, found, body_bytes)
@@ -489,6 +578,7 @@ cdef class Framer:
         env.accepted_ms = now_ms
         env.body = body_bytes
         env.callback = callback
+        env.databus = databus
         if self.signatures:
             env.auth_date = self._value_or_none(found[CTL_AUTH_DATE])
             env.auth_signature = self._value_or_none(found[CTL_AUTH_SIGNATURE])

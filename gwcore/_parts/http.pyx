@@ -10,6 +10,9 @@ cdef enum:
     EVENT_OTHER = 1
     EVENT_CONTINUE = 2
     EVENT_ERROR = 3
+    EVENT_PART_BEGIN = 4                # a databus part's head: its body follows as PART_DATA
+    EVENT_PART_DATA = 5
+    EVENT_PART_END = 6
 
     ASCII_TAB = 0x09
     ASCII_LF = 0x0A
@@ -40,8 +43,12 @@ EV_SUBMIT = EVENT_SUBMIT
 EV_OTHER = EVENT_OTHER
 EV_CONTINUE = EVENT_CONTINUE
 EV_ERROR = EVENT_ERROR
+EV_PART_BEGIN = EVENT_PART_BEGIN
+EV_PART_DATA = EVENT_PART_DATA
+EV_PART_END = EVENT_PART_END
 
 cdef tuple CONTINUE_EVENT = (EVENT_CONTINUE,)
+cdef tuple PART_END_EVENT = (EVENT_PART_END,)
 cdef tuple BUILTIN_PATHS = (b"/healthz", b"/readyz", b"/metrics")   # never a channel (http.py)
 
 # RFC 9110 tchar: method and header name characters.
@@ -69,6 +76,13 @@ cdef inline bint _is_ctl(unsigned char c) noexcept nogil:
     return (c < ASCII_SPACE and c != ASCII_TAB) or c == ASCII_DEL
 
 
+cdef inline bint _has_ctl8(uint64_t x) noexcept nogil:
+    # Some byte of x is below 0x20 or is 0x7F (bytes 0x80 and up never count).
+    cdef uint64_t low = (x - 0x2020202020202020ULL) & ~x & 0x8080808080808080ULL
+    cdef uint64_t d = x ^ 0x7F7F7F7F7F7F7F7FULL
+    return (low | ((d - 0x0101010101010101ULL) & ~d & 0x8080808080808080ULL)) != 0
+
+
 cdef bint _is_word(const unsigned char* p, Py_ssize_t n, const char* word, Py_ssize_t m) noexcept nogil:
     # p[0:n] equals the lower-case ASCII word, ignoring case
     return n == m and _same(p, <const unsigned char*>word, n, False)
@@ -78,7 +92,8 @@ cdef const char* _field_error(const unsigned char* p, Py_ssize_t n, Py_ssize_t* 
                               Py_ssize_t* value, Py_ssize_t* value_end) noexcept nogil:
     # Checks one header (or trailer) line without its CRLF: name ":" OWS value OWS. Returns NULL
     # and where name, value and its end are, or what is wrong.
-    cdef Py_ssize_t i = 0, v, e
+    cdef Py_ssize_t i = 0, v, e, k
+    cdef uint64_t word
     if _is_ows(p[0]):
         return "obsolete line folding"
     while i < n and TOKEN[p[i]]:
@@ -94,9 +109,20 @@ cdef const char* _field_error(const unsigned char* p, Py_ssize_t n, Py_ssize_t* 
     e = n
     while e > v and _is_ows(p[e - 1]):
         e -= 1
-    for i in range(v, e):
+    i = v
+    while i + 8 <= e:
+        # eight bytes at a time; a word with a byte below 0x20 (a TAB too) or a DEL is looked
+        # at byte by byte
+        memcpy(&word, p + i, 8)
+        if _has_ctl8(word):
+            for k in range(i, i + 8):
+                if _is_ctl(p[k]):
+                    return "invalid header value character"
+        i += 8
+    while i < e:
         if _is_ctl(p[i]):
             return "invalid header value character"
+        i += 1
     value[0] = v
     value_end[0] = e
     return NULL
@@ -141,7 +167,8 @@ cdef class RequestParser:
         self._raw = NULL
 
     def __init__(self, Framer framer not None, list channel_paths not None, *, int max_headers,
-                 Py_ssize_t max_header_bytes, Py_ssize_t max_body, bint allow_get):
+                 Py_ssize_t max_header_bytes, Py_ssize_t max_body, bint allow_get,
+                 Py_ssize_t max_blob=-1):
         for path in channel_paths:
             if (type(path) is not bytes or not path.startswith(b"/") or not path.endswith(b"/")
                     or path.lower() != path):
@@ -154,6 +181,8 @@ cdef class RequestParser:
         self._max_headers = max_headers
         self._max_header_bytes = max_header_bytes
         self._max_body = max_body
+        self._max_blob = max_body if max_blob < 0 else max_blob
+        self._limit = max_body
         self._allow_get = allow_get
         self._state = RP_START
         self._reset()
@@ -172,7 +201,8 @@ cdef class RequestParser:
         self._has_te = self._chunked = False
         self._conn_close = self._conn_keep_alive = self._conn_upgrade = self._has_upgrade = False
         self._expect = self._continue_sent = False
-        self._submit = False
+        self._submit = self._part = False
+        self._limit = self._max_body
         self._method_bytes = self._path_bytes = None
         self._body_n = self._body_total = self._remaining = self._trailer = 0
         return 0
@@ -181,7 +211,7 @@ cdef class RequestParser:
         cdef list events = []
         cdef const unsigned char[::1] view
         cdef const unsigned char* p
-        cdef Py_ssize_t n
+        cdef Py_ssize_t n, take
         if self._state == RP_DONE:
             return events
         if type(data) is bytes:
@@ -191,6 +221,17 @@ cdef class RequestParser:
             view = data
             n = view.shape[0]
             p = &view[0] if n else NULL
+        if (n and self._part and self._state == RP_BODY and self._pos == self._len
+                and type(data) is bytes):
+            # A streamed part's body with nothing buffered: hand the received bytes on as they
+            # are (no copy into the buffer and out again); only what follows the body is kept.
+            take = min(n, self._remaining)
+            events.append((EVENT_PART_DATA, data if take == n else data[:take]))
+            self._remaining -= take
+            if self._remaining == 0:
+                self._state = RP_COMPLETE
+            p += take
+            n -= take
         if n:
             memcpy(self._room(n), p, n)
             self._len += n
@@ -272,7 +313,7 @@ cdef class RequestParser:
                 if n == 0 and st != RP_LINE:
                     self._pos = self._scan = k + 1
                     if st == RP_HEADERS:
-                        self._headers_complete(events)
+                        self._headers_complete(events, now_ms)
                     else:
                         self._state = RP_COMPLETE
                     continue
@@ -301,7 +342,11 @@ cdef class RequestParser:
                 take = min(self._len - self._pos, self._remaining)
                 if take == 0:
                     return 0
-                if self._submit:
+                if self._part:
+                    # streamed: handed out now, never kept (GWCORE_MAX_BLOB may be gigabytes)
+                    events.append((EVENT_PART_DATA, PyBytes_FromStringAndSize(
+                        <const char*>self._buf + self._pos, take)))
+                elif self._submit:
                     if st == RP_CHUNK_DATA:
                         # de-chunked in place, right after the part of the body already in
                         memmove(self._buf + self._body + self._body_n, self._buf + self._pos, take)
@@ -439,10 +484,11 @@ cdef class RequestParser:
             self._expect = _is_word(p + v, e - v, "100-continue", 12)
         return 0
 
-    cdef int _headers_complete(self, list events) except -1:
+    cdef int _headers_complete(self, list events, uint64_t now_ms) except -1:
         cdef const unsigned char* m = self._buf + self._method
         cdef const unsigned char* t = self._buf + self._target
         cdef const void* q
+        cdef object head
         if ((self._conn_upgrade and self._has_upgrade)
                 or (self._method_n == 7 and memcmp(m, b"CONNECT", 7) == 0)):
             return self._fail(events, 400, "Bad Request: protocol upgrades are not supported")
@@ -451,9 +497,6 @@ cdef class RequestParser:
             return self._malformed(events, "both Content-Length and Transfer-Encoding")
         if self._has_te and not self._chunked:
             return self._malformed(events, "Transfer-Encoding does not end in chunked")
-        if self._length > self._max_body:
-            return self._fail(events, 413, f"Payload Too Large: body of {self._length} bytes "
-                                           f"exceeds GWCORE_MAX_BODY={self._max_body}")
         self._keep_alive = not self._conn_close if self._http11 else self._conn_keep_alive
         q = memchr(t, ASCII_QUESTION, self._target_n)
         self._path_n = self._target_n if q == NULL else <const unsigned char*>q - t
@@ -461,6 +504,24 @@ cdef class RequestParser:
             ((self._method_n == 4 and memcmp(m, b"POST", 4) == 0)
              or (self._allow_get and self._method_n == 3 and memcmp(m, b"GET", 3) == 0))
             and self._matches_channel())
+        if self._submit and self._databus_call():
+            # A databus part is framed from its head alone and its body streamed out (to a blob
+            # file); a head the framer refuses is read whole and answered like any request.
+            self._raw_headers()
+            head = self._framer._frame_raw(self._raw, self._headers_n, None, None, now_ms)
+            if type(head) is Envelope:
+                if self._length > self._max_blob:
+                    return self._fail(events, 413, f"Payload Too Large: databus property of "
+                                      f"{self._length} bytes exceeds GWCORE_MAX_BLOB={self._max_blob}")
+                if self._framer.signatures:
+                    self._add_request_line(head)
+                self._part = True
+                self._submit = False
+                self._limit = self._max_blob
+                events.append((EVENT_PART_BEGIN, self._keep_alive, head))
+        if self._length > self._limit:
+            return self._fail(events, 413, f"Payload Too Large: body of {self._length} bytes "
+                                           f"exceeds GWCORE_MAX_BODY={self._max_body}")
         if not self._submit:
             self._method_bytes = PyBytes_FromStringAndSize(<const char*>m, self._method_n)
             self._path_bytes = PyBytes_FromStringAndSize(<const char*>t, self._path_n)
@@ -485,7 +546,7 @@ cdef class RequestParser:
             digit = _hex_value(p[i])
             if digit < 0:
                 break
-            if size <= self._max_body:       # saturates: anything larger is refused below
+            if size <= self._limit:          # saturates: anything larger is refused below
                 size = size * 16 + digit
             i += 1
         if i == 0:
@@ -516,9 +577,10 @@ cdef class RequestParser:
                         i += 1
                     if i == j:
                         return self._malformed(events, "invalid chunk extension")
-        if size > self._max_body - self._body_total:
-            return self._fail(events, 413, "Payload Too Large: body exceeds "
-                                           f"GWCORE_MAX_BODY={self._max_body} bytes")
+        if size > self._limit - self._body_total:
+            return self._fail(events, 413, "Payload Too Large: body exceeds " + (
+                f"GWCORE_MAX_BLOB={self._max_blob}" if self._part else
+                f"GWCORE_MAX_BODY={self._max_body}") + " bytes")
         self._body_total += size
         if size == 0:
             self._state = RP_TRAILER
@@ -526,6 +588,43 @@ cdef class RequestParser:
         else:
             self._remaining = size
             self._state = RP_CHUNK_DATA
+        return 0
+
+    cdef bint _databus_call(self) noexcept:
+        # Is this a SingleCallDatabusProperty request? Decided on the raw header as senders
+        # write it (NServiceBus.CallType needs no escapes). A request this misses (an escaped
+        # name, the call type in a GET query) is framed whole and its body written from memory.
+        cdef const _HeaderAt* h
+        cdef Py_ssize_t i, n
+        cdef unsigned char value[64]
+        cdef bint ascii
+        if self._allow_get and self._path_n < self._target_n:
+            return False
+        for i in range(self._headers_n):
+            h = &self._headers[i]
+            if (h.name_n == 20 and h.value_n <= 64
+                    and _same(self._buf + h.name, <const unsigned char*>b"nservicebus.calltype", 20, False)):
+                n = _percent_decode(self._buf + h.value, h.value_n, value, &ascii)
+                return _call_type(value, n) == CALL_TYPE_DATABUS
+        return False
+
+    cdef int _raw_headers(self) except -1:
+        # _headers as (name, value) pointer pairs in _raw, for the framer
+        cdef Py_ssize_t i
+        cdef _RawSpan* grown
+        cdef const _HeaderAt* h
+        if self._raw_cap < 2 * self._headers_n:
+            grown = <_RawSpan*>PyMem_Realloc(self._raw, 2 * self._headers_cap * sizeof(_RawSpan))
+            if grown == NULL:
+                raise MemoryError()
+            self._raw = grown
+            self._raw_cap = 2 * self._headers_cap
+        for i in range(self._headers_n):
+            h = &self._headers[i]
+            self._raw[2 * i].p = self._buf + h.name
+            self._raw[2 * i].n = h.name_n
+            self._raw[2 * i + 1].p = self._buf + h.value
+            self._raw[2 * i + 1].n = h.value_n
         return 0
 
     cdef bint _matches_channel(self) noexcept:
@@ -557,27 +656,15 @@ cdef class RequestParser:
         cdef bytes body
         cdef object query = None
         cdef object result
-        cdef Py_ssize_t i
-        cdef _RawSpan* grown
-        cdef const _HeaderAt* h
-        if self._submit:
+        if self._part:
+            events.append(PART_END_EVENT)
+        elif self._submit:
             body = PyBytes_FromStringAndSize(<const char*>self._buf + self._body, self._body_n)
             if self._allow_get and self._path_n < self._target_n:
                 query = PyBytes_FromStringAndSize(
                     <const char*>self._buf + self._target + self._path_n + 1,
                     self._target_n - self._path_n - 1)
-            if self._raw_cap < 2 * self._headers_n:
-                grown = <_RawSpan*>PyMem_Realloc(self._raw, 2 * self._headers_cap * sizeof(_RawSpan))
-                if grown == NULL:
-                    raise MemoryError()
-                self._raw = grown
-                self._raw_cap = 2 * self._headers_cap
-            for i in range(self._headers_n):
-                h = &self._headers[i]
-                self._raw[2 * i].p = self._buf + h.name
-                self._raw[2 * i].n = h.name_n
-                self._raw[2 * i + 1].p = self._buf + h.value
-                self._raw[2 * i + 1].n = h.value_n
+            self._raw_headers()
             result = self._framer._frame_raw(self._raw, self._headers_n, body, query, now_ms)
             if self._framer.signatures:
                 self._add_request_line(result)

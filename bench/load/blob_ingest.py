@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""Databus blob ingest against the raw disk write rate, measured side by side in one run.
+
+Each round, in alternating order:
+
+``disk``
+    this script writes ``--size`` MiB to a file on the data dir's file system in 256 KiB writes,
+    then fsyncs it: the rate the disk and page cache give a plain writer (the best a blob can do).
+``ingest``
+    a fresh ``gwcore serve`` (pinned to ``--server-cpu``) receives one ``SingleCallDatabusProperty``
+    part of ``--size`` MiB over loopback from a client in this process (pinned to
+    ``--client-cpu``), with its Content-MD5: parsing, MD5, writing, fsync, rename, the LMDB index
+    commit. Timed from the first byte sent to the 200.
+
+The ratio ingest ÷ disk per round cancels most of what the (shared) machine adds; the report
+gives its median and range. Each round also times one MD5 over the same bytes (``md5``): a part
+with Content-MD5 (NServiceBus always sends one) cannot be hashed faster than that by one core, so
+where MD5 alone is slower than the disk it bounds the ratio; ``--no-md5`` sends the part without
+the header to show the rest of the path. Results go to bench/results/ (gitignored).
+
+    .venv/bin/python bench/load/blob_ingest.py                       # 5 rounds of 512 MiB
+    .venv/bin/python bench/load/blob_ingest.py --rounds 1 --size 64  # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run_load as rl  # noqa: E402  (Server, pinning, results dir)
+
+PIECE = 4 << 20
+WRITE = 256 << 10
+
+
+def disk_rate(directory: Path, size: int, piece: bytes) -> float:
+    """MiB/s of writing *size* bytes in 256 KiB writes plus one fsync (and the directory's)."""
+    path = directory / f"disk-{uuid.uuid4().hex}"
+    view = memoryview(piece)
+    started = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        left = size
+        while left:
+            for off in range(0, len(piece), WRITE):
+                chunk = view[off:off + min(WRITE, left)]
+                os.write(fd, chunk)
+                left -= len(chunk)
+                if not left:
+                    break
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(directory, os.O_RDONLY)
+    os.fsync(dfd)
+    os.close(dfd)
+    took = time.perf_counter() - started
+    os.unlink(path)
+    return size / took / (1 << 20)
+
+
+def md5_rate(size: int, piece: bytes) -> float:
+    """MiB/s of one MD5 over *size* bytes: the ceiling of a part with Content-MD5 (one stream
+    cannot be hashed by two cores)."""
+    h = hashlib.md5()
+    view = memoryview(piece)
+    started = time.perf_counter()
+    for off in range(0, size, len(piece)):
+        h.update(view[:min(len(piece), size - off)])
+    return size / (time.perf_counter() - started) / (1 << 20)
+
+
+def part_head(size: int, md5_b64: str | None) -> bytes:
+    msg_id = str(uuid.uuid4())
+    md5_line = "" if md5_b64 is None else "Content-MD5: " + md5_b64.replace("+", "%2B").replace("/", "%2F").replace("=", "%3D") + "\r\n"
+    return (
+        f"POST {rl.CHANNEL_PATH} HTTP/1.1\r\nHost: localhost\r\n"
+        f"NServiceBus.Id: {msg_id}\r\nNServiceBus.CorrelationId: {msg_id}\r\n"
+        f"NServiceBus.Header.NServiceBus.MessageId: {msg_id}\r\n"
+        "NServiceBus.Header.NServiceBus.DataBus.Payload: Payload\r\n"
+        "NServiceBus.Gateway.DataBusKey: NServiceBus.Header.NServiceBus.DataBus.Payload\r\n"
+        "NServiceBus.Gateway: True\r\nNServiceBus.CallType: SingleCallDatabusProperty\r\n"
+        f"Content-Type: application/x-www-form-urlencoded\r\n{md5_line}"
+        f"Content-Length: {size}\r\n\r\n"
+    ).encode()
+
+
+def ingest_rate(cfg: argparse.Namespace, work: Path, size: int, piece: bytes, md5_b64: str | None) -> float:
+    data_dir = work / f"store-{uuid.uuid4().hex[:8]}"
+    server = rl.Server("gwcore", cfg, work, data_dir)
+    server.start(cfg.ready_timeout)
+    try:
+        head = part_head(size, md5_b64)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=120) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            started = time.perf_counter()
+            s.sendall(head)
+            left = size
+            while left:
+                n = min(left, len(piece))
+                s.sendall(piece if n == len(piece) else piece[:n])
+                left -= n
+            reply = s.recv(4096)
+            took = time.perf_counter() - started
+        if not reply.startswith(b"HTTP/1.1 200 "):
+            raise RuntimeError(f"blob not accepted: {reply[:200]!r}\n{server.log_tail()}")
+        return size / took / (1 << 20)
+    finally:
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--size", type=int, default=512, help="MiB per blob (default 512)")
+    p.add_argument("--server-cpu", default="0,1", help="CPUs of the server (default both: a part is hashed and "
+                   "written by threads beside the event loop)")
+    p.add_argument("--client-cpu", default="0,1")
+    p.add_argument("--workdir", default=None, help="where stores and the disk test file go (default: a temp dir)")
+    p.add_argument("--python", default=sys.executable)
+    p.add_argument("--no-md5", action="store_true",
+                   help="send the part without Content-MD5 (NServiceBus always sends one): the pipeline without hashing")
+    p.add_argument("--ready-timeout", type=float, default=30.0)
+    cfg = p.parse_args(argv)
+    # what rl.Server reads from its config
+    cfg.store_sync = None
+    cfg.commit_max_delay_us = None
+    cfg.gwcore_env = []
+    if cfg.client_cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, rl.cpu_set(cfg.client_cpu))
+    size = cfg.size << 20
+    piece = os.urandom(PIECE)
+    md5 = hashlib.md5()
+    for off in range(0, size, PIECE):
+        md5.update(piece[:min(PIECE, size - off)])
+    md5_b64 = None if cfg.no_md5 else base64.b64encode(md5.digest()).decode()
+    work = Path(cfg.workdir or tempfile.mkdtemp(prefix="gwcore-blob-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rounds: list[dict[str, Any]] = []
+    try:
+        for i in range(cfg.rounds):
+            order = ("disk", "ingest") if i % 2 == 0 else ("ingest", "disk")
+            res: dict[str, float] = {}
+            for kind in order:
+                res[kind] = disk_rate(work, size, piece) if kind == "disk" else ingest_rate(cfg, work, size, piece, md5_b64)
+            res["ratio"] = res["ingest"] / res["disk"]
+            res["md5"] = md5_rate(size, piece)
+            res["ratio_md5"] = res["ingest"] / res["md5"]
+            rounds.append(res)
+            rl.log(f"round {i + 1}: disk {res['disk']:.0f} MiB/s, ingest {res['ingest']:.0f} MiB/s, ratio {res['ratio']:.3f}"
+                   f" (MD5 alone: {res['md5']:.0f} MiB/s)")
+    finally:
+        if cfg.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    ratios = [r["ratio"] for r in rounds]
+    summary = {
+        "size_mib": cfg.size, "content_md5": not cfg.no_md5, "rounds": rounds,
+        "disk_median": statistics.median(r["disk"] for r in rounds),
+        "ingest_median": statistics.median(r["ingest"] for r in rounds),
+        "md5_median": statistics.median(r["md5"] for r in rounds),
+        "ratio_md5_median": statistics.median(r["ratio_md5"] for r in rounds),
+        "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+    }
+    rl.log(f"ingest ÷ disk: median {summary['ratio_median']:.3f} (range {summary['ratio_min']:.3f}–{summary['ratio_max']:.3f}), "
+           f"disk median {summary['disk_median']:.0f} MiB/s, ingest median {summary['ingest_median']:.0f} MiB/s, "
+           f"MD5 alone {summary['md5_median']:.0f} MiB/s (ingest ÷ MD5 alone: median {summary['ratio_md5_median']:.3f})")
+    rl.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = rl.RESULTS_DIR / f"blob_ingest-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    out.write_text(json.dumps(summary, indent=2))
+    rl.log(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

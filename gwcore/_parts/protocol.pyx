@@ -1,0 +1,269 @@
+# The per-request hot path of the HTTP front end: gwcore/http.py builds its listener state and
+# connection protocol on these two classes and keeps everything that is not a plain accepted
+# submit (built-in endpoints, refusals, JSONP, the worker protocol, timeouts) in Python.
+#
+# What runs here for each submit: the parser's events are walked, the answer slot is made, the
+# envelope goes to the writer, and when its batch is durable the writer calls the slot, which
+# puts the cached "200 OK" in place and writes every answer that is now next in line. No Python
+# function frame is entered on that path; the rare branches call the Python methods by name.
+
+from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
+from libc.time cimport time as c_time, time_t
+
+import email.utils as _email_utils
+
+cdef object _formatdate = _email_utils.formatdate
+
+
+cdef enum:
+    JOB_INGEST = 0                   # gwcore.store's job kinds
+    JOB_ACK = 1
+    JOB_CALL = 2
+
+JOB_KINDS = (JOB_INGEST, JOB_ACK, JOB_CALL)
+
+
+cdef inline uint64_t _now_ms() noexcept:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <uint64_t>ts.tv_sec * 1000 + <uint64_t>(ts.tv_nsec // 1000000)
+
+
+cdef class ListenerCore:
+    """What every connection of one listener shares and reads per request (the C half of
+    ``gwcore.http.HTTPState``)."""
+
+    cdef public bint active          # may take gateway traffic (not a standby/passive/starting node)
+    cdef public bint passive         # a passive node waiting for the data dir's lease
+    cdef public bint draining        # shutting down: answer 503, close when idle
+    cdef public object writer        # ingest_then(envelope, done) and .pending
+    cdef public JobInbox inbox       # the writer's inbox, when it has one (the compiled path)
+    cdef public object verifier      # request signatures, or None
+    cdef public Py_ssize_t max_pipeline
+    cdef public Py_ssize_t max_pending
+    cdef public unsigned long long answered_ok   # 200s of the fast path (the rest: requests_by_status)
+    cdef bytes _date
+    cdef bytes _ok
+    cdef time_t _date_at
+
+    def __cinit__(self):
+        self._date = b""
+        self._ok = b""
+        self._date_at = 0
+
+    cpdef bytes date(self):
+        """The HTTP Date value of this second (formatted once a second)."""
+        cdef time_t now = c_time(NULL)
+        if now != self._date_at:
+            self._date_at = now
+            self._date = _formatdate(now, usegmt=True).encode("ascii")
+            self._ok = None
+        return self._date
+
+    cpdef bytes ok(self):
+        """The complete answer to an accepted submit: 200, body ``OK`` (cached per second)."""
+        cdef bytes date = self.date()
+        if self._ok is None or not self._ok:
+            self._ok = self.render_ok(date)
+        return self._ok
+
+    def render_ok(self, bytes date):
+        raise NotImplementedError
+
+
+cdef class AnswerSlot:
+    """One request's place in its connection's answer order. The writer calls it with the
+    outcome of the request's envelope, ``slot(ok, value)``, on the loop thread."""
+
+    cdef public object data          # the answer's bytes, once known
+    cdef public bint close           # close the connection after this answer
+    cdef public object callback      # JSONP callback name, or None
+    cdef public ConnectionCore protocol
+    cdef public str msg_id
+    cdef public bint head            # a HEAD request: headers only
+
+    def __call__(self, bint ok, value):
+        cdef ConnectionCore proto = self.protocol
+        if ok and value is True and self.callback is None:
+            proto.state.answered_ok += 1
+            self.data = proto.state.ok()
+            proto._flush()
+        else:
+            proto._ingested(self, ok, value)
+
+
+cdef class ConnectionCore:
+    """One client connection: the C half of ``gwcore.http.HTTPProtocol``."""
+
+    cdef public ListenerCore state
+    cdef public RequestParser parser
+    cdef public object transport
+    cdef public object slots         # collections.deque of AnswerSlot
+    cdef public object loop
+    cdef public bint closing         # no further requests will be read
+    cdef public bint reading_paused
+    cdef public bint writing_paused
+    cdef public double request_started   # loop time the unfinished request began
+    cdef public double idle_since
+    cdef public double linger_until
+    cdef public object part          # the databus part being received (gwcore.http._Part), or None
+
+    @property
+    def in_request(self):
+        return self.parser.in_request
+
+    def data_received(self, data):
+        cdef RequestParser parser = self.parser
+        cdef list events
+        cdef tuple event
+        cdef int kind
+        cdef bint was_in_request
+        if self.closing:
+            return
+        was_in_request = parser.in_request
+        events = parser.feed(data, _now_ms())
+        for event in events:
+            kind = event[0]
+            if kind == EVENT_SUBMIT:
+                self._submit(event[1], event[2])
+            elif kind == EVENT_PART_DATA:
+                self._part_data(event[1])
+            elif kind == EVENT_OTHER:
+                self._other(event[1], event[2], event[3])
+            elif kind == EVENT_PART_BEGIN:
+                self._part_begin(event[1], event[2])
+            elif kind == EVENT_PART_END:
+                self._part_end()
+            elif kind == EVENT_CONTINUE:
+                if not self.slots and self.transport is not None:
+                    # .NET WebRequest (NServiceBus Gateway <= 3.x) sends "Expect: 100-continue"
+                    # and waits up to 350 ms before sending the body anyway. With earlier requests
+                    # unanswered an interim response would jump the queue, so then stay silent.
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            else:
+                self._fail(event[1], event[2])
+            if self.closing:
+                return
+        if parser.in_request and (events or not was_in_request):
+            self.request_started = self.loop.time()
+        self._update_reading()
+
+    cpdef AnswerSlot _slot(self, bint keep_alive):
+        cdef AnswerSlot slot = AnswerSlot.__new__(AnswerSlot)
+        slot.close = not keep_alive or self.state.draining
+        self.slots.append(slot)
+        if slot.close:
+            self.closing = True
+        return slot
+
+    cdef _submit(self, bint keep_alive, result):
+        cdef AnswerSlot slot = self._slot(keep_alive)
+        cdef ListenerCore state = self.state
+        cdef JobInbox inbox = state.inbox
+        cdef Envelope env
+        if (state.draining or not state.active or state.verifier is not None
+                or type(result) is not Envelope or (<Envelope>result).call_type != CALL_TYPE_SUBMIT
+                or inbox is None or inbox.closed
+                or inbox.pending >= state.max_pending):
+            self._route(slot, result)
+            return
+        env = <Envelope>result
+        slot.callback = env.callback
+        slot.protocol = self
+        slot.msg_id = env.id
+        inbox.put(JOB_INGEST, env, slot)
+
+    def _flush(self):
+        slots = self.slots
+        transport = self.transport
+        cdef AnswerSlot slot
+        while slots:
+            slot = <AnswerSlot>slots[0]
+            if slot.data is None:
+                break
+            slots.popleft()
+            if transport is None or transport.is_closing():
+                continue
+            transport.write(slot.data)
+            if slot.close:
+                slots.clear()
+                self._linger(transport)
+                return
+        if not slots and not self.parser.in_request:
+            if (self.closing or self.state.draining) and transport is not None:
+                transport.close()
+                return
+            self.idle_since = self.loop.time()
+        self._update_reading()
+
+    def _update_reading(self):
+        if self.transport is None or self.closing:
+            return
+        cdef bint want_pause = self.writing_paused or len(self.slots) >= self.state.max_pipeline
+        if not want_pause and self.part is not None:
+            # a databus part whose blob threads lag behind the socket (gwcore/databus.py)
+            sink = self.part.sink
+            want_pause = sink is not None and sink.behind
+        if want_pause and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        elif not want_pause and self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+
+cdef class JobInbox:
+    """The loop-thread side of the writer's job queue: jobs (``(kind, payload, done)``) gather
+    in a list during one event-loop turn, and the first job of a turn schedules ``hand_over``
+    (``loop.call_soon``), which passes the whole list to the writer thread with one wake-up.
+    Not thread-safe: the loop thread only."""
+
+    cdef public list outbox          # this turn's jobs
+    cdef public Py_ssize_t pending   # jobs added and not yet resolved
+    cdef public bint closed          # the writer takes no more jobs
+    cdef object _call_soon
+    cdef object _hand_over
+
+    def __init__(self, call_soon, hand_over):
+        self.outbox = []
+        self.pending = 0
+        self.closed = False
+        self._call_soon = call_soon
+        self._hand_over = hand_over
+
+    cdef int put(self, int kind, object payload, object done) except -1:
+        self.pending += 1
+        if not self.outbox:
+            self._call_soon(self._hand_over)
+        self.outbox.append((kind, payload, done))
+        return 0
+
+    def add(self, int kind, payload, done):
+        """Queue one job for the writer (the caller checked ``closed``)."""
+        self.put(kind, payload, done)
+
+    def take(self):
+        """This turn's jobs, leaving the outbox empty."""
+        cdef list jobs = self.outbox
+        self.outbox = []
+        return jobs
+
+    def resolve(self, list done not None):
+        """Call ``done(ok, value)`` of every ``(done, ok, value)`` a committed batch returned."""
+        cdef tuple item
+        self.pending -= len(done)
+        for item in done:
+            item[0](item[1], item[2])
+
+
+def ingest_results(list jobs not None, list flags not None):
+    """``[(done, True, flag), ...]``: the answers of a batch of ingest jobs only, from the flags
+    ``DedupIndex.apply_batch`` returned for their envelopes (True new, False duplicate)."""
+    cdef Py_ssize_t i, n = len(jobs)
+    cdef list out
+    if len(flags) != n:
+        raise ValueError(f"{n} jobs but {len(flags)} flags")
+    out = [None] * n
+    for i in range(n):
+        out[i] = ((<tuple>jobs[i])[2], True, flags[i])
+    return out

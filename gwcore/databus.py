@@ -1,0 +1,559 @@
+"""The claim check (databus): durable ``SingleCallDatabusProperty`` parts, local blobs, expiry.
+
+NServiceBus keeps the parts of a message in a per-process dictionary until its submit arrives, so
+a restart, a second channel or a failover between the parts and the submit ends in 412 loops
+(protocol.md §2.3). gwcore keeps them durably:
+
+* a part's body streams to ``<data dir>/blobs/.tmp-<name>`` as it arrives (never whole in memory),
+  its MD5 computed on the way; at its end the file is fsync'd, renamed to ``blobs/<name>`` and the
+  directory fsync'd, and only then is the index record committed and the part answered 200;
+* the submit looks every ``NServiceBus.DataBus.*`` header's part up in the writer transaction that
+  records the message, and stores the header with the local blob key as its value (the name keeps
+  the sender's key, protocol.md §2.3); a duplicate submit needs no parts;
+* every blob has an expiry (the message's TimeToBeReceived, else ``GWCORE_DATABUS_TTL``); the
+  writer removes expired blobs, and parts whose submit never came, in slices between batches.
+
+LMDB databases (store.py opens them):
+
+================  ===================================  =================================================
+databus_parts     scope \\0 id \\0 DataBusKey (UTF-8)   blob name: a part waiting for its submit
+databus_blobs     blob name                             u64 expiry_ms, u64 size, Content-MD5, SHA-256
+                                                        (base64), then the part key while it waits
+databus_expiry    u64 expiry_ms + blob name             empty: the expiry walk, in order
+================  ===================================  =================================================
+
+A blob name is 32 hex digits; it is the local key (the header value consumers get) and the file
+name under ``blobs/``. The sending side keeps the blobs of outgoing messages the same way (their
+header values name them), so a forwarder reads each part from disk as it sends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import hashlib
+import io
+import logging
+import os
+import struct
+import threading
+import uuid
+from typing import IO, Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Union
+
+from ._core import core
+
+__all__ = ("BlobWriter", "BlobSink", "Blob", "BlobInfo", "DATABUS_PREFIX", "BLOB_DIR", "blob_dir",
+           "resolve_submits", "record_part", "record_blob", "expire", "sweep", "copy_in", "blobs", "Source",
+           "new_name", "databus_header", "message_blobs", "unlink", "blob_info")
+
+log = logging.getLogger("gwcore.databus")
+
+DATABUS_PREFIX = "NServiceBus.DataBus."
+BLOB_DIR = "blobs"
+_TMP = ".tmp-"
+_BLOB = struct.Struct(">QQ24s44s")     # expiry_ms, size, Content-MD5, SHA-256 (base64); then owner
+_U64 = struct.Struct(">Q")
+_CHUNK = 1 << 20
+#: Bytes of a part received but not yet written before the connection stops being read.
+HIGH_WATER = 8 << 20
+
+#: What the sending API takes for one property: the bytes, a file path, or a binary stream.
+Source = Union[bytes, bytearray, memoryview, str, os.PathLike, BinaryIO]
+
+
+def blob_dir(data_dir: str) -> str:
+    return os.path.join(data_dir, BLOB_DIR)
+
+
+def new_name() -> str:
+    """A new blob name (the local key): 32 hex digits."""
+    return uuid.uuid4().hex
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode("ascii")
+
+
+class BlobInfo:
+    """One blob's index record (``gwcore inspect blobs``)."""
+
+    __slots__ = ("name", "expiry_ms", "size", "md5", "sha256", "part")
+
+    def __init__(self, name: str, value: bytes) -> None:
+        expiry_ms, size, md5, sha = _BLOB.unpack_from(value)
+        self.name = name
+        self.expiry_ms = expiry_ms
+        self.size = size
+        #: base64 digests; empty when not computed (a part received without Content-MD5, unsigned)
+        self.md5 = md5.rstrip(b"\0").decode("ascii")
+        self.sha256 = sha.rstrip(b"\0").decode("ascii")
+        #: The part key (scope, id, DataBusKey) while the blob waits for its submit, else None.
+        self.part: bytes | None = bytes(value[_BLOB.size:]) or None
+
+
+def _blob_record(expiry_ms: int, size: int, md5: str, sha: str, owner: bytes = b"") -> bytes:
+    return _BLOB.pack(expiry_ms, size, md5.encode("ascii"), sha.encode("ascii")) + owner
+
+
+def blob_info(store: Any, name: str) -> BlobInfo | None:
+    """The record of one blob, or None (any thread)."""
+    value = store.get(store.databus_blobs, name.encode("ascii", "replace"))
+    return BlobInfo(name, bytes(value)) if value is not None else None
+
+
+def blobs(store: Any) -> Iterator[BlobInfo]:
+    """Every blob record of a store (inspection; one read transaction)."""
+    if store.databus_blobs is None:
+        return
+    for key, value in store.iter_db(store.databus_blobs):
+        yield BlobInfo(bytes(key).decode("ascii"), bytes(value))
+
+
+# -- the writer thread: functions run inside its write transaction ----------------------------------
+
+def _put_blob(txn: Any, store: Any, name: str, record: bytes, expiry_ms: int) -> None:
+    key = name.encode("ascii")
+    txn.put(key, record, db=store.databus_blobs)
+    txn.put(_U64.pack(expiry_ms) + key, b"", db=store.databus_expiry)
+
+
+def _drop_blob(txn: Any, store: Any, name: str, doom: Callable[[str], None]) -> None:
+    key = name.encode("ascii")
+    value = txn.pop(key, db=store.databus_blobs)
+    if value is not None:
+        txn.delete(value[:8] + key, db=store.databus_expiry)
+    doom(name)
+
+
+def record_part(store: Any, part_key: bytes, name: str, size: int, md5: str, sha: str,
+                expiry_ms: int, doom: Callable[[str], None]) -> Callable[[Any], None]:
+    """A writer job indexing a part whose blob is on disk; a part sent again replaces the
+    earlier one (whose file goes once the job commits: *doom*)."""
+    def job(txn: Any) -> None:
+        old = txn.get(part_key, db=store.databus_parts)
+        if old is not None:
+            _drop_blob(txn, store, bytes(old).decode("ascii"), doom)
+        txn.put(part_key, name.encode("ascii"), db=store.databus_parts)
+        _put_blob(txn, store, name, _blob_record(expiry_ms, size, md5, sha, part_key), expiry_ms)
+    return job
+
+
+def record_blob(store: Any, name: str, size: int, md5: str, sha: str, expiry_ms: int) -> Callable[[Any], None]:
+    """Index a blob of an outgoing message (sending side)."""
+    def job(txn: Any) -> None:
+        _put_blob(txn, store, name, _blob_record(expiry_ms, size, md5, sha), expiry_ms)
+    return job
+
+
+def missing_parts_reason(missing: list[str], expected: int) -> str:
+    """NServiceBus's 412 texts (SingleCallChannelReceiver, protocol.md §1.6)."""
+    if len(missing) == expected:
+        return f"Expected {expected} claimcheck properties. None were received. Please resubmit."
+    return f"ClaimCheck property {missing[0]} was never received. Please resubmit."
+
+
+def resolve_submits(txn: Any, store: Any, index: Any, envelopes: list, doomed: list[str]) -> tuple[dict, dict]:
+    """The submits of one batch that carry databus headers: ``(replaced, rejected)`` by
+    ``id(envelope)``. A new message whose parts are all here gets its headers rewritten to the
+    local blob keys and its part records dropped (the blobs stay for the consumer); one with a
+    part missing gets NServiceBus's 412 and nothing is stored; a duplicate needs no parts (those
+    sent again are dropped)."""
+    replaced: dict[int, Any] = {}
+    rejected: dict[int, Any] = {}
+    seen: set[bytes] = set()
+    parts_db = store.databus_parts
+    for env in envelopes:
+        names = env.databus
+        if not names:
+            continue
+        prefix = env.key + b"\0"
+        keys = [prefix + wire.encode("utf-8") for wire, _stored in names]
+        if env.key in seen or index.contains(txn, store.dedup_log, env.key):
+            for k in keys:
+                blob = txn.pop(k, db=parts_db)
+                if blob is not None:
+                    _drop_blob(txn, store, bytes(blob).decode("ascii"), doomed.append)
+            continue
+        found = [txn.get(k, db=parts_db) for k in keys]
+        missing = [wire for (wire, _s), blob in zip(names, found) if blob is None]
+        if missing:
+            rejected[id(env)] = core.Rejection(412, missing_parts_reason(missing, len(names)), env.callback)
+            continue
+        seen.add(env.key)
+        msg_id, headers, body, expiry_ms, accepted_ms = core.decode_envelope(env.framed)
+        for (_wire, stored), k, blob in zip(names, keys, found):
+            name = bytes(blob).decode("ascii")
+            if stored is not None and stored in headers:
+                headers[stored] = name
+            txn.delete(k, db=parts_db)
+            # The blob belongs to the message now: its record no longer names a waiting part.
+            record = txn.get(name.encode("ascii"), db=store.databus_blobs)
+            if record is not None:
+                txn.put(name.encode("ascii"), bytes(record[:_BLOB.size]), db=store.databus_blobs)
+        replaced[id(env)] = env.with_framed(core.encode_envelope(msg_id, headers, body, expiry_ms, accepted_ms))
+    return replaced, rejected
+
+
+def expire(txn: Any, store: Any, now_ms: int, limit: int, doomed: list[str]) -> int:
+    """Remove up to *limit* blobs whose expiry passed (with the part record of any that still
+    waits for its submit); their files go after the commit. Returns how many."""
+    if store.databus_expiry is None:
+        return 0
+    n = 0
+    cursor = txn.cursor(db=store.databus_expiry)
+    try:
+        if not cursor.first():
+            return 0
+        while n < limit:
+            key = bytes(cursor.key())
+            if len(key) <= 8 or _U64.unpack_from(key)[0] > now_ms:
+                break
+            name = key[8:]
+            value = txn.pop(name, db=store.databus_blobs)
+            if value is not None and len(value) > _BLOB.size:
+                owner = bytes(value[_BLOB.size:])
+                if txn.get(owner, db=store.databus_parts) == name:
+                    txn.delete(owner, db=store.databus_parts)
+            doomed.append(name.decode("ascii"))
+            n += 1
+            cursor.delete()
+    finally:
+        cursor.close()
+    return n
+
+
+def unlink(directory: str, names: Iterable[str]) -> None:
+    for name in names:
+        try:
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove blob %s: %s", name, exc)
+
+
+def sweep(store: Any) -> int:
+    """At start-up: remove unfinished uploads and blob files no record names (a crash between a
+    blob's rename and its commit). Returns how many files went."""
+    directory = blob_dir(store.path)
+    os.makedirs(directory, exist_ok=True)
+    gone = []
+    with store.resize_lock, store.env.begin() as txn:
+        for entry in os.scandir(directory):
+            if entry.name.startswith(_TMP):
+                gone.append(entry.name)
+            elif txn.get(entry.name.encode("utf-8", "surrogateescape"), db=store.databus_blobs) is None:
+                gone.append(entry.name)
+    unlink(directory, gone)
+    if gone:
+        log.info("databus: removed %d blob files no record names (unfinished before a restart)", len(gone))
+    return len(gone)
+
+
+# -- the loop side: streaming a part to disk -----------------------------------------------------------
+
+class BlobWriter:
+    """Makes :class:`BlobSink` objects for one data dir; owns the threads that write blobs."""
+
+    def __init__(self, data_dir: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.directory = blob_dir(data_dir)
+        os.makedirs(self.directory, exist_ok=True)
+        self.loop = loop
+        # One blob's work stays in order (one write job and one hash job at a time per sink);
+        # four threads let a second upload go on beside the first one's.
+        self.executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="gwcore-blob")
+
+    def sink(self, on_drain: Callable[[], None], *, signed: bool = False, md5: bool = True) -> "BlobSink":
+        """:param signed: compute the SHA-256 (the signature's body digest).
+        :param md5: compute the MD5 (the request has a ``Content-MD5`` to verify)."""
+        return BlobSink(self, on_drain, signed, md5)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+class _Lane:
+    """One in-order stream of work over a sink's chunks (writing, or hashing), run by one job in
+    a blob thread that keeps taking what arrives until nothing is left, so a busy part never
+    waits for the event loop between batches."""
+
+    __slots__ = ("fn", "pending", "queued", "running", "lock")
+
+    def __init__(self, fn: Callable[[list[bytes]], None]) -> None:
+        self.fn = fn
+        self.pending: list[bytes] = []
+        self.queued = 0                  # bytes handed to this lane and not yet processed
+        self.running = False             # a job is in a blob thread (or about to be)
+        self.lock = threading.Lock()
+
+
+class BlobSink:
+    """One blob being received: chunks go to blob threads that write them, and hash them, in
+    order.
+
+    :meth:`write` never blocks; :attr:`behind` says the disk (or the hashing) lags more than
+    ``HIGH_WATER`` bytes (the caller pauses reading, and ``on_drain`` is called on the loop once
+    the lag is below half of that).
+    """
+
+    def __init__(self, owner: BlobWriter, on_drain: Callable[[], None], signed: bool, md5: bool = True) -> None:
+        self.owner = owner
+        self.loop = owner.loop
+        self.name = new_name()
+        self.tmp = os.path.join(owner.directory, _TMP + self.name)
+        self.path = os.path.join(owner.directory, self.name)
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        # Only the digests the request needs: MD5 is the slowest step of a part (about 730 MiB/s
+        # a core here), and a sender may leave Content-MD5 out.
+        self.md5 = hashlib.md5(usedforsecurity=False) if md5 else None
+        self.sha = hashlib.sha256() if signed else None
+        self.size = 0
+        self._on_drain = on_drain
+        # Writing and hashing run side by side in two lanes (hashlib and os.write release the
+        # GIL), so neither waits for the other: a part goes at the pace of the slower one.
+        self._lanes = [_Lane(self._write_chunks)]
+        if self.md5 is not None or self.sha is not None:
+            self._lanes.append(_Lane(self._hash_chunks))
+        self._idle: asyncio.Future | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+
+    @property
+    def behind(self) -> bool:
+        return max(lane.queued for lane in self._lanes) >= HIGH_WATER
+
+    def write(self, chunk: bytes) -> None:
+        if self._closed or self._error is not None:
+            return
+        self.size += len(chunk)
+        for lane in self._lanes:
+            with lane.lock:
+                lane.pending.append(chunk)
+                lane.queued += len(chunk)
+                start = not lane.running
+                lane.running = True
+            if start:
+                self.owner.executor.submit(self._run, lane)
+
+    def _run(self, lane: _Lane) -> None:
+        # In a blob thread: hashlib and os.write release the GIL on large buffers.
+        while True:
+            with lane.lock:
+                chunks, lane.pending = lane.pending, []
+                if not chunks or self._error is not None or self._closed:
+                    lane.pending = []
+                    lane.running = False
+                    break
+            try:
+                lane.fn(chunks)
+            except BaseException as exc:  # reported by finish()
+                self._error = self._error or exc
+            n = sum(map(len, chunks))
+            with lane.lock:
+                was_behind = lane.queued >= HIGH_WATER
+                lane.queued -= n
+                drained = was_behind and lane.queued < HIGH_WATER // 2
+            if drained:
+                self.loop.call_soon_threadsafe(self._drained)
+        self.loop.call_soon_threadsafe(self._lane_stopped)
+
+    def _hash_chunks(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            if self.md5 is not None:
+                self.md5.update(chunk)
+            if self.sha is not None:
+                self.sha.update(chunk)
+
+    def _write_chunks(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(self.fd, view):]
+
+    def _busy(self) -> bool:
+        return any(lane.running for lane in self._lanes)
+
+    def _drained(self) -> None:
+        if not self.behind:
+            self._on_drain()
+
+    def _lane_stopped(self) -> None:
+        if self._busy():
+            return
+        if self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+        if self._closed:
+            self._discard()
+        self._drained()
+
+    async def finish(self) -> tuple[str | None, str | None]:
+        """Everything written: fsync the file, rename it into place, fsync the directory.
+        Returns ``(Content-MD5, SHA-256)`` in base64, each None when not computed.
+
+        :raises OSError: a write or the fsync failed (the temp file is removed).
+        """
+        while self._busy():
+            self._idle = self.loop.create_future()
+            await self._idle
+        if self._error is not None:
+            self.abort()
+            raise self._error
+        try:
+            await self.loop.run_in_executor(self.owner.executor, self._seal)
+        except BaseException:
+            self.abort()
+            raise
+        return (_b64(self.md5.digest()) if self.md5 is not None else None,
+                _b64(self.sha.digest()) if self.sha is not None else None)
+
+    def _seal(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        os.rename(self.tmp, self.path)
+        _fsync_dir(self.owner.directory)
+
+    def abort(self) -> None:
+        """Give up on this blob: its file goes (after a write in progress ends)."""
+        if self._closed:
+            return
+        self._closed = True
+        for lane in self._lanes:
+            with lane.lock:
+                lane.pending = []
+        if not self._busy():
+            self._discard()
+
+    def _discard(self) -> None:
+        fd, self.fd = self.fd, -1
+        tmp = self.tmp
+
+        def remove() -> None:
+            if fd >= 0:
+                os.close(fd)
+            for path in (tmp, self.path):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+
+        try:
+            self.loop.run_in_executor(self.owner.executor, remove)
+        except RuntimeError:  # the blob threads are gone (shutting down): remove it here
+            remove()
+
+    def discard_sealed(self) -> None:
+        """Remove a sealed blob whose index record will not be written (401, store refused)."""
+        self._closed = True
+        self._discard()
+
+
+# -- the sending side -------------------------------------------------------------------------------
+
+def copy_in(directory: str, source: Source, name: str | None = None) -> tuple[str, int, str, str]:
+    """Copy one databus property into the blob store durably (blocking: run it in a thread).
+    Returns ``(blob name, size, Content-MD5, SHA-256)``; streams, never reads a file whole."""
+    name = name or new_name()
+    tmp = os.path.join(directory, _TMP + name)
+    md5 = hashlib.md5(usedforsecurity=False)
+    sha = hashlib.sha256()
+    size = 0
+    close_src = False
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        src: IO[bytes] = io.BytesIO(source)
+    elif isinstance(source, (str, os.PathLike)):
+        src = open(source, "rb")
+        close_src = True
+    elif hasattr(source, "read"):
+        src = source
+    else:
+        raise TypeError(f"a databus property is bytes, a file path or a binary stream, not {type(source).__name__}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        while True:
+            chunk = src.read(_CHUNK)
+            if not chunk:
+                break
+            if not isinstance(chunk, (bytes, bytearray, memoryview)):
+                raise TypeError("a databus stream must be binary (read() returned text)")
+            md5.update(chunk)
+            sha.update(chunk)
+            size += len(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.rename(tmp, os.path.join(directory, name))
+        _fsync_dir(directory)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    finally:
+        if close_src:
+            src.close()
+    return name, size, _b64(md5.digest()), _b64(sha.digest())
+
+
+def databus_header(name: str) -> str:
+    """The message header of a property: ``NServiceBus.DataBus.<name>`` (a full name as given)."""
+    return name if name.startswith(DATABUS_PREFIX) else DATABUS_PREFIX + name
+
+
+# -- the consuming side ---------------------------------------------------------------------------------
+
+class Blob:
+    """A databus property of a received message: the local blob behind one header.
+
+    :ivar header: the message header (``NServiceBus.DataBus.<sender's key>``).
+    :ivar key: the local blob key (the header's value).
+    :ivar path: the blob file; it lives until the message's TimeToBeReceived, else
+        ``GWCORE_DATABUS_TTL``, after acceptance.
+    """
+
+    __slots__ = ("header", "key", "path")
+
+    def __init__(self, header: str, key: str, path: str) -> None:
+        self.header = header
+        self.key = key
+        self.path = path
+
+    def open(self) -> BinaryIO:
+        """A binary reader of the blob (a file: read it in pieces for large properties)."""
+        return open(self.path, "rb")
+
+    def read(self) -> bytes:
+        """The whole property (only for properties that fit in memory)."""
+        with self.open() as f:
+            return f.read()
+
+    @property
+    def size(self) -> int:
+        return os.path.getsize(self.path)
+
+    def __repr__(self) -> str:
+        return f"<Blob {self.header!r} key={self.key!r}>"
+
+
+def message_blobs(directory: str, headers: Mapping[str, str]) -> dict[str, Blob]:
+    """``header name -> Blob`` for every databus header whose value names a local blob."""
+    out = {}
+    for name, value in headers.items():
+        if name.startswith(DATABUS_PREFIX) and len(value) == 32 and all(c in "0123456789abcdef" for c in value):
+            out[name] = Blob(name, value, os.path.join(directory, value))
+    return out
