@@ -420,7 +420,7 @@ class Selected:
         self.writer.ingest_then(envelope, functools.partial(self._committed, key, known == _INTENT, done))
 
     def _committed(self, key: bytes, in_doubt: bool, done: Callable[[bool, Any], None], ok: bool, value: Any) -> None:
-        if not ok:
+        if not ok or type(value) is core.Rejection:  # a failure, or a refusal (412: parts missing)
             done(ok, value)
             return
         if value:
