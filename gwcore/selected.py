@@ -552,13 +552,19 @@ class Selected:
             self._markers.pop(token, None)
 
     async def _follow(self, channel: Any) -> None:
-        queue = await channel.declare_queue(self.topology.dedup, durable=True, arguments=self.topology.dedup_args())
-        start: Any = self.offset + 1 if self.offset >= 0 else "first"
-        asyncio.ensure_future(self._catch_up())
-        async with queue.iterator(arguments={"x-stream-offset": start}) as records:
-            async for record in records:
-                self._record(record)
-                await record.ack()
+        try:
+            queue = await channel.declare_queue(self.topology.dedup, durable=True,
+                                                arguments=self.topology.dedup_args())
+            # A stream delivers from the start of the chunk holding the offset asked for: the
+            # records before it come again and _record skips them.
+            start: Any = self.offset + 1 if self.offset >= 0 else "first"
+            self._conn_tasks.append(asyncio.ensure_future(self._catch_up()))
+            async with queue.iterator(arguments={"x-stream-offset": start}) as records:
+                async for record in records:
+                    self._record(record)
+                    await record.ack()
+        except broker_errors as exc:  # the connection went: _down has run, the next one follows again
+            log.debug("stream follower ended: %s", exc)
 
     async def _catch_up(self) -> None:
         try:
