@@ -313,7 +313,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "GWCORE_RECEIVE_CHANNELS": ("receive_channels", None, ""),  # parsed with the endpoint
     "GWCORE_DATA_DIR": ("data_dir", str.strip, "./var/gwcore"),
     "GWCORE_COMMIT_MAX_BATCH": ("commit_max_batch", _positive_int, "1024"),
-    "GWCORE_COMMIT_MAX_DELAY_US": ("commit_max_delay_us", _non_negative_int, "200"),
+    "GWCORE_COMMIT_MAX_DELAY_US": ("commit_max_delay_us", _non_negative_int, "0"),
     "GWCORE_COMMIT_MAX_PENDING": ("commit_max_pending", _positive_int, "8192"),
     "GWCORE_STORE_SYNC": ("store_sync", _parse_bool, "1"),
     "GWCORE_STORE_MAP_SIZE": ("store_map_size", _positive_size, "256MiB"),
@@ -371,7 +371,7 @@ class Settings:
     receive_channels: tuple[ReceiveChannel, ...] = ()
     data_dir: str = "./var/gwcore"
     commit_max_batch: int = 1024
-    commit_max_delay_us: int = 200
+    commit_max_delay_us: int = 0
     commit_max_pending: int = 8192
     store_sync: bool = True
     store_map_size: int = 256 << 20

@@ -300,7 +300,7 @@ class Writer:
     """
 
     def __init__(self, store: Store, loop: asyncio.AbstractEventLoop, *,
-                 max_batch: int = 1024, max_delay_us: int = 200, dedup_ttl: float = 7 * 86400.0,
+                 max_batch: int = 1024, max_delay_us: int = 0, dedup_ttl: float = 7 * 86400.0,
                  cleanup_slice: int = 2000, on_commit: Callable[[int], None] | None = None,
                  databus_ttl: float = 7 * 86400.0) -> None:
         self.store = store
