@@ -10,23 +10,9 @@ import pytest
 
 from gwcore._core import core
 from gwcore.egress import wire_headers
+from test_framing import PLAIN_SUBMIT_MESSAGE_HEADERS as HEADERS  # the §8.1 headers
 
 BODY = b'{"Sku":"HQ-0001","Price":12.5}'.ljust(1024, b" ")
-HEADERS = {
-    "NServiceBus.MessageId": "0b1f6f0e-5d8a-4f43-b1d5-b3a400c1d2e3",
-    "NServiceBus.MessageIntent": "Send",
-    "NServiceBus.ConversationId": "5c0e9a47-3a5e-4d0c-9a1c-b3a400c1d2e3",
-    "NServiceBus.CorrelationId": "0b1f6f0e-5d8a-4f43-b1d5-b3a400c1d2e3",
-    "NServiceBus.ReplyToAddress": "Headquarters",
-    "NServiceBus.OriginatingEndpoint": "Headquarters",
-    "NServiceBus.OriginatingMachine": "HQ-SRV01",
-    "NServiceBus.ContentType": "application/json",
-    "NServiceBus.EnclosedMessageTypes": "Shared.UpdatePrice, Shared, Version=1.0.0.0, Culture=neutral, PublicKeyToken=null",
-    "NServiceBus.Version": "10.2.8",
-    "NServiceBus.TimeSent": "2026-08-20 10:15:30:123456 Z",
-    "NServiceBus.DestinationSites": "RemoteSite",
-    "NServiceBus.OriginatingSite": "http,http://localhost:25899/Headquarters/",
-}
 FRAMED = core.encode_envelope(HEADERS["NServiceBus.MessageId"], HEADERS, BODY, 0, 1)
 
 
