@@ -48,7 +48,7 @@ cdef class ListenerCore:
 
     def __cinit__(self):
         self._date = b""
-        self._ok = b""
+        self._ok = None                  # rendered on first use and again each new second
         self._date_at = 0
 
     cpdef bytes date(self):
@@ -63,7 +63,7 @@ cdef class ListenerCore:
     cpdef bytes ok(self):
         """The complete answer to an accepted submit: 200, body ``OK`` (cached per second)."""
         cdef bytes date = self.date()
-        if self._ok is None or not self._ok:
+        if self._ok is None:
             self._ok = self.render_ok(date)
         return self._ok
 
