@@ -20,6 +20,8 @@ import asyncio
 import base64
 import collections
 import logging
+import os
+import re
 import secrets
 import struct
 import time
@@ -28,8 +30,10 @@ from typing import Any, Awaitable, Callable
 
 import orjson
 
+from . import databus
 from .consumer import LocalQueue, Message
 from .errors import ConfigurationError, GatewayError
+from .http import FileAnswer
 from .store import Store, Writer
 
 __all__ = ("Distributor", "WORKER_PREFIX", "UnknownSessionError")
@@ -41,8 +45,10 @@ WORKER_PREFIX = b"/.gwcore/worker/"
 _MARK_KEY = b"distributor_handed"  # meta: the highest queue seq ever handed to a worker
 _U64 = struct.Struct(">Q")
 _MAX_REASON = 2000
+_BLOB_KEY = re.compile(r"[0-9a-f]{32}")
 
-Answer = tuple[int, str, bytes]
+#: (status, reason, JSON body), or for a blob a :class:`gwcore.http.FileAnswer` as the body.
+Answer = tuple[int, str, "bytes | FileAnswer"]
 
 
 class UnknownSessionError(GatewayError):
@@ -370,11 +376,20 @@ class Distributor:
     # -- HTTP --------------------------------------------------------------------------------------
 
     async def handle(self, method: bytes, path: bytes, alive: Callable[[], bool]) -> Answer:
-        """Answer one worker protocol request (``POST /.gwcore/worker/<op>/<arg>...``)."""
-        if method != b"POST":
-            return 405, "Method Not Allowed: the worker protocol uses POST", b""
+        """Answer one worker protocol request (``POST /.gwcore/worker/<op>/<arg>...``, or
+        ``GET /.gwcore/worker/blob/<session>/<key>``)."""
         parts = [urllib.parse.unquote(p.decode("latin-1")) for p in path[len(WORKER_PREFIX):].split(b"/")]
         op, args = parts[0], parts[1:]
+        if op == "blob":
+            if method not in (b"GET", b"HEAD"):
+                return 405, "Method Not Allowed: a blob is read with GET (or HEAD)", b""
+            if self._closed:
+                return 503, "Service Unavailable: the distributor is stopping", b""
+            # Everything after the session is the key: a key with a '/' in it is malformed (400),
+            # not an unknown operation.
+            return self.blob(args[0] if args else "", "/".join(args[1:]))
+        if method != b"POST":
+            return 405, "Method Not Allowed: the worker protocol uses POST", b""
         handler = _OPS.get(op)
         if handler is None or len(args) != handler[0]:
             return 404, f"Not Found: no worker operation {op!r} with {len(args)} argument(s)", b""
@@ -387,6 +402,43 @@ class Distributor:
         except ValueError as exc:
             return 400, f"Bad Request: {exc}", b""
         return 200, "OK", orjson.dumps(result)
+
+    def blob(self, sid: str, key: str) -> Answer:
+        """One databus blob for a worker: the file, opened, to be streamed by the listener.
+
+        Only a blob that a message held by this session names is served, and only by its key
+        (32 lowercase hex digits, the file name under ``<data dir>/blobs/``): nothing else of
+        the data dir can be reached this way."""
+        if not _BLOB_KEY.fullmatch(key):
+            return 400, "Bad Request: a blob key is 32 lowercase hex digits", b""
+        try:
+            s = self._session(sid)  # renews the lease, as every call does
+        except UnknownSessionError as exc:
+            return 404, f"Not Found: {exc}", b""
+        if not any(_names_blob(m, key) for m in s.inflight.values()):
+            return 404, f"Not Found: blob {key} is named by no message worker session {sid} holds", b""
+        info = databus.blob_info(self.store, key)
+        path = os.path.join(self.store.blob_dir, key)
+        try:
+            if info is None:
+                raise FileNotFoundError(path)
+            # O_NOFOLLOW: a link planted in the blob dir is not followed out of it. Once open, the
+            # file can be streamed to its end even if its expiry removes it meanwhile.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return 404, f"Not Found: blob {key} has expired (its message outlived the blob's TimeToBeReceived " \
+                        "or GWCORE_DATABUS_TTL)", b""
+        size = os.fstat(fd).st_size
+        if size != info.size:
+            os.close(fd)
+            log.error("databus: blob %s is %d bytes on disk but %d in its record: not served", key, size, info.size)
+            return 500, f"Internal Server Error: blob {key} is damaged ({size} bytes, {info.size} recorded)", b""
+        headers = []
+        if info.sha256:
+            headers.append(("Content-Digest", databus.content_digest(info.sha256)))
+        if info.md5:
+            headers.append(("Content-MD5", info.md5))
+        return 200, "OK", FileAnswer(fd, size, headers)
 
     # -- metrics -----------------------------------------------------------------------------------
 
@@ -432,9 +484,23 @@ def _positive(text: str, what: str) -> int:
     return n
 
 
-def _wire(msg: Message, count: int) -> dict[str, Any]:
-    return {"seq": msg.seq, "id": msg.id, "headers": msg.headers, "body": base64.b64encode(msg.body).decode("ascii"),
+def _names_blob(msg: Message, key: str) -> bool:
+    return any(value == key and name.startswith(databus.DATABUS_PREFIX) for name, value in msg.headers.items())
+
+
+def _wire(d: Distributor, msg: Message, count: int) -> dict[str, Any]:
+    wire = {"seq": msg.seq, "id": msg.id, "headers": msg.headers, "body": base64.b64encode(msg.body).decode("ascii"),
             "attempt": msg.attempt, "delivery_count": count, "redelivered": count > 1}
+    blobs = {}
+    for name, key in msg.headers.items():
+        if name.startswith(databus.DATABUS_PREFIX) and _BLOB_KEY.fullmatch(key):
+            info = databus.blob_info(d.store, key)
+            # None: the blob expired before the message was handed out (reading it is a 404)
+            blobs[name] = None if info is None else {"key": key, "size": info.size, "sha256": info.sha256,
+                                                     "md5": info.md5}
+    if blobs:
+        wire["databus"] = blobs
+    return wire
 
 
 async def _op_enlist(d: Distributor, args: list[str], alive: Callable[[], bool]) -> dict[str, Any]:
@@ -449,7 +515,7 @@ async def _op_take(d: Distributor, args: list[str], alive: Callable[[], bool]) -
     wait = _positive(args[1], "wait (milliseconds)") / 1000.0
     held = {_positive(x, "seq") for x in args[2].split(",") if x}
     batch, stop = await d.take(args[0], wait, alive, held)
-    return {"messages": [_wire(m, c) for m, c in batch], "stop": stop}
+    return {"messages": [_wire(d, m, c) for m, c in batch], "stop": stop}
 
 
 async def _op_ack(d: Distributor, args: list[str], alive: Callable[[], bool]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import asyncio
 import collections
 import hashlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -22,13 +23,14 @@ from . import auth, databus
 from ._core import core
 from .errors import StoreError
 
-__all__ = ("HTTPState", "HTTPProtocol", "render_response")
+__all__ = ("HTTPState", "HTTPProtocol", "FileAnswer", "render_response")
 
 log = logging.getLogger("gwcore.http")
 
 _JSON = b"application/json; charset=utf-8"
 _JS = b"application/javascript; charset=utf-8"
 _TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+_OCTETS = b"application/octet-stream"
 
 _OK = "OK"
 _CHALLENGE = b"WWW-Authenticate: gwcore-v1\r\n"   # RFC 9110: a 401 names its scheme
@@ -53,11 +55,41 @@ def render_response(status: int, reason: str, date: bytes, *, body: bytes | None
     reason = _ascii_reason(reason)
     if body is None:
         body = reason.encode("ascii")
-    head = b"HTTP/1.1 %d %s\r\nServer: gwcore\r\nDate: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n" % (
-        status, reason.encode("ascii"), date, content_type, len(body), extra,
+    return _render_head(status, reason, date, len(body), content_type, close, extra) + body
+
+
+def _render_head(status: int, reason: str, date: bytes, length: int, content_type: bytes, close: bool,
+                 extra: bytes) -> bytes:
+    return b"HTTP/1.1 %d %s\r\nServer: gwcore\r\nDate: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n" % (
+        status, reason.encode("ascii"), date, content_type, length, extra,
         b"Connection: close\r\n" if close else b"",
     )
-    return head + body
+
+
+class FileAnswer:
+    """A worker call's answer whose body is a file (a databus blob), streamed to the client in
+    pieces as the connection takes them (never read whole). The listener owns *fd* from here
+    on and closes it when the answer is written or abandoned.
+
+    :param headers: further response headers, ``(name, value)`` of visible ASCII.
+    """
+
+    __slots__ = ("fd", "size", "headers")
+
+    def __init__(self, fd: int, size: int, headers: list[tuple[str, str]]) -> None:
+        self.fd = fd
+        self.size = size
+        self.headers = headers
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+#: One read of a streamed file: the transport's buffer holds about this much more than its
+#: high-water mark at worst (the loop stops reading the file while the peer is behind).
+_FILE_PIECE = 256 << 10
 
 
 def _jsonp(callback: str, text: str) -> bytes:
@@ -246,6 +278,9 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
             allow_get=settings.http_allow_get, max_blob=settings.max_blob,
         )
         self.part: _Part | None = None  # the databus part being received (read by _update_reading)
+        self.writable: asyncio.Future[None] | None = None  # a streamed answer waits on it while writing is paused
+        # Files to stream as answers once the answers before them are out: (slot, head, FileAnswer)
+        self.files_waiting: collections.deque[tuple[core.AnswerSlot, bytes, FileAnswer]] = collections.deque()
         self.held: list[tuple[core.AnswerSlot, Any]] = []  # submits waiting for parts_open to be 0
         self.slots: collections.deque[core.AnswerSlot] = collections.deque()
         self.closing = False  # no further requests will be read
@@ -275,6 +310,8 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
         self.state.connections.discard(self)
         self.closing = True
         self._drop_part()
+        self._drop_files()
+        self._wake_writer()
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -283,6 +320,12 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
     def resume_writing(self) -> None:
         self.writing_paused = False
         self._update_reading()
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        writable, self.writable = self.writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
 
     def check_timeouts(self, now: float) -> None:
         """Called by the state's sweeper: one timer per listener instead of two per request."""
@@ -547,6 +590,7 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
     def _worker_call(self, slot: core.AnswerSlot, method: bytes, path: bytes) -> None:
         """A distributor worker's request: answered when its (possibly long-polling) call ends."""
         state = self.state
+        slot.head = method == b"HEAD"
         if state.draining or not state.active:
             self._answer(slot, 503, "Service Unavailable: gwcore is shutting down" if state.draining
                          else "Service Unavailable: not the active distributor", count=False)
@@ -571,7 +615,114 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
                 self._answer(slot, 502, "Unexpected server error", count=False)
         else:
             status, reason, body = call.result()
-            self._answer(slot, status, reason, body=body or None, count=False)
+            if isinstance(body, FileAnswer):
+                self._answer_file(slot, status, reason, body)
+            else:
+                self._answer(slot, status, reason, body=body or None, count=False)
+
+    # -- answers streamed from a file (databus blobs for distributor workers) ----------------------
+
+    def _answer_file(self, slot: core.AnswerSlot, status: int, reason: str, answer: FileAnswer) -> None:
+        extra = b"".join(b"%s: %s\r\n" % (name.encode("ascii"), value.encode("ascii")) for name, value in answer.headers)
+        head = _render_head(status, _ascii_reason(reason), self.state.date(), answer.size, _OCTETS, slot.close, extra)
+        if slot.head or answer.size == 0:
+            answer.close()
+            slot.data = head
+            self._flush()
+            return
+        # Answers go out in request order: the body streams once every answer before it is
+        # written, and the answers after it wait (its slot has no data until the body is out).
+        if not self.files_waiting and self.slots and self.slots[0] is slot:
+            self._start_stream(slot, head, answer)
+            return
+        if not self.files_waiting:
+            # Every answer ends with a call of self._flush (the compiled path calls it by name
+            # too): while files wait their turn, this connection's own _flush starts each one.
+            # Only this connection pays for the detour, and only until then.
+            self._flush = self._flush_then_stream  # type: ignore[method-assign]
+        self.files_waiting.append((slot, head, answer))
+
+    def _flush_then_stream(self) -> None:
+        core.ConnectionCore._flush(self)
+        files = self.files_waiting
+        while files:
+            slot, head, answer = files[0]
+            gone = self.transport is None or self.transport.is_closing()
+            if not gone and slot in self.slots and self.slots[0] is not slot:
+                break  # not its turn yet
+            files.popleft()
+            if gone or slot not in self.slots:
+                answer.close()
+            else:
+                self._start_stream(slot, head, answer)
+                break
+        if not files:
+            del self._flush
+
+    def _drop_files(self) -> None:
+        files = self.files_waiting
+        if files:
+            while files:
+                files.popleft()[2].close()
+            del self._flush
+
+    def _start_stream(self, slot: core.AnswerSlot, head: bytes, answer: FileAnswer) -> None:
+        task = asyncio.ensure_future(self._stream_file(slot, head, answer))
+        self.state.worker_calls.add(task)
+        task.add_done_callback(self.state.worker_calls.discard)
+
+    async def _stream_file(self, slot: core.AnswerSlot, head: bytes, answer: FileAnswer) -> None:
+        """Write *head*, then the file in pieces read off the loop (a thread, the next piece read
+        while the last one is sent), waiting whenever the transport's buffer is over its
+        high-water mark: memory stays at a few pieces whatever the file's size. A peer that takes
+        nothing for ``GWCORE_HTTP_REQUEST_TIMEOUT`` is cut off; so is one whose file turns out
+        shorter than announced (the length is out already)."""
+        transport = self.transport
+        loop = self.loop
+        timeout = self.settings.http_request_timeout
+        offset, size = 0, answer.size
+        reading: asyncio.Future[bytes] | None = None
+        done = False
+        try:
+            if transport is None or transport.is_closing():
+                return
+            transport.write(head)
+            reading = loop.run_in_executor(None, os.pread, answer.fd, min(_FILE_PIECE, size), 0)
+            while offset < size:
+                piece = await reading
+                reading = None
+                if transport.is_closing():
+                    return
+                if not piece:
+                    log.error("a streamed file ended after %d of %d bytes: connection closed", offset, size)
+                    return
+                transport.write(piece)
+                offset += len(piece)
+                if offset < size:
+                    reading = loop.run_in_executor(None, os.pread, answer.fd, min(_FILE_PIECE, size - offset), offset)
+                while self.writing_paused and not transport.is_closing():
+                    if self.writable is None:
+                        self.writable = loop.create_future()
+                    try:
+                        await asyncio.wait_for(asyncio.shield(self.writable), timeout)
+                    except asyncio.TimeoutError:
+                        log.warning("a worker took nothing of a blob for %g s (GWCORE_HTTP_REQUEST_TIMEOUT): "
+                                    "connection closed after %d of %d bytes", timeout, offset, size)
+                        return
+            done = True
+        except OSError as exc:
+            log.error("reading a streamed file failed after %d of %d bytes: %s", offset, size, exc)
+        finally:
+            if reading is not None and not reading.done():
+                # the file is closed once the read in its thread is over, never under it
+                reading.add_done_callback(lambda f: (f.cancelled() or f.exception(), answer.close()))
+            else:
+                answer.close()
+            if done:
+                slot.data = b""  # the answer is out: the ones behind it may follow
+                self._flush()
+            elif transport is not None and not transport.is_closing():
+                transport.abort()  # the client must not take a short body for a whole one
 
     def _answer(self, slot: core.AnswerSlot, status: int, reason: str, *, body: bytes | None = None,
                 content_type: bytes = _JSON, callback: str | None = None, extra: bytes = b"",
