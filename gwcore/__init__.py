@@ -8,6 +8,8 @@ from .consumer import Message
 from .databus import Blob
 from .errors import (
     AuthenticationError,
+    BlobError,
+    BlobIntegrityError,
     ConfigurationError,
     ExtensionMissingError,
     FramingError,
@@ -60,6 +62,8 @@ __all__ = (
     "SendProtocolError",
     "ResponseTooLargeError",
     "AuthenticationError",
+    "BlobError",
+    "BlobIntegrityError",
     # build
     "DEBUG_BUILD",
     "__version__",

@@ -259,7 +259,8 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     handler = load_handler(args.handler, what="--handler")
 
     async def run() -> None:
-        worker = Worker(args.distributor, args.capacity, handler, name=args.name, wait=args.wait)
+        worker = Worker(args.distributor, args.capacity, handler, name=args.name, wait=args.wait,
+                        blob_dir=args.blob_dir, download_dir=args.download_dir)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.drain)
@@ -318,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="the worker's name on the distributor (default host-pid)")
     p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
                    help="longest a request for work waits (default 10)")
+    p.add_argument("--blob-dir", metavar="DIR",
+                   help="the distributor's blob directory (<data dir>/blobs) as this host sees it: databus blobs "
+                        "found there are read from it instead of being streamed from the distributor")
+    p.add_argument("--download-dir", metavar="DIR",
+                   help="where a blob's .path downloads it to (default the system's temporary directory)")
     p.add_argument("--drain", metavar="NAME",
                    help="instead of working: tell the distributor to give worker NAME nothing new")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

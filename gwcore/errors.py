@@ -18,6 +18,8 @@ __all__ = (
     "ResponseTooLargeError",
     "AuthenticationError",
     "UnknownSiteError",
+    "BlobError",
+    "BlobIntegrityError",
 )
 
 
@@ -95,3 +97,13 @@ class AuthenticationError(GatewayError):
 
 class UnknownSiteError(GatewayError, ValueError):
     """A send names a site that is not configured (GWCORE_SITES, GWCORE_CONFIG)."""
+
+
+class BlobError(GatewayError):
+    """A distributor worker could not read a databus blob from the distributor (connection, or
+    an answer other than the blob; an expired or unknown blob is ``FileNotFoundError``)."""
+
+
+class BlobIntegrityError(BlobError):
+    """The bytes a worker received are not the blob: their length or digest differs from the
+    distributor's record."""

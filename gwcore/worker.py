@@ -10,6 +10,11 @@ The worker never takes more than its capacity: it asks for work only while a slo
 distributor hands out at most the session's free slots. Each message is acknowledged after the
 handler returned; a handler that raises is reported (the distributor retries it with backoff and
 moves it to the error store after ``GWCORE_HANDLER_MAX_ATTEMPTS``).
+
+A message's databus properties (``message.databus``) are the distributor's blobs: each is read
+from a local blob directory when the worker was given one that has it, else streamed from the
+distributor (``GET /.gwcore/worker/blob/<session>/<key>``) and checked against the blob's digest
+on the way (docs/databus.md, "Distributor workers").
 """
 
 from __future__ import annotations
@@ -18,24 +23,266 @@ import asyncio
 import base64
 import collections
 import concurrent.futures
+import errno
+import hashlib
+import http.client
+import io
 import logging
 import os
+import shutil
 import socket
+import ssl
+import tempfile
+import threading
 import urllib.parse
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import orjson
 
+from . import databus
 from .client import SiteClient
 from .consumer import handler_caller
-from .errors import ConfigurationError, GatewayError, SendError
+from .errors import BlobError, BlobIntegrityError, ConfigurationError, GatewayError, SendError
 
-__all__ = ("Worker", "WorkerMessage", "drain_worker")
+__all__ = ("Worker", "WorkerMessage", "WorkerBlob", "drain_worker")
 
 log = logging.getLogger("gwcore.worker")
 
 _PREFIX = "/.gwcore/worker/"
 _RETRY_DELAY = 1.0
+_PIECE = 1 << 20  # one read of a blob from the distributor's connection (or a local file)
+_HEX = frozenset("0123456789abcdef")
+
+
+class _BlobAccess:
+    """Where a worker's messages read their blobs: the distributor (address, TLS, socket timeout),
+    a local blob directory, and the directory for downloads made by ``WorkerBlob.path``."""
+
+    def __init__(self, url: str, ssl_context: ssl.SSLContext | None, timeout: float,
+                 blob_dir: str | None, download_dir: str | None) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.ssl = ssl_context
+        self.timeout = timeout
+        self.blob_dir = blob_dir
+        self.download_parent = download_dir
+        self._downloads: str | None = None
+        self._lock = threading.Lock()
+
+    def connect(self) -> http.client.HTTPConnection:
+        if self.ssl is not None:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.ssl)
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def downloads(self) -> str:
+        """This worker's own directory for downloaded blobs (made on first use)."""
+        with self._lock:
+            if self._downloads is None:
+                self._downloads = tempfile.mkdtemp(prefix="gwcore-worker-", dir=self.download_parent)
+            return self._downloads
+
+    def remove_downloads(self) -> None:
+        with self._lock:
+            path, self._downloads = self._downloads, None
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class WorkerBlob:
+    """A databus property of a message handed to a worker: the distributor's blob behind one
+    header, the worker's counterpart of :class:`gwcore.Blob`.
+
+    It is read from ``<blob_dir>/<key>`` when the worker was given a blob directory that has it
+    (the distributor's ``<data dir>/blobs`` on a shared or the same disk; :attr:`local` is True),
+    else streamed from the distributor. A streamed blob is checked as it arrives: its length and
+    its SHA-256 (or, for a blob received with only a ``Content-MD5``, its MD5) must be the
+    distributor's, or reading raises :class:`gwcore.BlobIntegrityError`. The distributor serves
+    it only while the worker holds the message, so read it in the handler (all of this blocks:
+    in an async handler call it through ``asyncio.to_thread``).
+
+    :ivar header: the message header (``NServiceBus.DataBus.<sender's key>``).
+    :ivar key: the distributor's blob key (the header's value).
+    """
+
+    __slots__ = ("header", "key", "_size", "_sha256", "_md5", "_session", "_access", "_local", "_download",
+                 "_lock")
+
+    def __init__(self, header: str, key: str, info: dict[str, Any] | None, session: str, access: _BlobAccess) -> None:
+        self.header = header
+        self.key = key
+        self._size: int | None = info["size"] if info else None
+        self._sha256: str | None = (info.get("sha256") or None) if info else None
+        self._md5: str | None = (info.get("md5") or None) if info else None
+        self._session = session
+        self._access = access
+        self._local: str | None = None
+        if access.blob_dir is not None:
+            path = os.path.join(access.blob_dir, key)
+            if os.path.isfile(path):
+                self._local = path
+        self._download: str | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def local(self) -> bool:
+        """True when the blob is read from the local blob directory, not from the distributor."""
+        return self._local is not None
+
+    @property
+    def size(self) -> int:
+        """The blob's size in bytes (from the distributor's record; no request for it).
+
+        :raises FileNotFoundError: the blob has expired."""
+        if self._size is None:
+            if self._local is not None:
+                self._size = os.path.getsize(self._local)
+            else:
+                with _BlobReader(self, "HEAD") as head:
+                    self._size = head.size
+        return self._size
+
+    @property
+    def path(self) -> str:
+        """A local file with the blob: the local blob directory's, or else a download into a
+        directory of this worker's own (made on first access, checked like :meth:`open`;
+        removed once the handler returned, and the directory when the worker stops).
+
+        :raises FileNotFoundError: the blob has expired.
+        :raises gwcore.BlobIntegrityError: what arrived is not the blob."""
+        if self._local is not None:
+            return self._local
+        with self._lock:
+            if self._download is None:
+                fd, tmp = tempfile.mkstemp(prefix=self.key + "-", dir=self._access.downloads())
+                try:
+                    with os.fdopen(fd, "wb") as out, self.open() as src:
+                        shutil.copyfileobj(src, out, _PIECE)
+                except BaseException:
+                    os.unlink(tmp)
+                    raise
+                self._download = tmp
+            return self._download
+
+    def open(self) -> BinaryIO:
+        """A binary reader of the blob: the local (or downloaded) file, or a stream from the
+        distributor, read in pieces whatever the blob's size.
+
+        :raises FileNotFoundError: the blob has expired (or is no longer the worker's to read).
+        :raises gwcore.BlobError: the distributor cannot be reached or refused (``503`` while it
+            stops or is passive).
+        """
+        path = self._local or self._download
+        if path is not None:
+            return open(path, "rb")
+        return io.BufferedReader(_BlobReader(self, "GET"), _PIECE)  # type: ignore[return-value]
+
+    def read(self) -> bytes:
+        """The whole property (only for properties that fit in memory)."""
+        with self.open() as f:
+            return f.read()
+
+    def _target(self) -> str:
+        return f"{_PREFIX}blob/{_seg(self._session)}/{self.key}"
+
+    def _cleanup(self) -> None:
+        with self._lock:
+            path, self._download = self._download, None
+        if path is not None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def __repr__(self) -> str:
+        return f"<WorkerBlob {self.header!r} key={self.key!r}{' local' if self._local else ''}>"
+
+
+class _BlobReader(io.RawIOBase):
+    """One blob streamed from the distributor over a connection of its own (blocking), its
+    length and digest checked as the last byte arrives."""
+
+    def __init__(self, blob: WorkerBlob, method: str) -> None:
+        super().__init__()
+        self.blob = blob
+        what = f"blob {blob.key} ({blob.header})"
+        self.what = what
+        self.conn = blob._access.connect()
+        try:
+            self.conn.request(method, blob._target())
+            self.resp = resp = self.conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            self.conn.close()
+            raise BlobError(f"{what}: cannot read it from the distributor: {exc!r}") from exc
+        if resp.status != 200:
+            text = resp.read(2000).decode("utf-8", "replace").strip() if method != "HEAD" else ""
+            self.conn.close()
+            reason = text or f"{resp.status} {resp.reason}"
+            if resp.status == 404:
+                raise FileNotFoundError(errno.ENOENT, f"{what}: {reason}")
+            raise BlobError(f"{what}: the distributor answered {resp.status}: {reason}")
+        try:
+            length = int(resp.getheader("Content-Length", ""))
+            sha = databus.digest_sha256(resp.getheader("Content-Digest", "")) or blob._sha256
+        except ValueError as exc:
+            self.conn.close()
+            raise BlobError(f"{what}: the distributor's answer is malformed: {exc}") from exc
+        md5 = resp.getheader("Content-MD5") or blob._md5
+        if blob._size is not None and length != blob._size:
+            self.conn.close()
+            raise BlobIntegrityError(f"{what}: the distributor sends {length} bytes, the message says {blob._size}")
+        self.size = self.left = length
+        # One digest: the SHA-256 where the distributor has one, else the MD5 of a part that
+        # came with only a Content-MD5; a blob with neither is checked for its length alone.
+        self.expected = sha or md5
+        self.algorithm = "SHA-256" if sha else "MD5" if md5 else None
+        self.hash = hashlib.sha256() if sha else hashlib.md5(usedforsecurity=False) if md5 else None
+        if method == "GET" and not length:
+            self._check()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.left == 0:
+            return 0
+        view = memoryview(buffer).cast("B")[:self.left]
+        try:
+            n = self.resp.readinto(view)
+        except (OSError, http.client.HTTPException) as exc:
+            raise BlobError(f"{self.what}: the transfer broke after {self.size - self.left} of {self.size} "
+                            f"bytes: {exc!r}") from exc
+        if not n:
+            raise BlobError(f"{self.what}: the distributor ended the transfer after {self.size - self.left} "
+                            f"of {self.size} bytes")
+        if self.hash is not None:
+            self.hash.update(view[:n])
+        self.left -= n
+        if self.left == 0:
+            self._check()
+        return n
+
+    def readall(self) -> bytes:
+        out = bytearray(self.left)
+        view = memoryview(out)
+        got = 0
+        while got < len(out):
+            got += self.readinto(view[got:got + _PIECE])
+        return bytes(out)
+
+    def _check(self) -> None:
+        if self.hash is None:
+            return
+        got = base64.b64encode(self.hash.digest()).decode("ascii")
+        if got != self.expected:
+            raise BlobIntegrityError(
+                f"{self.what}: the {self.algorithm} of the {self.size} bytes received is {got}, the distributor's "
+                f"record says {self.expected}: the blob was damaged on the way or on the distributor's disk")
+
+    def close(self) -> None:
+        if not self.closed:
+            self.conn.close()
+        super().close()
 
 
 class WorkerMessage:
@@ -49,11 +296,13 @@ class WorkerMessage:
     :ivar delivery_count: deliveries so far, this one included (a worker that died or stalled
         holding the message, or a failed attempt, counts as one).
     :ivar redelivered: True when the message was handed out before (it may have been processed).
+    :ivar databus: the claim-check properties: header name (``NServiceBus.DataBus.<sender's
+        key>``) -> :class:`WorkerBlob` (``.key``, ``.size``, ``.open()``, ``.read()``, ``.path``).
     """
 
-    __slots__ = ("id", "headers", "body", "seq", "attempt", "delivery_count", "redelivered")
+    __slots__ = ("id", "headers", "body", "seq", "attempt", "delivery_count", "redelivered", "databus")
 
-    def __init__(self, wire: dict[str, Any]) -> None:
+    def __init__(self, wire: dict[str, Any], *, session: str = "", blobs: _BlobAccess | None = None) -> None:
         self.id: str = wire["id"]
         self.headers: dict[str, str] = wire["headers"]
         self.body = base64.b64decode(wire["body"])
@@ -61,6 +310,17 @@ class WorkerMessage:
         self.attempt: int = wire["attempt"]
         self.delivery_count: int = wire["delivery_count"]
         self.redelivered: bool = wire["redelivered"]
+        self.databus: dict[str, WorkerBlob] = {}
+        if blobs is not None:
+            infos = wire.get("databus") or {}
+            for name, value in self.headers.items():
+                if name.startswith(databus.DATABUS_PREFIX) and len(value) == 32 and _HEX.issuperset(value):
+                    self.databus[name] = WorkerBlob(name, value, infos.get(name), session, blobs)
+
+    def _cleanup(self) -> None:
+        """The handler returned: downloads made for ``.path`` go."""
+        for blob in self.databus.values():
+            blob._cleanup()
 
     def __repr__(self) -> str:
         return f"<WorkerMessage id={self.id!r} seq={self.seq} delivery_count={self.delivery_count}>"
@@ -110,10 +370,15 @@ class Worker:
     :param name: the worker's name on the distributor (default ``host-pid``); enlisting under a
         name that has a session ends that session (a restarted worker).
     :param wait: longest a request for work waits on the distributor (it may cut this shorter).
+    :param blob_dir: the distributor's blob directory (``<data dir>/blobs``) where this host sees
+        it: databus blobs found there are read from it instead of being streamed.
+    :param download_dir: where ``WorkerBlob.path`` downloads go (a directory of the worker's own
+        is made in it); default the system's temporary directory.
     """
 
     def __init__(self, url: str, capacity: int, handler: Callable[[Any], Any], *,
-                 name: str | None = None, wait: float = 10.0) -> None:
+                 name: str | None = None, wait: float = 10.0, blob_dir: str | None = None,
+                 download_dir: str | None = None) -> None:
         if capacity < 1:
             raise ConfigurationError(f"worker capacity must be at least 1, got {capacity}")
         self.url = url
@@ -122,6 +387,7 @@ class Worker:
         self.wait = wait
         self._handler = handler
         self._proto = _Protocol(url, capacity + 2, wait)
+        self._blobs = _BlobAccess(_base_url(url), self._proto.client.ssl, wait + 30.0, blob_dir, download_dir)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.session: str | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -180,7 +446,9 @@ class Worker:
                     continue
                 for wire in answer["messages"]:
                     self._held[wire["seq"]] += 1
-                    task = loop.create_task(self._one(call, self.session or "", WorkerMessage(wire)))
+                    session = self.session or ""
+                    msg = WorkerMessage(wire, session=session, blobs=self._blobs)
+                    task = loop.create_task(self._one(call, session, msg))
                     self._tasks.add(task)
                     task.add_done_callback(self._done)
                 self.max_in_flight = max(self.max_in_flight, len(self._tasks))
@@ -199,6 +467,7 @@ class Worker:
             heartbeat.cancel()
             await self._proto.client.close()
             self._executor.shutdown(wait=False)
+            self._blobs.remove_downloads()
 
     async def _enlist(self) -> bool:
         try:
@@ -236,7 +505,10 @@ class Worker:
     async def _one(self, call: Callable[[WorkerMessage], Any], session: str, msg: WorkerMessage) -> None:
         try:
             try:
-                await call(msg)
+                try:
+                    await call(msg)
+                finally:
+                    msg._cleanup()
             except Exception as exc:
                 self.failed += 1
                 log.warning("handler failed on message %s (attempt %d): %r", msg.id, msg.attempt, exc)

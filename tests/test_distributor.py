@@ -313,10 +313,11 @@ class WorkerProcess:
     """A `gwcore worker` process running a handler of tests/handlers.py that logs to *log*."""
 
     def __init__(self, url: str, name: str, log: str, capacity: int = 3, sleep: float = 0.3,
-                 handler: str = "handlers:log_slowly") -> None:
+                 handler: str = "handlers:log_slowly", env: dict[str, str] | None = None) -> None:
+        extra = env or {}
         env = {k: v for k, v in os.environ.items() if not k.startswith("GWCORE_")}
         env.update(PYTHONPATH=os.pathsep.join([ROOT, TESTS]), HANDLER_LOG=log, HANDLER_SLEEP=str(sleep),
-                   WORKER_NAME=name)
+                   WORKER_NAME=name, **extra)
         self.name = name
         self.stderr_path = log + f".{name}.err"
         self.stderr = open(self.stderr_path, "ab")
