@@ -623,7 +623,8 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
     # -- answers streamed from a file (databus blobs for distributor workers) ----------------------
 
     def _answer_file(self, slot: core.AnswerSlot, status: int, reason: str, answer: FileAnswer) -> None:
-        extra = b"".join(b"%s: %s\r\n" % (name.encode("ascii"), value.encode("ascii")) for name, value in answer.headers)
+        extra = b"".join(b"%s: %s\r\n" % (name.encode("ascii"), value.encode("ascii"))
+                         for name, value in answer.headers)
         head = _render_head(status, _ascii_reason(reason), self.state.date(), answer.size, _OCTETS, slot.close, extra)
         if slot.head or answer.size == 0:
             answer.close()
@@ -687,9 +688,9 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
             if transport is None or transport.is_closing():
                 return
             transport.write(head)
-            reading = loop.run_in_executor(None, os.pread, answer.fd, min(_FILE_PIECE, size), 0)
+            reading = next_piece = loop.run_in_executor(None, os.pread, answer.fd, min(_FILE_PIECE, size), 0)
             while offset < size:
-                piece = await reading
+                piece = await next_piece
                 reading = None
                 if transport.is_closing():
                     return
@@ -699,7 +700,8 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
                 transport.write(piece)
                 offset += len(piece)
                 if offset < size:
-                    reading = loop.run_in_executor(None, os.pread, answer.fd, min(_FILE_PIECE, size - offset), offset)
+                    reading = next_piece = loop.run_in_executor(
+                        None, os.pread, answer.fd, min(_FILE_PIECE, size - offset), offset)
                 while self.writing_paused and not transport.is_closing():
                     if self.writable is None:
                         self.writable = loop.create_future()
@@ -715,7 +717,12 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
         finally:
             if reading is not None and not reading.done():
                 # the file is closed once the read in its thread is over, never under it
-                reading.add_done_callback(lambda f: (f.cancelled() or f.exception(), answer.close()))
+                def close(read: asyncio.Future[bytes]) -> None:
+                    if not read.cancelled():
+                        read.exception()  # retrieved: a failed read of an abandoned answer is no news
+                    answer.close()
+
+                reading.add_done_callback(close)
             else:
                 answer.close()
             if done:

@@ -72,7 +72,8 @@ def test_blob_call_streams_the_blob_in_request_order_and_refuses_what_it_must(ru
                 r = await c.request(call("GET", blob_path))
                 assert (r.status, r.body) == (404, f"Not Found: blob {key} is named by no message worker "
                                                    f"session {sid} holds".encode())
-                (wire,) = json.loads((await c.request(call("POST", f"/.gwcore/worker/take/{sid}/5000/"))).body)["messages"]
+                r = await c.request(call("POST", f"/.gwcore/worker/take/{sid}/5000/"))
+                (wire,) = json.loads(r.body)["messages"]
                 assert wire["headers"][HEADER] == key
                 assert wire["databus"] == {HEADER: {"key": key, "size": len(blob), "md5": "",
                                                     "sha256": base64.b64encode(hashlib.sha256(blob).digest()).decode()}}
@@ -108,7 +109,8 @@ def test_blob_call_streams_the_blob_in_request_order_and_refuses_what_it_must(ru
                 # the blob expires while the worker still holds its message (the writer's expiry
                 # walk, run as if its time had come)
                 later = int(time.time() * 1000) + 30 * 86400 * 1000
-                assert await gw.writer.call(lambda txn: databus.expire(txn, gw.store, later, 10, gw.writer._doomed)) == 1
+                expire = lambda txn: databus.expire(txn, gw.store, later, 10, gw.writer._doomed)  # noqa: E731
+                assert await gw.writer.call(expire) == 1
                 await until(lambda: not os.path.exists(os.path.join(gw.store.blob_dir, key)), 5, "the file removed")
                 r = await c.request(call("GET", blob_path))
                 assert r.status == 404 and f"blob {key} has expired".encode() in r.body
