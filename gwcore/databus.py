@@ -372,10 +372,11 @@ class _Lane:
     a blob thread that keeps taking what arrives until nothing is left, so a busy part never
     waits for the event loop between batches."""
 
-    __slots__ = ("fn", "pending", "queued", "running", "lock")
+    __slots__ = ("fn", "pending", "queued", "running", "lock", "whole")
 
-    def __init__(self, fn: Callable[[list], None]) -> None:
+    def __init__(self, fn: Callable[[list], None], whole: bool = False) -> None:
         self.fn = fn
+        self.whole = whole               # takes only whole buffers (the O_DIRECT write lane)
         self.pending: list[_Region] = []
         self.queued = 0                  # bytes handed to this lane and not yet processed
         self.running = False             # a job is in a blob thread (or about to be)
@@ -432,7 +433,7 @@ class BlobSink:
         self._on_drain = on_drain
         # Writing and hashing run side by side in two lanes (hashlib and os.write release the
         # GIL), so neither waits for the other: a part goes at the pace of the slower one.
-        self._lanes = [_Lane(self._write_regions)]
+        self._lanes = [_Lane(self._write_regions, whole=self.direct)]
         if self.md5 is not None or self.sha is not None:
             self._lanes.append(_Lane(self._hash_regions))
         self._cur: _Buf | None = None    # the buffer being filled (loop thread)
@@ -479,9 +480,16 @@ class BlobSink:
             self._cur = None  # full: the lanes give it back once both are done with it
         region = (buf, start, end)
         for lane in self._lanes:
+            if lane.whole:
+                # the O_DIRECT writer is woken once per full buffer, not per read
+                if end != BUF:
+                    continue
+                take, nbytes = (buf, 0, BUF), BUF
+            else:
+                take, nbytes = region, n
             with lane.lock:
-                lane.pending.append(region)
-                lane.queued += n
+                lane.pending.append(take)
+                lane.queued += nbytes
                 begin = not lane.running
                 lane.running = True
             if begin:
@@ -532,7 +540,9 @@ class BlobSink:
                 else:
                     self._wbuf, self._wpos = buf, 0  # held back, nothing of it written yet
                 continue
-            begin = self._wpos if buf is self._wbuf else start
+            # from 0 for a buffer new to this lane: it may have skipped the start of it while
+            # it took whole buffers only (O_DIRECT, given up on since)
+            begin = self._wpos if buf is self._wbuf else 0
             if end > begin:
                 self._write_all(buf.view[begin:end])
             self._wbuf, self._wpos = buf, end
@@ -585,6 +595,7 @@ class BlobSink:
     def _buffered(self) -> None:
         fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
         self.direct = False
+        self._lanes[0].whole = False
 
     def _busy(self) -> bool:
         return any(lane.running for lane in self._lanes)
