@@ -419,6 +419,15 @@ class RequestParser:
             When the framer has ``signatures`` on and a submit carries ``gwcore-Signature``, its
             result's ``method`` and ``target`` are set (unsigned requests pay nothing).
         """
+    def streamed_body_left(self) -> int:
+        """Bytes of a streamed databus part's body still to come when none of it is buffered in
+        the parser (the caller may receive them itself and report them with :meth:`body_taken`);
+        0 otherwise, chunked bodies included."""
+    def body_taken(self, n: int) -> None:
+        """*n* bytes of the streamed part's body were received by the caller. When that ends the
+        body, the next :meth:`feed` reports ``EV_PART_END``.
+
+        :raises ValueError: no streamed body is being received, or *n* is more than is left."""
 
 @disjoint_base
 class ListenerCore:

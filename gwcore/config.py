@@ -324,6 +324,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "GWCORE_MAX_BODY": ("max_body", _positive_size, "16MiB"),
     "GWCORE_MAX_BLOB": ("max_blob", _positive_size, "4GiB"),
     "GWCORE_DATABUS_TTL": ("databus_ttl", _positive_duration, "7d"),
+    "GWCORE_BLOB_DIRECT_IO": ("blob_direct_io", _parse_bool, "1"),
     "GWCORE_HTTP_MAX_HEADERS": ("http_max_headers", _positive_int, "256"),
     "GWCORE_HTTP_MAX_HEADER_BYTES": ("http_max_header_bytes", _positive_size, "64KiB"),
     "GWCORE_HTTP_REQUEST_TIMEOUT": ("http_request_timeout", _positive_duration, "30s"),
@@ -384,6 +385,7 @@ class Settings:
     max_body: int = 16 << 20
     max_blob: int = 4 << 30
     databus_ttl: float = 7 * 86400.0
+    blob_direct_io: bool = True
     http_max_headers: int = 256
     http_max_header_bytes: int = 64 << 10
     http_request_timeout: float = 30.0

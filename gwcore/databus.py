@@ -45,9 +45,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import errno
+import fcntl
 import hashlib
 import io
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -76,6 +79,12 @@ PREFIX_LEN = 8
 _CHUNK = 1 << 20
 #: Bytes of a part received but not yet written before the connection stops being read.
 HIGH_WATER = 8 << 20
+#: One receive buffer of a part (a socket read fills at most this much), a multiple of ALIGN.
+BUF = 1 << 20
+#: The block size O_DIRECT writes keep to (file offset, length and memory address).
+ALIGN = 4096
+#: Receive buffers kept for reuse, over all parts (more are mapped while many parts arrive).
+POOL_KEEP = 16
 
 #: What the sending API takes for one property: the bytes, a file path, or a binary stream.
 Source = Union[bytes, bytearray, memoryview, str, os.PathLike, BinaryIO]
@@ -477,50 +486,115 @@ def sweep(store: Any) -> int:
 
 # -- the loop side: streaming a part to disk -----------------------------------------------------------
 
-class BlobWriter:
-    """Makes :class:`BlobSink` objects for one data dir; owns the threads that write blobs."""
+class _Buf:
+    """One receive buffer of a part: ``BUF`` bytes of anonymous memory, so page aligned (what
+    ``O_DIRECT`` needs), filled in order and then read by each lane of the sink that filled it."""
 
-    def __init__(self, data_dir: str, loop: asyncio.AbstractEventLoop, *, directory: str | None = None,
-                 prefix: str = "") -> None:
-        """:param directory: the blob dir (``GWCORE_BLOB_DIR``), default ``<data_dir>/blobs``.
-        :param prefix: the store's blob name prefix (:func:`new_name`)."""
+    __slots__ = ("view", "holds")
+
+    def __init__(self) -> None:
+        self.view = memoryview(mmap.mmap(-1, BUF))
+        self.holds = 0  # lanes that have not yet finished with the whole buffer
+
+
+class BlobWriter:
+    """Makes :class:`BlobSink` objects for one data dir; owns the threads that write blobs and
+    the receive buffers they reuse.
+
+    :param direct_io: write blob files with ``O_DIRECT`` where the file system allows it (the
+        bytes go from the receive buffer to the disk without a copy into the page cache; the file
+        is still fsync'd before a part is acknowledged). Falls back to ordinary writes per file
+        when the file system refuses it.
+    :param directory: the blob dir (``GWCORE_BLOB_DIR``), default ``<data_dir>/blobs``.
+    :param prefix: the store's blob name prefix (:func:`new_name`).
+    """
+
+    def __init__(self, data_dir: str, loop: asyncio.AbstractEventLoop, *, direct_io: bool = True,
+                 directory: str | None = None, prefix: str = "") -> None:
         self.directory = directory or blob_dir(data_dir)
         self.prefix = prefix
         os.makedirs(self.directory, exist_ok=True)
         self.loop = loop
+        self.direct_io = direct_io and hasattr(os, "O_DIRECT")
         # One blob's work stays in order (one write job and one hash job at a time per sink);
         # four threads let a second upload go on beside the first one's.
         self.executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="gwcore-blob")
+        # Receive buffers come back here once every lane is done with them: memory that is
+        # mapped once and stays faulted in, instead of a fresh allocation per read.
+        self._free: list[_Buf] = []
+        self._free_lock = threading.Lock()
 
     def sink(self, on_drain: Callable[[], None], *, signed: bool = False, md5: bool = True) -> "BlobSink":
         """:param signed: compute the SHA-256 (the signature's body digest).
         :param md5: compute the MD5 (the request has a ``Content-MD5`` to verify)."""
         return BlobSink(self, on_drain, signed, md5)
 
+    def _take(self, holds: int) -> _Buf:
+        with self._free_lock:
+            buf = self._free.pop() if self._free else None
+        if buf is None:
+            buf = _Buf()
+        buf.holds = holds
+        return buf
+
+    def _release(self, buf: _Buf) -> None:
+        """A lane (any thread) is done with *buf*; the last one gives it back."""
+        with self._free_lock:
+            buf.holds -= 1
+            if buf.holds == 0 and len(self._free) < POOL_KEEP:
+                self._free.append(buf)
+
+    def _give_back(self, buf: _Buf) -> None:
+        """The sink's last, partly filled buffer, once no lane can still touch it."""
+        with self._free_lock:
+            buf.holds = 0
+            if len(self._free) < POOL_KEEP:
+                self._free.append(buf)
+
     def close(self) -> None:
         self.executor.shutdown(wait=True)
 
 
+#: A run of received bytes: ``view[start:end]`` of one receive buffer.
+_Region = tuple  # (_Buf, int, int)
+
+
 class _Lane:
-    """One in-order stream of work over a sink's chunks (writing, or hashing), run by one job in
+    """One in-order stream of work over a sink's regions (writing, or hashing), run by one job in
     a blob thread that keeps taking what arrives until nothing is left, so a busy part never
     waits for the event loop between batches."""
 
     __slots__ = ("fn", "pending", "queued", "running", "lock")
 
-    def __init__(self, fn: Callable[[list[bytes]], None]) -> None:
+    def __init__(self, fn: Callable[[list], None]) -> None:
         self.fn = fn
-        self.pending: list[bytes] = []
+        self.pending: list[_Region] = []
         self.queued = 0                  # bytes handed to this lane and not yet processed
         self.running = False             # a job is in a blob thread (or about to be)
         self.lock = threading.Lock()
 
 
-class BlobSink:
-    """One blob being received: chunks go to blob threads that write them, and hash them, in
-    order.
+def _runs(regions: list[_Region]) -> Iterator[tuple[_Buf, int, int]]:
+    """Adjacent regions of one buffer merged: one hash update or write call per run."""
+    buf = None
+    start = end = 0
+    for b, s, e in regions:
+        if b is buf and s == end:
+            end = e
+            continue
+        if buf is not None:
+            yield buf, start, end
+        buf, start, end = b, s, e
+    if buf is not None:
+        yield buf, start, end
 
-    :meth:`write` never blocks; :attr:`behind` says the disk (or the hashing) lags more than
+
+class BlobSink:
+    """One blob being received: its bytes land in page-aligned receive buffers (copied there by
+    :meth:`write`, or read there straight from the socket through :meth:`receive_into` and
+    :meth:`received`), and blob threads write them, and hash them, in order, side by side.
+
+    Neither call blocks; :attr:`behind` says the disk (or the hashing) lags more than
     ``HIGH_WATER`` bytes (the caller pauses reading, and ``on_drain`` is called on the loop once
     the lag is below half of that).
     """
@@ -531,7 +605,17 @@ class BlobSink:
         self.name = new_name(owner.prefix)
         self.tmp = os.path.join(owner.directory, _TMP + self.name)
         self.path = os.path.join(owner.directory, self.name)
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        self.direct = False
+        if owner.direct_io:
+            try:
+                self.fd = os.open(self.tmp, flags | os.O_DIRECT, 0o600)
+                self.direct = True
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # tmpfs and some others refuse O_DIRECT
+                    raise
+        if not self.direct:
+            self.fd = os.open(self.tmp, flags, 0o600)
         # Only the digests the request needs: MD5 is the slowest step of a part (about 730 MiB/s
         # a core here), and a sender may leave Content-MD5 out.
         self.md5 = hashlib.md5(usedforsecurity=False) if md5 else None
@@ -540,9 +624,13 @@ class BlobSink:
         self._on_drain = on_drain
         # Writing and hashing run side by side in two lanes (hashlib and os.write release the
         # GIL), so neither waits for the other: a part goes at the pace of the slower one.
-        self._lanes = [_Lane(self._write_chunks)]
+        self._lanes = [_Lane(self._write_regions)]
         if self.md5 is not None or self.sha is not None:
-            self._lanes.append(_Lane(self._hash_chunks))
+            self._lanes.append(_Lane(self._hash_regions))
+        self._cur: _Buf | None = None    # the buffer being filled (loop thread)
+        self._fill = 0                   # bytes of it filled
+        self._wbuf: _Buf | None = None   # the write lane's buffer
+        self._wpos = 0                   # bytes of it written (a multiple of ALIGN but at the end)
         self._idle: asyncio.Future | None = None
         self._error: BaseException | None = None
         self._closed = False
@@ -551,33 +639,62 @@ class BlobSink:
     def behind(self) -> bool:
         return max(lane.queued for lane in self._lanes) >= HIGH_WATER
 
-    def write(self, chunk: bytes) -> None:
-        if self._closed or self._error is not None:
-            return
-        self.size += len(chunk)
+    # -- the loop side ------------------------------------------------------------------------------
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        """Take *chunk* (copied into the receive buffers)."""
+        view = memoryview(chunk).cast("B")
+        while view:
+            room = self.receive_into(len(view))
+            n = len(room)
+            room[:] = view[:n]
+            self.received(n)
+            view = view[n:]
+
+    def receive_into(self, limit: int) -> memoryview:
+        """Where the next at most *limit* bytes of the blob go (a socket reads into it); then
+        :meth:`received` says how many came."""
+        if self._cur is None:
+            self._cur = self.owner._take(len(self._lanes))
+            self._fill = 0
+        return self._cur.view[self._fill:self._fill + min(limit, BUF - self._fill)]
+
+    def received(self, n: int) -> None:
+        """*n* bytes were put where :meth:`receive_into` said: hand them to the lanes."""
+        if n <= 0 or self._closed or self._error is not None:
+            return  # a failed blob is read past (the buffer is reused), answered at its end
+        buf, start = self._cur, self._fill
+        assert buf is not None
+        self._fill = end = start + n
+        self.size += n
+        if end == BUF:
+            self._cur = None  # full: the lanes give it back once both are done with it
+        region = (buf, start, end)
         for lane in self._lanes:
             with lane.lock:
-                lane.pending.append(chunk)
-                lane.queued += len(chunk)
-                start = not lane.running
+                lane.pending.append(region)
+                lane.queued += n
+                begin = not lane.running
                 lane.running = True
-            if start:
+            if begin:
                 self.owner.executor.submit(self._run, lane)
+
+    # -- the blob threads ---------------------------------------------------------------------------
 
     def _run(self, lane: _Lane) -> None:
         # In a blob thread: hashlib and os.write release the GIL on large buffers.
         while True:
             with lane.lock:
-                chunks, lane.pending = lane.pending, []
-                if not chunks or self._error is not None or self._closed:
+                regions, lane.pending = lane.pending, []
+                if not regions or self._error is not None or self._closed:
                     lane.pending = []
                     lane.running = False
                     break
             try:
-                lane.fn(chunks)
+                lane.fn(regions)
             except BaseException as exc:  # reported by finish()
                 self._error = self._error or exc
-            n = sum(map(len, chunks))
+            n = sum(e - s for _b, s, e in regions)
             with lane.lock:
                 was_behind = lane.queued >= HIGH_WATER
                 lane.queued -= n
@@ -586,18 +703,46 @@ class BlobSink:
                 self.loop.call_soon_threadsafe(self._drained)
         self.loop.call_soon_threadsafe(self._lane_stopped)
 
-    def _hash_chunks(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
+    def _hash_regions(self, regions: list[_Region]) -> None:
+        for buf, start, end in _runs(regions):
+            piece = buf.view[start:end]
             if self.md5 is not None:
-                self.md5.update(chunk)
+                self.md5.update(piece)
             if self.sha is not None:
-                self.sha.update(chunk)
+                self.sha.update(piece)
+            if end == BUF:
+                self.owner._release(buf)
 
-    def _write_chunks(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(self.fd, view):]
+    def _write_regions(self, regions: list[_Region]) -> None:
+        for buf, start, end in _runs(regions):
+            if buf is not self._wbuf:
+                self._wbuf, self._wpos = buf, start
+            # With O_DIRECT only whole blocks go now; the rest waits for the bytes after it (or
+            # for _seal, which writes the tail without O_DIRECT).
+            upto = end if (end == BUF or not self.direct) else end - end % ALIGN
+            if upto > self._wpos:
+                self._write_all(buf.view[self._wpos:upto])
+                self._wpos = upto
+            if end == BUF:
+                self._wbuf = None
+                self.owner._release(buf)
+
+    def _write_all(self, view: memoryview) -> None:
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except OSError as exc:
+                if not (self.direct and exc.errno == errno.EINVAL):
+                    raise
+                self._buffered()  # the file system took the open but not the write
+                continue
+            view = view[n:]
+            if view and self.direct and n % ALIGN:
+                self._buffered()  # a short write left the file off the block grid
+
+    def _buffered(self) -> None:
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.direct = False
 
     def _busy(self) -> bool:
         return any(lane.running for lane in self._lanes)
@@ -636,6 +781,16 @@ class BlobSink:
                 _b64(self.sha.digest()) if self.sha is not None else None)
 
     def _seal(self) -> None:
+        # The lanes are idle: what the write lane held back (less than a block, O_DIRECT) goes now.
+        buf, fill = self._cur, self._fill
+        if buf is not None:
+            if fill > self._wpos or buf is not self._wbuf:
+                start = self._wpos if buf is self._wbuf else 0
+                if self.direct:
+                    self._buffered()
+                self._write_all(buf.view[start:fill])
+            self._cur = self._wbuf = None
+            self.owner._give_back(buf)
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
@@ -656,6 +811,8 @@ class BlobSink:
     def _discard(self) -> None:
         fd, self.fd = self.fd, -1
         tmp = self.tmp
+        # Buffers still held by this blob are left to the garbage collector, not reused.
+        self._cur = self._wbuf = None
 
         def remove() -> None:
             if fd >= 0:

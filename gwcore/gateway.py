@@ -185,7 +185,8 @@ class Gateway:
                 max_delay_us=s.commit_max_delay_us, dedup_ttl=s.dedup_ttl, cleanup_slice=s.dedup_cleanup_slice,
                 databus_ttl=s.databus_ttl,
             ))
-            self.blobs = BlobWriter(s.data_dir, loop, directory=self.store.blob_dir, prefix=self.store.blob_prefix)
+            self.blobs = BlobWriter(s.data_dir, loop, direct_io=s.blob_direct_io, directory=self.store.blob_dir,
+                                    prefix=self.store.blob_prefix)
             self.queue = LocalQueue(self.store, self.writer, max_attempts=s.handler_max_attempts)
             self.queue.intercept = self._intercept_reply
             self.writer.on_commit = self.queue.notify

@@ -181,6 +181,52 @@ class _Part:
         self.verified = verified  # the signature was checked on the whole body already
 
 
+#: A part body this large (still to come) is read with _PartBody rather than through the parser.
+_DIRECT_BODY_MIN = 64 << 10
+
+
+class _PartBody(asyncio.BufferedProtocol):
+    """The connection's protocol while the body of a databus part arrives: the socket is read
+    straight into the blob's receive buffers (no copy into a new ``bytes`` per read, no parser
+    pass), never past the body's end; then the connection goes back to its
+    :class:`HTTPProtocol`, which reads what follows as usual."""
+
+    __slots__ = ("http", "sink", "left")
+
+    def __init__(self, http: "HTTPProtocol", sink: databus.BlobSink, left: int) -> None:
+        self.http = http
+        self.sink = sink
+        self.left = left
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.sink.receive_into(self.left)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        http = self.http
+        self.left -= nbytes
+        http.parser.body_taken(nbytes)
+        self.sink.received(nbytes)
+        http.request_started = http.loop.time()  # the request timeout counts from the last bytes
+        if self.left == 0:
+            if http.transport is not None and not http.transport.is_closing():
+                http.transport.set_protocol(http)
+            http.data_received(b"")  # the parser ends the part: EV_PART_END
+        else:
+            http._update_reading()
+
+    def eof_received(self) -> bool:
+        return self.http.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.http.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.http.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.http.resume_writing()
+
+
 class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
     """One client connection (an asyncio protocol). The hot path of a submit (events, answer
     slots, handing the envelope to the writer, writing answers in order) is the compiled base
@@ -197,6 +243,7 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
             allow_get=settings.http_allow_get, max_blob=settings.max_blob,
         )
         self.part: _Part | None = None  # the databus part being received (read by _update_reading)
+        self.held: list[tuple[core.AnswerSlot, Any]] = []  # submits waiting for parts_open to be 0
         self.slots: collections.deque[core.AnswerSlot] = collections.deque()
         self.closing = False  # no further requests will be read
         self.reading_paused = False
@@ -253,7 +300,13 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
 
     def _route(self, slot: core.AnswerSlot, result: Any) -> None:
         """A submit the compiled path did not hand straight to the writer: not the active
-        receiver, draining, signed requests, refusals, or the writer's queue is full."""
+        receiver, draining, signed requests, refusals, the writer's queue is full, or a databus
+        part sent before it on this connection is still being recorded."""
+        if self.parts_open:
+            # A pipelined submit waits for the parts ahead of it: it may be the message they
+            # belong to (answered in order all the same).
+            self.held.append((slot, result))
+            return
         state = self.state
         if state.draining or not state.active:
             if state.hold is not None and state.hold(self, slot, result):
@@ -349,6 +402,16 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
             return
         self.part.sink = sink
 
+    def _take_part_body(self) -> None:
+        """When the rest of a part's body is all still to come, read it with :class:`_PartBody`
+        straight into the blob's receive buffers, not through the parser."""
+        part = self.part
+        if part is None or part.sink is None or self.closing or self.transport is None:
+            return
+        left = self.parser.streamed_body_left()
+        if left >= _DIRECT_BODY_MIN:
+            self.transport.set_protocol(_PartBody(self, part.sink, left))
+
     def _part_data(self, chunk: bytes) -> None:
         part = self.part
         if part is not None and part.sink is not None:
@@ -365,9 +428,18 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
             part.sink.abort()
 
     def _store_part(self, part: _Part) -> None:
+        self.parts_open += 1
         task = asyncio.ensure_future(self._finish_part(part))
         self.state.part_tasks.add(task)
-        task.add_done_callback(self.state.part_tasks.discard)
+        task.add_done_callback(self._part_recorded)
+
+    def _part_recorded(self, task: asyncio.Task) -> None:
+        self.state.part_tasks.discard(task)
+        self.parts_open -= 1
+        if not self.parts_open and self.held:
+            held, self.held = self.held, []
+            for slot, result in held:
+                self._route(slot, result)
 
     async def _finish_part(self, part: _Part) -> None:
         """The whole body is in: seal the blob, verify it, index it; then answer."""

@@ -248,6 +248,24 @@ cdef class RequestParser:
         self.in_request = self._state != RP_START and self._state != RP_DONE
         return events
 
+    def streamed_body_left(self):
+        """Bytes of a streamed databus part's body still to come when nothing of it is buffered
+        here (the caller may then receive them itself, straight into its own buffers, and report
+        them with :meth:`body_taken`); 0 otherwise (chunked bodies included)."""
+        if self._part and self._state == RP_BODY and self._pos == self._len:
+            return self._remaining
+        return 0
+
+    def body_taken(self, Py_ssize_t n):
+        """*n* bytes of the streamed part's body were received by the caller, not fed here. When
+        that ends the body, the next :meth:`feed` (with ``b""`` or what follows) reports
+        ``EV_PART_END``."""
+        if not (self._part and self._state == RP_BODY and self._pos == self._len) or not 0 <= n <= self._remaining:
+            raise ValueError("body_taken: no streamed part body of that size is being received")
+        self._remaining -= n
+        if self._remaining == 0:
+            self._state = RP_COMPLETE
+
     cdef Py_ssize_t _line(self) noexcept:
         # The LF ending the line at _pos, or -1 (then nothing before _len needs scanning again).
         cdef const void* hit = memchr(self._buf + self._scan, ASCII_LF, self._len - self._scan)

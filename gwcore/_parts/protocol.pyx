@@ -107,6 +107,7 @@ cdef class ConnectionCore:
     cdef public double idle_since
     cdef public double linger_until
     cdef public object part          # the databus part being received (gwcore.http._Part), or None
+    cdef public int parts_open       # parts of this connection received and not yet recorded
 
     @property
     def in_request(self):
@@ -146,6 +147,9 @@ cdef class ConnectionCore:
                 return
         if parser.in_request and (events or not was_in_request):
             self.request_started = self.loop.time()
+        if self.part is not None:
+            # a databus part: its body may be read straight into the blob's buffers from here on
+            self._take_part_body()
         self._update_reading()
 
     cpdef AnswerSlot _slot(self, bint keep_alive):
@@ -164,7 +168,7 @@ cdef class ConnectionCore:
         if (state.draining or not state.active or state.verifier is not None
                 or type(result) is not Envelope or (<Envelope>result).call_type != CALL_TYPE_SUBMIT
                 or inbox is None or inbox.closed
-                or inbox.pending >= state.max_pending):
+                or inbox.pending >= state.max_pending or self.parts_open):
             self._route(slot, result)
             return
         env = <Envelope>result

@@ -1,0 +1,276 @@
+"""How a databus part's bytes reach the disk: the blob sink's page-aligned receive buffers and
+O_DIRECT writes (against a plain in-memory oracle, at every awkward size), the fallback where the
+file system refuses O_DIRECT, and the connection reading a part's body straight into those
+buffers (the parser bypassed until the body ends, then the connection back to normal)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import random
+import uuid
+
+import pytest
+from httpclient import Client, nsb_request
+from test_databus import addr, blob_files, part_request, submit_request
+
+from gwcore import databus, http
+
+BUF = databus.BUF
+
+
+def _direct_ok(directory) -> bool:
+    """Whether this file system takes O_DIRECT (ext4 and xfs do, tmpfs does not)."""
+    probe = os.path.join(directory, ".probe")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    except OSError as exc:
+        assert exc.errno == errno.EINVAL
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+async def _sink_roundtrip(data_dir: str, data: bytes, rng: random.Random, direct_io: bool,
+                          signed: bool = True) -> tuple[databus.BlobSink, bool, tuple]:
+    """Feed *data* to a new sink in random pieces, half copied in (write) and half read into
+    its buffers (receive_into/received, as a socket does), then finish it."""
+    writer = databus.BlobWriter(data_dir, asyncio.get_running_loop(), direct_io=direct_io)
+    try:
+        sink = writer.sink(lambda: None, signed=signed, md5=True)
+        was_direct = sink.direct
+        pos = 0
+        while pos < len(data):
+            n = min(len(data) - pos, rng.choice((1, 7, 4095, 4096, 4097, 65536, 100_003, BUF - 1, BUF, 3 * BUF)))
+            if rng.random() < 0.5:
+                sink.write(data[pos:pos + n])
+                pos += n
+            else:
+                room = sink.receive_into(n)
+                assert 0 < len(room) <= min(n, BUF)
+                got = rng.randint(1, len(room))  # a socket may return less than the room
+                room[:got] = data[pos:pos + got]
+                sink.received(got)
+                pos += got
+            if sink.behind:
+                await asyncio.sleep(0.001)  # what pausing the socket does: let the lanes catch up
+        digests = await sink.finish()
+        return sink, was_direct, digests
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, BUF - 1, BUF, BUF + 1, 3 * BUF + 12_345, 11 * BUF])
+@pytest.mark.parametrize("direct_io", [True, False], ids=["direct", "buffered"])
+def test_blob_sink_writes_every_byte_in_order_at_any_size_and_split(run, tmp_path, size, direct_io):
+    rng = random.Random(size * 2 + direct_io)
+    data = rng.randbytes(size)
+
+    async def main():
+        sink, was_direct, (md5, sha) = await _sink_roundtrip(str(tmp_path), data, rng, direct_io)
+        assert was_direct == (direct_io and _direct_ok(tmp_path))
+        with open(sink.path, "rb") as f:
+            assert f.read() == data
+        assert sink.size == size
+        assert md5 == databus._b64(hashlib.md5(data).digest())
+        assert sha == databus._b64(hashlib.sha256(data).digest())
+        assert not [n for n in os.listdir(databus.blob_dir(str(tmp_path))) if n.startswith(".tmp-")]
+
+    run(main())
+
+
+def test_o_direct_is_used_on_this_disk(tmp_path):
+    """The data dir's file system here (ext4) takes O_DIRECT: the tests above ran that path."""
+    if not _direct_ok(tmp_path):
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    writer = databus.BlobWriter(str(tmp_path), asyncio.new_event_loop())
+    try:
+        sink = writer.sink(lambda: None)
+        assert sink.direct
+        sink.abort()
+    finally:
+        writer.close()
+
+
+def test_a_file_system_that_refuses_o_direct_gets_ordinary_writes(run, tmp_path, monkeypatch):
+    """tmpfs before Linux 6.6 and some network file systems answer EINVAL to O_DIRECT: at the open
+    (then the file is opened without it) or only at a write (then the file switches over)."""
+    real_open, real_write = os.open, os.write
+    refused = {"open": 0, "write": 0}
+
+    def open_(path, flags, *args):
+        if flags & os.O_DIRECT and "refuse-open" in str(path):
+            refused["open"] += 1
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    def write_(fd, data):
+        import fcntl
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT and refused["write"] == 0:
+            refused["write"] += 1
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "write", write_)
+    rng = random.Random(5)
+    data = rng.randbytes(2 * BUF + 777)
+
+    async def main():
+        for where in ("refuse-open", "refuse-write"):
+            d = tmp_path / where
+            d.mkdir()
+            sink, was_direct, (md5, _sha) = await _sink_roundtrip(str(d), data, rng, True)
+            assert was_direct == (where == "refuse-write" and _direct_ok(d))
+            with open(sink.path, "rb") as f:
+                assert f.read() == data
+            assert md5 == databus._b64(hashlib.md5(data).digest())
+        assert refused["open"] == 1
+        assert refused["write"] == (1 if _direct_ok(tmp_path) else 0)
+
+    run(main())
+
+
+def test_receive_buffers_are_reused_not_mapped_per_part(run, tmp_path):
+    async def main():
+        writer = databus.BlobWriter(str(tmp_path), asyncio.get_running_loop())
+        try:
+            seen: set[int] = set()
+            for i in range(4):
+                sink = writer.sink(lambda: None)
+                data = random.Random(i).randbytes(4 * BUF)
+                for off in range(0, len(data), BUF):
+                    room = sink.receive_into(BUF)
+                    seen.add(id(room.obj))
+                    room[:] = data[off:off + BUF]
+                    sink.received(BUF)
+                await sink.finish()
+                with open(sink.path, "rb") as f:
+                    assert f.read() == data
+            # four parts of four buffers each came from a handful of mappings, not sixteen
+            assert len(seen) <= 8
+            assert len(writer._free) <= databus.POOL_KEEP
+        finally:
+            writer.close()
+
+    run(main())
+
+
+# -- through the connection -------------------------------------------------------------------------
+
+def _connection(gw):
+    (state,) = gw.states
+    (conn,) = state.connections
+    return conn
+
+
+def test_part_body_is_read_into_the_blob_buffers_then_the_connection_parses_again(run, gateway_factory):
+    """While a large part's body arrives the connection's protocol is the part reader; the
+    request pipelined right behind the body is parsed as usual, and both are answered in order."""
+
+    async def main():
+        async with gateway_factory() as gw:
+            blob = os.urandom(6 << 20)
+            msg_id = str(uuid.uuid4())
+            req = part_request(msg_id, "big", blob)
+            head = req[:-len(blob)]
+            async with Client(*addr(gw)) as c:
+                await c.send(head + blob[:1 << 20])
+                for _ in range(200):
+                    await asyncio.sleep(0.01)
+                    if isinstance(_connection(gw).transport.get_protocol(), http._PartBody):
+                        break
+                conn = _connection(gw)
+                assert isinstance(conn.transport.get_protocol(), http._PartBody)
+                # the rest of the body, a submit and another submit in one write
+                other = str(uuid.uuid4())
+                await c.send(blob[1 << 20:] + submit_request(msg_id, ("big",)) + nsb_request(other))
+                statuses = [(await c.response()).status for _ in range(3)]
+                assert statuses == [200, 200, 200]
+                assert conn.transport.get_protocol() is conn
+            msgs = {}
+            for _ in range(2):
+                m = await asyncio.wait_for(gw.messages().get(), 5)
+                msgs[m.id] = m
+            assert msgs[msg_id].databus["NServiceBus.DataBus.big"].read() == blob
+            assert other in msgs
+
+    run(main())
+
+
+def test_part_body_with_a_bad_hash_read_directly_is_412_and_nothing_is_kept(run, gateway_factory):
+    async def main():
+        async with gateway_factory() as gw:
+            blob = os.urandom(3 << 20)
+            req = part_request(str(uuid.uuid4()), "big", blob, md5="1B2M2Y8AsgTpgAmY7PhCfg%3D%3D")
+            async with Client(*addr(gw)) as c:
+                r = await c.request(req)
+                assert r.status == 412
+                assert r.reason == "MD5 hash received does not match hash calculated on server. Please resubmit."
+                # the connection reads the next request as usual
+                assert (await c.request(nsb_request())).status == 200
+            assert blob_files(gw.settings.data_dir) == []
+
+    run(main())
+
+
+def test_client_gone_mid_body_leaves_no_file(run, gateway_factory):
+    async def main():
+        async with gateway_factory() as gw:
+            blob = os.urandom(4 << 20)
+            req = part_request(str(uuid.uuid4()), "big", blob)
+            c = Client(*addr(gw))
+            await c.__aenter__()
+            await c.send(req[:-len(blob)] + blob[:2 << 20])
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                state = gw.states[0]
+                if state.connections and isinstance(_connection(gw).transport.get_protocol(), http._PartBody):
+                    break
+            await c.__aexit__(None, None, None)
+            for _ in range(300):
+                await asyncio.sleep(0.01)
+                if not blob_files(gw.settings.data_dir) and not gw.states[0].connections:
+                    break
+            assert blob_files(gw.settings.data_dir) == []
+            assert not gw.states[0].connections
+
+    run(main())
+
+
+def test_a_stalled_part_body_times_out_with_408(run, gateway_factory):
+    async def main():
+        async with gateway_factory(http_request_timeout=0.6) as gw:
+            blob = os.urandom(2 << 20)
+            req = part_request(str(uuid.uuid4()), "big", blob)
+            async with Client(*addr(gw)) as c:
+                await c.send(req[:-len(blob)] + blob[:1 << 20])
+                r = await asyncio.wait_for(c.response(), 10)
+                assert r.status == 408
+            for _ in range(300):
+                await asyncio.sleep(0.01)
+                if not blob_files(gw.settings.data_dir):
+                    break
+            assert blob_files(gw.settings.data_dir) == []
+
+    run(main())
+
+
+def test_submit_pipelined_behind_its_small_part_in_one_packet_waits_for_it(run, gateway_factory):
+    """Part and submit in one write (the part framed whole by the parser): the submit is held until
+    the part is recorded, instead of being answered 412 for a part that is right ahead of it."""
+
+    async def main():
+        async with gateway_factory() as gw:
+            msg_id = str(uuid.uuid4())
+            blob = b"small blob"
+            async with Client(*addr(gw)) as c:
+                await c.send(part_request(msg_id, "k", blob) + submit_request(msg_id, ("k",)))
+                assert [(await c.response()).status for _ in range(2)] == [200, 200]
+            m = await asyncio.wait_for(gw.messages().get(), 5)
+            assert m.databus["NServiceBus.DataBus.k"].read() == blob
+
+    run(main())
