@@ -19,6 +19,11 @@ Every instance has its own data dir and one broker connection (:class:`gwcore.am
   outside the leadership term that accepted it (entries left in an outbox by a crash, or accepted
   while the broker was unreachable). A new leader appends a marker and reads the stream up to it
   before it reports ready.
+- **Databus parts.** The leader appends a *part* record (part key, blob name, size, hashes,
+  expiry) for each part it takes before answering it; every instance keeps them
+  (``databus_replica``), and a submit whose part is not in the local index takes the blob from
+  there when its file is in the (shared) blob dir (gwcore/databus.py, docs/databus.md). The
+  records of a message go once the stream shows it *done*.
 - **Handover** (:meth:`Selected.step_down`, on SIGTERM or ``gwcore handover``): hold new submits,
   let the outbox drain, append a *release* record and give up the leader queue, wait until another
   instance announces its leadership, then answer the held submits 503 (the load balancer retries
