@@ -997,7 +997,6 @@ class Selected:
             ("gwcore_databus_parts_unreplicated_total", "counter",
              "Parts accepted (GWCORE_ACK=stored) while the stream was out of reach: kept on this instance only.",
              [("", self.parts_unreplicated)]),
-
             ("gwcore_dedup_stream_offset", "gauge", "Last stream offset read.", [("", self.offset)]),
         ]
 
