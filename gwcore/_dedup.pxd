@@ -34,6 +34,7 @@ cdef class Envelope:
         # (request header name, stored header name or None) pair per NServiceBus.DataBus.* header.
         readonly str databus_key
         readonly str content_md5
+        readonly str content_digest         # a part's decoded Content-Digest, or None
         readonly tuple databus
 
 

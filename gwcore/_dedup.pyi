@@ -141,6 +141,10 @@ class Envelope:
         """A part: the decoded ``Content-MD5`` to verify its blob against once it is on disk
         (None when absent or for a submit). A part framed with its body was verified already."""
     @property
+    def content_digest(self) -> str | None:
+        """A part: the decoded ``Content-Digest`` (RFC 9530; gwcore senders add
+        ``sha-256=:…:``), or None when absent or for a submit."""
+    @property
     def databus(self) -> tuple[tuple[str, str | None], ...] | None:
         """A submit: one ``(request header name, stored header name or None)`` pair per
         ``NServiceBus.DataBus.*`` header (the part is found by the request name; the stored

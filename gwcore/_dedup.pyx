@@ -73,6 +73,7 @@ cdef enum:
     CTL_AUTH_DATE = CONTROL_COUNT       # looked up only by a Framer made with signatures=True
     CTL_AUTH_SIGNATURE
     CTL_DATABUS_KEY                     # looked up for SingleCallDatabusProperty only
+    CTL_CONTENT_DIGEST                  # likewise (RFC 9530 Content-Digest, docs/databus.md)
     ALL_CONTROLS
 
     # What a folded header name contains (_Span.marks).
@@ -100,7 +101,7 @@ cdef struct _Name:
 cdef tuple CONTROL_NAMES = (
     b"nservicebus.id", b"nservicebus.calltype", b"content-md5", b"nservicebus.gateway",
     b"nservicebus.correlationid", b"nservicebus.timetobereceived",
-    b"gwcore-date", b"gwcore-signature", b"nservicebus.gateway.databuskey",
+    b"gwcore-date", b"gwcore-signature", b"nservicebus.gateway.databuskey", b"content-digest",
 )
 cdef _Name CONTROLS[ALL_CONTROLS]
 

@@ -63,7 +63,7 @@ from ._core import core
 __all__ = ("BlobWriter", "BlobSink", "Blob", "BlobInfo", "DATABUS_PREFIX", "BLOB_DIR", "blob_dir",
            "resolve_submits", "record_part", "record_blob", "expire", "sweep", "copy_in", "blobs", "Source",
            "new_name", "new_prefix", "PREFIX_LEN", "PartJob", "decode_part_record", "replicate_parts",
-           "forget_parts", "databus_header", "message_blobs", "unlink", "blob_info")
+           "forget_parts", "databus_header", "message_blobs", "unlink", "blob_info", "content_digest", "digest_sha256")
 
 log = logging.getLogger("gwcore.databus")
 
@@ -118,6 +118,34 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def content_digest(sha256_b64: str) -> str:
+    """The RFC 9530 ``Content-Digest`` value of a body whose SHA-256 is *sha256_b64* (base64)."""
+    return f"sha-256=:{sha256_b64}:"
+
+
+def digest_sha256(value: str) -> str | None:
+    """The base64 SHA-256 a ``Content-Digest`` value gives (RFC 9530), or None when it names
+    only other algorithms (those are ignored, as the RFC says).
+
+    :raises ValueError: the ``sha-256`` member is not a base64 SHA-256 between colons.
+    """
+    for member in value.split(","):
+        alg, eq, rest = member.strip().partition("=")
+        if not eq or alg.strip().lower() != "sha-256":
+            continue
+        rest = rest.strip()
+        if len(rest) < 2 or rest[0] != ":" or rest[-1] != ":":
+            raise ValueError("the sha-256 member of Content-Digest is not a byte sequence (:base64:)")
+        try:
+            raw = base64.b64decode(rest[1:-1], validate=True)
+        except (ValueError, TypeError):
+            raise ValueError("the sha-256 member of Content-Digest is not base64") from None
+        if len(raw) != 32:
+            raise ValueError("the sha-256 member of Content-Digest is not 32 bytes")
+        return _b64(raw)
+    return None
 
 
 def _b64(digest: bytes) -> str:
@@ -564,10 +592,11 @@ class _Lane:
     a blob thread that keeps taking what arrives until nothing is left, so a busy part never
     waits for the event loop between batches."""
 
-    __slots__ = ("fn", "pending", "queued", "running", "lock")
+    __slots__ = ("fn", "pending", "queued", "running", "lock", "whole")
 
-    def __init__(self, fn: Callable[[list], None]) -> None:
+    def __init__(self, fn: Callable[[list], None], whole: bool = False) -> None:
         self.fn = fn
+        self.whole = whole               # takes only whole buffers (the O_DIRECT write lane)
         self.pending: list[_Region] = []
         self.queued = 0                  # bytes handed to this lane and not yet processed
         self.running = False             # a job is in a blob thread (or about to be)
@@ -624,13 +653,13 @@ class BlobSink:
         self._on_drain = on_drain
         # Writing and hashing run side by side in two lanes (hashlib and os.write release the
         # GIL), so neither waits for the other: a part goes at the pace of the slower one.
-        self._lanes = [_Lane(self._write_regions)]
+        self._lanes = [_Lane(self._write_regions, whole=self.direct)]
         if self.md5 is not None or self.sha is not None:
             self._lanes.append(_Lane(self._hash_regions))
         self._cur: _Buf | None = None    # the buffer being filled (loop thread)
         self._fill = 0                   # bytes of it filled
-        self._wbuf: _Buf | None = None   # the write lane's buffer
-        self._wpos = 0                   # bytes of it written (a multiple of ALIGN but at the end)
+        self._wbuf: _Buf | None = None   # the write lane's partly written (or held back) buffer
+        self._wpos = 0                   # bytes of it written
         self._idle: asyncio.Future | None = None
         self._error: BaseException | None = None
         self._closed = False
@@ -671,9 +700,16 @@ class BlobSink:
             self._cur = None  # full: the lanes give it back once both are done with it
         region = (buf, start, end)
         for lane in self._lanes:
+            if lane.whole:
+                # the O_DIRECT writer is woken once per full buffer, not per read
+                if end != BUF:
+                    continue
+                take, nbytes = (buf, 0, BUF), BUF
+            else:
+                take, nbytes = region, n
             with lane.lock:
-                lane.pending.append(region)
-                lane.queued += n
+                lane.pending.append(take)
+                lane.queued += nbytes
                 begin = not lane.running
                 lane.running = True
             if begin:
@@ -714,18 +750,54 @@ class BlobSink:
                 self.owner._release(buf)
 
     def _write_regions(self, regions: list[_Region]) -> None:
+        # With O_DIRECT a write waits for the device, so small ones are slow: only whole buffers
+        # go, consecutive ones in one call, and the last one's tail is written by _seal.
+        full: list[_Buf] = []
         for buf, start, end in _runs(regions):
-            if buf is not self._wbuf:
-                self._wbuf, self._wpos = buf, start
-            # With O_DIRECT only whole blocks go now; the rest waits for the bytes after it (or
-            # for _seal, which writes the tail without O_DIRECT).
-            upto = end if (end == BUF or not self.direct) else end - end % ALIGN
-            if upto > self._wpos:
-                self._write_all(buf.view[self._wpos:upto])
-                self._wpos = upto
+            if self.direct:
+                if end == BUF:
+                    full.append(buf)
+                else:
+                    self._wbuf, self._wpos = buf, 0  # held back, nothing of it written yet
+                continue
+            # from 0 for a buffer new to this lane: it may have skipped the start of it while
+            # it took whole buffers only (O_DIRECT, given up on since)
+            begin = self._wpos if buf is self._wbuf else 0
+            if end > begin:
+                self._write_all(buf.view[begin:end])
+            self._wbuf, self._wpos = buf, end
             if end == BUF:
-                self._wbuf = None
                 self.owner._release(buf)
+        if full:
+            if len(full) == 1:
+                self._write_all(full[0].view)
+            else:
+                self._writev([buf.view for buf in full])
+            if self._wbuf in full:
+                self._wbuf = None
+            for buf in full:
+                self.owner._release(buf)
+
+    def _writev(self, views: list[memoryview]) -> None:
+        left = sum(len(v) for v in views)
+        while left:
+            try:
+                n = os.writev(self.fd, views)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._buffered()
+                for view in views:
+                    self._write_all(view)
+                return
+            left -= n
+            if not left:
+                return
+            while n >= len(views[0]):  # a short write: go on from where it stopped
+                n -= len(views.pop(0))
+            views[0] = views[0][n:]
+            if n % ALIGN:
+                self._buffered()
 
     def _write_all(self, view: memoryview) -> None:
         while view:
@@ -743,6 +815,7 @@ class BlobSink:
     def _buffered(self) -> None:
         fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
         self.direct = False
+        self._lanes[0].whole = False
 
     def _busy(self) -> bool:
         return any(lane.running for lane in self._lanes)
@@ -781,14 +854,19 @@ class BlobSink:
                 _b64(self.sha.digest()) if self.sha is not None else None)
 
     def _seal(self) -> None:
-        # The lanes are idle: what the write lane held back (less than a block, O_DIRECT) goes now.
+        # The lanes are idle: what the write lane held back of the last buffer goes now.
         buf, fill = self._cur, self._fill
         if buf is not None:
-            if fill > self._wpos or buf is not self._wbuf:
-                start = self._wpos if buf is self._wbuf else 0
-                if self.direct:
+            begin = self._wpos if buf is self._wbuf else 0
+            if self.direct:
+                whole = fill - fill % ALIGN
+                if whole:
+                    self._write_all(buf.view[:whole])
+                begin = whole
+                if fill > whole:
                     self._buffered()
-                self._write_all(buf.view[start:fill])
+            if fill > begin:
+                self._write_all(buf.view[begin:fill])
             self._cur = self._wbuf = None
             self.owner._give_back(buf)
         os.fsync(self.fd)

@@ -491,7 +491,8 @@ class Forwarder:
                        msg_id: str) -> tuple[list[tuple[bytes, FileBody]], str]:
         """One ``SingleCallDatabusProperty`` request per databus header, as NServiceBus's
         forwarder makes them (protocol.md §1.4): the submit's header lines, then the
-        ``DataBusKey`` (the mapped header name), the call type and the blob's own Content-MD5.
+        ``DataBusKey`` (the mapped header name), the call type and the blob's own Content-MD5,
+        plus its SHA-256 as an RFC 9530 ``Content-Digest`` (docs/databus.md).
         Returns ``(parts, "")``, or ``([], why)`` when a blob is gone."""
         headers = core.decode_envelope(framed)[1]
         head = block[:block.rindex(_SUBMIT_TAIL)]
@@ -505,8 +506,13 @@ class Forwarder:
                 return [], (f"databus property {name}: its blob {value!r} is no longer in the blob store "
                             "(expired, GWCORE_DATABUS_TTL)")
             lines = (head + b"NServiceBus.Gateway.DataBusKey: " + _enc(_HEADER_PREFIX + name) + b"\r\n"
-                     + _SUBMIT_TAIL + b"NServiceBus.CallType: SingleCallDatabusProperty\r\nContent-MD5: "
-                     + _enc(info.md5) + b"\r\n")
+                     + _SUBMIT_TAIL + b"NServiceBus.CallType: SingleCallDatabusProperty\r\n")
+            if info.md5:  # unknown for a blob received without one (then sent without one)
+                lines += b"Content-MD5: " + _enc(info.md5) + b"\r\n"
+            if info.sha256:
+                # A gwcore receiver checks this instead of the MD5 (SHA-256 is the faster of the
+                # two on CPUs with SHA extensions); NServiceBus ignores it and checks the MD5.
+                lines += b"Content-Digest: " + _enc(databus.content_digest(info.sha256)) + b"\r\n"
             if d.site is not None and d.site.secret:
                 lines += self._signature(d, msg_id, b"", info.sha256)
             parts.append((lines, FileBody(path, info.size)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 import time
 from typing import Any
@@ -38,6 +39,7 @@ _WORKER_PREFIX = b"/.gwcore/worker/"   # gwcore.distributor.WORKER_PREFIX
 _EV_SUBMIT, _EV_OTHER, _EV_CONTINUE = core.EV_SUBMIT, core.EV_OTHER, core.EV_CONTINUE
 _Rejection = core.Rejection
 _MD5_MISMATCH = "MD5 hash received does not match hash calculated on server. Please resubmit."
+_DIGEST_MISMATCH = "Content-Digest received does not match the digest calculated on server. Please resubmit."
 
 
 def _ascii_reason(text: str) -> str:
@@ -172,13 +174,14 @@ class _Part:
     """A databus part being received: its slot, its framed head, and the blob it streams to
     (None when it was refused at its head and its body is only read past)."""
 
-    __slots__ = ("slot", "env", "sink", "verified")
+    __slots__ = ("slot", "env", "sink", "verified", "sha256")
 
     def __init__(self, slot: core.AnswerSlot, env: Any, sink: databus.BlobSink | None, verified: bool = False) -> None:
         self.slot = slot
         self.env = env
         self.sink = sink
         self.verified = verified  # the signature was checked on the whole body already
+        self.sha256: str | None = None  # what its Content-Digest says the body's SHA-256 is
 
 
 #: A part body this large (still to come) is read with _PartBody rather than through the parser.
@@ -333,6 +336,15 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
         if result.call_type == core.CALL_DATABUS:
             # A part the parser could not stream (framed whole, hash already verified).
             slot.callback = result.callback
+            if result.content_digest is not None:
+                try:
+                    sha = databus.digest_sha256(result.content_digest)
+                except ValueError as exc:
+                    self._answer(slot, 400, f"Bad Request: {exc}", callback=result.callback)
+                    return
+                if sha is not None and sha != databus._b64(hashlib.sha256(result.body).digest()):
+                    self._answer(slot, 412, _DIGEST_MISMATCH, callback=result.callback)
+                    return
             sink = self._sink(False, False)
             if sink is None:
                 self._answer(slot, 503, "Service Unavailable: cannot store the databus property",
@@ -395,7 +407,17 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
                 state.log_refusal(refusal)
                 self._answer(slot, 401, refusal, callback=env.callback, extra=_CHALLENGE)
                 return
-        sink = self._sink(signed, env.content_md5 is not None)
+        if env.content_digest is not None:
+            try:
+                self.part.sha256 = databus.digest_sha256(env.content_digest)
+            except ValueError as exc:
+                self._answer(slot, 400, f"Bad Request: {exc}", callback=env.callback)
+                return
+        # One digest per part: a SHA-256 that is checked anyway (a Content-Digest, or the body
+        # digest of a signature) proves the body as well as the MD5 would, and runs at 2-3 times
+        # its speed on CPUs with SHA extensions, so the Content-MD5 is then not computed.
+        with_sha = signed or self.part.sha256 is not None
+        sink = self._sink(with_sha, env.content_md5 is not None and not with_sha)
         if sink is None:
             self._answer(slot, 503, "Service Unavailable: cannot store the databus property",
                          callback=env.callback)
@@ -452,7 +474,11 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
             self._answer(slot, 503, f"Service Unavailable: cannot store the databus property ({exc.strerror or exc})",
                          callback=env.callback)
             return
-        if not part.verified and env.content_md5 is not None and env.content_md5 != md5:
+        if not part.verified and part.sha256 is not None and part.sha256 != sha:
+            sink.discard_sealed()
+            self._answer(slot, 412, _DIGEST_MISMATCH, callback=env.callback)
+            return
+        if not part.verified and md5 is not None and env.content_md5 is not None and env.content_md5 != md5:
             sink.discard_sealed()
             self._answer(slot, 412, _MD5_MISMATCH, callback=env.callback)
             return

@@ -114,8 +114,18 @@ def test_a_file_system_that_refuses_o_direct_gets_ordinary_writes(run, tmp_path,
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_write(fd, data)
 
+    real_writev = os.writev
+
+    def writev_(fd, views):
+        import fcntl
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT and refused["write"] == 0:
+            refused["write"] += 1
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_writev(fd, views)
+
     monkeypatch.setattr(os, "open", open_)
     monkeypatch.setattr(os, "write", write_)
+    monkeypatch.setattr(os, "writev", writev_)
     rng = random.Random(5)
     data = rng.randbytes(2 * BUF + 777)
 
@@ -272,5 +282,101 @@ def test_submit_pipelined_behind_its_small_part_in_one_packet_waits_for_it(run, 
                 assert [(await c.response()).status for _ in range(2)] == [200, 200]
             m = await asyncio.wait_for(gw.messages().get(), 5)
             assert m.databus["NServiceBus.DataBus.k"].read() == blob
+
+    run(main())
+
+
+# -- Content-Digest (RFC 9530): the SHA-256 checked instead of the MD5 -----------------------------
+
+def _with_header(req: bytes, line: str) -> bytes:
+    return req.replace(b"\r\nContent-Length:", f"\r\n{line}\r\nContent-Length:".encode(), 1)
+
+
+def _digest_wire(data: bytes) -> str:
+    import urllib.parse
+    return urllib.parse.quote(databus.content_digest(databus._b64(hashlib.sha256(data).digest())), safe="")
+
+
+@pytest.mark.parametrize("size", [1000, 3 << 20], ids=["small", "large"])
+def test_content_digest_is_checked_instead_of_the_md5(run, gateway_factory, size):
+    """With a sha-256 Content-Digest the part's SHA-256 is what is verified (412 with its own text
+    on a mismatch) and its MD5 is not computed: a wrong Content-MD5 beside a right digest passes."""
+
+    async def main():
+        async with gateway_factory(max_body=64 << 10) as gw:
+            blob = os.urandom(size)
+            bad_md5 = "1B2M2Y8AsgTpgAmY7PhCfg%3D%3D"
+            async with Client(*addr(gw)) as c:
+                msg = str(uuid.uuid4())
+                ok = _with_header(part_request(msg, "k", blob), f"Content-Digest: {_digest_wire(blob)}")
+                assert (await c.request(ok)).status == 200
+                wrong = _with_header(part_request(str(uuid.uuid4()), "k", blob),
+                                     f"Content-Digest: {_digest_wire(blob + b'x')}")
+                r = await c.request(wrong)
+                assert (r.status, r.reason) == (412, http._DIGEST_MISMATCH)
+                skipped = _with_header(part_request(str(uuid.uuid4()), "k", blob, md5=bad_md5),
+                                       f"Content-Digest: {_digest_wire(blob)}")
+                r = await c.request(skipped)
+                assert r.status == 200
+                assert (await c.request(submit_request(msg, ("k",)))).status == 200
+            m = await asyncio.wait_for(gw.messages().get(), 5)
+            assert m.databus["NServiceBus.DataBus.k"].read() == blob
+
+    run(main())
+
+
+def test_content_digest_without_sha256_leaves_the_md5_check_and_a_malformed_one_is_400(run, gateway_factory):
+    async def main():
+        async with gateway_factory() as gw:
+            blob = os.urandom(2 << 20)
+            async with Client(*addr(gw)) as c:
+                other_alg = _with_header(part_request(str(uuid.uuid4()), "k", blob, md5="1B2M2Y8AsgTpgAmY7PhCfg%3D%3D"),
+                                         "Content-Digest: sha-512%3D%3AAAAA%3A")
+                r = await c.request(other_alg)
+                assert (r.status, r.reason) == (412, "MD5 hash received does not match hash calculated on server. Please resubmit.")
+                bad = _with_header(part_request(str(uuid.uuid4()), "k", blob), "Content-Digest: sha-256%3Dnot-base64")
+                r = await c.request(bad)
+                assert r.status == 400 and "Content-Digest" in r.reason
+                assert (await c.request(nsb_request())).status == 200
+            assert blob_files(gw.settings.data_dir) == []
+
+    run(main())
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("sha-256=:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=:", "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="),
+    ("sha-512=:AAAA:, SHA-256=:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=:", "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="),
+    ("sha-512=:AAAA:", None),
+    ("", None),
+])
+def test_digest_sha256_reads_rfc_9530_values(value, expected):
+    assert databus.digest_sha256(value) == expected
+
+
+@pytest.mark.parametrize("value", ["sha-256=47DEQpj8HBSa", "sha-256=:AAAA:", "sha-256=:!!!!:"])
+def test_digest_sha256_refuses_a_malformed_sha256_member(value):
+    with pytest.raises(ValueError):
+        databus.digest_sha256(value)
+
+
+def test_content_digest_of_a_part_framed_whole_is_checked_too(run, gateway_factory):
+    """A part whose call type comes in the query string (the JSONP form) is framed with its body,
+    not streamed: its Content-Digest is checked there."""
+
+    async def main():
+        async with gateway_factory(http_allow_get=True) as gw:
+            blob = os.urandom(5000)
+
+            def req(digest_of: bytes) -> bytes:
+                r = part_request(str(uuid.uuid4()), "k", blob)
+                r = r.replace(b"NServiceBus.CallType: SingleCallDatabusProperty\r\n", b"")
+                r = r.replace(b"POST /RemoteSite/ ", b"POST /RemoteSite/?NServiceBus.CallType=SingleCallDatabusProperty ", 1)
+                return _with_header(r, f"Content-Digest: {_digest_wire(digest_of)}")
+
+            async with Client(*addr(gw)) as c:
+                assert (await c.request(req(blob))).status == 200
+                r = await c.request(req(b"other"))
+                assert (r.status, r.reason) == (412, http._DIGEST_MISMATCH)
+            assert len(blob_files(gw.settings.data_dir)) == 1
 
     run(main())

@@ -349,9 +349,10 @@ def test_sender_resends_the_parts_at_once_when_the_submit_finds_them_missing(run
             assert part["_body"] == "property"
             assert part["NServiceBus.Gateway.DataBusKey"] == "NServiceBus.Header.NServiceBus.DataBus.P"
             assert part["Content-MD5"] == base64.b64encode(hashlib.md5(b"property").digest()).decode()
+            assert part["Content-Digest"] == "sha-256=:" + base64.b64encode(hashlib.sha256(b"property").digest()).decode() + ":"
             assert part["NServiceBus.Header.NServiceBus.DataBus.P"] == site.requests[1]["NServiceBus.Header.NServiceBus.DataBus.P"]
             # the part carries the submit's header set (protocol.md §1.4)
-            submit_names = [k for k in site.requests[1] if k not in ("Content-MD5", "NServiceBus.CallType", "_body", "Content-Length")]
+            submit_names = [k for k in site.requests[1] if k not in ("Content-MD5", "Content-Digest", "NServiceBus.CallType", "_body", "Content-Length")]
             assert [k for k in part if k in submit_names] == submit_names
         await site.close()
 

@@ -19,7 +19,9 @@ gives its median and range. Each round also times one MD5 over the same bytes (`
 with Content-MD5 (NServiceBus always sends one) cannot be hashed faster than that by one core, so
 where MD5 alone is slower than the disk it bounds the ratio; the report gives ingest ÷ min(disk,
 MD5 alone) too (how close ingest gets to what bounds it). ``--no-md5`` sends the part without the
-header to show the rest of the path. Results go to bench/results/ (gitignored).
+header to show the rest of the path; ``--digest`` adds a sha-256 ``Content-Digest`` beside the
+Content-MD5, as gwcore's own sender does, so the receiver checks the SHA-256 instead (then the
+hash timed alone is SHA-256). Results go to bench/results/ (gitignored).
 
     .venv/bin/python bench/load/blob_ingest.py                       # 5 rounds of 512 MiB
     .venv/bin/python bench/load/blob_ingest.py --rounds 1 --size 64  # smoke test
@@ -85,10 +87,10 @@ def disk_rate(directory: Path, size: int, piece: bytes, direct: bool = False) ->
     return size / took / (1 << 20)
 
 
-def md5_rate(size: int, piece: bytes) -> float:
-    """MiB/s of one MD5 over *size* bytes: the ceiling of a part with Content-MD5 (one stream
-    cannot be hashed by two cores)."""
-    h = hashlib.md5()
+def hash_rate(size: int, piece: bytes, name: str = "md5") -> float:
+    """MiB/s of one MD5 (or SHA-256) over *size* bytes: the ceiling of a part with Content-MD5
+    (or a sha-256 Content-Digest); one stream cannot be hashed by two cores."""
+    h = hashlib.new(name)
     view = memoryview(piece)
     started = time.perf_counter()
     for off in range(0, size, len(piece)):
@@ -96,9 +98,15 @@ def md5_rate(size: int, piece: bytes) -> float:
     return size / (time.perf_counter() - started) / (1 << 20)
 
 
-def part_head(size: int, md5_b64: str | None) -> bytes:
+def _wire(value: str) -> str:
+    return value.replace("+", "%2B").replace("/", "%2F").replace("=", "%3D").replace(":", "%3A")
+
+
+def part_head(size: int, md5_b64: str | None, sha_b64: str | None = None) -> bytes:
     msg_id = str(uuid.uuid4())
-    md5_line = "" if md5_b64 is None else "Content-MD5: " + md5_b64.replace("+", "%2B").replace("/", "%2F").replace("=", "%3D") + "\r\n"
+    md5_line = "" if md5_b64 is None else "Content-MD5: " + _wire(md5_b64) + "\r\n"
+    if sha_b64 is not None:  # as gwcore's sender adds it (docs/databus.md)
+        md5_line += "Content-Digest: " + _wire(f"sha-256=:{sha_b64}:") + "\r\n"
     return (
         f"POST {rl.CHANNEL_PATH} HTTP/1.1\r\nHost: localhost\r\n"
         f"NServiceBus.Id: {msg_id}\r\nNServiceBus.CorrelationId: {msg_id}\r\n"
@@ -111,12 +119,13 @@ def part_head(size: int, md5_b64: str | None) -> bytes:
     ).encode()
 
 
-def ingest_rate(cfg: argparse.Namespace, work: Path, size: int, piece: bytes, md5_b64: str | None) -> float:
+def ingest_rate(cfg: argparse.Namespace, work: Path, size: int, piece: bytes, md5_b64: str | None,
+                sha_b64: str | None = None) -> float:
     data_dir = work / f"store-{uuid.uuid4().hex[:8]}"
     server = rl.Server("gwcore", cfg, work, data_dir)
     server.start(cfg.ready_timeout)
     try:
-        head = part_head(size, md5_b64)
+        head = part_head(size, md5_b64, sha_b64)
         with socket.create_connection(("127.0.0.1", server.port), timeout=120) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
             started = time.perf_counter()
@@ -147,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--no-md5", action="store_true",
                    help="send the part without Content-MD5 (NServiceBus always sends one): the pipeline without hashing")
+    p.add_argument("--digest", action="store_true",
+                   help="add a sha-256 Content-Digest beside the Content-MD5, as gwcore's sender does: "
+                        "a gwcore receiver then checks the SHA-256 instead of the MD5")
     p.add_argument("--ready-timeout", type=float, default=30.0)
     cfg = p.parse_args(argv)
     # what rl.Server reads from its config
@@ -157,10 +169,13 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, rl.cpu_set(cfg.client_cpu))
     size = cfg.size << 20
     piece = os.urandom(PIECE)
-    md5 = hashlib.md5()
+    md5, sha = hashlib.md5(), hashlib.sha256()
     for off in range(0, size, PIECE):
         md5.update(piece[:min(PIECE, size - off)])
+        sha.update(piece[:min(PIECE, size - off)])
     md5_b64 = None if cfg.no_md5 else base64.b64encode(md5.digest()).decode()
+    sha_b64 = base64.b64encode(sha.digest()).decode() if cfg.digest else None
+    hash_name = "sha256" if cfg.digest else "md5"
     work = Path(cfg.workdir or tempfile.mkdtemp(prefix="gwcore-blob-"))
     work.mkdir(parents=True, exist_ok=True)
     rounds: list[dict[str, Any]] = []
@@ -174,15 +189,16 @@ def main(argv: list[str] | None = None) -> int:
                     res["disk_direct"] = disk_rate(work, size, piece, direct=True)
                     res["disk"] = max(res["disk_buffered"], res["disk_direct"])
                 else:
-                    res["ingest"] = ingest_rate(cfg, work, size, piece, md5_b64)
+                    res["ingest"] = ingest_rate(cfg, work, size, piece, md5_b64, sha_b64)
             res["ratio"] = res["ingest"] / res["disk"]
-            res["md5"] = md5_rate(size, piece)
+            res["md5"] = hash_rate(size, piece, hash_name)
             res["ratio_md5"] = res["ingest"] / res["md5"]
-            res["ratio_bound"] = res["ingest"] / (res["disk"] if cfg.no_md5 else min(res["disk"], res["md5"]))
+            res["ratio_bound"] = res["ingest"] / (res["disk"] if cfg.no_md5 and not cfg.digest
+                                                  else min(res["disk"], res["md5"]))
             rounds.append(res)
             rl.log(f"round {i + 1}: disk {res['disk']:.0f} MiB/s (buffered {res['disk_buffered']:.0f}, O_DIRECT "
                    f"{res['disk_direct']:.0f}), ingest {res['ingest']:.0f} MiB/s, ratio {res['ratio']:.3f}"
-                   f" (MD5 alone: {res['md5']:.0f} MiB/s; ingest ÷ the bound {res['ratio_bound']:.3f})")
+                   f" ({hash_name} alone: {res['md5']:.0f} MiB/s; ingest ÷ the bound {res['ratio_bound']:.3f})")
     finally:
         if cfg.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -193,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [r["ratio"] for r in rounds]
     bounds = [r["ratio_bound"] for r in rounds]
     summary = {
-        "size_mib": cfg.size, "content_md5": not cfg.no_md5, "rounds": rounds,
+        "size_mib": cfg.size, "content_md5": not cfg.no_md5, "content_digest": cfg.digest,
+        "hash_alone": hash_name, "rounds": rounds,
         "disk_median": med("disk"), "disk_buffered_median": med("disk_buffered"),
         "disk_direct_median": med("disk_direct"), "ingest_median": med("ingest"), "md5_median": med("md5"),
         "ratio_md5_median": med("ratio_md5"),
@@ -204,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     rl.log(f"ingest ÷ disk: median {summary['ratio_median']:.3f} (range {summary['ratio_min']:.3f}–{summary['ratio_max']:.3f}), "
            f"disk median {summary['disk_median']:.0f} MiB/s (buffered {summary['disk_buffered_median']:.0f}, "
            f"O_DIRECT {summary['disk_direct_median']:.0f}), ingest median {summary['ingest_median']:.0f} MiB/s, "
-           f"MD5 alone {summary['md5_median']:.0f} MiB/s; ingest ÷ min(disk, MD5 alone): median "
+           f"{hash_name} alone {summary['md5_median']:.0f} MiB/s; ingest ÷ min(disk, {hash_name} alone): median "
            f"{summary['ratio_bound_median']:.3f} (range {summary['ratio_bound_min']:.3f}–{summary['ratio_bound_max']:.3f})")
     rl.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = rl.RESULTS_DIR / f"blob_ingest-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.json"

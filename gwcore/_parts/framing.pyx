@@ -32,6 +32,7 @@ cdef class Envelope:
         env.target = self.target
         env.databus_key = self.databus_key
         env.content_md5 = self.content_md5
+        env.content_digest = self.content_digest
         env.databus = self.databus
         return env
 
@@ -433,6 +434,7 @@ cdef class Framer:
         env.callback = callback
         env.databus_key = self._str(self._spans[key].value, self._spans[key].value_n)
         env.content_md5 = self._value_or_none(found[CTL_CONTENT_MD5])
+        env.content_digest = self._value_or_none(self._lookup(CTL_CONTENT_DIGEST))
         env.databus = ()
         if self.signatures:
             env.auth_date = self._value_or_none(found[CTL_AUTH_DATE])
