@@ -27,7 +27,7 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 def _open_readonly(args: argparse.Namespace, settings: Settings):
     from .store import Store
 
-    return Store(args.data_dir or settings.data_dir, readonly=True)
+    return Store(args.data_dir or settings.data_dir, readonly=True, blob_dir=settings.blob_dir or None)
 
 
 def _fmt_ms(ms: int) -> str:

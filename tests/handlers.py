@@ -52,3 +52,17 @@ def log_handled(message) -> None:
     """For `gwcore worker` processes: one line per handled message in $HANDLER_LOG: id,
     redelivered (0/1), delivery count, worker name ($WORKER_NAME)."""
     _log_line(f"{message.id} {int(message.redelivered)} {message.delivery_count} {os.environ['WORKER_NAME']}")
+
+
+def log_databus(message) -> None:
+    """For selected-mode server processes: one line per databus property of a handled message
+    in $HANDLER_LOG: id, header, SHA-256 of the blob's bytes (read through ``message.databus``),
+    size, the handling instance ($INSTANCE_NAME)."""
+    import hashlib
+
+    for header, blob in sorted(message.databus.items()):
+        digest = hashlib.sha256()
+        with blob.open() as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        _log_line(f"{message.id} {header} {digest.hexdigest()} {blob.size} {os.environ['INSTANCE_NAME']}")
