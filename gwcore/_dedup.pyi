@@ -501,6 +501,9 @@ class ConnectionCore:
     part: Any
     """The databus part being received (``gwcore.http._Part``) or None: while its blob threads
     lag behind, reading pauses."""
+    parts_open: int
+    """Parts of this connection whose body is in and whose record is not yet committed: a submit
+    behind them waits (the checked path), so that it finds them."""
     @property
     def in_request(self) -> bool:
         """Bytes of an unfinished request are buffered."""

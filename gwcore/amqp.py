@@ -7,7 +7,7 @@ Names on the broker, for an endpoint ``E`` (``GWCORE_ENDPOINT``):
 ``E``                           the endpoint's input queue: durable quorum queue, every instance
                                 consumes it (competing consumers, ``GWCORE_AMQP_PREFETCH``)
 ``E.gwcore.dedup``              stream queue (``x-max-age`` = ``GWCORE_DEDUP_TTL``): the dedup
-                                records every instance follows into its own LMDB
+                                and databus part records every instance follows into its own LMDB
 ``E.gwcore.leader``             exclusive queue: whoever declared it is the gateway receiver;
                                 the broker deletes it when the owner's connection dies
 ``E.gwcore.instance.<name>``    one instance's reply queue (callbacks, ``request()``)

@@ -27,7 +27,7 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 def _open_readonly(args: argparse.Namespace, settings: Settings):
     from .store import Store
 
-    return Store(args.data_dir or settings.data_dir, readonly=True)
+    return Store(args.data_dir or settings.data_dir, readonly=True, blob_dir=settings.blob_dir or None)
 
 
 def _fmt_ms(ms: int) -> str:
@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
                    help="longest a request for work waits (default 10)")
     p.add_argument("--blob-dir", metavar="DIR",
-                   help="the distributor's blob directory (<data dir>/blobs) as this host sees it: databus blobs "
+                   help="the distributor's blob dir (its GWCORE_BLOB_DIR, by default <data dir>/blobs) as this host sees it: databus blobs "
                         "found there are read from it instead of being streamed from the distributor")
     p.add_argument("--download-dir", metavar="DIR",
                    help="where a blob's .path downloads it to (default the system's temporary directory)")

@@ -312,6 +312,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "GWCORE_ENDPOINT": ("endpoint", str.strip, "gwcore"),
     "GWCORE_RECEIVE_CHANNELS": ("receive_channels", None, ""),  # parsed with the endpoint
     "GWCORE_DATA_DIR": ("data_dir", str.strip, "./var/gwcore"),
+    "GWCORE_BLOB_DIR": ("blob_dir", str.strip, ""),  # empty: <data dir>/blobs
     "GWCORE_COMMIT_MAX_BATCH": ("commit_max_batch", _positive_int, "1024"),
     "GWCORE_COMMIT_MAX_DELAY_US": ("commit_max_delay_us", _non_negative_int, "0"),
     "GWCORE_COMMIT_MAX_PENDING": ("commit_max_pending", _positive_int, "8192"),
@@ -371,6 +372,8 @@ class Settings:
     endpoint: str = "gwcore"
     receive_channels: tuple[ReceiveChannel, ...] = ()
     data_dir: str = "./var/gwcore"
+    #: GWCORE_BLOB_DIR as given; empty means ``<data dir>/blobs``, this store's own (docs/databus.md).
+    blob_dir: str = ""
     commit_max_batch: int = 1024
     commit_max_delay_us: int = 0
     commit_max_pending: int = 8192

@@ -4,9 +4,9 @@ NServiceBus keeps the parts of a message in a per-process dictionary until its s
 a restart, a second channel or a failover between the parts and the submit ends in 412 loops
 (protocol.md §2.3). gwcore keeps them durably:
 
-* a part's body streams to ``<data dir>/blobs/.tmp-<name>`` as it arrives (never whole in memory),
-  its MD5 computed on the way; at its end the file is fsync'd, renamed to ``blobs/<name>`` and the
-  directory fsync'd, and only then is the index record committed and the part answered 200;
+* a part's body streams to ``<blob dir>/.tmp-<name>`` as it arrives (never whole in memory), its
+  MD5 computed on the way; at its end the file is fsync'd, renamed to ``<blob dir>/<name>`` and
+  the directory fsync'd, and only then is the index record committed and the part answered 200;
 * the submit looks every ``NServiceBus.DataBus.*`` header's part up in the writer transaction that
   records the message, and stores the header with the local blob key as its value (the name keeps
   the sender's key, protocol.md §2.3); a duplicate submit needs no parts;
@@ -15,16 +15,29 @@ a restart, a second channel or a failover between the parts and the submit ends 
 
 LMDB databases (store.py opens them):
 
-================  ===================================  =================================================
-databus_parts     scope \\0 id \\0 DataBusKey (UTF-8)   blob name: a part waiting for its submit
-databus_blobs     blob name                             u64 expiry_ms, u64 size, Content-MD5, SHA-256
-                                                        (base64), then the part key while it waits
-databus_expiry    u64 expiry_ms + blob name             empty: the expiry walk, in order
-================  ===================================  =================================================
+======================  ===================================  =========================================
+databus_parts           scope \\0 id \\0 DataBusKey (UTF-8)   blob name: a part waiting for its submit
+databus_blobs           blob name                             u64 expiry_ms, u64 size, Content-MD5,
+                                                              SHA-256 (base64), then the part key while
+                                                              it waits
+databus_expiry          u64 expiry_ms + blob name             empty: the expiry walk, in order
+databus_replica         part key (as databus_parts)           the blob record (no part key), then the
+                                                              blob name: a part another instance took
+                                                              (selected mode, followed from the stream)
+databus_replica_expiry  u64 expiry_ms + part key              empty: their expiry walk
+======================  ===================================  =========================================
 
 A blob name is 32 hex digits; it is the local key (the header value consumers get) and the file
-name under ``blobs/``. The sending side keeps the blobs of outgoing messages the same way (their
-header values name them), so a forwarder reads each part from disk as it sends it.
+name in the blob dir (``GWCORE_BLOB_DIR``, default ``<data dir>/blobs``). The first
+:data:`PREFIX_LEN` digits are the store's own prefix (kept in its ``meta`` database), so in a blob
+dir that several instances share each one knows its files: the start-up sweep removes only those.
+The sending side keeps the blobs of outgoing messages the same way (their header values name
+them), so a forwarder reads each part from disk as it sends it.
+
+Selected-instance mode (gwcore/selected.py) appends every part the leader takes to the dedup
+stream before answering it; every instance keeps those records in ``databus_replica``. A submit
+whose part is not in the local index looks there, and takes the blob when its file is in the blob
+dir (shared): the new leader after a failover then needs no re-sent parts.
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ import mmap
 import os
 import struct
 import threading
+import time
 import uuid
 from typing import IO, Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Union
 
@@ -48,7 +62,8 @@ from ._core import core
 
 __all__ = ("BlobWriter", "BlobSink", "Blob", "BlobInfo", "DATABUS_PREFIX", "BLOB_DIR", "blob_dir",
            "resolve_submits", "record_part", "record_blob", "expire", "sweep", "copy_in", "blobs", "Source",
-           "new_name", "databus_header", "message_blobs", "unlink", "blob_info", "content_digest", "digest_sha256")
+           "new_name", "new_prefix", "PREFIX_LEN", "PartJob", "decode_part_record", "replicate_parts",
+           "forget_parts", "databus_header", "message_blobs", "unlink", "blob_info", "content_digest", "digest_sha256")
 
 log = logging.getLogger("gwcore.databus")
 
@@ -57,6 +72,10 @@ BLOB_DIR = "blobs"
 _TMP = ".tmp-"
 _BLOB = struct.Struct(">QQ24s44s")     # expiry_ms, size, Content-MD5, SHA-256 (base64); then owner
 _U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+_HEX = frozenset("0123456789abcdef")
+#: Hex digits at the start of every blob name that name the store which made it.
+PREFIX_LEN = 8
 _CHUNK = 1 << 20
 #: Bytes of a part received but not yet written before the connection stops being read.
 HIGH_WATER = 8 << 20
@@ -75,9 +94,22 @@ def blob_dir(data_dir: str) -> str:
     return os.path.join(data_dir, BLOB_DIR)
 
 
-def new_name() -> str:
-    """A new blob name (the local key): 32 hex digits."""
-    return uuid.uuid4().hex
+def new_name(prefix: str = "") -> str:
+    """A new blob name (the local key): 32 hex digits, the first ones the store's *prefix*."""
+    return prefix + uuid.uuid4().hex[len(prefix):]
+
+
+def new_prefix() -> str:
+    """A store's blob name prefix (made once, when the store is created)."""
+    return uuid.uuid4().hex[:PREFIX_LEN]
+
+
+def _is_name(name: str) -> bool:
+    return len(name) == 32 and _HEX.issuperset(name)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 def _fsync_dir(path: str) -> None:
@@ -171,17 +203,57 @@ def _drop_blob(txn: Any, store: Any, name: str, doom: Callable[[str], None]) -> 
     doom(name)
 
 
-def record_part(store: Any, part_key: bytes, name: str, size: int, md5: str, sha: str,
-                expiry_ms: int, doom: Callable[[str], None]) -> Callable[[Any], None]:
-    """A writer job indexing a part whose blob is on disk; a part sent again replaces the
-    earlier one (whose file goes once the job commits: *doom*)."""
-    def job(txn: Any) -> None:
-        old = txn.get(part_key, db=store.databus_parts)
+def _release(txn: Any, store: Any, name: str, doom: Callable[[str], None]) -> None:
+    """A waiting part's blob that no message will name (a part sent again replaced it, or its
+    submit was a duplicate). In a blob dir of this store alone it goes now; in a shared one it
+    stays until its expiry, only no longer as a waiting part: another instance may have taken it
+    from the stream for a submit of its own (selected mode), and its consumer reads it."""
+    if not store.blobs_shared:
+        _drop_blob(txn, store, name, doom)
+        return
+    key = name.encode("ascii")
+    value = txn.get(key, db=store.databus_blobs)
+    if value is not None and len(value) > _BLOB.size:
+        txn.put(key, bytes(value[:_BLOB.size]), db=store.databus_blobs)
+
+
+class PartJob:
+    """A writer job indexing a part whose blob is on disk (:func:`record_part`); in selected mode
+    its :meth:`stream_record` goes to the dedup stream too, before the part is answered."""
+
+    __slots__ = ("store", "part_key", "name", "size", "md5", "sha", "expiry_ms", "doom")
+
+    def __init__(self, store: Any, part_key: bytes, name: str, size: int, md5: str, sha: str,
+                 expiry_ms: int, doom: Callable[[str], None]) -> None:
+        self.store = store
+        self.part_key = part_key
+        self.name = name
+        self.size = size
+        self.md5 = md5
+        self.sha = sha
+        self.expiry_ms = expiry_ms
+        self.doom = doom
+
+    def __call__(self, txn: Any) -> None:
+        store = self.store
+        old = txn.get(self.part_key, db=store.databus_parts)
         if old is not None:
-            _drop_blob(txn, store, bytes(old).decode("ascii"), doom)
-        txn.put(part_key, name.encode("ascii"), db=store.databus_parts)
-        _put_blob(txn, store, name, _blob_record(expiry_ms, size, md5, sha, part_key), expiry_ms)
-    return job
+            _release(txn, store, bytes(old).decode("ascii"), self.doom)
+        txn.put(self.part_key, self.name.encode("ascii"), db=store.databus_parts)
+        _put_blob(txn, store, self.name, _blob_record(self.expiry_ms, self.size, self.md5, self.sha, self.part_key),
+                  self.expiry_ms)
+
+    def stream_record(self) -> bytes:
+        """u32 length and the part key, the blob record, the blob name (:func:`decode_part_record`)."""
+        return (_U32.pack(len(self.part_key)) + self.part_key
+                + _blob_record(self.expiry_ms, self.size, self.md5, self.sha) + self.name.encode("ascii"))
+
+
+def record_part(store: Any, part_key: bytes, name: str, size: int, md5: str, sha: str,
+                expiry_ms: int, doom: Callable[[str], None]) -> PartJob:
+    """A writer job indexing a part whose blob is on disk; a part sent again replaces the
+    earlier one (whose file goes once the job commits: *doom*; in a shared blob dir at its expiry)."""
+    return PartJob(store, part_key, name, size, md5, sha, expiry_ms, doom)
 
 
 def record_blob(store: Any, name: str, size: int, md5: str, sha: str, expiry_ms: int) -> Callable[[Any], None]:
@@ -191,6 +263,89 @@ def record_blob(store: Any, name: str, size: int, md5: str, sha: str, expiry_ms:
     return job
 
 
+# -- replicated part records (selected mode) ----------------------------------------------------------
+
+def decode_part_record(body: bytes) -> tuple[bytes, bytes]:
+    """``(part key, databus_replica value)`` of a stream record made by :meth:`PartJob.stream_record`.
+
+    :raises ValueError: the record is malformed."""
+    if len(body) < 4:
+        raise ValueError("short part record")
+    (n,) = _U32.unpack_from(body)
+    key = bytes(body[4:4 + n])
+    value = bytes(body[4 + n:])
+    if len(key) != n or len(value) <= _BLOB.size or not _is_name(value[_BLOB.size:].decode("ascii", "replace")):
+        raise ValueError("malformed part record")
+    return key, value
+
+
+def _drop_replica(txn: Any, store: Any, key: bytes) -> None:
+    value = txn.pop(key, db=store.databus_replica)
+    if value is not None:
+        txn.delete(value[:8] + key, db=store.databus_replica_expiry)
+
+
+def replicate_parts(txn: Any, store: Any, items: Iterable[tuple[bytes, bytes]], now_ms: int) -> int:
+    """Keep part records followed from the stream (a later record for a key replaces the earlier
+    one; expired ones are skipped). Returns how many were kept."""
+    n = 0
+    for key, value in items:
+        expiry_ms = _U64.unpack_from(value)[0]
+        if expiry_ms <= now_ms:
+            continue
+        _drop_replica(txn, store, key)
+        txn.put(key, value, db=store.databus_replica)
+        txn.put(_U64.pack(expiry_ms) + key, b"", db=store.databus_replica_expiry)
+        n += 1
+    return n
+
+
+def forget_parts(txn: Any, store: Any, message_keys: Iterable[bytes]) -> int:
+    """Drop the replicated part records of messages a leader has dispatched (they are not needed
+    by any later submit: a sender that retries sends the parts again). Returns how many went."""
+    n = 0
+    if store.databus_replica is None:
+        return 0
+    cursor = txn.cursor(db=store.databus_replica)
+    try:
+        for msg_key in message_keys:
+            prefix = msg_key + b"\0"
+            found = []
+            if cursor.set_range(prefix):
+                for key in cursor.iternext(values=False):
+                    if not key.startswith(prefix):
+                        break
+                    found.append(bytes(key))
+            for key in found:
+                _drop_replica(txn, store, key)
+            n += len(found)
+    finally:
+        cursor.close()
+    return n
+
+
+def _replicated(txn: Any, store: Any, key: bytes, now_ms: int) -> tuple[str, bytes] | None:
+    """``(blob name, blob record)`` of a part another instance took, when its blob file is in
+    this blob dir whole and not expired; else None."""
+    if store.databus_replica is None:
+        return None
+    value = txn.get(key, db=store.databus_replica)
+    if value is None:
+        return None
+    value = bytes(value)
+    expiry_ms, size = _BLOB.unpack_from(value)[:2]
+    name = value[_BLOB.size:].decode("ascii", "replace")
+    if expiry_ms <= now_ms or not _is_name(name):
+        return None
+    try:
+        st = os.stat(os.path.join(store.blob_dir, name))
+    except OSError:
+        return None  # not shared with the instance that took it: the sender sends the part again
+    if st.st_size != size:
+        return None
+    return name, value[:_BLOB.size]
+
+
 def missing_parts_reason(missing: list[str], expected: int) -> str:
     """NServiceBus's 412 texts (SingleCallChannelReceiver, protocol.md §1.6)."""
     if len(missing) == expected:
@@ -198,16 +353,21 @@ def missing_parts_reason(missing: list[str], expected: int) -> str:
     return f"ClaimCheck property {missing[0]} was never received. Please resubmit."
 
 
-def resolve_submits(txn: Any, store: Any, index: Any, envelopes: list, doomed: list[str]) -> tuple[dict, dict]:
-    """The submits of one batch that carry databus headers: ``(replaced, rejected)`` by
-    ``id(envelope)``. A new message whose parts are all here gets its headers rewritten to the
-    local blob keys and its part records dropped (the blobs stay for the consumer); one with a
-    part missing gets NServiceBus's 412 and nothing is stored; a duplicate needs no parts (those
-    sent again are dropped)."""
+def resolve_submits(txn: Any, store: Any, index: Any, envelopes: list, doomed: list[str]) -> tuple[dict, dict, int]:
+    """The submits of one batch that carry databus headers: ``(replaced, rejected, adopted)``,
+    the first two by ``id(envelope)``. A new message whose parts are all here gets its headers
+    rewritten to the local blob keys and its part records dropped (the blobs stay for the
+    consumer); a part not in the local index may be one another instance took (selected mode):
+    its blob is used when its file is in the blob dir, and counted in *adopted*. One with a part
+    missing gets NServiceBus's 412 and nothing is stored; a duplicate needs no parts (those sent
+    again are dropped)."""
     replaced: dict[int, Any] = {}
     rejected: dict[int, Any] = {}
     seen: set[bytes] = set()
     parts_db = store.databus_parts
+    replica_db = store.databus_replica
+    adopted_total = 0
+    now = 0
     for env in envelopes:
         names = env.databus
         if not names:
@@ -218,39 +378,60 @@ def resolve_submits(txn: Any, store: Any, index: Any, envelopes: list, doomed: l
             for k in keys:
                 blob = txn.pop(k, db=parts_db)
                 if blob is not None:
-                    _drop_blob(txn, store, bytes(blob).decode("ascii"), doomed.append)
+                    _release(txn, store, bytes(blob).decode("ascii"), doomed.append)
             continue
-        found = [txn.get(k, db=parts_db) for k in keys]
+        found: list[Any] = [txn.get(k, db=parts_db) for k in keys]
+        adopted: dict[int, bytes] = {}
+        if replica_db is not None and None in found:
+            now = now or _now_ms()
+            for i, k in enumerate(keys):
+                if found[i] is None:
+                    got = _replicated(txn, store, k, now)
+                    if got is not None:
+                        found[i] = got[0].encode("ascii")
+                        adopted[i] = got[1]
         missing = [wire for (wire, _s), blob in zip(names, found) if blob is None]
         if missing:
             rejected[id(env)] = core.Rejection(412, missing_parts_reason(missing, len(names)), env.callback)
             continue
         seen.add(env.key)
         msg_id, headers, body, expiry_ms, accepted_ms = core.decode_envelope(env.framed)
-        for (_wire, stored), k, blob in zip(names, keys, found):
+        for i, ((_wire, stored), k, blob) in enumerate(zip(names, keys, found)):
             name = bytes(blob).decode("ascii")
             if stored is not None and stored in headers:
                 headers[stored] = name
-            txn.delete(k, db=parts_db)
-            # The blob belongs to the message now: its record no longer names a waiting part.
-            record = txn.get(name.encode("ascii"), db=store.databus_blobs)
-            if record is not None:
-                txn.put(name.encode("ascii"), bytes(record[:_BLOB.size]), db=store.databus_blobs)
+            if i in adopted:
+                # This instance indexes the blob too, with the same expiry as the instance that
+                # took it: whichever removes it first, neither does before then.
+                record = adopted[i]
+                earlier = txn.get(name.encode("ascii"), db=store.databus_blobs)
+                if earlier is not None:
+                    txn.delete(bytes(earlier[:8]) + name.encode("ascii"), db=store.databus_expiry)
+                _put_blob(txn, store, name, record, _U64.unpack_from(record)[0])
+            else:
+                txn.delete(k, db=parts_db)
+                # The blob belongs to the message now: its record no longer names a waiting part.
+                record = txn.get(name.encode("ascii"), db=store.databus_blobs)
+                if record is not None:
+                    txn.put(name.encode("ascii"), bytes(record[:_BLOB.size]), db=store.databus_blobs)
+            if replica_db is not None:
+                _drop_replica(txn, store, k)
+        adopted_total += len(adopted)
         replaced[id(env)] = env.with_framed(core.encode_envelope(msg_id, headers, body, expiry_ms, accepted_ms))
-    return replaced, rejected
+    return replaced, rejected, adopted_total
 
 
 def expire(txn: Any, store: Any, now_ms: int, limit: int, doomed: list[str]) -> int:
     """Remove up to *limit* blobs whose expiry passed (with the part record of any that still
-    waits for its submit); their files go after the commit. Returns how many."""
+    waits for its submit); their files go after the commit. Up to *limit* expired replicated part
+    records go too (their files are not this instance's to remove). Returns the larger count."""
     if store.databus_expiry is None:
         return 0
     n = 0
     cursor = txn.cursor(db=store.databus_expiry)
     try:
-        if not cursor.first():
-            return 0
-        while n < limit:
+        ok = cursor.first()
+        while ok and n < limit:
             key = bytes(cursor.key())
             if len(key) <= 8 or _U64.unpack_from(key)[0] > now_ms:
                 break
@@ -262,13 +443,37 @@ def expire(txn: Any, store: Any, now_ms: int, limit: int, doomed: list[str]) -> 
                     txn.delete(owner, db=store.databus_parts)
             doomed.append(name.decode("ascii"))
             n += 1
-            cursor.delete()
+            ok = cursor.delete()
+    finally:
+        cursor.close()
+    return max(n, _expire_replica(txn, store, now_ms, limit))
+
+
+def _expire_replica(txn: Any, store: Any, now_ms: int, limit: int) -> int:
+    if store.databus_replica_expiry is None:
+        return 0
+    n = 0
+    cursor = txn.cursor(db=store.databus_replica_expiry)
+    try:
+        ok = cursor.first()
+        while ok and n < limit:
+            key = bytes(cursor.key())
+            if len(key) <= 8 or _U64.unpack_from(key)[0] > now_ms:
+                break
+            part_key = key[8:]
+            value = txn.get(part_key, db=store.databus_replica)
+            if value is not None and bytes(value[:8]) == key[:8]:
+                txn.delete(part_key, db=store.databus_replica)
+            n += 1
+            ok = cursor.delete()
     finally:
         cursor.close()
     return n
 
 
 def unlink(directory: str, names: Iterable[str]) -> None:
+    """Remove blob files; one already gone is no error (another instance sharing the blob dir
+    may have removed it at the same expiry)."""
     for name in names:
         try:
             os.unlink(os.path.join(directory, name))
@@ -280,16 +485,27 @@ def unlink(directory: str, names: Iterable[str]) -> None:
 
 def sweep(store: Any) -> int:
     """At start-up: remove unfinished uploads and blob files no record names (a crash between a
-    blob's rename and its commit). Returns how many files went."""
-    directory = blob_dir(store.path)
+    blob's rename and its commit). Returns how many files went.
+
+    In a shared blob dir (``GWCORE_BLOB_DIR``) only this store's own files are looked at (their
+    names begin with its prefix): the others are another instance's uploads in progress, or blobs
+    only another instance's store names."""
+    directory = store.blob_dir
     os.makedirs(directory, exist_ok=True)
+    mine = store.blob_prefix if store.blobs_shared else ""
+    if store.blobs_shared and len(mine) != PREFIX_LEN:
+        return 0  # a store without a prefix cannot tell its files from the others'
     gone = []
     with store.resize_lock, store.env.begin() as txn:
         for entry in os.scandir(directory):
-            if entry.name.startswith(_TMP):
-                gone.append(entry.name)
-            elif txn.get(entry.name.encode("utf-8", "surrogateescape"), db=store.databus_blobs) is None:
-                gone.append(entry.name)
+            name = entry.name
+            tmp = name.startswith(_TMP)
+            if not (name[len(_TMP):] if tmp else name).startswith(mine):
+                continue
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if tmp or txn.get(name.encode("utf-8", "surrogateescape"), db=store.databus_blobs) is None:
+                gone.append(name)
     unlink(directory, gone)
     if gone:
         log.info("databus: removed %d blob files no record names (unfinished before a restart)", len(gone))
@@ -317,10 +533,14 @@ class BlobWriter:
         bytes go from the receive buffer to the disk without a copy into the page cache; the file
         is still fsync'd before a part is acknowledged). Falls back to ordinary writes per file
         when the file system refuses it.
+    :param directory: the blob dir (``GWCORE_BLOB_DIR``), default ``<data_dir>/blobs``.
+    :param prefix: the store's blob name prefix (:func:`new_name`).
     """
 
-    def __init__(self, data_dir: str, loop: asyncio.AbstractEventLoop, *, direct_io: bool = True) -> None:
-        self.directory = blob_dir(data_dir)
+    def __init__(self, data_dir: str, loop: asyncio.AbstractEventLoop, *, direct_io: bool = True,
+                 directory: str | None = None, prefix: str = "") -> None:
+        self.directory = directory or blob_dir(data_dir)
+        self.prefix = prefix
         os.makedirs(self.directory, exist_ok=True)
         self.loop = loop
         self.direct_io = direct_io and hasattr(os, "O_DIRECT")
@@ -411,7 +631,7 @@ class BlobSink:
     def __init__(self, owner: BlobWriter, on_drain: Callable[[], None], signed: bool, md5: bool = True) -> None:
         self.owner = owner
         self.loop = owner.loop
-        self.name = new_name()
+        self.name = new_name(owner.prefix)
         self.tmp = os.path.join(owner.directory, _TMP + self.name)
         self.path = os.path.join(owner.directory, self.name)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -789,6 +1009,6 @@ def message_blobs(directory: str, headers: Mapping[str, str]) -> dict[str, Blob]
     """``header name -> Blob`` for every databus header whose value names a local blob."""
     out = {}
     for name, value in headers.items():
-        if name.startswith(DATABUS_PREFIX) and len(value) == 32 and all(c in "0123456789abcdef" for c in value):
+        if name.startswith(DATABUS_PREFIX) and _is_name(value):
             out[name] = Blob(name, value, os.path.join(directory, value))
     return out

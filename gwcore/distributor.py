@@ -407,7 +407,7 @@ class Distributor:
         """One databus blob for a worker: the file, opened, to be streamed by the listener.
 
         Only a blob that a message held by this session names is served, and only by its key
-        (32 lowercase hex digits, the file name under ``<data dir>/blobs/``): nothing else of
+        (32 lowercase hex digits, the file name in the blob dir): nothing else of
         the data dir can be reached this way."""
         if not _BLOB_KEY.fullmatch(key):
             return 400, "Bad Request: a blob key is 32 lowercase hex digits", b""

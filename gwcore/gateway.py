@@ -178,14 +178,15 @@ class Gateway:
         loop = asyncio.get_running_loop()
         try:
             self.store = Store(s.data_dir, map_size=s.store_map_size, max_size=s.store_max_size,
-                               sync=s.store_sync, lease=lease)
+                               sync=s.store_sync, lease=lease, blob_dir=s.blob_dir or None)
             # Off the loop: loading a large dedup log into memory takes seconds.
             self.writer = await loop.run_in_executor(None, functools.partial(
                 Writer, self.store, loop, max_batch=s.commit_max_batch,
                 max_delay_us=s.commit_max_delay_us, dedup_ttl=s.dedup_ttl, cleanup_slice=s.dedup_cleanup_slice,
                 databus_ttl=s.databus_ttl,
             ))
-            self.blobs = BlobWriter(s.data_dir, loop, direct_io=s.blob_direct_io)
+            self.blobs = BlobWriter(s.data_dir, loop, direct_io=s.blob_direct_io, directory=self.store.blob_dir,
+                                    prefix=self.store.blob_prefix)
             self.queue = LocalQueue(self.store, self.writer, max_attempts=s.handler_max_attempts)
             self.queue.intercept = self._intercept_reply
             self.writer.on_commit = self.queue.notify
@@ -399,7 +400,7 @@ class Gateway:
         h = dict(headers or {})
         blobs = []
         for name, source in props.items():
-            blob = databus.new_name()
+            blob = databus.new_name(self.store.blob_prefix)  # type: ignore[union-attr]
             h[databus.databus_header(name)] = blob
             blobs.append((blob, source))
         return h, blobs
@@ -546,6 +547,9 @@ class Gateway:
             metric("gwcore_dedup_expired_total", "counter", "Dedup records removed by retention.", [("", st.expired_records)])
             metric("gwcore_databus_expired_total", "counter", "Databus blobs removed at their expiry (orphaned parts too).",
                    [("", w.blobs_expired)])
+            metric("gwcore_databus_parts_adopted_total", "counter",
+                   "Parts a submit took from another instance's record, its blob in the shared blob dir (selected mode).",
+                   [("", w.parts_adopted)])
             metric("gwcore_store_map_resizes_total", "counter", "LMDB map size increases.", [("", st.map_resizes)])
             out.extend(_histogram("gwcore_commit_batch_size", "Jobs per write transaction.",
                                   st.batch_size_buckets, st.batch_size_counts, st.batch_size_sum))
@@ -559,10 +563,14 @@ class Gateway:
             metric("gwcore_dedup_records", "gauge", "Dedup records held.", [("", counts["dedup"])])
             metric("gwcore_store_bytes", "gauge", "Bytes used in the LMDB environment.", [("", self.store.size_bytes())])
             metric("gwcore_store_map_bytes", "gauge", "Current LMDB map size.", [("", self.store.map_size)])
-            metric("gwcore_databus_blobs", "gauge", "Databus blobs held (files under <data dir>/blobs).",
+            metric("gwcore_databus_blobs", "gauge", "Databus blobs this store indexes (files in the blob dir).",
                    [("", counts["databus_blobs"])])
             metric("gwcore_databus_parts_waiting", "gauge", "Databus parts waiting for their submit.",
                    [("", counts["databus_parts"])])
+            if self.selected is not None:
+                metric("gwcore_databus_parts_replicated", "gauge",
+                       "Part records followed from the stream, held for a submit that may come here.",
+                       [("", counts["databus_replica"])])
         q = self.queue
         if q is not None:
             metric("gwcore_consumer_delivered_total", "counter", "Deliveries to consumers.", [("", q.delivered)])

@@ -19,6 +19,11 @@ Every instance has its own data dir and one broker connection (:class:`gwcore.am
   outside the leadership term that accepted it (entries left in an outbox by a crash, or accepted
   while the broker was unreachable). A new leader appends a marker and reads the stream up to it
   before it reports ready.
+- **Databus parts.** The leader appends a *part* record (part key, blob name, size, hashes,
+  expiry) for each part it takes before answering it; every instance keeps them
+  (``databus_replica``), and a submit whose part is not in the local index takes the blob from
+  there when its file is in the (shared) blob dir (gwcore/databus.py, docs/databus.md). The
+  records of a message go once the stream shows it *done*.
 - **Handover** (:meth:`Selected.step_down`, on SIGTERM or ``gwcore handover``): hold new submits,
   let the outbox drain, append a *release* record and give up the leader queue, wait until another
   instance announces its leadership, then answer the held submits 503 (the load balancer retries
@@ -46,6 +51,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 import aio_pika
 import aiormq
 
+from . import databus
 from ._core import core
 from pamqp.commands import Basic
 
@@ -119,6 +125,13 @@ class BrokerMessage:
     def possible_duplicate(self) -> bool:
         """True when gwcore dispatched this message again after a crash (it may be there twice)."""
         return self.headers.get("gwcore.PossibleDuplicate") == "true"
+
+    @property
+    def databus(self) -> dict[str, databus.Blob]:
+        """The claim-check properties, as :attr:`gwcore.consumer.Message.databus`: the blobs are
+        files in this instance's blob dir, which must be the one the leader wrote them to
+        (``GWCORE_BLOB_DIR`` shared by the instances) for a consumer on another instance."""
+        return databus.message_blobs(self._queue._selected.store.blob_dir, self.headers)
 
     async def ack(self) -> None:
         if not self._settled:
@@ -230,6 +243,16 @@ class Selected:
         self._flushing = False
         self._markers: dict[bytes, asyncio.Future] = {}
         self.caught_up = False
+        # databus part records from the stream (gwcore/databus.py): (part key, record) to store,
+        # the messages that have some, and those dispatched since (their records go)
+        self._parts_pending: list[tuple[bytes, bytes]] = []
+        self._part_messages: set[bytes] = set()
+        self._parts_done: list[bytes] = []
+        # Other instances' part records read, and how many of those are in the store: a databus
+        # submit waits until they are equal (its parts are looked up in the writer transaction).
+        self._parts_read = 0
+        self._parts_stored = 0
+        self._parts_waiting: list[tuple[Any, Callable[[bool, Any], None]]] = []
         # outbox
         self.undone: dict[bytes, list[tuple[Callable[[bool, Any], None], Any]]] = {}
         self._fresh: set[bytes] = set()  # accepted in this leadership term, not attempted yet
@@ -248,6 +271,9 @@ class Selected:
         self.forwarded = 0
         self.elections_won = 0
         self.fenced = 0
+        self.parts_published = 0  # part records this instance appended as the leader
+        self.parts_followed = 0  # part records read from the stream (its own included)
+        self.parts_unreplicated = 0  # parts accepted with ack=stored while the stream was out of reach
         self._stopping = False
         self._retiring = False
 
@@ -289,6 +315,9 @@ class Selected:
         live.sort()
         for recorded, group in itertools.groupby(live, key=operator.itemgetter(0)):
             self._ages.append((recorded, [k for _r, k in group]))
+        if store.databus_replica is not None:
+            for key, _value in store.iter_db(store.databus_replica):
+                self._part_messages.add(bytes(key).rsplit(b"\0", 1)[0])
         raw = store.get(store.meta, b"stream_offset")
         self.offset = struct.unpack(">q", raw)[0] if raw else -1
         scope = self.settings.endpoint.encode() + b"\0"
@@ -309,6 +338,7 @@ class Selected:
         await cancel_and_wait(self._dispatcher)
         self.messages.close()
         await self._flush_replica()
+        self._release_part_waiters()
 
     # -- states seen by the HTTP front end -----------------------------------------------------------
 
@@ -408,6 +438,39 @@ class Selected:
     def pending(self) -> int:
         return self.writer.pending
 
+    def blob_expiry_ms(self, expiry_ms: int, accepted_ms: int) -> int:
+        return self.writer.blob_expiry_ms(expiry_ms, accepted_ms)
+
+    def doom(self, name: str) -> None:
+        self.writer.doom(name)
+
+    async def call(self, fn: Callable[[Any], Any]) -> Any:
+        """:meth:`gwcore.store.Writer.call`; a databus part (:class:`gwcore.databus.PartJob`) is
+        appended to the stream first, so that it is there for every instance before it is
+        answered 200.
+
+        :raises BrokerUnavailableError: with ``GWCORE_ACK=dispatched``, the part could not be
+            appended (it is answered 503; the sender sends it again)."""
+        if isinstance(fn, databus.PartJob):
+            await self._publish_part(fn)
+        return await self.writer.call(fn)
+
+    async def _publish_part(self, job: databus.PartJob) -> None:
+        problem: Any = self.link.last_error
+        if self._pub is not None and self.link.connected:
+            try:
+                await self._append("part", job.stream_record())
+                self.parts_published += 1
+                return
+            except broker_errors + (BrokerUnavailableError,) as exc:
+                problem = exc
+        if self.dispatched_ack:
+            raise BrokerUnavailableError(f"broker unavailable ({problem})")
+        # GWCORE_ACK=stored: the part is durable here; if another instance takes over before its
+        # submit, that one answers 412 and the sender sends the part again.
+        self.parts_unreplicated += 1
+        log.debug("databus part of %r kept here only: the stream is out of reach (%s)", job.part_key, problem)
+
     def ingest_then(self, envelope: Any, done: Callable[[bool, Any], None]) -> None:
         key = envelope.key
         known = self.replica.get(key)
@@ -417,7 +480,18 @@ class Selected:
         if self.dispatched_ack and not self.link.connected:
             done(False, BrokerUnavailableError(f"broker unavailable ({self.link.last_error})"))
             return
-        self.writer.ingest_then(envelope, functools.partial(self._committed, key, known == _INTENT, done))
+        then = functools.partial(self._committed, key, known == _INTENT, done)
+        if envelope.databus and self._parts_stored < self._parts_read:
+            # another instance's parts read from the stream and not yet in the store: this
+            # submit may need them (a failover between its parts and it)
+            self._parts_waiting.append((envelope, then))
+            return
+        self.writer.ingest_then(envelope, then)
+
+    def _release_part_waiters(self) -> None:
+        waiting, self._parts_waiting = self._parts_waiting, []
+        for envelope, then in waiting:
+            self.writer.ingest_then(envelope, then)
 
     def _committed(self, key: bytes, in_doubt: bool, done: Callable[[bool, Any], None], ok: bool, value: Any) -> None:
         if not ok or type(value) is core.Rejection:  # a failure, or a refusal (412: parts missing)
@@ -593,6 +667,17 @@ class Selected:
             self._apply(keys[n_done:], _INTENT)
         elif kind in ("intent", "done"):
             self._apply(_unpack_keys(record.body), _INTENT if kind == "intent" else _DONE)
+        elif kind == "part":
+            try:
+                key, value = databus.decode_part_record(record.body)
+            except ValueError as exc:
+                log.warning("stream offset %s: a databus part record gwcore cannot read (%s)", offset, exc)
+            else:
+                self.parts_followed += 1
+                self._parts_pending.append((key, value))
+                self._part_messages.add(key.rsplit(b"\0", 1)[0])
+                if sender != self.instance:
+                    self._parts_read += 1
         elif kind in ("marker", "leader"):
             fut = self._markers.get(record.body)
             if fut is not None and not fut.done():
@@ -616,6 +701,12 @@ class Selected:
         replica = self.replica
         pending = self._replica_pending
         first = []
+        if state == _DONE and self._part_messages:
+            # dispatched: the parts of these messages are needed by no later submit
+            for key in keys:
+                if key in self._part_messages:
+                    self._part_messages.discard(key)
+                    self._parts_done.append(key)
         for key in keys:
             known = replica.get(key)
             if known != _DONE:
@@ -641,8 +732,11 @@ class Selected:
         try:
             while True:
                 items, self._replica_pending = self._replica_pending, []
+                parts, self._parts_pending = self._parts_pending, []
+                done, self._parts_done = self._parts_done, []
+                parts_read = self._parts_read
                 offset = self.offset
-                if not items and offset < 0:
+                if not items and not parts and offset < 0:
                     return
                 store = self.store
                 stamp = now_ms()
@@ -653,13 +747,22 @@ class Selected:
                         txn.put(key, _REPLICA.pack(state, stamp), db=store.replica)
                     for key in gone:
                         txn.delete(key, db=store.replica)
+                    if parts:
+                        databus.replicate_parts(txn, store, parts, stamp)
+                    if done:
+                        databus.forget_parts(txn, store, done)
                     txn.put(b"stream_offset", struct.pack(">q", offset), db=store.meta)
 
                 await self.writer.call(write)
-                if not self._replica_pending:
+                self._parts_stored = parts_read
+                if self._parts_waiting:
+                    self._release_part_waiters()
+                if not (self._replica_pending or self._parts_pending or self._parts_done):
                     return
         except Exception as exc:  # the store is closing: the stream has it all, it is read again
             log.debug("replica flush failed: %s", exc)
+            self._parts_stored = self._parts_read  # a waiting submit gets the writer's answer
+            self._release_part_waiters()
         finally:
             self._flushing = False
 
@@ -887,6 +990,13 @@ class Selected:
             ("gwcore_outbox_undispatched", "gauge", "Accepted messages not yet confirmed by the broker.",
              [("", len(self.undone))]),
             ("gwcore_dedup_replica_records", "gauge", "Dedup records followed from the stream.", [("", len(self.replica))]),
+            ("gwcore_databus_parts_published_total", "counter",
+             "Databus parts this instance took as the leader and appended to the stream.", [("", self.parts_published)]),
+            ("gwcore_databus_parts_followed_total", "counter", "Databus part records read from the stream.",
+             [("", self.parts_followed)]),
+            ("gwcore_databus_parts_unreplicated_total", "counter",
+             "Parts accepted (GWCORE_ACK=stored) while the stream was out of reach: kept on this instance only.",
+             [("", self.parts_unreplicated)]),
             ("gwcore_dedup_stream_offset", "gauge", "Last stream offset read.", [("", self.offset)]),
         ]
 

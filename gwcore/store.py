@@ -9,8 +9,9 @@ queue      u64 seq                           framed envelope (the local input qu
 errors     u64 seq                           framed envelope + reason (poison messages)
 outgoing   u64 out seq                       egress record (gwcore/egress.py): site, attempts, envelope
 outgoing_errors  u64 out seq                 failed_ms + egress record (sends that gave up)
-meta       name                              value (schema version, last seq, last out seq, stream offset)
-databus_*  (three databases)                 claim-check parts and blobs (gwcore/databus.py)
+meta       name                              value (schema version, last seq, last out seq, stream offset,
+                                             blob name prefix)
+databus_*  (five databases)                  claim-check parts and blobs (gwcore/databus.py)
 replica    dedup key                         u8 state + u64 ms (selected mode: gwcore/selected.py)
 =========  ===============================  ==========================================
 
@@ -108,12 +109,22 @@ class Store:
     :param readonly: open for inspection only (``gwcore inspect``).
     :param lease: the data dir's lease, already held (a locked descriptor from
         :mod:`gwcore.lease`; the store releases it on close). Default: take it now, or fail.
+    :param blob_dir: the databus blob dir when it is not ``<path>/blobs`` (``GWCORE_BLOB_DIR``):
+        it may be shared with other instances (gwcore/databus.py).
     """
 
     def __init__(self, path: str, *, map_size: int = 256 << 20, max_size: int = 64 << 30,
-                 sync: bool = True, readonly: bool = False, lease: int | None = None) -> None:
+                 sync: bool = True, readonly: bool = False, lease: int | None = None,
+                 blob_dir: str | None = None) -> None:
         self.path = path
         self.max_size = max_size
+        #: Where blob files live (the claim check, gwcore/databus.py).
+        self.blob_dir = blob_dir or databus.blob_dir(path)
+        #: A blob dir set apart from the data dir may be shared: the sweep looks at this store's
+        #: files only, and parts' blobs are kept until their expiry (gwcore/databus.py).
+        self.blobs_shared = bool(blob_dir)
+        #: The first hex digits of every blob name this store makes (kept in meta).
+        self.blob_prefix = ""
         self._owner_fd: int | None = lease
         if readonly:
             if not os.path.exists(os.path.join(path, "data.mdb")):
@@ -163,12 +174,21 @@ class Store:
         self.databus_parts = self._open_db(b"databus_parts", create)
         self.databus_blobs = self._open_db(b"databus_blobs", create)
         self.databus_expiry = self._open_db(b"databus_expiry", create)
-        #: Where blob files live (the claim check, gwcore/databus.py).
-        self.blob_dir = databus.blob_dir(path)
         # selected mode: dedup records followed from the broker's stream (gwcore/selected.py)
         self.replica = self._open_db(b"replica", create)
-        if not readonly:
+        # selected mode: the parts other instances took, followed from the same stream
+        self.databus_replica = self._open_db(b"databus_replica", create)
+        self.databus_replica_expiry = self._open_db(b"databus_replica_expiry", create)
+        if readonly:
+            prefix = self.get(self.meta, b"blob_prefix")
+            self.blob_prefix = prefix.decode("ascii") if prefix else ""
+        else:
             with self.env.begin(write=True) as txn:
+                prefix = txn.get(b"blob_prefix", db=self.meta)
+                if prefix is None:
+                    prefix = databus.new_prefix().encode("ascii")
+                    txn.put(b"blob_prefix", prefix, db=self.meta)
+                self.blob_prefix = bytes(prefix).decode("ascii")
                 version = txn.get(b"schema", db=self.meta)
                 if version is None or version in _UPGRADABLE:
                     txn.put(b"schema", SCHEMA_VERSION, db=self.meta)
@@ -264,6 +284,7 @@ class Store:
                 "outgoing_errors": txn.stat(self.outgoing_errors)["entries"],
                 "databus_parts": txn.stat(self.databus_parts)["entries"] if self.databus_parts else 0,
                 "databus_blobs": txn.stat(self.databus_blobs)["entries"] if self.databus_blobs else 0,
+                "databus_replica": txn.stat(self.databus_replica)["entries"] if self.databus_replica else 0,
             }
 
     def size_bytes(self) -> int:
@@ -313,6 +334,8 @@ class Writer:
         # Blob files whose records the open transaction removes: unlinked once it commits.
         self._doomed: list[str] = []
         self.blobs_expired = 0
+        #: Parts a submit took from another instance's record (selected mode, a shared blob dir).
+        self.parts_adopted = 0
         databus.sweep(store)
         self.on_commit = on_commit  # loop-thread callback: number of new queue entries
         self.stats = StoreStats()
@@ -511,9 +534,10 @@ class Writer:
         store = self.store
         txn = store.env.begin(write=True)
         rejected: dict = {}
+        adopted = 0
         try:
             if any(env.databus for env in envelopes):
-                replaced, rejected = databus.resolve_submits(txn, store, self.index, envelopes, self._doomed)
+                replaced, rejected, adopted = databus.resolve_submits(txn, store, self.index, envelopes, self._doomed)
                 envelopes = [replaced.get(id(e), e) for e in envelopes if id(e) not in rejected]
             if envelopes:
                 # The log must stay in acceptance order for retention: never let the clock step back.
@@ -540,6 +564,7 @@ class Writer:
             raise
         self.index.commit()
         self._committed()
+        self.parts_adopted += adopted
         added = next_seq - self.next_seq
         self.next_seq = next_seq
         self.stats.accepted += added

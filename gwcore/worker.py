@@ -94,7 +94,7 @@ class WorkerBlob:
     header, the worker's counterpart of :class:`gwcore.Blob`.
 
     It is read from ``<blob_dir>/<key>`` when the worker was given a blob directory that has it
-    (the distributor's ``<data dir>/blobs`` on a shared or the same disk; :attr:`local` is True),
+    (the distributor's blob dir on a shared or the same disk; :attr:`local` is True),
     else streamed from the distributor. A streamed blob is checked as it arrives: its length and
     its SHA-256 (or, for a blob received with only a ``Content-MD5``, its MD5) must be the
     distributor's, or reading raises :class:`gwcore.BlobIntegrityError`. The distributor serves
@@ -370,8 +370,9 @@ class Worker:
     :param name: the worker's name on the distributor (default ``host-pid``); enlisting under a
         name that has a session ends that session (a restarted worker).
     :param wait: longest a request for work waits on the distributor (it may cut this shorter).
-    :param blob_dir: the distributor's blob directory (``<data dir>/blobs``) where this host sees
-        it: databus blobs found there are read from it instead of being streamed.
+    :param blob_dir: the distributor's blob dir (``GWCORE_BLOB_DIR`` there, by default
+        ``<data dir>/blobs``) where this host sees it: databus blobs found there are read from it
+        instead of being streamed.
     :param download_dir: where ``WorkerBlob.path`` downloads go (a directory of the worker's own
         is made in it); default the system's temporary directory.
     """

@@ -95,3 +95,17 @@ def blob_digests(message) -> None:
             row["error"] = f"{type(exc).__name__}: {exc}"
         out[name] = row
     _log_line(json.dumps({"id": message.id, "blobs": out, "vm_hwm_kib": _vm_hwm_kib()}))
+
+
+def log_databus(message) -> None:
+    """For selected-mode server processes: one line per databus property of a handled message
+    in $HANDLER_LOG: id, header, SHA-256 of the blob's bytes (read through ``message.databus``),
+    size, the handling instance ($INSTANCE_NAME)."""
+    import hashlib
+
+    for header, blob in sorted(message.databus.items()):
+        digest = hashlib.sha256()
+        with blob.open() as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        _log_line(f"{message.id} {header} {digest.hexdigest()} {blob.size} {os.environ['INSTANCE_NAME']}")

@@ -86,7 +86,8 @@ def wire_md5(data: bytes) -> str:
 
 
 def part_request(msg_id: str, key: str, blob: bytes, *, md5: str | None = "auto", ttbr: str | None = None,
-                 databus_key: bool = True, parts: tuple[str, ...] | None = None, chunked: bool = False) -> bytes:
+                 databus_key: bool = True, parts: tuple[str, ...] | None = None, chunked: bool = False,
+                 path: str = "/RemoteSite/") -> bytes:
     """A SingleCallDatabusProperty request for the property *key* of message *msg_id*."""
     names = parts if parts is not None else (key,)
     extra = [(f"NServiceBus.Header.NServiceBus.DataBus.{k}", k) for k in names]
@@ -94,7 +95,7 @@ def part_request(msg_id: str, key: str, blob: bytes, *, md5: str | None = "auto"
         extra.insert(0, ("NServiceBus.TimeToBeReceived", ttbr))
     if databus_key:
         extra.append(("NServiceBus.Gateway.DataBusKey", f"NServiceBus.Header.NServiceBus.DataBus.{key}"))
-    req = nsb_request(msg_id, blob, call_type="SingleCallDatabusProperty", extra=extra,
+    req = nsb_request(msg_id, blob, call_type="SingleCallDatabusProperty", extra=extra, path=path,
                       md5=wire_md5(blob) if md5 == "auto" else md5)
     if chunked:
         head, _, body = req.partition(b"\r\n\r\n")
@@ -104,8 +105,10 @@ def part_request(msg_id: str, key: str, blob: bytes, *, md5: str | None = "auto"
     return req
 
 
-def submit_request(msg_id: str, parts: tuple[str, ...], body: bytes = b'{"Hello":"World"}') -> bytes:
-    return nsb_request(msg_id, body, extra=[(f"NServiceBus.Header.NServiceBus.DataBus.{k}", k) for k in parts])
+def submit_request(msg_id: str, parts: tuple[str, ...], body: bytes = b'{"Hello":"World"}', *,
+                   path: str = "/RemoteSite/") -> bytes:
+    return nsb_request(msg_id, body, extra=[(f"NServiceBus.Header.NServiceBus.DataBus.{k}", k) for k in parts],
+                       path=path)
 
 
 # -- receiving ---------------------------------------------------------------------------------------

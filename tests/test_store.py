@@ -174,7 +174,7 @@ def test_consumer_acks_only_after_handler_and_retries_failures(tmp_path):
         q.close()
         await task
         assert store.counts() == {"dedup": 10, "queue": 0, "errors": 1, "outgoing": 0, "outgoing_errors": 0,
-                                  "databus_parts": 0, "databus_blobs": 0}
+                                  "databus_parts": 0, "databus_blobs": 0, "databus_replica": 0}
         assert seen.count(ids[2]) == 2 and seen.count(ids[5]) == 3
         assert q.poisoned == 1 and q.acked == 9
 
