@@ -186,7 +186,7 @@ def test_a_reader_that_stalls_is_cut_off_and_the_file_closed(run, make_settings)
 # -- the worker side -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("integrity", ["md5", "sha-256"])
-def test_a_damaged_blob_raises_an_integrity_error_in_the_handler(run, make_settings, integrity):
+def test_a_damaged_blob_raises_an_integrity_error_in_the_handler(run, make_settings, tmp_path, integrity):
     blob = os.urandom(1 << 20)
     seen: list[tuple[str, object]] = []
 
@@ -199,9 +199,11 @@ def test_a_damaged_blob_raises_an_integrity_error_in_the_handler(run, make_setti
             seen.append(("error", str(exc)))
 
     async def main():
-        async with Gateway(dist_settings(make_settings, worker_lease=30.0)) as gw:
+        # the blob dir set apart (GWCORE_BLOB_DIR): the distributor serves from there
+        async with Gateway(dist_settings(make_settings, worker_lease=30.0, blob_dir=str(tmp_path / "blobs"))) as gw:
             await send_with_blob(gw, "damaged", blob, digest=integrity == "sha-256")
             key = blob_key(gw)
+            assert os.path.exists(tmp_path / "blobs" / key)
             with open(os.path.join(gw.store.blob_dir, key), "r+b") as f:
                 f.seek(12345)
                 f.write(b"\0" * 16)   # same size, other bytes
