@@ -421,54 +421,56 @@ def resolve_submits(txn: Any, store: Any, index: Any, envelopes: list, doomed: l
     return replaced, rejected, adopted_total
 
 
+def _walk_expired(txn: Any, db: Any, now_ms: int, limit: int, drop: Callable[[bytes], None]) -> int:
+    """Delete up to *limit* entries of the expiry database *db* (keys: 8-byte big-endian expiry
+    in ms, then what expires) whose time has come, calling ``drop(key)`` for each; the count."""
+    n = 0
+    cursor = txn.cursor(db=db)
+    try:
+        ok = cursor.first()
+        while ok and n < limit:
+            key = bytes(cursor.key())
+            if len(key) <= 8 or _U64.unpack_from(key)[0] > now_ms:
+                break
+            drop(key)
+            n += 1
+            ok = cursor.delete()
+    finally:
+        cursor.close()
+    return n
+
+
 def expire(txn: Any, store: Any, now_ms: int, limit: int, doomed: list[str]) -> int:
     """Remove up to *limit* blobs whose expiry passed (with the part record of any that still
     waits for its submit); their files go after the commit. Up to *limit* expired replicated part
     records go too (their files are not this instance's to remove). Returns the larger count."""
     if store.databus_expiry is None:
         return 0
-    n = 0
-    cursor = txn.cursor(db=store.databus_expiry)
-    try:
-        ok = cursor.first()
-        while ok and n < limit:
-            key = bytes(cursor.key())
-            if len(key) <= 8 or _U64.unpack_from(key)[0] > now_ms:
-                break
-            name = key[8:]
-            value = txn.pop(name, db=store.databus_blobs)
-            if value is not None and len(value) > _BLOB.size:
-                owner = bytes(value[_BLOB.size:])
-                if txn.get(owner, db=store.databus_parts) == name:
-                    txn.delete(owner, db=store.databus_parts)
-            doomed.append(name.decode("ascii"))
-            n += 1
-            ok = cursor.delete()
-    finally:
-        cursor.close()
+
+    def drop_blob(key: bytes) -> None:
+        name = key[8:]
+        value = txn.pop(name, db=store.databus_blobs)
+        if value is not None and len(value) > _BLOB.size:
+            owner = bytes(value[_BLOB.size:])
+            if txn.get(owner, db=store.databus_parts) == name:
+                txn.delete(owner, db=store.databus_parts)
+        doomed.append(name.decode("ascii"))
+
+    n = _walk_expired(txn, store.databus_expiry, now_ms, limit, drop_blob)
     return max(n, _expire_replica(txn, store, now_ms, limit))
 
 
 def _expire_replica(txn: Any, store: Any, now_ms: int, limit: int) -> int:
     if store.databus_replica_expiry is None:
         return 0
-    n = 0
-    cursor = txn.cursor(db=store.databus_replica_expiry)
-    try:
-        ok = cursor.first()
-        while ok and n < limit:
-            key = bytes(cursor.key())
-            if len(key) <= 8 or _U64.unpack_from(key)[0] > now_ms:
-                break
-            part_key = key[8:]
-            value = txn.get(part_key, db=store.databus_replica)
-            if value is not None and bytes(value[:8]) == key[:8]:
-                txn.delete(part_key, db=store.databus_replica)
-            n += 1
-            ok = cursor.delete()
-    finally:
-        cursor.close()
-    return n
+
+    def drop_record(key: bytes) -> None:
+        part_key = key[8:]
+        value = txn.get(part_key, db=store.databus_replica)
+        if value is not None and bytes(value[:8]) == key[:8]:
+            txn.delete(part_key, db=store.databus_replica)
+
+    return _walk_expired(txn, store.databus_replica_expiry, now_ms, limit, drop_record)
 
 
 def unlink(directory: str, names: Iterable[str]) -> None:

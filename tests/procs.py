@@ -78,3 +78,12 @@ def gwcore_cli(*args: str, data_dir: str, check: bool = True, **extra_env: str) 
 def queued_ids(data_dir: str) -> list[str]:
     out = gwcore_cli("inspect", "queue", "--json", data_dir=data_dir)
     return [json.loads(line)["id"] for line in out.splitlines() if line]
+
+
+def vm_hwm_kib(pid: int) -> int:
+    """Peak resident memory (VmHWM) of process *pid*, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmHWM for process {pid}")

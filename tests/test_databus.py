@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 from httpclient import Client, nsb_request
-from procs import ROOT, ServerProcess, free_port, gwcore_cli
+from procs import ROOT, ServerProcess, free_port, gwcore_cli, vm_hwm_kib
 
 from gwcore import Gateway, Settings, databus
 from gwcore.store import Store
@@ -425,14 +425,6 @@ def test_receiver_sigkilled_between_parts_and_submit_keeps_the_parts(tmp_path):
         server.terminate()
 
 
-def _vm_hwm_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmHWM")
-
-
 def test_receiving_a_1_gib_part_keeps_the_server_under_100_mib(tmp_path):
     size = 1 << 30
     data_dir = str(tmp_path / "store")
@@ -443,7 +435,7 @@ def test_receiving_a_1_gib_part_keeps_the_server_under_100_mib(tmp_path):
     server = ServerProcess(data_dir, port).start()
     try:
         pid = server.proc.pid
-        before = _vm_hwm_kib(pid)
+        before = vm_hwm_kib(pid)
         msg_id = str(uuid.uuid4())
         # the body is generated piece by piece; its MD5 is computed beforehand the same way
         piece = os.urandom(1 << 20)
@@ -458,7 +450,7 @@ def test_receiving_a_1_gib_part_keeps_the_server_under_100_mib(tmp_path):
                 s.sendall(piece)
             reply = s.recv(4096)
         assert reply.startswith(b"HTTP/1.1 200 OK\r\n"), reply
-        hwm = _vm_hwm_kib(pid)
+        hwm = vm_hwm_kib(pid)
         assert hwm < 100 * 1024, f"VmHWM {hwm} KiB (at start {before} KiB)"
         print(f"VmHWM {hwm} KiB (at start {before} KiB)")
         (info,) = [json.loads(x) for x in gwcore_cli("inspect", "blobs", "--json", data_dir=data_dir).splitlines()]

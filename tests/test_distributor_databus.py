@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 from httpclient import Client
-from procs import ServerProcess, free_port
+from procs import ServerProcess, free_port, vm_hwm_kib
 from test_databus import _post, part_request, submit_request
 from test_distributor import WorkerProcess, base_url, dist_settings, until
 from test_sites import counts, wait_for
@@ -279,14 +279,6 @@ def test_a_worker_process_elsewhere_reads_the_blob_through_message_databus(tmp_p
     assert not os.path.exists(b["path"][2]) and os.listdir(tmp_path / "worker-tmp") == []
 
 
-def _vm_hwm_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmHWM")
-
-
 def test_a_256_mib_blob_streams_to_a_worker_process_in_bounded_memory(tmp_path):
     size = 256 << 20
     st = os.statvfs(str(tmp_path))
@@ -315,7 +307,7 @@ def test_a_256_mib_blob_streams_to_a_worker_process_in_bounded_memory(tmp_path):
                                env={"HANDLER_READS": "open"})
         wait_for(lambda: read_rows(log), 120, "the worker's handler")
         (row,) = read_rows(log)
-        server_hwm = _vm_hwm_kib(server.proc.pid)
+        server_hwm = vm_hwm_kib(server.proc.pid)
     finally:
         if worker is not None:
             worker.stop()
