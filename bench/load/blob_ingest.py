@@ -21,7 +21,9 @@ where MD5 alone is slower than the disk it bounds the ratio; the report gives in
 MD5 alone) too (how close ingest gets to what bounds it). ``--no-md5`` sends the part without the
 header to show the rest of the path; ``--digest`` adds a sha-256 ``Content-Digest`` beside the
 Content-MD5, as gwcore's own sender does, so the receiver checks the SHA-256 instead (then the
-hash timed alone is SHA-256). Results go to bench/results/ (gitignored).
+hash timed alone is SHA-256); ``--parallel N`` sends the same bytes as N parts at once on N
+connections (several senders), whose hashes can run on N cores (the hash-alone bound is then
+N times one stream's, at most one per CPU). Results go to bench/results/ (gitignored).
 
     .venv/bin/python bench/load/blob_ingest.py                       # 5 rounds of 512 MiB
     .venv/bin/python bench/load/blob_ingest.py --rounds 1 --size 64  # smoke test
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import concurrent.futures
 import datetime as dt
 import hashlib
 import json
@@ -119,27 +122,36 @@ def part_head(size: int, md5_b64: str | None, sha_b64: str | None = None) -> byt
     ).encode()
 
 
+def _send_part(port: int, size: int, piece: bytes, head: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        s.sendall(head)
+        left = size
+        while left:
+            n = min(left, len(piece))
+            s.sendall(piece if n == len(piece) else piece[:n])
+            left -= n
+        return s.recv(4096)
+
+
 def ingest_rate(cfg: argparse.Namespace, work: Path, size: int, piece: bytes, md5_b64: str | None,
-                sha_b64: str | None = None) -> float:
+                sha_b64: str | None = None, parallel: int = 1) -> float:
+    """MiB/s of *size* bytes received as *parallel* parts of ``size // parallel`` bytes, each on a
+    connection of its own, all sent at once (several senders); timed to the last 200."""
     data_dir = work / f"store-{uuid.uuid4().hex[:8]}"
     server = rl.Server("gwcore", cfg, work, data_dir)
     server.start(cfg.ready_timeout)
     try:
-        head = part_head(size, md5_b64, sha_b64)
-        with socket.create_connection(("127.0.0.1", server.port), timeout=120) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        part = size // parallel
+        heads = [part_head(part, md5_b64, sha_b64) for _ in range(parallel)]
+        with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
             started = time.perf_counter()
-            s.sendall(head)
-            left = size
-            while left:
-                n = min(left, len(piece))
-                s.sendall(piece if n == len(piece) else piece[:n])
-                left -= n
-            reply = s.recv(4096)
+            replies = list(pool.map(lambda head: _send_part(server.port, part, piece, head), heads))
             took = time.perf_counter() - started
-        if not reply.startswith(b"HTTP/1.1 200 "):
-            raise RuntimeError(f"blob not accepted: {reply[:200]!r}\n{server.log_tail()}")
-        return size / took / (1 << 20)
+        for reply in replies:
+            if not reply.startswith(b"HTTP/1.1 200 "):
+                raise RuntimeError(f"blob not accepted: {reply[:200]!r}\n{server.log_tail()}")
+        return part * parallel / took / (1 << 20)
     finally:
         server.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -159,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--digest", action="store_true",
                    help="add a sha-256 Content-Digest beside the Content-MD5, as gwcore's sender does: "
                         "a gwcore receiver then checks the SHA-256 instead of the MD5")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="send the --size MiB as this many parts at once, each on its own connection (several "
+                        "senders; the hash of each part runs on its own core); default 1")
     p.add_argument("--ready-timeout", type=float, default=30.0)
     cfg = p.parse_args(argv)
     # what rl.Server reads from its config
@@ -170,9 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     size = cfg.size << 20
     piece = os.urandom(PIECE)
     md5, sha = hashlib.md5(), hashlib.sha256()
-    for off in range(0, size, PIECE):
-        md5.update(piece[:min(PIECE, size - off)])
-        sha.update(piece[:min(PIECE, size - off)])
+    part = size // cfg.parallel  # each part's digests (all parts carry the same bytes)
+    for off in range(0, part, PIECE):
+        md5.update(piece[:min(PIECE, part - off)])
+        sha.update(piece[:min(PIECE, part - off)])
     md5_b64 = None if cfg.no_md5 else base64.b64encode(md5.digest()).decode()
     sha_b64 = base64.b64encode(sha.digest()).decode() if cfg.digest else None
     hash_name = "sha256" if cfg.digest else "md5"
@@ -189,9 +205,10 @@ def main(argv: list[str] | None = None) -> int:
                     res["disk_direct"] = disk_rate(work, size, piece, direct=True)
                     res["disk"] = max(res["disk_buffered"], res["disk_direct"])
                 else:
-                    res["ingest"] = ingest_rate(cfg, work, size, piece, md5_b64, sha_b64)
+                    res["ingest"] = ingest_rate(cfg, work, size, piece, md5_b64, sha_b64, cfg.parallel)
             res["ratio"] = res["ingest"] / res["disk"]
-            res["md5"] = hash_rate(size, piece, hash_name)
+            # one stream per core at most: with parallel parts the hashes run side by side
+            res["md5"] = hash_rate(size, piece, hash_name) * min(cfg.parallel, os.cpu_count() or 1)
             res["ratio_md5"] = res["ingest"] / res["md5"]
             res["ratio_bound"] = res["ingest"] / (res["disk"] if cfg.no_md5 and not cfg.digest
                                                   else min(res["disk"], res["md5"]))
@@ -210,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     bounds = [r["ratio_bound"] for r in rounds]
     summary = {
         "size_mib": cfg.size, "content_md5": not cfg.no_md5, "content_digest": cfg.digest,
-        "hash_alone": hash_name, "rounds": rounds,
+        "hash_alone": hash_name, "parallel": cfg.parallel, "rounds": rounds,
         "disk_median": med("disk"), "disk_buffered_median": med("disk_buffered"),
         "disk_direct_median": med("disk_direct"), "ingest_median": med("ingest"), "md5_median": med("md5"),
         "ratio_md5_median": med("ratio_md5"),
