@@ -380,3 +380,60 @@ def test_content_digest_of_a_part_framed_whole_is_checked_too(run, gateway_facto
             assert len(blob_files(gw.settings.data_dir)) == 1
 
     run(main())
+
+
+def test_disk_full_while_a_part_streams_is_503_and_nothing_is_kept(run, gateway_factory, monkeypatch):
+    """ENOSPC in the middle of a part: the rest of the body is read past, the part is answered
+    503 with the reason, its file is removed, and the connection and the gateway go on."""
+    real_write, real_writev = os.write, os.writev
+    written = {"n": 0}
+
+    def blob_fd(fd) -> bool:
+        try:
+            return "/.tmp-" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return False
+
+    def check(fd, n):
+        if blob_fd(fd):
+            written["n"] += n
+            if written["n"] > (2 << 20):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+    def write_(fd, data):
+        check(fd, len(data))
+        return real_write(fd, data)
+
+    def writev_(fd, views):
+        check(fd, sum(len(v) for v in views))
+        return real_writev(fd, views)
+
+    monkeypatch.setattr(os, "write", write_)
+    monkeypatch.setattr(os, "writev", writev_)
+
+    async def main():
+        async with gateway_factory() as gw:
+            blob = os.urandom(6 << 20)
+            async with Client(*addr(gw)) as c:
+                r = await c.request(part_request(str(uuid.uuid4()), "big", blob))
+                assert r.status == 503
+                assert r.reason == "Service Unavailable: cannot store the databus property (No space left on device)"
+                assert (await c.request(nsb_request())).status == 200
+            for _ in range(300):
+                if not blob_files(gw.settings.data_dir):
+                    break
+                await asyncio.sleep(0.01)
+            assert blob_files(gw.settings.data_dir) == []
+            # space again: the same part goes through
+            written["n"] = -(1 << 40)
+            async with Client(*addr(gw)) as c:
+                msg = str(uuid.uuid4())
+                assert (await c.request(part_request(msg, "big", blob))).status == 200
+                assert (await c.request(submit_request(msg, ("big",)))).status == 200
+            got = {}
+            for _ in range(2):  # the plain submit from before, and this one
+                m = await asyncio.wait_for(gw.messages().get(), 5)
+                got[m.id] = m
+            assert got[msg].databus["NServiceBus.DataBus.big"].read() == blob
+
+    run(main())
