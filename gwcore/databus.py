@@ -752,67 +752,42 @@ class BlobSink:
                 self.owner._release(buf)
 
     def _write_regions(self, regions: list[_Region]) -> None:
-        # With O_DIRECT a write waits for the device, so small ones are slow: only whole buffers
-        # go, consecutive ones in one call, and the last one's tail is written by _seal.
-        full: list[_Buf] = []
-        for buf, start, end in _runs(regions):
-            if self.direct:
-                if end == BUF:
-                    full.append(buf)
-                else:
-                    self._wbuf, self._wpos = buf, 0  # held back, nothing of it written yet
-                continue
+        if self.direct:
+            # The O_DIRECT lane is handed whole buffers only (a write waits for the device, so
+            # small ones are slow): consecutive ones go in one call, the last one's tail at _seal.
+            full = [buf for buf, _start, _end in _runs(regions)]
+            self._write_out([buf.view for buf in full])
+            for buf in full:
+                self.owner._release(buf)
+            return
+        for buf, _start, end in _runs(regions):
             # from 0 for a buffer new to this lane: it may have skipped the start of it while
             # it took whole buffers only (O_DIRECT, given up on since)
             begin = self._wpos if buf is self._wbuf else 0
             if end > begin:
-                self._write_all(buf.view[begin:end])
+                self._write_out([buf.view[begin:end]])
             self._wbuf, self._wpos = buf, end
             if end == BUF:
                 self.owner._release(buf)
-        if full:
-            if len(full) == 1:
-                self._write_all(full[0].view)
-            else:
-                self._writev([buf.view for buf in full])
-            if self._wbuf in full:
-                self._wbuf = None
-            for buf in full:
-                self.owner._release(buf)
 
-    def _writev(self, views: list[memoryview]) -> None:
-        left = sum(len(v) for v in views)
-        while left:
+    def _write_out(self, views: list[memoryview]) -> None:
+        """Write *views* in order, whatever the short writes; leaves O_DIRECT for good when the
+        file system refuses it at a write or a short write leaves the file off the block grid."""
+        views = [v for v in views if len(v)]
+        while views:
             try:
                 n = os.writev(self.fd, views)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self._buffered()
-                for view in views:
-                    self._write_all(view)
-                return
-            left -= n
-            if not left:
-                return
-            while n >= len(views[0]):  # a short write: go on from where it stopped
-                n -= len(views.pop(0))
-            views[0] = views[0][n:]
-            if n % ALIGN:
-                self._buffered()
-
-    def _write_all(self, view: memoryview) -> None:
-        while view:
-            try:
-                n = os.write(self.fd, view)
             except OSError as exc:
                 if not (self.direct and exc.errno == errno.EINVAL):
                     raise
                 self._buffered()  # the file system took the open but not the write
                 continue
-            view = view[n:]
-            if view and self.direct and n % ALIGN:
-                self._buffered()  # a short write left the file off the block grid
+            while views and n >= len(views[0]):
+                n -= len(views.pop(0))
+            if views:
+                views[0] = views[0][n:]
+                if self.direct and n % ALIGN:
+                    self._buffered()
 
     def _buffered(self) -> None:
         fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
@@ -862,13 +837,11 @@ class BlobSink:
             begin = self._wpos if buf is self._wbuf else 0
             if self.direct:
                 whole = fill - fill % ALIGN
-                if whole:
-                    self._write_all(buf.view[:whole])
+                self._write_out([buf.view[:whole]])
                 begin = whole
                 if fill > whole:
                     self._buffered()
-            if fill > begin:
-                self._write_all(buf.view[begin:fill])
+            self._write_out([buf.view[begin:fill]])
             self._cur = self._wbuf = None
             self.owner._give_back(buf)
         os.fsync(self.fd)
