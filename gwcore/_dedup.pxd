@@ -208,6 +208,7 @@ cdef class RequestParser:
         bint _part                          # a databus part: the body leaves as PART_DATA events
         bytes _method_bytes                 # of a request that is not framed (EV_OTHER)
         bytes _path_bytes
+        object _extra_headers               # EV_OTHER of a /.gwcore/ path: its gwcore-* headers
         Py_ssize_t _body                    # where the (de-chunked) body begins
         Py_ssize_t _body_n                  # body bytes kept so far
         Py_ssize_t _body_total              # body bytes seen so far, kept or not
@@ -226,6 +227,7 @@ cdef class RequestParser:
     cdef bint _databus_call(self) noexcept
     cdef int _raw_headers(self) except -1
     cdef int _chunk_size(self, list events, Py_ssize_t n) except -1
+    cdef dict _gwcore_headers(self)
     cdef bint _matches_channel(self) noexcept
     cdef int _complete(self, list events, uint64_t now_ms) except -1
     cdef int _add_request_line(self, object result) except -1

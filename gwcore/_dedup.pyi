@@ -352,8 +352,10 @@ EV_SUBMIT: Final[int]
 """:meth:`RequestParser.feed` event ``(EV_SUBMIT, keep_alive, result)``: a complete gateway
 request, framed; *result* is the :class:`Envelope` or :class:`Rejection` of :meth:`Framer.frame`."""
 EV_OTHER: Final[int]
-"""Event ``(EV_OTHER, keep_alive, method, path)``: any other complete request (another path, a
-built-in endpoint, another method); its body was read and dropped."""
+"""Event ``(EV_OTHER, keep_alive, method, path, gwcore_headers)``: any other complete request
+(another path, a built-in endpoint, another method); its body was read and dropped. For a path
+under ``/.gwcore/`` *gwcore_headers* maps each ``gwcore-*`` header name (lower case bytes) to its
+raw value (the signature of a worker call); None for every other path."""
 EV_CONTINUE: Final[int]
 """Event ``(EV_CONTINUE,)``: the request being read asked for ``Expect: 100-continue`` and its
 body has not arrived yet."""
@@ -418,7 +420,7 @@ class RequestParser:
 
         :param data: the bytes received, any buffer (copied).
         :param now_ms: current time in ms since the epoch, for the framer.
-        :return: ``(EV_SUBMIT, keep_alive, result)``, ``(EV_OTHER, keep_alive, method, path)``,
+        :return: ``(EV_SUBMIT, keep_alive, result)``, ``(EV_OTHER, keep_alive, method, path, gwcore_headers)``,
             ``(EV_CONTINUE,)`` and ``(EV_ERROR, status, reason)`` tuples; an error is always last.
             When the framer has ``signatures`` on and a submit carries ``gwcore-Signature``, its
             result's ``method`` and ``target`` are set (unsigned requests pay nothing).

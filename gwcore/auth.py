@@ -37,6 +37,7 @@ import base64
 import calendar
 import hashlib
 import hmac
+import os
 import re
 import time
 from typing import Any, Callable, Iterable, Mapping
@@ -61,6 +62,11 @@ __all__ = (
     "BAD_DATE",
     "BAD_SIGNATURE",
     "DATE_OUT_OF_WINDOW",
+    "REPLAYED",
+    "NONCE_HEADER",
+    "call_headers",
+    "CallVerifier",
+    "NonceSource",
 )
 
 DATE_HEADER = "gwcore-Date"
@@ -74,11 +80,17 @@ MISSING_DATE = "missing-date"
 BAD_DATE = "bad-date"
 BAD_SIGNATURE = "bad-signature"
 DATE_OUT_OF_WINDOW = "date-out-of-window"
+REPLAYED = "replayed"
+MISSING_NONCE = "missing-nonce"
+
+#: Worker calls (``/.gwcore/worker/...``) carry this header besides the date and signature.
+NONCE_HEADER = "gwcore-Nonce"
 
 _VERSION = "v1"
 _KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 _DATE = re.compile(r"(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})Z\Z")
 _SIG = re.compile(r"[A-Za-z0-9_-]{43}\Z")  # 32 bytes, unpadded base64url
+_NONCE = re.compile(r"([A-Za-z0-9_-]{8,64})\.([1-9][0-9]{0,18})\Z")  # <stream>.<counter>
 
 
 def body_digest(body: bytes) -> str:
@@ -262,3 +274,129 @@ class Verifier:
 def _key_id(signature: str | None) -> str:
     parts = (signature or "").strip().split(".")
     return parts[1] if len(parts) == 3 else ""
+
+
+# -- worker calls -----------------------------------------------------------------------------------
+#
+# A distributor's workers sign every call of the worker protocol with the same scheme: the
+# canonical string of :func:`sign` with the call's nonce where a submit has its message id, and the
+# digest of the (always empty) body. The nonce, ``<stream>.<counter>``, is what makes a captured
+# call worthless: a worker process picks a random stream and counts its calls; the gateway keeps,
+# per key and stream, the highest counter seen and which of the 1024 below it were used, and
+# refuses a call seen before (``replayed``) or too far behind (also ``replayed``). A stream not
+# heard from for twice the date window is forgotten: its calls are refused by their date by then.
+
+_EMPTY_DIGEST = body_digest(b"")
+_WINDOW = 1024          # counters a call may lag behind the stream's highest and still pass
+MAX_STREAMS = 4096      # live nonce streams the gateway remembers at once (all keys together)
+
+
+class NonceSource:
+    """The nonces of one signing process: a random stream, then 1, 2, 3 ..."""
+
+    __slots__ = ("stream", "counter")
+
+    def __init__(self) -> None:
+        self.stream = base64.urlsafe_b64encode(os.urandom(12)).decode("ascii")
+        self.counter = 0
+
+    def next(self) -> str:
+        self.counter += 1
+        return f"{self.stream}.{self.counter}"
+
+
+def call_headers(secret: bytes, key_id: str, method: str, target: str, nonce: str,
+                 now: float | None = None) -> list[tuple[bytes, bytes]]:
+    """The ``gwcore-Date``, ``gwcore-Nonce`` and ``gwcore-Signature`` headers of one bodiless
+    worker call to *target* (the path exactly as sent)."""
+    if not _KEY_ID.match(key_id):
+        raise ValueError(f"key id {key_id!r}: use 1-64 of A-Z a-z 0-9 _ -")
+    if not _NONCE.match(nonce):
+        raise ValueError(f"nonce {nonce!r} is not <stream>.<counter>")
+    date_value = format_date(time.time() if now is None else now)
+    signature = sign(secret, method, target, date_value, nonce, _EMPTY_DIGEST)
+    return [
+        (DATE_HEADER.encode("ascii"), date_value.encode("ascii")),
+        (NONCE_HEADER.encode("ascii"), nonce.encode("ascii")),
+        (SIGNATURE_HEADER.encode("ascii"), f"{_VERSION}.{key_id}.{signature}".encode("ascii")),
+    ]
+
+
+class _Stream:
+    __slots__ = ("top", "seen", "last")
+
+    def __init__(self) -> None:
+        self.top = 0     # highest counter accepted
+        self.seen = 0    # bit i: counter top - i was accepted
+        self.last = 0.0  # receiver time of the last accepted call
+
+
+class CallVerifier:
+    """Checks signed worker calls (docs/security.md, "Workers"): signature, date window, nonce.
+
+    :param keys: (key id, secret) pairs, ``Settings.worker_keys``; several may be configured at
+        once while a worker's secret is rotated.
+    :param max_skew_s: ``GWCORE_AUTH_MAX_SKEW``.
+    """
+
+    def __init__(self, keys: Iterable[tuple[str, bytes]], max_skew_s: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.secrets = dict(keys)
+        self.max_skew_s = max_skew_s
+        self.clock = clock
+        self._streams: dict[tuple[str, str], _Stream] = {}
+        self._pruned = 0.0
+
+    def check(self, method: str, target: str, headers: Mapping[bytes, bytes] | None) -> str:
+        """The key id that signed the call.
+
+        :param headers: the call's ``gwcore-*`` headers, lower-case names (as the parser hands
+            them over), or None.
+        :raises gwcore.errors.AuthenticationError: the call is unsigned, forged, stale or a
+            replay; its message is the 401 reason. An unknown key id and a wrong secret get the
+            same answer, so a caller learns nothing about which key ids exist.
+        """
+        h = headers or {}
+        raw_sig = _text(h.get(b"gwcore-signature"))
+        if raw_sig is None or not raw_sig.strip():
+            raise AuthenticationError(MISSING_SIGNATURE, "the worker API needs signed calls (gwcore worker --key-id "
+                                                         "ID --secret-file FILE); see docs/security.md")
+        nonce = _text(h.get(b"gwcore-nonce"))
+        match = _NONCE.match(nonce.strip()) if nonce else None
+        if match is None:
+            raise AuthenticationError(MISSING_NONCE, f"a signed worker call needs {NONCE_HEADER}: <stream>.<counter>")
+        now = self.clock()
+        try:
+            verify(self.secrets, method, target, {SIGNATURE_HEADER: raw_sig, DATE_HEADER: _text(h.get(b"gwcore-date"))},
+                   match.group(0), _EMPTY_DIGEST, now, self.max_skew_s)
+        except AuthenticationError as exc:
+            if exc.reason in (UNKNOWN_KEY, BAD_SIGNATURE):
+                raise AuthenticationError(BAD_SIGNATURE, "the signature matches no worker key configured here") from None
+            raise
+        key_id = raw_sig.strip().split(".")[1]
+        self._admit(key_id, match.group(1), int(match.group(2)), now)
+        return key_id
+
+    def _admit(self, key_id: str, stream_id: str, counter: int, now: float) -> None:
+        streams = self._streams
+        if now - self._pruned >= self.max_skew_s / 4:
+            self._pruned = now
+            horizon = now - 2 * self.max_skew_s
+            for k in [k for k, st in streams.items() if st.last < horizon]:
+                del streams[k]
+        st = streams.get((key_id, stream_id))
+        if st is None:
+            if len(streams) >= MAX_STREAMS:
+                raise AuthenticationError(REPLAYED, f"more than {MAX_STREAMS} signing streams at once: "
+                                                    "refused until older ones lapse")
+            st = streams[(key_id, stream_id)] = _Stream()
+        if counter > st.top:
+            shift = counter - st.top
+            st.seen = ((st.seen << shift) | 1) & ((1 << _WINDOW) - 1) if shift < _WINDOW else 1
+            st.top = counter
+        else:
+            back = st.top - counter
+            if back >= _WINDOW or st.seen >> back & 1:
+                raise AuthenticationError(REPLAYED, f"nonce {stream_id}.{counter} was used before: a replayed call")
+            st.seen |= 1 << back
+        st.last = now

@@ -250,7 +250,8 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     setup_logging(args.log_level)
     if args.drain is not None:
-        if not asyncio.run(drain_worker(args.distributor, args.drain)):
+        if not asyncio.run(drain_worker(args.distributor, args.drain, key_id=args.key_id,
+                                        secret_file=args.secret_file)):
             print(f"gwcore: no worker named {args.drain!r} is enlisted at {args.distributor}", file=sys.stderr)
             return 1
         return 0
@@ -260,7 +261,8 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     async def run() -> None:
         worker = Worker(args.distributor, args.capacity, handler, name=args.name, wait=args.wait,
-                        blob_dir=args.blob_dir, download_dir=args.download_dir)
+                        blob_dir=args.blob_dir, download_dir=args.download_dir, key_id=args.key_id,
+                        secret_file=args.secret_file)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.drain)
@@ -313,7 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "it hands out; SIGTERM drains (finish in-flight work, take nothing new, leave). "
                                    "Configured by these options only, not by GWCORE_* variables.")
     p.add_argument("--distributor", required=True, metavar="URL",
-                   help="the distributor node's base URL, e.g. http://host:25900")
+                   help="the distributor's worker URL: its worker listener (GWCORE_WORKER_LISTEN, default "
+                        "http://127.0.0.1:25901) or, with worker keys, its receive channel's host and port")
+    p.add_argument("--key-id", metavar="ID", help="sign every call with this worker key (GWCORE_WORKER_KEYS on "
+                                                  "the distributor); needs --secret-file")
+    p.add_argument("--secret-file", metavar="FILE", help="the file holding that key's secret")
     p.add_argument("--capacity", type=int, default=1, metavar="N", help="messages handled at once (default 1)")
     p.add_argument("--handler", metavar="MODULE:FUNCTION", help="sync or async callable taking one message")
     p.add_argument("--name", help="the worker's name on the distributor (default host-pid)")

@@ -8,6 +8,7 @@ the default. Every variable is documented in ``docs/configuration.md``; an inval
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -189,6 +190,69 @@ def _parse_sites(text: str) -> dict[str, str]:
     return out
 
 
+def _worker_listen(text: str) -> "WorkerListen | None":
+    """``[http://|https://]host:port`` of the worker listener, or ``off``."""
+    text = text.strip()
+    if text.lower() in ("off", "none", "0", ""):
+        return None
+    tls = False
+    for scheme in ("http://", "https://"):
+        if text.lower().startswith(scheme):
+            tls, text = scheme == "https://", text[len(scheme):].rstrip("/")
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError("expected host:port (for example 127.0.0.1:25901), or off")
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range")
+    return WorkerListen(host, port, tls)
+
+
+def _worker_key_files(text: str) -> dict[str, str]:
+    """``id:/path/to/secret,id2:/path`` -> {id: path}."""
+    out: dict[str, str] = {}
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        key_id, sep, path = item.partition(":")
+        if not sep or not key_id.strip() or not path.strip():
+            raise ValueError(f"{item!r}: expected <key id>:<secret file>")
+        out[key_id.strip()] = path.strip()
+    return out
+
+
+def _worker_keys(config: Mapping[str, Any], files: Mapping[str, str]) -> tuple[tuple[str, bytes], ...]:
+    workers = config.get("workers", {})
+    if not isinstance(workers, dict):
+        raise ValueError("[workers] must be a table")
+    unknown = sorted(set(workers) - {"keys"})
+    if unknown:
+        raise ValueError(f"[workers]: unknown keys {', '.join(unknown)} (known: keys)")
+    keys = workers.get("keys", {})
+    if not isinstance(keys, dict):
+        raise ValueError("[workers.keys] must map key ids to secrets")
+    tables: dict[str, Mapping[str, Any]] = {}
+    for key_id, value in keys.items():
+        tables[key_id] = value if isinstance(value, dict) else {"secret": value}
+    for key_id, path in files.items():
+        if key_id in tables:
+            raise ValueError(f"worker key {key_id!r} is given in GWCORE_WORKER_KEYS and in [workers.keys]")
+        tables[key_id] = {"secret_file": path}
+    out = []
+    for key_id, table in tables.items():
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", key_id):
+            raise ValueError(f"worker key id {key_id!r}: use 1-64 of A-Z a-z 0-9 _ -")
+        secret = _secret(f"worker key {key_id}", table)
+        if secret is None:
+            raise ValueError(f"worker key {key_id}: no secret or secret_file")
+        out.append((key_id, secret))
+    return tuple(out)
+
+
 def _read_config_file(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
@@ -266,6 +330,28 @@ def _receive_keys(config: Mapping[str, Any]) -> tuple[tuple[tuple[str, bytes], .
     if not isinstance(allow, bool):
         raise ValueError("[receive] allow_unsigned must be true or false")
     return tuple(out), allow
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerListen:
+    """The distributor's worker listener (``GWCORE_WORKER_LISTEN``)."""
+
+    host: str
+    port: int
+    tls: bool = False
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,6 +439,10 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "GWCORE_AUTH_MAX_SKEW": ("auth_max_skew", _positive_duration, "5m"),
     # distributor mode
     "GWCORE_WORKER_LEASE": ("worker_lease", _positive_duration, "30s"),
+    "GWCORE_WORKER_LISTEN": ("worker_listen", _worker_listen, "127.0.0.1:25901"),
+    "GWCORE_WORKER_KEYS": ("worker_keys", None, ""),  # parsed with GWCORE_CONFIG
+    "GWCORE_WORKER_MAX_CAPACITY": ("worker_max_capacity", _positive_int, "1000"),
+    "GWCORE_WORKER_MAX_SESSIONS": ("worker_max_sessions", _positive_int, "256"),
     # active/passive on one data dir
     "GWCORE_HA": ("ha", _choice(HA_CHOICES), "auto"),
     # selected-instance mode (RabbitMQ)
@@ -411,6 +501,12 @@ class Settings:
     tls_ca: str | None = None
     auth_max_skew: float = 300.0
     worker_lease: float = 30.0
+    #: Where the worker API is served besides (with worker keys) the receive channels; None: off.
+    worker_listen: WorkerListen | None = WorkerListen("127.0.0.1", 25901)
+    #: (key id, secret) pairs workers sign their calls with; none: workers only on worker_listen.
+    worker_keys: tuple[tuple[str, bytes], ...] = dataclasses.field(default=(), repr=False)
+    worker_max_capacity: int = 1000
+    worker_max_sessions: int = 256
     ha: str = "auto"
     amqp_url: str = dataclasses.field(default="amqp://guest:guest@127.0.0.1:5672/", repr=False)
     amqp_prefetch: int = 64
@@ -489,6 +585,12 @@ class Settings:
             raise ConfigurationError(f"GWCORE_SITES is invalid: {exc}") from None
         try:
             values["sites"] = _sites_from(config, env_sites, values.get("send_concurrency", 8))
+            if "worker_keys" not in overrides:
+                try:
+                    files = _worker_key_files(env.get("GWCORE_WORKER_KEYS", ""))
+                except ValueError as exc:
+                    raise ConfigurationError(f"GWCORE_WORKER_KEYS is invalid: {exc}") from None
+                values["worker_keys"] = _worker_keys(config, files)
             if "receive_keys" not in overrides:
                 values["receive_keys"], allow = _receive_keys(config)
                 values.setdefault("allow_unsigned", allow)
@@ -497,9 +599,10 @@ class Settings:
                 values.setdefault("allow_unsigned", not values["receive_keys"])
         except ValueError as exc:
             raise ConfigurationError(f"{where if config else 'GWCORE_SITES'}: {exc}") from None
-        unknown_tables = sorted(set(config) - {"sites", "receive"})
+        unknown_tables = sorted(set(config) - {"sites", "receive", "workers"})
         if unknown_tables:
-            raise ConfigurationError(f"{where}: unknown tables {', '.join(unknown_tables)} (known: sites, receive)")
+            raise ConfigurationError(
+                f"{where}: unknown tables {', '.join(unknown_tables)} (known: sites, receive, workers)")
         if not values.get("endpoint"):
             raise ConfigurationError("GWCORE_ENDPOINT must not be empty: it names the endpoint and its dedup scope")
         if "receive_channels" in overrides:
@@ -550,8 +653,24 @@ class Settings:
             if ch.tls and not self.tls_cert:
                 raise ConfigurationError(
                     f"GWCORE_RECEIVE_CHANNELS: {ch.url!r} is https:// and needs GWCORE_TLS_CERT and GWCORE_TLS_KEY")
-        if self.tls_cert and not any(ch.tls for ch in self.receive_channels):
+        if self.tls_cert and not any(ch.tls for ch in self.receive_channels) and not (
+                self.mode == "distributor" and self.worker_listen is not None and self.worker_listen.tls):
             raise ConfigurationError("GWCORE_TLS_CERT is set but no receive channel is https://")
+        wl = self.worker_listen
+        if self.mode == "distributor" and wl is not None:
+            if not wl.loopback and not self.worker_keys:
+                raise ConfigurationError(
+                    f"GWCORE_WORKER_LISTEN={wl} is not a loopback address and no worker keys are configured: "
+                    "anyone who reaches it could take and delete the queue. Set GWCORE_WORKER_KEYS (or "
+                    "[workers.keys] in GWCORE_CONFIG), or listen on 127.0.0.1")
+            if wl.tls and not self.tls_cert:
+                raise ConfigurationError(f"GWCORE_WORKER_LISTEN={wl} is https:// and needs GWCORE_TLS_CERT and GWCORE_TLS_KEY")
+            for ch in self.receive_channels:
+                if ch.port == wl.port and ch.port != 0 and (ch.host == wl.host or "0.0.0.0" in (ch.host, wl.host)
+                                                            or "::" in (ch.host, wl.host)):
+                    raise ConfigurationError(
+                        f"GWCORE_WORKER_LISTEN={wl} uses the port of the receive channel {ch.url!r}: the worker "
+                        "listener needs a port of its own")
         if self.sites and self.reply_uri is None:
             raise ConfigurationError(
                 "GWCORE_REPLY_TO_URI is required: the first receive channel binds a wildcard address, "

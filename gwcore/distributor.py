@@ -9,9 +9,12 @@ durably) and frees the slot; a failure report (nack) goes through the local queu
 poison logic (gwcore/consumer.py). A session that is not heard from within its lease lapses: what
 it took and did not acknowledge goes back to the queue, marked as a redelivery.
 
-The wire protocol (docs/deployment.md) lives under ``/.gwcore/worker/`` on the gateway's own
-listener. The request parser keeps no body or query string for paths that are not channels, so
-every parameter travels as a percent-encoded path segment; answers are JSON.
+The wire protocol (docs/deployment.md) lives under ``/.gwcore/worker/``: on the worker listener
+(``GWCORE_WORKER_LISTEN``, loopback by default) and, only when worker keys are configured, on the
+gateway's receive channels too. With worker keys every call is signed (gwcore/auth.py, "worker
+calls") and checked before anything is handed out, taken back or deleted; a session belongs to
+the key that enlisted it. The request parser keeps no body or query string for paths that are not
+channels, so every parameter travels as a percent-encoded path segment; answers are JSON.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import heapq
+import itertools
 import logging
 import os
 import re
@@ -30,9 +35,9 @@ from typing import Any, Awaitable, Callable
 
 import orjson
 
-from . import databus
+from . import auth, databus
 from .consumer import LocalQueue, Message
-from .errors import ConfigurationError, GatewayError
+from .errors import AuthenticationError, ConfigurationError, GatewayError
 from .http import FileAnswer
 from .store import Store, Writer
 
@@ -46,6 +51,9 @@ _MARK_KEY = b"distributor_handed"  # meta: the highest queue seq ever handed to 
 _U64 = struct.Struct(">Q")
 _MAX_REASON = 2000
 _BLOB_KEY = re.compile(r"[0-9a-f]{32}")
+#: Departed workers whose metric series are kept by name; older ones are summed into one series.
+_DEPARTED_SERIES = 64
+_DEPARTED = "(departed)"
 
 #: (status, reason, JSON body), or for a blob a :class:`gwcore.http.FileAnswer` as the body.
 Answer = tuple[int, str, "bytes | FileAnswer"]
@@ -59,14 +67,26 @@ class WorkerHandlerError(GatewayError):
     """A worker reported that its handler failed on a message (the reason is the worker's)."""
 
 
+class _Refusal(Exception):
+    """A worker call answered with *status* and *reason* (a conflict, a limit, a foreign session)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
 class _Session:
-    __slots__ = ("id", "name", "capacity", "inflight", "expires", "draining", "waiter", "outbox",
+    __slots__ = ("id", "name", "key", "capacity", "free", "inflight", "expires", "draining", "waiter", "outbox",
                  "alive", "flush_due", "max_in_flight")
 
-    def __init__(self, name: str, capacity: int, expires: float) -> None:
+    def __init__(self, name: str, capacity: int, expires: float, key: str | None, free: range) -> None:
         self.id = secrets.token_hex(12)
         self.name = name
+        self.key = key  # the worker key that enlisted it (None: an unsigned worker listener)
         self.capacity = capacity
+        # Tickets of its free slots, oldest freed first (a ticket is a distributor-wide count).
+        self.free: collections.deque[int] = collections.deque(free)
         self.inflight: dict[int, Message] = {}   # seq -> message taken and not yet answered
         self.expires = expires
         self.draining = False
@@ -89,19 +109,34 @@ class Distributor:
 
     :param queue: the gateway's local queue (retries and the error store come from it).
     :param lease: seconds a session lives without a call from its worker (``GWCORE_WORKER_LEASE``).
+    :param keys: worker keys, (key id, secret) pairs (``GWCORE_WORKER_KEYS``): with any, every
+        call must be signed by one of them; without, calls are anonymous (the worker listener on
+        loopback is then the only place they are served).
+    :param max_skew: ``GWCORE_AUTH_MAX_SKEW``, the date window of a signed call.
+    :param max_capacity: the most slots one session may enlist (``GWCORE_WORKER_MAX_CAPACITY``).
+    :param max_sessions: the most sessions at once (``GWCORE_WORKER_MAX_SESSIONS``).
     """
 
-    def __init__(self, queue: LocalQueue, store: Store, writer: Writer, *, lease: float) -> None:
+    def __init__(self, queue: LocalQueue, store: Store, writer: Writer, *, lease: float,
+                 keys: tuple[tuple[str, bytes], ...] = (), max_skew: float = 300.0,
+                 max_capacity: int = 1000, max_sessions: int = 256) -> None:
         self.queue = queue
         self.store = store
         self.writer = writer
         self.lease = lease
+        self.verifier = auth.CallVerifier(keys, max_skew) if keys else None
+        self.max_capacity = max_capacity
+        self.max_sessions = max_sessions
         #: Longest a take waits for work: well inside the lease, so a waiting worker never lapses.
         self.max_wait = max(0.05, min(20.0, lease / 2))
         self._sessions: dict[str, _Session] = {}
         self._by_name: dict[str, _Session] = {}
-        # One entry (a session) per free slot; the left end is the least recently freed.
-        self._free: collections.deque[_Session] = collections.deque()
+        # Sessions waiting for work with a free slot, by their least recently freed slot: heap
+        # entries (ticket, n, session), checked when they surface (a stale one is dropped), so a
+        # pick costs O(log sessions) whatever the capacities.
+        self._ready: list[tuple[int, int, _Session]] = []
+        self._ticket = 0  # the last slot ticket handed out
+        self._entries = itertools.count()
         self._slot_ready = asyncio.Event()
         self._deliveries: dict[int, int] = {}   # seq -> deliveries so far
         raw = store.get(store.meta, _MARK_KEY)
@@ -109,6 +144,9 @@ class Distributor:
         self._restart_mark = _U64.unpack(raw)[0] if raw else 0
         self._handed_mark = self._restart_mark
         self._stats: dict[str, _WorkerStats] = {}
+        self._departed: collections.OrderedDict[str, None] = collections.OrderedDict()  # names, oldest first
+        self._folded = _WorkerStats()  # the counters of departed workers no longer listed by name
+        self.refused = 0  # worker calls answered 401
         self._closed = False
         self._task: asyncio.Task | None = None
         self._reaper: asyncio.TimerHandle | None = None
@@ -140,21 +178,34 @@ class Distributor:
 
     # -- dispatching -------------------------------------------------------------------------------
 
+    def _offer(self, s: _Session) -> None:
+        """*s* may take work now: list it by its oldest free slot."""
+        if s.free and s.waiter is not None and not s.draining:
+            ready = self._ready
+            if len(ready) > 4 * len(self._sessions) + 64:
+                # stale entries pile up while no work comes: keep the heap in proportion
+                ready[:] = [e for e in ready if self._valid(e)]
+                heapq.heapify(ready)
+            heapq.heappush(ready, (s.free[0], next(self._entries), s))
+
+    def _valid(self, entry: tuple[int, int, _Session]) -> bool:
+        ticket, _n, s = entry
+        return (s.waiter is not None and not s.draining and bool(s.free) and s.free[0] == ticket
+                and self._sessions.get(s.id) is s)
+
     def _pick(self, remove: bool) -> _Session | None:
         """The session owning the least recently freed slot among those waiting for work."""
-        free = self._free
-        i = 0
-        while i < len(free):
-            s = free[i]
-            if self._sessions.get(s.id) is not s:
-                del free[i]  # a slot of a session that ended
-                continue
-            if s.waiter is not None and not s.draining:
-                if remove:
-                    del free[i]
-                return s
-            i += 1
-        return None
+        ready = self._ready
+        while ready and not self._valid(ready[0]):
+            heapq.heappop(ready)
+        if not ready:
+            return None
+        s = ready[0][2]
+        if remove:
+            heapq.heappop(ready)
+            s.free.popleft()
+            self._offer(s)  # its next free slot, if it has one
+        return s
 
     async def _dispatch(self) -> None:
         held: Message | None = None
@@ -201,7 +252,10 @@ class Distributor:
 
     def _free_slot(self, session: _Session) -> None:
         if self._sessions.get(session.id) is session:
-            self._free.append(session)
+            self._ticket += 1
+            session.free.append(self._ticket)
+            if len(session.free) == 1:
+                self._offer(session)
             self._slot_ready.set()
 
     # -- sessions ----------------------------------------------------------------------------------
@@ -212,28 +266,52 @@ class Distributor:
             st = self._stats[name] = _WorkerStats()
         return st
 
-    def _session(self, sid: str) -> _Session:
+    def _session(self, sid: str, key: str | None = None) -> _Session:
+        """The live session *sid*, its lease renewed, for a call signed by *key*.
+
+        :raises UnknownSessionError: no such session.
+        :raises _Refusal: 401, the session was enlisted with another key."""
         s = self._sessions.get(sid)
         if s is None:
             raise UnknownSessionError(f"no worker session {sid!r} (it lapsed or left, or the distributor restarted)")
+        if s.key != key:
+            raise _Refusal(401, "Unauthorized: session-key-mismatch (this session was enlisted with another "
+                                "worker key)")
         s.expires = time.monotonic() + self.lease
         return s
 
-    def enlist(self, name: str, capacity: int) -> _Session:
-        """A new session for worker *name* with *capacity* slots. A session of the same name
-        ends first (the worker restarted): what it held is redelivered."""
+    def enlist(self, name: str, capacity: int, key: str | None = None) -> _Session:
+        """A new session for worker *name* with *capacity* slots, signed by *key*.
+
+        A live session of the same name is replaced only when the same key enlists again (the
+        worker restarted: what it held is redelivered); under another key, or without keys,
+        the name is taken until that session leaves or lapses.
+
+        :raises ValueError: *capacity* is above ``max_capacity``.
+        :raises _Refusal: 409 for a name in use, 503 at ``max_sessions``."""
+        if capacity > self.max_capacity:
+            raise ValueError(f"capacity {capacity} is above GWCORE_WORKER_MAX_CAPACITY={self.max_capacity}")
         old = self._by_name.get(name)
         if old is not None:
+            if key is None or old.key != key:
+                left = max(0.0, old.expires - time.monotonic())
+                raise _Refusal(409, f"Conflict: worker name {name!r} is enlisted by a live session; it is free "
+                                    f"once that worker leaves or its lease lapses (in {left:.0f} s at most)")
             log.warning("worker %r enlisted again: its previous session ends, %d message(s) redelivered",
                         name, len(old.inflight))
             self._end(old)
-        s = _Session(name, capacity, time.monotonic() + self.lease)
+        if len(self._sessions) >= self.max_sessions:
+            raise _Refusal(503, f"Service Unavailable: {len(self._sessions)} worker sessions, the most "
+                                f"GWCORE_WORKER_MAX_SESSIONS allows")
+        first, self._ticket = self._ticket + 1, self._ticket + capacity
+        s = _Session(name, capacity, time.monotonic() + self.lease, key, range(first, first + capacity))
         self._sessions[s.id] = s
         self._by_name[name] = s
+        self._departed.pop(name, None)
         self._stat(name).capacity = capacity
-        self._free.extend([s] * capacity)
         self._slot_ready.set()
-        log.info("worker %r enlisted with capacity %d (session %s)", name, capacity, s.id)
+        log.info("worker %r enlisted with capacity %d (session %s%s)", name, capacity, s.id,
+                 f", key {key}" if key else "")
         return s
 
     def _end(self, s: _Session) -> None:
@@ -245,7 +323,15 @@ class Distributor:
         for msg in s.inflight.values():
             self.queue.requeue(msg)
         s.inflight.clear()
+        s.free.clear()
         self._stat(s.name).capacity = 0
+        if s.name not in self._by_name:
+            self._departed[s.name] = None
+            while len(self._departed) > _DEPARTED_SERIES:
+                name, _ = self._departed.popitem(last=False)
+                gone = self._stats.pop(name)
+                for attr in ("processed", "failed", "redelivered"):
+                    setattr(self._folded, attr, getattr(self._folded, attr) + getattr(gone, attr))
 
     def _reap(self) -> None:
         now = time.monotonic()
@@ -257,13 +343,13 @@ class Distributor:
         self._reaper = asyncio.get_running_loop().call_later(self._reap_every, self._reap)
 
     async def take(self, sid: str, wait: float, alive: Callable[[], bool] | None = None,
-                   held: set[int] | None = None) -> tuple[list[tuple[Message, int]], bool]:
+                   held: set[int] | None = None, key: str | None = None) -> tuple[list[tuple[Message, int]], bool]:
         """Wait up to *wait* seconds for work; returns ``(batch, stop)``: messages with their
         delivery count, and whether the worker is to take nothing more (drained or stopping).
 
         :param held: the seqs the worker holds; any other the session holds never reached it
             (a batch lost on the way) and is handed out again."""
-        s = self._session(sid)
+        s = self._session(sid, key)
         if s.waiter is not None:
             self._flush(s)  # a take that superseded an earlier one (the worker gave up on it)
         if held is not None:
@@ -276,6 +362,7 @@ class Distributor:
         fut: asyncio.Future[list[tuple[Message, int]]] = asyncio.get_running_loop().create_future()
         s.waiter = fut
         s.alive = alive
+        self._offer(s)
         self._slot_ready.set()
         timer = asyncio.get_running_loop().call_later(max(0.0, min(wait, self.max_wait)), self._flush, s)
         try:
@@ -321,10 +408,10 @@ class Distributor:
         await self.writer.call(put)
         self._handed_mark = max(self._handed_mark, seq)
 
-    async def ack(self, sid: str, seqs: list[int]) -> int:
+    async def ack(self, sid: str, seqs: list[int], key: str | None = None) -> int:
         """The worker's handlers returned for *seqs*: delete them (durably), free their slots.
         Returns how many were still held by the session (others were already redelivered)."""
-        s = self._session(sid)
+        s = self._session(sid, key)
         # Out of the session before the (durable) delete: a lapse meanwhile must not requeue them.
         msgs = [s.inflight.pop(seq) for seq in dict.fromkeys(seqs) if seq in s.inflight]
         results = await asyncio.gather(*(m.ack() for m in msgs), return_exceptions=True)
@@ -342,10 +429,10 @@ class Distributor:
             raise failure
         return len(msgs)
 
-    def nack(self, sid: str, seq: int, reason: str) -> bool:
+    def nack(self, sid: str, seq: int, reason: str, key: str | None = None) -> bool:
         """The worker's handler raised on *seq*: retry later with backoff, or move the message to
         the error store after ``GWCORE_HANDLER_MAX_ATTEMPTS`` (the local queue's logic)."""
-        s = self._session(sid)
+        s = self._session(sid, key)
         msg = s.inflight.pop(seq, None)
         if msg is None:
             return False
@@ -354,20 +441,24 @@ class Distributor:
         self._free_slot(s)
         return True
 
-    def drain(self, who: str) -> int:
+    def drain(self, who: str, key: str | None = None) -> int:
         """Give the worker (a session id or a worker name) nothing new; its waiting take returns.
-        Returns the number of sessions drained."""
+        Returns the number of sessions drained.
+
+        :raises _Refusal: 401, the session was enlisted with another key than *key*."""
         s = self._sessions.get(who) or self._by_name.get(who)
         if s is None:
             return 0
+        if s.key != key:
+            raise _Refusal(401, "Unauthorized: session-key-mismatch (that worker was enlisted with another worker key)")
         s.draining = True
         self._flush(s)
         log.info("worker %r (session %s) draining: %d message(s) in flight", s.name, s.id, len(s.inflight))
         return 1
 
-    def leave(self, sid: str) -> int:
+    def leave(self, sid: str, key: str | None = None) -> int:
         """End the session; returns how many unanswered messages went back to the queue."""
-        s = self._session(sid)
+        s = self._session(sid, key)
         n = len(s.inflight)
         self._end(s)
         log.info("worker %r (session %s) left%s", s.name, s.id, f"; {n} message(s) redelivered" if n else "")
@@ -375,9 +466,21 @@ class Distributor:
 
     # -- HTTP --------------------------------------------------------------------------------------
 
-    async def handle(self, method: bytes, path: bytes, alive: Callable[[], bool]) -> Answer:
+    async def handle(self, method: bytes, path: bytes, alive: Callable[[], bool],
+                     headers: dict[bytes, bytes] | None = None) -> Answer:
         """Answer one worker protocol request (``POST /.gwcore/worker/<op>/<arg>...``, or
-        ``GET /.gwcore/worker/blob/<session>/<key>``)."""
+        ``GET /.gwcore/worker/blob/<session>/<key>``).
+
+        :param headers: the request's ``gwcore-*`` headers (its signature), lower-case names.
+        """
+        key: str | None = None
+        if self.verifier is not None:
+            # before anything else, also before telling a caller which operations exist
+            try:
+                key = self.verifier.check(method.decode("latin-1"), path.decode("latin-1"), headers)
+            except AuthenticationError as exc:
+                self.refused += 1
+                return 401, f"Unauthorized: {exc.reason} ({str(exc).partition(': ')[2] or exc})", b""
         parts = [urllib.parse.unquote(p.decode("latin-1")) for p in path[len(WORKER_PREFIX):].split(b"/")]
         op, args = parts[0], parts[1:]
         if op == "blob":
@@ -387,7 +490,7 @@ class Distributor:
                 return 503, "Service Unavailable: the distributor is stopping", b""
             # Everything after the session is the key: a key with a '/' in it is malformed (400),
             # not an unknown operation.
-            return self.blob(args[0] if args else "", "/".join(args[1:]))
+            return self.blob(args[0] if args else "", "/".join(args[1:]), key)
         if method != b"POST":
             return 405, "Method Not Allowed: the worker protocol uses POST", b""
         handler = _OPS.get(op)
@@ -396,14 +499,18 @@ class Distributor:
         if self._closed:
             return 503, "Service Unavailable: the distributor is stopping", b""
         try:
-            result = await handler[1](self, args, alive)
+            result = await handler[1](self, args, alive, key)
         except UnknownSessionError as exc:
             return 404, f"Not Found: {exc}", b""
+        except _Refusal as exc:
+            if exc.status == 401:
+                self.refused += 1
+            return exc.status, exc.reason, b""
         except ValueError as exc:
             return 400, f"Bad Request: {exc}", b""
         return 200, "OK", orjson.dumps(result)
 
-    def blob(self, sid: str, key: str) -> Answer:
+    def blob(self, sid: str, key: str, worker_key: str | None = None) -> Answer:
         """One databus blob for a worker: the file, opened, to be streamed by the listener.
 
         Only a blob that a message held by this session names is served, and only by its key
@@ -412,9 +519,12 @@ class Distributor:
         if not _BLOB_KEY.fullmatch(key):
             return 400, "Bad Request: a blob key is 32 lowercase hex digits", b""
         try:
-            s = self._session(sid)  # renews the lease, as every call does
+            s = self._session(sid, worker_key)  # renews the lease, as every call does
         except UnknownSessionError as exc:
             return 404, f"Not Found: {exc}", b""
+        except _Refusal as exc:
+            self.refused += 1
+            return exc.status, exc.reason, b""
         if not any(_names_blob(m, key) for m in s.inflight.values()):
             return 404, f"Not Found: blob {key} is named by no message worker session {sid} holds", b""
         info = databus.blob_info(self.store, key)
@@ -449,6 +559,8 @@ class Distributor:
         for s in self._sessions.values():
             self._stat(s.name).in_flight = len(s.inflight)
         rows = sorted(self._stats.items())
+        if any((self._folded.processed, self._folded.failed, self._folded.redelivered)):
+            rows.append((_DEPARTED, self._folded))  # the departed workers no longer listed by name
 
         def per_worker(attr: str) -> list[tuple[str, int]]:
             return [(f'{{worker="{_label(name)}"}}', getattr(st, attr)) for name, st in rows]
@@ -467,6 +579,9 @@ class Distributor:
              per_worker("redelivered")),
             ("gwcore_distributor_redelivered_total", "counter", "Messages handed out again (marked as redeliveries).",
              [("", self.redelivered)]),
+            ("gwcore_worker_calls_refused_total", "counter",
+             "Worker calls answered 401 (unsigned, forged, stale, replayed, or another key's session).",
+             [("", self.refused)]),
         ]
 
 
@@ -503,44 +618,44 @@ def _wire(d: Distributor, msg: Message, count: int) -> dict[str, Any]:
     return wire
 
 
-async def _op_enlist(d: Distributor, args: list[str], alive: Callable[[], bool]) -> dict[str, Any]:
+async def _op_enlist(d: Distributor, args: list[str], alive: Callable[[], bool], key: str | None) -> dict[str, Any]:
     name = args[0]
     if not name or len(name) > 200:
         raise ValueError("a worker name of 1 to 200 characters is required")
-    s = d.enlist(name, _positive(args[1], "capacity"))
+    s = d.enlist(name, _positive(args[1], "capacity"), key)
     return {"session": s.id, "lease": d.lease, "max_wait": d.max_wait}
 
 
-async def _op_take(d: Distributor, args: list[str], alive: Callable[[], bool]) -> dict[str, Any]:
+async def _op_take(d: Distributor, args: list[str], alive: Callable[[], bool], key: str | None) -> dict[str, Any]:
     wait = _positive(args[1], "wait (milliseconds)") / 1000.0
     held = {_positive(x, "seq") for x in args[2].split(",") if x}
-    batch, stop = await d.take(args[0], wait, alive, held)
+    batch, stop = await d.take(args[0], wait, alive, held, key)
     return {"messages": [_wire(d, m, c) for m, c in batch], "stop": stop}
 
 
-async def _op_ack(d: Distributor, args: list[str], alive: Callable[[], bool]) -> dict[str, Any]:
+async def _op_ack(d: Distributor, args: list[str], alive: Callable[[], bool], key: str | None) -> dict[str, Any]:
     seqs = [_positive(x, "seq") for x in args[1].split(",") if x]
-    return {"acked": await d.ack(args[0], seqs)}
+    return {"acked": await d.ack(args[0], seqs, key)}
 
 
-async def _op_nack(d: Distributor, args: list[str], alive: Callable[[], bool]) -> dict[str, Any]:
-    return {"released": d.nack(args[0], _positive(args[1], "seq"), args[2][:_MAX_REASON])}
+async def _op_nack(d: Distributor, args: list[str], alive: Callable[[], bool], key: str | None) -> dict[str, Any]:
+    return {"released": d.nack(args[0], _positive(args[1], "seq"), args[2][:_MAX_REASON], key)}
 
 
-async def _op_drain(d: Distributor, args: list[str], alive: Callable[[], bool]) -> dict[str, Any]:
-    return {"drained": d.drain(args[0])}
+async def _op_drain(d: Distributor, args: list[str], alive: Callable[[], bool], key: str | None) -> dict[str, Any]:
+    return {"drained": d.drain(args[0], key)}
 
 
-async def _op_heartbeat(d: Distributor, args: list[str], alive: Callable[[], bool]) -> dict[str, Any]:
-    d._session(args[0])  # renews the lease
+async def _op_heartbeat(d: Distributor, args: list[str], alive: Callable[[], bool], key: str | None) -> dict[str, Any]:
+    d._session(args[0], key)  # renews the lease
     return {"lease": d.lease}
 
 
-async def _op_leave(d: Distributor, args: list[str], alive: Callable[[], bool]) -> dict[str, Any]:
-    return {"redelivered": d.leave(args[0])}
+async def _op_leave(d: Distributor, args: list[str], alive: Callable[[], bool], key: str | None) -> dict[str, Any]:
+    return {"redelivered": d.leave(args[0], key)}
 
 
-_Op = Callable[[Distributor, list[str], Callable[[], bool]], Awaitable[dict[str, Any]]]
+_Op = Callable[[Distributor, list[str], Callable[[], bool], "str | None"], Awaitable[dict[str, Any]]]
 # operation -> (number of path arguments, implementation)
 _OPS: dict[str, tuple[int, _Op]] = {
     "enlist": (2, _op_enlist),    # enlist/<name>/<capacity>

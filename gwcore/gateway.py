@@ -56,6 +56,8 @@ class Gateway:
         self.queue: LocalQueue | None = None
         self.states: list[HTTPState] = []
         self.servers: list[asyncio.base_events.Server] = []
+        #: Distributor mode: the worker listener (GWCORE_WORKER_LISTEN), also in servers/states.
+        self.worker_server: asyncio.base_events.Server | None = None
         self._handler_task: asyncio.Task | None = None
         self.distributor: Distributor | None = None
         self.forwarder: egress.Forwarder | None = None
@@ -71,8 +73,14 @@ class Gateway:
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        """The bound (host, port) of every listener (useful with port 0)."""
-        return [s.sockets[0].getsockname()[:2] for s in self.servers if s.sockets]
+        """The bound (host, port) of every receive channel's listener (useful with port 0)."""
+        return [s.sockets[0].getsockname()[:2] for s in self.servers if s.sockets and s is not self.worker_server]
+
+    @property
+    def worker_address(self) -> tuple[str, int] | None:
+        """The bound (host, port) of the worker listener (distributor mode), if there is one."""
+        ws = self.worker_server
+        return ws.sockets[0].getsockname()[:2] if ws is not None and ws.sockets else None
 
     @property
     def reply_uri(self) -> str | None:
@@ -152,15 +160,35 @@ class Gateway:
         for ch in s.receive_channels:
             listeners.setdefault((ch.host, ch.port), []).append(ch.path)
         tls_context = _server_ssl_context(s) if tls_ports else None
+        distributor = s.mode == "distributor"
+        wl = s.worker_listen if distributor else None
+        if wl is not None and wl.tls and tls_context is None:
+            tls_context = _server_ssl_context(s)
         try:
             for (host, port), paths in listeners.items():
                 state = HTTPState(s, self.writer, channel_paths=paths, metrics_render=self.render_metrics)
+                # the worker API on a receive channel only when every worker call is signed
+                state.serves_workers = distributor and bool(s.worker_keys)
                 server = await loop.create_server(functools.partial(HTTPProtocol, state), host, port,
                                                   reuse_address=True, backlog=2048,
                                                   ssl=tls_context if (host, port) in tls_ports else None)
                 state.start(loop)
                 self.states.append(state)
                 self.servers.append(server)
+            if wl is not None:
+                state = HTTPState(s, self.writer, channel_paths=[], metrics_render=self.render_metrics)
+                state.serves_workers = True
+                try:
+                    server = await loop.create_server(functools.partial(HTTPProtocol, state), wl.host, wl.port,
+                                                      reuse_address=True, backlog=512,
+                                                      ssl=tls_context if wl.tls else None)
+                except OSError as exc:
+                    raise ConfigurationError(f"GWCORE_WORKER_LISTEN={wl}: cannot listen there: "
+                                             f"{exc.strerror or exc}") from None
+                state.start(loop)
+                self.states.append(state)
+                self.servers.append(server)
+                self.worker_server = server
         except BaseException:
             self._close_listeners()
             raise
@@ -192,7 +220,10 @@ class Gateway:
             self.writer.on_commit = self.queue.notify
             if s.mode == "distributor":
                 check_channels([ch.path for ch in s.receive_channels])
-                self.distributor = Distributor(self.queue, self.store, self.writer, lease=s.worker_lease)
+                self.distributor = Distributor(self.queue, self.store, self.writer, lease=s.worker_lease,
+                                               keys=s.worker_keys, max_skew=s.auth_max_skew,
+                                               max_capacity=s.worker_max_capacity,
+                                               max_sessions=s.worker_max_sessions)
             if forward:
                 self.forwarder = egress.Forwarder(s, self.store, self.writer)
                 await self.forwarder.start()
@@ -232,6 +263,8 @@ class Gateway:
                  s.handler or ("embedded" if self._handler else "none"))
         if s.passive_allowed:
             log.info("role: active (mode %s): this node holds the lease on %s", s.mode, s.data_dir)
+        if self.distributor is not None:
+            (log.info if s.worker_keys or self.worker_address else log.warning)("workers: %s", self._workers_served())
         if s.sites:
             log.info("sending to %s; replies to %s", ", ".join(
                 f"{x.key} at {x.url} ({'signed' if x.secret else 'unsigned'})" for x in s.sites), s.reply_uri)
@@ -262,6 +295,21 @@ class Gateway:
         """Stops what :meth:`_start_mode` started, before the store closes."""
         if self.selected is not None:
             await self.selected.stop()
+
+    def _workers_served(self) -> str:
+        """Where the worker API is served, and how it is authenticated (the start-up log line)."""
+        s = self.settings
+        wa = self.worker_address
+        if wa is not None:
+            host = f"[{wa[0]}]" if ":" in wa[0] else wa[0]
+            listener = f"{'https' if s.worker_listen.tls else 'http'}://{host}:{wa[1]}"  # type: ignore[union-attr]
+        if s.worker_keys:
+            where = f"the receive channels{f' and the worker listener {listener}' if wa else ''}"
+            return f"signed calls only (worker keys {', '.join(k for k, _ in s.worker_keys)}) on {where}"
+        if wa is not None:
+            return (f"no worker keys: served unsigned on the loopback worker listener {listener} only, "
+                    "not on the receive channels (set GWCORE_WORKER_KEYS to serve signed workers there)")
+        return "no worker keys and GWCORE_WORKER_LISTEN=off: the worker API is served nowhere, no worker can enlist"
 
     def _bound(self) -> str:
         scheme = "https" if any(c.tls for c in self.settings.receive_channels) else "http"

@@ -121,8 +121,12 @@ class HTTPState(core.ListenerCore):
         self.channel_paths = [p.lower().encode() for p in channel_paths]
         self.metrics_render = metrics_render
         #: Distributor mode: answers ``/.gwcore/worker/...`` requests, ``await worker_api(method,
-        #: path, alive) -> (status, reason, json body)`` (gwcore/distributor.py); None elsewhere.
+        #: path, alive, headers) -> (status, reason, json body)`` (gwcore/distributor.py); None
+        #: elsewhere, and until the node is active.
         self.worker_api: Any = None
+        #: Whether this listener serves the worker API at all (the worker listener; the receive
+        #: channels only with worker keys): elsewhere its paths are 404.
+        self.serves_workers = False
         self.worker_calls: set[asyncio.Future] = set()
         #: Writes databus parts to blob files (set by the owner with the writer; docs/databus.md).
         self.blobs: databus.BlobWriter | None = None
@@ -549,17 +553,22 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
             return
         self._answer(slot, 200, _OK, callback=env.callback)
 
-    def _other(self, keep_alive: bool, method: bytes, path: bytes) -> None:
+    def _other(self, keep_alive: bool, method: bytes, path: bytes, headers: dict[bytes, bytes] | None) -> None:
         """Everything but a gateway submit: built-in endpoints, unknown paths, other methods."""
         slot = self._slot(keep_alive)
+        state = self.state
         if path in _BUILTIN:
             self._builtin(slot, method, path)
-        elif self.state.worker_api is not None and path.startswith(_WORKER_PREFIX):
-            self._worker_call(slot, method, path)
-        elif self.state.passive and path.startswith(_WORKER_PREFIX):
-            # workers reach whichever node is active through one URL: a passive node sends them on
-            self._answer(slot, 503, _PASSIVE, count=False)
-        elif not self.state.match_channel(path):
+        elif path.startswith(_WORKER_PREFIX):
+            if not state.serves_workers:
+                self._answer(slot, 404, "Not Found: the worker API is not served on this listener "
+                                        "(docs/deployment.md, \"Worker keys\")", count=False)
+            elif state.worker_api is not None:
+                self._worker_call(slot, method, path, headers)
+            else:
+                # workers reach whichever node is active through one URL: a passive node sends them on
+                self._answer(slot, 503, _PASSIVE if state.passive else "Service Unavailable: not ready", count=False)
+        elif not state.match_channel(path):
             self._answer(slot, 404, f"Not Found: no receive channel at {path.decode('latin-1')}")
         else:
             allow_get = self.settings.http_allow_get
@@ -587,7 +596,7 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
             text = state.metrics_render() if state.metrics_render else ""
             self._answer(slot, 200, _OK, body=text.encode(), content_type=_TEXT, count=False)
 
-    def _worker_call(self, slot: core.AnswerSlot, method: bytes, path: bytes) -> None:
+    def _worker_call(self, slot: core.AnswerSlot, method: bytes, path: bytes, headers: dict[bytes, bytes] | None) -> None:
         """A distributor worker's request: answered when its (possibly long-polling) call ends."""
         state = self.state
         slot.head = method == b"HEAD"
@@ -595,7 +604,7 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
             self._answer(slot, 503, "Service Unavailable: gwcore is shutting down" if state.draining
                          else "Service Unavailable: not the active distributor", count=False)
             return
-        call = asyncio.ensure_future(state.worker_api(method, path, self._open))
+        call = asyncio.ensure_future(state.worker_api(method, path, self._open, headers))
         state.worker_calls.add(call)
         call.add_done_callback(state.worker_calls.discard)
         call.add_done_callback(lambda done: self._worker_answer(slot, done))
@@ -615,7 +624,10 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
                 self._answer(slot, 502, "Unexpected server error", count=False)
         else:
             status, reason, body = call.result()
-            if isinstance(body, FileAnswer):
+            if status == 401:
+                self.state.log_refusal(reason)
+                self._answer(slot, status, reason, count=False, extra=_CHALLENGE)
+            elif isinstance(body, FileAnswer):
                 self._answer_file(slot, status, reason, body)
             else:
                 self._answer(slot, status, reason, body=body or None, count=False)

@@ -39,7 +39,7 @@ from typing import Any, BinaryIO, Callable
 
 import orjson
 
-from . import databus
+from . import auth, databus
 from .client import SiteClient
 from .consumer import handler_caller
 from .errors import BlobError, BlobIntegrityError, ConfigurationError, GatewayError, SendError
@@ -54,18 +54,57 @@ _PIECE = 1 << 20  # one read of a blob from the distributor's connection (or a l
 _HEX = frozenset("0123456789abcdef")
 
 
+class _Signer:
+    """Signs a worker's calls with its key (gwcore/auth.py, "worker calls"); one per worker, its
+    nonces shared by the loop and the blob readers' threads."""
+
+    def __init__(self, key_id: str, secret: bytes) -> None:
+        auth.call_headers(secret, key_id, "POST", "/", "checkcheck.1")  # raises ValueError for a bad id
+        self.key_id = key_id
+        self._secret = secret
+        self._nonces = auth.NonceSource()
+        self._lock = threading.Lock()
+
+    def headers(self, method: str, target: str) -> list[tuple[bytes, bytes]]:
+        with self._lock:
+            nonce = self._nonces.next()
+        return auth.call_headers(self._secret, self.key_id, method, target, nonce)
+
+
+def _signer(key_id: str | None, secret: bytes | None, secret_file: str | None) -> _Signer | None:
+    if secret is not None and secret_file is not None:
+        raise ConfigurationError("give the worker's secret or its secret file, not both")
+    if secret_file is not None:
+        try:
+            with open(secret_file, "rb") as f:
+                secret = f.read().strip()
+        except OSError as exc:
+            raise ConfigurationError(f"worker secret file {secret_file!r}: {exc.strerror or exc}") from None
+    if (key_id is None) != (secret is None):
+        raise ConfigurationError("a worker key needs both its key id and its secret (--key-id and --secret-file)")
+    if key_id is None or secret is None:
+        return None
+    if len(secret) < auth.MIN_SECRET_BYTES:
+        raise ConfigurationError(f"worker key {key_id!r}: a secret needs at least {auth.MIN_SECRET_BYTES} bytes")
+    try:
+        return _Signer(key_id, secret)
+    except ValueError as exc:
+        raise ConfigurationError(f"worker key: {exc}") from None
+
+
 class _BlobAccess:
     """Where a worker's messages read their blobs: the distributor (address, TLS, socket timeout),
     a local blob directory, and the directory for downloads made by ``WorkerBlob.path``."""
 
     def __init__(self, url: str, ssl_context: ssl.SSLContext | None, timeout: float,
-                 blob_dir: str | None, download_dir: str | None) -> None:
+                 blob_dir: str | None, download_dir: str | None, signer: _Signer | None = None) -> None:
         parts = urllib.parse.urlsplit(url)
         self.host = parts.hostname or ""
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.ssl = ssl_context
         self.timeout = timeout
         self.blob_dir = blob_dir
+        self.signer = signer
         self.download_parent = download_dir
         self._downloads: str | None = None
         self._lock = threading.Lock()
@@ -209,7 +248,11 @@ class _BlobReader(io.RawIOBase):
         self.what = what
         self.conn = blob._access.connect()
         try:
-            self.conn.request(method, blob._target())
+            target = blob._target()
+            signer = blob._access.signer
+            headers = {} if signer is None else {
+                k.decode("ascii"): v.decode("ascii") for k, v in signer.headers(method, target)}
+            self.conn.request(method, target, headers=headers)
             self.resp = resp = self.conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             self.conn.close()
@@ -344,15 +387,19 @@ def _seg(text: str) -> str:
 
 
 class _Protocol:
-    """The worker protocol's calls over one keep-alive client."""
+    """The worker protocol's calls over one keep-alive client, signed when the worker has a key."""
 
-    def __init__(self, url: str, concurrency: int, wait: float) -> None:
+    def __init__(self, url: str, concurrency: int, wait: float, signer: _Signer | None = None) -> None:
         self.client = SiteClient(_base_url(url), concurrency=concurrency, request_timeout=wait + 30.0)
+        self.signer = signer
         self.last_answer = 0.0  # loop time of the last answer (every call renews the lease)
 
     async def call(self, *segments: str) -> dict[str, Any]:
-        target = (_PREFIX + "/".join(_seg(s) for s in segments)).encode("ascii")
-        response = await self.client.post_block(b"", b"", target=target)
+        text = _PREFIX + "/".join(_seg(s) for s in segments)
+        block = b""
+        if self.signer is not None:
+            block = b"".join(b"%s: %s\r\n" % kv for kv in self.signer.headers("POST", text))
+        response = await self.client.post_block(block, b"", target=text.encode("ascii"))
         self.last_answer = asyncio.get_running_loop().time()
         if response.status != 200:
             raise _Refused(response.status, response.reason)
@@ -375,20 +422,25 @@ class Worker:
         instead of being streamed.
     :param download_dir: where ``WorkerBlob.path`` downloads go (a directory of the worker's own
         is made in it); default the system's temporary directory.
+    :param key_id: the worker key's id (the distributor's ``GWCORE_WORKER_KEYS``): every call is
+        then signed with it; needed wherever the distributor has worker keys.
+    :param secret: that key's secret, or *secret_file*, a file holding it.
     """
 
     def __init__(self, url: str, capacity: int, handler: Callable[[Any], Any], *,
                  name: str | None = None, wait: float = 10.0, blob_dir: str | None = None,
-                 download_dir: str | None = None) -> None:
+                 download_dir: str | None = None, key_id: str | None = None, secret: bytes | None = None,
+                 secret_file: str | None = None) -> None:
         if capacity < 1:
             raise ConfigurationError(f"worker capacity must be at least 1, got {capacity}")
+        signer = _signer(key_id, secret, secret_file)
         self.url = url
         self.capacity = capacity
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.wait = wait
         self._handler = handler
-        self._proto = _Protocol(url, capacity + 2, wait)
-        self._blobs = _BlobAccess(_base_url(url), self._proto.client.ssl, wait + 30.0, blob_dir, download_dir)
+        self._proto = _Protocol(url, capacity + 2, wait, signer)
+        self._blobs = _BlobAccess(_base_url(url), self._proto.client.ssl, wait + 30.0, blob_dir, download_dir, signer)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.session: str | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -596,10 +648,14 @@ class Worker:
         await self.wait_closed()
 
 
-async def drain_worker(url: str, name: str) -> bool:
+async def drain_worker(url: str, name: str, *, key_id: str | None = None, secret: bytes | None = None,
+                       secret_file: str | None = None) -> bool:
     """Tell the distributor at *url* to give worker *name* nothing new (it finishes and leaves).
-    Returns False when no worker of that name is enlisted."""
-    proto = _Protocol(url, 1, 1.0)
+    Returns False when no worker of that name is enlisted. With worker keys on the distributor,
+    the call must be signed with the key that worker enlisted with.
+
+    :raises gwcore.GatewayError: the distributor refused (``401`` for a wrong key)."""
+    proto = _Protocol(url, 1, 1.0, _signer(key_id, secret, secret_file))
     try:
         answer = await proto.call("drain", name)
     finally:

@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from gwcore import Gateway, Settings  # noqa: E402
+from gwcore.config import WorkerListen  # noqa: E402
 
 try:
     import uvloop
@@ -47,6 +48,8 @@ def make_settings(tmp_path):
         overrides.setdefault("data_dir", str(tmp_path / "store"))
         overrides.setdefault("endpoint", "RemoteSite")
         overrides.setdefault("receive_channels", "http://127.0.0.1:0/RemoteSite/")
+        # distributor mode's worker listener on an ephemeral port too (the default is 25901)
+        overrides.setdefault("worker_listen", WorkerListen("127.0.0.1", 0))
         return Settings.from_env({}, **overrides)
 
     return make

@@ -46,6 +46,13 @@ class ServerProcess:
         )
         self.env.setdefault("GWCORE_RECEIVE_CHANNELS", f"http://127.0.0.1:{port}/{self.env['GWCORE_ENDPOINT']}/")
         self.env.update(env)
+        #: distributor mode: the worker listener's port (a free one unless the caller chose)
+        self.worker_port: int | None = None
+        if self.env.get("GWCORE_MODE") == "distributor":
+            self.env.setdefault("GWCORE_WORKER_LISTEN", f"127.0.0.1:{free_port()}")
+            listen = self.env["GWCORE_WORKER_LISTEN"]
+            if listen != "off":
+                self.worker_port = int(listen.rpartition(":")[2])
         self.proc: subprocess.Popen | None = None
         self.log = os.path.join(data_dir + ".log")
 

@@ -20,6 +20,7 @@ from procs import ROOT, ServerProcess, free_port
 from test_sites import counts, wait_for
 
 from gwcore import ConfigurationError, Gateway, Worker
+from gwcore.config import WorkerListen
 from gwcore.worker import drain_worker
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -32,7 +33,8 @@ def dist_settings(make_settings, **kw):
 
 
 def base_url(gw: Gateway) -> str:
-    host, port = gw.addresses[0]
+    """The worker URL of an in-process distributor: its (loopback, unsigned) worker listener."""
+    host, port = gw.worker_address
     return f"http://{host}:{port}"
 
 
@@ -238,7 +240,8 @@ def test_a_message_held_twice_across_a_restart_is_listed_until_both_copies_are_a
     refused, the new copy is still held: the worker's takes keep listing it, so the distributor
     does not hand it out a third time."""
     settings = dist_settings(make_settings, worker_lease=30.0,
-                             receive_channels=f"http://127.0.0.1:{free_port()}/RemoteSite/")
+                             receive_channels=f"http://127.0.0.1:{free_port()}/RemoteSite/",
+                             worker_listen=WorkerListen("127.0.0.1", free_port()))
     counts_seen: list[int] = []
     release = {1: asyncio.Event(), 2: asyncio.Event()}
 
@@ -283,7 +286,7 @@ def test_metrics_show_each_worker_and_the_queue(run, make_settings):
 
 def test_protocol_errors_and_standalone_mode(run, make_settings, tmp_path):
     async def call(gw, path):
-        async with Client(*gw.addresses[0]) as c:
+        async with Client(*(gw.worker_address or gw.addresses[0])) as c:
             return await c.request(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
 
     async def main():
@@ -313,7 +316,8 @@ class WorkerProcess:
     """A `gwcore worker` process running a handler of tests/handlers.py that logs to *log*."""
 
     def __init__(self, url: str, name: str, log: str, capacity: int = 3, sleep: float = 0.3,
-                 handler: str = "handlers:log_slowly", env: dict[str, str] | None = None) -> None:
+                 handler: str = "handlers:log_slowly", env: dict[str, str] | None = None,
+                 key: tuple[str, str] | None = None) -> None:
         extra = env or {}
         env = {k: v for k, v in os.environ.items() if not k.startswith("GWCORE_")}
         env.update(PYTHONPATH=os.pathsep.join([ROOT, TESTS]), HANDLER_LOG=log, HANDLER_SLEEP=str(sleep),
@@ -323,7 +327,8 @@ class WorkerProcess:
         self.stderr = open(self.stderr_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gwcore", "worker", "--distributor", url, "--capacity", str(capacity),
-             "--handler", handler, "--name", name, "--wait", "2"],
+             "--handler", handler, "--name", name, "--wait", "2",
+             *(["--key-id", key[0], "--secret-file", key[1]] if key else [])],
             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.stderr)
 
     def stop(self) -> None:
@@ -347,18 +352,32 @@ def metrics(port: int) -> str:
     return asyncio.run(get("127.0.0.1", port, "/metrics")).body.decode()
 
 
+def secret_file(tmp_path, key_id: str) -> str:
+    """A worker key's secret in a file of its own (mode 0600), as an operator would keep it."""
+    path = tmp_path / f"{key_id}.secret"
+    path.write_text(uuid.uuid4().hex + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
 @contextlib.contextmanager
-def two_workers(tmp_path, ids):
+def two_workers(tmp_path, ids, keyed: bool = False):
     """A distributor process (lease 1 s) with `gwcore worker` processes A and B (capacity 3, handler
-    0.3 s, both logging to one file), and *ids* submitted once both enlisted."""
+    0.3 s, both logging to one file), and *ids* submitted once both enlisted. *keyed*: the
+    distributor has a worker key and the workers sign with it through the receive channel's
+    port; otherwise they use the (unsigned, loopback) worker listener."""
     log = str(tmp_path / "handled.log")
     port = free_port()
-    server = ServerProcess(str(tmp_path / "dist" / "store"), port, GWCORE_MODE="distributor",
-                           GWCORE_WORKER_LEASE="1s").start()
-    url = f"http://127.0.0.1:{port}"
+    env = {"GWCORE_MODE": "distributor", "GWCORE_WORKER_LEASE": "1s"}
+    key = None
+    if keyed:
+        key = ("wk1", secret_file(tmp_path, "wk1"))
+        env["GWCORE_WORKER_KEYS"] = f"{key[0]}:{key[1]}"
+    server = ServerProcess(str(tmp_path / "dist" / "store"), port, **env).start()
+    url = f"http://127.0.0.1:{port if keyed else server.worker_port}"
     workers: list[WorkerProcess] = []
     try:
-        workers = [WorkerProcess(url, "A", log), WorkerProcess(url, "B", log)]
+        workers = [WorkerProcess(url, "A", log, key=key), WorkerProcess(url, "B", log, key=key)]
         wait_for(lambda: "gwcore_workers 2" in metrics(port), 30, "two workers")
         asyncio.run(submit(port, ids))
         yield server, url, workers, log
@@ -369,8 +388,10 @@ def two_workers(tmp_path, ids):
 
 
 def test_sigkilled_worker_messages_go_to_the_other_worker_marked(tmp_path):
+    """Signed workers (a key file each) on the receive channel's port: one is SIGKILLed mid-batch,
+    every message is still handled, none lost."""
     ids = [f"m{i:03d}" for i in range(40)]
-    with two_workers(tmp_path, ids) as (server, _url, workers, log):
+    with two_workers(tmp_path, ids, keyed=True) as (server, _url, workers, log):
         a_pid = workers[0].proc.pid
 
         def a_mid_batch() -> bool:

@@ -65,7 +65,7 @@ def test_blob_call_streams_the_blob_in_request_order_and_refuses_what_it_must(ru
         async with Gateway(dist_settings(make_settings, worker_lease=30.0)) as gw:
             await send_with_blob(gw, "m1", blob, digest=True)
             key = blob_key(gw)
-            async with Client(*gw.addresses[0]) as c:
+            async with Client(*gw.worker_address) as c:
                 sid = json.loads((await c.request(call("POST", "/.gwcore/worker/enlist/w/1"))).body)["session"]
                 blob_path = f"/.gwcore/worker/blob/{sid}/{key}"
                 # a session that holds no message naming the blob cannot read it
@@ -84,7 +84,7 @@ def test_blob_call_streams_the_blob_in_request_order_and_refuses_what_it_must(ru
                 first, streamed, last = [await c.response() for _ in range(3)]
                 assert (first.status, json.loads(first.body)) == (200, {"messages": [], "stop": False})
                 assert (last.status, json.loads(last.body)) == (200, {"lease": 30.0})
-                (conn,) = gw.states[0].connections
+                (conn,) = gw.states[-1].connections  # the worker listener's
                 assert "_flush" not in vars(conn) and not conn.files_waiting  # the detour is gone
                 assert streamed.status == 200 and streamed.body == blob
                 assert streamed.headers["content-type"] == "application/octet-stream"
@@ -128,10 +128,10 @@ def test_a_passive_node_answers_the_blob_call_503(run, make_settings):
             passive = await Gateway(settings).start()
             try:
                 assert passive.role == "passive"
-                async with Client(*passive.addresses[0]) as c:
+                async with Client(*passive.worker_address) as c:
                     r = await c.request(call("GET", f"/.gwcore/worker/blob/s/{uuid.uuid4().hex}"))
                     assert (r.status, r.reason) == (503, "Service Unavailable: passive")
-                async with Client(*active.addresses[0]) as c:
+                async with Client(*active.worker_address) as c:
                     r = await c.request(call("GET", f"/.gwcore/worker/blob/s/{uuid.uuid4().hex}"))
                     assert r.status == 404  # the active node answers it
             finally:
@@ -154,7 +154,7 @@ def test_a_reader_that_stalls_is_cut_off_and_the_file_closed(run, make_settings)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
             sock.setblocking(False)
             loop = asyncio.get_running_loop()
-            await loop.sock_connect(sock, gw.addresses[0])
+            await loop.sock_connect(sock, gw.worker_address)
             await loop.sock_sendall(sock, call("GET", f"/.gwcore/worker/blob/{s.id}/{key}"))
             fd_dir = f"/proc/{os.getpid()}/fd"
             path = os.path.join(gw.store.blob_dir, key)
@@ -256,7 +256,7 @@ def test_a_worker_process_elsewhere_reads_the_blob_through_message_databus(tmp_p
         assert _post(port, submit_request(msg_id, ("Report",))) == (200, "OK")
         # the worker's own directory (cwd, temp dir) shares nothing with the distributor's data dir
         os.makedirs(tmp_path / "worker-tmp")
-        worker = WorkerProcess(f"http://127.0.0.1:{port}", "elsewhere", log, capacity=1,
+        worker = WorkerProcess(f"http://127.0.0.1:{server.worker_port}", "elsewhere", log, capacity=1,
                                handler="handlers:blob_digests",
                                env={"HANDLER_READS": "open,read,path", "TMPDIR": str(tmp_path / "worker-tmp")})
         wait_for(lambda: read_rows(log), 60, "the worker's handler")
@@ -303,7 +303,7 @@ def test_a_256_mib_blob_streams_to_a_worker_process_in_bounded_memory(tmp_path):
                 s.sendall(piece)
             assert s.recv(4096).startswith(b"HTTP/1.1 200 OK\r\n")
         assert _post(port, submit_request(msg_id, ("Report",))) == (200, "OK")
-        worker = WorkerProcess(f"http://127.0.0.1:{port}", "big", log, capacity=1, handler="handlers:blob_digests",
+        worker = WorkerProcess(f"http://127.0.0.1:{server.worker_port}", "big", log, capacity=1, handler="handlers:blob_digests",
                                env={"HANDLER_READS": "open"})
         wait_for(lambda: read_rows(log), 120, "the worker's handler")
         (row,) = read_rows(log)

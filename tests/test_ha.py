@@ -13,7 +13,7 @@ import time
 from httpclient import Client, get, nsb_request
 from nginx import Nginx
 from procs import ServerProcess, free_port, gwcore_cli, queued_ids
-from test_distributor import WorkerProcess, metrics
+from test_distributor import WorkerProcess, metrics, secret_file
 from test_sites import counts, enqueue, wait_for
 
 PASSIVE = "Service Unavailable: passive"
@@ -148,14 +148,16 @@ def test_takeover_under_load_through_nginx(tmp_path):
     print(f"kill schedule seed: {seed}")
     rng = random.Random(seed)
     shared = str(tmp_path / "shared" / "store")
-    nodes = [node(tmp_path, name, shared, free_port(), endpoint="SiteB") for name in ("b1", "b2")]
+    key = ("workers", secret_file(tmp_path, "workers"))  # signed workers, reaching the nodes through nginx
+    nodes = [node(tmp_path, name, shared, free_port(), endpoint="SiteB", GWCORE_WORKER_KEYS=f"{key[0]}:{key[1]}")
+             for name in ("b1", "b2")]
     for n in nodes:
         n.start()
     proxy = Nginx(str(tmp_path / "nginx"), free_port(), [n.port for n in nodes]).start()
     url = f"http://127.0.0.1:{proxy.port}/SiteB/"
     handled_log = str(tmp_path / "handled.log")
     workers = [WorkerProcess(f"http://127.0.0.1:{proxy.port}", name, handled_log, capacity=4,
-                             handler="handlers:log_handled") for name in ("w1", "w2")]
+                             handler="handlers:log_handled", key=key) for name in ("w1", "w2")]
     a_dir = str(tmp_path / "a" / "store")
     a_port = free_port()
     ids = enqueue(a_dir, a_port, f"SiteB={url}", N)

@@ -163,7 +163,14 @@ class Reference:
             result = self.framer.frame(self.headers, bytes(self.body), query if self.allow_get else None, self.now)
             self.events.append((EV_SUBMIT, keep_alive, result))
         else:
-            self.events.append((EV_OTHER, keep_alive, method, path))
+            extra = None
+            if path.startswith(b"/.gwcore/"):
+                extra = {}
+                for i in range(0, len(self.headers), 2):
+                    name = self.headers[i].lower()
+                    if name.startswith(b"gwcore-"):
+                        extra.setdefault(name, self.headers[i + 1])
+            self.events.append((EV_OTHER, keep_alive, method, path, extra))
         if not keep_alive:
             self.done = True
             raise _Stop()
@@ -371,7 +378,7 @@ def test_pipeline_in_one_feed_and_any_buffer_type():
     for data in (stream, bytearray(stream), memoryview(stream)):
         events = make().feed(data, NOW)
         assert [ev[2].id for ev in events[:5]] == ids
-        assert events[5] == (EV_OTHER, True, b"GET", b"/healthz")
+        assert events[5] == (EV_OTHER, True, b"GET", b"/healthz", None)
 
 
 # -- limits ---------------------------------------------------------------------------------------
@@ -460,7 +467,7 @@ def test_expect_100_continue():
     chunked = b"POST /x HTTP/1.1\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n"
     assert make().feed(chunked, NOW) == [(EV_CONTINUE,)]
     no_body = b"POST /x HTTP/1.1\r\nExpect: 100-continue\r\n\r\n"
-    assert make().feed(no_body, NOW) == [(EV_OTHER, True, b"POST", b"/x")]
+    assert make().feed(no_body, NOW) == [(EV_OTHER, True, b"POST", b"/x", None)]
 
 
 UPGRADE = "Bad Request: protocol upgrades are not supported"
@@ -477,17 +484,17 @@ def test_upgrade_is_refused(head):
 
 def test_absolute_form_and_asterisk():
     events = make().feed(b"POST http://h:1/RemoteSite/ HTTP/1.1\r\n\r\nOPTIONS * HTTP/1.1\r\n\r\n", NOW)
-    assert events == [(EV_OTHER, True, b"POST", b"http://h:1/RemoteSite/"), (EV_OTHER, True, b"OPTIONS", b"*")]
+    assert events == [(EV_OTHER, True, b"POST", b"http://h:1/RemoteSite/", None), (EV_OTHER, True, b"OPTIONS", b"*", None)]
 
 
 def test_tab_after_chunked_is_ows():
     # llhttp refuses "chunked<HTAB>" but takes "chunked<SP>"; both are OWS (RFC 9110 5.6.1)
     req = b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\t\r\n\r\n1\r\na\r\n0\r\n\r\n"
-    assert make().feed(req, NOW) == [(EV_OTHER, True, b"POST", b"/x")]
+    assert make().feed(req, NOW) == [(EV_OTHER, True, b"POST", b"/x", None)]
 
 
 def test_upgrade_header_alone_is_no_upgrade():
-    assert make().feed(b"GET /x HTTP/1.1\r\nUpgrade: h2c\r\n\r\n", NOW) == [(EV_OTHER, True, b"GET", b"/x")]
+    assert make().feed(b"GET /x HTTP/1.1\r\nUpgrade: h2c\r\n\r\n", NOW) == [(EV_OTHER, True, b"GET", b"/x", None)]
 
 
 @pytest.mark.parametrize("head", [
@@ -580,7 +587,7 @@ def test_routing(method, path, allow_get, submit):
     if submit:
         assert ev[0] == EV_SUBMIT
     else:
-        assert ev == (EV_OTHER, True, method, path.partition(b"?")[0])
+        assert ev == (EV_OTHER, True, method, path.partition(b"?")[0], None)
 
 
 def test_query_reaches_the_framer_only_when_get_is_allowed():
@@ -600,7 +607,7 @@ def test_keep_alive_and_nothing_read_after_close(version, connection, keep_alive
     req = b"GET /x " + version + b"\r\n" + connection + b"\r\n"
     parser = make()
     events = parser.feed(req + b"GET /y HTTP/1.1\r\n\r\n", NOW)
-    assert events[0] == (EV_OTHER, keep_alive, b"GET", b"/x")
+    assert events[0] == (EV_OTHER, keep_alive, b"GET", b"/x", None)
     assert len(events) == (2 if keep_alive else 1)
     if not keep_alive:
         assert parser.feed(b"GET /z HTTP/1.1\r\n\r\n", NOW) == [] and not parser.in_request
@@ -617,7 +624,7 @@ def test_other_request_bodies_are_dropped_in_pieces():
     for _ in range(9):
         assert events == [] and parser.in_request
         events = parser.feed(b"y" * 100, NOW)
-    assert events == [(EV_OTHER, True, b"POST", b"/nowhere")]
+    assert events == [(EV_OTHER, True, b"POST", b"/nowhere", None)]
 
 
 @pytest.mark.parametrize("paths", [[b"/RemoteSite/"], [b"remotesite/"], [b"/remotesite"], ["/remotesite/"]])

@@ -50,6 +50,9 @@ EV_PART_END = EVENT_PART_END
 cdef tuple CONTINUE_EVENT = (EVENT_CONTINUE,)
 cdef tuple PART_END_EVENT = (EVENT_PART_END,)
 cdef tuple BUILTIN_PATHS = (b"/healthz", b"/readyz", b"/metrics")   # never a channel (http.py)
+# gwcore's own calls (the worker protocol) live under this prefix; their gwcore-* headers (the
+# signature of a worker call) are handed to Python with the EV_OTHER event.
+cdef bytes GWCORE_PREFIX = b"/.gwcore/"
 
 # RFC 9110 tchar: method and header name characters.
 cdef unsigned char TOKEN[256]
@@ -204,6 +207,7 @@ cdef class RequestParser:
         self._submit = self._part = False
         self._limit = self._max_body
         self._method_bytes = self._path_bytes = None
+        self._extra_headers = None
         self._body_n = self._body_total = self._remaining = self._trailer = 0
         return 0
 
@@ -543,6 +547,8 @@ cdef class RequestParser:
         if not self._submit:
             self._method_bytes = PyBytes_FromStringAndSize(<const char*>m, self._method_n)
             self._path_bytes = PyBytes_FromStringAndSize(<const char*>t, self._path_n)
+            if self._path_n >= 9 and memcmp(t, _ptr(GWCORE_PREFIX), 9) == 0:
+                self._extra_headers = self._gwcore_headers()
         self._body = self._pos
         if self._chunked:
             self._state = RP_CHUNK_SIZE
@@ -645,6 +651,22 @@ cdef class RequestParser:
             self._raw[2 * i + 1].n = h.value_n
         return 0
 
+    cdef dict _gwcore_headers(self):
+        # name (lower case) -> raw value of every header whose name starts with "gwcore-"; the
+        # first of repeated names wins. Bounded by the header limits the request already passed.
+        cdef dict out = {}
+        cdef Py_ssize_t i, k
+        cdef const _HeaderAt* h
+        cdef bytes name
+        for i in range(self._headers_n):
+            h = &self._headers[i]
+            if h.name_n < 8 or not _is_word(self._buf + h.name, 7, "gwcore-", 7):
+                continue
+            name = PyBytes_FromStringAndSize(<const char*>self._buf + h.name, h.name_n).lower()
+            if name not in out:
+                out[name] = PyBytes_FromStringAndSize(<const char*>self._buf + h.value, h.value_n)
+        return out
+
     cdef bint _matches_channel(self) noexcept:
         # HTTPState.match_channel: case-insensitive prefix match; "/RemoteSite" addresses
         # "/RemoteSite/" as well. The built-in endpoints are never a channel.
@@ -688,9 +710,11 @@ cdef class RequestParser:
                 self._add_request_line(result)
             events.append((EVENT_SUBMIT, self._keep_alive, result))
         else:
-            events.append((EVENT_OTHER, self._keep_alive, self._method_bytes, self._path_bytes))
+            events.append((EVENT_OTHER, self._keep_alive, self._method_bytes, self._path_bytes,
+                           self._extra_headers))
         self._start = self._scan = self._pos
         self._method_bytes = self._path_bytes = None
+        self._extra_headers = None
         # After a request without keep-alive the connection closes: what follows is not read.
         self._state = RP_START if self._keep_alive else RP_DONE
         return 0

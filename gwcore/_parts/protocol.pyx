@@ -130,7 +130,7 @@ cdef class ConnectionCore:
             elif kind == EVENT_PART_DATA:
                 self._part_data(event[1])
             elif kind == EVENT_OTHER:
-                self._other(event[1], event[2], event[3])
+                self._other(event[1], event[2], event[3], event[4])
             elif kind == EVENT_PART_BEGIN:
                 self._part_begin(event[1], event[2])
             elif kind == EVENT_PART_END:
