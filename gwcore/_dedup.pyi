@@ -459,6 +459,8 @@ class ListenerCore:
     """Envelopes waiting for the writer at which submits are answered 503."""
     answered_ok: int
     """Submits answered 200 since start (``HTTPState.status_counts`` adds them to the rest)."""
+    compiled_submits: int
+    """Submits handed straight to the writer's inbox by the compiled path (no Python call)."""
     def date(self) -> bytes:
         """The HTTP ``Date`` value of the current second."""
     def ok(self) -> bytes:

@@ -123,8 +123,7 @@ class Gateway:
             lease = try_lease(s.data_dir)
             if lease is None:
                 await self._listen()
-                for state in self.states:
-                    state.passive = True
+                self._set_role("passive")
                 self.role = "passive"
                 self._started = True
                 self._takeover = asyncio.ensure_future(self._take_over(forward))
@@ -166,7 +165,7 @@ class Gateway:
             tls_context = _server_ssl_context(s)
         try:
             for (host, port), paths in listeners.items():
-                state = HTTPState(s, self.writer, channel_paths=paths, metrics_render=self.render_metrics)
+                state = HTTPState(s, channel_paths=paths, metrics_render=self.render_metrics)
                 # the worker API on a receive channel only when every worker call is signed
                 state.serves_workers = distributor and bool(s.worker_keys)
                 server = await loop.create_server(functools.partial(HTTPProtocol, state), host, port,
@@ -176,7 +175,7 @@ class Gateway:
                 self.states.append(state)
                 self.servers.append(server)
             if wl is not None:
-                state = HTTPState(s, self.writer, channel_paths=[], metrics_render=self.render_metrics)
+                state = HTTPState(s, channel_paths=[], metrics_render=self.render_metrics)
                 state.serves_workers = True
                 try:
                     server = await loop.create_server(functools.partial(HTTPProtocol, state), wl.host, wl.port,
@@ -229,10 +228,9 @@ class Gateway:
                 await self.forwarder.start()
             if listen and not self.servers:
                 await self._listen()
+            worker_api = self.distributor.handle if self.distributor is not None else None
             for state in self.states:
-                state.writer = self.writer
-                state.blobs = self.blobs
-                state.worker_api = self.distributor.handle if self.distributor is not None else None
+                state.attach(writer=self.writer, blobs=self.blobs, worker_api=worker_api)
             await self._start_mode()
         except BaseException:
             if self.forwarder is not None:
@@ -252,9 +250,10 @@ class Gateway:
             self._handler_task = asyncio.ensure_future(
                 run_handler(self.messages(), self._handler, s.handler_concurrency))  # type: ignore[arg-type]
         self.role = "active"
-        for state in self.states:
-            state.passive = False
-            state.active = self.selected is None or self.selected.accepting
+        if self.selected is None:
+            self._set_role("active")
+        else:
+            self.selected.update_listeners()
         if not listen:
             return
         log.info("gwcore %s ready: endpoint %r, channels %s on %s, data dir %s, handler %s",
@@ -286,15 +285,24 @@ class Gateway:
         sel.consume = self._handler is not None and bool(self.states)  # a gateway that listens runs it
         sel.messages.intercept = self._intercept_reply
         for state in self.states:
-            state.writer = sel  # submits go through the outbox and the broker (Selected.ingest_then)
-            state.inbox = None  # so not straight into the writer's compiled inbox
-            state.hold = sel.hold
+            # submits go through the outbox and the broker (Selected.ingest_then), so not straight
+            # into the writer's compiled inbox
+            state.attach(writer=sel, inbox=None, blobs=self.blobs, hold=sel.hold)
         await sel.start()
 
     async def _stop_mode(self) -> None:
         """Stops what :meth:`_start_mode` started, before the store closes."""
         if self.selected is not None:
             await self.selected.stop()
+
+    def _set_role(self, role: str, reason: str | None = None) -> None:
+        """Every listener's role (``HTTPState.set_role``): the gateway is the only one that sets it."""
+        for state in self.states:
+            state.set_role(role, reason)
+
+    def set_accepting(self, accepting: bool, reason: str) -> None:
+        """Selected mode: the listeners take traffic (the elected receiver) or answer 503 *reason*."""
+        self._set_role("active" if accepting else "unavailable", None if accepting else reason)
 
     def _workers_served(self) -> str:
         """Where the worker API is served, and how it is authenticated (the start-up log line)."""
@@ -327,9 +335,7 @@ class Gateway:
         if self.selected is not None:
             # a leader passes the leadership first: drain, flush, release, hand the held submits on
             await self.selected.step_down(timeout)
-        for state in self.states:
-            state.draining = True
-            state.active = False
+        self._set_role("draining")
         if self.distributor is not None:
             await self.distributor.close()  # waiting takes are answered, so their connections can close
         for server in self.servers:

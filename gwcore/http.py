@@ -96,19 +96,29 @@ def _jsonp(callback: str, text: str) -> bytes:
     return f"{callback}({{ status: '{text}'}})".encode("ascii", "replace")
 
 
+def error_answer(exc: BaseException, what: str) -> tuple[int, str]:
+    """The status and reason for a request that failed with *exc* inside gwcore: a store or
+    broker that cannot take it now is 503 with its reason (retry later); anything else is a bug,
+    logged, and 502 as NServiceBus answers it."""
+    if isinstance(exc, StoreError):
+        return 503, f"Service Unavailable: {exc}"
+    log.error("%s failed: %r", what, exc, exc_info=exc)
+    return 502, "Unexpected server error"
+
+
 class HTTPState(core.ListenerCore):
     """What every connection of one listener shares: settings, core objects, counters.
 
     The flags and limits read per request (``active``, ``passive``, ``draining``, ``writer``,
-    ``verifier``, the pipeline and pending limits) live in the compiled base class."""
+    ``verifier``, the pipeline and pending limits) live in the compiled base class. Its owner (the
+    :class:`gwcore.Gateway`) changes it through two operations only: :meth:`attach` (what serves
+    the requests) and :meth:`set_role` (whether it takes traffic, and why not)."""
 
-    def __init__(self, settings: Any, writer: Any, *, channel_paths: list[str],
+    def __init__(self, settings: Any, writer: Any = None, *, channel_paths: list[str],
                  metrics_render: Any = None) -> None:
         self.settings = settings
-        self.writer = writer
-        # The writer's compiled inbox takes submits without a Python call; a writer without one
-        # (a test's stand-in) gets them through ingest_then().
-        self.inbox = getattr(writer, "inbox", None)
+        self.writer = None
+        self.inbox = None
         self.max_pipeline = settings.http_max_pipeline
         self.max_pending = settings.commit_max_pending
         # Request signing (docs/security.md): None when no site secrets are configured, and then
@@ -143,6 +153,8 @@ class HTTPState(core.ListenerCore):
         self.unavailable: str | None = None
         self.hold: Any = None
         self.draining = False
+        if writer is not None:
+            self.attach(writer=writer)
         self._routes: dict[bytes, bool] = {}
         self.connections: set[HTTPProtocol] = set()
         # Answers by status, but for the 200s of accepted submits, which the compiled path counts
@@ -150,6 +162,41 @@ class HTTPState(core.ListenerCore):
         self.requests_by_status: collections.Counter = collections.Counter()
         self.rejected_connections = 0
         self._sweeper: asyncio.TimerHandle | None = None
+
+    def attach(self, *, writer: Any, inbox: Any = "writer's", blobs: Any = None, worker_api: Any = None,
+               hold: Any = None) -> None:
+        """What serves this listener's requests, all at once: the ingest sink (*writer*:
+        ``ingest_then(envelope, slot)`` and ``pending``), the compiled inbox that takes plain
+        submits without a Python call (by default the writer's own, when it has one; None sends
+        every submit through ``writer.ingest_then``), the databus blob store, the distributor's
+        worker API, and selected mode's hook for submits held during a handover."""
+        self.writer = writer
+        self.inbox = getattr(writer, "inbox", None) if inbox == "writer's" else inbox
+        self.blobs = blobs
+        self.worker_api = worker_api
+        self.hold = hold
+
+    def set_role(self, role: str, reason: str | None = None) -> None:
+        """Whether this listener takes gateway traffic: ``active``; ``passive`` (waiting for the
+        data dir's lease); ``unavailable`` with the 503 *reason* (not started yet, a selected-mode
+        standby, the broker unreachable); ``draining`` (shutting down, for good)."""
+        if role not in ("active", "passive", "unavailable", "draining"):
+            raise ValueError(f"unknown listener role {role!r}")
+        self.draining = self.draining or role == "draining"
+        self.active = role == "active" and not self.draining
+        self.passive = role == "passive"
+        self.unavailable = reason
+
+    def not_available(self) -> str | None:
+        """None while this listener takes gateway traffic, else the reason of its 503: the one
+        place that decides it, for submits, parts and worker calls alike."""
+        if self.draining:
+            return "Service Unavailable: gwcore is shutting down"
+        if self.active:
+            return None
+        if self.passive:
+            return _PASSIVE
+        return self.unavailable or "Service Unavailable: not the active receiver"
 
     def render_ok(self, date: bytes) -> bytes:
         return render_response(200, _OK, date)
@@ -358,11 +405,11 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
             self.held.append((slot, result))
             return
         state = self.state
-        if state.draining or not state.active:
+        unavailable = state.not_available()
+        if unavailable is not None:
             if state.hold is not None and state.hold(self, slot, result):
                 return
-            self._answer(slot, 503, "Service Unavailable: gwcore is shutting down" if state.draining
-                         else _PASSIVE if state.passive else state.unavailable or "Service Unavailable: not the active receiver")
+            self._answer(slot, 503, unavailable)
             return
         if state.verifier is not None:
             refusal = state.verifier.refusal(result)
@@ -420,11 +467,9 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
             self._flush()
         elif ok:
             self._answer(slot, 200, _OK, callback=slot.callback)
-        elif isinstance(value, StoreError):
-            self._answer(slot, 503, f"Service Unavailable: {value}", callback=slot.callback)
         else:
-            log.error("ingest failed: %r", value)
-            self._answer(slot, 502, "Unexpected server error", callback=slot.callback)
+            status, reason = error_answer(value, "ingest")
+            self._answer(slot, status, reason, callback=slot.callback)
 
     # -- databus parts (docs/databus.md) ------------------------------------------------------------
 
@@ -443,9 +488,9 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
         slot.callback = env.callback
         state = self.state
         self.part = _Part(slot, env, None)
-        if state.draining or not state.active:
-            self._answer(slot, 503, "Service Unavailable: gwcore is shutting down" if state.draining
-                         else _PASSIVE if state.passive else "Service Unavailable: not the active receiver")
+        unavailable = state.not_available()
+        if unavailable is not None:
+            self._answer(slot, 503, unavailable)
             return
         signed = state.verifier is not None and env.auth_signature is not None
         if state.verifier is not None and not signed:
@@ -542,14 +587,10 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
             await writer.call(databus.record_part(
                 writer.store, part_key, sink.name, sink.size, md5 or "", sha or "", writer.blob_expiry_ms(
                     env.expiry_ms, env.accepted_ms), writer.doom))
-        except StoreError as exc:
-            sink.discard_sealed()
-            self._answer(slot, 503, f"Service Unavailable: {exc}", callback=env.callback)
-            return
         except Exception as exc:
             sink.discard_sealed()
-            log.error("databus: indexing the property of message %s failed: %r", env.id, exc)
-            self._answer(slot, 502, "Unexpected server error", callback=env.callback)
+            status, reason = error_answer(exc, f"databus: indexing the property of message {env.id}")
+            self._answer(slot, status, reason, callback=env.callback)
             return
         self._answer(slot, 200, _OK, callback=env.callback)
 
@@ -563,11 +604,11 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
             if not state.serves_workers:
                 self._answer(slot, 404, "Not Found: the worker API is not served on this listener "
                                         "(docs/deployment.md, \"Worker keys\")", count=False)
-            elif state.worker_api is not None:
+            elif state.worker_api is not None and state.not_available() is None:
                 self._worker_call(slot, method, path, headers)
             else:
                 # workers reach whichever node is active through one URL: a passive node sends them on
-                self._answer(slot, 503, _PASSIVE if state.passive else "Service Unavailable: not ready", count=False)
+                self._answer(slot, 503, state.not_available() or "Service Unavailable: not ready", count=False)
         elif not state.match_channel(path):
             self._answer(slot, 404, f"Not Found: no receive channel at {path.decode('latin-1')}")
         else:
@@ -585,13 +626,11 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
         if path == b"/healthz":
             self._answer(slot, 200, _OK, count=False)
         elif path == b"/readyz":
-            if state.draining:
-                self._answer(slot, 503, "Service Unavailable: draining", count=False)
-            elif state.active:
+            unavailable = state.not_available()
+            if unavailable is None:
                 self._answer(slot, 200, _OK, count=False)
             else:
-                self._answer(slot, 503, _PASSIVE if state.passive else state.unavailable or "Service Unavailable: not ready",
-                             count=False)
+                self._answer(slot, 503, "Service Unavailable: draining" if state.draining else unavailable, count=False)
         else:
             text = state.metrics_render() if state.metrics_render else ""
             self._answer(slot, 200, _OK, body=text.encode(), content_type=_TEXT, count=False)
@@ -600,10 +639,6 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
         """A distributor worker's request: answered when its (possibly long-polling) call ends."""
         state = self.state
         slot.head = method == b"HEAD"
-        if state.draining or not state.active:
-            self._answer(slot, 503, "Service Unavailable: gwcore is shutting down" if state.draining
-                         else "Service Unavailable: not the active distributor", count=False)
-            return
         call = asyncio.ensure_future(state.worker_api(method, path, self._open, headers))
         state.worker_calls.add(call)
         call.add_done_callback(state.worker_calls.discard)
@@ -616,12 +651,8 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
         if call.cancelled():
             self._answer(slot, 503, "Service Unavailable: gwcore is shutting down", count=False)
         elif call.exception() is not None:
-            exc = call.exception()
-            if isinstance(exc, StoreError):
-                self._answer(slot, 503, f"Service Unavailable: {exc}", count=False)
-            else:
-                log.error("worker protocol request failed: %r", exc, exc_info=exc)
-                self._answer(slot, 502, "Unexpected server error", count=False)
+            status, reason = error_answer(call.exception(), "worker protocol request")  # type: ignore[arg-type]
+            self._answer(slot, status, reason, count=False)
         else:
             status, reason, body = call.result()
             if status == 401:

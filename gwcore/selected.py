@@ -291,7 +291,7 @@ class Selected:
 
             await self.writer.call(drop)
         self.writer.on_commit = self._kick
-        self._update_states()
+        self.update_listeners()
         self._dispatcher = asyncio.ensure_future(self._dispatch_loop())
         self.link.start()
         log.info("selected mode: instance %s, broker %s, ack=%s; %d dedup records replicated (stream offset %d), "
@@ -352,12 +352,10 @@ class Selected:
             return "leader"
         return "leader (broker unreachable)" if self.fenced_accepting else "standby"
 
-    def _update_states(self) -> None:
+    def update_listeners(self) -> None:
+        """Tell the gateway whether its listeners take traffic now (and why not)."""
         accepting = self.accepting
-        reason = STANDBY if self.link.connected else _BROKER_DOWN
-        for state in self.gateway.states:
-            state.active = accepting
-            state.unavailable = reason
+        self.gateway.set_accepting(accepting, STANDBY if self.link.connected else _BROKER_DOWN)
         if accepting and self._held:
             self._release_held()
 
@@ -378,7 +376,7 @@ class Selected:
 
     def _start_holding(self, limit: float) -> None:
         self.holding = True
-        self._update_states()
+        self.update_listeners()
         if self._hold_timer is not None:
             self._hold_timer.cancel()
         self._hold_timer = asyncio.get_running_loop().call_later(limit, self._release_held)
@@ -391,7 +389,7 @@ class Selected:
             self._hold_timer = None
         self.holding = False
         held, self._held = self._held, []
-        self._update_states()
+        self.update_listeners()
         forward = not self.accepting and bool(self.leader_url) and self.leader_seen != self.instance
         for proto, slot, result in held:
             if forward and isinstance(result, core.Envelope):
@@ -545,7 +543,7 @@ class Selected:
         rq = await replies.declare_queue(self.reply_queue, durable=True, arguments={"x-expires": 600_000})
         await rq.consume(self.messages.deliver)
         self._ready_link.set()
-        self._update_states()
+        self.update_listeners()
 
     async def _consume(self, conn: Any) -> None:
         ch = await conn.channel()
@@ -584,7 +582,7 @@ class Selected:
             else:
                 log.warning("role: leader -> standby: the broker connection is gone (fenced)")
         self._fail_waiters(BrokerUnavailableError(f"broker unavailable ({self.link.last_error})"))
-        self._update_states()
+        self.update_listeners()
 
     def _fail_waiters(self, exc: BaseException) -> None:
         for waiters in self.undone.values():
@@ -786,7 +784,7 @@ class Selected:
                     # (marked), and it stops taking more
                     self.fenced_accepting = False
                     log.warning("role: standby: another instance leads since the broker connection was lost")
-                    self._update_states()
+                    self.update_listeners()
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), interval)
@@ -808,7 +806,7 @@ class Selected:
         self.fenced_accepting = False
         if self.holding:
             self._release_held()  # the submits held for the handover are ours now
-        self._update_states()
+        self.update_listeners()
         self._kick()
         log.info("role: leader (term %d): the stream read to its end in %.0f ms", self.term,
                  (time.monotonic() - won) * 1000)

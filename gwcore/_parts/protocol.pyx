@@ -42,6 +42,7 @@ cdef class ListenerCore:
     cdef public Py_ssize_t max_pipeline
     cdef public Py_ssize_t max_pending
     cdef public unsigned long long answered_ok   # 200s of the fast path (the rest: requests_by_status)
+    cdef public unsigned long long compiled_submits   # submits handed to the inbox without Python
     cdef bytes _date
     cdef bytes _ok
     cdef time_t _date_at
@@ -175,6 +176,7 @@ cdef class ConnectionCore:
         slot.callback = env.callback
         slot.protocol = self
         slot.msg_id = env.id
+        state.compiled_submits += 1
         inbox.put(JOB_INGEST, env, slot)
 
     def _flush(self):
