@@ -367,7 +367,7 @@ class CallVerifier:
             raise AuthenticationError(MISSING_NONCE, f"a signed worker call needs {NONCE_HEADER}: <stream>.<counter>")
         now = self.clock()
         try:
-            verify(self.secrets, method, target, {SIGNATURE_HEADER: raw_sig, DATE_HEADER: _text(h.get(b"gwcore-date"))},
+            verify(self.secrets, method, target, {SIGNATURE_HEADER: raw_sig, DATE_HEADER: h.get(b"gwcore-date") or ""},
                    match.group(0), _EMPTY_DIGEST, now, self.max_skew_s)
         except AuthenticationError as exc:
             if exc.reason in (UNKNOWN_KEY, BAD_SIGNATURE):
