@@ -414,6 +414,11 @@ class Distributor:
         s = self._session(sid, key)
         # Out of the session before the (durable) delete: a lapse meanwhile must not requeue them.
         msgs = [s.inflight.pop(seq) for seq in dict.fromkeys(seqs) if seq in s.inflight]
+        # The worker's handlers are done with them: their slots take new work now, while the
+        # deletes join the writer's next group commit (the answer waits for it). A delete that
+        # fails puts its message back in the queue, to be handed out again.
+        for _m in msgs:
+            self._free_slot(s)
         results = await asyncio.gather(*(m.ack() for m in msgs), return_exceptions=True)
         st = self._stat(s.name)
         failure: BaseException | None = None
@@ -424,7 +429,6 @@ class Distributor:
             else:
                 self._deliveries.pop(m.seq, None)
                 st.processed += 1
-            self._free_slot(s)
         if failure is not None:
             raise failure
         return len(msgs)

@@ -449,6 +449,7 @@ class Worker:
         self._held: collections.Counter[int] = collections.Counter()
         # Acks of the messages finished in one loop turn go out as one request.
         self._acks: list[tuple[str, int, asyncio.Future[None]]] = []
+        self._acking: set[asyncio.Future[None]] = set()  # acknowledgements not answered yet
         self._room = asyncio.Event()
         self._draining = False
         self._run_task: asyncio.Task | None = None
@@ -510,6 +511,8 @@ class Worker:
                     self._draining = True
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._acking:
+                await asyncio.gather(*self._acking, return_exceptions=True)
             if self.session is not None:
                 try:
                     await self._proto.call("leave", self.session)
@@ -556,6 +559,7 @@ class Worker:
         self._room.set()
 
     async def _one(self, call: Callable[[WorkerMessage], Any], session: str, msg: WorkerMessage) -> None:
+        handled = False
         try:
             try:
                 try:
@@ -568,12 +572,23 @@ class Worker:
                 await self._answer(msg, "nack", session, str(msg.seq), repr(exc))
                 return
             self.processed += 1
-            await self._ack(session, msg.seq)
+            handled = True
         finally:
-            # held until answered: a take lists it, so the distributor does not hand it out again
-            self._held[msg.seq] -= 1
-            if self._held[msg.seq] <= 0:
-                del self._held[msg.seq]
+            if not handled:
+                self._unhold(msg.seq)
+        # The slot is free once the handler returned (this task ends now); the acknowledgement
+        # goes out with the others of this loop turn, and the message stays held until it is
+        # answered, so that takes keep listing it.
+        ack = asyncio.ensure_future(self._ack(session, msg.seq))
+        self._acking.add(ack)
+        ack.add_done_callback(self._acking.discard)
+        ack.add_done_callback(lambda _a: self._unhold(msg.seq))
+
+    def _unhold(self, seq: int) -> None:
+        # held until answered: a take lists it, so the distributor does not hand it out again
+        self._held[seq] -= 1
+        if self._held[seq] <= 0:
+            del self._held[seq]
 
     async def _ack(self, session: str, seq: int) -> None:
         loop = asyncio.get_running_loop()

@@ -109,7 +109,12 @@ def run_standalone(cfg: argparse.Namespace, work: Path, template: Path, label: s
 
 
 def run_distributor(cfg: argparse.Namespace, work: Path, template: Path, label: str) -> dict[str, Any]:
-    b = _node(cfg, work, f"distributor-{label}", {"GWCORE_MODE": "distributor"})
+    # the workers reach B through nginx, as in docs/deployment.md: signed, with a worker key
+    secret = work / f"worker-{label}.secret"
+    secret.write_text(os.urandom(24).hex())
+    b = _node(cfg, work, f"distributor-{label}", {"GWCORE_MODE": "distributor",
+                                                 "GWCORE_WORKER_KEYS": f"bench:{secret}",
+                                                 "GWCORE_WORKER_LISTEN": f"127.0.0.1:{rl.free_port()}"})
     b.start(cfg.ready_timeout)
     proxy = Nginx(str(work / f"nginx-{label.replace('/', 'of')}"), rl.free_port(), [b.port])
     workers: list[subprocess.Popen] = []
@@ -123,7 +128,7 @@ def run_distributor(cfg: argparse.Namespace, work: Path, template: Path, label: 
             workers.append(subprocess.Popen(
                 rl.pin(cfg.client_cpu) + [cfg.python, "-m", "gwcore", "worker", "--distributor", front,
                                           "--capacity", str(cfg.capacity), "--handler", HANDLER,
-                                          "--name", f"w{i}"],
+                                          "--name", f"w{i}", "--key-id", "bench", "--secret-file", str(secret)],
                 env=env, cwd=rl.REPO, stdout=subprocess.DEVNULL, stderr=open(work / f"worker{i}.log", "ab")))
         a = _sender(cfg, work, template, f"distributor-{label}", f"{front}{rl.CHANNEL_PATH}")
         a.start(cfg.ready_timeout)
