@@ -142,7 +142,9 @@ class Distributor:
         raw = store.get(store.meta, _MARK_KEY)
         # Queued messages at or below this were possibly handed out by an earlier process.
         self._restart_mark = _U64.unpack(raw)[0] if raw else 0
-        self._handed_mark = self._restart_mark
+        self._handed_mark = self._restart_mark  # recorded durably: nothing above it was handed out
+        self._top_handed = 0                    # the highest seq handed out by this process
+        self._marking: asyncio.Future[None] | None = None  # a mark written ahead, in the background
         self._stats: dict[str, _WorkerStats] = {}
         self._departed: collections.OrderedDict[str, None] = collections.OrderedDict()  # names, oldest first
         self._folded = _WorkerStats()  # the counters of departed workers no longer listed by name
@@ -175,6 +177,8 @@ class Distributor:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        if self._marking is not None:
+            await asyncio.gather(self._marking, return_exceptions=True)
 
     # -- dispatching -------------------------------------------------------------------------------
 
@@ -379,13 +383,30 @@ class Distributor:
             self._return(s, batch)
             return [], True
         top = max((m.seq for m, _c in batch), default=0)
+        self._top_handed = max(self._top_handed, top)
         if top > self._handed_mark:
             try:
-                await self._record_mark(top)
+                await self._record_mark(top + self.mark_ahead)
             except Exception:
                 self._return(s, batch)
                 raise
+        elif self._handed_mark - self._top_handed < self.mark_ahead // 2 and self._marking is None:
+            # written ahead of need, so that takes rarely wait for a commit of their own
+            self._marking = asyncio.ensure_future(self._record_mark(self._top_handed + self.mark_ahead))
+            self._marking.add_done_callback(self._marked)
         return batch, s.draining
+
+    @property
+    def mark_ahead(self) -> int:
+        """How far beyond what it handed out the recorded mark goes: twice the enlisted slots.
+        After a restart at most this many messages that were never handed out are marked as
+        redeliveries too; in exchange a take almost never waits for a commit."""
+        return 2 * sum(s.capacity for s in self._sessions.values())
+
+    def _marked(self, done: "asyncio.Future[None]") -> None:
+        self._marking = None
+        if not done.cancelled() and done.exception() is not None:
+            log.warning("recording the handed-out mark ahead failed (the next take records it): %r", done.exception())
 
     def _return(self, s: _Session, batch: list[tuple[Message, int]]) -> None:
         for msg, _count in batch:
@@ -394,8 +415,8 @@ class Distributor:
                 self._free_slot(s)
 
     async def _record_mark(self, seq: int) -> None:
-        """Remember (durably, before the worker sees them) that messages up to *seq* were handed
-        out, so that after a restart they are delivered marked as redeliveries."""
+        """Remember (durably, before the worker sees them) that messages up to *seq* may have
+        been handed out, so that after a restart they are delivered marked as redeliveries."""
         store = self.store
 
         def put(txn: Any) -> None:

@@ -203,16 +203,21 @@ def test_delivery_count_survives_a_distributor_restart(run, make_settings):
         return batch
 
     async def main():
+        ids = ["held"] + [f"q{i}" for i in range(5)]
         async with Gateway(settings) as gw:
-            await submit(gw, ["held", "queued"])
+            await submit(gw, ids)
             ((msg, count),) = await take_one(gw, "w")
             assert (msg.id, count) == ("held", 1)
+            # the mark goes twice the enlisted slots (1) beyond what was handed out
+            assert gw.distributor._handed_mark == msg.seq + 2
             # the distributor stops while the worker holds "held"
         async with Gateway(settings) as gw:
-            first = await take_one(gw, "w1")
-            second = await take_one(gw, "w2")
-            # possibly handled before the restart: marked; never handed out: not marked
-            assert [(m.id, c) for m, c in first + second] == [("held", 2), ("queued", 1)]
+            got = []
+            for i in range(len(ids)):
+                got += await take_one(gw, f"w{i}")
+            # possibly handled before the restart: marked (and the two behind it, within the
+            # mark's window); never handed out: not marked
+            assert [(m.id, c) for m, c in got] == [("held", 2), ("q0", 2), ("q1", 2), ("q2", 1), ("q3", 1), ("q4", 1)]
 
     run(main())
 
