@@ -10,6 +10,7 @@ from .errors import (
     AuthenticationError,
     BlobError,
     BlobIntegrityError,
+    BrokerUnavailableError,
     ConfigurationError,
     ExtensionMissingError,
     FramingError,
@@ -25,6 +26,9 @@ from .errors import (
     StoreError,
     StoreFullError,
     StoreUnavailableError,
+    UnknownSessionError,
+    UnknownSiteError,
+    WorkerHandlerError,
 )
 from .gateway import Gateway
 from .worker import Worker, WorkerMessage
@@ -52,6 +56,7 @@ __all__ = (
     "StoreError",
     "StoreFullError",
     "StoreUnavailableError",
+    "BrokerUnavailableError",
     "HandoverError",
     "InternalError",
     "ExtensionMissingError",
@@ -62,6 +67,9 @@ __all__ = (
     "SendProtocolError",
     "ResponseTooLargeError",
     "AuthenticationError",
+    "UnknownSiteError",
+    "UnknownSessionError",
+    "WorkerHandlerError",
     "BlobError",
     "BlobIntegrityError",
     # build

@@ -59,12 +59,7 @@ _DEPARTED = "(departed)"
 Answer = tuple[int, str, "bytes | FileAnswer"]
 
 
-class UnknownSessionError(GatewayError):
-    """The worker session is not known here (it lapsed, left, or the distributor restarted)."""
-
-
-class WorkerHandlerError(GatewayError):
-    """A worker reported that its handler failed on a message (the reason is the worker's)."""
+from .errors import UnknownSessionError, WorkerHandlerError  # noqa: E402
 
 
 class _Refusal(Exception):

@@ -7,6 +7,7 @@ __all__ = (
     "StoreError",
     "StoreFullError",
     "StoreUnavailableError",
+    "BrokerUnavailableError",
     "HandoverError",
     "InternalError",
     "ExtensionMissingError",
@@ -18,6 +19,8 @@ __all__ = (
     "ResponseTooLargeError",
     "AuthenticationError",
     "UnknownSiteError",
+    "UnknownSessionError",
+    "WorkerHandlerError",
     "BlobError",
     "BlobIntegrityError",
 )
@@ -45,6 +48,11 @@ class StoreFullError(StoreError):
 
 class StoreUnavailableError(StoreError):
     """The store is closed, or the disk refused a write; retry later."""
+
+
+class BrokerUnavailableError(StoreUnavailableError):
+    """The broker cannot be reached (or refused a publish): the submit is answered 503
+    (selected-instance mode)."""
 
 
 class HandoverError(GatewayError):
@@ -97,6 +105,14 @@ class AuthenticationError(GatewayError):
 
 class UnknownSiteError(GatewayError, ValueError):
     """A send names a site that is not configured (GWCORE_SITES, GWCORE_CONFIG)."""
+
+
+class UnknownSessionError(GatewayError):
+    """The worker session is not known here (it lapsed, left, or the distributor restarted)."""
+
+
+class WorkerHandlerError(GatewayError):
+    """A worker reported that its handler failed on a message (the reason is the worker's)."""
 
 
 class BlobError(GatewayError):

@@ -79,8 +79,7 @@ _HOLD_LIMIT = 5.0  # longest a standby holds submits after a handover record
 _HANDOVER_GRACE = 0.05  # between announcing a handover and holding submits (the standbys' read lag)
 
 
-class BrokerUnavailableError(StoreUnavailableError):
-    """The broker cannot be reached (or refused a publish): the submit is answered 503."""
+from .errors import BrokerUnavailableError  # noqa: E402
 
 
 def _pack_keys(keys: list[bytes]) -> bytes:
