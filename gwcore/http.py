@@ -436,7 +436,7 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
                 except ValueError as exc:
                     self._answer(slot, 400, f"Bad Request: {exc}", callback=result.callback)
                     return
-                if sha is not None and sha != databus._b64(hashlib.sha256(result.body).digest()):
+                if sha is not None and sha != databus.digests.b64(hashlib.sha256(result.body).digest()):
                     self._answer(slot, 412, _DIGEST_MISMATCH, callback=result.callback)
                     return
             sink = self._sink(False, False)

@@ -11,7 +11,7 @@ outgoing   u64 out seq                       egress record (gwcore/egress.py): s
 outgoing_errors  u64 out seq                 failed_ms + egress record (sends that gave up)
 meta       name                              value (schema version, last seq, last out seq, stream offset,
                                              blob name prefix)
-databus_*  (five databases)                  claim-check parts and blobs (gwcore/databus.py)
+databus_*  (five databases)                  claim-check parts and blobs (gwcore/databus/layout.py)
 replica    dedup key                         u8 state + u64 ms (selected mode: gwcore/selected.py)
 =========  ===============================  ==========================================
 
@@ -110,7 +110,7 @@ class Store:
     :param lease: the data dir's lease, already held (a locked descriptor from
         :mod:`gwcore.lease`; the store releases it on close). Default: take it now, or fail.
     :param blob_dir: the databus blob dir when it is not ``<path>/blobs`` (``GWCORE_BLOB_DIR``):
-        it may be shared with other instances (gwcore/databus.py).
+        it may be shared with other instances (gwcore/databus/).
     """
 
     def __init__(self, path: str, *, map_size: int = 256 << 20, max_size: int = 64 << 30,
@@ -118,10 +118,10 @@ class Store:
                  blob_dir: str | None = None) -> None:
         self.path = path
         self.max_size = max_size
-        #: Where blob files live (the claim check, gwcore/databus.py).
+        #: Where blob files live (the claim check, gwcore/databus/).
         self.blob_dir = blob_dir or databus.blob_dir(path)
         #: A blob dir set apart from the data dir may be shared: the sweep looks at this store's
-        #: files only, and parts' blobs are kept until their expiry (gwcore/databus.py).
+        #: files only, and parts' blobs are kept until their expiry (gwcore/databus/records.py).
         self.blobs_shared = bool(blob_dir)
         #: The first hex digits of every blob name this store makes (kept in meta).
         self.blob_prefix = ""

@@ -17,6 +17,7 @@ from httpclient import Client, nsb_request
 from test_databus import addr, blob_files, part_request, submit_request
 
 from gwcore import databus, http
+from gwcore.databus.digests import b64
 
 BUF = databus.BUF
 
@@ -75,8 +76,8 @@ def test_blob_sink_writes_every_byte_in_order_at_any_size_and_split(run, tmp_pat
         with open(sink.path, "rb") as f:
             assert f.read() == data
         assert sink.size == size
-        assert md5 == databus._b64(hashlib.md5(data).digest())
-        assert sha == databus._b64(hashlib.sha256(data).digest())
+        assert md5 == b64(hashlib.md5(data).digest())
+        assert sha == b64(hashlib.sha256(data).digest())
         assert not [n for n in os.listdir(databus.blob_dir(str(tmp_path))) if n.startswith(".tmp-")]
 
     run(main())
@@ -137,7 +138,7 @@ def test_a_file_system_that_refuses_o_direct_gets_ordinary_writes(run, tmp_path,
             assert was_direct == (where == "refuse-write" and _direct_ok(d))
             with open(sink.path, "rb") as f:
                 assert f.read() == data
-            assert md5 == databus._b64(hashlib.md5(data).digest())
+            assert md5 == b64(hashlib.md5(data).digest())
         assert refused["open"] == 1
         assert refused["write"] == (1 if _direct_ok(tmp_path) else 0)
 
@@ -294,7 +295,7 @@ def _with_header(req: bytes, line: str) -> bytes:
 
 def _digest_wire(data: bytes) -> str:
     import urllib.parse
-    return urllib.parse.quote(databus.content_digest(databus._b64(hashlib.sha256(data).digest())), safe="")
+    return urllib.parse.quote(databus.content_digest(b64(hashlib.sha256(data).digest())), safe="")
 
 
 @pytest.mark.parametrize("size", [1000, 3 << 20], ids=["small", "large"])

@@ -51,7 +51,7 @@ def metric_value(port: int, name: str) -> int:
 
 async def append_part(endpoint: str, msg_id: str, key: str, name: str, blob: bytes, expiry_ms: int,
                       sender: str = "crashed") -> None:
-    """A part record as another instance appends it when it takes a part (gwcore/databus.py)."""
+    """A part record as another instance appends it when it takes a part (gwcore/databus/records.py)."""
     part_key = f"{endpoint}\0{msg_id}\0{KEY_PREFIX}{key}".encode()
     job = databus.PartJob(None, part_key, name, len(blob), "", "", expiry_ms, lambda _n: None)
     conn = await aio_pika.connect(AMQP_URL)

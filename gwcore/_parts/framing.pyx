@@ -558,7 +558,7 @@ cdef class Framer:
                          "Please resubmit.", callback, found, body_bytes)
         gateway = found[CTL_GATEWAY] >= 0
         # Claim-check headers: their parts are looked up (and the values rewritten) by the
-        # writer, in the transaction that records the message (gwcore/databus.py).
+        # writer, in the transaction that records the message (gwcore/databus/records.py).
         if self._mark(first, end):
             databus = self._databus_names(first, end, gateway)
         if gateway and found[CTL_CORRELATION_ID] < 0:

@@ -207,7 +207,7 @@ cdef class ConnectionCore:
             return
         cdef bint want_pause = self.writing_paused or len(self.slots) >= self.state.max_pipeline
         if not want_pause and self.part is not None:
-            # a databus part whose blob threads lag behind the socket (gwcore/databus.py)
+            # a databus part whose blob threads lag behind the socket (gwcore/databus/sink.py)
             sink = self.part.sink
             want_pause = sink is not None and sink.behind
         if want_pause and not self.reading_paused:
