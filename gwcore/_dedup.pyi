@@ -488,8 +488,8 @@ class ConnectionCore:
     """One client connection: the compiled half of ``gwcore.http.HTTPProtocol``. It walks the
     parser's events, queues an answer slot per request and hands accepted envelopes to the
     writer; a subclass provides ``_route``, ``_ingested``, ``_other``, ``_fail``, ``_linger``
-    and, for streamed databus parts, ``_part_begin``, ``_part_data`` and ``_part_end`` for
-    everything else."""
+    and, for streamed databus parts, ``_part_begin``, ``_part_data``, ``_part_end`` and
+    ``_take_part_body`` (``gwcore.databus.intake.PartIntake``) for everything else."""
 
     state: Any
     parser: RequestParser
@@ -503,7 +503,7 @@ class ConnectionCore:
     idle_since: float
     linger_until: float
     part: Any
-    """The databus part being received (``gwcore.http._Part``) or None: while its blob threads
+    """The databus part being received (``gwcore.databus.intake._Part``) or None: while its blob threads
     lag behind, reading pauses."""
     parts_open: int
     """Parts of this connection whose body is in and whose record is not yet committed: a submit

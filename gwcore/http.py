@@ -2,7 +2,8 @@
 
 Each chunk read from a socket goes into the Cython core in one call (``RequestParser.feed``), which
 parses HTTP/1.1, frames every complete gateway request straight from its receive buffer and returns
-a list of events; Python only routes them, hands envelopes to the writer and answers.
+a list of events; Python only routes them, hands envelopes to the writer and answers. Databus
+parts are taken by the protocol's base class, :class:`gwcore.databus.intake.PartIntake`.
 
 Requests on a connection are answered in order (pipelining); each response slot is resolved when
 its batch is durable. Reading pauses while a connection has ``http_max_pipeline`` unanswered
@@ -13,14 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import logging
 import os
 import time
 from typing import Any
 
-from . import auth, databus
+from . import auth
 from ._core import core
+from .databus.intake import PartIntake
+from .databus.sink import BlobWriter
 from .errors import StoreError
 
 __all__ = ("HTTPState", "HTTPProtocol", "FileAnswer", "render_response")
@@ -40,8 +42,6 @@ _BUILTIN = (b"/healthz", b"/readyz", b"/metrics")
 _WORKER_PREFIX = b"/.gwcore/worker/"   # gwcore.distributor.WORKER_PREFIX
 _EV_SUBMIT, _EV_OTHER, _EV_CONTINUE = core.EV_SUBMIT, core.EV_OTHER, core.EV_CONTINUE
 _Rejection = core.Rejection
-_MD5_MISMATCH = "MD5 hash received does not match hash calculated on server. Please resubmit."
-_DIGEST_MISMATCH = "Content-Digest received does not match the digest calculated on server. Please resubmit."
 
 
 def _ascii_reason(text: str) -> str:
@@ -139,7 +139,7 @@ class HTTPState(core.ListenerCore):
         self.serves_workers = False
         self.worker_calls: set[asyncio.Future] = set()
         #: Writes databus parts to blob files (set by the owner with the writer; docs/databus.md).
-        self.blobs: databus.BlobWriter | None = None
+        self.blobs: BlobWriter | None = None
         self.part_tasks: set[asyncio.Future] = set()
         # ``active`` is False while this instance must not take gateway traffic (not started yet;
         # later: a standby or passive node); ``passive``: up and answering, waiting for the data
@@ -253,70 +253,11 @@ class HTTPState(core.ListenerCore):
         return False
 
 
-class _Part:
-    """A databus part being received: its slot, its framed head, and the blob it streams to
-    (None when it was refused at its head and its body is only read past)."""
-
-    __slots__ = ("slot", "env", "sink", "verified", "sha256")
-
-    def __init__(self, slot: core.AnswerSlot, env: Any, sink: databus.BlobSink | None, verified: bool = False) -> None:
-        self.slot = slot
-        self.env = env
-        self.sink = sink
-        self.verified = verified  # the signature was checked on the whole body already
-        self.sha256: str | None = None  # what its Content-Digest says the body's SHA-256 is
-
-
-#: A part body this large (still to come) is read with _PartBody rather than through the parser.
-_DIRECT_BODY_MIN = 64 << 10
-
-
-class _PartBody(asyncio.BufferedProtocol):
-    """The connection's protocol while the body of a databus part arrives: the socket is read
-    straight into the blob's receive buffers (no copy into a new ``bytes`` per read, no parser
-    pass), never past the body's end; then the connection goes back to its
-    :class:`HTTPProtocol`, which reads what follows as usual."""
-
-    __slots__ = ("http", "sink", "left")
-
-    def __init__(self, http: "HTTPProtocol", sink: databus.BlobSink, left: int) -> None:
-        self.http = http
-        self.sink = sink
-        self.left = left
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.sink.receive_into(self.left)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        http = self.http
-        self.left -= nbytes
-        http.parser.body_taken(nbytes)
-        self.sink.received(nbytes)
-        http.request_started = http.loop.time()  # the request timeout counts from the last bytes
-        if self.left == 0:
-            if http.transport is not None and not http.transport.is_closing():
-                http.transport.set_protocol(http)
-            http.data_received(b"")  # the parser ends the part: EV_PART_END
-        else:
-            http._update_reading()
-
-    def eof_received(self) -> bool:
-        return self.http.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.http.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.http.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.http.resume_writing()
-
-
-class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
+class HTTPProtocol(PartIntake):
     """One client connection (an asyncio protocol). The hot path of a submit (events, answer
     slots, handing the envelope to the writer, writing answers in order) is the compiled base
-    class; this class has the lifecycle and every answer but the 200 of an accepted submit."""
+    class, ``core.ConnectionCore``; databus parts are :class:`gwcore.databus.intake.PartIntake`'s;
+    this class has the lifecycle, the routing and every answer but the 200 of an accepted submit."""
 
     def __init__(self, state: HTTPState) -> None:
         self.state = state
@@ -328,7 +269,7 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
             max_header_bytes=settings.http_max_header_bytes, max_body=settings.max_body,
             allow_get=settings.http_allow_get, max_blob=settings.max_blob,
         )
-        self.part: _Part | None = None  # the databus part being received (read by _update_reading)
+        self.part = None  # the databus part being received (read by _update_reading)
         self.writable: asyncio.Future[None] | None = None  # a streamed answer waits on it while writing is paused
         # Files to stream as answers once the answers before them are out: (slot, head, FileAnswer)
         self.files_waiting: collections.deque[tuple[core.AnswerSlot, bytes, FileAnswer]] = collections.deque()
@@ -414,8 +355,7 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
         if state.verifier is not None:
             refusal = state.verifier.refusal(result)
             if refusal is not None:
-                state.log_refusal(refusal)
-                self._answer(slot, 401, refusal, callback=result.callback, extra=_CHALLENGE)
+                self._refuse(slot, refusal, result.callback)
                 return
         if isinstance(result, core.Rejection):
             if log.isEnabledFor(logging.DEBUG):
@@ -428,24 +368,7 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
                          callback=result.callback)
             return
         if result.call_type == core.CALL_DATABUS:
-            # A part the parser could not stream (framed whole, hash already verified).
-            slot.callback = result.callback
-            if result.content_digest is not None:
-                try:
-                    sha = databus.digest_sha256(result.content_digest)
-                except ValueError as exc:
-                    self._answer(slot, 400, f"Bad Request: {exc}", callback=result.callback)
-                    return
-                if sha is not None and sha != databus.digests.b64(hashlib.sha256(result.body).digest()):
-                    self._answer(slot, 412, _DIGEST_MISMATCH, callback=result.callback)
-                    return
-            sink = self._sink(False, False)
-            if sink is None:
-                self._answer(slot, 503, "Service Unavailable: cannot store the databus property",
-                             callback=result.callback)
-                return
-            sink.write(result.body)
-            self._store_part(_Part(slot, result, sink, verified=True))
+            self._whole_part(slot, result)  # a part the parser could not stream
             return
         slot.callback = result.callback
         slot.protocol = self
@@ -468,131 +391,7 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
         elif ok:
             self._answer(slot, 200, _OK, callback=slot.callback)
         else:
-            status, reason = error_answer(value, "ingest")
-            self._answer(slot, status, reason, callback=slot.callback)
-
-    # -- databus parts (docs/databus.md) ------------------------------------------------------------
-
-    def _sink(self, signed: bool, md5: bool) -> databus.BlobSink | None:
-        if self.state.blobs is None:
-            return None  # an HTTPState without a blob store (tests of the protocol alone)
-        try:
-            return self.state.blobs.sink(self._update_reading, signed=signed, md5=md5)
-        except OSError as exc:
-            log.error("databus: cannot create a blob file: %s", exc)
-            return None
-
-    def _part_begin(self, keep_alive: bool, env: Any) -> None:
-        """The head of a streamed part: refuse it now, or open the blob its body goes to."""
-        slot = self._slot(keep_alive)
-        slot.callback = env.callback
-        state = self.state
-        self.part = _Part(slot, env, None)
-        unavailable = state.not_available()
-        if unavailable is not None:
-            self._answer(slot, 503, unavailable)
-            return
-        signed = state.verifier is not None and env.auth_signature is not None
-        if state.verifier is not None and not signed:
-            refusal = state.verifier.refusal(env)  # unsigned: decided without the body
-            if refusal is not None:
-                state.log_refusal(refusal)
-                self._answer(slot, 401, refusal, callback=env.callback, extra=_CHALLENGE)
-                return
-        if env.content_digest is not None:
-            try:
-                self.part.sha256 = databus.digest_sha256(env.content_digest)
-            except ValueError as exc:
-                self._answer(slot, 400, f"Bad Request: {exc}", callback=env.callback)
-                return
-        # One digest per part: a SHA-256 that is checked anyway (a Content-Digest, or the body
-        # digest of a signature) proves the body as well as the MD5 would, and runs at 2-3 times
-        # its speed on CPUs with SHA extensions, so the Content-MD5 is then not computed.
-        with_sha = signed or self.part.sha256 is not None
-        sink = self._sink(with_sha, env.content_md5 is not None and not with_sha)
-        if sink is None:
-            self._answer(slot, 503, "Service Unavailable: cannot store the databus property",
-                         callback=env.callback)
-            return
-        self.part.sink = sink
-
-    def _take_part_body(self) -> None:
-        """When the rest of a part's body is all still to come, read it with :class:`_PartBody`
-        straight into the blob's receive buffers, not through the parser."""
-        part = self.part
-        if part is None or part.sink is None or self.closing or self.transport is None:
-            return
-        left = self.parser.streamed_body_left()
-        if left >= _DIRECT_BODY_MIN:
-            self.transport.set_protocol(_PartBody(self, part.sink, left))
-
-    def _part_data(self, chunk: bytes) -> None:
-        part = self.part
-        if part is not None and part.sink is not None:
-            part.sink.write(chunk)
-
-    def _part_end(self) -> None:
-        part, self.part = self.part, None
-        if part is not None and part.sink is not None:
-            self._store_part(part)
-
-    def _drop_part(self) -> None:
-        part, self.part = self.part, None
-        if part is not None and part.sink is not None:
-            part.sink.abort()
-
-    def _store_part(self, part: _Part) -> None:
-        self.parts_open += 1
-        task = asyncio.ensure_future(self._finish_part(part))
-        self.state.part_tasks.add(task)
-        task.add_done_callback(self._part_recorded)
-
-    def _part_recorded(self, task: asyncio.Task) -> None:
-        self.state.part_tasks.discard(task)
-        self.parts_open -= 1
-        if not self.parts_open and self.held:
-            held, self.held = self.held, []
-            for slot, result in held:
-                self._route(slot, result)
-
-    async def _finish_part(self, part: _Part) -> None:
-        """The whole body is in: seal the blob, verify it, index it; then answer."""
-        state, env, sink, slot = self.state, part.env, part.sink, part.slot
-        assert sink is not None
-        try:
-            md5, sha = await sink.finish()
-        except OSError as exc:
-            log.error("databus: writing the property of message %s failed: %s", env.id, exc)
-            self._answer(slot, 503, f"Service Unavailable: cannot store the databus property ({exc.strerror or exc})",
-                         callback=env.callback)
-            return
-        if not part.verified and part.sha256 is not None and part.sha256 != sha:
-            sink.discard_sealed()
-            self._answer(slot, 412, _DIGEST_MISMATCH, callback=env.callback)
-            return
-        if not part.verified and md5 is not None and env.content_md5 is not None and env.content_md5 != md5:
-            sink.discard_sealed()
-            self._answer(slot, 412, _MD5_MISMATCH, callback=env.callback)
-            return
-        if state.verifier is not None and env.auth_signature is not None and not part.verified:
-            refusal = state.verifier.refusal(env, digest=sha)
-            if refusal is not None:
-                sink.discard_sealed()
-                state.log_refusal(refusal)
-                self._answer(slot, 401, refusal, callback=env.callback, extra=_CHALLENGE)
-                return
-        writer = state.writer
-        part_key = env.key + b"\0" + env.databus_key.encode("utf-8")
-        try:
-            await writer.call(databus.record_part(
-                writer.store, part_key, sink.name, sink.size, md5 or "", sha or "", writer.blob_expiry_ms(
-                    env.expiry_ms, env.accepted_ms), writer.doom))
-        except Exception as exc:
-            sink.discard_sealed()
-            status, reason = error_answer(exc, f"databus: indexing the property of message {env.id}")
-            self._answer(slot, status, reason, callback=env.callback)
-            return
-        self._answer(slot, 200, _OK, callback=env.callback)
+            self._answer_error(slot, value, "ingest", slot.callback)
 
     def _other(self, keep_alive: bool, method: bytes, path: bytes, headers: dict[bytes, bytes] | None) -> None:
         """Everything but a gateway submit: built-in endpoints, unknown paths, other methods."""
@@ -789,6 +588,16 @@ class HTTPProtocol(core.ConnectionCore, asyncio.Protocol):
             data = data[:data.index(b"\r\n\r\n") + 4]
         slot.data = data
         self._flush()
+
+    def _refuse(self, slot: core.AnswerSlot, refusal: str, callback: str | None) -> None:
+        """401: the request's signature does not hold (*refusal* says why)."""
+        self.state.log_refusal(refusal)
+        self._answer(slot, 401, refusal, callback=callback, extra=_CHALLENGE)
+
+    def _answer_error(self, slot: core.AnswerSlot, exc: BaseException, what: str, callback: str | None) -> None:
+        """503 or 502 to a request that failed with *exc* inside gwcore (:func:`error_answer`)."""
+        status, reason = error_answer(exc, what)
+        self._answer(slot, status, reason, callback=callback)
 
     def _fail(self, status: int, reason: str) -> None:
         """Answer the current (broken or over-limit) request after those before it, then close."""

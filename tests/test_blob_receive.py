@@ -17,6 +17,7 @@ from httpclient import Client, nsb_request
 from test_databus import addr, blob_files, part_request, submit_request
 
 from gwcore import databus, http
+from gwcore.databus import intake
 from gwcore.databus.digests import b64
 
 BUF = databus.BUF
@@ -192,10 +193,10 @@ def test_part_body_is_read_into_the_blob_buffers_then_the_connection_parses_agai
                 await c.send(head + blob[:1 << 20])
                 for _ in range(200):
                     await asyncio.sleep(0.01)
-                    if isinstance(_connection(gw).transport.get_protocol(), http._PartBody):
+                    if isinstance(_connection(gw).transport.get_protocol(), intake._PartBody):
                         break
                 conn = _connection(gw)
-                assert isinstance(conn.transport.get_protocol(), http._PartBody)
+                assert isinstance(conn.transport.get_protocol(), intake._PartBody)
                 # the rest of the body, a submit and another submit in one write
                 other = str(uuid.uuid4())
                 await c.send(blob[1 << 20:] + submit_request(msg_id, ("big",)) + nsb_request(other))
@@ -239,7 +240,7 @@ def test_client_gone_mid_body_leaves_no_file(run, gateway_factory):
             for _ in range(200):
                 await asyncio.sleep(0.01)
                 state = gw.states[0]
-                if state.connections and isinstance(_connection(gw).transport.get_protocol(), http._PartBody):
+                if state.connections and isinstance(_connection(gw).transport.get_protocol(), intake._PartBody):
                     break
             await c.__aexit__(None, None, None)
             for _ in range(300):
@@ -314,7 +315,7 @@ def test_content_digest_is_checked_instead_of_the_md5(run, gateway_factory, size
                 wrong = _with_header(part_request(str(uuid.uuid4()), "k", blob),
                                      f"Content-Digest: {_digest_wire(blob + b'x')}")
                 r = await c.request(wrong)
-                assert (r.status, r.reason) == (412, http._DIGEST_MISMATCH)
+                assert (r.status, r.reason) == (412, intake._DIGEST_MISMATCH)
                 skipped = _with_header(part_request(str(uuid.uuid4()), "k", blob, md5=bad_md5),
                                        f"Content-Digest: {_digest_wire(blob)}")
                 r = await c.request(skipped)
@@ -362,22 +363,25 @@ def test_digest_sha256_refuses_a_malformed_sha256_member(value):
 
 def test_content_digest_of_a_part_framed_whole_is_checked_too(run, gateway_factory):
     """A part whose call type comes in the query string (the JSONP form) is framed with its body,
-    not streamed: its Content-Digest is checked there."""
+    not streamed: its Content-Digest is checked there, and a malformed one is the same 400."""
 
     async def main():
         async with gateway_factory(http_allow_get=True) as gw:
             blob = os.urandom(5000)
 
-            def req(digest_of: bytes) -> bytes:
+            def req(digest: str) -> bytes:
                 r = part_request(str(uuid.uuid4()), "k", blob)
                 r = r.replace(b"NServiceBus.CallType: SingleCallDatabusProperty\r\n", b"")
                 r = r.replace(b"POST /RemoteSite/ ", b"POST /RemoteSite/?NServiceBus.CallType=SingleCallDatabusProperty ", 1)
-                return _with_header(r, f"Content-Digest: {_digest_wire(digest_of)}")
+                return _with_header(r, f"Content-Digest: {digest}")
 
             async with Client(*addr(gw)) as c:
-                assert (await c.request(req(blob))).status == 200
-                r = await c.request(req(b"other"))
-                assert (r.status, r.reason) == (412, http._DIGEST_MISMATCH)
+                assert (await c.request(req(_digest_wire(blob)))).status == 200
+                r = await c.request(req(_digest_wire(b"other")))
+                assert (r.status, r.reason) == (412, intake._DIGEST_MISMATCH)
+                r = await c.request(req("sha-256%3Dnot-base64"))
+                assert (r.status, r.reason) == (400, "Bad Request: the sha-256 member of Content-Digest is not a "
+                                                     "byte sequence (:base64:)")
             assert len(blob_files(gw.settings.data_dir)) == 1
 
     run(main())

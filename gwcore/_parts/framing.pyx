@@ -400,7 +400,7 @@ cdef class Framer:
                               object callback, uint64_t now_ms):
         # SingleCallDatabusProperty: NServiceBus stores the blob, verifies its hash (412), then
         # wants the DataBusKey (400). A streamed part is checked for its key before its body
-        # arrives and for its hash once the body is on disk (gwcore/databus.py).
+        # arrives and for its hash once the body is on disk (gwcore/databus/intake.py).
         cdef const _Span* s
         cdef Py_ssize_t n
         cdef unsigned char md5[MD5_BASE64_LEN]

@@ -107,7 +107,7 @@ cdef class ConnectionCore:
     cdef public double request_started   # loop time the unfinished request began
     cdef public double idle_since
     cdef public double linger_until
-    cdef public object part          # the databus part being received (gwcore.http._Part), or None
+    cdef public object part          # the databus part being received (gwcore.databus.intake._Part), or None
     cdef public int parts_open       # parts of this connection received and not yet recorded
 
     @property
