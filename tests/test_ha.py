@@ -243,16 +243,40 @@ def test_a_passive_gateway_stops_cleanly_and_leaves_the_lease_free(make_settings
     run(main())
 
 
-def test_a_missing_nginx_fails_in_ci_and_skips_elsewhere(monkeypatch):
+def test_a_missing_nginx_skips_and_ci_turns_every_skip_into_a_failure(monkeypatch, tmp_path):
+    """Without nginx the helper skips; run as CI runs it (CI=true), that skip, and any other, fails
+    the run (tests/conftest.py), and an allowed one would have to be listed in tests/ci.py."""
+    import subprocess
+    import sys
+
     import pytest
 
     import nginx
 
     monkeypatch.setattr(nginx.shutil, "which", lambda name: None)
     monkeypatch.setattr(nginx.os, "access", lambda path, mode: False)
-    monkeypatch.setenv("CI", "true")
-    with pytest.raises(pytest.fail.Exception):
+    with pytest.raises(pytest.skip.Exception, match="nginx is not installed"):
         nginx.nginx_binary()
-    monkeypatch.delenv("CI")
-    with pytest.raises(pytest.skip.Exception):
-        nginx.nginx_binary()
+    tests = os.path.dirname(os.path.abspath(__file__))
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("import pytest\n\ndef test_needs_something():\n    pytest.skip('no frobnicator here')\n"
+                     "\n@pytest.mark.skipif(True, reason='never here')\ndef test_marked():\n    pass\n")
+    (tmp_path / "conftest.py").write_text(  # the suite's own hook, loaded from tests/conftest.py
+        "import importlib.util, sys\n"
+        f"sys.path.insert(0, {tests!r})\n"
+        f"spec = importlib.util.spec_from_file_location('suite_conftest', {tests!r} + '/conftest.py')\n"
+        "suite = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(suite)\n"
+        "pytest_runtest_makereport = suite.pytest_runtest_makereport\n")
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    # a skip in the test is a failure, one at set-up (a skipif mark) an error: both fail the run
+    for ci_value, expected in (("true", "1 failed, 1 error"), (None, "2 skipped")):
+        run_env = dict(env, **({"CI": ci_value} if ci_value else {}))
+        res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(probe)],
+                             cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=120)
+        assert expected in res.stdout, res.stdout + res.stderr
+        if ci_value:
+            assert res.returncode == 1
+            assert "skipped in CI (CI is set), which counts as a failure here" in res.stdout
+            assert "no frobnicator here" in res.stdout and "never here" in res.stdout
+        else:
+            assert res.returncode == 0
