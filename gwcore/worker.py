@@ -443,13 +443,13 @@ class Worker:
         self._blobs = _BlobAccess(_base_url(url), self._proto.client.ssl, wait + 30.0, blob_dir, download_dir, signer)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.session: str | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()  # handlers running (one per busy slot)
         # seqs taken and not yet answered, with how many copies: after a takeover the new active
         # may hand a message out again while the old session's copy is still being handled
         self._held: collections.Counter[int] = collections.Counter()
         # Acks of the messages finished in one loop turn go out as one request.
-        self._acks: list[tuple[str, int, asyncio.Future[None]]] = []
-        self._acking: set[asyncio.Future[None]] = set()  # acknowledgements not answered yet
+        self._acks: list[tuple[str, int]] = []   # (session, seq) to acknowledge this loop turn
+        self._acking: set[asyncio.Future[None]] = set()  # acks and nacks not answered yet
         self._room = asyncio.Event()
         self._draining = False
         self._run_task: asyncio.Task | None = None
@@ -472,7 +472,9 @@ class Worker:
         """Enlist, handle messages until drained, finish what is in flight, leave."""
         loop = asyncio.get_running_loop()
         self._executor = concurrent.futures.ThreadPoolExecutor(self.capacity, thread_name_prefix="gwcore-handler")
-        call = handler_caller(self._handler, self._executor)
+        handler = self._handler
+        # a sync handler (it may block) runs in the pool; an async one on the loop
+        call = None if handler_caller(handler) is not handler else handler
         heartbeat = loop.create_task(self._heartbeat())
         try:
             while not self._draining:
@@ -502,17 +504,19 @@ class Worker:
                     self._held[wire["seq"]] += 1
                     session = self.session or ""
                     msg = WorkerMessage(wire, session=session, blobs=self._blobs)
-                    task = loop.create_task(self._one(call, session, msg))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._done)
+                    self._start(loop, call, session, msg)
                 self.max_in_flight = max(self.max_in_flight, len(self._tasks))
                 if answer["stop"]:
                     log.info("worker %r drained by the distributor: finishing %d message(s)", self.name, len(self._tasks))
                     self._draining = True
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
-            if self._acking:
-                await asyncio.gather(*self._acking, return_exceptions=True)
+            while self._tasks or self._acks or self._acking:
+                # the handlers still running, then every acknowledgement answered
+                if self._tasks:
+                    await asyncio.gather(*self._tasks, return_exceptions=True)
+                if self._acks:
+                    self._send_acks()
+                if self._acking:
+                    await asyncio.gather(*self._acking, return_exceptions=True)
             if self.session is not None:
                 try:
                     await self._proto.call("leave", self.session)
@@ -554,35 +558,48 @@ class Worker:
                 except SendError as exc:
                     log.warning("heartbeat failed: %s", exc)
 
-    def _done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        self._room.set()
+    def _start(self, loop: asyncio.AbstractEventLoop, call: Callable[[WorkerMessage], Any] | None,
+               session: str, msg: WorkerMessage) -> None:
+        """Run the handler on *msg* in a slot: an async handler as a task of its own, a sync one
+        straight in the worker's thread pool (no task around it)."""
+        if call is None:
+            fut: asyncio.Future[Any] = loop.run_in_executor(self._executor, self._handler, msg)
+        else:
+            fut = loop.create_task(call(msg))
+        self._tasks.add(fut)
+        fut.add_done_callback(lambda done: self._handled(session, msg, done))
 
-    async def _one(self, call: Callable[[WorkerMessage], Any], session: str, msg: WorkerMessage) -> None:
-        handled = False
-        try:
-            try:
-                try:
-                    await call(msg)
-                finally:
-                    msg._cleanup()
-            except Exception as exc:
-                self.failed += 1
-                log.warning("handler failed on message %s (attempt %d): %r", msg.id, msg.attempt, exc)
-                await self._answer(msg, "nack", session, str(msg.seq), repr(exc))
-                return
+    def _handled(self, session: str, msg: WorkerMessage, done: asyncio.Future[Any]) -> None:
+        """The handler returned or raised: its slot is free now. The acknowledgement goes out with
+        the others of this loop turn, and the message stays held until it is answered, so that
+        takes keep listing it; a failure is reported (nack) the same way."""
+        self._tasks.discard(done)
+        self._room.set()
+        msg._cleanup()
+        if done.cancelled():
+            self._unhold(msg.seq)  # stopped mid-handler: not a failed attempt, it is handed out again
+            return
+        exc = done.exception()
+        if exc is None:
             self.processed += 1
-            handled = True
+            if not self._acks:
+                asyncio.get_running_loop().call_soon(self._send_acks)
+            self._acks.append((session, msg.seq))
+            return
+        self.failed += 1
+        log.warning("handler failed on message %s (attempt %d): %r", msg.id, msg.attempt, exc)
+        self._answering(self._nack(session, msg, repr(exc)))
+
+    def _answering(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._acking.add(task)
+        task.add_done_callback(self._acking.discard)
+
+    async def _nack(self, session: str, msg: WorkerMessage, reason: str) -> None:
+        try:
+            await self._answer(msg, "nack", session, str(msg.seq), reason)
         finally:
-            if not handled:
-                self._unhold(msg.seq)
-        # The slot is free once the handler returned (this task ends now); the acknowledgement
-        # goes out with the others of this loop turn, and the message stays held until it is
-        # answered, so that takes keep listing it.
-        ack = asyncio.ensure_future(self._ack(session, msg.seq))
-        self._acking.add(ack)
-        ack.add_done_callback(self._acking.discard)
-        ack.add_done_callback(lambda _a: self._unhold(msg.seq))
+            self._unhold(msg.seq)
 
     def _unhold(self, seq: int) -> None:
         # held until answered: a take lists it, so the distributor does not hand it out again
@@ -590,30 +607,21 @@ class Worker:
         if self._held[seq] <= 0:
             del self._held[seq]
 
-    async def _ack(self, session: str, seq: int) -> None:
-        loop = asyncio.get_running_loop()
-        if not self._acks:
-            loop.call_soon(self._send_acks)
-        done: asyncio.Future[None] = loop.create_future()
-        self._acks.append((session, seq, done))
-        await done
-
     def _send_acks(self) -> None:
         batch, self._acks = self._acks, []
-        by_session: dict[str, list[tuple[int, asyncio.Future[None]]]] = {}
-        for session, seq, done in batch:
-            by_session.setdefault(session, []).append((seq, done))
-        for session, items in by_session.items():
-            asyncio.ensure_future(self._ack_batch(session, items))
+        by_session: dict[str, list[int]] = {}
+        for session, seq in batch:
+            by_session.setdefault(session, []).append(seq)
+        for session, seqs in by_session.items():
+            self._answering(self._ack_batch(session, seqs))
 
-    async def _ack_batch(self, session: str, items: list[tuple[int, asyncio.Future[None]]]) -> None:
-        what = f"{len(items)} message(s)" if len(items) > 1 else f"seq {items[0][0]}"
+    async def _ack_batch(self, session: str, seqs: list[int]) -> None:
+        what = f"{len(seqs)} message(s)" if len(seqs) > 1 else f"seq {seqs[0]}"
         try:
-            await self._answer_call(what, "ack", session, ",".join(str(seq) for seq, _ in items))
+            await self._answer_call(what, "ack", session, ",".join(map(str, seqs)))
         finally:
-            for _seq, done in items:
-                if not done.done():
-                    done.set_result(None)
+            for seq in seqs:
+                self._unhold(seq)
 
     async def _answer(self, msg: WorkerMessage, *call: str) -> None:
         await self._answer_call(f"message {msg.id}", *call)
