@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import calendar
+import collections
 import hashlib
 import hmac
 import os
@@ -288,7 +289,7 @@ def _key_id(signature: str | None) -> str:
 
 _EMPTY_DIGEST = body_digest(b"")
 _WINDOW = 1024          # counters a call may lag behind the stream's highest and still pass
-MAX_STREAMS = 4096      # live nonce streams the gateway remembers at once (all keys together)
+MAX_STREAMS = 1024      # live nonce streams the gateway remembers at once, per key
 
 
 class NonceSource:
@@ -345,6 +346,7 @@ class CallVerifier:
         self.max_skew_s = max_skew_s
         self.clock = clock
         self._streams: dict[tuple[str, str], _Stream] = {}
+        self._per_key: collections.Counter[str] = collections.Counter()  # live streams of each key
         self._pruned = 0.0
 
     def check(self, method: str, target: str, headers: Mapping[bytes, bytes] | None) -> str:
@@ -384,12 +386,15 @@ class CallVerifier:
             horizon = now - 2 * self.max_skew_s
             for k in [k for k, st in streams.items() if st.last < horizon]:
                 del streams[k]
+                self._per_key[k[0]] -= 1
         st = streams.get((key_id, stream_id))
         if st is None:
-            if len(streams) >= MAX_STREAMS:
-                raise AuthenticationError(REPLAYED, f"more than {MAX_STREAMS} signing streams at once: "
-                                                    "refused until older ones lapse")
+            # bounded per key, so that one key's holder cannot crowd out the others' workers
+            if self._per_key[key_id] >= MAX_STREAMS:
+                raise AuthenticationError(REPLAYED, f"more than {MAX_STREAMS} signing streams of key {key_id!r} "
+                                                    "at once: refused until older ones lapse")
             st = streams[(key_id, stream_id)] = _Stream()
+            self._per_key[key_id] += 1
         if counter > st.top:
             shift = counter - st.top
             st.seen = ((st.seen << shift) | 1) & ((1 << _WINDOW) - 1) if shift < _WINDOW else 1

@@ -292,6 +292,24 @@ def test_the_nonce_window():
     assert check("stream03.1") == "k"
 
 
+def test_nonce_streams_are_bounded_per_key_and_forgotten_after_twice_the_window():
+    now = [1_800_000_000.0]
+    v = auth.CallVerifier([("k", SECRET_A), ("other", SECRET_B)], 300.0, clock=lambda: now[0])
+
+    def check(key, secret, nonce):
+        headers = {k.lower(): val for k, val in auth.call_headers(secret, key, "POST", "/p", nonce, now[0])}
+        return v.check("POST", "/p", headers)
+
+    for i in range(auth.MAX_STREAMS):
+        check("k", SECRET_A, f"stream{i:04d}.1")
+    with pytest.raises(auth.AuthenticationError, match="signing streams of key 'k'"):
+        check("k", SECRET_A, "overflow.1")
+    assert check("other", SECRET_B, "stream0000.1") == "other"   # another key's workers are not crowded out
+    now[0] += 601   # twice the window: the old streams are forgotten, a new one fits again
+    assert check("k", SECRET_A, "overflow.1") == "k"
+    assert list(v._streams) == [("k", "overflow")]   # the rest aged out with their date window
+
+
 # -- no request stalls the distributor ----------------------------------------------------------------
 
 def test_limits_on_capacity_sessions_and_names(run, make_settings):
