@@ -19,8 +19,14 @@ B runs on ``--server-cpu``; A, nginx and the workers share ``--client-cpu``. The
 between 10 % and 90 % of the messages handled; the ratio distributor ÷ standalone per round is
 reported with its median and range. Results go to bench/results/ (gitignored).
 
+With ``--scenario takeover`` the two kinds are instead a distributor node B without workers
+``started active`` and one that ``took over``: started passive beside an active node on the same
+data dir, which is then SIGKILLed. A sends to B directly; the rate is of accepted submits. A node
+that took over must serve submits as fast as one started active (the same compiled path).
+
     .venv/bin/python bench/load/distributor.py                        # 5 rounds, 100,000 messages
     .venv/bin/python bench/load/distributor.py --rounds 1 --messages 10000   # smoke test
+    .venv/bin/python bench/load/distributor.py --scenario takeover --rounds 5
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +160,9 @@ def run_distributor(cfg: argparse.Namespace, work: Path, template: Path, label: 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenario", choices=sorted(SCENARIOS), default="mode",
+                   help="mode: distributor against standalone (default); takeover: a node that took over "
+                        "against one started active")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--messages", type=int, default=100_000)
     p.add_argument("--capacity", type=int, default=64, help="capacity of each of the 2 workers (default 64)")
@@ -162,9 +172,68 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _readyz(port: int) -> int:
+    try:
+        return rl.http_get(port, "/readyz")[0]
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def run_ingest(cfg: argparse.Namespace, work: Path, template: Path, label: str, *, takeover: bool) -> dict[str, Any]:
+    """Sender A straight to a distributor node B with no workers; B started active, or (takeover)
+    started passive beside an active holder of the same data dir that is then SIGKILLed, so B
+    serves as a node that took over. Rate of messages B accepted (10-90 %)."""
+    kind = "takeover" if takeover else "active"
+    data = work / f"b-{kind}-{label}"
+    env = {"GWCORE_MODE": "distributor", "GWCORE_WORKER_LISTEN": f"127.0.0.1:{rl.free_port()}"}
+    holder = None
+    if takeover:
+        hcfg = argparse.Namespace(**vars(cfg))
+        hcfg.gwcore_env = _env({**env, "GWCORE_WORKER_LISTEN": f"127.0.0.1:{rl.free_port()}"})
+        holder = rl.Server("gwcore", hcfg, work, data)
+        holder.start(cfg.ready_timeout)
+    b = _node(cfg, work, f"{kind}-{label}", env)
+    b.env["GWCORE_DATA_DIR"] = str(data)
+    b.start(cfg.ready_timeout)
+    a = None
+    try:
+        if holder is not None:
+            assert _readyz(b.port) == 503, "B should be the passive node"
+            holder.proc.kill()
+            holder.proc.wait()
+            deadline = time.monotonic() + cfg.ready_timeout
+            while _readyz(b.port) != 200:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("B did not take over")
+                time.sleep(0.05)
+        a = _sender(cfg, work, template, f"{kind}-{label}", b.url)
+        a.start(cfg.ready_timeout)
+        samples = _watch(b, cfg.messages, cfg.timeout, lambda m: m.get("gwcore_messages_accepted_total", 0.0))
+    finally:
+        if a is not None:
+            a.stop()
+        b.stop()
+        if holder is not None:
+            holder._log.close()
+    rate = _rate(samples, cfg.messages)
+    rl.log(f"  [{label}] {kind:<11}: {rate:>10,.0f} msg/s accepted (A → B, B {'took over' if takeover else 'started active'})")
+    return {"rps": rate}
+
+
+#: --scenario -> (first kind, second kind, how to run each, what the table compares)
+SCENARIOS = {
+    "mode": ("standalone", "distributor", {
+        "standalone": run_standalone, "distributor": run_distributor}, "distributor ÷ standalone"),
+    "takeover": ("active", "takeover", {
+        "active": lambda *a: run_ingest(*a, takeover=False), "takeover": lambda *a: run_ingest(*a, takeover=True)},
+        "took over ÷ started active"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = build_parser().parse_args(argv)
     cfg.store_sync, cfg.commit_max_delay_us, cfg.gwcore_env = None, None, []
+    base, other, runners, compared = SCENARIOS[cfg.scenario]
     started = dt.datetime.now(dt.timezone.utc)
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gwcore-dist-", dir=cfg.work_dir))
@@ -175,35 +244,36 @@ def main(argv: list[str] | None = None) -> int:
         s2s.build_template(template, cfg.messages, rl.make_body(cfg.body_size), f"http://127.0.0.1:1{rl.CHANNEL_PATH}")
         for i in range(cfg.rounds):
             label = f"{i + 1}/{cfg.rounds}"
-            order = ("standalone", "distributor") if i % 2 == 0 else ("distributor", "standalone")
+            order = (base, other) if i % 2 == 0 else (other, base)
             res: dict[str, Any] = {"order": " → ".join(order)}
             for kind in order:
-                run = run_standalone if kind == "standalone" else run_distributor
-                res[kind] = run(cfg, work, template, label.replace("/", "of"))
-            res["ratio"] = res["distributor"]["rps"] / res["standalone"]["rps"]
+                res[kind] = runners[kind](cfg, work, template, label.replace("/", "of"))
+            res["ratio"] = res[other]["rps"] / res[base]["rps"]
             rl.log(f"  [{label}] ratio {res['ratio']:.3f}")
             rounds.append(res)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ratios = [r["ratio"] for r in rounds]
-    summary = {"ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-               "standalone_median": statistics.median(r["standalone"]["rps"] for r in rounds),
-               "distributor_median": statistics.median(r["distributor"]["rps"] for r in rounds)}
+    summary = {"scenario": cfg.scenario, "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+               "ratio_max": max(ratios), f"{base}_median": statistics.median(r[base]["rps"] for r in rounds),
+               f"{other}_median": statistics.median(r[other]["rps"] for r in rounds)}
+    setup = (f"2 workers of capacity {cfg.capacity}; empty handlers." if cfg.scenario == "mode" else
+             "distributor mode, no workers: the rate of accepted submits.")
     lines = [
-        f"Node B on CPU {cfg.server_cpu}; sender, nginx and workers on CPU {cfg.client_cpu}; {cfg.rounds} rounds of "
-        f"{cfg.messages:,} messages ({cfg.body_size} bytes); 2 workers of capacity {cfg.capacity}; empty handlers.",
+        f"Node B on CPU {cfg.server_cpu}; sender{', nginx and workers' if cfg.scenario == 'mode' else ''} on CPU "
+        f"{cfg.client_cpu}; {cfg.rounds} rounds of {cfg.messages:,} messages ({cfg.body_size} bytes); {setup}",
         "",
-        "| | standalone msg/s | distributor msg/s | distributor ÷ standalone |",
+        f"| | {base} msg/s | {other} msg/s | {compared} |",
         "|---|---:|---:|---|",
-        f"| median (min–max) | {summary['standalone_median']:,.0f} | {summary['distributor_median']:,.0f} | "
+        f"| median (min–max) | {summary[f'{base}_median']:,.0f} | {summary[f'{other}_median']:,.0f} | "
         f"{summary['ratio_median']:.3f} ({summary['ratio_min']:.3f}–{summary['ratio_max']:.3f}) |",
         "",
-        "| round | order | standalone | distributor | ratio |",
+        f"| round | order | {base} | {other} | ratio |",
         "|---:|---|---:|---:|---:|",
-    ] + [f"| {i + 1} | {r['order']} | {r['standalone']['rps']:,.0f} | {r['distributor']['rps']:,.0f} | "
+    ] + [f"| {i + 1} | {r['order']} | {r[base]['rps']:,.0f} | {r[other]['rps']:,.0f} | "
          f"{r['ratio']:.3f} |" for i, r in enumerate(rounds)]
     md = "\n".join(lines) + "\n"
-    s2s.write_results(cfg, started, "distributor", rounds, summary, md)
+    s2s.write_results(cfg, started, "distributor" if cfg.scenario == "mode" else "takeover", rounds, summary, md)
     return 0
 
 
