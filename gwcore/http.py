@@ -24,6 +24,7 @@ from ._core import core
 from .databus.intake import PartIntake
 from .databus.sink import BlobWriter
 from .errors import StoreError
+from .httphead import ascii_reason, render_head
 
 __all__ = ("HTTPState", "HTTPProtocol", "FileAnswer", "render_response")
 
@@ -44,26 +45,13 @@ _EV_SUBMIT, _EV_OTHER, _EV_CONTINUE = core.EV_SUBMIT, core.EV_OTHER, core.EV_CON
 _Rejection = core.Rejection
 
 
-def _ascii_reason(text: str) -> str:
-    # A reason phrase is one line of visible ASCII; .NET writes '?' for what it cannot encode.
-    return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text)[:512]
-
-
 def render_response(status: int, reason: str, date: bytes, *, body: bytes | None = None,
                     content_type: bytes = _JSON, close: bool = False, extra: bytes = b"") -> bytes:
     """One complete HTTP/1.1 response; ``body`` defaults to the reason (NServiceBus style)."""
-    reason = _ascii_reason(reason)
+    reason = ascii_reason(reason)
     if body is None:
         body = reason.encode("ascii")
-    return _render_head(status, reason, date, len(body), content_type, close, extra) + body
-
-
-def _render_head(status: int, reason: str, date: bytes, length: int, content_type: bytes, close: bool,
-                 extra: bytes) -> bytes:
-    return b"HTTP/1.1 %d %s\r\nServer: gwcore\r\nDate: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n" % (
-        status, reason.encode("ascii"), date, content_type, length, extra,
-        b"Connection: close\r\n" if close else b"",
-    )
+    return render_head(status, reason, date, len(body), content_type, close, extra) + body
 
 
 class FileAnswer:
@@ -467,7 +455,7 @@ class HTTPProtocol(PartIntake):
     def _answer_file(self, slot: core.AnswerSlot, status: int, reason: str, answer: FileAnswer) -> None:
         extra = b"".join(b"%s: %s\r\n" % (name.encode("ascii"), value.encode("ascii"))
                          for name, value in answer.headers)
-        head = _render_head(status, _ascii_reason(reason), self.state.date(), answer.size, _OCTETS, slot.close, extra)
+        head = render_head(status, ascii_reason(reason), self.state.date(), answer.size, _OCTETS, slot.close, extra)
         if slot.head or answer.size == 0:
             answer.close()
             slot.data = head
@@ -579,7 +567,7 @@ class HTTPProtocol(PartIntake):
         if count:
             self.state.requests_by_status[status] += 1
         if callback is not None:
-            body = _jsonp(callback, _ascii_reason(reason))
+            body = _jsonp(callback, ascii_reason(reason))
             content_type = _JS
         data = render_response(status, reason, self.state.date(), body=body,
                                content_type=content_type, close=slot.close, extra=extra)
