@@ -40,7 +40,7 @@ _CHALLENGE = b"WWW-Authenticate: gwcore-v1\r\n"   # RFC 9110: a 401 names its sc
 _LINGER_SECONDS = 2.0
 _PASSIVE = "Service Unavailable: passive"
 _BUILTIN = (b"/healthz", b"/readyz", b"/metrics")
-_WORKER_PREFIX = b"/.gwcore/worker/"   # gwcore.distributor.WORKER_PREFIX
+_WORKER_PREFIX = b"/.gwcore/worker/"   # gwcore.distributor.protocol.WORKER_PREFIX
 _EV_SUBMIT, _EV_OTHER, _EV_CONTINUE = core.EV_SUBMIT, core.EV_OTHER, core.EV_CONTINUE
 _Rejection = core.Rejection
 
@@ -119,8 +119,8 @@ class HTTPState(core.ListenerCore):
         self.channel_paths = [p.lower().encode() for p in channel_paths]
         self.metrics_render = metrics_render
         #: Distributor mode: answers ``/.gwcore/worker/...`` requests, ``await worker_api(method,
-        #: path, alive, headers) -> (status, reason, json body)`` (gwcore/distributor.py); None
-        #: elsewhere, and until the node is active.
+        #: path, alive, headers) -> (status, reason, json body or FileAnswer)``
+        #: (gwcore/distributor/protocol.py); None elsewhere, and until the node is active.
         self.worker_api: Any = None
         #: Whether this listener serves the worker API at all (the worker listener; the receive
         #: channels only with worker keys): elsewhere its paths are 404.
