@@ -21,7 +21,10 @@ The modules (this package re-exports the names the rest of gwcore uses):
   take, ack, nack, drain and leave, the handed-out mark, the metrics;
 * :mod:`~gwcore.distributor.protocol`: :class:`WorkerProtocol`, the worker calls over HTTP (their
   signatures, the operations, a message on the wire, a blob's answer), attached to the listeners
-  as their ``worker_api``.
+  as their ``worker_api``;
+* :mod:`~gwcore.distributor.listener`: ``WorkerCalls``, a base class of
+  ``gwcore.http.HTTPProtocol`` that runs a worker call and writes its answer, and ``FileAnswer``,
+  a blob streamed from its file.
 """
 
 from ..errors import UnknownSessionError, WorkerHandlerError

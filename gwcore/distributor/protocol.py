@@ -7,7 +7,7 @@ too; the listener routes its paths to :meth:`WorkerProtocol.handle` (the gateway
 checked before anything is handed out, taken back or deleted; a session belongs to the key that
 enlisted it. The request parser keeps no body or query string for paths that are not channels,
 so every parameter travels as a percent-encoded path segment; answers are JSON, but for a databus
-blob, whose file the listener streams (:class:`gwcore.http.FileAnswer`).
+blob, whose file the listener streams (:class:`gwcore.distributor.listener.FileAnswer`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import orjson
 from .. import auth, databus
 from ..consumer import Message
 from ..errors import AuthenticationError, ConfigurationError, UnknownSessionError
-from ..http import FileAnswer
+from .listener import FileAnswer
 from .scheduler import Distributor, _Refusal
 
 __all__ = ("WorkerProtocol", "WORKER_PREFIX", "check_channels", "Answer")
