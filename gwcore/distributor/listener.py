@@ -20,7 +20,7 @@ import asyncio
 import collections
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable
 
 from .._core import core
 from ..httphead import ascii_reason, render_head
@@ -79,11 +79,8 @@ class WorkerCalls(core.ConnectionCore):
 
     def _worker_call(self, slot: core.AnswerSlot, method: bytes, path: bytes, headers: dict[bytes, bytes] | None) -> None:
         """A distributor worker's request: answered when its (possibly long-polling) call ends."""
-        state = self.state
         slot.head = method == b"HEAD"
-        call = asyncio.ensure_future(state.worker_api(method, path, self._open, headers))
-        state.worker_calls.add(call)
-        call.add_done_callback(state.worker_calls.discard)
+        call = self._listener_task(self.state.worker_api(method, path, self._open, headers))
         call.add_done_callback(lambda done: self._worker_answer(slot, done))
 
     def _open(self) -> bool:
@@ -151,9 +148,14 @@ class WorkerCalls(core.ConnectionCore):
             del self._flush
 
     def _start_stream(self, slot: core.AnswerSlot, head: bytes, answer: FileAnswer) -> None:
-        task = asyncio.ensure_future(self._stream_file(slot, head, answer))
+        self._listener_task(self._stream_file(slot, head, answer))
+
+    def _listener_task(self, work: Awaitable[Any]) -> asyncio.Future:
+        """*work* as a task, held in the listener's ``worker_calls`` until it ends."""
+        task = asyncio.ensure_future(work)
         self.state.worker_calls.add(task)
         task.add_done_callback(self.state.worker_calls.discard)
+        return task
 
     async def _stream_file(self, slot: core.AnswerSlot, head: bytes, answer: FileAnswer) -> None:
         """Write *head*, then the file in pieces read off the loop (a thread, the next piece read

@@ -38,6 +38,7 @@ _BLOB_KEY = re.compile(r"[0-9a-f]{32}")
 
 #: (status, reason, JSON body), or for a blob a :class:`FileAnswer` as the body.
 Answer = tuple[int, str, "bytes | FileAnswer"]
+_STOPPING: Answer = (503, "Service Unavailable: the distributor is stopping", b"")
 
 
 class WorkerProtocol:
@@ -76,7 +77,7 @@ class WorkerProtocol:
             if method not in (b"GET", b"HEAD"):
                 return 405, "Method Not Allowed: a blob is read with GET (or HEAD)", b""
             if self.distributor.closed:
-                return 503, "Service Unavailable: the distributor is stopping", b""
+                return _STOPPING
             # Everything after the session is the key: a key with a '/' in it is malformed (400),
             # not an unknown operation.
             return self.blob(args[0] if args else "", "/".join(args[1:]), key)
@@ -86,15 +87,11 @@ class WorkerProtocol:
         if handler is None or len(args) != handler[0]:
             return 404, f"Not Found: no worker operation {op!r} with {len(args)} argument(s)", b""
         if self.distributor.closed:
-            return 503, "Service Unavailable: the distributor is stopping", b""
+            return _STOPPING
         try:
             result = await handler[1](self.distributor, args, alive, key)
-        except UnknownSessionError as exc:
-            return 404, f"Not Found: {exc}", b""
-        except _Refusal as exc:
-            if exc.status == 401:
-                self.distributor.refused += 1
-            return exc.status, exc.reason, b""
+        except (UnknownSessionError, _Refusal) as exc:
+            return self._refused(exc)
         except ValueError as exc:
             return 400, f"Bad Request: {exc}", b""
         return 200, "OK", orjson.dumps(result)
@@ -109,11 +106,8 @@ class WorkerProtocol:
             return 400, "Bad Request: a blob key is 32 lowercase hex digits", b""
         try:
             s = self.distributor.session(sid, worker_key)  # renews the lease, as every call does
-        except UnknownSessionError as exc:
-            return 404, f"Not Found: {exc}", b""
-        except _Refusal as exc:
-            self.distributor.refused += 1
-            return exc.status, exc.reason, b""
+        except (UnknownSessionError, _Refusal) as exc:
+            return self._refused(exc)
         if not any(_names_blob(m, key) for m in s.inflight.values()):
             return 404, f"Not Found: blob {key} is named by no message worker session {sid} holds", b""
         store = self.distributor.store
@@ -139,6 +133,15 @@ class WorkerProtocol:
         if info.md5:
             headers.append(("Content-MD5", info.md5))
         return 200, "OK", FileAnswer(fd, size, headers)
+
+    def _refused(self, exc: UnknownSessionError | _Refusal) -> Answer:
+        """The answer to a call the distributor refused: 404 for a session it does not know, else
+        the refusal's status and reason (a 401 counted in ``refused``)."""
+        if isinstance(exc, UnknownSessionError):
+            return 404, f"Not Found: {exc}", b""
+        if exc.status == 401:
+            self.distributor.refused += 1
+        return exc.status, exc.reason, b""
 
 
 def _positive(text: str, what: str) -> int:
