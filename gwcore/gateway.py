@@ -23,7 +23,7 @@ from .config import Settings
 from .control import ControlServer
 from .databus import BlobWriter
 from .consumer import LocalQueue, Message, load_handler, run_handler
-from .distributor import Distributor, check_channels
+from .distributor import Distributor, WorkerProtocol, check_channels
 from .errors import ConfigurationError, GatewayError
 from .http import HTTPProtocol, HTTPState
 from .lease import LeaseWaiter, lease_holder, try_lease
@@ -60,6 +60,8 @@ class Gateway:
         self.worker_server: asyncio.base_events.Server | None = None
         self._handler_task: asyncio.Task | None = None
         self.distributor: Distributor | None = None
+        #: Distributor mode: the worker calls over HTTP, attached to the listeners as worker_api.
+        self.worker_protocol: WorkerProtocol | None = None
         self.forwarder: egress.Forwarder | None = None
         self.control: ControlServer | None = None
         self._requests: dict[str, asyncio.Future[Message]] = {}
@@ -220,15 +222,15 @@ class Gateway:
             if s.mode == "distributor":
                 check_channels([ch.path for ch in s.receive_channels])
                 self.distributor = Distributor(self.queue, self.store, self.writer, lease=s.worker_lease,
-                                               keys=s.worker_keys, max_skew=s.auth_max_skew,
                                                max_capacity=s.worker_max_capacity,
                                                max_sessions=s.worker_max_sessions)
+                self.worker_protocol = WorkerProtocol(self.distributor, s.worker_keys, s.auth_max_skew)
             if forward:
                 self.forwarder = egress.Forwarder(s, self.store, self.writer)
                 await self.forwarder.start()
             if listen and not self.servers:
                 await self._listen()
-            worker_api = self.distributor.handle if self.distributor is not None else None
+            worker_api = self.worker_protocol.handle if self.worker_protocol is not None else None
             for state in self.states:
                 state.attach(writer=self.writer, blobs=self.blobs, worker_api=worker_api)
             await self._start_mode()

@@ -3,7 +3,9 @@
 Each chunk read from a socket goes into the Cython core in one call (``RequestParser.feed``), which
 parses HTTP/1.1, frames every complete gateway request straight from its receive buffer and returns
 a list of events; Python only routes them, hands envelopes to the writer and answers. Databus
-parts are taken by the protocol's base class, :class:`gwcore.databus.intake.PartIntake`.
+parts are taken by one of the protocol's base classes, :class:`gwcore.databus.intake.PartIntake`;
+the calls of distributor workers (the paths under ``/.gwcore/worker/``, routed here to the
+listener's ``worker_api``) by the other, :class:`gwcore.distributor.listener.WorkerCalls`.
 
 Requests on a connection are answered in order (pipelining); each response slot is resolved when
 its batch is durable. Reading pauses while a connection has ``http_max_pipeline`` unanswered
@@ -15,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 import time
 from typing import Any
 
@@ -23,73 +24,35 @@ from . import auth
 from ._core import core
 from .databus.intake import PartIntake
 from .databus.sink import BlobWriter
+from .distributor.listener import WorkerCalls
+from .distributor.protocol import WORKER_PREFIX
 from .errors import StoreError
+from .httphead import ascii_reason, render_head
 
-__all__ = ("HTTPState", "HTTPProtocol", "FileAnswer", "render_response")
+__all__ = ("HTTPState", "HTTPProtocol", "render_response", "error_answer")
 
 log = logging.getLogger("gwcore.http")
 
 _JSON = b"application/json; charset=utf-8"
 _JS = b"application/javascript; charset=utf-8"
 _TEXT = b"text/plain; version=0.0.4; charset=utf-8"
-_OCTETS = b"application/octet-stream"
 
 _OK = "OK"
 _CHALLENGE = b"WWW-Authenticate: gwcore-v1\r\n"   # RFC 9110: a 401 names its scheme
 _LINGER_SECONDS = 2.0
 _PASSIVE = "Service Unavailable: passive"
 _BUILTIN = (b"/healthz", b"/readyz", b"/metrics")
-_WORKER_PREFIX = b"/.gwcore/worker/"   # gwcore.distributor.WORKER_PREFIX
 _EV_SUBMIT, _EV_OTHER, _EV_CONTINUE = core.EV_SUBMIT, core.EV_OTHER, core.EV_CONTINUE
 _Rejection = core.Rejection
-
-
-def _ascii_reason(text: str) -> str:
-    # A reason phrase is one line of visible ASCII; .NET writes '?' for what it cannot encode.
-    return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text)[:512]
 
 
 def render_response(status: int, reason: str, date: bytes, *, body: bytes | None = None,
                     content_type: bytes = _JSON, close: bool = False, extra: bytes = b"") -> bytes:
     """One complete HTTP/1.1 response; ``body`` defaults to the reason (NServiceBus style)."""
-    reason = _ascii_reason(reason)
+    reason = ascii_reason(reason)
     if body is None:
         body = reason.encode("ascii")
-    return _render_head(status, reason, date, len(body), content_type, close, extra) + body
-
-
-def _render_head(status: int, reason: str, date: bytes, length: int, content_type: bytes, close: bool,
-                 extra: bytes) -> bytes:
-    return b"HTTP/1.1 %d %s\r\nServer: gwcore\r\nDate: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n" % (
-        status, reason.encode("ascii"), date, content_type, length, extra,
-        b"Connection: close\r\n" if close else b"",
-    )
-
-
-class FileAnswer:
-    """A worker call's answer whose body is a file (a databus blob), streamed to the client in
-    pieces as the connection takes them (never read whole). The listener owns *fd* from here
-    on and closes it when the answer is written or abandoned.
-
-    :param headers: further response headers, ``(name, value)`` of visible ASCII.
-    """
-
-    __slots__ = ("fd", "size", "headers")
-
-    def __init__(self, fd: int, size: int, headers: list[tuple[str, str]]) -> None:
-        self.fd = fd
-        self.size = size
-        self.headers = headers
-
-    def close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-
-#: One read of a streamed file: the transport's buffer holds about this much more than its
-#: high-water mark at worst (the loop stops reading the file while the peer is behind).
-_FILE_PIECE = 256 << 10
+    return render_head(status, reason, date, len(body), content_type, close, extra) + body
 
 
 def _jsonp(callback: str, text: str) -> bytes:
@@ -131,8 +94,8 @@ class HTTPState(core.ListenerCore):
         self.channel_paths = [p.lower().encode() for p in channel_paths]
         self.metrics_render = metrics_render
         #: Distributor mode: answers ``/.gwcore/worker/...`` requests, ``await worker_api(method,
-        #: path, alive, headers) -> (status, reason, json body)`` (gwcore/distributor.py); None
-        #: elsewhere, and until the node is active.
+        #: path, alive, headers) -> (status, reason, json body or FileAnswer)``
+        #: (gwcore/distributor/protocol.py); None elsewhere, and until the node is active.
         self.worker_api: Any = None
         #: Whether this listener serves the worker API at all (the worker listener; the receive
         #: channels only with worker keys): elsewhere its paths are 404.
@@ -253,11 +216,13 @@ class HTTPState(core.ListenerCore):
         return False
 
 
-class HTTPProtocol(PartIntake):
+class HTTPProtocol(PartIntake, WorkerCalls):
     """One client connection (an asyncio protocol). The hot path of a submit (events, answer
     slots, handing the envelope to the writer, writing answers in order) is the compiled base
     class, ``core.ConnectionCore``; databus parts are :class:`gwcore.databus.intake.PartIntake`'s;
-    this class has the lifecycle, the routing and every answer but the 200 of an accepted submit."""
+    worker calls and the files they are answered with are
+    :class:`gwcore.distributor.listener.WorkerCalls`'; this class has the lifecycle, the routing
+    and every other answer but the 200 of an accepted submit."""
 
     def __init__(self, state: HTTPState) -> None:
         self.state = state
@@ -270,9 +235,8 @@ class HTTPProtocol(PartIntake):
             allow_get=settings.http_allow_get, max_blob=settings.max_blob,
         )
         self.part = None  # the databus part being received (read by _update_reading)
-        self.writable: asyncio.Future[None] | None = None  # a streamed answer waits on it while writing is paused
-        # Files to stream as answers once the answers before them are out: (slot, head, FileAnswer)
-        self.files_waiting: collections.deque[tuple[core.AnswerSlot, bytes, FileAnswer]] = collections.deque()
+        self.writable = None  # a streamed answer waits on it while writing is paused
+        self.files_waiting = collections.deque()  # files to stream as answers (WorkerCalls)
         self.held: list[tuple[core.AnswerSlot, Any]] = []  # submits waiting for parts_open to be 0
         self.slots: collections.deque[core.AnswerSlot] = collections.deque()
         self.closing = False  # no further requests will be read
@@ -399,7 +363,7 @@ class HTTPProtocol(PartIntake):
         state = self.state
         if path in _BUILTIN:
             self._builtin(slot, method, path)
-        elif path.startswith(_WORKER_PREFIX):
+        elif path.startswith(WORKER_PREFIX):
             if not state.serves_workers:
                 self._answer(slot, 404, "Not Found: the worker API is not served on this listener "
                                         "(docs/deployment.md, \"Worker keys\")", count=False)
@@ -434,152 +398,13 @@ class HTTPProtocol(PartIntake):
             text = state.metrics_render() if state.metrics_render else ""
             self._answer(slot, 200, _OK, body=text.encode(), content_type=_TEXT, count=False)
 
-    def _worker_call(self, slot: core.AnswerSlot, method: bytes, path: bytes, headers: dict[bytes, bytes] | None) -> None:
-        """A distributor worker's request: answered when its (possibly long-polling) call ends."""
-        state = self.state
-        slot.head = method == b"HEAD"
-        call = asyncio.ensure_future(state.worker_api(method, path, self._open, headers))
-        state.worker_calls.add(call)
-        call.add_done_callback(state.worker_calls.discard)
-        call.add_done_callback(lambda done: self._worker_answer(slot, done))
-
-    def _open(self) -> bool:
-        return self.transport is not None and not self.transport.is_closing()
-
-    def _worker_answer(self, slot: core.AnswerSlot, call: asyncio.Future) -> None:
-        if call.cancelled():
-            self._answer(slot, 503, "Service Unavailable: gwcore is shutting down", count=False)
-        elif call.exception() is not None:
-            status, reason = error_answer(call.exception(), "worker protocol request")  # type: ignore[arg-type]
-            self._answer(slot, status, reason, count=False)
-        else:
-            status, reason, body = call.result()
-            if status == 401:
-                self.state.log_refusal(reason)
-                self._answer(slot, status, reason, count=False, extra=_CHALLENGE)
-            elif isinstance(body, FileAnswer):
-                self._answer_file(slot, status, reason, body)
-            else:
-                self._answer(slot, status, reason, body=body or None, count=False)
-
-    # -- answers streamed from a file (databus blobs for distributor workers) ----------------------
-
-    def _answer_file(self, slot: core.AnswerSlot, status: int, reason: str, answer: FileAnswer) -> None:
-        extra = b"".join(b"%s: %s\r\n" % (name.encode("ascii"), value.encode("ascii"))
-                         for name, value in answer.headers)
-        head = _render_head(status, _ascii_reason(reason), self.state.date(), answer.size, _OCTETS, slot.close, extra)
-        if slot.head or answer.size == 0:
-            answer.close()
-            slot.data = head
-            self._flush()
-            return
-        # Answers go out in request order: the body streams once every answer before it is
-        # written, and the answers after it wait (its slot has no data until the body is out).
-        if not self.files_waiting and self.slots and self.slots[0] is slot:
-            self._start_stream(slot, head, answer)
-            return
-        if not self.files_waiting:
-            # Every answer ends with a call of self._flush (the compiled path calls it by name
-            # too): while files wait their turn, this connection's own _flush starts each one.
-            # Only this connection pays for the detour, and only until then.
-            self._flush = self._flush_then_stream  # type: ignore[method-assign]
-        self.files_waiting.append((slot, head, answer))
-
-    def _flush_then_stream(self) -> None:
-        core.ConnectionCore._flush(self)
-        files = self.files_waiting
-        while files:
-            slot, head, answer = files[0]
-            gone = self.transport is None or self.transport.is_closing()
-            if not gone and slot in self.slots and self.slots[0] is not slot:
-                break  # not its turn yet
-            files.popleft()
-            if gone or slot not in self.slots:
-                answer.close()
-            else:
-                self._start_stream(slot, head, answer)
-                break
-        if not files:
-            del self._flush
-
-    def _drop_files(self) -> None:
-        files = self.files_waiting
-        if files:
-            while files:
-                files.popleft()[2].close()
-            del self._flush
-
-    def _start_stream(self, slot: core.AnswerSlot, head: bytes, answer: FileAnswer) -> None:
-        task = asyncio.ensure_future(self._stream_file(slot, head, answer))
-        self.state.worker_calls.add(task)
-        task.add_done_callback(self.state.worker_calls.discard)
-
-    async def _stream_file(self, slot: core.AnswerSlot, head: bytes, answer: FileAnswer) -> None:
-        """Write *head*, then the file in pieces read off the loop (a thread, the next piece read
-        while the last one is sent), waiting whenever the transport's buffer is over its
-        high-water mark: memory stays at a few pieces whatever the file's size. A peer that takes
-        nothing for ``GWCORE_HTTP_REQUEST_TIMEOUT`` is cut off; so is one whose file turns out
-        shorter than announced (the length is out already)."""
-        transport = self.transport
-        loop = self.loop
-        timeout = self.settings.http_request_timeout
-        offset, size = 0, answer.size
-        reading: asyncio.Future[bytes] | None = None
-        done = False
-        try:
-            if transport is None or transport.is_closing():
-                return
-            transport.write(head)
-            reading = next_piece = loop.run_in_executor(None, os.pread, answer.fd, min(_FILE_PIECE, size), 0)
-            while offset < size:
-                piece = await next_piece
-                reading = None
-                if transport.is_closing():
-                    return
-                if not piece:
-                    log.error("a streamed file ended after %d of %d bytes: connection closed", offset, size)
-                    return
-                transport.write(piece)
-                offset += len(piece)
-                if offset < size:
-                    reading = next_piece = loop.run_in_executor(
-                        None, os.pread, answer.fd, min(_FILE_PIECE, size - offset), offset)
-                while self.writing_paused and not transport.is_closing():
-                    if self.writable is None:
-                        self.writable = loop.create_future()
-                    try:
-                        await asyncio.wait_for(asyncio.shield(self.writable), timeout)
-                    except asyncio.TimeoutError:
-                        log.warning("a worker took nothing of a blob for %g s (GWCORE_HTTP_REQUEST_TIMEOUT): "
-                                    "connection closed after %d of %d bytes", timeout, offset, size)
-                        return
-            done = True
-        except OSError as exc:
-            log.error("reading a streamed file failed after %d of %d bytes: %s", offset, size, exc)
-        finally:
-            if reading is not None and not reading.done():
-                # the file is closed once the read in its thread is over, never under it
-                def close(read: asyncio.Future[bytes]) -> None:
-                    if not read.cancelled():
-                        read.exception()  # retrieved: a failed read of an abandoned answer is no news
-                    answer.close()
-
-                reading.add_done_callback(close)
-            else:
-                answer.close()
-            if done:
-                slot.data = b""  # the answer is out: the ones behind it may follow
-                self._flush()
-            elif transport is not None and not transport.is_closing():
-                transport.abort()  # the client must not take a short body for a whole one
-
     def _answer(self, slot: core.AnswerSlot, status: int, reason: str, *, body: bytes | None = None,
                 content_type: bytes = _JSON, callback: str | None = None, extra: bytes = b"",
                 count: bool = True) -> None:
         if count:
             self.state.requests_by_status[status] += 1
         if callback is not None:
-            body = _jsonp(callback, _ascii_reason(reason))
+            body = _jsonp(callback, ascii_reason(reason))
             content_type = _JS
         data = render_response(status, reason, self.state.date(), body=body,
                                content_type=content_type, close=slot.close, extra=extra)
@@ -589,15 +414,16 @@ class HTTPProtocol(PartIntake):
         slot.data = data
         self._flush()
 
-    def _refuse(self, slot: core.AnswerSlot, refusal: str, callback: str | None) -> None:
+    def _refuse(self, slot: core.AnswerSlot, refusal: str, callback: str | None, *, count: bool = True) -> None:
         """401: the request's signature does not hold (*refusal* says why)."""
         self.state.log_refusal(refusal)
-        self._answer(slot, 401, refusal, callback=callback, extra=_CHALLENGE)
+        self._answer(slot, 401, refusal, callback=callback, extra=_CHALLENGE, count=count)
 
-    def _answer_error(self, slot: core.AnswerSlot, exc: BaseException, what: str, callback: str | None) -> None:
+    def _answer_error(self, slot: core.AnswerSlot, exc: BaseException, what: str, callback: str | None, *,
+                      count: bool = True) -> None:
         """503 or 502 to a request that failed with *exc* inside gwcore (:func:`error_answer`)."""
         status, reason = error_answer(exc, what)
-        self._answer(slot, status, reason, callback=callback)
+        self._answer(slot, status, reason, callback=callback, count=count)
 
     def _fail(self, status: int, reason: str) -> None:
         """Answer the current (broken or over-limit) request after those before it, then close."""

@@ -22,7 +22,7 @@ Every instance has its own data dir and one broker connection (:class:`gwcore.am
 - **Databus parts.** The leader appends a *part* record (part key, blob name, size, hashes,
   expiry) for each part it takes before answering it; every instance keeps them
   (``databus_replica``), and a submit whose part is not in the local index takes the blob from
-  there when its file is in the (shared) blob dir (gwcore/databus.py, docs/databus.md). The
+  there when its file is in the (shared) blob dir (gwcore/databus/, docs/databus.md). The
   records of a message go once the stream shows it *done*.
 - **Handover** (:meth:`Selected.step_down`, on SIGTERM or ``gwcore handover``): hold new submits,
   let the outbox drain, append a *release* record and give up the leader queue, wait until another
@@ -56,7 +56,7 @@ from ._core import core
 from pamqp.commands import Basic
 
 from .amqp import Link, PublishRefused, Topology, broker_errors, cancel_and_wait, from_amqp, to_amqp
-from .errors import StoreUnavailableError
+from .errors import BrokerUnavailableError
 from .store import Store, Writer, encode_error, now_ms
 
 if TYPE_CHECKING:
@@ -77,9 +77,6 @@ _REPLICA = struct.Struct(">BQ")  # state, recorded_ms
 _DISPATCH_BATCH = 512
 _HOLD_LIMIT = 5.0  # longest a standby holds submits after a handover record
 _HANDOVER_GRACE = 0.05  # between announcing a handover and holding submits (the standbys' read lag)
-
-
-from .errors import BrokerUnavailableError  # noqa: E402
 
 
 def _pack_keys(keys: list[bytes]) -> bytes:
@@ -242,7 +239,7 @@ class Selected:
         self._flushing = False
         self._markers: dict[bytes, asyncio.Future] = {}
         self.caught_up = False
-        # databus part records from the stream (gwcore/databus.py): (part key, record) to store,
+        # databus part records from the stream (gwcore/databus/replica.py): (part key, record) to store,
         # the messages that have some, and those dispatched since (their records go)
         self._parts_pending: list[tuple[bytes, bytes]] = []
         self._part_messages: set[bytes] = set()

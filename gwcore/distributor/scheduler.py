@@ -1,65 +1,40 @@
-"""Distributor-hosted mode (``GWCORE_MODE=distributor``): the local queue is worked off by
-``gwcore worker`` processes that enlisted over HTTP with a capacity.
+"""The scheduling of distributor mode: which worker session gets which queued message.
 
-The gateway stores accepted messages in the local queue exactly as in standalone mode; instead of
-an in-process handler, a :class:`Distributor` hands each queued message to a worker session with a
-free slot, the least recently freed slot first (the NServiceBus distributor's ready model). A
-worker acknowledges a message after its handler returned, which deletes it (through the writer,
-durably) and frees the slot; a failure report (nack) goes through the local queue's retry and
-poison logic (gwcore/consumer.py). A session that is not heard from within its lease lapses: what
-it took and did not acknowledge goes back to the queue, marked as a redelivery.
-
-The wire protocol (docs/deployment.md) lives under ``/.gwcore/worker/``: on the worker listener
-(``GWCORE_WORKER_LISTEN``, loopback by default) and, only when worker keys are configured, on the
-gateway's receive channels too. With worker keys every call is signed (gwcore/auth.py, "worker
-calls") and checked before anything is handed out, taken back or deleted; a session belongs to
-the key that enlisted it. The request parser keeps no body or query string for paths that are not
-channels, so every parameter travels as a percent-encoded path segment; answers are JSON.
+A :class:`Distributor` hands each message of the local queue to a worker session with a free
+slot, the least recently freed slot first (the NServiceBus distributor's ready model), and takes
+the worker's answers: an ack deletes the message (through the writer, durably) and frees its slot;
+a nack goes through the local queue's retry and poison logic (gwcore/consumer.py). A session that
+is not heard from within its lease lapses: what it took and did not acknowledge goes back to the
+queue, marked as a redelivery, and so does what was handed out before a restart (the handed-out
+mark, recorded durably ahead of need). The calls that reach it over HTTP are
+:class:`gwcore.distributor.protocol.WorkerProtocol`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import heapq
 import itertools
 import logging
-import os
-import re
 import secrets
 import struct
 import time
-import urllib.parse
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
-import orjson
+from ..consumer import LocalQueue, Message
+from ..errors import UnknownSessionError, WorkerHandlerError
+from ..store import Store, Writer
 
-from . import auth, databus
-from .consumer import LocalQueue, Message
-from .errors import AuthenticationError, ConfigurationError, GatewayError
-from .http import FileAnswer
-from .store import Store, Writer
-
-__all__ = ("Distributor", "WORKER_PREFIX", "UnknownSessionError")
+__all__ = ("Distributor",)
 
 log = logging.getLogger("gwcore.distributor")
 
-#: The reserved path prefix of the worker protocol on the gateway's listener.
-WORKER_PREFIX = b"/.gwcore/worker/"
 _MARK_KEY = b"distributor_handed"  # meta: the highest queue seq ever handed to a worker
 _U64 = struct.Struct(">Q")
-_MAX_REASON = 2000
-_BLOB_KEY = re.compile(r"[0-9a-f]{32}")
 #: Departed workers whose metric series are kept by name; older ones are summed into one series.
 _DEPARTED_SERIES = 64
 _DEPARTED = "(departed)"
-
-#: (status, reason, JSON body), or for a blob a :class:`gwcore.http.FileAnswer` as the body.
-Answer = tuple[int, str, "bytes | FileAnswer"]
-
-
-from .errors import UnknownSessionError, WorkerHandlerError  # noqa: E402
 
 
 class _Refusal(Exception):
@@ -104,22 +79,16 @@ class Distributor:
 
     :param queue: the gateway's local queue (retries and the error store come from it).
     :param lease: seconds a session lives without a call from its worker (``GWCORE_WORKER_LEASE``).
-    :param keys: worker keys, (key id, secret) pairs (``GWCORE_WORKER_KEYS``): with any, every
-        call must be signed by one of them; without, calls are anonymous (the worker listener on
-        loopback is then the only place they are served).
-    :param max_skew: ``GWCORE_AUTH_MAX_SKEW``, the date window of a signed call.
     :param max_capacity: the most slots one session may enlist (``GWCORE_WORKER_MAX_CAPACITY``).
     :param max_sessions: the most sessions at once (``GWCORE_WORKER_MAX_SESSIONS``).
     """
 
     def __init__(self, queue: LocalQueue, store: Store, writer: Writer, *, lease: float,
-                 keys: tuple[tuple[str, bytes], ...] = (), max_skew: float = 300.0,
                  max_capacity: int = 1000, max_sessions: int = 256) -> None:
         self.queue = queue
         self.store = store
         self.writer = writer
         self.lease = lease
-        self.verifier = auth.CallVerifier(keys, max_skew) if keys else None
         self.max_capacity = max_capacity
         self.max_sessions = max_sessions
         #: Longest a take waits for work: well inside the lease, so a waiting worker never lapses.
@@ -143,13 +112,18 @@ class Distributor:
         self._stats: dict[str, _WorkerStats] = {}
         self._departed: collections.OrderedDict[str, None] = collections.OrderedDict()  # names, oldest first
         self._folded = _WorkerStats()  # the counters of departed workers no longer listed by name
-        self.refused = 0  # worker calls answered 401
+        self.refused = 0  # worker calls answered 401 (counted by the protocol, shown with the metrics)
         self._closed = False
         self._task: asyncio.Task | None = None
         self._reaper: asyncio.TimerHandle | None = None
         self.redelivered = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` began: nothing more is handed out."""
+        return self._closed
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._dispatch())
@@ -265,7 +239,7 @@ class Distributor:
             st = self._stats[name] = _WorkerStats()
         return st
 
-    def _session(self, sid: str, key: str | None = None) -> _Session:
+    def session(self, sid: str, key: str | None = None) -> _Session:
         """The live session *sid*, its lease renewed, for a call signed by *key*.
 
         :raises UnknownSessionError: no such session.
@@ -348,7 +322,7 @@ class Distributor:
 
         :param held: the seqs the worker holds; any other the session holds never reached it
             (a batch lost on the way) and is handed out again."""
-        s = self._session(sid, key)
+        s = self.session(sid, key)
         if s.waiter is not None:
             self._flush(s)  # a take that superseded an earlier one (the worker gave up on it)
         if held is not None:
@@ -427,7 +401,7 @@ class Distributor:
     async def ack(self, sid: str, seqs: list[int], key: str | None = None) -> int:
         """The worker's handlers returned for *seqs*: delete them (durably), free their slots.
         Returns how many were still held by the session (others were already redelivered)."""
-        s = self._session(sid, key)
+        s = self.session(sid, key)
         # Out of the session before the (durable) delete: a lapse meanwhile must not requeue them.
         msgs = [s.inflight.pop(seq) for seq in dict.fromkeys(seqs) if seq in s.inflight]
         # The worker's handlers are done with them: their slots take new work now, while the
@@ -452,7 +426,7 @@ class Distributor:
     def nack(self, sid: str, seq: int, reason: str, key: str | None = None) -> bool:
         """The worker's handler raised on *seq*: retry later with backoff, or move the message to
         the error store after ``GWCORE_HANDLER_MAX_ATTEMPTS`` (the local queue's logic)."""
-        s = self._session(sid, key)
+        s = self.session(sid, key)
         msg = s.inflight.pop(seq, None)
         if msg is None:
             return False
@@ -478,97 +452,11 @@ class Distributor:
 
     def leave(self, sid: str, key: str | None = None) -> int:
         """End the session; returns how many unanswered messages went back to the queue."""
-        s = self._session(sid, key)
+        s = self.session(sid, key)
         n = len(s.inflight)
         self._end(s)
         log.info("worker %r (session %s) left%s", s.name, s.id, f"; {n} message(s) redelivered" if n else "")
         return n
-
-    # -- HTTP --------------------------------------------------------------------------------------
-
-    async def handle(self, method: bytes, path: bytes, alive: Callable[[], bool],
-                     headers: dict[bytes, bytes] | None = None) -> Answer:
-        """Answer one worker protocol request (``POST /.gwcore/worker/<op>/<arg>...``, or
-        ``GET /.gwcore/worker/blob/<session>/<key>``).
-
-        :param headers: the request's ``gwcore-*`` headers (its signature), lower-case names.
-        """
-        key: str | None = None
-        if self.verifier is not None:
-            # before anything else, also before telling a caller which operations exist
-            try:
-                key = self.verifier.check(method.decode("latin-1"), path.decode("latin-1"), headers)
-            except AuthenticationError as exc:
-                self.refused += 1
-                return 401, f"Unauthorized: {exc.reason} ({str(exc).partition(': ')[2] or exc})", b""
-        parts = [urllib.parse.unquote(p.decode("latin-1")) for p in path[len(WORKER_PREFIX):].split(b"/")]
-        op, args = parts[0], parts[1:]
-        if op == "blob":
-            if method not in (b"GET", b"HEAD"):
-                return 405, "Method Not Allowed: a blob is read with GET (or HEAD)", b""
-            if self._closed:
-                return 503, "Service Unavailable: the distributor is stopping", b""
-            # Everything after the session is the key: a key with a '/' in it is malformed (400),
-            # not an unknown operation.
-            return self.blob(args[0] if args else "", "/".join(args[1:]), key)
-        if method != b"POST":
-            return 405, "Method Not Allowed: the worker protocol uses POST", b""
-        handler = _OPS.get(op)
-        if handler is None or len(args) != handler[0]:
-            return 404, f"Not Found: no worker operation {op!r} with {len(args)} argument(s)", b""
-        if self._closed:
-            return 503, "Service Unavailable: the distributor is stopping", b""
-        try:
-            result = await handler[1](self, args, alive, key)
-        except UnknownSessionError as exc:
-            return 404, f"Not Found: {exc}", b""
-        except _Refusal as exc:
-            if exc.status == 401:
-                self.refused += 1
-            return exc.status, exc.reason, b""
-        except ValueError as exc:
-            return 400, f"Bad Request: {exc}", b""
-        return 200, "OK", orjson.dumps(result)
-
-    def blob(self, sid: str, key: str, worker_key: str | None = None) -> Answer:
-        """One databus blob for a worker: the file, opened, to be streamed by the listener.
-
-        Only a blob that a message held by this session names is served, and only by its key
-        (32 lowercase hex digits, the file name in the blob dir): nothing else of
-        the data dir can be reached this way."""
-        if not _BLOB_KEY.fullmatch(key):
-            return 400, "Bad Request: a blob key is 32 lowercase hex digits", b""
-        try:
-            s = self._session(sid, worker_key)  # renews the lease, as every call does
-        except UnknownSessionError as exc:
-            return 404, f"Not Found: {exc}", b""
-        except _Refusal as exc:
-            self.refused += 1
-            return exc.status, exc.reason, b""
-        if not any(_names_blob(m, key) for m in s.inflight.values()):
-            return 404, f"Not Found: blob {key} is named by no message worker session {sid} holds", b""
-        info = databus.blob_info(self.store, key)
-        path = os.path.join(self.store.blob_dir, key)
-        try:
-            if info is None:
-                raise FileNotFoundError(path)
-            # O_NOFOLLOW: a link planted in the blob dir is not followed out of it. Once open, the
-            # file can be streamed to its end even if its expiry removes it meanwhile.
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            return 404, f"Not Found: blob {key} has expired (its message outlived the blob's TimeToBeReceived " \
-                        "or GWCORE_DATABUS_TTL)", b""
-        size = os.fstat(fd).st_size
-        if size != info.size:
-            os.close(fd)
-            log.error("databus: blob %s is %d bytes on disk but %d in its record: not served", key, size, info.size)
-            return 500, f"Internal Server Error: blob {key} is damaged ({size} bytes, {info.size} recorded)", b""
-        headers = []
-        if info.sha256:
-            headers.append(("Content-Digest", databus.content_digest(info.sha256)))
-        if info.md5:
-            headers.append(("Content-MD5", info.md5))
-        return 200, "OK", FileAnswer(fd, size, headers)
 
     # -- metrics -----------------------------------------------------------------------------------
 
@@ -607,93 +495,3 @@ class Distributor:
 
 def _label(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _positive(text: str, what: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"{what} must be a positive integer, got {text!r}")
-    return n
-
-
-def _names_blob(msg: Message, key: str) -> bool:
-    return any(value == key and name.startswith(databus.DATABUS_PREFIX) for name, value in msg.headers.items())
-
-
-def _wire(d: Distributor, msg: Message, count: int) -> dict[str, Any]:
-    wire = {"seq": msg.seq, "id": msg.id, "headers": msg.headers, "body": base64.b64encode(msg.body).decode("ascii"),
-            "attempt": msg.attempt, "delivery_count": count, "redelivered": count > 1}
-    blobs = {}
-    for name, key in msg.headers.items():
-        if name.startswith(databus.DATABUS_PREFIX) and _BLOB_KEY.fullmatch(key):
-            info = databus.blob_info(d.store, key)
-            # None: the blob expired before the message was handed out (reading it is a 404)
-            blobs[name] = None if info is None else {"key": key, "size": info.size, "sha256": info.sha256,
-                                                     "md5": info.md5}
-    if blobs:
-        wire["databus"] = blobs
-    return wire
-
-
-async def _op_enlist(d: Distributor, args: list[str], alive: Callable[[], bool], key: str | None) -> dict[str, Any]:
-    name = args[0]
-    if not name or len(name) > 200:
-        raise ValueError("a worker name of 1 to 200 characters is required")
-    s = d.enlist(name, _positive(args[1], "capacity"), key)
-    return {"session": s.id, "lease": d.lease, "max_wait": d.max_wait}
-
-
-async def _op_take(d: Distributor, args: list[str], alive: Callable[[], bool], key: str | None) -> dict[str, Any]:
-    wait = _positive(args[1], "wait (milliseconds)") / 1000.0
-    held = {_positive(x, "seq") for x in args[2].split(",") if x}
-    batch, stop = await d.take(args[0], wait, alive, held, key)
-    return {"messages": [_wire(d, m, c) for m, c in batch], "stop": stop}
-
-
-async def _op_ack(d: Distributor, args: list[str], alive: Callable[[], bool], key: str | None) -> dict[str, Any]:
-    seqs = [_positive(x, "seq") for x in args[1].split(",") if x]
-    return {"acked": await d.ack(args[0], seqs, key)}
-
-
-async def _op_nack(d: Distributor, args: list[str], alive: Callable[[], bool], key: str | None) -> dict[str, Any]:
-    return {"released": d.nack(args[0], _positive(args[1], "seq"), args[2][:_MAX_REASON], key)}
-
-
-async def _op_drain(d: Distributor, args: list[str], alive: Callable[[], bool], key: str | None) -> dict[str, Any]:
-    return {"drained": d.drain(args[0], key)}
-
-
-async def _op_heartbeat(d: Distributor, args: list[str], alive: Callable[[], bool], key: str | None) -> dict[str, Any]:
-    d._session(args[0], key)  # renews the lease
-    return {"lease": d.lease}
-
-
-async def _op_leave(d: Distributor, args: list[str], alive: Callable[[], bool], key: str | None) -> dict[str, Any]:
-    return {"redelivered": d.leave(args[0], key)}
-
-
-_Op = Callable[[Distributor, list[str], Callable[[], bool], "str | None"], Awaitable[dict[str, Any]]]
-# operation -> (number of path arguments, implementation)
-_OPS: dict[str, tuple[int, _Op]] = {
-    "enlist": (2, _op_enlist),    # enlist/<name>/<capacity>
-    "take": (3, _op_take),        # take/<session>/<wait ms>/<seqs held>,...
-    "ack": (2, _op_ack),          # ack/<session>/<seq>,<seq>,...
-    "nack": (3, _op_nack),        # nack/<session>/<seq>/<reason>
-    "drain": (1, _op_drain),      # drain/<session or worker name>
-    "heartbeat": (1, _op_heartbeat),  # heartbeat/<session>: a busy worker's sign of life
-    "leave": (1, _op_leave),      # leave/<session>
-}
-
-
-def check_channels(paths: list[str]) -> None:
-    """A channel at ``/`` (or anywhere on the way to, or below, the worker prefix) would swallow
-    the worker protocol's paths."""
-    prefix = WORKER_PREFIX.decode()
-    for p in paths:
-        if prefix.startswith(p.lower()) or p.lower().startswith(prefix):
-            raise ConfigurationError(
-                f"GWCORE_RECEIVE_CHANNELS: the channel path {p!r} covers {WORKER_PREFIX.decode()!r}, "
-                "which distributor mode reserves for its workers")
