@@ -51,7 +51,8 @@ import run_load as rl  # noqa: E402
 import site_to_site as s2s  # noqa: E402
 from nginx import Nginx  # noqa: E402  (the tests' nginx runner: the documented configuration)
 
-HANDLER = "handlers:noop"  # bench/load/handlers.py
+#: --handler -> the handler of bench/load/handlers.py both modes run
+HANDLERS = {"sync": "handlers:noop", "async": "handlers:async_noop"}
 
 
 def _env(extra: dict[str, str]) -> list[str]:
@@ -100,7 +101,7 @@ def _watch(b: rl.Server, n: int, timeout: float, counter) -> list[tuple[float, f
 
 def run_standalone(cfg: argparse.Namespace, work: Path, template: Path, label: str) -> dict[str, Any]:
     # as many handlers at once as the two workers have slots
-    b = _node(cfg, work, f"standalone-{label}", {"GWCORE_HANDLER": HANDLER,
+    b = _node(cfg, work, f"standalone-{label}", {"GWCORE_HANDLER": HANDLERS[cfg.handler],
                                                  "GWCORE_HANDLER_CONCURRENCY": str(2 * cfg.capacity)})
     b.start(cfg.ready_timeout)
     a = _sender(cfg, work, template, f"standalone-{label}", b.url)
@@ -134,7 +135,7 @@ def run_distributor(cfg: argparse.Namespace, work: Path, template: Path, label: 
         for i in range(2):
             workers.append(subprocess.Popen(
                 rl.pin(cfg.client_cpu) + [cfg.python, "-m", "gwcore", "worker", "--distributor", front,
-                                          "--capacity", str(cfg.capacity), "--handler", HANDLER,
+                                          "--capacity", str(cfg.capacity), "--handler", HANDLERS[cfg.handler],
                                           "--name", f"w{i}", "--key-id", "bench", "--secret-file", str(secret)],
                 env=env, cwd=rl.REPO, stdout=subprocess.DEVNULL, stderr=open(work / f"worker{i}.log", "ab")))
         a = _sender(cfg, work, template, f"distributor-{label}", f"{front}{rl.CHANNEL_PATH}")
@@ -163,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", choices=sorted(SCENARIOS), default="mode",
                    help="mode: distributor against standalone (default); takeover: a node that took over "
                         "against one started active")
+    p.add_argument("--handler", choices=sorted(HANDLERS), default="sync",
+                   help="the empty handler both modes run: sync (in a thread, as a sync handler runs; the "
+                        "default) or async (on the loop)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--messages", type=int, default=100_000)
     p.add_argument("--capacity", type=int, default=64, help="capacity of each of the 2 workers (default 64)")
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"scenario": cfg.scenario, "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
                "ratio_max": max(ratios), f"{base}_median": statistics.median(r[base]["rps"] for r in rounds),
                f"{other}_median": statistics.median(r[other]["rps"] for r in rounds)}
-    setup = (f"2 workers of capacity {cfg.capacity}; empty handlers." if cfg.scenario == "mode" else
+    setup = (f"2 workers of capacity {cfg.capacity}; empty {cfg.handler} handlers." if cfg.scenario == "mode" else
              "distributor mode, no workers: the rate of accepted submits.")
     lines = [
         f"Node B on CPU {cfg.server_cpu}; sender{', nginx and workers' if cfg.scenario == 'mode' else ''} on CPU "
