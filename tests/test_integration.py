@@ -229,7 +229,11 @@ def test_handler_process_killed_mid_stream_redelivers(tmp_path):
     acked: set[str] = set()
     asyncio.run(submit_all(port, ids, acked, connections=4))
     assert acked == set(ids)
-    time.sleep(0.3)  # the handler is part-way through the queue (10 ms a message)
+    # killed once the handler is part-way through the queue (10 ms a message)
+    deadline = time.monotonic() + 20
+    while not (log.exists() and len(log.read_text().split()) >= 5):
+        assert time.monotonic() < deadline, "the handler does not run"
+        time.sleep(0.005)
     server.kill()
     handled_before = log.read_text().split()
     assert 0 < len(handled_before) < len(ids)
