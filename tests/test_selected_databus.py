@@ -13,7 +13,6 @@ import hashlib
 import os
 import socket
 import threading
-import time
 import uuid
 
 import aio_pika
@@ -394,7 +393,11 @@ def failover_between_parts_and_submit(tmp_path, endpoint: str, *, shared: bool):
             wait_for(lambda: readyz(a.port) == (503, STANDBY), 10, "i0 to stand by")
             c.start()
         wait_for(lambda: len(handled(log)) >= len(props), 30, "the message to be handled")
-        time.sleep(0.5)  # a second delivery would show by now
+        # acknowledged to the broker: a second delivery from here on is handled again (more lines
+        # in the log) or left in the queue (drained below), and fails the test either way
+        handler = c if shared else b
+        wait_for(lambda: metric_value(handler.port, "gwcore_broker_consumer_acked_total") == 1, 30,
+                 "the handler's acknowledgement")
         seen["a_prefix"] = prefix_of(a.data_dir) if shared else None
     finally:
         for proc in (sender, *nodes):
