@@ -266,6 +266,7 @@ class Selected:
         self.skipped = 0
         self.forwarded = 0
         self.elections_won = 0
+        self.elections_lost = 0  # tries of a standby that found the leader queue held
         self.fenced = 0
         self.parts_published = 0  # part records this instance appended as the leader
         self.parts_followed = 0  # part records read from the stream (its own included)
@@ -775,6 +776,7 @@ class Selected:
             try:
                 await ch.declare_queue(self.topology.leader, exclusive=True, durable=False)
             except aiormq.exceptions.ChannelLockedResource:
+                self.elections_lost += 1
                 if self.fenced_accepting:
                     # another instance leads now: what this one took while cut off is dispatched
                     # (marked), and it stops taking more

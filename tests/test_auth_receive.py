@@ -32,6 +32,17 @@ def signed(msg_id: str, body: bytes = BODY, *, path: str = "/RemoteSite/", secre
     return nsb_request(msg_id, body, path=path, extra=extra, call_type=call_type)
 
 
+def with_signature(msg_id: str, date: str | None, signature: str) -> bytes:
+    """A submit carrying the given gwcore-Date (None: none) and gwcore-Signature as they are."""
+    extra = ([("gwcore-Date", date)] if date is not None else []) + [("gwcore-Signature", signature)]
+    return nsb_request(msg_id, BODY, extra=extra)
+
+
+def signature_of(request: bytes) -> str:
+    (line,) = [x for x in request.split(b"\r\n") if x.startswith(b"gwcore-Signature: ")]
+    return line.partition(b": ")[2].decode()
+
+
 async def post(gw: Gateway, data: bytes):
     async with Client(*gw.addresses[0]) as c:
         return await c.request(data)
@@ -83,6 +94,9 @@ def test_unsigned_request_is_refused_and_nothing_is_stored(run, gateway_factory)
     ("future", "date-out-of-window", "in the future (limit 300 s): check the clocks"),
     ("body-tampered", "bad-signature", "check the shared secret for key 'hq'"),
     ("path-changed", "bad-signature", "check the shared secret for key 'hq'"),
+    ("malformed", "malformed-signature", "gwcore-Signature must be 'v1.<key id>.<signature>'"),
+    ("no-date", "missing-date", "no gwcore-Date header; sign with gwcore.auth.signature_headers"),
+    ("iso-date", "bad-date", "gwcore-Date '2026-01-01T00:00:00Z' is not YYYYMMDDTHHMMSSZ"),
 ])
 def test_bad_signatures_are_refused_with_the_reason(run, gateway_factory, case, reason, advice):
     msg_id = str(uuid.uuid4())
@@ -93,6 +107,11 @@ def test_bad_signatures_are_refused_with_the_reason(run, gateway_factory, case, 
         "future": lambda: signed(msg_id, now=time.time() + 3600),
         "body-tampered": lambda: signed(msg_id, BODY.replace(b"12.5", b"0.01"), sign_body=BODY),
         "path-changed": lambda: signed(msg_id, path="/RemoteSite/elsewhere", sign_path="/RemoteSite/"),
+        "malformed": lambda: with_signature(msg_id, "20260101T000000Z", "v1.hq.tooshort"),
+        "no-date": lambda: with_signature(msg_id, None, signature_of(signed(msg_id))),
+        # the HMAC is right: the date is looked at after it
+        "iso-date": lambda: with_signature(msg_id, "2026-01-01T00:00:00Z", "v1.hq." + auth.sign(
+            SECRET, "POST", "/RemoteSite/", "2026-01-01T00:00:00Z", msg_id, auth.body_digest(BODY))),
     }[case]()
 
     async def main():

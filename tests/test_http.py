@@ -330,7 +330,13 @@ def test_graceful_stop_answers_in_flight_requests(run, gateway_factory):
         ids = [str(uuid.uuid4()) for _ in range(20)]
         async with Client(host, port) as c:
             await c.send(b"".join(nsb_request(i) for i in ids))
-            await asyncio.sleep(0.05)
+            # stopped once the gateway has read all 20 (answered, or waiting for the group commit,
+            # which is held back for 200 ms)
+            state = gw.states[0]
+            deadline = asyncio.get_running_loop().time() + 10
+            while gw.writer.pending + state.status_counts()[200] < len(ids):
+                assert asyncio.get_running_loop().time() < deadline, "the requests were not read"
+                await asyncio.sleep(0.001)
             stopping = asyncio.ensure_future(gw.stop())
             got = [(await c.response()).status for _ in ids]
             await stopping

@@ -137,9 +137,12 @@ def test_one_leader_the_others_answer_503_standby(tmp_path, endpoint, run):
         gws = [await Gateway(selected_settings(tmp_path, endpoint, f"i{i}")).start() for i in range(3)]
         try:
             await until(lambda: sum(g.ready for g in gws) == 1, 10, "a leader")
-            await asyncio.sleep(0.3)  # the standbys keep trying: still one
-            assert sum(g.ready for g in gws) == 1
             leader = next(g for g in gws if g.ready)
+            # the standbys keep trying (three more tries each): still the one leader
+            lost = {g: g.selected.elections_lost for g in gws if g is not leader}
+            await until(lambda: all(g.selected.elections_lost >= n + 3 for g, n in lost.items()), 10,
+                        "the standbys to try again")
+            assert [g for g in gws if g.ready] == [leader] and leader.selected.elections_won == 1
             for g in gws:
                 r = await get("127.0.0.1", port_of(g), "/readyz")
                 assert (r.status, r.reason) == ((200, "OK") if g is leader else (503, "Service Unavailable: standby"))

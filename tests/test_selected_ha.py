@@ -75,12 +75,13 @@ def test_at_most_one_leader_over_100_kills_and_restarts(tmp_path, endpoint):
                 assert len(now) <= 1, f"step {step}: two leaders {[names[n.port] for n in now]}"
                 if now or not any(alive(n) for n in nodes):
                     break
-                assert time.monotonic() - started < 10, f"step {step}: no leader among the running instances"
+                # generous for a busy machine: the times themselves are printed below
+                assert time.monotonic() - started < 60, f"step {step}: no leader among the running instances"
             elections.append(time.monotonic() - started)
             for n in nodes:
                 if alive(n) and n not in now:
                     # a standby (one that was just started may still be connecting to the broker)
-                    wait_for(lambda n=n: readyz(n.port) == (503, STANDBY), 5, "the standby to connect")
+                    wait_for(lambda n=n: readyz(n.port) == (503, STANDBY), 30, "the standby to connect")
             if step % 25 == 24 and now:
                 # the broker's view: one owner of the leader queue, the instance that says it leads
                 assert broker_leader(endpoint) == [names[now[0].port]]
