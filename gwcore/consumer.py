@@ -168,6 +168,32 @@ class LocalQueue:
         self._buffer_pos += 1
         return Message(self, seq, framed, 1)
 
+    async def ack_many(self, msgs: list[Message]) -> None:
+        """Remove several handled messages in one job of the writer's next commit (durably): a
+        distributor worker's acknowledgement. All or none: when the commit fails, none is
+        removed and the exception is raised."""
+        msgs = [m for m in msgs if not m._settled]
+        for m in msgs:
+            m._settled = True
+        if not msgs:
+            return
+        keys = [core.pack_seq(m.seq) for m in msgs]
+        db = self.store.queue
+
+        def delete(txn: Any) -> None:
+            for key in keys:
+                txn.delete(key, db=db)
+
+        try:
+            await self.writer.call(delete)
+        except BaseException:
+            for m in msgs:
+                m._settled = False
+            raise
+        for m in msgs:
+            self._attempts.pop(m.seq, None)
+        self.acked += len(msgs)
+
     async def _ack(self, msg: Message, count: bool = True) -> None:
         await self.writer.ack(msg.seq)
         self._attempts.pop(msg.seq, None)

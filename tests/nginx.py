@@ -69,7 +69,7 @@ http {{
     access_log {self.access_log} failover;
     upstream gwcore_nodes {{
 {servers}
-        keepalive 32;
+        keepalive 512;
         keepalive_timeout 10s;
     }}
     server {{

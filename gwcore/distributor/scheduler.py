@@ -409,18 +409,16 @@ class Distributor:
         # fails puts its message back in the queue, to be handed out again.
         for _m in msgs:
             self._free_slot(s)
-        results = await asyncio.gather(*(m.ack() for m in msgs), return_exceptions=True)
-        st = self._stat(s.name)
-        failure: BaseException | None = None
-        for m, r in zip(msgs, results):
-            if isinstance(r, BaseException):
-                failure = r
+        try:
+            await self.queue.ack_many(msgs)   # one job of the writer's next commit for them all
+        except BaseException:
+            for m in msgs:
                 self.queue.requeue(m)
-            else:
-                self._deliveries.pop(m.seq, None)
-                st.processed += 1
-        if failure is not None:
-            raise failure
+            raise
+        st = self._stat(s.name)
+        for m in msgs:
+            self._deliveries.pop(m.seq, None)
+        st.processed += len(msgs)
         return len(msgs)
 
     def nack(self, sid: str, seq: int, reason: str, key: str | None = None) -> bool:
