@@ -120,9 +120,10 @@ def run_distributor(cfg: argparse.Namespace, work: Path, template: Path, label: 
     # the workers reach B through nginx, as in docs/deployment.md: signed, with a worker key
     secret = work / f"worker-{label}.secret"
     secret.write_text(os.urandom(24).hex())
+    worker_port = rl.free_port()
     b = _node(cfg, work, f"distributor-{label}", {"GWCORE_MODE": "distributor",
                                                  "GWCORE_WORKER_KEYS": f"bench:{secret}",
-                                                 "GWCORE_WORKER_LISTEN": f"127.0.0.1:{rl.free_port()}"})
+                                                 "GWCORE_WORKER_LISTEN": f"127.0.0.1:{worker_port}"})
     b.start(cfg.ready_timeout)
     proxy = Nginx(str(work / f"nginx-{label.replace('/', 'of')}"), rl.free_port(), [b.port])
     workers: list[subprocess.Popen] = []
@@ -130,11 +131,13 @@ def run_distributor(cfg: argparse.Namespace, work: Path, template: Path, label: 
     try:
         proxy.start()
         front = f"http://127.0.0.1:{proxy.port}"
+        # the workers' URL: through nginx (as workers on other hosts), or B's own worker listener
+        workers_url = front if cfg.workers_via == "nginx" else f"http://127.0.0.1:{worker_port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("GWCORE_")}
         env["PYTHONPATH"] = f"{HERE}{os.pathsep}{rl.REPO}"
         for i in range(2):
             workers.append(subprocess.Popen(
-                rl.pin(cfg.client_cpu) + [cfg.python, "-m", "gwcore", "worker", "--distributor", front,
+                rl.pin(cfg.client_cpu) + [cfg.python, "-m", "gwcore", "worker", "--distributor", workers_url,
                                           "--capacity", str(cfg.capacity), "--handler", HANDLERS[cfg.handler],
                                           "--name", f"w{i}", "--key-id", "bench", "--secret-file", str(secret)],
                 env=env, cwd=rl.REPO, stdout=subprocess.DEVNULL, stderr=open(work / f"worker{i}.log", "ab")))
@@ -155,7 +158,7 @@ def run_distributor(cfg: argparse.Namespace, work: Path, template: Path, label: 
         proxy.stop()
         b.stop()
     rate = _rate(samples, cfg.messages)
-    rl.log(f"  [{label}] distributor: {rate:>10,.0f} msg/s handled (A → nginx → B → 2 workers)")
+    rl.log(f"  [{label}] distributor: {rate:>10,.0f} msg/s handled (A → nginx → B → 2 workers via {cfg.workers_via})")
     return {"rps": rate}
 
 
@@ -167,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--handler", choices=sorted(HANDLERS), default="sync",
                    help="the empty handler both modes run: sync (in a thread, as a sync handler runs; the "
                         "default) or async (on the loop)")
+    p.add_argument("--workers-via", choices=("nginx", "listener"), default="nginx",
+                   help="how the workers reach B: through nginx (default, as workers on other hosts do) or "
+                        "straight to its worker listener (signed all the same)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--messages", type=int, default=100_000)
     p.add_argument("--capacity", type=int, default=64, help="capacity of each of the 2 workers (default 64)")
@@ -261,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"scenario": cfg.scenario, "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
                "ratio_max": max(ratios), f"{base}_median": statistics.median(r[base]["rps"] for r in rounds),
                f"{other}_median": statistics.median(r[other]["rps"] for r in rounds)}
-    setup = (f"2 workers of capacity {cfg.capacity}; empty {cfg.handler} handlers." if cfg.scenario == "mode" else
+    setup = (f"2 workers of capacity {cfg.capacity} (via {cfg.workers_via}); empty {cfg.handler} handlers." if cfg.scenario == "mode" else
              "distributor mode, no workers: the rate of accepted submits.")
     lines = [
         f"Node B on CPU {cfg.server_cpu}; sender{', nginx and workers' if cfg.scenario == 'mode' else ''} on CPU "
