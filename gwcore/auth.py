@@ -50,6 +50,7 @@ __all__ = (
     "signature_headers",
     "verify",
     "body_digest",
+    "check_key_id",
     "Verifier",
     "format_date",
     "DATE_HEADER",
@@ -94,6 +95,12 @@ _SIG = re.compile(r"[A-Za-z0-9_-]{43}\Z")  # 32 bytes, unpadded base64url
 _NONCE = re.compile(r"([A-Za-z0-9_-]{8,64})\.([1-9][0-9]{0,18})\Z")  # <stream>.<counter>
 
 
+def check_key_id(key_id: str) -> None:
+    """:raises ValueError: *key_id* is not 1-64 of ``A-Z a-z 0-9 _ -`` (site and worker keys alike)."""
+    if not _KEY_ID.match(key_id):
+        raise ValueError(f"key id {key_id!r}: use 1-64 of A-Z a-z 0-9 _ -")
+
+
 def body_digest(body: bytes) -> str:
     """The canonical string's body digest: padded standard base64 of SHA-256(*body*)."""
     return base64.b64encode(hashlib.sha256(body).digest()).decode("ascii")
@@ -129,8 +136,7 @@ def signature_headers(secret: bytes, key_id: str, method: str, path: str, messag
     :param now: seconds since the epoch (default: the current time).
     :raises ValueError: bad *key_id* or *secret* (see :func:`sign`).
     """
-    if not _KEY_ID.match(key_id):
-        raise ValueError(f"key id {key_id!r}: use 1-64 of A-Z a-z 0-9 _ -")
+    check_key_id(key_id)
     date_value = format_date(time.time() if now is None else now)
     signature = sign(secret, method, path, date_value, message_id, digest if digest is not None else body_digest(body))
     return [
@@ -310,8 +316,7 @@ def call_headers(secret: bytes, key_id: str, method: str, target: str, nonce: st
                  now: float | None = None) -> list[tuple[bytes, bytes]]:
     """The ``gwcore-Date``, ``gwcore-Nonce`` and ``gwcore-Signature`` headers of one bodiless
     worker call to *target* (the path exactly as sent)."""
-    if not _KEY_ID.match(key_id):
-        raise ValueError(f"key id {key_id!r}: use 1-64 of A-Z a-z 0-9 _ -")
+    check_key_id(key_id)
     if not _NONCE.match(nonce):
         raise ValueError(f"nonce {nonce!r} is not <stream>.<counter>")
     date_value = format_date(time.time() if now is None else now)

@@ -15,6 +15,7 @@ import tomllib
 import urllib.parse
 from typing import Any, Callable, Mapping
 
+from .auth import check_key_id
 from .errors import ConfigurationError
 
 __all__ = ("Settings", "ReceiveChannel", "Site", "MODES", "parse_duration", "parse_size", "child_environment")
@@ -244,8 +245,10 @@ def _worker_keys(config: Mapping[str, Any], files: Mapping[str, str]) -> tuple[t
         tables[key_id] = {"secret_file": path}
     out = []
     for key_id, table in tables.items():
-        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", key_id):
-            raise ValueError(f"worker key id {key_id!r}: use 1-64 of A-Z a-z 0-9 _ -")
+        try:
+            check_key_id(key_id)
+        except ValueError as exc:
+            raise ValueError(f"worker {exc}") from None
         secret = _secret(f"worker key {key_id}", table)
         if secret is None:
             raise ValueError(f"worker key {key_id}: no secret or secret_file")

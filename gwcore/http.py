@@ -69,6 +69,10 @@ def error_answer(exc: BaseException, what: str) -> tuple[int, str]:
     return 502, "Unexpected server error"
 
 
+#: HTTPState.attach's default inbox: the writer's own compiled inbox, when it has one.
+_WRITERS_INBOX: Any = object()
+
+
 class HTTPState(core.ListenerCore):
     """What every connection of one listener shares: settings, core objects, counters.
 
@@ -126,7 +130,7 @@ class HTTPState(core.ListenerCore):
         self.rejected_connections = 0
         self._sweeper: asyncio.TimerHandle | None = None
 
-    def attach(self, *, writer: Any, inbox: Any = "writer's", blobs: Any = None, worker_api: Any = None,
+    def attach(self, *, writer: Any, inbox: Any = _WRITERS_INBOX, blobs: Any = None, worker_api: Any = None,
                hold: Any = None) -> None:
         """What serves this listener's requests, all at once: the ingest sink (*writer*:
         ``ingest_then(envelope, slot)`` and ``pending``), the compiled inbox that takes plain
@@ -134,7 +138,7 @@ class HTTPState(core.ListenerCore):
         every submit through ``writer.ingest_then``), the databus blob store, the distributor's
         worker API, and selected mode's hook for submits held during a handover."""
         self.writer = writer
-        self.inbox = getattr(writer, "inbox", None) if inbox == "writer's" else inbox
+        self.inbox = getattr(writer, "inbox", None) if inbox is _WRITERS_INBOX else inbox
         self.blobs = blobs
         self.worker_api = worker_api
         self.hold = hold

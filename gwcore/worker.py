@@ -59,7 +59,7 @@ class _Signer:
     nonces shared by the loop and the blob readers' threads."""
 
     def __init__(self, key_id: str, secret: bytes) -> None:
-        auth.call_headers(secret, key_id, "POST", "/", "checkcheck.1")  # raises ValueError for a bad id
+        auth.check_key_id(key_id)
         self.key_id = key_id
         self._secret = secret
         self._nonces = auth.NonceSource()
