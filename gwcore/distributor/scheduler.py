@@ -353,15 +353,16 @@ class Distributor:
             return [], True
         top = max((m.seq for m, _c in batch), default=0)
         self._top_handed = max(self._top_handed, top)
+        ahead = self.mark_ahead
         if top > self._handed_mark:
             try:
-                await self._record_mark(top + self.mark_ahead)
+                await self._record_mark(top + ahead)
             except Exception:
                 self._return(s, batch)
                 raise
-        elif self._handed_mark - self._top_handed < self.mark_ahead // 2 and self._marking is None:
+        elif self._handed_mark - self._top_handed < ahead // 2 and self._marking is None:
             # written ahead of need, so that takes rarely wait for a commit of their own
-            self._marking = asyncio.ensure_future(self._record_mark(self._top_handed + self.mark_ahead))
+            self._marking = asyncio.ensure_future(self._record_mark(self._top_handed + ahead))
             self._marking.add_done_callback(self._marked)
         return batch, s.draining
 
