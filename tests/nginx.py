@@ -15,13 +15,16 @@ from procs import wait_listening
 LOG_FORMAT = "$msec|$status|$upstream_addr|$upstream_status|$uri"
 
 
-def _location(path: str, read_timeout: int, tries: int = 2) -> str:
+def _location(path: str, read_timeout: int, tries: int = 2, upstream_defaults: bool = False) -> str:
     """A location proxied to both nodes with failover; *read_timeout* (s) must exceed the longest
-    answer there: a submit's group commit, or a worker's take waiting for work (at most 20 s)."""
-    return f"""        location {path} {{
-            proxy_pass http://gwcore_nodes;
+    answer there: a submit's group commit, or a worker's take waiting for work (at most 20 s).
+    *upstream_defaults*: talk to the nodes as nginx does unless told otherwise (HTTP/1.0, a new
+    connection per request, ``Connection: close``)."""
+    http11 = "" if upstream_defaults else """
             proxy_http_version 1.1;
-            proxy_set_header Connection "";
+            proxy_set_header Connection "";"""
+    return f"""        location {path} {{
+            proxy_pass http://gwcore_nodes;{http11}
             proxy_next_upstream error timeout http_503 non_idempotent;
             proxy_next_upstream_tries {tries};
             proxy_next_upstream_timeout 10s;
@@ -45,9 +48,13 @@ class Nginx:
     """nginx listening on 127.0.0.1:port, proxying to the gwcore nodes at *upstreams* with the
     failover settings of docs/deployment.md ("nginx in front")."""
 
-    def __init__(self, directory: str, port: int, upstreams: list[int], tries: int = 2, repeat: int = 1) -> None:
+    def __init__(self, directory: str, port: int, upstreams: list[int], tries: int = 2, repeat: int = 1,
+                 upstream_defaults: bool = False) -> None:
         """:param tries: proxy_next_upstream_tries (0: every upstream, the selected-mode setting).
-        :param repeat: list every upstream this many times (selected mode: 2, docs/deployment.md)."""
+        :param repeat: list every upstream this many times (selected mode: 2, docs/deployment.md).
+        :param upstream_defaults: leave nginx's own upstream protocol (HTTP/1.0, no kept-alive
+            connections) instead of the documented HTTP/1.1 with keepalive."""
+        self.upstream_defaults = upstream_defaults
         self.tries = tries
         self.repeat = repeat
         self.dir = directory
@@ -61,6 +68,7 @@ class Nginx:
                          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=0;" for p in self.upstreams * self.repeat)
         user = f"user {getpass.getuser()};\n" if os.geteuid() == 0 else ""
+        keepalive = "" if self.upstream_defaults else "\n        keepalive 512;\n        keepalive_timeout 10s;"
         return f"""{user}worker_processes 1;
 events {{ worker_connections 1024; }}
 http {{
@@ -68,16 +76,14 @@ http {{
     log_format failover '{LOG_FORMAT}';
     access_log {self.access_log} failover;
     upstream gwcore_nodes {{
-{servers}
-        keepalive 512;
-        keepalive_timeout 10s;
+{servers}{keepalive}
     }}
     server {{
         listen 127.0.0.1:{self.port};
         ignore_invalid_headers off;
         client_max_body_size 16m;
-{_location("/", 10, self.tries)}
-{_location("/.gwcore/worker/", 30)}
+{_location("/", 10, self.tries, self.upstream_defaults)}
+{_location("/.gwcore/worker/", 30, upstream_defaults=self.upstream_defaults)}
     }}
 }}
 """

@@ -151,7 +151,11 @@ class PartIntake(core.ConnectionCore, asyncio.Protocol):
 
     def _part_begin(self, keep_alive: bool, env: Any) -> None:
         """The head of a streamed part: refuse it now, or open the blob its body goes to."""
-        slot = self._slot(keep_alive)
+        # A part whose request ends the connection (``Connection: close``, HTTP/1.0 as nginx
+        # speaks to upstreams by default) still has its body to be read: the connection closes
+        # after the part's answer, but stops reading only once the body is in (_part_end).
+        slot = self._slot(True)
+        slot.close = slot.close or not keep_alive
         slot.callback = env.callback
         state = self.state
         part = self.part = _Part(slot, env, None)
@@ -191,6 +195,8 @@ class PartIntake(core.ConnectionCore, asyncio.Protocol):
 
     def _part_end(self) -> None:
         part, self.part = self.part, None
+        if part is not None and part.slot.close:
+            self.closing = True  # the part's request was the connection's last (_part_begin)
         if part is not None and part.sink is not None:
             self._store_part(part)
 
