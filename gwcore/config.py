@@ -17,12 +17,14 @@ from typing import Any, Callable, Mapping
 
 from .auth import check_key_id
 from .errors import ConfigurationError
+from .filemodes import FILE_MODES
 
 __all__ = ("Settings", "ReceiveChannel", "Site", "MODES", "parse_duration", "parse_size", "child_environment")
 
 MODES = ("standalone", "distributor", "selected")
 LOOPS = ("auto", "uvloop", "asyncio")
 HA_CHOICES = ("auto", "on", "off")
+FILE_MODE_CHOICES = tuple(FILE_MODES)
 ACK_CHOICES = ("dispatched", "stored")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
@@ -414,6 +416,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "GWCORE_MAX_BLOB": ("max_blob", _positive_size, "4GiB"),
     "GWCORE_DATABUS_TTL": ("databus_ttl", _positive_duration, "7d"),
     "GWCORE_BLOB_DIRECT_IO": ("blob_direct_io", _parse_bool, "1"),
+    "GWCORE_FILE_MODE": ("file_mode", _choice(FILE_MODE_CHOICES), "private"),
     "GWCORE_HTTP_MAX_HEADERS": ("http_max_headers", _positive_int, "256"),
     "GWCORE_HTTP_MAX_HEADER_BYTES": ("http_max_header_bytes", _positive_size, "64KiB"),
     "GWCORE_HTTP_REQUEST_TIMEOUT": ("http_request_timeout", _positive_duration, "30s"),
@@ -479,6 +482,7 @@ class Settings:
     max_blob: int = 4 << 30
     databus_ttl: float = 7 * 86400.0
     blob_direct_io: bool = True
+    file_mode: str = "private"
     http_max_headers: int = 256
     http_max_header_bytes: int = 64 << 10
     http_request_timeout: float = 30.0

@@ -207,7 +207,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         try:
             self.store = Store(s.data_dir, map_size=s.store_map_size, max_size=s.store_max_size,
-                               sync=s.store_sync, lease=lease, blob_dir=s.blob_dir or None)
+                               sync=s.store_sync, lease=lease, blob_dir=s.blob_dir or None, file_mode=s.file_mode)
             # Off the loop: loading a large dedup log into memory takes seconds.
             self.writer = await loop.run_in_executor(None, functools.partial(
                 Writer, self.store, loop, max_batch=s.commit_max_batch,
@@ -215,7 +215,7 @@ class Gateway:
                 databus_ttl=s.databus_ttl,
             ))
             self.blobs = BlobWriter(s.data_dir, loop, direct_io=s.blob_direct_io, directory=self.store.blob_dir,
-                                    prefix=self.store.blob_prefix)
+                                    prefix=self.store.blob_prefix, modes=self.store.modes)
             self.queue = LocalQueue(self.store, self.writer, max_attempts=s.handler_max_attempts)
             self.queue.intercept = self._intercept_reply
             self.writer.on_commit = self.queue.notify
@@ -467,10 +467,11 @@ class Gateway:
         if blobs:
             loop = asyncio.get_running_loop()
             directory = self.store.blob_dir  # type: ignore[union-attr]
+            modes = self.store.modes  # type: ignore[union-attr]
             copied = []
             try:
                 for blob, source in blobs:
-                    copied.append(await loop.run_in_executor(None, databus.copy_in, directory, source, blob))
+                    copied.append(await loop.run_in_executor(None, databus.copy_in, directory, source, blob, modes))
             except BaseException:
                 databus.unlink(directory, [c[0] for c in copied] + [b for b, _s in blobs])
                 raise

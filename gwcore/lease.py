@@ -23,7 +23,8 @@ LOCK_NAME = "gwcore.lock"
 
 
 def _open(path: str) -> int:
-    return os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    # Private until the store (gwcore/filemodes.py) gives the data dir its configured modes.
+    return os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
 
 
 def _stamp(fd: int) -> int:
@@ -45,7 +46,7 @@ def lease_holder(path: str) -> str:
 
 def try_lease(path: str) -> int | None:
     """Take the lease if it is free: the locked descriptor (close it to release), else None."""
-    os.makedirs(path, exist_ok=True)
+    os.makedirs(path, mode=0o700, exist_ok=True)
     fd = _open(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -81,7 +82,7 @@ class LeaseWaiter:
     """
 
     def __init__(self, path: str, loop: asyncio.AbstractEventLoop) -> None:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(path, mode=0o700, exist_ok=True)
         self._fd = _open(path)
         self._loop = loop
         self._future: asyncio.Future[int] = loop.create_future()

@@ -44,7 +44,8 @@ import lmdb
 from . import databus
 from ._core import core
 from .errors import InternalError, StoreError, StoreFullError, StoreUnavailableError
-from .lease import take_lease
+from .filemodes import Modes, modes
+from .lease import LOCK_NAME, take_lease
 
 __all__ = ("Store", "Writer", "StoreStats")
 
@@ -111,12 +112,16 @@ class Store:
         :mod:`gwcore.lease`; the store releases it on close). Default: take it now, or fail.
     :param blob_dir: the databus blob dir when it is not ``<path>/blobs`` (``GWCORE_BLOB_DIR``):
         it may be shared with other instances (gwcore/databus/).
+    :param file_mode: ``GWCORE_FILE_MODE``: who may read the data dir, the blob dir and the
+        store's files (:mod:`gwcore.filemodes`); applied whenever the store is opened for writing.
     """
 
     def __init__(self, path: str, *, map_size: int = 256 << 20, max_size: int = 64 << 30,
                  sync: bool = True, readonly: bool = False, lease: int | None = None,
-                 blob_dir: str | None = None) -> None:
+                 blob_dir: str | None = None, file_mode: str = "private") -> None:
         self.path = path
+        #: The modes of everything this store and its blob writers make (gwcore/filemodes.py).
+        self.modes: Modes = modes(file_mode)
         self.max_size = max_size
         #: Where blob files live (the claim check, gwcore/databus/).
         self.blob_dir = blob_dir or databus.blob_dir(path)
@@ -132,7 +137,7 @@ class Store:
         elif lease is None:
             # One writing gwcore per data dir: the writer keeps its sequence counter in memory, so
             # a second writer would reuse queue positions. The lease dies with its process.
-            os.makedirs(path, exist_ok=True)
+            self.modes.make_dir(path)
             self._owner_fd = take_lease(path)
         try:
             self._open(path, map_size, sync, readonly)
@@ -156,9 +161,17 @@ class Store:
                 lock=True,
                 readahead=False,
                 max_readers=256,
+                mode=self.modes.file,
             )
         except lmdb.Error as exc:
             raise StoreUnavailableError(f"cannot open the store at {path!r}: {exc}") from exc
+        if not readonly:
+            # LMDB makes its files with mode & ~umask, and an older store may have been made
+            # under a looser umask: bring the data dir and its files to the configured modes.
+            self.modes.make_dir(path)
+            for name in ("data.mdb", "lock.mdb", LOCK_NAME):
+                self.modes.secure(os.path.join(path, name))
+            self.modes.make_dir(self.blob_dir)
         # Re-read: an existing environment keeps its larger map size.
         self.map_size = max(map_size, self.env.info()["map_size"])
         # set_mapsize() needs every transaction of this process closed; readers take this lock for

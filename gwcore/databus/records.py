@@ -250,7 +250,7 @@ def sweep(store: Any) -> int:
     names begin with its prefix): the others are another instance's uploads in progress, or blobs
     only another instance's store names."""
     directory = store.blob_dir
-    os.makedirs(directory, exist_ok=True)
+    store.modes.make_dir(directory)
     mine = store.blob_prefix if store.blobs_shared else ""
     if store.blobs_shared and len(mine) != PREFIX_LEN:
         return 0  # a store without a prefix cannot tell its files from the others'

@@ -10,6 +10,7 @@ import io
 import os
 from typing import IO, BinaryIO, Union
 
+from ..filemodes import PRIVATE, Modes
 from .digests import b64
 from .layout import DATABUS_PREFIX, TMP, fsync_dir, new_name
 
@@ -21,7 +22,7 @@ _CHUNK = 1 << 20
 Source = Union[bytes, bytearray, memoryview, str, os.PathLike, BinaryIO]
 
 
-def copy_in(directory: str, source: Source, name: str | None = None) -> tuple[str, int, str, str]:
+def copy_in(directory: str, source: Source, name: str | None = None, modes: Modes = PRIVATE) -> tuple[str, int, str, str]:
     """Copy one databus property into the blob store durably (blocking: run it in a thread).
     Returns ``(blob name, size, Content-MD5, SHA-256)``; streams, never reads a file whole."""
     name = name or new_name()
@@ -39,7 +40,7 @@ def copy_in(directory: str, source: Source, name: str | None = None) -> tuple[st
         src = source
     else:
         raise TypeError(f"a databus property is bytes, a file path or a binary stream, not {type(source).__name__}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fd = modes.open_new(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
     try:
         while True:
             chunk = src.read(_CHUNK)

@@ -18,6 +18,7 @@ import os
 import threading
 from typing import Callable, Iterator
 
+from ..filemodes import PRIVATE, Modes
 from .digests import b64
 from .layout import TMP, blob_dir, fsync_dir, new_name
 
@@ -57,10 +58,11 @@ class BlobWriter:
     """
 
     def __init__(self, data_dir: str, loop: asyncio.AbstractEventLoop, *, direct_io: bool = True,
-                 directory: str | None = None, prefix: str = "") -> None:
+                 directory: str | None = None, prefix: str = "", modes: Modes = PRIVATE) -> None:
         self.directory = directory or blob_dir(data_dir)
         self.prefix = prefix
-        os.makedirs(self.directory, exist_ok=True)
+        self.modes = modes
+        modes.make_dir(self.directory)
         self.loop = loop
         self.direct_io = direct_io and hasattr(os, "O_DIRECT")
         # One blob's work stays in order (one write job and one hash job at a time per sink);
@@ -157,13 +159,13 @@ class BlobSink:
         self.direct = False
         if owner.direct_io:
             try:
-                self.fd = os.open(self.tmp, flags | os.O_DIRECT, 0o600)
+                self.fd = owner.modes.open_new(self.tmp, flags | os.O_DIRECT)
                 self.direct = True
             except OSError as exc:
                 if exc.errno != errno.EINVAL:  # tmpfs and some others refuse O_DIRECT
                     raise
         if not self.direct:
-            self.fd = os.open(self.tmp, flags, 0o600)
+            self.fd = owner.modes.open_new(self.tmp, flags)
         # Only the digests the request needs: MD5 is the slowest step of a part (about 730 MiB/s
         # a core here), and a sender may leave Content-MD5 out.
         self.md5 = hashlib.md5(usedforsecurity=False) if md5 else None
