@@ -241,7 +241,7 @@ def test_shared_blob_dir_sweep_spares_other_stores_files(tmp_path):
     # the default blob dir (<data dir>/blobs) is this store's alone: everything no record names goes
     private = Store(str(tmp_path / "private"))
     try:
-        os.makedirs(private.blob_dir)
+        assert os.path.isdir(private.blob_dir)  # the store makes it, private (gwcore/filemodes.py)
         for name in files:
             open(os.path.join(private.blob_dir, name), "w").close()
         assert databus.sweep(private) == len(files)
