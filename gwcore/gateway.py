@@ -124,8 +124,7 @@ class Gateway:
         if listen and s.passive_allowed:
             lease = try_lease(s.data_dir)
             if lease is None:
-                await self._listen()
-                self._set_role("passive")
+                await self._listen("passive")
                 self.role = "passive"
                 self._started = True
                 self._takeover = asyncio.ensure_future(self._take_over(forward))
@@ -152,8 +151,10 @@ class Gateway:
             raise
         log.info("role: active: took over in %.0f ms after the lease was won", (loop.time() - won) * 1000)
 
-    async def _listen(self) -> None:
-        """Open the receive channels; their states refuse submits until the node is active."""
+    async def _listen(self, role: str = "unavailable") -> None:
+        """Open the receive channels; their states refuse submits until the node is active. Each
+        listener has its *role* before its first connection: a passive node never answers as
+        anything but passive."""
         s = self.settings
         loop = asyncio.get_running_loop()
         listeners: dict[tuple[str, int], list[str]] = {}
@@ -170,6 +171,7 @@ class Gateway:
                 state = HTTPState(s, channel_paths=paths, metrics_render=self.render_metrics)
                 # the worker API on a receive channel only when every worker call is signed
                 state.serves_workers = distributor and bool(s.worker_keys)
+                state.set_role(role)
                 server = await loop.create_server(functools.partial(HTTPProtocol, state), host, port,
                                                   reuse_address=True, backlog=2048,
                                                   ssl=tls_context if (host, port) in tls_ports else None)
@@ -179,6 +181,7 @@ class Gateway:
             if wl is not None:
                 state = HTTPState(s, channel_paths=[], metrics_render=self.render_metrics)
                 state.serves_workers = True
+                state.set_role(role)
                 try:
                     server = await loop.create_server(functools.partial(HTTPProtocol, state), wl.host, wl.port,
                                                       reuse_address=True, backlog=512,

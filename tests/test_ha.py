@@ -281,3 +281,31 @@ def test_a_missing_nginx_skips_and_ci_turns_every_skip_into_a_failure(monkeypatc
             assert "no frobnicator here" in res.stdout and "never here" in res.stdout
         else:
             assert res.returncode == 0
+
+
+def test_a_passive_node_answers_passive_from_its_first_connection(make_settings, run, monkeypatch):
+    """The listeners have their role before they accept anything: a connection in the instant
+    between opening the socket and the role being set was answered "not the active receiver"."""
+    from gwcore import Gateway, http
+
+    roles_at_start: list[tuple[bool, str | None]] = []
+    real_start = http.HTTPState.start
+
+    def start(self, loop):  # called right after each listener's socket is open
+        roles_at_start.append((self.passive, self.not_available()))
+        real_start(self, loop)
+
+    monkeypatch.setattr(http.HTTPState, "start", start)
+
+    async def main():
+        settings = make_settings(ha="on")
+        active = await Gateway(settings).start()
+        roles_at_start.clear()
+        passive = await Gateway(settings).start()
+        try:
+            assert roles_at_start and all(r == (True, "Service Unavailable: passive") for r in roles_at_start)
+        finally:
+            await passive.stop()
+            await active.stop()
+
+    run(main())
