@@ -461,6 +461,10 @@ class ListenerCore:
     """Submits answered 200 since start (``HTTPState.status_counts`` adds them to the rest)."""
     compiled_submits: int
     """Submits handed straight to the writer's inbox by the compiled path (no Python call)."""
+    idle_connections: Any
+    """The connections with no request begun and no answer owed, the one idle the longest first
+    (an ``OrderedDict`` of connection -> None): at ``GWCORE_HTTP_MAX_CONNECTIONS`` the first one
+    is closed to make room for a newcomer."""
     def date(self) -> bytes:
         """The HTTP ``Date`` value of the current second."""
     def ok(self) -> bytes:
@@ -500,6 +504,11 @@ class ConnectionCore:
     reading_paused: bool
     writing_paused: bool
     request_started: float
+    """Loop time the unfinished request's first bytes arrived (later bytes never move it)."""
+    request_bytes: int
+    """Bytes received of the unfinished request (what ``GWCORE_HTTP_MIN_RATE`` counts)."""
+    idle_listed: bool
+    """In ``state.idle_connections``."""
     idle_since: float
     linger_until: float
     part: Any
@@ -511,6 +520,9 @@ class ConnectionCore:
     @property
     def in_request(self) -> bool:
         """Bytes of an unfinished request are buffered."""
+    @property
+    def in_head(self) -> bool:
+        """The unfinished request's line and headers are not all in yet."""
     def data_received(self, data: bytes) -> None:
         """Parse received bytes and act on every request they complete."""
     def _slot(self, keep_alive: bool) -> AnswerSlot:

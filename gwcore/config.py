@@ -86,6 +86,20 @@ def _positive_size(text: str) -> int:
     return value
 
 
+def _rate(text: str) -> int:
+    """A transfer rate in bytes per second: a size, optionally followed by ``/s`` (``64KiB/s``)."""
+    t = text.strip()
+    if t.lower().endswith("/s"):
+        t = t[:-2]
+    try:
+        value = parse_size(t)
+    except ValueError:
+        raise ValueError(f"not a rate: {text!r} (examples: 65536, 64KiB/s, 1MiB/s)") from None
+    if value <= 0:
+        raise ValueError("must be greater than zero")
+    return value
+
+
 def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
@@ -422,7 +436,10 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "GWCORE_HTTP_REQUEST_TIMEOUT": ("http_request_timeout", _positive_duration, "30s"),
     "GWCORE_HTTP_KEEPALIVE_TIMEOUT": ("http_keepalive_timeout", _positive_duration, "15s"),
     "GWCORE_HTTP_MAX_PIPELINE": ("http_max_pipeline", _positive_int, "64"),
+    "GWCORE_HTTP_MIN_RATE": ("http_min_rate", _rate, "64KiB/s"),
     "GWCORE_HTTP_MAX_CONNECTIONS": ("http_max_connections", _positive_int, "4096"),
+    "GWCORE_HTTP_MAX_CONNECTIONS_PER_PEER": ("http_max_connections_per_peer", _positive_int, "256"),
+    "GWCORE_HTTP_MAX_PARTS_PER_PEER": ("http_max_parts_per_peer", _positive_int, "16"),
     "GWCORE_HTTP_ALLOW_GET": ("http_allow_get", _parse_bool, "0"),
     "GWCORE_HANDLER": ("handler", _handler, ""),
     "GWCORE_HANDLER_CONCURRENCY": ("handler_concurrency", _positive_int, "1"),
@@ -488,7 +505,14 @@ class Settings:
     http_request_timeout: float = 30.0
     http_keepalive_timeout: float = 15.0
     http_max_pipeline: int = 64
+    #: Bytes per second a request must average since its first byte, once its
+    #: GWCORE_HTTP_REQUEST_TIMEOUT is used up: each byte received extends its deadline by 1/rate s.
+    http_min_rate: int = 64 << 10
     http_max_connections: int = 4096
+    #: Connections from one address (IP) at once; one more is answered 503 and closed.
+    http_max_connections_per_peer: int = 256
+    #: Streamed databus parts being received from one address at once; one more is 503 at its head.
+    http_max_parts_per_peer: int = 16
     http_allow_get: bool = False
     handler: str | None = None
     handler_concurrency: int = 1

@@ -584,17 +584,32 @@ class Gateway:
                 out.append(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}")
 
         statuses: dict[int, int] = {}
-        rejected = 0
+        rejected = rejected_per_peer = idle_closed = too_slow = parts_refused = 0
         for state in self.states:
             for status, n in state.status_counts().items():
                 statuses[status] = statuses.get(status, 0) + n
             rejected += state.rejected_connections
+            rejected_per_peer += state.rejected_per_peer
+            idle_closed += state.idle_closed
+            too_slow += state.too_slow
+            parts_refused += state.parts_refused_per_peer
         metric("gwcore_http_requests_total", "counter", "HTTP requests answered, by status.",
                [(f'{{status="{k}"}}', v) for k, v in sorted(statuses.items())])
         metric("gwcore_http_connections", "gauge", "Open client connections.",
                [("", sum(len(s.connections) for s in self.states))])
-        metric("gwcore_http_connections_refused_total", "counter", "Connections refused (limit or draining).",
-               [("", rejected)])
+        metric("gwcore_http_connections_refused_total", "counter",
+               "Connections refused (a limit, or draining).", [("", rejected)])
+        metric("gwcore_http_connections_refused_per_peer_total", "counter",
+               "Connections refused because their address had GWCORE_HTTP_MAX_CONNECTIONS_PER_PEER open.",
+               [("", rejected_per_peer)])
+        metric("gwcore_http_idle_connections_closed_total", "counter",
+               "Idle connections closed to make room for a new one at GWCORE_HTTP_MAX_CONNECTIONS.",
+               [("", idle_closed)])
+        metric("gwcore_http_requests_too_slow_total", "counter",
+               "Requests cut off (408) for arriving slower than GWCORE_HTTP_MIN_RATE.", [("", too_slow)])
+        metric("gwcore_databus_parts_refused_per_peer_total", "counter",
+               "Databus parts refused (503) at GWCORE_HTTP_MAX_PARTS_PER_PEER from one address.",
+               [("", parts_refused)])
         w = self.writer
         if w is not None:
             st = w.stats

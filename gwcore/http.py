@@ -29,7 +29,7 @@ from .distributor.protocol import WORKER_PREFIX
 from .errors import StoreError
 from .httphead import ascii_reason, render_head
 
-__all__ = ("HTTPState", "HTTPProtocol", "render_response", "error_answer")
+__all__ = ("HTTPState", "HTTPProtocol", "render_response", "error_answer", "peer_key")
 
 log = logging.getLogger("gwcore.http")
 
@@ -42,6 +42,10 @@ _CHALLENGE = b"WWW-Authenticate: gwcore-v1\r\n"   # RFC 9110: a 401 names its sc
 _LINGER_SECONDS = 2.0
 _PASSIVE = "Service Unavailable: passive"
 _BUILTIN = (b"/healthz", b"/readyz", b"/metrics")
+_SHUTTING_DOWN = "Service Unavailable: gwcore is shutting down"
+_TOO_MANY = "Service Unavailable: too many connections (GWCORE_HTTP_MAX_CONNECTIONS)"
+_TOO_MANY_FROM_PEER = ("Service Unavailable: too many connections from your address "
+                       "(GWCORE_HTTP_MAX_CONNECTIONS_PER_PEER)")
 _EV_SUBMIT, _EV_OTHER, _EV_CONTINUE = core.EV_SUBMIT, core.EV_OTHER, core.EV_CONTINUE
 _Rejection = core.Rejection
 
@@ -67,6 +71,17 @@ def error_answer(exc: BaseException, what: str) -> tuple[int, str]:
         return 503, f"Service Unavailable: {exc}"
     log.error("%s failed: %r", what, exc, exc_info=exc)
     return 502, "Unexpected server error"
+
+
+def peer_key(peername: Any) -> str | None:
+    """The address a connection's limits are counted under: the peer's IP (an IPv4-mapped IPv6
+    address as its IPv4 one), or None (a unix socket, or no address known)."""
+    if isinstance(peername, tuple) and peername and isinstance(peername[0], str):
+        host = peername[0]
+        if host.startswith("::ffff:") and "." in host:
+            return host[7:]
+        return host
+    return None
 
 
 #: HTTPState.attach's default inbox: the writer's own compiled inbox, when it has one.
@@ -124,10 +139,18 @@ class HTTPState(core.ListenerCore):
             self.attach(writer=writer)
         self._routes: dict[bytes, bool] = {}
         self.connections: set[HTTPProtocol] = set()
+        # Open connections and streamed parts being received, per peer address (peer_key); the
+        # idle connections, oldest first, are the compiled base class's ``idle_connections``.
+        self.peer_connections: dict[str | None, int] = {}
+        self.peer_parts: dict[str | None, int] = {}
         # Answers by status, but for the 200s of accepted submits, which the compiled path counts
         # in ``answered_ok``: read both through :meth:`status_counts`.
         self.requests_by_status: collections.Counter = collections.Counter()
-        self.rejected_connections = 0
+        self.rejected_connections = 0  # refused at connect, for any reason
+        self.rejected_per_peer = 0  # of those: GWCORE_HTTP_MAX_CONNECTIONS_PER_PEER
+        self.idle_closed = 0  # idle connections closed for a newcomer at GWCORE_HTTP_MAX_CONNECTIONS
+        self.too_slow = 0  # requests cut off below GWCORE_HTTP_MIN_RATE
+        self.parts_refused_per_peer = 0  # parts refused at GWCORE_HTTP_MAX_PARTS_PER_PEER
         self._sweeper: asyncio.TimerHandle | None = None
 
     def attach(self, *, writer: Any, inbox: Any = _WRITERS_INBOX, blobs: Any = None, worker_api: Any = None,
@@ -158,7 +181,7 @@ class HTTPState(core.ListenerCore):
         """None while this listener takes gateway traffic, else the reason of its 503: the one
         place that decides it, for submits, parts and worker calls alike."""
         if self.draining:
-            return "Service Unavailable: gwcore is shutting down"
+            return _SHUTTING_DOWN
         if self.active:
             return None
         if self.passive:
@@ -191,6 +214,36 @@ class HTTPState(core.ListenerCore):
         for conn in list(self.connections):
             conn.check_timeouts(now)
         self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
+
+    def admit(self, conn: HTTPProtocol) -> str | None:
+        """Take a new connection in, or say why not (the reason of its 503): while draining; at
+        ``GWCORE_HTTP_MAX_CONNECTIONS_PER_PEER`` from its address; at
+        ``GWCORE_HTTP_MAX_CONNECTIONS`` when no connection is idle, else the one idle the longest
+        is closed to make room (its client sees the close an idle keep-alive connection may
+        always see, and opens a new one)."""
+        if self.draining:
+            return _SHUTTING_DOWN
+        s = self.settings
+        peer = conn.peer
+        held = self.peer_connections.get(peer, 0)
+        if held >= s.http_max_connections_per_peer:
+            self.rejected_per_peer += 1
+            return _TOO_MANY_FROM_PEER
+        if len(self.connections) >= s.http_max_connections:
+            idle = self.idle_connections
+            if not idle:
+                return _TOO_MANY
+            oldest = next(iter(idle))
+            oldest.forget()
+            oldest.closing = True
+            if oldest.transport is not None:
+                oldest.transport.close()
+            self.idle_closed += 1
+            held = self.peer_connections.get(peer, 0)  # the oldest may have been its own
+        self.connections.add(conn)
+        self.peer_connections[peer] = held + 1
+        conn.admitted = True
+        return None
 
     def log_refusal(self, reason: str) -> None:
         """A 401 is worth a log line (a sender with the wrong secret, or someone probing), but
@@ -249,25 +302,49 @@ class HTTPProtocol(PartIntake, WorkerCalls):
         self.request_started = 0.0  # loop time the unfinished request began (timeouts are swept)
         self.idle_since = 0.0
         self.linger_until = 0.0
+        self.peer: str | None = None  # the address its limits count under (peer_key)
+        self.admitted = False  # counted in the state's connections (HTTPState.admit)
+        # what check_timeouts saw of the request last: (request_started, request_bytes), and when
+        # that last changed
+        self._seen: tuple[float, int] = (0.0, 0)
+        self._progress_at = 0.0
+        self._checked_at = 0.0  # loop time of the last check_timeouts
 
     # -- connection lifecycle ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         state = self.state
-        if len(state.connections) >= self.settings.http_max_connections or state.draining:
+        self.peer = peer_key(transport.get_extra_info("peername"))
+        refusal = state.admit(self)
+        if refusal is not None:
             state.rejected_connections += 1
-            reason = ("Service Unavailable: gwcore is shutting down" if state.draining else
-                      "Service Unavailable: too many connections (GWCORE_HTTP_MAX_CONNECTIONS)")
-            transport.write(render_response(503, reason, state.date(), close=True))  # type: ignore[attr-defined]
+            transport.write(render_response(503, refusal, state.date(), close=True))  # type: ignore[attr-defined]
             transport.close()
             self.closing = True
             return
-        state.connections.add(self)
-        self.idle_since = self.loop.time()
+        self.idle_since = self._checked_at = self.loop.time()
+        self.idle_listed = True
+        state.idle_connections[self] = None
+
+    def forget(self) -> None:
+        """No longer count this connection in the state's connections, idle ones and per-peer
+        counts (when it is lost, or closed to make room)."""
+        state = self.state
+        state.connections.discard(self)
+        if self.idle_listed:
+            self.idle_listed = False
+            state.idle_connections.pop(self, None)
+        if self.admitted:
+            self.admitted = False
+            n = state.peer_connections[self.peer] - 1
+            if n:
+                state.peer_connections[self.peer] = n
+            else:
+                del state.peer_connections[self.peer]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.state.connections.discard(self)
+        self.forget()
         self.closing = True
         self._drop_part()
         self._drop_files()
@@ -292,15 +369,46 @@ class HTTPProtocol(PartIntake, WorkerCalls):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        checked, self._checked_at = self._checked_at, now
         if self.linger_until:
             if now >= self.linger_until:
                 transport.close()
         elif self.parser.in_request:
-            if now - self.request_started >= self.settings.http_request_timeout:
-                self._fail(408, "Request Timeout: the request was not complete after "
-                                f"{self.settings.http_request_timeout:g} s")
+            if self.reading_paused and not self.writing_paused:
+                # Not read because of gwcore's own back-pressure (a part's blob threads behind the
+                # socket, the pipeline full while the writer commits): that time is not the
+                # client's. (A client that does not read its answers pauses writing: its own.)
+                self.request_started += now - max(checked, self.request_started)
+            self._check_request(now)
         elif not self.slots and now - self.idle_since >= self.settings.http_keepalive_timeout:
             transport.close()
+
+    def _check_request(self, now: float) -> None:
+        """The deadline of the request being received, counted from its first bytes and never
+        moved by later ones: its head within ``GWCORE_HTTP_REQUEST_TIMEOUT``; then the whole
+        request within that plus one second per ``GWCORE_HTTP_MIN_RATE`` bytes received (at
+        least that rate on average once the timeout is used up, however the bytes are spread:
+        trickling cannot hold a connection, a part or its blob file), and never
+        ``GWCORE_HTTP_REQUEST_TIMEOUT`` without a byte."""
+        s = self.settings
+        timeout = s.http_request_timeout
+        elapsed = now - self.request_started
+        if self.in_head:
+            if elapsed >= timeout:
+                self._fail(408, f"Request Timeout: the request head was not complete after {timeout:g} s "
+                                "(GWCORE_HTTP_REQUEST_TIMEOUT)")
+            return
+        got = self.request_bytes
+        seen = (self.request_started, got)
+        if seen != self._seen:
+            self._seen, self._progress_at = seen, now
+        if now - max(self._progress_at, self.request_started) >= timeout:
+            self._fail(408, f"Request Timeout: nothing received for {timeout:g} s (GWCORE_HTTP_REQUEST_TIMEOUT)")
+        elif elapsed >= timeout + got / s.http_min_rate:
+            self.state.too_slow += 1
+            self._fail(408, f"Request Timeout: the request came slower than GWCORE_HTTP_MIN_RATE "
+                            f"({s.http_min_rate} bytes/s after the first {timeout:g} s): "
+                            f"{got} bytes in {elapsed:.1f} s")
 
     # -- request handling --------------------------------------------------------------------------
 

@@ -71,15 +71,18 @@ async def read_response(reader: asyncio.StreamReader) -> Response:
 
 
 class Client:
-    """One keep-alive connection."""
+    """One keep-alive connection; *local* binds its end to that address first (any of 127/8 is
+    the loopback interface on Linux: a distinct peer address for the server)."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, *, local: str | None = None) -> None:
         self.host, self.port = host, port
+        self.local = local
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
     async def __aenter__(self) -> "Client":
-        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.reader, self.writer = await asyncio.open_connection(
+            self.host, self.port, local_addr=(self.local, 0) if self.local else None)
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -59,6 +59,13 @@ def test_environment_and_precedence():
     ("GWCORE_INSTANCE", "a b",
      "GWCORE_INSTANCE='a b' is invalid: 'a b': use letters, digits, '.', '_' and '-' (it names a queue)"),
     ("GWCORE_ELECTION_INTERVAL", "0", "GWCORE_ELECTION_INTERVAL='0' is invalid: must be greater than zero"),
+    ("GWCORE_HTTP_MIN_RATE", "0/s", "GWCORE_HTTP_MIN_RATE='0/s' is invalid: must be greater than zero"),
+    ("GWCORE_HTTP_MIN_RATE", "fast",
+     "GWCORE_HTTP_MIN_RATE='fast' is invalid: not a rate: 'fast' (examples: 65536, 64KiB/s, 1MiB/s)"),
+    ("GWCORE_HTTP_MAX_CONNECTIONS_PER_PEER", "0",
+     "GWCORE_HTTP_MAX_CONNECTIONS_PER_PEER='0' is invalid: must be a positive integer, got 0"),
+    ("GWCORE_HTTP_MAX_PARTS_PER_PEER", "-2",
+     "GWCORE_HTTP_MAX_PARTS_PER_PEER='-2' is invalid: must be a positive integer, got -2"),
 ])
 def test_invalid_values_name_the_variable(name, value, message):
     with pytest.raises(ConfigurationError) as info:
@@ -81,6 +88,13 @@ def test_units():
     assert parse_size("512k") == 512 << 10 and parse_size("2G") == 2 << 30 and parse_size("10") == 10
     with pytest.raises(ValueError, match=r"^not a size: '1\.5G' \(examples: 65536, 512k, 64MiB, 2G\)$"):
         parse_size("1.5G")
+
+
+def test_client_limits():
+    s = Settings.from_env({})
+    assert (s.http_min_rate, s.http_max_connections_per_peer, s.http_max_parts_per_peer) == (64 << 10, 256, 16)
+    for text, rate in (("64KiB/s", 64 << 10), ("1MiB/s", 1 << 20), ("1000", 1000), (" 2k /s ", 2048)):
+        assert Settings.from_env({"GWCORE_HTTP_MIN_RATE": text}).http_min_rate == rate, text
 
 
 def test_settings_are_frozen():

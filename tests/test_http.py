@@ -313,11 +313,17 @@ def test_connection_limit_503(run, gateway_factory):
         async with gateway_factory(http_max_connections=2) as gw:
             host, port = addr(gw)
             async with Client(host, port) as a, Client(host, port) as b:
-                await a.request(nsb_request(str(uuid.uuid4())))
-                await b.request(nsb_request(str(uuid.uuid4())))
+                # both busy: a request begun on each (an idle one would be closed to make room)
+                req = nsb_request(str(uuid.uuid4()))
+                await a.send(req[:-3])
+                await b.send(req[:-3])
+                while sum(conn.in_request for conn in gw.states[0].connections) < 2:
+                    await asyncio.sleep(0.005)
                 async with Client(host, port) as c:
                     r = await read_response(c.reader)
                     assert r.status == 503 and "GWCORE_HTTP_MAX_CONNECTIONS" in r.reason
+                await a.send(req[-3:])
+                assert (await a.response()).status == 200
 
     run(main())
 

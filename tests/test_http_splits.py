@@ -40,6 +40,9 @@ class MockTransport:
     def resume_reading(self) -> None:
         self.paused = False
 
+    def get_extra_info(self, name: str, default=None):
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
 
 class RecordingWriter:
     """Stands in for the writer thread: answers at once and keeps what it was given."""

@@ -437,15 +437,53 @@ async def _(ctx):
     return [await ctx.send(gw, nsb_request(new_id(), method=m), m) for m in ("GET", "PUT")]
 
 
-@row("a request not complete within `GWCORE_HTTP_REQUEST_TIMEOUT`")
+@row("a request whose head is not complete within `GWCORE_HTTP_REQUEST_TIMEOUT` of its first byte, "
+     "or of whose body nothing arrives for that long")
 async def _(ctx):
     gw = await ctx.gateway(http_request_timeout=0.3)
     before = _traces(gw)
+    out = []
+    req = nsb_request(new_id())
+    for label, sent in (("head cut short", req[:40]), ("body cut short", req[:-5])):
+        async with Client(*gw.addresses[0]) as c:
+            await c.send(sent)  # the rest never comes
+            r = await c.response()
+            assert await c.closed()
+        out.append(Outcome(label, r, trace=_traces(gw) != before))
+    return out
+
+
+async def _trickled(ctx, gw, req: bytes, first: int, label: str) -> Outcome:
+    """*first* bytes of *req*, then one byte every 0.1 s until the gateway answers."""
+    before = _traces(gw)
     async with Client(*gw.addresses[0]) as c:
-        await c.send(nsb_request(new_id())[:-5])  # the body never completes
-        r = await c.response()
-        assert await c.closed()
-    return [Outcome("body cut short", r, trace=_traces(gw) != before)]
+        await c.send(req[:first])
+
+        async def trickle():
+            with contextlib.suppress(ConnectionError, OSError):
+                while True:
+                    await asyncio.sleep(0.1)
+                    await c.send(b"x")
+
+        task = asyncio.ensure_future(trickle())
+        try:
+            r = await asyncio.wait_for(c.response(), 30)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    await until(lambda: _traces(gw) == before, "the cut-off request's traces to go")
+    return Outcome(label, r, trace=False)
+
+
+@row("a request slower than `GWCORE_HTTP_MIN_RATE` on average once `GWCORE_HTTP_REQUEST_TIMEOUT` is used up "
+     "(a submit or a databus part)")
+async def _(ctx):
+    gw = await ctx.gateway(http_request_timeout=0.3, http_min_rate=64 << 10)
+    submit = nsb_request(new_id(), body=b"s" * 300_000)
+    part = part_request(new_id(), "k", os.urandom(300_000))
+    return [await _trickled(ctx, gw, submit, len(submit) - 200_000, "a trickled submit"),
+            await _trickled(ctx, gw, part, len(part) - 200_000, "a trickled part")]
 
 
 @row("a body above `GWCORE_MAX_BODY`")
@@ -584,15 +622,47 @@ async def _(ctx):
     return [Outcome("completed while draining", r, trace=late in stored)]
 
 
-@row("a connection beyond `GWCORE_HTTP_MAX_CONNECTIONS`")
+@row("a connection beyond `GWCORE_HTTP_MAX_CONNECTIONS` while every connection is busy (else the one idle the "
+     "longest is closed to make room)")
 async def _(ctx):
     gw = await ctx.gateway(http_max_connections=1)
     async with Client(*gw.addresses[0]) as a:
         assert (await a.request(nsb_request(new_id()))).status == 200
+        req = nsb_request(new_id())
+        await a.send(req[:-3])  # busy: a request begun
+        await until(lambda: any(conn.in_request for conn in gw.states[0].connections), "a request begun")
         async with Client(*gw.addresses[0]) as b:
             r = await read_response(b.reader)
             assert await b.closed()
+        await a.send(req[-3:])
+        assert (await a.response()).status == 200
     return [Outcome("the second connection", r)]
+
+
+@row("a connection beyond `GWCORE_HTTP_MAX_CONNECTIONS_PER_PEER` from one address")
+async def _(ctx):
+    gw = await ctx.gateway(http_max_connections_per_peer=1)
+    async with Client(*gw.addresses[0], local="127.0.0.2") as a:
+        assert (await a.request(nsb_request(new_id()))).status == 200
+        async with Client(*gw.addresses[0], local="127.0.0.2") as b:
+            r = await read_response(b.reader)
+            assert await b.closed()
+        async with Client(*gw.addresses[0], local="127.0.0.3") as other:
+            assert (await other.request(nsb_request(new_id()))).status == 200
+    return [Outcome("a second connection from 127.0.0.2", r)]
+
+
+@row("a databus part beyond `GWCORE_HTTP_MAX_PARTS_PER_PEER` being received from one address (answered at its head)")
+async def _(ctx):
+    gw = await ctx.gateway(http_max_parts_per_peer=1)
+    first = part_request(new_id(), "k", os.urandom(300_000))
+    async with Client(*gw.addresses[0]) as a:
+        await a.send(first[:-100_000])
+        await until(lambda: blob_files(gw.settings.data_dir), "the first part's file")
+        out = await ctx.send(gw, part_request(new_id(), "k", os.urandom(1000)), "a second part at once")
+        await a.send(first[-100_000:])
+        assert (await a.response()).status == 200
+    return [out]
 
 
 # -- the test ---------------------------------------------------------------------------------------

@@ -224,6 +224,9 @@ class Server:
             cmd = [cfg.python, "-m", "gwcore", "serve"]
             env.update(GWCORE_DATA_DIR=str(data_dir), GWCORE_ENDPOINT=ENDPOINT,
                        GWCORE_RECEIVE_CHANNELS=f"http://127.0.0.1:{self.port}{CHANNEL_PATH}")
+            # every load generator here is one peer (127.0.0.1) standing for many senders: the
+            # per-address limits are the listener's, as behind a proxy (docs/security.md)
+            env.update(GWCORE_HTTP_MAX_CONNECTIONS_PER_PEER="4096", GWCORE_HTTP_MAX_PARTS_PER_PEER="4096")
             if cfg.store_sync is not None:
                 env["GWCORE_STORE_SYNC"] = cfg.store_sync
             if cfg.commit_max_delay_us is not None:

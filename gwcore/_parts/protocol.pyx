@@ -10,9 +10,11 @@
 from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
 from libc.time cimport time as c_time, time_t
 
+import collections as _collections
 import email.utils as _email_utils
 
 cdef object _formatdate = _email_utils.formatdate
+cdef object _OrderedDict = _collections.OrderedDict
 
 
 cdef enum:
@@ -43,11 +45,16 @@ cdef class ListenerCore:
     cdef public Py_ssize_t max_pending
     cdef public unsigned long long answered_ok   # 200s of the fast path (the rest: requests_by_status)
     cdef public unsigned long long compiled_submits   # submits handed to the inbox without Python
+    # The connections with nothing to do (no request begun, no answer owed), the one idle the
+    # longest first: at GWCORE_HTTP_MAX_CONNECTIONS the first one is closed for a newcomer. An
+    # OrderedDict (connection -> None): taking out, putting back at the end, and the first are O(1).
+    cdef public object idle_connections
     cdef bytes _date
     cdef bytes _ok
     cdef time_t _date_at
 
     def __cinit__(self):
+        self.idle_connections = _OrderedDict()
         self._date = b""
         self._ok = None                  # rendered on first use and again each new second
         self._date_at = 0
@@ -104,7 +111,9 @@ cdef class ConnectionCore:
     cdef public bint closing         # no further requests will be read
     cdef public bint reading_paused
     cdef public bint writing_paused
-    cdef public double request_started   # loop time the unfinished request began
+    cdef public double request_started   # loop time the unfinished request's first bytes came
+    cdef public unsigned long long request_bytes   # bytes received of it (what the minimum rate counts)
+    cdef public bint idle_listed     # in state.idle_connections
     cdef public double idle_since
     cdef public double linger_until
     cdef public object part          # the databus part being received (gwcore.databus.intake._Part), or None
@@ -114,27 +123,50 @@ cdef class ConnectionCore:
     def in_request(self):
         return self.parser.in_request
 
+    @property
+    def in_head(self):
+        """The unfinished request's line and headers are not all in yet."""
+        return self.parser.in_request and self.parser._state <= RP_HEADERS
+
+    cdef inline int _went_idle(self) except -1:
+        # Nothing begun, nothing owed: the connection may be closed for a newcomer (HTTPState).
+        if not self.idle_listed and not self.closing and self.transport is not None:
+            self.idle_listed = True
+            self.state.idle_connections[self] = None
+        return 0
+
+    cdef inline int _went_busy(self) except -1:
+        if self.idle_listed:
+            self.idle_listed = False
+            self.state.idle_connections.pop(self, None)
+        return 0
+
     def data_received(self, data):
         cdef RequestParser parser = self.parser
         cdef list events
         cdef tuple event
         cdef int kind
-        cdef bint was_in_request
+        cdef bint was_in_request, ended = False
         if self.closing:
             return
+        if self.idle_listed:
+            self._went_busy()
         was_in_request = parser.in_request
         events = parser.feed(data, _now_ms())
         for event in events:
             kind = event[0]
             if kind == EVENT_SUBMIT:
+                ended = True
                 self._submit(event[1], event[2])
             elif kind == EVENT_PART_DATA:
                 self._part_data(event[1])
             elif kind == EVENT_OTHER:
+                ended = True
                 self._other(event[1], event[2], event[3], event[4])
             elif kind == EVENT_PART_BEGIN:
                 self._part_begin(event[1], event[2])
             elif kind == EVENT_PART_END:
+                ended = True
                 self._part_end()
             elif kind == EVENT_CONTINUE:
                 if not self.slots and self.transport is not None:
@@ -146,8 +178,20 @@ cdef class ConnectionCore:
                 self._fail(event[1], event[2])
             if self.closing:
                 return
-        if parser.in_request and (events or not was_in_request):
-            self.request_started = self.loop.time()
+        if parser.in_request:
+            # A request's deadline counts from its first bytes (GWCORE_HTTP_REQUEST_TIMEOUT, then
+            # GWCORE_HTTP_MIN_RATE: HTTPProtocol.check_timeouts); what comes later never moves it.
+            if ended:
+                # it began in this read, after the end of the one before (its bytes uncounted)
+                self.request_started = self.loop.time()
+                self.request_bytes = 0
+            elif not was_in_request:
+                self.request_started = self.loop.time()
+                self.request_bytes = len(data)
+            else:
+                self.request_bytes += len(data)
+        elif not self.slots:
+            self._went_idle()
         if self.part is not None:
             # a databus part: its body may be read straight into the blob's buffers from here on
             self._take_part_body()
@@ -200,6 +244,7 @@ cdef class ConnectionCore:
                 transport.close()
                 return
             self.idle_since = self.loop.time()
+            self._went_idle()
         self._update_reading()
 
     def _update_reading(self):

@@ -34,6 +34,8 @@ log = logging.getLogger("gwcore.http")
 _MD5_MISMATCH = "MD5 hash received does not match hash calculated on server. Please resubmit."
 _DIGEST_MISMATCH = "Content-Digest received does not match the digest calculated on server. Please resubmit."
 _CANNOT_STORE = "Service Unavailable: cannot store the databus property"
+_TOO_MANY_PARTS = ("Service Unavailable: too many databus parts at once from your address "
+                   "(GWCORE_HTTP_MAX_PARTS_PER_PEER)")
 
 #: A part body this large (still to come) is read with _PartBody rather than through the parser.
 _DIRECT_BODY_MIN = 64 << 10
@@ -43,7 +45,7 @@ class _Part:
     """A databus part being received: its slot, its framed head, and the blob it streams to
     (None when it was refused at its head and its body is only read past)."""
 
-    __slots__ = ("slot", "env", "sink", "verified", "sha256")
+    __slots__ = ("slot", "env", "sink", "verified", "sha256", "counted")
 
     def __init__(self, slot: core.AnswerSlot, env: Any, sink: BlobSink | None, verified: bool = False) -> None:
         self.slot = slot
@@ -51,6 +53,7 @@ class _Part:
         self.sink = sink
         self.verified = verified  # the signature was checked on the whole body already
         self.sha256: str | None = None  # what its Content-Digest says the body's SHA-256 is
+        self.counted = False  # among its peer's parts being received (HTTPState.peer_parts)
 
 
 class _PartBody(asyncio.BufferedProtocol):
@@ -74,7 +77,7 @@ class _PartBody(asyncio.BufferedProtocol):
         self.left -= nbytes
         http.parser.body_taken(nbytes)
         self.sink.received(nbytes)
-        http.request_started = http.loop.time()  # the request timeout counts from the last bytes
+        http.request_bytes += nbytes  # what the minimum rate counts (HTTPProtocol.check_timeouts)
         if self.left == 0:
             if http.transport is not None and not http.transport.is_closing():
                 http.transport.set_protocol(http)
@@ -102,6 +105,9 @@ class PartIntake(core.ConnectionCore, asyncio.Protocol):
 
     #: Submits that wait for this connection's parts to be recorded (``parts_open`` is 0 again).
     held: list[tuple[core.AnswerSlot, Any]]
+    #: The peer's address, the key of its count in ``state.peer_parts`` (gwcore.http.peer_key).
+    peer: Any
+    settings: Any
 
     if TYPE_CHECKING:  # what gwcore.http.HTTPProtocol provides
         def _route(self, slot: core.AnswerSlot, result: Any) -> None: ...
@@ -172,11 +178,43 @@ class PartIntake(core.ConnectionCore, asyncio.Protocol):
         ok, part.sha256 = self._claimed_sha256(slot, env)
         if not ok:
             return
+        if not self._count_part(part):
+            # Beyond the peer's share: refused before a blob is made, and the connection closes
+            # after the answer instead of reading a body that may be gigabytes in vain.
+            slot.close = True
+            self.closing = True
+            self._answer(slot, 503, _TOO_MANY_PARTS, callback=env.callback)
+            return
         # One digest per part: a SHA-256 that is checked anyway (a Content-Digest, or the body
         # digest of a signature) proves the body as well as the MD5 would, and runs at 2-3 times
         # its speed on CPUs with SHA extensions, so the Content-MD5 is then not computed.
         with_sha = signed or part.sha256 is not None
         part.sink = self._sink(slot, env.callback, with_sha, env.content_md5 is not None and not with_sha)
+
+    def _count_part(self, part: _Part) -> bool:
+        """Count *part* among its peer's parts being received, or False when the peer has
+        ``GWCORE_HTTP_MAX_PARTS_PER_PEER`` already. Each holds at most one receive buffer and
+        ``sink.HIGH_WATER`` bytes waiting for the disk (reading pauses beyond), so this bounds
+        the memory one address can take with parts (docs/security.md, "Limits per client")."""
+        state = self.state
+        counts = state.peer_parts
+        n = counts.get(self.peer, 0)
+        if n >= self.settings.http_max_parts_per_peer:
+            state.parts_refused_per_peer += 1
+            return False
+        counts[self.peer] = n + 1
+        part.counted = True
+        return True
+
+    def _uncount_part(self, part: _Part) -> None:
+        if part.counted:
+            part.counted = False
+            counts = self.state.peer_parts
+            n = counts[self.peer] - 1
+            if n:
+                counts[self.peer] = n
+            else:
+                del counts[self.peer]
 
     def _take_part_body(self) -> None:
         """When the rest of a part's body is all still to come, read it with :class:`_PartBody`
@@ -195,14 +233,20 @@ class PartIntake(core.ConnectionCore, asyncio.Protocol):
 
     def _part_end(self) -> None:
         part, self.part = self.part, None
-        if part is not None and part.slot.close:
+        if part is None:
+            return
+        self._uncount_part(part)  # its body is in: what is left waits for the disk alone
+        if part.slot.close:
             self.closing = True  # the part's request was the connection's last (_part_begin)
-        if part is not None and part.sink is not None:
+        if part.sink is not None:
             self._store_part(part)
 
     def _drop_part(self) -> None:
         part, self.part = self.part, None
-        if part is not None and part.sink is not None:
+        if part is None:
+            return
+        self._uncount_part(part)
+        if part.sink is not None:
             part.sink.abort()
 
     def _store_part(self, part: _Part) -> None:
