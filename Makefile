@@ -5,8 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gwcore-installed
 EXT := gwcore/_dedup$(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 PYTEST_ARGS ?=
+# make fuzz: seconds per fuzz target
+FUZZ_SECONDS ?= 60
 
-.PHONY: run test compile debug annotate bench bench-smoke load clean distclean
+.PHONY: run test compile debug fuzz annotate bench bench-smoke load clean distclean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +17,9 @@ $(STAMP): pyproject.toml setup.py
 	touch $@
 
 # Rebuild the extension whenever the Cython sources change (editable installs do not), and
-# whenever the build in place is a debug build (setup.py records the mode in build/gwcore-mode).
-ifeq ($(shell cat build/gwcore-mode 2>/dev/null),debug)
+# whenever the build in place is not a release build: a debug or fuzz build (setup.py records the
+# mode in build/gwcore-mode).
+ifneq ($(filter-out release,$(shell cat build/gwcore-mode 2>/dev/null)),)
 .PHONY: $(EXT)
 endif
 $(EXT): $(STAMP) gwcore/_dedup.pyx gwcore/_dedup.pxd gwcore/_parts/*.pyx gwcore/includes/debug.h
@@ -32,6 +35,16 @@ test: compile
 
 debug: $(STAMP)
 	GWCORE_DEBUG=1 GWCORE_CYTHON_ALWAYS=1 $(PY) setup.py -q build_ext --inplace
+
+# Coverage-guided fuzzing (fuzz/, docs/development.md "Fuzzing"): the fuzz build in place (clang,
+# -fsanitize=fuzzer-no-link,address), then every target for FUZZ_SECONDS; a crash fails it.
+# Needs clang and its compiler-rt (apt-get install clang libclang-rt-14-dev); atheris is installed
+# here, not with the dev extra, since it is of no use without them. `make compile` (or `make test`)
+# puts the release build back.
+fuzz: $(STAMP)
+	$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install -q 'atheris>=3.0'
+	GWCORE_FUZZ=1 $(PY) setup.py -q build_ext --inplace
+	PY=$(PY) fuzz/run $(FUZZ_SECONDS)
 
 annotate: $(STAMP)
 	GWCORE_ANNOTATE=1 GWCORE_CYTHON_ALWAYS=1 $(PY) setup.py -q build_ext --inplace

@@ -30,7 +30,7 @@ def test_every_variable_is_documented():
     assert missing == []
     # and the docs do not describe variables that do not exist
     documented = set(re.findall(r"`(GWCORE_[A-Z0-9_]+)`", doc))
-    build_flags = {"GWCORE_DEBUG", "GWCORE_ANNOTATE", "GWCORE_CYTHON_ALWAYS"}
+    build_flags = {"GWCORE_DEBUG", "GWCORE_FUZZ", "GWCORE_ANNOTATE", "GWCORE_CYTHON_ALWAYS"}
     assert documented - set(variables()) - build_flags == set()
 
 
