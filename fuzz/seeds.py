@@ -134,6 +134,10 @@ PARSER = {
     "bad-target": parser_input(b"POST RemoteSite/ HTTP/1.1\r\n\r\n"),
     "chunk-syntax": parser_input(b"POST /RemoteSite/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
                                  b'5;a="b\r\nhello\r\n0\r\n\r\n'),
+    "chunk-line-too-long": parser_input(b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;" + b"a" * 300
+                                        + b"\r\nhello\r\n0\r\n\r\n", SMALL_HEADS, (260,)),
+    "long-malformed-head": parser_input(b"GET / HTTP/1.1\r\nX: a\rb" + b"c" * 60 + b"\r\n\r\n", ALL_SMALL, (20,)),
+    "long-head-bare-lf": parser_input(b"GET / HTTP/1.1\r\nX-Long: " + b"a" * 80 + b"\n\r\n", ALL_SMALL | BYTEWISE),
     "chunk-no-crlf": parser_input(b"POST /RemoteSite/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n"),
 }
 

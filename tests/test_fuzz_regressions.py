@@ -2,7 +2,7 @@
 of tests/fuzz_crashes/<target>/ (inputs the fuzzer once failed on) goes through the target's own
 ``check(data)`` (fuzz/fuzz_<target>.py) on the build in place, without atheris. A crash found by
 ``make fuzz`` is added by copying its file to tests/fuzz_crashes/<target>/ (docs/development.md,
-"Fuzzing")."""
+"Fuzzing"). Below them, what those findings were, as plain tests."""
 
 from __future__ import annotations
 
@@ -64,3 +64,48 @@ def test_check_refuses_what_it_should():
     env = _target("envelope")
     assert env.layout_ok(_dedup.encode_envelope("i", [("a", "b")], b"c", 1, 2))
     assert not env.layout_ok(_dedup.encode_envelope("i", [("a", "b")], b"c", 1, 2)[:-1])
+
+
+# -- what the fuzzer found ------------------------------------------------------------------------
+
+def _parser(**limits):
+    settings = dict(max_headers=100, max_header_bytes=64, max_body=1 << 20)
+    settings.update(limits)
+    return _dedup.RequestParser(_dedup.Framer("RemoteSite"), [b"/remotesite/"], allow_get=False, **settings)
+
+
+def _statuses(data: bytes, cuts: list[int], **limits) -> list:
+    parser = _parser(**limits)
+    bounds = [0, *cuts, len(data)]
+    return [ev[:2] for a, b in zip(bounds, bounds[1:]) for ev in parser.feed(data[a:b], NOW)]
+
+
+@pytest.mark.parametrize("data", [
+    b"\xff" * 60 + b"GET / HTTP/1.1\r\n\r\n",                                    # a bad method
+    b"GET / HTTP/1.1\r\nX: a\rb" + b"c" * 60 + b"\r\n\r\n",                    # a bare CR
+    b"GET / HTTP/1.1\r\nX" + b"a" * 30 + b" b: c" + b"c" * 40 + b"\r\n\r\n",   # a bad name
+])
+def test_a_long_malformed_head_is_400_however_it_is_cut(data):
+    # tests/fuzz_crashes/request_parser/error-status-by-cut-431-or-400: the line was refused 431
+    # when it came in one read (its length was checked first) and 400 when cut (its start was)
+    assert {tuple(_statuses(data, cuts)) for cuts in ([], [5], [20], [40], list(range(1, len(data))))} == {
+        ((_dedup.EV_ERROR, 400),)}
+
+
+@pytest.mark.parametrize("data", [
+    b"GET / HTTP/1.1\r\nX-Long: " + b"a" * 80 + b"\x01\r\n\r\n",   # malformed past the bound
+    b"GET / HTTP/1.1\r\nX-Long: " + b"a" * 80 + b"\n\r\n",         # a bare LF past the bound
+])
+def test_a_head_too_long_before_it_is_malformed_is_431_however_it_is_cut(data):
+    assert {tuple(_statuses(data, cuts)) for cuts in ([], [5], [40], [90], list(range(1, len(data))))} == {
+        ((_dedup.EV_ERROR, 431),)}
+
+
+def test_a_chunk_size_line_past_the_bound_is_400_however_it_is_cut():
+    # accepted when the line came in one read, 400 "chunk size line too long" when cut
+    data = (b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;" + b"a" * 300
+            + b"\r\nhello\r\n0\r\n\r\n")
+    for cuts in ([], [100], [300]):
+        assert _statuses(data, cuts, max_header_bytes=200) == [(_dedup.EV_ERROR, 400)], cuts
+    fits = data.replace(b"a" * 300, b"a" * 150)
+    assert _statuses(fits, [], max_header_bytes=200) == [(_dedup.EV_OTHER, True)]

@@ -153,6 +153,20 @@ cdef const char* _line_start_error(const unsigned char* p, Py_ssize_t n, bint re
     return "invalid header name character"
 
 
+cdef const char* _early_error(const unsigned char* buf, Py_ssize_t pos, Py_ssize_t checked,
+                              Py_ssize_t stop, bint request_line) noexcept nogil:
+    # What is wrong with the line at buf[pos] already in its bytes before `stop` (no LF among
+    # them), or NULL: a CR with a byte after it, or a start that cannot become a request line or
+    # a field. Bytes before `checked` were looked at already (the CR before it is again: what
+    # follows it may be new).
+    cdef Py_ssize_t i = max(pos, checked - 1)
+    if stop - 1 > i and memchr(buf + i, ASCII_CR, stop - 1 - i) != NULL:
+        return "CR without LF"
+    if checked - pos < MAX_EARLY_CHECK and stop > pos:
+        return _line_start_error(buf + pos, min(stop - pos, MAX_EARLY_CHECK), request_line)
+    return NULL
+
+
 cdef bint _absolute_form(const unsigned char* p, Py_ssize_t n) noexcept nogil:
     # scheme "://" ...: scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )
     cdef Py_ssize_t i = 1
@@ -161,6 +175,19 @@ cdef bint _absolute_form(const unsigned char* p, Py_ssize_t n) noexcept nogil:
     while i < n and (TOKEN[p[i]] and (p[i] in b"+-." or 48 <= p[i] <= 57 or 65 <= (p[i] | 0x20) - 32 <= 90)):
         i += 1
     return n - i > 3 and memcmp(p + i, b"://", 3) == 0
+
+
+cdef int _past_limit(RequestParser parser, list events, Py_ssize_t over, Py_ssize_t end,
+                     bint request_line) except -1:
+    # The header section goes past its bound at byte `over`, in the line at _pos whose bytes
+    # before `end` are in: what is wrong with the line by then is a 400, as it would be had the
+    # bytes come one at a time; otherwise 431.
+    cdef const char* error = _early_error(parser._buf, parser._pos, parser._pos, min(end, over + 1),
+                                          request_line)
+    if error != NULL:
+        return parser._malformed(events, error.decode("ascii"))
+    return parser._fail(events, 431, "Request Header Fields Too Large: header "
+                        f"section exceeds {parser._max_header_bytes} bytes")
 
 
 cdef class RequestParser:
@@ -288,10 +315,9 @@ cdef class RequestParser:
         return self._fail(events, 400, f"Bad Request: malformed HTTP ({detail})")
 
     cdef int _parse(self, list events, uint64_t now_ms) except -1:
-        cdef Py_ssize_t k, n, take
+        cdef Py_ssize_t k, n, take, over
         cdef int st
         cdef const char* error
-        cdef const void* found
         cdef Py_ssize_t colon, value, value_end
         while True:
             st = self._state
@@ -307,29 +333,28 @@ cdef class RequestParser:
             elif st == RP_LINE or st == RP_HEADERS or st == RP_TRAILER:
                 take = self._scan
                 k = self._line()
+                # The header section's bound: the line's bytes before `over` fit in it, the byte
+                # at `over` is the first past it. A section that is both malformed and too long
+                # is answered by whichever comes first in its bytes (400 or 431), so the answer
+                # does not depend on how the bytes were cut into reads.
+                over = self._max_header_bytes + (
+                    self._pos - self._trailer if st == RP_TRAILER else self._start)
                 if k < 0:
-                    # a CR that is not the end of the line is an error now, not at its LF
-                    found = memchr(self._buf + take, ASCII_CR, self._len - take)
-                    if found != NULL and <const unsigned char*>found - self._buf < self._len - 1:
-                        return self._malformed(events, "CR without LF")
-                    # and so is a line that cannot become a request line or a field (garbage
-                    # after a request): looked at while the start of the line is short
-                    n = min(self._len - self._pos, MAX_EARLY_CHECK)
-                    if n and take - self._pos < MAX_EARLY_CHECK:
-                        error = _line_start_error(self._buf + self._pos, n, st == RP_LINE)
-                        if error != NULL:
-                            return self._malformed(events, error.decode("ascii"))
+                    # a CR that is not the end of the line is an error now, not at its LF; and so
+                    # is a line that cannot become a request line or a field (garbage after a
+                    # request), looked at while the start of the line is short
+                    error = _early_error(self._buf, self._pos, take, min(self._len, over + 1), st == RP_LINE)
+                    if error != NULL:
+                        return self._malformed(events, error.decode("ascii"))
                     # Unfinished: what is buffered bounds the section from below (a lone CR
                     # may still become its closing empty line).
-                    n = self._len - self._pos
-                    if st != RP_LINE and n == 1 and self._buf[self._pos] == ASCII_CR:
-                        n = 0
-                    n += (self._pos - self._start) if st != RP_TRAILER else self._trailer
-                    if n > self._max_header_bytes:
-                        return self._fail(events, 431, "Request Header Fields Too Large: header "
-                                          f"section exceeds {self._max_header_bytes} bytes")
+                    if self._len > over and not (st != RP_LINE and self._len - self._pos == 1
+                                                 and self._buf[self._pos] == ASCII_CR):
+                        return _past_limit(self, events, over, self._len, st == RP_LINE)
                     return 0
                 if k == self._pos or self._buf[k - 1] != ASCII_CR:
+                    if k > over:
+                        return _past_limit(self, events, over, k, st == RP_LINE)
                     return self._malformed(events, "LF without CR")
                 n = k - 1 - self._pos
                 if n == 0 and st != RP_LINE:
@@ -339,14 +364,11 @@ cdef class RequestParser:
                     else:
                         self._state = RP_COMPLETE
                     continue
+                if k >= over:
+                    # the line with its CRLF goes past the bound
+                    return _past_limit(self, events, over, k, st == RP_LINE)
                 if st == RP_TRAILER:
                     self._trailer += n + 2
-                    take = self._trailer
-                else:
-                    take = k + 1 - self._start
-                if take > self._max_header_bytes:
-                    return self._fail(events, 431, "Request Header Fields Too Large: header "
-                                      f"section exceeds {self._max_header_bytes} bytes")
                 if st == RP_LINE:
                     self._request_line(events, n)
                 elif st == RP_HEADERS:
@@ -395,6 +417,9 @@ cdef class RequestParser:
                     if self._len - self._pos > self._max_header_bytes:
                         return self._malformed(events, "chunk size line too long")
                     return 0
+                if k - self._pos > self._max_header_bytes:
+                    # the same bound when the whole line came in one read
+                    return self._malformed(events, "chunk size line too long")
                 if k == self._pos or self._buf[k - 1] != ASCII_CR:
                     return self._malformed(events, "LF without CR")
                 self._chunk_size(events, k - 1 - self._pos)
