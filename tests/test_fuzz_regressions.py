@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from gwcore import _dedup
+from gwcore.errors import FramingError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TARGETS = sorted(p.stem.removeprefix("fuzz_") for p in (ROOT / "fuzz").glob("fuzz_*.py"))
@@ -109,3 +110,21 @@ def test_a_chunk_size_line_past_the_bound_is_400_however_it_is_cut():
         assert _statuses(data, cuts, max_header_bytes=200) == [(_dedup.EV_ERROR, 400)], cuts
     fits = data.replace(b"a" * 300, b"a" * 150)
     assert _statuses(fits, [], max_header_bytes=200) == [(_dedup.EV_OTHER, True)]
+
+
+def test_encode_submit_refuses_a_header_count_the_envelope_cannot_hold():
+    # tests/fuzz_crashes/envelope/encode-submit-header-count-allocation: the count sized two
+    # arrays before any header was read (13 GB asked for by a 97-byte envelope)
+    framed = bytearray(_dedup.encode_envelope("id", [("a", "b")], b"", 0, 0))
+    framed[25:29] = (0xFFFFFFFF).to_bytes(4, "big")
+    with pytest.raises(FramingError, match="4294967295 headers need at least"):
+        _dedup.encode_submit(bytes(framed))
+
+
+def test_encode_submit_refuses_an_id_that_is_not_utf8_with_framing_error():
+    # tests/fuzz_crashes/envelope/encode-submit-invalid-utf8-id: UnicodeDecodeError escaped
+    framed = _dedup.encode_envelope("\xe9", [], b"", 0, 0).replace("\xe9".encode(), b"\xe9\x00")
+    with pytest.raises(FramingError, match="invalid UTF-8 in the id"):
+        _dedup.encode_submit(framed)
+    with pytest.raises(FramingError):
+        _dedup.decode_envelope(framed)

@@ -67,7 +67,17 @@ def encode_submit(framed, list extra=None):
     _envelope_start(&r, view, &accepted_ms, &expiry_ms)
     id_span.n = _get_u32(_take(&r, 4, "the id"))
     id_span.p = _take(&r, id_span.n, "the id")
+    try:
+        msg_id = PyUnicode_DecodeUTF8(<const char*>id_span.p, id_span.n, NULL)
+    except UnicodeDecodeError as exc:
+        # as decode_envelope says it (names and values are copied as bytes, never decoded)
+        raise FramingError("envelope has invalid UTF-8 in the id") from exc
     count = _get_u32(_take(&r, 4, "the header count"))
+    if count > r.left // 8:
+        # every header takes two 4-byte lengths: refuse a count the rest cannot hold before
+        # sizing anything by it (a damaged count would ask for up to 64 GiB)
+        raise FramingError(f"envelope truncated in the headers: {count} headers need at least "
+                           f"{8 * <uint64_t>count} bytes, {r.left} left")
     if extra is not None:
         extra_n = len(extra)
     slots = <Py_ssize_t>count + extra_n
@@ -141,7 +151,6 @@ def encode_submit(framed, list extra=None):
         w = _put_lit(w, "NServiceBus.Gateway: True\r\nNServiceBus.CallType: SingleCallSubmit\r\n", 67)
         w = _put_line(w, "Content-MD5", 11, md5, MD5_BASE64_LEN)
         block = PyBytes_FromStringAndSize(<const char*>buf, w - buf)
-        msg_id = PyUnicode_DecodeUTF8(<const char*>id_span.p, id_span.n, NULL)
     finally:
         PyMem_Free(names)
         PyMem_Free(values)
