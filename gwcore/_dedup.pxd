@@ -28,13 +28,16 @@ cdef class Envelope:
         readonly str auth_signature
         readonly str method
         readonly str target
+        # A v2 signature (gwcore-Signature "v2.…"): the canonical header lines it covers, as
+        # gwcore/auth.py specifies them (UTF-8, sorted, escaped); None for any other request.
+        readonly bytes auth_headers
         # Claim check (docs/databus.md). A SingleCallDatabusProperty part (call_type
         # CALL_TYPE_DATABUS): its decoded NServiceBus.Gateway.DataBusKey and Content-MD5 (or None);
         # framed is empty, body empty when RequestParser streams the part. A submit: one
         # (request header name, stored header name or None) pair per NServiceBus.DataBus.* header.
         readonly str databus_key
         readonly str content_md5
-        readonly str content_digest         # a part's decoded Content-Digest, or None
+        readonly str content_digest         # a part's or a signed submit's decoded Content-Digest, or None
         readonly tuple databus
 
 
@@ -51,6 +54,8 @@ cdef class Rejection:
         readonly str auth_signature
         readonly str method
         readonly str target
+        readonly bytes auth_headers
+        readonly str content_digest
 
 
 cdef struct _Span:
@@ -77,6 +82,7 @@ cdef class Framer:
         readonly bint parse_query
         readonly bint signatures            # find gwcore-Date and gwcore-Signature (request signing)
         bytes _key_prefix                   # scope UTF-8 + NUL: every dedup key starts with it
+        bytes _auth_headers                 # the request being framed: Envelope.auth_headers
         # Per-request scratch, owned (PyMem) and reused: decoded text, spans over it, and an
         # open-addressing index of span numbers (slot 0 = empty, else span index + 1).
         unsigned char* _text
@@ -122,6 +128,7 @@ cdef class Framer:
     cdef Rejection _reject_known(self, int status, str reason, object callback,
                                  const Py_ssize_t* found, bytes body)
     cdef str _value_or_none(self, Py_ssize_t span)
+    cdef bytes _signed_headers(self, Py_ssize_t first, Py_ssize_t end)
     cdef tuple _databus_names(self, Py_ssize_t first, Py_ssize_t end, bint gateway)
     cdef object _databus_part(self, const Py_ssize_t* found, bytes body, bint streamed,
                               object callback, uint64_t now_ms)

@@ -133,6 +133,11 @@ class Envelope:
     def target(self) -> str | None:
         """The request target exactly as received (path and query), set like :attr:`method`."""
     @property
+    def auth_headers(self) -> bytes | None:
+        """A request with a scheme v2 ``gwcore-Signature`` (``v2.…``), framed with
+        ``signatures``: the header lines its signature covers (:func:`signing_headers` of the
+        request's headers as received, before any query string applies); None otherwise."""
+    @property
     def databus_key(self) -> str | None:
         """A ``SingleCallDatabusProperty`` part (:attr:`call_type` :data:`CALL_DATABUS`): the
         decoded ``NServiceBus.Gateway.DataBusKey``; None for a submit."""
@@ -142,8 +147,9 @@ class Envelope:
         (None when absent or for a submit). A part framed with its body was verified already."""
     @property
     def content_digest(self) -> str | None:
-        """A part: the decoded ``Content-Digest`` (RFC 9530; gwcore senders add
-        ``sha-256=:…:``), or None when absent or for a submit."""
+        """A part, or a submit with a ``gwcore-Signature`` framed with ``signatures``: the
+        decoded ``Content-Digest`` (RFC 9530; gwcore senders add ``sha-256=:…:``); None when
+        absent, and for any other submit."""
     @property
     def databus(self) -> tuple[tuple[str, str | None], ...] | None:
         """A submit: one ``(request header name, stored header name or None)`` pair per
@@ -188,6 +194,12 @@ class Rejection:
     @property
     def target(self) -> str | None:
         """As :attr:`Envelope.target`."""
+    @property
+    def auth_headers(self) -> bytes | None:
+        """As :attr:`Envelope.auth_headers`, set together with :attr:`id` for a signed request."""
+    @property
+    def content_digest(self) -> str | None:
+        """The decoded ``Content-Digest``, set together with :attr:`auth_headers`."""
 
 @disjoint_base
 class Framer:
@@ -212,8 +224,9 @@ class Framer:
             the header of the same name, ``Message`` replaces the body, ``callback`` is kept.
         :param signatures: also find ``gwcore-Date`` and ``gwcore-Signature`` (request signing,
             ``gwcore.auth``) and keep them on the envelope, and give rejections decided after
-            the id was read the fields a signature check needs. Off, the framer does no work
-            for them. These headers are not message headers: a gateway message drops them like
+            the id was read the fields a signature check needs; for a ``v2.`` signature also
+            build the header lines it covers (:attr:`Envelope.auth_headers`) and keep the
+            ``Content-Digest``. Off, the framer does no work for them. These headers are not message headers: a gateway message drops them like
             every header outside ``NServiceBus.Header.*``.
         :raises gwcore.errors.ConfigurationError: *scope* contains NUL or is not encodable, or
             *max_id_bytes* is not positive.
@@ -343,6 +356,16 @@ def encode_submit(framed: Buffer, extra: list[tuple[str, str]] | None = None) ->
     :return: ``(message id, body, expiry_ms, header block)``; the same lines as
         ``gwcore.egress.wire_headers`` gives.
     :raises gwcore.errors.FramingError: *framed* is not a valid envelope.
+    """
+
+def signing_headers(block: Buffer) -> bytes:
+    """The header lines of a request signature scheme v2 canonical string (``gwcore.auth``,
+    docs/sending.md) for the raw header lines *block* (``Name: value`` each, ended by CRLF or LF,
+    names and values as on the wire): built by the code the framer uses for
+    :attr:`Envelope.auth_headers`, so a sender signs exactly what a receiver checks.
+
+    :raises ValueError: a line is not ``name: value``, or a name appears twice (ignoring ASCII
+        case).
     """
 
 def siphash13(key: bytes, data: bytes) -> int:

@@ -5,7 +5,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.stdint cimport uint32_t, uint64_t
-from libc.string cimport memcmp, memcpy, memset, strlen
+from libc.string cimport memchr, memcmp, memcpy, memset, strlen
 
 from gwcore.includes.debug cimport GWCORE_DEBUG
 
@@ -23,6 +23,9 @@ DEBUG_BUILD = bool(GWCORE_DEBUG)
 
 
 cdef enum:
+    ASCII_TAB = 0x09
+    ASCII_LF = 0x0A
+    ASCII_CR = 0x0D
     ASCII_SPACE = 0x20
     ASCII_PLUS = 0x2B
     ASCII_PERCENT = 0x25
@@ -34,6 +37,7 @@ cdef enum:
     ASCII_0 = 0x30
     ASCII_1 = 0x31
     ASCII_QUESTION = 0x3F
+    ASCII_BACKSLASH = 0x5C
     ASCII_DEL = 0x7F
 
     MAX_REASON_CHARS = 512

@@ -334,9 +334,9 @@ def _receive_keys(config: Mapping[str, Any]) -> tuple[tuple[tuple[str, bytes], .
     receive = config.get("receive", {})
     if not isinstance(receive, dict):
         raise ValueError("[receive] must be a table")
-    unknown = sorted(set(receive) - {"keys", "allow_unsigned"})
+    unknown = sorted(set(receive) - {"keys", "allow_unsigned", "accept_v1"})
     if unknown:
-        raise ValueError(f"[receive]: unknown keys {', '.join(unknown)} (known: keys, allow_unsigned)")
+        raise ValueError(f"[receive]: unknown keys {', '.join(unknown)} (known: keys, allow_unsigned, accept_v1)")
     keys = receive.get("keys", {})
     if not isinstance(keys, dict):
         raise ValueError("[receive.keys] must map key ids to secrets")
@@ -349,6 +349,21 @@ def _receive_keys(config: Mapping[str, Any]) -> tuple[tuple[tuple[str, bytes], .
     if not isinstance(allow, bool):
         raise ValueError("[receive] allow_unsigned must be true or false")
     return tuple(out), allow
+
+
+def _accept_v1(config: Mapping[str, Any], environ: Mapping[str, str], where: str) -> bool:
+    # GWCORE_AUTH_ACCEPT_V1, else [receive] accept_v1, else true
+    raw = environ.get("GWCORE_AUTH_ACCEPT_V1")
+    if raw is not None:
+        try:
+            return _parse_bool(raw)
+        except ValueError as exc:
+            raise ConfigurationError(f"GWCORE_AUTH_ACCEPT_V1={raw!r} is invalid: {exc}") from None
+    receive = config.get("receive", {})
+    value = receive.get("accept_v1", True) if isinstance(receive, dict) else True
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{where}: [receive] accept_v1 must be true or false")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -460,6 +475,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "GWCORE_TLS_KEY": ("tls_key", _optional_file, ""),
     "GWCORE_TLS_CA": ("tls_ca", _optional_file, ""),
     "GWCORE_AUTH_MAX_SKEW": ("auth_max_skew", _positive_duration, "5m"),
+    "GWCORE_AUTH_ACCEPT_V1": ("auth_accept_v1", None, "1"),  # read with GWCORE_CONFIG's [receive]
     # distributor mode
     "GWCORE_WORKER_LEASE": ("worker_lease", _positive_duration, "30s"),
     "GWCORE_WORKER_LISTEN": ("worker_listen", _worker_listen, "127.0.0.1:25901"),
@@ -531,6 +547,8 @@ class Settings:
     tls_key: str | None = None
     tls_ca: str | None = None
     auth_max_skew: float = 300.0
+    #: Whether signature scheme v1 is accepted beside v2 (docs/security.md).
+    auth_accept_v1: bool = True
     worker_lease: float = 30.0
     #: Where the worker API is served besides (with worker keys) the receive channels; None: off.
     worker_listen: WorkerListen | None = WorkerListen("127.0.0.1", 25901)
@@ -630,6 +648,8 @@ class Settings:
                 values.setdefault("allow_unsigned", not values["receive_keys"])
         except ValueError as exc:
             raise ConfigurationError(f"{where if config else 'GWCORE_SITES'}: {exc}") from None
+        if "auth_accept_v1" not in overrides:
+            values["auth_accept_v1"] = _accept_v1(config, env, where)
         unknown_tables = sorted(set(config) - {"sites", "receive", "workers"})
         if unknown_tables:
             raise ConfigurationError(

@@ -22,9 +22,11 @@ Failed record (``outgoing_errors``, key u64 seq): u64 BE failed_ms, then the out
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import dataclasses
 import functools
+import hashlib
 import heapq
 import itertools
 import logging
@@ -114,6 +116,15 @@ def time_sent(now: float | None = None) -> str:
     """NServiceBus's wire format for times (``yyyy-MM-dd HH:mm:ss:ffffff Z``, UTC)."""
     t = time.time() if now is None else now
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + f":{int(t % 1 * 1_000_000):06d} Z"
+
+
+def _file_sha256(path: str) -> str:
+    """The base64 SHA-256 of a file (a blob recorded without one), read in pieces."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            sha.update(chunk)
+    return base64.b64encode(sha.digest()).decode("ascii")
 
 
 def _enc(text: str) -> bytes:
@@ -434,9 +445,9 @@ class Forwarder:
         parts: list[tuple[bytes, FileBody]] = []
         problem = ""
         if _DATABUS in value:
-            parts, problem = self._databus_parts(d, framed, block, msg_id)
+            parts, problem = await self._databus_parts(d, framed, block, msg_id)
         if d.site is not None and d.site.secret:
-            block += self._signature(d, msg_id, body)
+            block += self._signature(d, block, auth.body_digest(body))
         d.in_flight += 1
         try:
             if problem:
@@ -481,14 +492,16 @@ class Forwarder:
         if await self._commit(seq, d, lambda txn: txn.put(_U64.pack(seq), updated, db=self.store.outgoing)):
             self.schedule(seq, d.name, rec.next_ms)
 
-    def _signature(self, d: _Destination, msg_id: str, body: bytes, digest: str | None = None) -> bytes:
+    def _signature(self, d: _Destination, block: bytes, sha256: str) -> bytes:
+        """The lines that sign a request of the header lines *block* and a body of SHA-256
+        *sha256* (base64): its ``Content-Digest``, ``gwcore-Date`` and a scheme v2
+        ``gwcore-Signature`` over both and every ``NServiceBus.*`` header (gwcore/auth.py)."""
         assert d.site is not None and d.site.secret
-        return b"".join(n + b": " + v + b"\r\n" for n, v in auth.signature_headers(
-            d.site.secret, d.site.key_id or self.settings.endpoint, "POST", d.client.target, msg_id, body,
-            digest=digest))
+        return auth.signature_lines(d.site.secret, d.site.key_id or self.settings.endpoint, "POST",
+                                    d.client.target, block, sha256)
 
-    def _databus_parts(self, d: _Destination, framed: memoryview, block: bytes,
-                       msg_id: str) -> tuple[list[tuple[bytes, FileBody]], str]:
+    async def _databus_parts(self, d: _Destination, framed: memoryview, block: bytes,
+                             msg_id: str) -> tuple[list[tuple[bytes, FileBody]], str]:
         """One ``SingleCallDatabusProperty`` request per databus header, as NServiceBus's
         forwarder makes them (protocol.md §1.4): the submit's header lines, then the
         ``DataBusKey`` (the mapped header name), the call type and the blob's own Content-MD5,
@@ -509,12 +522,14 @@ class Forwarder:
                      + _SUBMIT_TAIL + b"NServiceBus.CallType: SingleCallDatabusProperty\r\n")
             if info.md5:  # unknown for a blob received without one (then sent without one)
                 lines += b"Content-MD5: " + _enc(info.md5) + b"\r\n"
-            if info.sha256:
-                # A gwcore receiver checks this instead of the MD5 (SHA-256 is the faster of the
-                # two on CPUs with SHA extensions); NServiceBus ignores it and checks the MD5.
-                lines += b"Content-Digest: " + _enc(databus.content_digest(info.sha256)) + b"\r\n"
+            # A gwcore receiver checks the Content-Digest instead of the MD5 (SHA-256 is the faster
+            # of the two on CPUs with SHA extensions); NServiceBus ignores it and checks the MD5.
             if d.site is not None and d.site.secret:
-                lines += self._signature(d, msg_id, b"", info.sha256)
+                # signed: the signature covers the digest, so the receiver checks it at the head
+                sha256 = info.sha256 or await asyncio.to_thread(_file_sha256, path)
+                lines += self._signature(d, lines, sha256)
+            elif info.sha256:
+                lines += b"Content-Digest: " + _enc(databus.content_digest(info.sha256)) + b"\r\n"
             parts.append((lines, FileBody(path, info.size)))
         return parts, ""
 

@@ -38,7 +38,9 @@ _JS = b"application/javascript; charset=utf-8"
 _TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 
 _OK = "OK"
-_CHALLENGE = b"WWW-Authenticate: gwcore-v1\r\n"   # RFC 9110: a 401 names its scheme
+# RFC 9110: a 401 names its scheme. Worker calls are signed with v1 (gwcore/auth.py); site
+# requests with v2, or v1 too while it is accepted (HTTPState.challenge).
+_CHALLENGE = b"WWW-Authenticate: gwcore-v1\r\n"
 _LINGER_SECONDS = 2.0
 _PASSIVE = "Service Unavailable: passive"
 _BUILTIN = (b"/healthz", b"/readyz", b"/metrics")
@@ -105,10 +107,13 @@ class HTTPState(core.ListenerCore):
         self.max_pending = settings.commit_max_pending
         # Request signing (docs/security.md): None when no site secrets are configured, and then
         # a request costs nothing more than this attribute test.
-        self.verifier = (auth.Verifier(settings.receive_keys, settings.auth_max_skew, settings.allow_unsigned)
+        self.verifier = (auth.Verifier(settings.receive_keys, settings.auth_max_skew, settings.allow_unsigned,
+                                       accept_v1=settings.auth_accept_v1)
                          if settings.receive_keys else None)
         self.framer = core.Framer(settings.endpoint, parse_query=settings.http_allow_get,
                                   signatures=self.verifier is not None)
+        self.challenge = (b"WWW-Authenticate: gwcore-v2, gwcore-v1\r\n" if settings.auth_accept_v1
+                          else b"WWW-Authenticate: gwcore-v2\r\n")
         self._auth_logged: dict[str, float] = {}
         self.channel_paths = [p.lower().encode() for p in channel_paths]
         self.metrics_render = metrics_render
@@ -429,9 +434,12 @@ class HTTPProtocol(PartIntake, WorkerCalls):
             self._answer(slot, 503, unavailable)
             return
         if state.verifier is not None:
-            refusal = state.verifier.refusal(result)
-            if refusal is not None:
-                self._refuse(slot, refusal, result.callback)
+            refused = state.verifier.check(result)
+            if refused is not None:
+                if refused[0] == 401:
+                    self._refuse(slot, refused[1], result.callback, challenge=state.challenge)
+                else:  # 412: signed, but the body is not the one the signature's digest names
+                    self._answer(slot, refused[0], refused[1], callback=result.callback)
                 return
         if isinstance(result, core.Rejection):
             if log.isEnabledFor(logging.DEBUG):
@@ -526,10 +534,11 @@ class HTTPProtocol(PartIntake, WorkerCalls):
         slot.data = data
         self._flush()
 
-    def _refuse(self, slot: core.AnswerSlot, refusal: str, callback: str | None, *, count: bool = True) -> None:
+    def _refuse(self, slot: core.AnswerSlot, refusal: str, callback: str | None, *, count: bool = True,
+                challenge: bytes = _CHALLENGE) -> None:
         """401: the request's signature does not hold (*refusal* says why)."""
         self.state.log_refusal(refusal)
-        self._answer(slot, 401, refusal, callback=callback, extra=_CHALLENGE, count=count)
+        self._answer(slot, 401, refusal, callback=callback, extra=challenge, count=count)
 
     def _answer_error(self, slot: core.AnswerSlot, exc: BaseException, what: str, callback: str | None, *,
                       count: bool = True) -> None:

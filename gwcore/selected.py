@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 import aio_pika
 import aiormq
 
-from . import databus
+from . import auth, databus
 from ._core import core
 from pamqp.commands import Basic
 
@@ -397,8 +397,18 @@ class Selected:
     def _forward(self, proto: Any, slot: Any, result: Any) -> None:
         """Send a held submit to the new leader over HTTP and answer with its answer: the load
         balancer may have tried the new leader before it led, and has no instance left to try."""
+        verifier = proto.state.verifier
+        if verifier is not None:
+            # checked here, since the leader gets it signed again by this instance (_post)
+            refused = verifier.check(result)
+            if refused is not None:
+                if refused[0] == 401:
+                    proto._refuse(slot, refused[1], result.callback, challenge=proto.state.challenge)
+                else:
+                    proto._answer(slot, refused[0], refused[1], callback=result.callback)
+                return
         self.forwarded += 1
-        task = asyncio.ensure_future(self._post(result))
+        task = asyncio.ensure_future(self._post(result, verifier))
         self._forwards.add(task)
 
         def answer(done: asyncio.Future) -> None:
@@ -408,14 +418,18 @@ class Selected:
 
         task.add_done_callback(answer)
 
-    async def _post(self, envelope: Any) -> tuple[int, str]:
+    async def _post(self, envelope: Any, verifier: Any = None) -> tuple[int, str]:
         parts = urllib.parse.urlsplit(self.leader_url)
         _id, body, _expiry, block = core.encode_submit(envelope.framed)
         target = (envelope.target or parts.path or "/").encode()
-        if envelope.auth_signature is not None:
-            # signed requests stay verifiable at the leader: the same target, date and signature
-            block += b"gwcore-Date: %s\r\ngwcore-Signature: %s\r\n" % (
-                envelope.auth_date.encode(), envelope.auth_signature.encode())
+        if envelope.auth_signature is not None and verifier is not None:
+            # Verified here (_forward). The leader gets the message framed again from its stored
+            # form, which does not keep the headers as they were sent (a v2 signature covers
+            # those), so this instance signs it anew with the key that signed it: it has the
+            # receive keys the leader has.
+            key_id = envelope.auth_signature.strip().split(".")[1]
+            block += auth.signature_lines(verifier.secrets[key_id], key_id, "POST", target.decode("ascii"), block,
+                                          auth.body_digest(body))
         request = b"POST %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\nConnection: close\r\n\r\n" % (
             target, parts.netloc.encode(), block, len(body)) + body
         reader, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port), 2.0)

@@ -160,8 +160,10 @@ class Envelope:
     auth_signature: str | None = None
     method: str | None = None
     target: str | None = None
+    auth_headers: bytes | None = None
     databus_key: str | None = None
     content_md5: str | None = None
+    content_digest: str | None = None
     databus: tuple | None = ()
 
 
@@ -176,6 +178,8 @@ class Rejection:
     auth_signature: str | None = None
     method: str | None = None
     target: str | None = None
+    auth_headers: bytes | None = None
+    content_digest: str | None = None
 
     def __post_init__(self) -> None:
         clean = "".join(c if " " <= c <= "~" else "?" for c in self.reason[:512])
@@ -193,6 +197,19 @@ def _expiry(ttbr: str | None, now_ms: int, gateway: bool) -> int:
     if ms >= NEVER_MS or now_ms + ms >= 2**64:
         return 0
     return now_ms + ms
+
+
+def _v2_lines(headers: list[tuple[str, str]]) -> bytes:
+    """The header lines a v2 signature covers (docs/sending.md), of decoded (name, value) pairs
+    whose names are unique ignoring ASCII case."""
+    covered = sorted((ascii_fold(n), v) for n, v in headers
+                     if (ascii_fold(n).startswith(("nservicebus.", "gwcore-")) and ascii_fold(n) != "gwcore-signature")
+                     or ascii_fold(n) in ("content-md5", "content-digest"))
+
+    def esc(text: str, name: bool) -> str:
+        return "".join("\\\\" if c == "\\" else "\\n" if c == "\n" else "\\:" if c == ":" and name else c for c in text)
+
+    return "\n".join(f"{esc(n, True)}:{esc(v, False)}" for n, v in covered).encode("utf-8")
 
 
 def _strip_header_prefix(name: str) -> str:
@@ -234,6 +251,9 @@ class Framer:
             if ascii_fold(name) in merged:
                 return self._reject(400, f"Header '{name}' appears more than once.", callback)
             merged[ascii_fold(name)] = [name, url_decode(raw_value)]
+        # a v2 signature covers the headers as sent, before the query string overrides any
+        wire_signature = merged.get("gwcore-signature", [None, ""])[1]
+        lines = _v2_lines(list(map(tuple, merged.values()))) if self.signatures and wire_signature.startswith("v2.") else None
         body = bytes(body)
         for name, value in params:
             if ascii_fold(name) in merged:
@@ -256,6 +276,8 @@ class Framer:
         if self.signatures:
             auth = {"auth_date": get("gwcore-Date"), "auth_signature": get("gwcore-Signature")}
         signed = {"id": id, "body": body, **auth} if self.signatures else {}
+        if self.signatures and get("gwcore-Signature") is not None:
+            signed.update(auth_headers=lines, content_digest=get("Content-Digest"))
 
         def refuse(status: int, reason: str) -> Rejection:
             # decided once the id is known: with signatures on, the signed fields come along
@@ -286,7 +308,8 @@ class Framer:
             return Envelope(
                 id=id, key=self.scope.encode("utf-8") + b"\x00" + id.encode("utf-8"), call_type=CALL_DATABUS,
                 expiry_ms=_expiry(get("NServiceBus.TimeToBeReceived"), now_ms, gateway), accepted_ms=now_ms,
-                headers={}, body=body, framed=b"", callback=callback, databus_key=key, content_md5=md5, **auth,
+                headers={}, body=body, framed=b"", callback=callback, databus_key=key, content_md5=md5,
+                content_digest=get("Content-Digest"), auth_headers=lines, **auth,
             )
         # claim-check headers: (request name, stored name or None), looked up by the writer
         databus = tuple(
@@ -318,4 +341,6 @@ class Framer:
             callback=callback,
             databus=databus,
             **auth,
+            **({"auth_headers": lines, "content_digest": get("Content-Digest")}
+               if self.signatures and get("gwcore-Signature") is not None else {}),
         )

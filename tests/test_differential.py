@@ -101,7 +101,10 @@ def gateway_request(draw):
         # request signing: the framer keeps these only when made with signatures=True
         control["gwcore-Date"] = draw(st.sampled_from(["20261126T171029Z", ""]))
         if draw(st.booleans()):
-            control["gwcore-Signature"] = draw(st.one_of(st.just("v1.hq." + "A" * 43), header_text))
+            control["gwcore-Signature"] = draw(st.one_of(st.just("v1.hq." + "A" * 43), st.just("v2.hq." + "A" * 43),
+                                                         header_text))
+        if draw(st.booleans()):
+            control["Content-Digest"] = draw(st.one_of(st.just("sha-256=:" + "A" * 43 + "=:"), header_text))
     if mutation and mutation.startswith("drop-"):
         del control[{"drop-id": "NServiceBus.Id", "drop-call-type": "NServiceBus.CallType",
                      "drop-correlation-id": "NServiceBus.CorrelationId"}[mutation]]
@@ -152,12 +155,13 @@ def gateway_request(draw):
 def outcome(result):
     if type(result).__name__ == "Rejection":
         return ("rejected", result.status, result.reason, result.callback, result.id, result.body,
-                result.auth_date, result.auth_signature, result.method, result.target)
+                result.auth_date, result.auth_signature, result.method, result.target,
+                result.auth_headers, result.content_digest)
     return (
         "accepted", result.id, result.key, result.call_type, result.expiry_ms, result.accepted_ms,
         list(result.headers.items()), result.body, result.framed, result.callback,
-        result.auth_date, result.auth_signature, result.method, result.target,
-        result.databus_key, result.content_md5, result.databus,
+        result.auth_date, result.auth_signature, result.method, result.target, result.auth_headers,
+        result.databus_key, result.content_md5, result.content_digest, result.databus,
     )
 
 

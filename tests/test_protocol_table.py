@@ -329,6 +329,17 @@ async def _(ctx):
     return out
 
 
+@row("with `[receive.keys]`: a v2-signed submit or databus part whose body does not match the `Content-Digest` it "
+     "signed (the part's blob is removed)")
+async def _(ctx):
+    gw = await ctx.gateway(receive_keys=KEYS)
+    out = [await ctx.send(gw, v2_request(v2_submit(new_id()), BODY + b" ", sign_body=BODY), "submit")]
+    for size in (10, 300_000):
+        blob = os.urandom(size)
+        out.append(await ctx.send(gw, v2_request(v2_part(new_id(), blob), blob, sign_body=b"other"), f"part, {size} bytes"))
+    return out
+
+
 @row("a submit naming databus parts none of which arrived")
 async def _(ctx):
     gw = await ctx.gateway()
@@ -353,6 +364,34 @@ KEYS = (("hq", SECRET),)
 BODY = b'{"Sku":"A1","Price":12.5}'
 
 
+def v2_submit(msg_id: str, body: bytes = BODY) -> list[tuple[str, str]]:
+    return [("NServiceBus.Id", msg_id), ("NServiceBus.CorrelationId", msg_id),
+            ("NServiceBus.Header.NServiceBus.MessageId", msg_id), ("NServiceBus.Gateway", "True"),
+            ("NServiceBus.CallType", "SingleCallSubmit")]
+
+
+def v2_part(msg_id: str, blob: bytes) -> list[tuple[str, str]]:
+    return [("NServiceBus.Id", msg_id), ("NServiceBus.CorrelationId", msg_id),
+            ("NServiceBus.Header.NServiceBus.DataBus.k", "k"),
+            ("NServiceBus.Gateway.DataBusKey", "NServiceBus.Header.NServiceBus.DataBus.k"),
+            ("NServiceBus.Gateway", "True"), ("NServiceBus.CallType", "SingleCallDatabusProperty"),
+            ("Content-MD5", wire_md5(blob))]
+
+
+def v2_request(headers: list[tuple[str, str]], body: bytes, *, sign_body: bytes | None = None,
+               secret: bytes = SECRET, key_id: str = "hq", drop: str | None = None,
+               after: list[tuple[str, str]] = (), length: int | None = None) -> bytes:
+    """A request signed as gwcore.auth.signature_headers_v2 signs it; *drop* leaves a header
+    out after signing, *after* adds headers after signing."""
+    signed_headers = auth.signature_headers_v2(secret, key_id, "POST", "/RemoteSite/",
+                                               [(n.encode(), v.encode()) for n, v in headers],
+                                               body if sign_body is None else sign_body)
+    headers = headers + [(n.decode(), v.decode()) for n, v in signed_headers] + list(after)
+    lines = ["POST /RemoteSite/ HTTP/1.1", "Host: localhost", *[f"{n}: {v}" for n, v in headers if n != drop],
+             f"Content-Length: {len(body) if length is None else length}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
 def signed(msg_id: str, *, secret: bytes = SECRET, key_id: str = "hq", now: float | None = None,
            md5: str | None = "auto", call_type: str = "SingleCallSubmit", drop: str | None = None,
            replace: tuple[str, str] | None = None) -> bytes:
@@ -366,11 +405,19 @@ def signed(msg_id: str, *, secret: bytes = SECRET, key_id: str = "hq", now: floa
     return nsb_request(msg_id, BODY, extra=headers, md5=md5, call_type=call_type)
 
 
-async def refused(ctx, req: bytes, label: str) -> list[Outcome]:
-    gw = await ctx.gateway(receive_keys=KEYS)
-    out = await ctx.send(gw, req, label)
-    assert out.response.headers.get("www-authenticate") == "gwcore-v1"
-    return [out]
+async def refused(ctx, req: bytes, label: str, **settings) -> list[Outcome]:
+    return await refused_all(ctx, [(req, label)], **settings)
+
+
+async def refused_all(ctx, requests: list[tuple[bytes, str]], **settings) -> list[Outcome]:
+    """Each request sent to one gateway with [receive.keys]; each must name its scheme."""
+    gw = await ctx.gateway(receive_keys=KEYS, **settings)
+    challenge = "gwcore-v2" if settings.get("auth_accept_v1") is False else "gwcore-v2, gwcore-v1"
+    out = []
+    for req, label in requests:
+        out.append(await ctx.send(gw, req, label))
+        assert out[-1].response.headers.get("www-authenticate") == challenge
+    return out
 
 
 @row("with `[receive.keys]`: no `gwcore-Signature`")
@@ -378,14 +425,24 @@ async def _(ctx):
     return await refused(ctx, nsb_request(new_id(), BODY), "unsigned")
 
 
-@row("with `[receive.keys]`: a `gwcore-Signature` not of the form `v1.<key id>.<43 base64url characters>`")
+@row("with `[receive.keys]`: a `gwcore-Signature` not of the form `v2.<key id>.<43 base64url characters>` (or `v1.…`)")
 async def _(ctx):
-    return await refused(ctx, signed(new_id(), replace=("gwcore-Signature", "v1.hq.tooshort")), "short HMAC")
+    return await refused_all(ctx, [(signed(new_id(), replace=("gwcore-Signature", "v1.hq.tooshort")), "short HMAC"),
+                                   (signed(new_id(), replace=("gwcore-Signature", "v3.hq." + "A" * 43)), "v3")])
 
 
-@row("with `[receive.keys]`: a key id not among them")
+@row("with `[receive.keys]` and `accept_v1 = false`: a scheme v1 signature")
 async def _(ctx):
-    return await refused(ctx, signed(new_id(), key_id="elsewhere"), "unknown key id")
+    return await refused(ctx, signed(new_id()), "v1", auth_accept_v1=False)
+
+
+@row("with `[receive.keys]`: a v2 signature without a `sha-256` `Content-Digest`, or a v1-signed databus part "
+     "without one")
+async def _(ctx):
+    return await refused_all(ctx, [
+        (v2_request(v2_submit(new_id()), BODY, drop="Content-Digest"), "v2 submit"),
+        (with_header(signed(new_id(), call_type="SingleCallDatabusProperty"), "NServiceBus.Gateway.DataBusKey: k"),
+         "v1 part")])
 
 
 @row("with `[receive.keys]`: a signature without `gwcore-Date`")
@@ -393,9 +450,49 @@ async def _(ctx):
     return await refused(ctx, signed(new_id(), drop="gwcore-Date"), "no date")
 
 
-@row("with `[receive.keys]`: an HMAC that does not match")
+@row("with `[receive.keys]`: an HMAC that does not match, or a key id not among them (the same answer, v1 and v2)")
 async def _(ctx):
-    return await refused(ctx, signed(new_id(), secret=b"not-the-secret-0123456789"), "wrong secret")
+    wrong = b"not-the-secret-0123456789"
+    out = await refused_all(ctx, [
+        (signed(new_id(), secret=wrong), "v1 wrong secret"),
+        (signed(new_id(), key_id="elsewhere"), "v1 unknown key id"),
+        (v2_request(v2_submit(new_id()), BODY, secret=wrong), "v2 wrong secret"),
+        (v2_request(v2_submit(new_id()), BODY, key_id="elsewhere"), "v2 unknown key id")])
+    assert len({o.response.reason for o in out}) == 1, "an unknown key id is told from a wrong secret"
+    return out
+
+
+@row("with `[receive.keys]`: a v2-signed request with an `NServiceBus.*`, `gwcore-*`, `Content-MD5` or "
+     "`Content-Digest` header added, removed or changed on the way")
+async def _(ctx):
+    requests = [(v2_request(v2_submit(new_id()), BODY, after=after), label) for label, after in (
+        ("ReplyToAddress added", [("NServiceBus.ReplyToAddress", "Elsewhere")]),
+        ("message header added", [("NServiceBus.Header.NServiceBus.EnclosedMessageTypes", "X")]),
+        ("gwcore-* added", [("gwcore-Extra", "1")]),
+        ("Content-MD5 added", [("Content-MD5", wire_md5(BODY))]))]
+    requests.append((v2_request(v2_submit(new_id()), BODY, drop="NServiceBus.Header.NServiceBus.MessageId"),
+                     "message header removed"))
+    requests.append((v2_request(v2_submit(new_id()), BODY).replace(b"CallType: SingleCallSubmit", b"CallType: 0"),
+                     "call type changed"))
+    return await refused_all(ctx, requests)
+
+
+@row("with `[receive.keys]`: a databus part whose signature does not hold, refused at its head (no blob file is "
+     "created, its body is not read, the connection closes after the answer)")
+async def _(ctx):
+    gw = await ctx.gateway(receive_keys=KEYS)
+    out = []
+    for label, secret in (("v2 wrong secret", b"not-the-secret-0123456789"), ("v2 forged", None)):
+        head = v2_request(v2_part(new_id(), b""), b"", sign_body=b"x", secret=secret or SECRET, length=8 << 20)
+        if secret is None:
+            head = re.sub(rb"v2\.hq\.[A-Za-z0-9_-]{43}", b"v2.hq." + b"A" * 43, head)
+        before = _traces(gw)
+        async with Client(*gw.addresses[0]) as c:
+            await c.send(head + b"x" * 65536)       # an eighth of a MiB of the 8 MiB announced
+            r = await asyncio.wait_for(c.response(), 10)
+            assert await c.closed()
+        out.append(Outcome(label, r, trace=_traces(gw) != before))
+    return out
 
 
 @row("with `[receive.keys]`: a right HMAC over a `gwcore-Date` not of the form `YYYYMMDDTHHMMSSZ`")

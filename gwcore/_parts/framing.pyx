@@ -34,6 +34,7 @@ cdef class Envelope:
         env.content_md5 = self.content_md5
         env.content_digest = self.content_digest
         env.databus = self.databus
+        env.auth_headers = self.auth_headers
         return env
 
     def __repr__(self):
@@ -93,6 +94,127 @@ cdef int _call_type(const unsigned char* p, Py_ssize_t n) noexcept nogil:
     if (n == 25 and memcmp(p, b"SingleCallDatabusProperty", 25) == 0) or (n == 1 and p[0] == ASCII_1):
         return CALL_TYPE_DATABUS
     return -1
+
+
+# Request signing, scheme v2 (gwcore/auth.py, docs/sending.md): the covered headers of a request
+# are every NServiceBus.* and gwcore-* header but gwcore-Signature, plus Content-MD5 and
+# Content-Digest, each as one line "<name>:<value>": the decoded name in ASCII lower case, the
+# decoded value, backslash and LF escaped (and ":" in a name), so the lines split back one way only;
+# sorted by the lower-case name's bytes, joined by LF. The framer builds them for a request that
+# carries a v2 signature only, and the sender builds them with the same code (signing_headers).
+
+cdef bint _signed_name(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    cdef unsigned char c
+    if n < 7:
+        return False
+    c = FOLD[p[0]]
+    if c == 0x6E:                       # "n"
+        return n >= 12 and _same(p, <const unsigned char*>b"nservicebus.", 12, False)
+    if c == 0x67:                       # "g"
+        return (_same(p, <const unsigned char*>b"gwcore-", 7, False)
+                and not (n == 16 and _same(p, <const unsigned char*>b"gwcore-signature", 16, False)))
+    return c == 0x63 and (             # "c"
+        (n == 11 and _same(p, <const unsigned char*>b"content-md5", 11, False))
+        or (n == 14 and _same(p, <const unsigned char*>b"content-digest", 14, False)))
+
+
+cdef struct _Signed:
+    # One covered header of the request being signed: its span, its folded name in scratch (as
+    # bytes, and as big-endian 64-bit words, zero-padded, for sorting), and how many bytes of name
+    # and value need a backslash before them.
+    Py_ssize_t span
+    Py_ssize_t name
+    Py_ssize_t name_n
+    Py_ssize_t words
+    Py_ssize_t name_esc
+    Py_ssize_t value_esc
+
+
+cdef inline int _words_cmp(const uint64_t* a, Py_ssize_t an, const uint64_t* b,
+                           Py_ssize_t bn) noexcept nogil:
+    # byte order of two names of an and bn bytes, from their words: zero padding ties where one
+    # name is a prefix of the other, and then the shorter comes first
+    cdef Py_ssize_t i
+    for i in range((min(an, bn) + 7) >> 3):
+        if a[i] != b[i]:
+            return -1 if a[i] < b[i] else 1
+    return (an > bn) - (an < bn)
+
+
+cdef Py_ssize_t _escapes(const unsigned char* p, Py_ssize_t n, bint name) noexcept nogil:
+    # The bytes of p to escape: backslash and LF, and ":" in a name; words of 8 bytes without
+    # any (nearly all text) are passed over at once.
+    cdef Py_ssize_t i = 0, out = 0, stop
+    cdef uint64_t word
+    cdef unsigned char c
+    while i < n:
+        stop = n
+        if n - i >= 8:
+            memcpy(&word, p + i, 8)
+            if not (_has_byte(word, ASCII_BACKSLASH) or _has_byte(word, ASCII_LF)
+                    or (name and _has_byte(word, ASCII_COLON))):
+                i += 8
+                continue
+            stop = i + 8
+        while i < stop:
+            c = p[i]
+            out += c == ASCII_BACKSLASH or c == ASCII_LF or (name and c == ASCII_COLON)
+            i += 1
+    return out
+
+
+cdef unsigned char* _put_escaped(unsigned char* w, const unsigned char* p, Py_ssize_t n,
+                                 Py_ssize_t escapes, bint name) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    if escapes == 0:
+        memcpy(w, p, n)
+        return w + n
+    for i in range(n):
+        c = p[i]
+        if c == ASCII_BACKSLASH or (name and c == ASCII_COLON):
+            w[0] = ASCII_BACKSLASH
+            w[1] = c
+            w += 2
+        elif c == ASCII_LF:
+            w[0] = ASCII_BACKSLASH
+            w[1] = 0x6E                 # "n"
+            w += 2
+        else:
+            w[0] = c
+            w += 1
+    return w
+
+
+def signing_headers(block):
+    """See _dedup.pyi."""
+    cdef bytes raw = _as_bytes(block)
+    cdef const unsigned char* p = _ptr(raw)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(raw), pos = 0, eol, end, colon, v, e
+    cdef const void* hit
+    cdef Framer f = Framer.__new__(Framer)
+    f._begin(None, raw.count(b"\n") + 1)
+    while pos < n:
+        hit = memchr(p + pos, ASCII_LF, n - pos)
+        eol = n if hit == NULL else <const unsigned char*>hit - p
+        end = eol
+        if end > pos and p[end - 1] == ASCII_CR:
+            end -= 1
+        if end > pos:
+            hit = memchr(p + pos, ASCII_COLON, end - pos)
+            colon = end if hit == NULL else <const unsigned char*>hit - p
+            if colon == end or colon == pos:
+                raise ValueError(f"not a header line: {raw[pos:end]!r}")
+            v = colon + 1
+            while v < end and (p[v] == ASCII_SPACE or p[v] == ASCII_TAB):
+                v += 1
+            e = end
+            while e > v and (p[e - 1] == ASCII_SPACE or p[e - 1] == ASCII_TAB):
+                e -= 1
+            if f._add_header(p + pos, colon - pos, p + v, e - v) >= 0:
+                raise ValueError(f"header {raw[pos:colon]!r} appears more than once")
+        pos = eol + 1
+    return f._signed_headers(0, f._spans_n)
 
 
 # The framer decodes every header into one reused text buffer and works on spans of it; Python
@@ -364,12 +486,94 @@ cdef class Framer:
             r.body = body
             r.auth_date = self._value_or_none(found[CTL_AUTH_DATE])
             r.auth_signature = self._value_or_none(found[CTL_AUTH_SIGNATURE])
+            if found[CTL_AUTH_SIGNATURE] >= 0:
+                r.auth_headers = self._auth_headers
+                r.content_digest = self._value_or_none(found[CTL_CONTENT_DIGEST])
         return r
 
     cdef str _value_or_none(self, Py_ssize_t span):
         if span < 0:
             return None
         return self._str(self._spans[span].value, self._spans[span].value_n)
+
+    cdef bytes _signed_headers(self, Py_ssize_t first, Py_ssize_t end):
+        # The v2 canonical header lines of the spans [first, end) (see _signed_name above). The
+        # names are folded into scratch once, also as words: they share long prefixes
+        # ("nservicebus.header.nservicebus."), which a word compares 8 bytes at a time.
+        cdef Py_ssize_t count = 0, names = 0, words = 0, i, j, k, at, total = 0
+        cdef const _Span* s
+        cdef _Signed* found
+        cdef _Signed cur
+        cdef uint64_t* word = NULL
+        cdef uint64_t v
+        cdef unsigned char* folded
+        cdef const unsigned char* p
+        cdef unsigned char c
+        cdef bytes out
+        cdef unsigned char* w
+        found = <_Signed*>PyMem_Malloc(max(end - first, 1) * sizeof(_Signed))
+        if found == NULL:
+            raise MemoryError()
+        try:
+            for i in range(first, end):
+                s = &self._spans[i]
+                if _signed_name(self._text + s.name, s.name_n):
+                    found[count].span = i
+                    count += 1
+                    names += s.name_n
+                    words += (s.name_n + 7) >> 3
+            word = <uint64_t*>PyMem_Malloc(words * sizeof(uint64_t) + names + 1)
+            if word == NULL:
+                raise MemoryError()
+            folded = <unsigned char*>(word + words)
+            names = words = 0
+            for at in range(count):
+                i = found[at].span
+                s = &self._spans[i]
+                cur.span = i
+                cur.name = names
+                cur.name_n = s.name_n
+                cur.words = words
+                p = self._text + s.name
+                v = 0
+                for k in range(s.name_n):
+                    c = FOLD[p[k]]
+                    folded[names + k] = c
+                    v = (v << 8) | c
+                    if k & 7 == 7:
+                        word[words] = v
+                        words += 1
+                        v = 0
+                if s.name_n & 7:
+                    word[words] = v << (8 * (8 - (s.name_n & 7)))
+                    words += 1
+                names += s.name_n
+                cur.name_esc = _escapes(folded + cur.name, cur.name_n, True)
+                cur.value_esc = _escapes(self._text + s.value, s.value_n, False)
+                total += cur.name_n + cur.name_esc + 2 + s.value_n + cur.value_esc
+                # insertion sort (found[at] is in cur): a request has a dozen such headers, and
+                # their names are unique
+                j = at
+                while j > 0:
+                    if _words_cmp(word + found[j - 1].words, found[j - 1].name_n, word + cur.words, cur.name_n) <= 0:
+                        break
+                    found[j] = found[j - 1]
+                    j -= 1
+                found[j] = cur
+            out = PyBytes_FromStringAndSize(NULL, max(total - 1, 0))
+            w = <unsigned char*>PyBytes_AS_STRING(out)
+            for i in range(count):
+                s = &self._spans[found[i].span]
+                if i:
+                    w[0] = ASCII_LF
+                    w += 1
+                w = _put_escaped(w, folded + found[i].name, found[i].name_n, found[i].name_esc, True)
+                w[0] = ASCII_COLON
+                w = _put_escaped(w + 1, self._text + s.value, s.value_n, found[i].value_esc, False)
+        finally:
+            PyMem_Free(found)
+            PyMem_Free(word)
+        return out
 
     cdef tuple _databus_names(self, Py_ssize_t first, Py_ssize_t end, bint gateway):
         # (request header name, stored header name or None) of each claim-check header in
@@ -439,6 +643,7 @@ cdef class Framer:
         if self.signatures:
             env.auth_date = self._value_or_none(found[CTL_AUTH_DATE])
             env.auth_signature = self._value_or_none(found[CTL_AUTH_SIGNATURE])
+            env.auth_headers = self._auth_headers
         self.framed_total += 1
         return env
 
@@ -512,11 +717,18 @@ cdef class Framer:
         cdef tuple databus = ()
         cdef Envelope env
 
+        self._auth_headers = None
         if repeated >= 0:
             s = &self._spans[repeated]
             return self._reject(
                 400, f"Header '{self._str(s.name, s.name_n)}' appears more than once.", callback)
 
+        if self.signatures:
+            # A v2 signature covers the headers as they came, so this is before the query
+            # string (GWCORE_HTTP_ALLOW_GET) overrides any: the query is covered with the target.
+            i = self._lookup(CTL_AUTH_SIGNATURE)
+            if i >= 0 and self._spans[i].value_n > 3 and memcmp(self._text + self._spans[i].value, b"v2.", 3) == 0:
+                self._auth_headers = self._signed_headers(first, self._spans_n)
         body_bytes = self._apply_query(first, b"" if streamed else _as_bytes(body))
         end = self._spans_n
         for i in range(CONTROL_COUNT):
@@ -524,6 +736,7 @@ cdef class Framer:
         if self.signatures:
             found[CTL_AUTH_DATE] = self._lookup(CTL_AUTH_DATE)
             found[CTL_AUTH_SIGNATURE] = self._lookup(CTL_AUTH_SIGNATURE)
+            found[CTL_CONTENT_DIGEST] = self._lookup(CTL_CONTENT_DIGEST)
 
         if found[CTL_ID] < 0:
             return self._reject(400, "Required header 'NServiceBus.Id' missing.", callback)
@@ -584,6 +797,9 @@ cdef class Framer:
         if self.signatures:
             env.auth_date = self._value_or_none(found[CTL_AUTH_DATE])
             env.auth_signature = self._value_or_none(found[CTL_AUTH_SIGNATURE])
+            if found[CTL_AUTH_SIGNATURE] >= 0:
+                env.auth_headers = self._auth_headers
+                env.content_digest = self._value_or_none(found[CTL_CONTENT_DIGEST])
         env.framed = self._envelope(id, first, end, body_bytes, env.expiry_ms, now_ms)
         self.framed_total += 1
         return env

@@ -3,8 +3,10 @@ answer (docs/databus.md).
 
 The core frames a streamed part from its head and hands its body out in pieces; a part's body of
 :data:`_DIRECT_BODY_MIN` bytes or more still to come is read by :class:`_PartBody` straight into
-the blob's receive buffers instead. Once the body is in, the blob is sealed (fsync, rename), its
-digest checked against the ``Content-MD5``, the ``Content-Digest`` or the signature, its record
+the blob's receive buffers instead. With request signing, a part's signature is checked at its
+head, before a blob file exists: everything it covers is in the head, the body through the
+``Content-Digest`` it declares (docs/security.md). Once the body is in, the blob is sealed (fsync,
+rename), its digest checked against the ``Content-MD5`` or the ``Content-Digest``, its record
 committed by the writer, and only then is the part answered 200. A part the parser framed whole
 takes the same way from the checks of ``gwcore.http.HTTPProtocol._route``.
 
@@ -51,7 +53,7 @@ class _Part:
         self.slot = slot
         self.env = env
         self.sink = sink
-        self.verified = verified  # the signature was checked on the whole body already
+        self.verified = verified  # its digests were checked on the whole body already
         self.sha256: str | None = None  # what its Content-Digest says the body's SHA-256 is
         self.counted = False  # among its peer's parts being received (HTTPState.peer_parts)
 
@@ -112,7 +114,8 @@ class PartIntake(core.ConnectionCore, asyncio.Protocol):
     if TYPE_CHECKING:  # what gwcore.http.HTTPProtocol provides
         def _route(self, slot: core.AnswerSlot, result: Any) -> None: ...
         def _answer(self, slot: core.AnswerSlot, status: int, reason: str, *, callback: str | None = None) -> None: ...
-        def _refuse(self, slot: core.AnswerSlot, refusal: str, callback: str | None) -> None: ...
+        def _refuse(self, slot: core.AnswerSlot, refusal: str, callback: str | None, *,
+                    challenge: bytes = ...) -> None: ...
         def _answer_error(self, slot: core.AnswerSlot, exc: BaseException, what: str, callback: str | None) -> None: ...
 
     def _sink(self, slot: core.AnswerSlot, callback: str | None, signed: bool, md5: bool) -> BlobSink | None:
@@ -169,11 +172,16 @@ class PartIntake(core.ConnectionCore, asyncio.Protocol):
         if unavailable is not None:
             self._answer(slot, 503, unavailable)
             return
-        signed = state.verifier is not None and env.auth_signature is not None
-        if state.verifier is not None and not signed:
-            refusal = state.verifier.refusal(env)  # unsigned: decided without the body
-            if refusal is not None:
-                self._refuse(slot, refusal, env.callback)
+        if state.verifier is not None:
+            # Decided on the head alone: a signed part passes only with the Content-Digest its
+            # signature covers, which the body is checked against as it is written.
+            refused = state.verifier.check(env, streamed=True)
+            if refused is not None:
+                # Its body is not read: the connection closes after the answer (_linger), so
+                # that a forged part costs its sender the upload and us nothing on disk.
+                slot.close = True
+                self.closing = True
+                self._refuse(slot, refused[1], env.callback, challenge=state.challenge)
                 return
         ok, part.sha256 = self._claimed_sha256(slot, env)
         if not ok:
@@ -185,10 +193,10 @@ class PartIntake(core.ConnectionCore, asyncio.Protocol):
             self.closing = True
             self._answer(slot, 503, _TOO_MANY_PARTS, callback=env.callback)
             return
-        # One digest per part: a SHA-256 that is checked anyway (a Content-Digest, or the body
-        # digest of a signature) proves the body as well as the MD5 would, and runs at 2-3 times
-        # its speed on CPUs with SHA extensions, so the Content-MD5 is then not computed.
-        with_sha = signed or part.sha256 is not None
+        # One digest per part: a SHA-256 that is checked anyway (a Content-Digest, always there
+        # on a signed part) proves the body as well as the MD5 would, and runs at 2-3 times its
+        # speed on CPUs with SHA extensions, so the Content-MD5 is then not computed.
+        with_sha = part.sha256 is not None
         part.sink = self._sink(slot, env.callback, with_sha, env.content_md5 is not None and not with_sha)
 
     def _count_part(self, part: _Part) -> bool:
@@ -281,12 +289,6 @@ class PartIntake(core.ConnectionCore, asyncio.Protocol):
             sink.discard_sealed()
             self._answer(slot, 412, _MD5_MISMATCH, callback=env.callback)
             return
-        if state.verifier is not None and env.auth_signature is not None and not part.verified:
-            refusal = state.verifier.refusal(env, digest=sha)
-            if refusal is not None:
-                sink.discard_sealed()
-                self._refuse(slot, refusal, env.callback)
-                return
         writer = state.writer
         part_key = env.key + b"\0" + env.databus_key.encode("utf-8")
         try:
