@@ -22,13 +22,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-import concurrent.futures
 import errno
 import hashlib
 import http.client
 import io
 import logging
 import os
+import queue
 import shutil
 import socket
 import ssl
@@ -386,6 +386,86 @@ def _seg(text: str) -> str:
     return urllib.parse.quote(text, safe="")
 
 
+class _HandlerThreads:
+    """Runs a sync handler in up to *size* threads of its own (started as they are needed) and
+    hands the outcomes back to the event loop in batches: one loop wake-up for whatever finished
+    meanwhile, instead of a future, a done-callback chain and a wake-up per message as a
+    ``ThreadPoolExecutor`` costs. A message is given to the first free thread; a thread that
+    finishes one takes the next waiting without sleeping."""
+
+    def __init__(self, size: int, handler: Callable[[Any], Any], loop: asyncio.AbstractEventLoop,
+                 on_done: Callable[[tuple[str, Any], BaseException | None], None]) -> None:
+        self._size = size
+        self._handler = handler
+        self._loop = loop
+        self._on_done = on_done
+        self._work: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._finished: list[tuple[tuple[str, Any], BaseException | None]] = []
+        self._collect_scheduled = False
+        self._threads: list[threading.Thread] = []
+        self._idle = 0      # threads started and not handling a message
+        self._waiting = 0   # messages put and not taken by a thread yet
+        self._closed = False
+
+    def put(self, item: tuple[str, Any]) -> None:
+        """Handle ``item[1]``; *item* comes back to ``on_done`` with the handler's exception."""
+        with self._lock:
+            self._waiting += 1
+            start = self._waiting > self._idle and len(self._threads) < self._size and not self._closed
+            if start:
+                self._idle += 1
+        if start:
+            t = threading.Thread(target=self._run, name=f"gwcore-handler-{len(self._threads)}", daemon=True)
+            self._threads.append(t)
+            t.start()
+        self._work.put(item)
+
+    def _run(self) -> None:
+        work, handler, lock = self._work, self._handler, self._lock
+        while True:
+            item = work.get()
+            if item is None:
+                return
+            with lock:
+                self._idle -= 1
+                self._waiting -= 1
+            exc: BaseException | None = None
+            try:
+                handler(item[1])
+            except BaseException as e:  # the handler's failure is the message's outcome (a nack)
+                exc = e
+            with lock:
+                self._idle += 1
+                self._finished.append((item, exc))
+                wake = not self._collect_scheduled
+                self._collect_scheduled = True
+            if wake:
+                try:
+                    self._loop.call_soon_threadsafe(self._collect)
+                except RuntimeError:
+                    return  # the loop is closed: the worker is gone, its session lapses
+
+    def _collect(self) -> None:
+        with self._lock:
+            finished, self._finished = self._finished, []
+            self._collect_scheduled = False
+        on_done = self._on_done
+        for item, exc in finished:
+            on_done(item, exc)
+
+    def close(self) -> None:
+        """Stop the threads once they are idle (what is waiting is not started)."""
+        self._closed = True
+        while True:
+            try:
+                self._work.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self._threads:
+            self._work.put(None)
+
+
 class _Protocol:
     """The worker protocol's calls over one keep-alive client, signed when the worker has a key."""
 
@@ -441,9 +521,11 @@ class Worker:
         self._handler = handler
         self._proto = _Protocol(url, capacity + 2, wait, signer)
         self._blobs = _BlobAccess(_base_url(url), self._proto.client.ssl, wait + 30.0, blob_dir, download_dir, signer)
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._threads: _HandlerThreads | None = None  # a sync handler's threads
         self.session: str | None = None
-        self._tasks: set[asyncio.Future[Any]] = set()  # handlers running (one per busy slot)
+        self._tasks: set[asyncio.Future[Any]] = set()  # async handlers running (one per busy slot)
+        self._sync_running = 0  # messages given to the sync handler's threads, not finished yet
+        self._sync_idle = asyncio.Event()
         # seqs taken and not yet answered, with how many copies: after a takeover the new active
         # may hand a message out again while the old session's copy is still being handled
         self._held: collections.Counter[int] = collections.Counter()
@@ -463,25 +545,26 @@ class Worker:
 
     @property
     def in_flight(self) -> int:
-        """Messages taken and not yet answered."""
-        return len(self._tasks)
+        """Messages being handled (each holds a slot)."""
+        return len(self._tasks) + self._sync_running
 
     # -- running -----------------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Enlist, handle messages until drained, finish what is in flight, leave."""
         loop = asyncio.get_running_loop()
-        self._executor = concurrent.futures.ThreadPoolExecutor(self.capacity, thread_name_prefix="gwcore-handler")
         handler = self._handler
-        # a sync handler (it may block) runs in the pool; an async one on the loop
+        # a sync handler (it may block) runs in threads of its own; an async one on the loop
         call = None if handler_caller(handler) is not handler else handler
+        if call is None:
+            self._threads = _HandlerThreads(self.capacity, handler, loop, self._sync_handled)
         heartbeat = loop.create_task(self._heartbeat())
         try:
             while not self._draining:
                 if self.session is None and not await self._enlist():
                     await asyncio.sleep(_RETRY_DELAY)
                     continue
-                while len(self._tasks) >= self.capacity and not self._draining:
+                while self.in_flight >= self.capacity and not self._draining:
                     self._room.clear()
                     await self._room.wait()
                 if self._draining:
@@ -505,14 +588,17 @@ class Worker:
                     session = self.session or ""
                     msg = WorkerMessage(wire, session=session, blobs=self._blobs)
                     self._start(loop, call, session, msg)
-                self.max_in_flight = max(self.max_in_flight, len(self._tasks))
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
                 if answer["stop"]:
-                    log.info("worker %r drained by the distributor: finishing %d message(s)", self.name, len(self._tasks))
+                    log.info("worker %r drained by the distributor: finishing %d message(s)", self.name, self.in_flight)
                     self._draining = True
-            while self._tasks or self._acks or self._acking:
+            while self._tasks or self._sync_running or self._acks or self._acking:
                 # the handlers still running, then every acknowledgement answered
                 if self._tasks:
                     await asyncio.gather(*self._tasks, return_exceptions=True)
+                if self._sync_running:
+                    self._sync_idle.clear()
+                    await self._sync_idle.wait()
                 if self._acks:
                     self._send_acks()
                 if self._acking:
@@ -526,7 +612,8 @@ class Worker:
         finally:
             heartbeat.cancel()
             await self._proto.client.close()
-            self._executor.shutdown(wait=False)
+            if self._threads is not None:
+                self._threads.close()
             self._blobs.remove_downloads()
 
     async def _enlist(self) -> bool:
@@ -561,25 +648,37 @@ class Worker:
     def _start(self, loop: asyncio.AbstractEventLoop, call: Callable[[WorkerMessage], Any] | None,
                session: str, msg: WorkerMessage) -> None:
         """Run the handler on *msg* in a slot: an async handler as a task of its own, a sync one
-        straight in the worker's thread pool (no task around it)."""
+        in the handler's threads (no future around it: :class:`_HandlerThreads`)."""
         if call is None:
-            fut: asyncio.Future[Any] = loop.run_in_executor(self._executor, self._handler, msg)
-        else:
-            fut = loop.create_task(call(msg))
+            assert self._threads is not None
+            self._sync_running += 1
+            self._threads.put((session, msg))
+            return
+        fut = loop.create_task(call(msg))
         self._tasks.add(fut)
-        fut.add_done_callback(lambda done: self._handled(session, msg, done))
+        fut.add_done_callback(lambda done: self._task_handled(session, msg, done))
 
-    def _handled(self, session: str, msg: WorkerMessage, done: asyncio.Future[Any]) -> None:
+    def _task_handled(self, session: str, msg: WorkerMessage, done: asyncio.Future[Any]) -> None:
+        self._tasks.discard(done)
+        if done.cancelled():
+            self._room.set()
+            msg._cleanup()
+            self._unhold(msg.seq)  # stopped mid-handler: not a failed attempt, it is handed out again
+            return
+        self._handled(session, msg, done.exception())
+
+    def _sync_handled(self, item: tuple[str, WorkerMessage], exc: BaseException | None) -> None:
+        self._sync_running -= 1
+        if not self._sync_running:
+            self._sync_idle.set()
+        self._handled(item[0], item[1], exc)
+
+    def _handled(self, session: str, msg: WorkerMessage, exc: BaseException | None) -> None:
         """The handler returned or raised: its slot is free now. The acknowledgement goes out with
         the others of this loop turn, and the message stays held until it is answered, so that
         takes keep listing it; a failure is reported (nack) the same way."""
-        self._tasks.discard(done)
         self._room.set()
         msg._cleanup()
-        if done.cancelled():
-            self._unhold(msg.seq)  # stopped mid-handler: not a failed attempt, it is handed out again
-            return
-        exc = done.exception()
         if exc is None:
             self.processed += 1
             if not self._acks:

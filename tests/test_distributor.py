@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -85,6 +86,46 @@ def test_two_workers_of_capacity_three_never_hold_more_than_three(run, make_sett
     run(main())
     assert max(most.values()) == 3 and set(most) == {"w1", "w2"}
     assert sorted(i for _n, i in handled) == sorted(ids)  # each exactly once
+
+
+def test_a_sync_handler_runs_in_as_many_threads_as_slots_and_no_more(run, make_settings):
+    """Blocking handlers run side by side, one thread per slot: four messages held in a handler
+    at once on a worker of capacity four (a barrier of four only opens then), never a fifth
+    thread; a handler that raises is a nack, and the message comes back."""
+    ids = [str(uuid.uuid4()) for _ in range(12)]
+    barrier = threading.Barrier(4, timeout=10)
+    threads: set[str] = set()
+    lock = threading.Lock()
+    handled: list[str] = []
+    failed_once: set[str] = set()
+
+    def handle(message):
+        with lock:
+            threads.add(threading.current_thread().name)
+        if len(handled) < 4:
+            barrier.wait()  # raises BrokenBarrierError unless four handlers are in here at once
+        if message.id == ids[5] and message.id not in failed_once:
+            failed_once.add(message.id)
+            raise RuntimeError("first attempt fails")
+        with lock:
+            handled.append(message.id)
+
+    async def main():
+        async with Gateway(dist_settings(make_settings)) as gw:
+            d = gw.distributor
+            w = Worker(base_url(gw), 4, handle, name="sync")
+            await submit(gw, ids)
+            async with w:
+                await until(lambda: len(handled) == len(ids), 30, "every message handled")
+                await until(lambda: gw.store.counts()["queue"] == 0, 10, "the acks")
+            assert d is not None
+            assert w.failed == 1 and w.processed == len(ids)
+            assert w.max_in_flight == 4
+
+    run(main())
+    assert not barrier.broken
+    assert 1 <= len(threads) <= 4
+    assert sorted(handled) == sorted(ids)
 
 
 def test_least_recently_freed_slot_first(run, make_settings):
