@@ -34,3 +34,16 @@ def fuzz(check: Callable[[bytes], None]) -> None:
 
     atheris.Setup(sys.argv, check)
     atheris.Fuzz()
+
+
+def wrap(data: bytes, way: int, index: int) -> object:
+    """*data* as the buffer kind a caller may hand the core: *way* 0 bytes, 1 a bytearray, 2 a
+    memoryview into a larger buffer (as a receive buffer would be), 3 each of them in turn by
+    *index*."""
+    if way == 3:
+        way = index % 3
+    if way == 1:
+        return bytearray(data)
+    if way == 2:
+        return memoryview(b"<" + data + b">")[1:-1]
+    return data

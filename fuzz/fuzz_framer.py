@@ -26,7 +26,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import add_paths, fuzz  # noqa: E402
+from _harness import add_paths, fuzz, wrap  # noqa: E402
 
 add_paths()
 
@@ -64,17 +64,6 @@ def decode(data: bytes) -> tuple[int, int, list[tuple[bytes, bytes]], bytes | No
         name, _, value = line.partition(b":")
         pairs.append((name, value[1:] if value.startswith(b" ") else value))
     return options, now_ms, pairs, query, body
-
-
-def wrap(raw: bytes, options: int, index: int) -> object:
-    way = (options >> 6) & 3
-    if way == 3:
-        way = index % 3
-    if way == 1:
-        return bytearray(raw)
-    if way == 2:
-        return memoryview(b"<" + raw + b">")[1:-1]
-    return raw
 
 
 def outcome(result: object) -> tuple:
@@ -130,7 +119,7 @@ def check(data: bytes) -> None:
     ext, oracle = _dedup.Framer(scope, **args), ref.Framer(scope, **args)
     flat = []
     for i, (name, value) in enumerate(pairs):
-        flat += [wrap(name, options, 2 * i), wrap(value, options, 2 * i + 1)]
+        flat += [wrap(name, (options >> 6) & 3, 2 * i), wrap(value, (options >> 6) & 3, 2 * i + 1)]
     got = attempt(ext, flat, body, query, now_ms)
     want = attempt(oracle, [bytes(x) for x in flat], body, query, now_ms)
     expect(got == want, "the framer and tests/reference_impl.py disagree", want, got)

@@ -23,7 +23,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import add_paths, fuzz  # noqa: E402
+from _harness import add_paths, fuzz, wrap  # noqa: E402
 
 add_paths()
 
@@ -82,18 +82,6 @@ def make(options: int) -> _dedup.RequestParser:
                                 allow_get=allow_get, max_blob=max_blob)
 
 
-def wrap(piece: bytes, options: int, index: int) -> object:
-    way = (options >> 4) & 3
-    if way == 3:
-        way = index % 3
-    if way == 1:
-        return bytearray(piece)
-    if way == 2:
-        # a view into a larger buffer, as a receive buffer would be
-        return memoryview(b"<" + piece + b">")[1:-1]
-    return piece
-
-
 def run(pieces: list[bytes], options: int) -> list[tuple]:
     """Every event of the pieces fed in order, checked as they come."""
     parser = make(options)
@@ -111,7 +99,7 @@ def run(pieces: list[bytes], options: int) -> list[tuple]:
                 checker.taken(piece[:n])
                 events.append((EV_PART_DATA, piece[:n]))
                 piece = piece[n:]
-        got = parser.feed(wrap(piece, options, index), NOW)
+        got = parser.feed(wrap(piece, (options >> 4) & 3, index), NOW)
         checker.feed(got, parser)
         events += got
     # every feed parsed all it could: one more with nothing new reports nothing
