@@ -436,10 +436,7 @@ class HTTPProtocol(PartIntake, WorkerCalls):
         if state.verifier is not None:
             refused = state.verifier.check(result)
             if refused is not None:
-                if refused[0] == 401:
-                    self._refuse(slot, refused[1], result.callback, challenge=state.challenge)
-                else:  # 412: signed, but the body is not the one the signature's digest names
-                    self._answer(slot, refused[0], refused[1], callback=result.callback)
+                self._answer_check(slot, refused, result.callback)
                 return
         if isinstance(result, core.Rejection):
             if log.isEnabledFor(logging.DEBUG):
@@ -539,6 +536,14 @@ class HTTPProtocol(PartIntake, WorkerCalls):
         """401: the request's signature does not hold (*refusal* says why)."""
         self.state.log_refusal(refusal)
         self._answer(slot, 401, refusal, callback=callback, extra=challenge, count=count)
+
+    def _answer_check(self, slot: core.AnswerSlot, refused: tuple[int, str], callback: str | None) -> None:
+        """The answer to a request ``auth.Verifier.check`` refused: 401 with this listener's
+        challenge, or 412 (signed, but the body is not the one the signature's digest names)."""
+        if refused[0] == 401:
+            self._refuse(slot, refused[1], callback, challenge=self.state.challenge)
+        else:
+            self._answer(slot, refused[0], refused[1], callback=callback)
 
     def _answer_error(self, slot: core.AnswerSlot, exc: BaseException, what: str, callback: str | None, *,
                       count: bool = True) -> None:

@@ -402,10 +402,7 @@ class Selected:
             # checked here, since the leader gets it signed again by this instance (_post)
             refused = verifier.check(result)
             if refused is not None:
-                if refused[0] == 401:
-                    proto._refuse(slot, refused[1], result.callback, challenge=proto.state.challenge)
-                else:
-                    proto._answer(slot, refused[0], refused[1], callback=result.callback)
+                proto._answer_check(slot, refused, result.callback)
                 return
         self.forwarded += 1
         task = asyncio.ensure_future(self._post(result, verifier))

@@ -114,8 +114,7 @@ class PartIntake(core.ConnectionCore, asyncio.Protocol):
     if TYPE_CHECKING:  # what gwcore.http.HTTPProtocol provides
         def _route(self, slot: core.AnswerSlot, result: Any) -> None: ...
         def _answer(self, slot: core.AnswerSlot, status: int, reason: str, *, callback: str | None = None) -> None: ...
-        def _refuse(self, slot: core.AnswerSlot, refusal: str, callback: str | None, *,
-                    challenge: bytes = ...) -> None: ...
+        def _answer_check(self, slot: core.AnswerSlot, refused: tuple[int, str], callback: str | None) -> None: ...
         def _answer_error(self, slot: core.AnswerSlot, exc: BaseException, what: str, callback: str | None) -> None: ...
 
     def _sink(self, slot: core.AnswerSlot, callback: str | None, signed: bool, md5: bool) -> BlobSink | None:
@@ -181,7 +180,7 @@ class PartIntake(core.ConnectionCore, asyncio.Protocol):
                 # that a forged part costs its sender the upload and us nothing on disk.
                 slot.close = True
                 self.closing = True
-                self._refuse(slot, refused[1], env.callback, challenge=state.challenge)
+                self._answer_check(slot, refused, env.callback)
                 return
         ok, part.sha256 = self._claimed_sha256(slot, env)
         if not ok:
