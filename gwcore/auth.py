@@ -76,6 +76,7 @@ __all__ = (
     "verify_v2",
     "body_digest",
     "check_key_id",
+    "check_secret",
     "Verifier",
     "format_date",
     "DATE_HEADER",
@@ -135,6 +136,12 @@ def check_key_id(key_id: str) -> None:
         raise ValueError(f"key id {key_id!r}: use 1-64 of A-Z a-z 0-9 _ -")
 
 
+def check_secret(secret: bytes) -> None:
+    """:raises ValueError: *secret* is shorter than :data:`MIN_SECRET_BYTES`."""
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(f"signing secret must be at least {MIN_SECRET_BYTES} bytes")
+
+
 def body_digest(body: bytes) -> str:
     """The canonical string's body digest: padded standard base64 of SHA-256(*body*)."""
     return base64.b64encode(hashlib.sha256(body).digest()).decode("ascii")
@@ -157,13 +164,15 @@ def sign(secret: bytes, method: str, path: str, date_value: str, message_id: str
     :raises ValueError: *secret* is shorter than :data:`MIN_SECRET_BYTES`, or *method*, *path*,
         *date_value* or *body_digest* contains a newline.
     """
-    if len(secret) < MIN_SECRET_BYTES:
-        raise ValueError(f"signing secret must be at least {MIN_SECRET_BYTES} bytes")
+    check_secret(secret)
+    return _mac(secret, _canonical_v1(method, path, date_value, message_id, body_digest))
+
+
+def _canonical_v1(method: str, path: str, date_value: str, message_id: str, body_digest: str) -> bytes:
     for name, value in (("method", method), ("path", path), ("date", date_value), ("body digest", body_digest)):
         if "\n" in value:
             raise ValueError(f"{name} must not contain a newline")
-    canonical = "\n".join(("gwcore-" + _V1, method.upper(), path, date_value, message_id, body_digest))
-    return _mac(secret, canonical.encode("utf-8"))
+    return "\n".join(("gwcore-" + _V1, method.upper(), path, date_value, message_id, body_digest)).encode("utf-8")
 
 
 def signature_headers(secret: bytes, key_id: str, method: str, path: str, message_id: str, body: bytes,
@@ -211,12 +220,8 @@ def verify(secrets: Mapping[str, bytes], method: str, path: str,
     get = headers_lookup.get if isinstance(headers_lookup, Mapping) else headers_lookup
     key_id, given = _split(_text(get(SIGNATURE_HEADER)), (_V1,))[1:]
     date_value = _date_of(_text(get(DATE_HEADER)))
-    try:
-        expected = sign(secrets.get(key_id, _NO_SECRET), method, path, date_value, message_id, body_digest)
-    except ValueError as exc:
-        raise AuthenticationError(BAD_SIGNATURE, f"cannot compute the signature: {exc}") from None
-    _check_mac(key_id in secrets, expected, given)
-    _check_date(date_value, now, max_skew_s)
+    _check(secrets, key_id, given, date_value, now, max_skew_s,
+           lambda: _canonical_v1(method, path, date_value, message_id, body_digest))
 
 
 # -- scheme v2 --------------------------------------------------------------------------------------
@@ -268,8 +273,7 @@ def sign_v2(secret: bytes, method: str, target: str, header_lines: bytes) -> str
 
     :raises ValueError: *secret* is shorter than :data:`MIN_SECRET_BYTES`, or see :func:`canonical_v2`.
     """
-    if len(secret) < MIN_SECRET_BYTES:
-        raise ValueError(f"signing secret must be at least {MIN_SECRET_BYTES} bytes")
+    check_secret(secret)
     return _mac(secret, canonical_v2(method, target, header_lines))
 
 
@@ -321,13 +325,8 @@ def verify_v2(secrets: Mapping[str, bytes], method: str, target: str, signature:
     :raises gwcore.errors.AuthenticationError: as :func:`verify`.
     """
     key_id, given = _split(signature, (_V2,))[1:]
-    date_value = _date_of(date_value)
-    try:
-        expected = _mac(secrets.get(key_id, _NO_SECRET), canonical_v2(method, target, header_lines))
-    except ValueError as exc:
-        raise AuthenticationError(BAD_SIGNATURE, f"cannot compute the signature: {exc}") from None
-    _check_mac(key_id in secrets, expected, given)
-    _check_date(date_value, now, max_skew_s)
+    _check(secrets, key_id, given, _date_of(date_value), now, max_skew_s,
+           lambda: canonical_v2(method, target, header_lines))
 
 
 # -- the checks both schemes share --------------------------------------------------------------------
@@ -349,10 +348,22 @@ def _date_of(value: str | None) -> str:
     return value.strip()
 
 
-def _check_mac(known: bool, expected: str, given: str) -> None:
+def _check(secrets: Mapping[str, bytes], key_id: str, given: str, date_value: str, now: float, max_skew_s: float,
+           canonical: Callable[[], bytes]) -> None:
+    """The HMAC of ``canonical()`` under *key_id*'s secret against *given*, then the date: the one
+    check of every scheme. An unknown key id is checked against a random secret, so that it
+    costs what a wrong secret costs and gets the same answer."""
+    secret = secrets.get(key_id)
+    try:
+        if secret is not None:
+            check_secret(secret)
+        expected = _mac(_NO_SECRET if secret is None else secret, canonical())
+    except ValueError as exc:
+        raise AuthenticationError(BAD_SIGNATURE, f"cannot compute the signature: {exc}") from None
     # on the text form, so that no two spellings of one signature both pass
-    if not hmac.compare_digest(expected.encode("ascii"), given.encode("ascii")) or not known:
+    if not hmac.compare_digest(expected.encode("ascii"), given.encode("ascii")) or secret is None:
         raise AuthenticationError(BAD_SIGNATURE, _BAD_SIGNATURE_TEXT)
+    _check_date(date_value, now, max_skew_s)
 
 
 def _check_date(date_value: str, now: float, max_skew_s: float) -> None:
@@ -445,7 +456,8 @@ class Verifier:
             if version == _V1 and not self.accept_v1:
                 raise AuthenticationError(V1_REFUSED, "scheme v1 is not accepted here")
             date_value = _date_of(result.auth_date)
-            secret = self.secrets.get(key_id, _NO_SECRET)
+            method, target = result.method or "POST", result.target or ""
+            canonical: Callable[[], bytes]
             if version == _V2:
                 # The HMAC covers the Content-Digest as a header line: here it need only be
                 # there. The body is hashed after the HMAC, so a forgery costs no hashing.
@@ -455,15 +467,15 @@ class Verifier:
                 declared = result.content_digest
                 if streamed or not _plain_digest(declared):
                     declared = f"sha-256=:{_declared_sha256(declared, _V2_DIGEST)}:"
-                canonical = f"gwcore-v2\n{(result.method or 'POST').upper()}\n{result.target or ''}\n".encode(
-                    "utf-8") + lines
+                def canonical() -> bytes:
+                    return canonical_v2(method, target, lines)
             else:
                 digest = (_declared_sha256(result.content_digest, _V1_PART_DIGEST) if streamed
                           else body_digest(result.body))
-                canonical = "\n".join(("gwcore-v1", (result.method or "POST").upper(), result.target or "",
-                                       date_value, result.id, digest)).encode("utf-8")
-            _check_mac(key_id in self.secrets, _mac(secret, canonical), given)
-            _check_date(date_value, self.clock(), self.max_skew_s)
+
+                def canonical() -> bytes:
+                    return _canonical_v1(method, target, date_value, result.id, digest)
+            _check(self.secrets, key_id, given, date_value, self.clock(), self.max_skew_s, canonical)
         except AuthenticationError as exc:
             advice = _ADVICE.get(exc.reason)
             if advice is None:

@@ -15,7 +15,7 @@ import tomllib
 import urllib.parse
 from typing import Any, Callable, Mapping
 
-from .auth import check_key_id
+from .auth import MIN_SECRET_BYTES, check_key_id
 from .errors import ConfigurationError
 from .filemodes import FILE_MODES
 
@@ -295,8 +295,8 @@ def _secret(where: str, table: Mapping[str, Any]) -> bytes | None:
         value = str(table["secret"]).encode()
     else:
         return None
-    if len(value) < 16:
-        raise ValueError(f"{where}: a shared secret needs at least 16 bytes")
+    if len(value) < MIN_SECRET_BYTES:
+        raise ValueError(f"{where}: a shared secret needs at least {MIN_SECRET_BYTES} bytes")
     return value
 
 
