@@ -546,6 +546,8 @@ class ConnectionCore:
     @property
     def in_head(self) -> bool:
         """The unfinished request's line and headers are not all in yet."""
+    def mark_idle(self, idle: bool) -> None:
+        """List it among the listener's idle connections (``state.idle_connections``), or take it out."""
     def data_received(self, data: bytes) -> None:
         """Parse received bytes and act on every request they complete."""
     def _slot(self, keep_alive: bool) -> AnswerSlot:

@@ -329,17 +329,14 @@ class HTTPProtocol(PartIntake, WorkerCalls):
             self.closing = True
             return
         self.idle_since = self._checked_at = self.loop.time()
-        self.idle_listed = True
-        state.idle_connections[self] = None
+        self.mark_idle(True)
 
     def forget(self) -> None:
         """No longer count this connection in the state's connections, idle ones and per-peer
         counts (when it is lost, or closed to make room)."""
         state = self.state
         state.connections.discard(self)
-        if self.idle_listed:
-            self.idle_listed = False
-            state.idle_connections.pop(self, None)
+        self.mark_idle(False)
         if self.admitted:
             self.admitted = False
             n = state.peer_connections[self.peer] - 1

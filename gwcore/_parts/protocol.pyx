@@ -141,6 +141,14 @@ cdef class ConnectionCore:
             self.state.idle_connections.pop(self, None)
         return 0
 
+    def mark_idle(self, bint idle):
+        """List the connection among the listener's idle ones, or take it out (the Python side's
+        way to the same bookkeeping the compiled path does: a new connection, a lost one)."""
+        if idle:
+            self._went_idle()
+        else:
+            self._went_busy()
+
     def data_received(self, data):
         cdef RequestParser parser = self.parser
         cdef list events
