@@ -83,6 +83,23 @@ def decode_envelope(framed: Buffer) -> tuple[str, dict[str, str], bytes, int, in
         UTF-8, a bad magic or an unknown version. Never reads past the input.
     """
 
+def encode_take(records: list[tuple[int, int, int, bytes, bytes]], stop: bool) -> bytes:
+    """A distributor's take answer to a worker: ``records`` of ``(seq, attempt, delivery_count,
+    envelope, extra)``, each envelope as the store holds it (:func:`encode_envelope`), *extra* a
+    record's JSON side facts (its databus blobs) or ``b""``.
+
+    Layout: ``b"GT"``, version ``1``, flags (``1``: stop), u32 record count; per record u64 seq,
+    u32 attempt, u32 delivery count, u32 length + envelope, u32 length + extra; all big-endian.
+    """
+
+def decode_take(data: Buffer) -> tuple[bool, list[tuple[int, int, int, str, dict[str, str], bytes, int, bytes]]]:
+    """Parse a take answer made by :func:`encode_take`.
+
+    :return: ``(stop, [(seq, attempt, delivery_count, id, headers, body, expiry_ms, extra)])``.
+    :raises gwcore.errors.FramingError: truncated, trailing bytes, a bad magic, version or flags,
+        a record count the bytes cannot hold, or a damaged envelope. Never reads past the input.
+    """
+
 @disjoint_base
 class Envelope:
     """A message accepted by :meth:`Framer.frame`, ready to be stored."""

@@ -60,6 +60,20 @@ cdef enum:
     ENVELOPE_PREAMBLE = 2 + 1 + 8 + 8
     ENVELOPE_FIXED = ENVELOPE_PREAMBLE + 4 + 4 + 8      # plus id, headers and body
 
+    # A distributor's take answer to a worker (docs/deployment.md, "The worker protocol"):
+    #   b"GT"  magic
+    #   u8     version (1)
+    #   u8     flags (1: stop, the worker is to take nothing more)
+    #   u32 BE record count, then per record:
+    #     u64 BE seq, u32 BE attempt, u32 BE delivery count,
+    #     u32 BE length + the stored envelope (above), u32 BE length + extra (JSON, may be empty)
+    # and nothing after the last record.
+    MAGIC_T = 0x54
+    TAKE_VERSION = 1
+    TAKE_STOP = 1
+    TAKE_HEAD = 2 + 1 + 1 + 4
+    TAKE_RECORD_FIXED = 8 + 4 + 4 + 4 + 4               # plus the envelope and the extra
+
     # .NET TimeSpan limits, in 100 ns ticks.
     TICKS_PER_MS = 10000
     MAX_TIMESPAN_DAYS = 10675199

@@ -55,9 +55,12 @@ class Message:
         :class:`gwcore.databus.Blob` (``.path``, ``.open()``) of the local blob it names."""
         return databus.message_blobs(self._queue.store.blob_dir, self.headers)
 
-    __slots__ = ("id", "headers", "body", "seq", "expiry_ms", "accepted_ms", "attempt", "_queue", "_settled")
+    __slots__ = ("id", "headers", "body", "seq", "expiry_ms", "accepted_ms", "attempt", "framed", "_queue",
+                 "_settled")
 
     def __init__(self, queue: "LocalQueue", seq: int, framed: bytes, attempt: int) -> None:
+        #: the envelope as the store holds it (what a distributor hands a worker)
+        self.framed = framed
         self.id, self.headers, self.body, self.expiry_ms, self.accepted_ms = core.decode_envelope(framed)
         self.seq = seq
         self.attempt = attempt

@@ -39,6 +39,7 @@ from typing import Any, BinaryIO, Callable
 
 import orjson
 
+from ._core import core
 from . import auth, databus
 from .client import SiteClient
 from .consumer import handler_caller
@@ -345,20 +346,36 @@ class WorkerMessage:
 
     __slots__ = ("id", "headers", "body", "seq", "attempt", "delivery_count", "redelivered", "databus")
 
-    def __init__(self, wire: dict[str, Any], *, session: str = "", blobs: _BlobAccess | None = None) -> None:
-        self.id: str = wire["id"]
-        self.headers: dict[str, str] = wire["headers"]
-        self.body = base64.b64decode(wire["body"])
-        self.seq: int = wire["seq"]
-        self.attempt: int = wire["attempt"]
-        self.delivery_count: int = wire["delivery_count"]
-        self.redelivered: bool = wire["redelivered"]
+    def __init__(self, id: str, headers: dict[str, str], body: bytes, seq: int, attempt: int, delivery_count: int,
+                 blob_infos: dict[str, Any] | None = None, *, session: str = "",
+                 blobs: _BlobAccess | None = None) -> None:
+        self.id = id
+        self.headers = headers
+        self.body = body
+        self.seq = seq
+        self.attempt = attempt
+        self.delivery_count = delivery_count
+        self.redelivered = delivery_count > 1
         self.databus: dict[str, WorkerBlob] = {}
-        if blobs is not None:
-            infos = wire.get("databus") or {}
-            for name, value in self.headers.items():
+        if blobs is not None and blob_infos is not None:
+            for name, value in headers.items():
                 if name.startswith(databus.DATABUS_PREFIX) and len(value) == 32 and _HEX.issuperset(value):
-                    self.databus[name] = WorkerBlob(name, value, infos.get(name), session, blobs)
+                    self.databus[name] = WorkerBlob(name, value, blob_infos.get(name), session, blobs)
+
+    @classmethod
+    def from_json(cls, wire: dict[str, Any], *, session: str = "", blobs: _BlobAccess | None = None) -> "WorkerMessage":
+        """A message of a JSON take answer (``take``: the body in base64)."""
+        return cls(wire["id"], wire["headers"], base64.b64decode(wire["body"]), wire["seq"], wire["attempt"],
+                   wire["delivery_count"], wire.get("databus") or {}, session=session, blobs=blobs)
+
+    @classmethod
+    def from_record(cls, record: tuple[int, int, int, str, dict[str, str], bytes, int, bytes], *, session: str = "",
+                    blobs: _BlobAccess | None = None) -> "WorkerMessage":
+        """A message of a binary take answer (``take-frames``, ``core.decode_take``)."""
+        seq, attempt, count, msg_id, headers, body, _expiry, extra = record
+        # extra is the JSON of the databus blobs the message names, empty when it names none
+        return cls(msg_id, headers, body, seq, attempt, count, orjson.loads(extra) if extra else None,
+                   session=session, blobs=blobs)
 
     def _cleanup(self) -> None:
         """The handler returned: downloads made for ``.path`` go."""
@@ -475,6 +492,11 @@ class _Protocol:
         self.last_answer = 0.0  # loop time of the last answer (every call renews the lease)
 
     async def call(self, *segments: str) -> dict[str, Any]:
+        result: dict[str, Any] = orjson.loads(await self.call_raw(*segments))
+        return result
+
+    async def call_raw(self, *segments: str) -> bytes:
+        """The answer's body of a call (200), unparsed."""
         text = _PREFIX + "/".join(_seg(s) for s in segments)
         block = b""
         if self.signer is not None:
@@ -483,8 +505,7 @@ class _Protocol:
         self.last_answer = asyncio.get_running_loop().time()
         if response.status != 200:
             raise _Refused(response.status, response.reason)
-        result: dict[str, Any] = orjson.loads(response.body)
-        return result
+        return bytes(response.body)
 
 
 class Worker:
@@ -522,6 +543,7 @@ class Worker:
         self._proto = _Protocol(url, capacity + 2, wait, signer)
         self._blobs = _BlobAccess(_base_url(url), self._proto.client.ssl, wait + 30.0, blob_dir, download_dir, signer)
         self._threads: _HandlerThreads | None = None  # a sync handler's threads
+        self._frames = True  # takes answered in the binary layout (False: the distributor is older)
         self.session: str | None = None
         self._tasks: set[asyncio.Future[Any]] = set()  # async handlers running (one per busy slot)
         self._sync_running = 0  # messages given to the sync handler's threads, not finished yet
@@ -570,8 +592,7 @@ class Worker:
                 if self._draining:
                     break
                 try:
-                    answer = await self._proto.call("take", self.session or "", str(int(self.wait * 1000)),
-                                                    ",".join(map(str, sorted(self._held))))
+                    stop, messages = await self._take()
                 except _Refused as exc:
                     if exc.status == 404:
                         self.session = None  # the distributor forgot us (restart, or we lapsed)
@@ -583,13 +604,14 @@ class Worker:
                     log.warning("distributor unreachable: %s", exc)
                     await asyncio.sleep(_RETRY_DELAY)
                     continue
-                for wire in answer["messages"]:
-                    self._held[wire["seq"]] += 1
-                    session = self.session or ""
-                    msg = WorkerMessage(wire, session=session, blobs=self._blobs)
+                session = self.session or ""
+                held = self._held
+                for msg in messages:
+                    held[msg.seq] += 1
+                for msg in messages:
                     self._start(loop, call, session, msg)
                 self.max_in_flight = max(self.max_in_flight, self.in_flight)
-                if answer["stop"]:
+                if stop:
                     log.info("worker %r drained by the distributor: finishing %d message(s)", self.name, self.in_flight)
                     self._draining = True
             while self._tasks or self._sync_running or self._acks or self._acking:
@@ -615,6 +637,25 @@ class Worker:
             if self._threads is not None:
                 self._threads.close()
             self._blobs.remove_downloads()
+
+    async def _take(self) -> tuple[bool, list[WorkerMessage]]:
+        """Ask for work: ``(stop, messages)``. In the binary layout (``take-frames``), unless the
+        distributor is a gwcore that does not know it yet: then in JSON (``take``) from then on."""
+        session = self.session or ""
+        args = (session, str(int(self.wait * 1000)), ",".join(map(str, sorted(self._held))))
+        if self._frames:
+            try:
+                stop, records = core.decode_take(await self._proto.call_raw("take-frames", *args))
+            except _Refused as exc:
+                if exc.status != 404 or "no worker operation" not in str(exc):
+                    raise
+                log.info("the distributor at %s answers takes in JSON only (an older gwcore)", self.url)
+                self._frames = False
+            else:
+                return stop, [WorkerMessage.from_record(r, session=session, blobs=self._blobs) for r in records]
+        answer = await self._proto.call("take", *args)
+        return bool(answer["stop"]), [WorkerMessage.from_json(w, session=session, blobs=self._blobs)
+                                      for w in answer["messages"]]
 
     async def _enlist(self) -> bool:
         try:

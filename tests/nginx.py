@@ -49,11 +49,17 @@ class Nginx:
     failover settings of docs/deployment.md ("nginx in front")."""
 
     def __init__(self, directory: str, port: int, upstreams: list[int], tries: int = 2, repeat: int = 1,
-                 upstream_defaults: bool = False) -> None:
+                 upstream_defaults: bool = False, prefix: list[str] | None = None,
+                 log_buffer: str | None = None) -> None:
         """:param tries: proxy_next_upstream_tries (0: every upstream, the selected-mode setting).
         :param repeat: list every upstream this many times (selected mode: 2, docs/deployment.md).
         :param upstream_defaults: leave nginx's own upstream protocol (HTTP/1.0, no kept-alive
-            connections) instead of the documented HTTP/1.1 with keepalive."""
+            connections) instead of the documented HTTP/1.1 with keepalive.
+        :param prefix: a command nginx is started under (the benchmarks' ``taskset -c N``).
+        :param log_buffer: buffer the access log (e.g. ``"256k"``, written out at least every 5 s
+            and at stop) instead of a write per request: the benchmarks, which read it after."""
+        self.log_buffer = log_buffer
+        self.prefix = list(prefix or ())
         self.upstream_defaults = upstream_defaults
         self.tries = tries
         self.repeat = repeat
@@ -68,13 +74,14 @@ class Nginx:
                          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=0;" for p in self.upstreams * self.repeat)
         user = f"user {getpass.getuser()};\n" if os.geteuid() == 0 else ""
+        buffered = f" buffer={self.log_buffer} flush=5s" if self.log_buffer else ""
         keepalive = "" if self.upstream_defaults else "\n        keepalive 512;\n        keepalive_timeout 10s;"
         return f"""{user}worker_processes 1;
 events {{ worker_connections 1024; }}
 http {{
 {temp}
     log_format failover '{LOG_FORMAT}';
-    access_log {self.access_log} failover;
+    access_log {self.access_log} failover{buffered};
     upstream gwcore_nodes {{
 {servers}{keepalive}
     }}
@@ -94,8 +101,8 @@ http {{
         conf = os.path.join(self.dir, "nginx.conf")
         with open(conf, "w") as f:
             f.write(self.config())
-        directives = f"daemon off; pid {self.dir}/nginx.pid; error_log {self.dir}/error.log;"
-        self.proc = subprocess.Popen([binary, "-p", self.dir, "-c", conf, "-g", directives],
+        directives = f"daemon off; pid {self.dir}/nginx.pid; error_log {self.dir}/error.log warn;"
+        self.proc = subprocess.Popen(self.prefix + [binary, "-p", self.dir, "-c", conf, "-g", directives],
                                      stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "stderr.log"), "ab"))
         wait_listening(self.proc, self.port, timeout, "nginx", self.errors)
         return self

@@ -15,7 +15,12 @@ how fast B's messages are *handled* (empty handlers):
     (capacity ``--capacity`` each, empty handlers) take the work through nginx. Rate from the
     sum of ``gwcore_worker_processed_total``.
 
-B runs on ``--server-cpu``; A, nginx and the workers share ``--client-cpu``. The rate is taken
+B runs on ``--server-cpu``; A and nginx share ``--client-cpu``. The workers run on B's CPU, as
+standalone's in-process handlers do: the receiving site's work is on the receiving site's core
+in both kinds, and what distributor mode adds on the way (nginx) is on the other one;
+``--workers-cpu 1`` puts them beside A and nginx instead (the layout before 2026-12-03). Each
+process's CPU time per handled message is reported with the rate (``/proc/<pid>/stat``), and the
+worker calls nginx carried. The rate is taken
 between 10 % and 90 % of the messages handled; the ratio distributor ÷ standalone per round is
 reported with its median and range. Results go to bench/results/ (gitignored).
 
@@ -87,16 +92,46 @@ def _rate(samples: list[tuple[float, float]], n: int) -> float:
     return (hi[1] - lo[1]) / (hi[0] - lo[0])
 
 
-def _watch(b: rl.Server, n: int, timeout: float, counter) -> list[tuple[float, float]]:
-    samples: list[tuple[float, float]] = []
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children that are alive (nginx's workers)."""
+    total = 0.0
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(c) for c in children]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+    return total
+
+
+def _watch(b: rl.Server, n: int, timeout: float, counter,
+           procs: dict[str, int] | None = None) -> list[tuple[float, float, dict[str, float]]]:
+    """Samples of (time, messages handled, CPU seconds per process label) until ``n`` are handled."""
+    samples: list[tuple[float, float, dict[str, float]]] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = counter(b.metrics())
-        samples.append((time.monotonic(), got))
+        samples.append((time.monotonic(), got, {k: _cpu_seconds(v) for k, v in (procs or {}).items()}))
         if got >= n:
             return samples
         time.sleep(0.05)
     raise RuntimeError(f"only {samples[-1][1] if samples else 0:.0f} of {n} messages handled within {timeout} s")
+
+
+def _cpu_per_message(samples: list[tuple[float, float, dict[str, float]]], n: int) -> dict[str, float]:
+    """CPU microseconds per handled message of each process, between 10 % and 90 % of ``n``."""
+    lo = next(s for s in samples if s[1] >= 0.1 * n)
+    hi = next(s for s in samples if s[1] >= 0.9 * n)
+    return {k: round((hi[2][k] - lo[2][k]) / (hi[1] - lo[1]) * 1e6, 1) for k in hi[2]}
 
 
 def run_standalone(cfg: argparse.Namespace, work: Path, template: Path, label: str) -> dict[str, Any]:
@@ -107,13 +142,15 @@ def run_standalone(cfg: argparse.Namespace, work: Path, template: Path, label: s
     a = _sender(cfg, work, template, f"standalone-{label}", b.url)
     try:
         a.start(cfg.ready_timeout)
-        samples = _watch(b, cfg.messages, cfg.timeout, lambda m: m.get("gwcore_consumer_acked_total", 0.0))
+        samples = _watch(b, cfg.messages, cfg.timeout, lambda m: m.get("gwcore_consumer_acked_total", 0.0),
+                         {"B": b.proc.pid, "A": a.proc.pid})
     finally:
         a.stop()
         b.stop()
     rate = _rate(samples, cfg.messages)
-    rl.log(f"  [{label}] standalone : {rate:>10,.0f} msg/s handled (A → B, in-process handler)")
-    return {"rps": rate}
+    cpu = _cpu_per_message(samples, cfg.messages)
+    rl.log(f"  [{label}] standalone : {rate:>10,.0f} msg/s handled (A → B, in-process handler); CPU µs/msg {cpu}")
+    return {"rps": rate, "cpu_us_per_msg": cpu}
 
 
 def run_distributor(cfg: argparse.Namespace, work: Path, template: Path, label: str) -> dict[str, Any]:
@@ -125,7 +162,8 @@ def run_distributor(cfg: argparse.Namespace, work: Path, template: Path, label: 
                                                  "GWCORE_WORKER_KEYS": f"bench:{secret}",
                                                  "GWCORE_WORKER_LISTEN": f"127.0.0.1:{worker_port}"})
     b.start(cfg.ready_timeout)
-    proxy = Nginx(str(work / f"nginx-{label.replace('/', 'of')}"), rl.free_port(), [b.port])
+    proxy = Nginx(str(work / f"nginx-{label.replace('/', 'of')}"), rl.free_port(), [b.port],
+                  prefix=rl.pin(cfg.client_cpu), log_buffer="256k")
     workers: list[subprocess.Popen] = []
     a = None
     try:
@@ -137,14 +175,16 @@ def run_distributor(cfg: argparse.Namespace, work: Path, template: Path, label: 
         env["PYTHONPATH"] = f"{HERE}{os.pathsep}{rl.REPO}"
         for i in range(2):
             workers.append(subprocess.Popen(
-                rl.pin(cfg.client_cpu) + [cfg.python, "-m", "gwcore", "worker", "--distributor", workers_url,
+                rl.pin(cfg.workers_cpu or cfg.server_cpu) + [cfg.python, "-m", "gwcore", "worker", "--distributor", workers_url,
                                           "--capacity", str(cfg.capacity), "--handler", HANDLERS[cfg.handler],
                                           "--name", f"w{i}", "--key-id", "bench", "--secret-file", str(secret)],
                 env=env, cwd=rl.REPO, stdout=subprocess.DEVNULL, stderr=open(work / f"worker{i}.log", "ab")))
         a = _sender(cfg, work, template, f"distributor-{label}", f"{front}{rl.CHANNEL_PATH}")
         a.start(cfg.ready_timeout)
+        procs = {"B": b.proc.pid, "A": a.proc.pid, "nginx": proxy.proc.pid}
+        procs.update({f"w{i}": w.pid for i, w in enumerate(workers)})
         samples = _watch(b, cfg.messages, cfg.timeout, lambda m: sum(
-            v for k, v in m.items() if k.startswith("gwcore_worker_processed_total")))
+            v for k, v in m.items() if k.startswith("gwcore_worker_processed_total")), procs)
     finally:
         if a is not None:
             a.stop()
@@ -158,8 +198,22 @@ def run_distributor(cfg: argparse.Namespace, work: Path, template: Path, label: 
         proxy.stop()
         b.stop()
     rate = _rate(samples, cfg.messages)
-    rl.log(f"  [{label}] distributor: {rate:>10,.0f} msg/s handled (A → nginx → B → 2 workers via {cfg.workers_via})")
-    return {"rps": rate}
+    cpu = _cpu_per_message(samples, cfg.messages)
+    error_log = Path(proxy.dir) / "error.log"
+    spilled = error_log.read_text(errors="replace").count("to a temporary file") if error_log.exists() else 0
+    if spilled:
+        rl.log(f"  [{label}] nginx wrote {spilled} upstream answers to temporary files")
+    calls: dict[str, int] = {}
+    if cfg.workers_via == "nginx" and os.path.exists(proxy.access_log):
+        with open(proxy.access_log) as f:
+            for line in f:
+                uri = line.rstrip("\n").rpartition("|")[2]
+                kind = uri.split("/")[3] if uri.startswith("/.gwcore/worker/") else "submit"
+                calls[kind] = calls.get(kind, 0) + 1
+        rl.log(f"  [{label}] calls through nginx: {calls}")
+    rl.log(f"  [{label}] distributor: {rate:>10,.0f} msg/s handled (A → nginx → B → 2 workers via {cfg.workers_via})"
+           f"; CPU µs/msg {cpu}")
+    return {"rps": rate, "cpu_us_per_msg": cpu, "calls": calls}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--messages", type=int, default=100_000)
     p.add_argument("--capacity", type=int, default=64, help="capacity of each of the 2 workers (default 64)")
     p.add_argument("--send-concurrency", type=int, default=256, help="GWCORE_SEND_CONCURRENCY of A")
-    p.add_argument("--client-cpu", default="1", help="CPU of A, nginx and the workers (default 1)")
+    p.add_argument("--client-cpu", default="1", help="CPU of A and nginx (default 1)")
+    p.add_argument("--workers-cpu", default=None,
+                   help="CPU of the workers (default: --server-cpu, where standalone runs its handlers)")
     s2s.add_common_options(p)
     return p
 
@@ -267,10 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"scenario": cfg.scenario, "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
                "ratio_max": max(ratios), f"{base}_median": statistics.median(r[base]["rps"] for r in rounds),
                f"{other}_median": statistics.median(r[other]["rps"] for r in rounds)}
-    setup = (f"2 workers of capacity {cfg.capacity} (via {cfg.workers_via}); empty {cfg.handler} handlers." if cfg.scenario == "mode" else
+    setup = (f"2 workers of capacity {cfg.capacity} (via {cfg.workers_via}, on CPU "
+             f"{cfg.workers_cpu or cfg.server_cpu}); empty {cfg.handler} handlers; nginx on CPU {cfg.client_cpu}." if cfg.scenario == "mode" else
              "distributor mode, no workers: the rate of accepted submits.")
     lines = [
-        f"Node B on CPU {cfg.server_cpu}; sender{', nginx and workers' if cfg.scenario == 'mode' else ''} on CPU "
+        f"Node B on CPU {cfg.server_cpu}; sender{' and nginx' if cfg.scenario == 'mode' else ''} on CPU "
         f"{cfg.client_cpu}; {cfg.rounds} rounds of {cfg.messages:,} messages ({cfg.body_size} bytes); {setup}",
         "",
         f"| | {base} msg/s | {other} msg/s | {compared} |",

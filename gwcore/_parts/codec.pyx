@@ -275,9 +275,14 @@ cdef str _take_str(_Reader* r, str what):
 cdef int _envelope_start(_Reader* r, const unsigned char[::1] view, uint64_t* accepted_ms,
                          uint64_t* expiry_ms) except -1:
     # Points r at the envelope in view, checks magic and version, reads the two times.
-    cdef const unsigned char* head
     r.left = view.shape[0]
     r.p = &view[0] if r.left else <const unsigned char*>b""
+    return _envelope_begin(r, accepted_ms, expiry_ms)
+
+
+cdef int _envelope_begin(_Reader* r, uint64_t* accepted_ms, uint64_t* expiry_ms) except -1:
+    # r points at an envelope (and at nothing after it): checks magic and version, reads the times.
+    cdef const unsigned char* head
     head = _take(r, 3, "the preamble")
     if head[0] != MAGIC_G or head[1] != MAGIC_W:
         raise FramingError("not a gwcore envelope (bad magic)")
@@ -288,22 +293,108 @@ cdef int _envelope_start(_Reader* r, const unsigned char[::1] view, uint64_t* ac
     return 0
 
 
-def decode_envelope(framed):
-    cdef const unsigned char[::1] view = framed
-    cdef _Reader r
+cdef tuple _decode_envelope(_Reader* r):
+    # r points at exactly one envelope: (id, headers, body, expiry_ms, accepted_ms)
     cdef uint64_t accepted_ms, expiry_ms, body_n
     cdef uint32_t count, i
     cdef dict headers = {}
     cdef str id, name
     cdef bytes body
-    _envelope_start(&r, view, &accepted_ms, &expiry_ms)
-    id = _take_str(&r, "the id")
-    count = _get_u32(_take(&r, 4, "the header count"))
+    _envelope_begin(r, &accepted_ms, &expiry_ms)
+    id = _take_str(r, "the id")
+    count = _get_u32(_take(r, 4, "the header count"))
     for i in range(count):
-        name = _take_str(&r, "a header name")
-        headers[name] = _take_str(&r, "a header value")
-    body_n = _get_u64(_take(&r, 8, "the body length"))
-    body = PyBytes_FromStringAndSize(<const char*>_take(&r, body_n, "the body"), <Py_ssize_t>body_n)
+        name = _take_str(r, "a header name")
+        headers[name] = _take_str(r, "a header value")
+    body_n = _get_u64(_take(r, 8, "the body length"))
+    body = PyBytes_FromStringAndSize(<const char*>_take(r, body_n, "the body"), <Py_ssize_t>body_n)
     if r.left:
         raise FramingError(f"{r.left} unexpected bytes after the envelope body")
     return id, headers, body, expiry_ms, accepted_ms
+
+
+def decode_envelope(framed):
+    cdef const unsigned char[::1] view = framed
+    cdef _Reader r
+    r.left = view.shape[0]
+    r.p = &view[0] if r.left else <const unsigned char*>b""
+    return _decode_envelope(&r)
+
+
+# ---------------------------------------------------------------------------------------------
+# take answers: the stored envelopes a distributor hands a worker, in one buffer (no JSON, no
+# base64: the worker decodes each envelope as the store holds it)
+
+def encode_take(list records not None, bint stop):
+    """``records`` of ``(seq, attempt, delivery_count, envelope bytes, extra bytes)`` -> a take
+    answer (layout in _dedup.pyx)."""
+    cdef Py_ssize_t total = TAKE_HEAD, n = len(records), framed_n, extra_n
+    cdef tuple rec
+    cdef bytes framed, extra, out
+    cdef unsigned char* w
+    if n > MAX_U32:
+        raise FramingError("too many records for a take answer")
+    for rec in records:
+        framed_n = _u32_len(PyBytes_GET_SIZE(<bytes?>rec[3]), "an envelope")
+        extra_n = _u32_len(PyBytes_GET_SIZE(<bytes?>rec[4]), "a record's extra")
+        total += TAKE_RECORD_FIXED + framed_n + extra_n
+    out = PyBytes_FromStringAndSize(NULL, total)
+    w = <unsigned char*>PyBytes_AS_STRING(out)
+    w[0] = MAGIC_G
+    w[1] = MAGIC_T
+    w[2] = TAKE_VERSION
+    w[3] = TAKE_STOP if stop else 0
+    w = _put_u32(w + 4, <uint32_t>n)
+    for rec in records:
+        framed = rec[3]
+        extra = rec[4]
+        w = _put_u64(w, <uint64_t>rec[0])
+        w = _put_u32(w, <uint32_t>rec[1])
+        w = _put_u32(w, <uint32_t>rec[2])
+        w = _put_text(w, PyBytes_AS_STRING(framed), PyBytes_GET_SIZE(framed))
+        w = _put_text(w, PyBytes_AS_STRING(extra), PyBytes_GET_SIZE(extra))
+    if w != <unsigned char*>PyBytes_AS_STRING(out) + total:
+        raise InternalError("take answer size computed wrongly")
+    return out
+
+
+def decode_take(data):
+    """A take answer -> ``(stop, [(seq, attempt, delivery_count, id, headers, body, expiry_ms,
+    extra bytes), ...])``; :class:`FramingError` for anything but one whole, well-formed answer."""
+    cdef const unsigned char[::1] view = data
+    cdef _Reader r, env
+    cdef const unsigned char* head
+    cdef uint32_t count, i, n
+    cdef uint64_t seq
+    cdef uint32_t attempt, deliveries
+    cdef tuple decoded
+    cdef list out = []
+    cdef bint stop
+    r.left = view.shape[0]
+    r.p = &view[0] if r.left else <const unsigned char*>b""
+    head = _take(&r, 4, "the take answer's preamble")
+    if head[0] != MAGIC_G or head[1] != MAGIC_T:
+        raise FramingError("not a gwcore take answer (bad magic)")
+    if head[2] != TAKE_VERSION:
+        raise FramingError(f"unsupported take answer version {head[2]}")
+    if head[3] & ~TAKE_STOP:
+        raise FramingError(f"unknown take answer flags {head[3]:#x}")
+    stop = head[3] & TAKE_STOP
+    count = _get_u32(_take(&r, 4, "the record count"))
+    if <uint64_t>count * TAKE_RECORD_FIXED > <uint64_t>r.left:
+        raise FramingError(f"take answer truncated: {count} records cannot fit in {r.left} bytes")
+    for i in range(count):
+        seq = _get_u64(_take(&r, 8, "a record's seq"))
+        attempt = _get_u32(_take(&r, 4, "a record's attempt"))
+        deliveries = _get_u32(_take(&r, 4, "a record's delivery count"))
+        n = _get_u32(_take(&r, 4, "a record's envelope length"))
+        env.p = _take(&r, n, "a record's envelope")
+        env.left = n
+        decoded = _decode_envelope(&env)
+        n = _get_u32(_take(&r, 4, "a record's extra length"))
+        head = _take(&r, n, "a record's extra")
+        out.append((seq, attempt, deliveries, decoded[0], decoded[1], decoded[2], decoded[3],
+                    PyBytes_FromStringAndSize(<const char*>head, n)))
+    if r.left:
+        raise FramingError(f"{r.left} unexpected bytes after the take answer's last record")
+    return stop, out

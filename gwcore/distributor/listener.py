@@ -25,12 +25,18 @@ from typing import TYPE_CHECKING, Any, Awaitable
 from .._core import core
 from ..httphead import ascii_reason, render_head
 
-__all__ = ("FileAnswer", "WorkerCalls")
+__all__ = ("FileAnswer", "Octets", "WorkerCalls")
 
 # What a connection answers is the HTTP front end's, and is logged under its name.
 log = logging.getLogger("gwcore.http")
 
 _OCTETS = b"application/octet-stream"
+
+
+class Octets(bytes):
+    """A worker call's answer that is binary (``application/octet-stream``), not JSON."""
+
+    __slots__ = ()
 
 
 class FileAnswer:
@@ -97,6 +103,8 @@ class WorkerCalls(core.ConnectionCore):
                 self._refuse(slot, reason, None, count=False)
             elif isinstance(body, FileAnswer):
                 self._answer_file(slot, status, reason, body)
+            elif isinstance(body, Octets):
+                self._answer(slot, status, reason, body=body, content_type=_OCTETS, count=False)
             else:
                 self._answer(slot, status, reason, body=body or None, count=False)
 

@@ -7,7 +7,9 @@ too; the listener routes its paths to :meth:`WorkerProtocol.handle` (the gateway
 checked before anything is handed out, taken back or deleted; a session belongs to the key that
 enlisted it. The request parser keeps no body or query string for paths that are not channels,
 so every parameter travels as a percent-encoded path segment; answers are JSON, but for a databus
-blob, whose file the listener streams (:class:`gwcore.distributor.listener.FileAnswer`).
+blob, whose file the listener streams (:class:`gwcore.distributor.listener.FileAnswer`), and for
+``take-frames``, the binary take answer built by the core (``core.encode_take``: the stored
+envelopes as they are, no JSON or base64), which gwcore's own workers ask for.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from typing import Any, Awaitable, Callable
 import orjson
 
 from .. import auth, databus
+from .._core import core
 from ..consumer import Message
 from ..errors import AuthenticationError, ConfigurationError, UnknownSessionError
-from .listener import FileAnswer
+from .listener import FileAnswer, Octets
 from .scheduler import Distributor, _Refusal
 
 __all__ = ("WorkerProtocol", "WORKER_PREFIX", "check_channels", "Answer")
@@ -36,8 +39,10 @@ WORKER_PREFIX = b"/.gwcore/worker/"
 _MAX_REASON = 2000
 _BLOB_KEY = re.compile(r"[0-9a-f]{32}")
 
-#: (status, reason, JSON body), or for a blob a :class:`FileAnswer` as the body.
+#: (status, reason, JSON body), for a blob a :class:`FileAnswer` as the body, for a binary take
+#: answer :class:`Octets`.
 Answer = tuple[int, str, "bytes | FileAnswer"]
+_DATABUS_MARK = databus.DATABUS_PREFIX.encode("utf-8")
 _STOPPING: Answer = (503, "Service Unavailable: the distributor is stopping", b"")
 
 
@@ -94,7 +99,7 @@ class WorkerProtocol:
             return self._refused(exc)
         except ValueError as exc:
             return 400, f"Bad Request: {exc}", b""
-        return 200, "OK", orjson.dumps(result)
+        return 200, "OK", result if isinstance(result, Octets) else orjson.dumps(result)
 
     def blob(self, sid: str, key: str, worker_key: str | None = None) -> Answer:
         """One databus blob for a worker: the file, opened, to be streamed by the listener.
@@ -158,19 +163,33 @@ def _names_blob(msg: Message, key: str) -> bool:
     return any(value == key and name.startswith(databus.DATABUS_PREFIX) for name, value in msg.headers.items())
 
 
-def _wire(d: Distributor, msg: Message, count: int) -> dict[str, Any]:
-    wire = {"seq": msg.seq, "id": msg.id, "headers": msg.headers, "body": base64.b64encode(msg.body).decode("ascii"),
-            "attempt": msg.attempt, "delivery_count": count, "redelivered": count > 1}
-    blobs = {}
+def _blobs(d: Distributor, msg: Message) -> dict[str, Any]:
+    """What a worker needs to know of the databus blobs *msg* names: header name -> key, size and
+    digests, or None for a blob that expired before the message was handed out (reading it is a
+    404). Most messages name none: their envelope does not even hold the prefix."""
+    blobs: dict[str, Any] = {}
+    if _DATABUS_MARK not in msg.framed:
+        return blobs
     for name, key in msg.headers.items():
         if name.startswith(databus.DATABUS_PREFIX) and _BLOB_KEY.fullmatch(key):
             info = databus.blob_info(d.store, key)
-            # None: the blob expired before the message was handed out (reading it is a 404)
             blobs[name] = None if info is None else {"key": key, "size": info.size, "sha256": info.sha256,
                                                      "md5": info.md5}
+    return blobs
+
+
+def _wire(d: Distributor, msg: Message, count: int) -> dict[str, Any]:
+    wire = {"seq": msg.seq, "id": msg.id, "headers": msg.headers, "body": base64.b64encode(msg.body).decode("ascii"),
+            "attempt": msg.attempt, "delivery_count": count, "redelivered": count > 1}
+    blobs = _blobs(d, msg)
     if blobs:
         wire["databus"] = blobs
     return wire
+
+
+def _record(d: Distributor, msg: Message, count: int) -> tuple[int, int, int, bytes, bytes]:
+    blobs = _blobs(d, msg)
+    return msg.seq, msg.attempt, count, msg.framed, orjson.dumps(blobs) if blobs else b""
 
 
 async def _op_enlist(d: Distributor, args: list[str], alive: Callable[[], bool], key: str | None) -> dict[str, Any]:
@@ -181,11 +200,21 @@ async def _op_enlist(d: Distributor, args: list[str], alive: Callable[[], bool],
     return {"session": s.id, "lease": d.lease, "max_wait": d.max_wait}
 
 
-async def _op_take(d: Distributor, args: list[str], alive: Callable[[], bool], key: str | None) -> dict[str, Any]:
+async def _take(d: Distributor, args: list[str], alive: Callable[[], bool],
+                key: str | None) -> tuple[list[tuple[Message, int]], bool]:
     wait = _positive(args[1], "wait (milliseconds)") / 1000.0
     held = {_positive(x, "seq") for x in args[2].split(",") if x}
-    batch, stop = await d.take(args[0], wait, alive, held, key)
+    return await d.take(args[0], wait, alive, held, key)
+
+
+async def _op_take(d: Distributor, args: list[str], alive: Callable[[], bool], key: str | None) -> dict[str, Any]:
+    batch, stop = await _take(d, args, alive, key)
     return {"messages": [_wire(d, m, c) for m, c in batch], "stop": stop}
+
+
+async def _op_take_frames(d: Distributor, args: list[str], alive: Callable[[], bool], key: str | None) -> Octets:
+    batch, stop = await _take(d, args, alive, key)
+    return Octets(core.encode_take([_record(d, m, c) for m, c in batch], stop))
 
 
 async def _op_ack(d: Distributor, args: list[str], alive: Callable[[], bool], key: str | None) -> dict[str, Any]:
@@ -210,11 +239,12 @@ async def _op_leave(d: Distributor, args: list[str], alive: Callable[[], bool], 
     return {"redelivered": d.leave(args[0], key)}
 
 
-_Op = Callable[[Distributor, list[str], Callable[[], bool], "str | None"], Awaitable[dict[str, Any]]]
+_Op = Callable[[Distributor, list[str], Callable[[], bool], "str | None"], Awaitable["dict[str, Any] | Octets"]]
 # operation -> (number of path arguments, implementation)
 _OPS: dict[str, tuple[int, _Op]] = {
     "enlist": (2, _op_enlist),    # enlist/<name>/<capacity>
-    "take": (3, _op_take),        # take/<session>/<wait ms>/<seqs held>,...
+    "take": (3, _op_take),        # take/<session>/<wait ms>/<seqs held>,...: JSON, base64 bodies
+    "take-frames": (3, _op_take_frames),  # the same, answered in the binary layout (core.encode_take)
     "ack": (2, _op_ack),          # ack/<session>/<seq>,<seq>,...
     "nack": (3, _op_nack),        # nack/<session>/<seq>/<reason>
     "drain": (1, _op_drain),      # drain/<session or worker name>
