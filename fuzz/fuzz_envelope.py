@@ -6,7 +6,8 @@ Input layout (tests/fuzz_corpus/envelope/; fuzz/seeds.py writes the seeds), by b
 * 0, raw: the rest is a stored envelope, maybe damaged. ``decode_envelope`` must return
   ``(str, dict[str, str], bytes, int, int)`` or raise ``FramingError`` (never another error, never
   a read past the input) and agree with tests/reference_impl.py; ``encode_submit`` must raise
-  ``FramingError`` where the format is broken and otherwise give the id, body, expiry and header
+  ``FramingError`` where the format is broken; ``decode_take`` of the input, and of a one-record take
+  answer holding it, must agree with ``decode_envelope`` (``check_take``) and otherwise give the id, body, expiry and header
   block ``gwcore.egress.wire_headers`` gives for it; what decodes re-encodes to a form that
   decodes the same (to the same bytes when no header name repeats).
 * 1, built: bit 1 how bytes become text (invalid UTF-8 as U+FFFD, or as lone surrogates), bit 2
@@ -57,6 +58,19 @@ def header_count(framed: bytes) -> int:
     return struct.unpack_from(">I", framed, 23 + id_n)[0]
 
 
+def check_take(framed: bytes, decoded: tuple) -> None:
+    """The take answer codec: the input itself as an answer is refused with FramingError or read;
+    the input as the envelope of a one-record answer decodes as decode_envelope decodes it."""
+    whole = attempt(_dedup.decode_take, framed)
+    expect(whole[0] == "ok" or whole[1] is FramingError, "decode_take raised something else than FramingError", whole)
+    inner = attempt(_dedup.decode_take, _dedup.encode_take([(7, 1, 2, framed, b"x")], True))
+    if decoded[0] == "raised":
+        expect(inner[0] == "raised" and inner[1] is FramingError, "a take answer held a broken envelope", inner)
+    else:
+        expect(inner == ("ok", (True, [(7, 1, 2) + decoded[1][:4] + (b"x",)])),
+               "decode_take of one record and decode_envelope disagree", decoded, inner)
+
+
 def check_raw(framed: bytes) -> None:
     got = attempt(_dedup.decode_envelope, framed)
     want = attempt(ref.decode_envelope, framed)
@@ -68,6 +82,7 @@ def check_raw(framed: bytes) -> None:
                and type(accepted_ms) is int and all(type(k) is str and type(v) is str for k, v in headers.items()),
                "decode_envelope's types", got)
     expect(got == want, "decode_envelope and tests/reference_impl.py disagree", want, got)
+    check_take(framed, got)
 
     submit = attempt(_dedup.encode_submit, framed)
     if submit[0] == "raised":
