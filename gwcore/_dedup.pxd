@@ -41,6 +41,23 @@ cdef class Envelope:
         readonly tuple databus
 
 
+cdef class Batch:
+    # A gwcore batch request (the gwcore-Batch header, docs/protocol.md "Batches between gwcore
+    # sites"): its body still to be split into messages by Framer.frame_batch, and what a
+    # signature check needs (as an Envelope has them; id is "" so that a signature is checked).
+    cdef:
+        readonly str version                # the gwcore-Batch header's value
+        readonly bytes body
+        readonly str id
+        readonly object callback            # always None: a batch has no JSONP form
+        readonly str auth_date
+        readonly str auth_signature
+        readonly str method
+        readonly str target
+        readonly bytes auth_headers
+        readonly str content_digest
+
+
 cdef class Rejection:
     cdef:
         readonly int status
@@ -128,6 +145,7 @@ cdef class Framer:
     cdef Rejection _reject_known(self, int status, str reason, object callback,
                                  const Py_ssize_t* found, bytes body)
     cdef str _value_or_none(self, Py_ssize_t span)
+    cdef object _batch(self, Py_ssize_t version, bytes body, bint streamed)
     cdef bytes _signed_headers(self, Py_ssize_t first, Py_ssize_t end)
     cdef tuple _databus_names(self, Py_ssize_t first, Py_ssize_t end, bint gateway)
     cdef object _databus_part(self, const Py_ssize_t* found, bytes body, bint streamed,

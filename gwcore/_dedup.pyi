@@ -176,6 +176,41 @@ class Envelope:
         """A copy with another :attr:`framed` (the writer's rewrite of databus header values)."""
 
 @disjoint_base
+class Batch:
+    """A gwcore batch request (``gwcore-Batch`` header), framed no further: its messages are
+    framed by :meth:`Framer.frame_batch` once its signature and limits hold."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        """Always raises TypeError: batches are made only by :meth:`Framer.frame`."""
+    @property
+    def version(self) -> str:
+        """The ``gwcore-Batch`` header's value (``"1"``)."""
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def id(self) -> str:
+        """Always ``""`` (what a signature check reads for a request's id)."""
+    @property
+    def callback(self) -> None: ...
+    @property
+    def auth_date(self) -> str | None: ...
+    @property
+    def auth_signature(self) -> str | None: ...
+    @property
+    def method(self) -> str | None: ...
+    @property
+    def target(self) -> str | None: ...
+    @property
+    def auth_headers(self) -> bytes | None: ...
+    @property
+    def content_digest(self) -> str | None: ...
+
+def encode_batch(messages: list[tuple[bytes, bytes]]) -> bytes:
+    """A batch body of ``(header block, body)`` messages: ``b"GB"``, version ``1``, flags ``0``,
+    u32 count; per message u32 length + the block (``Name: value\r\n`` lines, as the message's
+    own request carries them), u64 length + the body; all big-endian."""
+
+@disjoint_base
 class Rejection:
     """A request the framer refused: answer it with ``status`` and ``reason``."""
 
@@ -264,8 +299,9 @@ class Framer:
         """Requests rejected."""
     def frame(
         self, headers: list[bytes] | list[Buffer], body: Buffer, query: Buffer | None, now_ms: int
-    ) -> Envelope | Rejection:
-        """Validate one request and build its envelope.
+    ) -> Envelope | Rejection | Batch:
+        """Validate one request and build its envelope (a :class:`Batch` when the request has a
+        ``gwcore-Batch`` header: its messages are framed by :meth:`frame_batch`).
 
         :param headers: flat ``[name0, value0, name1, value1, ...]`` of the raw header bytes as
             an HTTP parser delivered them (still URL-encoded).
@@ -281,6 +317,16 @@ class Framer:
             the prefix plus the top-level ``NServiceBus.CorrelationId``, and expire after their
             ``NServiceBus.TimeToBeReceived`` (at least 1 s); other messages keep every header.
         :raises gwcore.errors.InternalError: *headers* has an odd length.
+        """
+    def frame_batch(self, body: bytes, now_ms: int, max_messages: int) -> list[Envelope | Rejection]:
+        """The messages of a batch body (:func:`encode_batch`'s layout), each framed as its own
+        request would be by :meth:`frame`, in order; a message that is not a ``SingleCallSubmit``
+        (a databus part, a batch) is a 400 :class:`Rejection` of its own.
+
+        :raises gwcore.errors.FramingError: not one whole batch (truncated, trailing bytes, bad
+            magic, version or flags, a count the bytes cannot hold, a header line that is not
+            ``name: value`` CRLF).
+        :raises ValueError: more than *max_messages* messages.
         """
 
 @disjoint_base

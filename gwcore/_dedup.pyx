@@ -74,6 +74,21 @@ cdef enum:
     TAKE_HEAD = 2 + 1 + 1 + 4
     TAKE_RECORD_FIXED = 8 + 4 + 4 + 4 + 4               # plus the envelope and the extra
 
+    # A batch between gwcore sites (docs/protocol.md, "Batches between gwcore sites"), the body
+    # of a POST with a gwcore-Batch: 1 header:
+    #   b"GB"  magic
+    #   u8     version (1)
+    #   u8     flags (0)
+    #   u32 BE message count, then per message:
+    #     u32 BE length + its header block: "Name: value\r\n" lines exactly as the message's own
+    #     request would carry them (values URL-encoded, Content-MD5 included)
+    #     u64 BE length + its body
+    # and nothing after the last body.
+    MAGIC_B = 0x42
+    BATCH_VERSION = 1
+    BATCH_HEAD = 2 + 1 + 1 + 4
+    BATCH_MESSAGE_FIXED = 4 + 8                         # plus the header block and the body
+
     # .NET TimeSpan limits, in 100 ns ticks.
     TICKS_PER_MS = 10000
     MAX_TIMESPAN_DAYS = 10675199
@@ -92,6 +107,7 @@ cdef enum:
     CTL_AUTH_SIGNATURE
     CTL_DATABUS_KEY                     # looked up for SingleCallDatabusProperty only
     CTL_CONTENT_DIGEST                  # likewise (RFC 9530 Content-Digest, docs/databus.md)
+    CTL_BATCH                           # gwcore-Batch: a batch between gwcore sites
     ALL_CONTROLS
 
     # What a folded header name contains (_Span.marks).
@@ -120,6 +136,7 @@ cdef tuple CONTROL_NAMES = (
     b"nservicebus.id", b"nservicebus.calltype", b"content-md5", b"nservicebus.gateway",
     b"nservicebus.correlationid", b"nservicebus.timetobereceived",
     b"gwcore-date", b"gwcore-signature", b"nservicebus.gateway.databuskey", b"content-digest",
+    b"gwcore-batch",
 )
 cdef _Name CONTROLS[ALL_CONTROLS]
 

@@ -442,6 +442,9 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "GWCORE_DEDUP_TTL": ("dedup_ttl", _positive_duration, "7d"),
     "GWCORE_DEDUP_CLEANUP_SLICE": ("dedup_cleanup_slice", _positive_int, "2000"),
     "GWCORE_MAX_BODY": ("max_body", _positive_size, "16MiB"),
+    "GWCORE_MAX_BATCH_MESSAGES": ("max_batch_messages", _positive_int, "1000"),
+    "GWCORE_MAX_BATCH_BYTES": ("max_batch_bytes", _positive_size, "4MiB"),
+    "GWCORE_SEND_BATCH": ("send_batch", _parse_bool, "1"),
     "GWCORE_MAX_BLOB": ("max_blob", _positive_size, "4GiB"),
     "GWCORE_DATABUS_TTL": ("databus_ttl", _positive_duration, "7d"),
     "GWCORE_BLOB_DIRECT_IO": ("blob_direct_io", _parse_bool, "1"),
@@ -512,6 +515,9 @@ class Settings:
     dedup_ttl: float = 7 * 86400.0
     dedup_cleanup_slice: int = 2000
     max_body: int = 16 << 20
+    max_batch_messages: int = 1000
+    max_batch_bytes: int = 4 << 20
+    send_batch: bool = True
     max_blob: int = 4 << 30
     databus_ttl: float = 7 * 86400.0
     blob_direct_io: bool = True

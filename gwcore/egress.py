@@ -37,8 +37,11 @@ import time
 import uuid
 from typing import Any, Callable, Iterable, Mapping
 
+import orjson
+
 from . import auth, databus
 from ._core import core
+from .batch import BatchLimits, advertised
 from .client import FileBody, SiteClient, make_client_ssl_context
 from .config import Settings, Site
 from .errors import ConfigurationError, GatewayError, SendError, StoreError, UnknownSiteError
@@ -64,6 +67,13 @@ _DATABUS = databus.DATABUS_PREFIX.encode("ascii")
 _SUBMIT_TAIL = b"NServiceBus.Gateway: True\r\n"   # where encode_submit's control lines begin
 _BLOB_MISSING = -1  # a local failure, no request made: permanent
 _READ_AHEAD = 63  # records read along with the one a worker needs
+# A batch to a gwcore receiver (gwcore/batch.py): its request's own header line, the bytes the
+# layout adds to the batch and to each message (to stay within the receiver's byte limit), and
+# how long a receiver that refused a batch gets one message per request.
+_BATCH_LINES = b"gwcore-Batch: 1\r\n"
+_BATCH_HEAD = 8
+_BATCH_PER_MESSAGE = 12
+_BATCH_RETRY_AFTER = 60.0
 _HEADER_PREFIX = "NServiceBus.Header."
 
 
@@ -274,6 +284,31 @@ def retry_failed(store: Store, match: Callable[[int, OutgoingRecord], bool]) -> 
 
 # -- the forwarder ------------------------------------------------------------------------------------
 
+class _Outgoing:
+    """One outgoing record read and made ready to send (``Forwarder._prepare``)."""
+
+    __slots__ = ("seq", "value", "framed", "msg_id", "body", "block")
+
+    def __init__(self, seq: int, value: bytes, framed: memoryview, msg_id: str, body: bytes, block: bytes) -> None:
+        self.seq = seq
+        self.value = value
+        self.framed = framed
+        self.msg_id = msg_id
+        self.body = body
+        self.block = block
+
+
+def _batch_results(response: Any, n: int) -> list[tuple[int, str]] | None:
+    """``(status, reason)`` per message of a batch's 200 answer, or None when it is not one
+    outcome per message of the batch."""
+    try:
+        results = orjson.loads(response.body)["results"]
+        out = [(int(r["status"]), str(r.get("reason", ""))) for r in results]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return out if len(out) == n else None
+
+
 class _Ready:
     """The due records of one destination, in order: a deque plus the workers waiting on it."""
 
@@ -298,6 +333,11 @@ class _Ready:
         self.waiters.append(waiter)
         return await waiter
 
+    def get_more(self, n: int) -> list[int]:
+        """Up to *n* more records that are due now, without waiting."""
+        items = self.items
+        return [items.popleft() for _ in range(min(n, len(items)))]
+
 
 class _Destination:
     def __init__(self, name: str, url: str, site: Site | None, client: SiteClient) -> None:
@@ -311,6 +351,11 @@ class _Destination:
         self.sent = 0
         self.failed_attempts = 0
         self.in_flight = 0
+        #: What the receiver said it takes in one batch (gwcore/batch.py), once a 200 of its
+        #: said so; None: one message per request (NServiceBus, or not known yet).
+        self.batch: BatchLimits | None = None
+        self.batch_refused_until = 0.0  # monotonic: a refused batch, one per request until then
+        self.batches = 0
 
 
 class Forwarder:
@@ -413,21 +458,30 @@ class Forwarder:
 
     async def _work(self, d: _Destination) -> None:
         while True:
-            seq = await d.ready.get()
+            seqs = [await d.ready.get()]
+            if d.batch is not None and self.settings.send_batch:
+                # what else is due goes along: a batch fills from the queue with no waiting
+                seqs += d.ready.get_more(d.batch.messages - 1)
             try:
-                await self._forward(d, seq)
+                if len(seqs) == 1:
+                    await self._forward(d, seqs[0])
+                else:
+                    await self._forward_batch(d, seqs)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a bug: keep the worker alive, try the message again later
-                log.exception("forwarder: unexpected error sending record %d to %s", seq, d.name)
-                self.schedule(seq, d.name, now_ms() + 5000)
+            except Exception:  # a bug: keep the worker alive, try the messages again later
+                log.exception("forwarder: unexpected error sending record(s) %s to %s", seqs[:5], d.name)
+                for seq in seqs:
+                    self.schedule(seq, d.name, now_ms() + 5000)
 
-    async def _forward(self, d: _Destination, seq: int) -> None:
+    async def _prepare(self, d: _Destination, seq: int) -> _Outgoing | None:
+        """The record *seq* ready to send, or None: gone already (a duplicate schedule, or moved
+        by `gwcore retry`), or expired (then removed here)."""
         value = d.cache.pop(seq, None)
         if value is None:
             value = self._read_ahead(d, seq)
         if value is None:
-            return  # already sent (a duplicate schedule), or moved by `gwcore retry`
+            return None
         # Only the attempt count and where the envelope starts: the rest of the record is read
         # when an attempt fails.
         _next, attempt, _n, framed_at = _layout(value)
@@ -441,11 +495,21 @@ class Forwarder:
             log.info("message %s to %s expired (TimeToBeReceived) before it could be sent; discarded", msg_id, d.name)
             self.expired += 1
             await self._commit(seq, d, lambda txn: txn.delete(_U64.pack(seq), db=self.store.outgoing))
-            return
+            return None
+        return _Outgoing(seq, value, framed, msg_id, body, block)
+
+    async def _forward(self, d: _Destination, seq: int) -> None:
+        out = await self._prepare(d, seq)
+        if out is not None:
+            await self._send_one(d, out)
+
+    async def _send_one(self, d: _Destination, out: _Outgoing) -> None:
+        """One message in a request of its own (its databus parts first), as NServiceBus sends."""
+        msg_id, body, block = out.msg_id, out.body, out.block
         parts: list[tuple[bytes, FileBody]] = []
         problem = ""
-        if _DATABUS in value:
-            parts, problem = await self._databus_parts(d, framed, block, msg_id)
+        if _DATABUS in out.value:
+            parts, problem = await self._databus_parts(d, out.framed, block, msg_id)
         if d.site is not None and d.site.secret:
             block += self._signature(d, block, auth.body_digest(body))
         d.in_flight += 1
@@ -458,39 +522,128 @@ class Forwarder:
             status, problem = 0, str(exc)
         finally:
             d.in_flight -= 1
-        if status == 200:
-            d.sent += 1
-            self.sent += 1
-            # Removals of every message delivered in this loop turn go to the writer as one job.
-            if not self._delivered:
-                asyncio.get_running_loop().call_soon(self._flush_delivered)
-            self._delivered.append(seq)
-            return
-        d.failed_attempts += 1
-        rec = decode_outgoing(value)
-        rec.attempt += 1
-        rec.last_error = problem
-        if status in PERMANENT_STATUSES or status == _BLOB_MISSING or rec.attempt > self.settings.retries:
-            why = "refused for good" if status in PERMANENT_STATUSES else f"failed {rec.attempt} times"
-            log.warning("message %s to %s %s (%s): moved to the outgoing error queue", msg_id, d.name, why, problem)
-            self.failed += 1
-            failed = encode_failed(now_ms(), rec)
+        await self._outcome(d, out, status, problem)
 
-            def to_errors(txn: Any) -> None:
+    async def _forward_batch(self, d: _Destination, seqs: list[int]) -> None:
+        """Several due messages: those with databus properties one by one (parts first), the
+        others in batches within the receiver's limits, each message's answer handled as its own
+        request's would be."""
+        assert d.batch is not None
+        limits = d.batch
+        batch: list[_Outgoing] = []
+        size = _BATCH_HEAD
+        for seq in seqs:
+            out = await self._prepare(d, seq)
+            if out is None:
+                continue
+            if _DATABUS in out.value:
+                await self._send_one(d, out)
+                continue
+            n = _BATCH_PER_MESSAGE + len(out.block) + len(out.body)
+            if batch and size + n > limits.bytes:
+                await self._send_batch(d, batch)
+                batch, size = [], _BATCH_HEAD
+            if _BATCH_HEAD + n > limits.bytes:
+                await self._send_one(d, out)  # too big for any batch of this receiver
+                continue
+            batch.append(out)
+            size += n
+        if len(batch) == 1:
+            await self._send_one(d, batch[0])
+        elif batch:
+            await self._send_batch(d, batch)
+
+    async def _send_batch(self, d: _Destination, batch: list[_Outgoing]) -> None:
+        body = core.encode_batch([(out.block, out.body) for out in batch])
+        block = _BATCH_LINES
+        if d.site is not None and d.site.secret:
+            block += self._signature(d, block, auth.body_digest(body))
+        d.in_flight += len(batch)
+        try:
+            response = await d.client.post_block(block, body)
+            status, problem = response.status, f"{response.status} {response.reason}"
+        except SendError as exc:
+            response, status, problem = None, 0, str(exc)
+        finally:
+            d.in_flight -= len(batch)
+        results = _batch_results(response, len(batch)) if status == 200 else None
+        if status == 200 and results is None:
+            status, problem = 502, "502 the batch's answer does not list one outcome per message"
+        if results is not None:
+            d.batches += 1
+            await self._outcomes(d, [(out, one_status, f"{one_status} {reason}")
+                                     for out, (one_status, reason) in zip(batch, results)])
+            return
+        if status in (400, 404, 405, 413, 415, 501):
+            # The receiver does not take this batch as a batch (no longer a gwcore receiver with
+            # batches, or other limits now): one message per request until it says so again.
+            log.warning("batch of %d messages to %s refused (%s): sending them one per request", len(batch), d.name,
+                        problem)
+            d.batch = None
+            d.batch_refused_until = time.monotonic() + _BATCH_RETRY_AFTER
+            for out in batch:
+                await self._send_one(d, out)
+            return
+        # the whole batch failed: each message as if its own request had
+        await self._outcomes(d, [(out, status, problem) for out in batch])
+
+    async def _outcome(self, d: _Destination, out: _Outgoing, status: int, problem: str) -> None:
+        await self._outcomes(d, [(out, status, problem)])
+
+    async def _outcomes(self, d: _Destination, answers: list[tuple[_Outgoing, int, str]]) -> None:
+        """What each message's answer means: delivered (its record goes), a retry later, or the
+        outgoing error queue. The records of the failed ones change in one writer job."""
+        changes: list[tuple[int, bytes, bool]] = []  # (seq, new record, to the error queue)
+        retries: list[tuple[int, int]] = []
+        for out, status, problem in answers:
+            seq = out.seq
+            if status == 200:
+                d.sent += 1
+                self.sent += 1
+                # Removals of every message delivered in this loop turn go to the writer as one job.
+                if not self._delivered:
+                    asyncio.get_running_loop().call_soon(self._flush_delivered)
+                self._delivered.append(seq)
+                continue
+            d.failed_attempts += 1
+            rec = decode_outgoing(out.value)
+            rec.attempt += 1
+            rec.last_error = problem
+            if status in PERMANENT_STATUSES or status == _BLOB_MISSING or rec.attempt > self.settings.retries:
+                why = "refused for good" if status in PERMANENT_STATUSES else f"failed {rec.attempt} times"
+                log.warning("message %s to %s %s (%s): moved to the outgoing error queue", out.msg_id, d.name, why,
+                            problem)
+                self.failed += 1
+                changes.append((seq, encode_failed(now_ms(), rec), True))
+                continue
+            delay = self.settings.retry_delay(rec.attempt)
+            rec.next_ms = now_ms() + int(delay * 1000)
+            log.info("message %s to %s failed (%s); retry %d of %d in %g s", out.msg_id, d.name, problem,
+                     rec.attempt, self.settings.retries, delay)
+            self.retried += 1
+            changes.append((seq, encode_outgoing(rec), False))
+            retries.append((seq, rec.next_ms))
+        if not changes:
+            return
+        store = self.store
+
+        def record(txn: Any) -> None:
+            for seq, value, failed in changes:
                 key = _U64.pack(seq)
-                txn.put(key, failed, db=self.store.outgoing_errors)
-                txn.delete(key, db=self.store.outgoing)
+                if failed:
+                    txn.put(key, value, db=store.outgoing_errors)
+                    txn.delete(key, db=store.outgoing)
+                else:
+                    txn.put(key, value, db=store.outgoing)
 
-            await self._commit(seq, d, to_errors)
-            return
-        delay = self.settings.retry_delay(rec.attempt)
-        rec.next_ms = now_ms() + int(delay * 1000)
-        log.info("message %s to %s failed (%s); retry %d of %d in %g s", msg_id, d.name, problem,
-                 rec.attempt, self.settings.retries, delay)
-        self.retried += 1
-        updated = encode_outgoing(rec)
-        if await self._commit(seq, d, lambda txn: txn.put(_U64.pack(seq), updated, db=self.store.outgoing)):
-            self.schedule(seq, d.name, rec.next_ms)
+        if await self._commit([seq for seq, _v, _f in changes], d, record):
+            for seq, due in retries:
+                self.schedule(seq, d.name, due)
+
+    def _learn(self, d: _Destination, response: Any) -> None:
+        """A 200 from *d*: whether it takes batches, and within which limits."""
+        if d.batch is None and self.settings.send_batch and time.monotonic() >= d.batch_refused_until:
+            d.batch = advertised(response.headers)
 
     def _signature(self, d: _Destination, block: bytes, sha256: str) -> bytes:
         """The lines that sign a request of the header lines *block* and a body of SHA-256
@@ -547,6 +700,8 @@ class Forwarder:
                 if response.status != 200:
                     return response.status, f"{response.status} {response.reason} (databus property)"
             response = await d.client.post_block(block, body)
+            if response.status == 200:
+                self._learn(d, response)
             if response.status == 412 and parts and not again:
                 log.info("message %s to %s: the submit found its databus properties missing (412); "
                          "sending them again now", msg_id, d.name)
@@ -589,14 +744,17 @@ class Forwarder:
             # The sites have these messages; the records stay and go again later (duplicates there).
             log.error("forwarder: cannot remove %d delivered records: %s; they will be sent again", len(seqs), exc)
 
-    async def _commit(self, seq: int, d: _Destination, job: Callable[[Any], Any]) -> bool:
+    async def _commit(self, seqs: int | list[int], d: _Destination, job: Callable[[Any], Any]) -> bool:
         try:
             await self.writer.call(job)
             return True
         except StoreError as exc:
-            # The send happened; the record stays and is sent again later (a duplicate there).
-            log.error("forwarder: cannot record the outcome for record %d to %s: %s; will resend", seq, d.name, exc)
-            self.schedule(seq, d.name, now_ms() + 5000)
+            # The send happened; the records stay and are sent again later (duplicates there).
+            seqs = [seqs] if isinstance(seqs, int) else seqs
+            log.error("forwarder: cannot record the outcome for %d record(s) to %s (first %d): %s; will resend",
+                      len(seqs), d.name, seqs[0], exc)
+            for seq in seqs:
+                self.schedule(seq, d.name, now_ms() + 5000)
             return False
 
     def metrics(self) -> list[tuple[str, int, int, int]]:

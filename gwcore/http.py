@@ -20,14 +20,13 @@ import logging
 import time
 from typing import Any
 
-from . import auth
+from . import auth, batch
 from ._core import core
 from .databus.intake import PartIntake
 from .databus.sink import BlobWriter
 from .distributor.listener import WorkerCalls
 from .distributor.protocol import WORKER_PREFIX
-from .errors import StoreError
-from .httphead import ascii_reason, render_head
+from .httphead import ascii_reason, error_answer, render_head
 
 __all__ = ("HTTPState", "HTTPProtocol", "render_response", "error_answer", "peer_key")
 
@@ -50,6 +49,7 @@ _TOO_MANY_FROM_PEER = ("Service Unavailable: too many connections from your addr
                        "(GWCORE_HTTP_MAX_CONNECTIONS_PER_PEER)")
 _EV_SUBMIT, _EV_OTHER, _EV_CONTINUE = core.EV_SUBMIT, core.EV_OTHER, core.EV_CONTINUE
 _Rejection = core.Rejection
+_Batch = core.Batch
 
 
 def render_response(status: int, reason: str, date: bytes, *, body: bytes | None = None,
@@ -63,16 +63,6 @@ def render_response(status: int, reason: str, date: bytes, *, body: bytes | None
 
 def _jsonp(callback: str, text: str) -> bytes:
     return f"{callback}({{ status: '{text}'}})".encode("ascii", "replace")
-
-
-def error_answer(exc: BaseException, what: str) -> tuple[int, str]:
-    """The status and reason for a request that failed with *exc* inside gwcore: a store or
-    broker that cannot take it now is 503 with its reason (retry later); anything else is a bug,
-    logged, and 502 as NServiceBus answers it."""
-    if isinstance(exc, StoreError):
-        return 503, f"Service Unavailable: {exc}"
-    log.error("%s failed: %r", what, exc, exc_info=exc)
-    return 502, "Unexpected server error"
 
 
 def peer_key(peername: Any) -> str | None:
@@ -156,6 +146,13 @@ class HTTPState(core.ListenerCore):
         self.idle_closed = 0  # idle connections closed for a newcomer at GWCORE_HTTP_MAX_CONNECTIONS
         self.too_slow = 0  # requests cut off below GWCORE_HTTP_MIN_RATE
         self.parts_refused_per_peer = 0  # parts refused at GWCORE_HTTP_MAX_PARTS_PER_PEER
+        # Batches between gwcore sites (gwcore/batch.py): what this receiver takes in one, which
+        # every 200 to a submit advertises, and how many batches and messages in them it answered.
+        self.batch_limits = batch.BatchLimits(settings.max_batch_messages,
+                                              min(settings.max_batch_bytes, settings.max_body))
+        self._advertise = batch.advertise_header(self.batch_limits)
+        self.batches = 0
+        self.batch_messages = 0
         self._sweeper: asyncio.TimerHandle | None = None
 
     def attach(self, *, writer: Any, inbox: Any = _WRITERS_INBOX, blobs: Any = None, worker_api: Any = None,
@@ -194,7 +191,7 @@ class HTTPState(core.ListenerCore):
         return self.unavailable or "Service Unavailable: not the active receiver"
 
     def render_ok(self, date: bytes) -> bytes:
-        return render_response(200, _OK, date)
+        return render_response(200, _OK, date, extra=self._advertise)
 
     def status_counts(self) -> collections.Counter:
         """Answers by HTTP status since start."""
@@ -424,17 +421,23 @@ class HTTPProtocol(PartIntake, WorkerCalls):
             self.held.append((slot, result))
             return
         state = self.state
+        is_batch = type(result) is _Batch
         unavailable = state.not_available()
         if unavailable is not None:
-            if state.hold is not None and state.hold(self, slot, result):
+            # (a batch is not held over a handover: its sender retries it, each message deduplicated)
+            if state.hold is not None and not is_batch and state.hold(self, slot, result):
                 return
             self._answer(slot, 503, unavailable)
             return
         if state.verifier is not None:
-            refused = state.verifier.check(result)
+            refused = (batch.check_signature(state.verifier, result) if is_batch
+                       else state.verifier.check(result))
             if refused is not None:
                 self._answer_check(slot, refused, result.callback)
                 return
+        if is_batch:
+            batch.receive(self, slot, result)
+            return
         if isinstance(result, core.Rejection):
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("request refused: %d %s", result.status, result.reason)

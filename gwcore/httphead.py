@@ -4,7 +4,13 @@ every answer has, and a reason phrase made fit for it."""
 
 from __future__ import annotations
 
-__all__ = ("ascii_reason", "render_head")
+import logging
+
+from .errors import StoreError
+
+__all__ = ("ascii_reason", "render_head", "error_answer")
+
+log = logging.getLogger("gwcore.http")
 
 
 def ascii_reason(text: str) -> str:
@@ -21,3 +27,13 @@ def render_head(status: int, reason: str, date: bytes, length: int, content_type
         status, reason.encode("ascii"), date, content_type, length, extra,
         b"Connection: close\r\n" if close else b"",
     )
+
+
+def error_answer(exc: BaseException, what: str) -> tuple[int, str]:
+    """The status and reason for a request that failed with *exc* inside gwcore: a store or
+    broker that cannot take it now is 503 with its reason (retry later); anything else is a bug,
+    logged, and 502 as NServiceBus answers it."""
+    if isinstance(exc, StoreError):
+        return 503, f"Service Unavailable: {exc}"
+    log.error("%s failed: %r", what, exc, exc_info=exc)
+    return 502, "Unexpected server error"

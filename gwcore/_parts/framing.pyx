@@ -222,6 +222,96 @@ def signing_headers(block):
 # valid UTF-8 after decoding is replaced at once by what errors="replace" makes of it, so names
 # and values compare and get stored exactly as the decoded str values they stand for.
 
+cdef class Batch:
+    def __init__(self, *args, **kwargs):
+        raise TypeError("Batch objects are made by Framer.frame()")
+
+    def __repr__(self):
+        return f"<Batch version={self.version!r} body={len(self.body)}B>"
+
+
+cdef Py_ssize_t _block_lines(const unsigned char* p, Py_ssize_t n) except -1:
+    # Checks a batch message's header block ("Name: value\r\n" lines) and counts its lines.
+    cdef Py_ssize_t i = 0, start, lines = 0
+    cdef bint colon
+    while i < n:
+        start = i
+        colon = False
+        while i < n and p[i] != ASCII_CR:
+            if p[i] == ASCII_LF or p[i] == 0:
+                raise FramingError("a batch message's header line holds a bare LF or a NUL")
+            if p[i] == ASCII_COLON and not colon:
+                colon = True
+                if i == start:
+                    raise FramingError("a batch message's header line has an empty name")
+            i += 1
+        if not colon:
+            raise FramingError("a batch message's header line has no colon")
+        if i + 1 >= n or p[i + 1] != ASCII_LF:
+            raise FramingError("a batch message's header line does not end in CRLF")
+        i += 2
+        lines += 1
+    return lines
+
+
+cdef void _block_spans(const unsigned char* p, Py_ssize_t n, _RawSpan* spans) noexcept:
+    # The (name, value) spans of a block _block_lines checked: the value without the blanks
+    # around it, as an HTTP header's.
+    cdef Py_ssize_t i = 0, start, colon, end, k = 0
+    while i < n:
+        start = i
+        while p[i] != ASCII_COLON:
+            i += 1
+        colon = i
+        end = colon
+        while p[end] != ASCII_CR:
+            end += 1
+        i = colon + 1
+        while i < end and (p[i] == ASCII_SPACE or p[i] == ASCII_TAB):
+            i += 1
+        spans[2 * k].p = p + start
+        spans[2 * k].n = colon - start
+        spans[2 * k + 1].p = p + i
+        while end > i and (p[end - 1] == ASCII_SPACE or p[end - 1] == ASCII_TAB):
+            end -= 1
+        spans[2 * k + 1].n = end - i
+        while p[i] != ASCII_CR:
+            i += 1
+        i += 2
+        k += 1
+
+
+def encode_batch(list messages not None):
+    """``messages`` of ``(header block, body)`` -> a batch body (layout in _dedup.pyx). Each
+    block is the ``Name: value\r\n`` lines of the message's own request (``encode_submit``'s)."""
+    cdef Py_ssize_t total = BATCH_HEAD, n = len(messages)
+    cdef tuple m
+    cdef bytes block, body, out
+    cdef unsigned char* w
+    if n > MAX_U32:
+        raise FramingError("too many messages for one batch")
+    for m in messages:
+        total += BATCH_MESSAGE_FIXED + _u32_len(PyBytes_GET_SIZE(<bytes?>m[0]), "a header block") \
+            + PyBytes_GET_SIZE(<bytes?>m[1])
+    out = PyBytes_FromStringAndSize(NULL, total)
+    w = <unsigned char*>PyBytes_AS_STRING(out)
+    w[0] = MAGIC_G
+    w[1] = MAGIC_B
+    w[2] = BATCH_VERSION
+    w[3] = 0
+    w = _put_u32(w + 4, <uint32_t>n)
+    for m in messages:
+        block = m[0]
+        body = m[1]
+        w = _put_text(w, PyBytes_AS_STRING(block), PyBytes_GET_SIZE(block))
+        w = _put_u64(w, <uint64_t>PyBytes_GET_SIZE(body))
+        memcpy(w, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
+        w += PyBytes_GET_SIZE(body)
+    if w != <unsigned char*>PyBytes_AS_STRING(out) + total:
+        raise InternalError("batch size computed wrongly")
+    return out
+
+
 cdef class Framer:
     def __cinit__(self):
         self._text = NULL
@@ -491,6 +581,85 @@ cdef class Framer:
                 r.content_digest = self._value_or_none(found[CTL_CONTENT_DIGEST])
         return r
 
+    cdef object _batch(self, Py_ssize_t version, bytes body, bint streamed):
+        # The request is a batch (gwcore-Batch): its messages are framed later, one by one
+        # (frame_batch), once the receiver has checked the batch's signature and limits.
+        cdef Batch b
+        if streamed:
+            return self._reject(400, "Bad Request: a gwcore batch is not a databus part", None)
+        b = Batch.__new__(Batch)
+        b.version = self._value_or_none(version)
+        b.body = body
+        b.id = ""
+        b.callback = None
+        b.content_digest = self._value_or_none(self._lookup(CTL_CONTENT_DIGEST))
+        if self.signatures:
+            b.auth_date = self._value_or_none(self._lookup(CTL_AUTH_DATE))
+            b.auth_signature = self._value_or_none(self._lookup(CTL_AUTH_SIGNATURE))
+            if b.auth_signature is not None:
+                b.auth_headers = self._auth_headers
+        return b
+
+    def frame_batch(self, bytes body not None, uint64_t now_ms, Py_ssize_t max_messages):
+        """The messages of a batch's body (layout in _dedup.pyx), each framed as its own request
+        would be: a list of Envelope or Rejection, one per message, in order. A message that is
+        not a ``SingleCallSubmit`` is refused (400) on its own.
+
+        :raises FramingError: the body is not one whole batch (truncated, trailing bytes, bad
+            magic, version or flags, a header line without a colon).
+        :raises ValueError: more than *max_messages* messages (the receiver answers 413)."""
+        cdef _Reader r
+        cdef const unsigned char* head
+        cdef const unsigned char* block
+        cdef uint32_t count, i, block_n
+        cdef uint64_t body_n
+        cdef Py_ssize_t lines, cap = 0
+        cdef _RawSpan* spans = NULL
+        cdef list out = []
+        cdef object result
+        cdef bytes message_body
+        r.p = _ptr(body)
+        r.left = PyBytes_GET_SIZE(body)
+        head = _take(&r, 4, "the batch's preamble")
+        if head[0] != MAGIC_G or head[1] != MAGIC_B:
+            raise FramingError("not a gwcore batch (bad magic)")
+        if head[2] != BATCH_VERSION:
+            raise FramingError(f"unsupported batch version {head[2]}")
+        if head[3] != 0:
+            raise FramingError(f"unknown batch flags {head[3]:#x}")
+        count = _get_u32(_take(&r, 4, "the message count"))
+        if count > max_messages:
+            raise ValueError(f"{count} messages in one batch, more than GWCORE_MAX_BATCH_MESSAGES={max_messages}")
+        if <uint64_t>count * BATCH_MESSAGE_FIXED > <uint64_t>r.left:
+            raise FramingError(f"batch truncated: {count} messages cannot fit in {r.left} bytes")
+        try:
+            for i in range(count):
+                block_n = _get_u32(_take(&r, 4, "a message's header block length"))
+                block = _take(&r, block_n, "a message's header block")
+                lines = _block_lines(block, block_n)
+                if lines > cap:
+                    cap = max(lines, 32)
+                    PyMem_Free(spans)
+                    spans = <_RawSpan*>PyMem_Malloc(2 * cap * sizeof(_RawSpan))
+                    if spans == NULL:
+                        raise MemoryError()
+                _block_spans(block, block_n, spans)
+                body_n = _get_u64(_take(&r, 8, "a message's body length"))
+                message_body = PyBytes_FromStringAndSize(<const char*>_take(&r, body_n, "a message's body"),
+                                                         <Py_ssize_t>body_n)
+                result = self._frame_raw(spans, lines, message_body, None, now_ms)
+                if type(result) is Batch:
+                    result = self._reject(400, "Bad Request: a batch inside a batch", None)
+                elif type(result) is Envelope and (<Envelope>result).call_type != CALL_TYPE_SUBMIT:
+                    result = self._reject(400, "Bad Request: a batch carries SingleCallSubmit messages only "
+                                               "(databus parts go as requests of their own)", None)
+                out.append(result)
+        finally:
+            PyMem_Free(spans)
+        if r.left:
+            raise FramingError(f"{r.left} unexpected bytes after the batch's last message")
+        return out
+
     cdef str _value_or_none(self, Py_ssize_t span):
         if span < 0:
             return None
@@ -730,6 +899,9 @@ cdef class Framer:
             if i >= 0 and self._spans[i].value_n > 3 and memcmp(self._text + self._spans[i].value, b"v2.", 3) == 0:
                 self._auth_headers = self._signed_headers(first, self._spans_n)
         body_bytes = self._apply_query(first, b"" if streamed else _as_bytes(body))
+        i = self._lookup(CTL_BATCH)
+        if i >= 0:
+            return self._batch(i, body_bytes, streamed)
         end = self._spans_n
         for i in range(CONTROL_COUNT):
             found[i] = self._lookup(i)

@@ -747,6 +747,9 @@ cdef class RequestParser:
         if type(result) is Envelope:
             if (<Envelope>result).auth_signature is None:
                 return 0
+        elif type(result) is Batch:
+            if (<Batch>result).auth_signature is None:
+                return 0
         elif (<Rejection>result).auth_signature is None:
             return 0
         method = PyUnicode_DecodeASCII(<const char*>self._buf + self._method, self._method_n, NULL)
@@ -754,6 +757,9 @@ cdef class RequestParser:
         if type(result) is Envelope:
             (<Envelope>result).method = method
             (<Envelope>result).target = target
+        elif type(result) is Batch:
+            (<Batch>result).method = method
+            (<Batch>result).target = target
         else:
             (<Rejection>result).method = method
             (<Rejection>result).target = target

@@ -1,0 +1,164 @@
+"""Batches between gwcore sites: many messages in one HTTP request (docs/protocol.md, "Batches
+between gwcore sites").
+
+The receiving side: a ``POST`` to a receive channel with a ``gwcore-Batch: 1`` header reaches
+:func:`receive` (the compiled framer returns a ``core.Batch`` instead of an envelope). Once the
+batch's signature (if any) and limits hold, ``Framer.frame_batch`` frames each message as its own
+request would be framed, every envelope goes to the writer in the same loop turn (so all are
+committed in one fsync'd transaction), and the answer lists each message's outcome once the last
+is durable. A refused message never fails the others.
+
+The sending side's format helpers: :func:`advertised` reads what a receiver said it takes,
+:data:`ADVERTISE` is what a gwcore receiver says on every 200 to a submit.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ._core import core
+from .errors import FramingError
+from .httphead import error_answer
+from .store import now_ms
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .http import HTTPProtocol
+
+__all__ = ("receive", "advertise_header", "advertised", "BatchLimits", "HEADER")
+
+log = logging.getLogger("gwcore.http")
+
+#: The request header that makes a request a batch, and the response header a receiver
+#: advertises batches with (``gwcore-Batch: 1; messages=N; bytes=M``).
+HEADER = "gwcore-Batch"
+_VERSION = "1"
+_JSON = b"application/json; charset=utf-8"
+_V2_PREFIX = "v2."
+
+
+class BatchLimits:
+    """What a receiver takes in one batch (``GWCORE_MAX_BATCH_MESSAGES``, ``GWCORE_MAX_BATCH_BYTES``)."""
+
+    __slots__ = ("messages", "bytes")
+
+    def __init__(self, messages: int, size: int) -> None:
+        self.messages = messages
+        self.bytes = size
+
+    def __repr__(self) -> str:
+        return f"BatchLimits(messages={self.messages}, bytes={self.bytes})"
+
+
+def advertise_header(limits: BatchLimits) -> bytes:
+    """The response header line a gwcore receiver adds to a 200 for a submit."""
+    return f"{HEADER}: {_VERSION}; messages={limits.messages}; bytes={limits.bytes}\r\n".encode("ascii")
+
+
+def advertised(headers: list[tuple[bytes, bytes]]) -> BatchLimits | None:
+    """The batch limits a response advertises, or None (not a gwcore receiver, or another
+    version of batches than this sender speaks)."""
+    for name, value in headers:
+        if name.lower() == b"gwcore-batch":
+            parts = [p.strip() for p in value.decode("latin-1").split(";")]
+            if parts[0] != _VERSION:
+                return None
+            fields = {}
+            for p in parts[1:]:
+                key, _, number = p.partition("=")
+                if number.isdigit():
+                    fields[key.strip()] = int(number)
+            messages, size = fields.get("messages", 0), fields.get("bytes", 0)
+            if messages < 1 or size < 1:
+                return None
+            return BatchLimits(messages, size)
+    return None
+
+
+class _Outcomes:
+    """Collects the writer's answers for a batch's messages and answers the request once the
+    last one is in."""
+
+    __slots__ = ("protocol", "slot", "results", "waiting")
+
+    def __init__(self, protocol: HTTPProtocol, slot: core.AnswerSlot, results: list[Any]) -> None:
+        self.protocol = protocol
+        self.slot = slot
+        self.results = results
+        self.waiting = 0
+
+    def done_for(self, index: int) -> Any:
+        def done(ok: bool, value: Any) -> None:
+            if not ok:
+                status, reason = error_answer(value, "batch ingest")
+                self.results[index] = {"status": status, "reason": reason}
+            elif type(value) is core.Rejection:
+                self.results[index] = {"status": value.status, "reason": value.reason}
+            else:
+                self.results[index] = {"status": 200, "reason": "OK", "duplicate": value is False}
+            self.waiting -= 1
+            if self.waiting == 0:
+                self.answer()
+        return done
+
+    def answer(self) -> None:
+        p = self.protocol
+        p.state.batch_messages += len(self.results)
+        p._answer(self.slot, 200, "OK", body=orjson.dumps({"results": self.results}), content_type=_JSON)
+
+
+def receive(protocol: HTTPProtocol, slot: core.AnswerSlot, batch: Any) -> None:
+    """Answer one batch request (its signature, if the listener checks them, already held)."""
+    state = protocol.state
+    state.batches += 1
+    limits: BatchLimits = state.batch_limits
+    if batch.version != _VERSION:
+        protocol._answer(slot, 400, f"Bad Request: unsupported {HEADER} version {batch.version!r} (this "
+                                    f"receiver speaks {_VERSION})")
+        return
+    if len(batch.body) > limits.bytes:
+        protocol._answer(slot, 413, f"Payload Too Large: a batch of {len(batch.body)} bytes exceeds "
+                                    f"GWCORE_MAX_BATCH_BYTES={limits.bytes}")
+        return
+    try:
+        framed = state.framer.frame_batch(batch.body, now_ms(), limits.messages)
+    except FramingError as exc:  # (a ValueError too: first)
+        protocol._answer(slot, 400, f"Bad Request: malformed batch: {exc}")
+        return
+    except ValueError as exc:
+        protocol._answer(slot, 413, f"Payload Too Large: {exc}")
+        return
+    writer = state.writer
+    if writer.pending + len(framed) > state.max_pending and writer.pending:
+        protocol._answer(slot, 503, "Service Unavailable: ingest queue full, retry later")
+        return
+    results: list[Any] = [None] * len(framed)
+    outcomes = _Outcomes(protocol, slot, results)
+    ingest = []
+    for i, result in enumerate(framed):
+        if type(result) is core.Rejection:
+            results[i] = {"status": result.status, "reason": result.reason}
+        else:
+            ingest.append((i, result))
+    if not ingest:
+        outcomes.answer()
+        return
+    outcomes.waiting = len(ingest)
+    # All in this loop turn: the writer takes them in one hand-over, so one transaction.
+    for i, env in ingest:
+        writer.ingest_then(env, outcomes.done_for(i))
+
+
+def check_signature(verifier: Any, batch: Any) -> tuple[int, str] | None:
+    """The verifier's answer for a batch: as for a submit, but a batch is signed with scheme v2
+    only, and a body that does not match its signed digest is refused 401 like a forged one (the
+    digest is what the batch's signature covers)."""
+    sig = batch.auth_signature
+    if sig is not None and not sig.startswith(_V2_PREFIX):
+        return 401, "Unauthorized: v1-refused (a gwcore batch is signed with scheme v2)"
+    refused = verifier.check(batch)
+    if refused is not None and refused[0] == 412:
+        return 401, f"Unauthorized: batch body does not match its signed Content-Digest ({refused[1]})"
+    return refused

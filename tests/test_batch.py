@@ -1,0 +1,333 @@
+"""Batches between gwcore sites (docs/protocol.md, "Batches between gwcore sites"): the layout
+against a Python reference, each message framed as its own request would be, malformed and
+oversized batches refused with nothing stored, duplicates inside and across batches, one bad
+message never failing the others, signed batches, and the sender's negotiation (batches only to
+receivers that advertise them; one message per request to everyone else). The SIGKILL tests of
+tests/test_sites.py run with batches on (the default), sender and receiver killed mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import struct
+import uuid
+
+import orjson
+import pytest
+from hypothesis import given, settings, strategies as st
+from httpclient import Client
+from test_sites import counts
+
+from gwcore import Gateway
+from gwcore import _dedup as core
+from gwcore import auth
+from gwcore.batch import advertised
+from gwcore.egress import wire_headers
+from gwcore.errors import FramingError
+
+_NAME = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, blacklist_characters=":"), min_size=1,
+                max_size=20)
+_VALUE = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30)
+
+
+def reference_batch(messages) -> bytes:
+    """The layout of docs/protocol.md, written out in Python."""
+    out = [b"GB\x01\x00", struct.pack(">I", len(messages))]
+    for block, body in messages:
+        out.append(struct.pack(">I", len(block)) + block)
+        out.append(struct.pack(">Q", len(body)) + body)
+    return b"".join(out)
+
+
+def block_of(msg_id: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    """A message's header block as gwcore sends it alone (egress.wire_headers)."""
+    lines = wire_headers(msg_id, headers or {"NServiceBus.EnclosedMessageTypes": "Shop.Order"}, body)
+    return b"".join(b"%s: %s\r\n" % (k, v) for k, v in lines)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.tuples(_NAME, _VALUE), max_size=6), st.binary(max_size=200)), max_size=6))
+def test_encode_is_the_documented_layout_and_each_message_frames_as_alone(messages):
+    wire = [(b"".join(b"%s: %s\r\n" % (n.encode(), v.encode()) for n, v in headers), body)
+            for headers, body in messages]
+    data = core.encode_batch(wire)
+    assert data == reference_batch(wire)
+    framer, alone = core.Framer("Ep"), core.Framer("Ep")
+    got = framer.frame_batch(data, 1000, 100)
+    assert len(got) == len(messages)
+    for result, (headers, body) in zip(got, messages):
+        flat = [x.encode() for pair in headers for x in pair]
+        want = alone.frame(flat, body, None, 1000)
+        if type(want) is core.Batch or (type(want) is core.Envelope and want.call_type != core.CALL_SUBMIT):
+            # a batch inside a batch, a databus part: refused on its own
+            assert type(result) is core.Rejection and result.status == 400
+            continue
+        assert type(result) is type(want)
+        if type(want) is core.Envelope:
+            assert (result.id, result.framed, result.key) == (want.id, want.framed, want.key)
+        else:
+            assert (result.status, result.reason) == (want.status, want.reason)
+
+
+def test_the_documented_vector():
+    """docs/protocol.md, "Batches between gwcore sites": the bytes given there."""
+    import re
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    section = doc.split("## Batches between gwcore sites", 1)[1]
+    hex_text = re.search(r"\*\*Test vector\.\*\*.*?```\n(.*?)```", section, re.S).group(1)
+    block = (b"NServiceBus.Id: 7c1f\r\nNServiceBus.CallType: SingleCallSubmit\r\nContent-MD5: "
+             + core.content_md5(b"hi").encode() + b"\r\n")
+    assert core.encode_batch([(block, b"hi")]) == bytes.fromhex("".join(hex_text.split()))
+    (env,) = core.Framer("Ep").frame_batch(bytes.fromhex("".join(hex_text.split())), 1, 10)
+    assert (env.id, env.body) == ("7c1f", b"hi")
+
+
+def test_every_truncation_and_trailing_byte_is_refused():
+    data = core.encode_batch([(block_of("a", b"x"), b"x"), (block_of("b", b""), b"")])
+    framer = core.Framer("Ep")
+    for cut in range(len(data)):
+        with pytest.raises(FramingError):
+            framer.frame_batch(data[:cut], 1, 10)
+    with pytest.raises(FramingError, match="unexpected bytes"):
+        framer.frame_batch(data + b"\0", 1, 10)
+
+
+@pytest.mark.parametrize("data, match", [
+    (b"GT\x01\x00\0\0\0\0", "bad magic"),
+    (b"GB\x02\x00\0\0\0\0", "version"),
+    (b"GB\x01\x01\0\0\0\0", "flags"),
+    (b"GB\x01\x00\0\0\0\x05" + b"\0" * 12, "cannot fit"),
+    (b"GB\x01\x00\0\0\0\x01\0\0\0\x05abc\r\n" + b"\0" * 8, "no colon"),
+    (b"GB\x01\x00\0\0\0\x01\0\0\0\x04a:b\n" + b"\0" * 8, "bare LF|CRLF"),
+    (b"GB\x01\x00\0\0\0\x01\0\0\0\x05:ab\r\n" + b"\0" * 8, "empty name"),
+])
+def test_malformed_batches(data, match):
+    with pytest.raises(FramingError, match=match):
+        core.Framer("Ep").frame_batch(data, 1, 10)
+
+
+def test_too_many_messages_is_a_value_error_before_any_is_framed():
+    data = core.encode_batch([(block_of(str(i), b""), b"") for i in range(3)])
+    with pytest.raises(ValueError, match="GWCORE_MAX_BATCH_MESSAGES=2"):
+        core.Framer("Ep").frame_batch(data, 1, 2)
+
+
+def test_advertised_limits():
+    assert advertised([(b"Server", b"x"), (b"gwcore-Batch", b"1; messages=10; bytes=2048")]).messages == 10
+    assert advertised([(b"gwcore-batch", b"2; messages=10; bytes=2048")]) is None  # another version
+    assert advertised([(b"gwcore-Batch", b"1; messages=0; bytes=2048")]) is None
+    assert advertised([(b"Server", b"nginx")]) is None
+
+
+# -- a real receiver ---------------------------------------------------------------------------------
+
+
+def _post_batch(path: str, body: bytes, extra: bytes = b"") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\ngwcore-Batch: 1\r\nContent-Length: {len(body)}\r\n".encode()
+            + extra + b"\r\n" + body)
+
+
+async def _send(gw: Gateway, request: bytes):
+    async with Client(*gw.addresses[0]) as c:
+        return await c.request(request)
+
+
+def test_a_batch_is_stored_message_by_message_with_its_outcomes(run, make_settings):
+    ids = [str(uuid.uuid4()) for _ in range(4)]
+    good = [(block_of(i, b"body-" + i.encode()), b"body-" + i.encode()) for i in ids]
+    # the third carries a Content-MD5 of another body: 412 for it alone
+    tampered = (good[2][0], b"not the body")
+    first = core.encode_batch([good[0], good[1], tampered, good[0]])   # a duplicate inside the batch
+    second = core.encode_batch([good[1], good[2], good[3]])            # one across batches
+
+    async def main():
+        async with Gateway(make_settings()) as gw:
+            r = await _send(gw, _post_batch("/RemoteSite/", first))
+            assert r.status == 200, r.reason
+            results = orjson.loads(r.body)["results"]
+            assert [x["status"] for x in results] == [200, 200, 412, 200]
+            assert [x.get("duplicate") for x in results] == [False, False, None, True]
+            assert "MD5" in results[2]["reason"]
+            assert gw.store.counts()["queue"] == 2
+            r = await _send(gw, _post_batch("/RemoteSite/", second))
+            assert [(x["status"], x["duplicate"]) for x in orjson.loads(r.body)["results"]] == \
+                [(200, True), (200, False), (200, False)]
+            assert gw.store.counts()["queue"] == 4
+
+    run(main())
+
+
+@pytest.mark.parametrize("body, status, reason", [
+    (b"GB\x01\x00\0\0\0\x05", 400, "malformed batch"),
+    (b"junk", 400, "malformed batch"),
+])
+def test_malformed_batch_over_a_socket_stores_nothing(run, make_settings, body, status, reason):
+    async def main():
+        async with Gateway(make_settings()) as gw:
+            r = await _send(gw, _post_batch("/RemoteSite/", body))
+            assert (r.status, reason in r.reason) == (status, True)
+            assert gw.store.counts()["queue"] == 0
+
+    run(main())
+
+
+def test_oversized_batches_are_413_with_nothing_stored(run, make_settings):
+    three = core.encode_batch([(block_of(str(uuid.uuid4()), b"x" * 100), b"x" * 100) for _ in range(3)])
+
+    async def main():
+        async with Gateway(make_settings(max_batch_messages=2)) as gw:
+            r = await _send(gw, _post_batch("/RemoteSite/", three))
+            assert r.status == 413 and "GWCORE_MAX_BATCH_MESSAGES=2" in r.reason
+            assert gw.store.counts()["queue"] == 0
+        async with Gateway(make_settings(max_batch_bytes=len(three) - 1)) as gw:
+            r = await _send(gw, _post_batch("/RemoteSite/", three))
+            assert r.status == 413 and "GWCORE_MAX_BATCH_BYTES" in r.reason
+            assert gw.store.counts()["queue"] == 0
+
+    run(main())
+
+
+def test_every_200_to_a_submit_advertises_batches(run, make_settings):
+    async def main():
+        async with Gateway(make_settings(max_batch_messages=77)) as gw:
+            body = b"hello"
+            lines = block_of(str(uuid.uuid4()), body)
+            r = await _send(gw, b"POST /RemoteSite/ HTTP/1.1\r\nHost: x\r\n" + lines
+                            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert r.status == 200
+            assert r.headers["gwcore-batch"] == f"1; messages=77; bytes={4 << 20}"
+
+    run(main())
+
+
+# -- the sender --------------------------------------------------------------------------------------
+
+
+class _PlainReceiver:
+    """An HTTP receiver that answers every request 200 without advertising batches (as an
+    NServiceBus gateway does), recording each request's head."""
+
+    def __init__(self) -> None:
+        self.heads: list[bytes] = []
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                await reader.readexactly(length)
+                self.heads.append(head)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+
+def _sender(make_settings, tmp_path, url: str, **kw):
+    return make_settings(data_dir=str(tmp_path / "a"), endpoint="SiteA", sites=f"SiteB={url}",
+                         receive_channels="http://127.0.0.1:0/SiteA/", **kw)
+
+
+async def _until(predicate, timeout: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def test_a_gwcore_receiver_gets_batches_once_it_advertised_them(run, make_settings, tmp_path):
+    n = 600
+
+    async def main():
+        async with Gateway(make_settings(data_dir=str(tmp_path / "b"), endpoint="SiteB",
+                                         receive_channels="http://127.0.0.1:0/SiteB/")) as b:
+            host, port = b.addresses[0]
+            async with Gateway(_sender(make_settings, tmp_path, f"http://{host}:{port}/SiteB/")) as a:
+                await a.send_to_sites(["SiteB"], b"first")  # alone: B's answer advertises batches
+                await _until(lambda: b.store.counts()["queue"] == 1, 10, "the first message")
+                await asyncio.gather(*(a.send_to_sites(["SiteB"], b"m%d" % i) for i in range(n)))
+                await _until(lambda: b.store.counts()["queue"] == n + 1, 30, "every message at B")
+                await _until(lambda: a.store.counts()["outgoing"] == 0, 10, "A's outgoing queue to drain")
+                dest = a.forwarder._dests["SiteB"]
+                assert dest.batch is not None and dest.batches > 0
+                assert a.store.counts()["outgoing_errors"] == 0
+
+    run(main())
+
+
+def test_a_receiver_that_does_not_advertise_gets_one_message_per_request(run, make_settings, tmp_path):
+    async def main():
+        plain = _PlainReceiver()
+        port = await plain.start()
+        try:
+            async with Gateway(_sender(make_settings, tmp_path, f"http://127.0.0.1:{port}/SiteB/")) as a:
+                await asyncio.gather(*(a.send_to_sites(["SiteB"], b"m%d" % i) for i in range(200)))
+                await _until(lambda: a.store.counts()["outgoing"] == 0, 30, "A's outgoing queue to drain")
+                assert a.forwarder._dests["SiteB"].batches == 0
+        finally:
+            plain.server.close()
+        assert len(plain.heads) == 200
+        assert not any(b"gwcore-batch" in h.lower() for h in plain.heads)
+        assert all(b"NServiceBus.Id: " in h for h in plain.heads)
+
+    run(main())
+
+
+def test_send_batch_off_sends_one_message_per_request_to_gwcore_too(run, make_settings, tmp_path):
+    async def main():
+        async with Gateway(make_settings(data_dir=str(tmp_path / "b"), endpoint="SiteB",
+                                         receive_channels="http://127.0.0.1:0/SiteB/")) as b:
+            host, port = b.addresses[0]
+            async with Gateway(_sender(make_settings, tmp_path, f"http://{host}:{port}/SiteB/",
+                                       send_batch=False)) as a:
+                await asyncio.gather(*(a.send_to_sites(["SiteB"], b"m%d" % i) for i in range(300)))
+                await _until(lambda: b.store.counts()["queue"] == 300, 30, "every message at B")
+                assert a.forwarder._dests["SiteB"].batches == 0
+
+    run(main())
+
+
+def test_signed_batches_and_a_tampered_one(run, make_settings, tmp_path):
+    secret = "s" * 32
+
+    async def main():
+        b_settings = make_settings(data_dir=str(tmp_path / "b"), endpoint="SiteB",
+                                   receive_channels="http://127.0.0.1:0/SiteB/",
+                                   receive_keys=(("SiteA", secret.encode()),), allow_unsigned=False)
+        async with Gateway(b_settings) as b:
+            host, port = b.addresses[0]
+            url = f"http://{host}:{port}/SiteB/"
+            a_settings = _sender(make_settings, tmp_path, url)
+            signing = dataclasses.replace(a_settings.site("SiteB"), secret=secret.encode(), key_id="SiteA")
+            a_settings = dataclasses.replace(a_settings, sites=(signing,))
+            async with Gateway(a_settings) as a:
+                await a.send_to_sites(["SiteB"], b"first")
+                await _until(lambda: b.store.counts()["queue"] == 1, 10, "the first message")
+                await asyncio.gather(*(a.send_to_sites(["SiteB"], b"m%d" % i) for i in range(300)))
+                await _until(lambda: b.store.counts()["queue"] == 301, 30, "every signed message at B")
+                assert a.forwarder._dests["SiteB"].batches > 0
+                # a batch signed as A signs it, then one byte of a message changed on the way
+                body = core.encode_batch([(block_of(str(uuid.uuid4()), b"pay 10"), b"pay 10")])
+                lines = b"gwcore-Batch: 1\r\n"
+                lines += auth.signature_lines(secret.encode(), "SiteA", "POST", "/SiteB/", lines,
+                                              auth.body_digest(body))
+                forged = body.replace(b"pay 10", b"pay 99")
+                req = (b"POST /SiteB/ HTTP/1.1\r\nHost: x\r\n" + lines
+                       + f"Content-Length: {len(forged)}\r\n\r\n".encode() + forged)
+                r = await _send(b, req)
+                assert r.status == 401, (r.status, r.reason)
+                # an unsigned batch is refused too
+                r = await _send(b, _post_batch("/SiteB/", body))
+                assert r.status == 401
+                assert b.store.counts()["queue"] == 301
+
+    run(main())
+    assert counts(str(tmp_path / "a"))["outgoing_errors"] == 0
