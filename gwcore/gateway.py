@@ -451,6 +451,30 @@ class Gateway:
         await self._queue_records(writer, forwarder, items, blobs)
         return msg_id
 
+    async def send_many(self, messages: Iterable[tuple[Iterable[str], bytes] | tuple[Iterable[str], bytes,
+                                                                                  Mapping[str, str] | None]],
+                        ) -> list[str]:
+        """Queue many messages at once: each ``(sites, body)`` or ``(sites, body, headers)`` as
+        :meth:`send_to_sites` queues one, all committed in one transaction (one fsync), then
+        sent by the forwarder (in batches to gwcore sites that take them). All or nothing: a bad
+        message (an unknown site, a body that is not bytes) raises before anything is queued.
+
+        :return: the message ids, in order.
+        :raises gwcore.errors.UnknownSiteError: a site is not configured.
+        """
+        writer, forwarder = self._require_started()
+        ids: list[str] = []
+        items: list[tuple[str, bytes]] = []
+        for message in messages:
+            sites, body = message[0], message[1]
+            headers = message[2] if len(message) > 2 else None  # type: ignore[misc]
+            msg_id, copies = egress.prepare(self.settings, list(sites), body, headers, reply_uri=self.reply_uri)
+            ids.append(msg_id)
+            items += copies
+        if items:
+            await self._queue_records(writer, forwarder, items, [])
+        return ids
+
     def _databus_headers(self, headers: Mapping[str, str] | None,
                          props: Mapping[str, databus.Source] | None) -> tuple[Mapping[str, str] | None, list]:
         """The headers with one ``NServiceBus.DataBus.<name>`` = new blob name per property."""

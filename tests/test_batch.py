@@ -331,3 +331,25 @@ def test_signed_batches_and_a_tampered_one(run, make_settings, tmp_path):
 
     run(main())
     assert counts(str(tmp_path / "a"))["outgoing_errors"] == 0
+
+
+def test_send_many_commits_once_and_is_all_or_nothing(run, make_settings, tmp_path):
+    from gwcore.errors import UnknownSiteError
+
+    async def main():
+        async with Gateway(make_settings(data_dir=str(tmp_path / "b"), endpoint="SiteB",
+                                         receive_channels="http://127.0.0.1:0/SiteB/")) as b:
+            host, port = b.addresses[0]
+            async with Gateway(_sender(make_settings, tmp_path, f"http://{host}:{port}/SiteB/")) as a:
+                commits = a.writer.stats.batches
+                with pytest.raises(UnknownSiteError, match="Nowhere"):
+                    await a.send_many([(["SiteB"], b"ok"), (["Nowhere"], b"lost")])
+                assert a.store.counts()["outgoing"] + b.store.counts()["queue"] == 0
+                ids = await a.send_many([(["SiteB"], b"m%d" % i, {"Kind": str(i)}) for i in range(500)])
+                assert len(set(ids)) == 500
+                assert a.writer.stats.batches - commits == 1  # one transaction for all 500
+                await _until(lambda: b.store.counts()["queue"] == 500, 30, "every message at B")
+                from procs import queued_ids
+            assert sorted(queued_ids(str(tmp_path / "b"))) == sorted(ids)
+
+    run(main())
