@@ -149,7 +149,10 @@ def test_takeover_under_load_through_nginx(tmp_path):
     rng = random.Random(seed)
     shared = str(tmp_path / "shared" / "store")
     key = ("workers", secret_file(tmp_path, "workers"))  # signed workers, reaching the nodes through nginx
-    nodes = [node(tmp_path, name, shared, free_port(), endpoint="SiteB", GWCORE_WORKER_KEYS=f"{key[0]}:{key[1]}")
+    # small batches (the sender batches to gwcore nodes), 4 at once: 16 messages in flight, so the
+    # batches cross takeovers and the transfer lasts long enough for three kills under load
+    nodes = [node(tmp_path, name, shared, free_port(), endpoint="SiteB", GWCORE_WORKER_KEYS=f"{key[0]}:{key[1]}",
+                  GWCORE_MAX_BATCH_MESSAGES="4")
              for name in ("b1", "b2")]
     for n in nodes:
         n.start()
@@ -162,7 +165,7 @@ def test_takeover_under_load_through_nginx(tmp_path):
     a_port = free_port()
     ids = enqueue(a_dir, a_port, f"SiteB={url}", N)
     sender = ServerProcess(a_dir, a_port, GWCORE_ENDPOINT="SiteA", GWCORE_SITES=f"SiteB={url}",
-                           GWCORE_RETRIES="100000", GWCORE_RETRY_DELAYS="0.05s", GWCORE_SEND_CONCURRENCY="16")
+                           GWCORE_RETRIES="100000", GWCORE_RETRY_DELAYS="0.05s", GWCORE_SEND_CONCURRENCY="4")
     try:
         wait_for(lambda: "gwcore_workers 2" in metrics(active_of(nodes)[0].port), 30, "two enlisted workers")
         sender.start()

@@ -61,7 +61,9 @@ def test_ten_thousand_messages_cross_through_kills(tmp_path, victim):
     a_dir, b_dir = str(tmp_path / "a" / "store"), str(tmp_path / "b" / "store")
     a_port, b_port = free_port(), free_port()
     b_url = f"http://127.0.0.1:{b_port}/SiteB/"
-    b = ServerProcess(b_dir, b_port, GWCORE_ENDPOINT="SiteB").start()
+    # batches of at most 8 (the sender batches to gwcore): killed mid-batch, and the transfer
+    # lasts long enough for two kills mid-stream
+    b = ServerProcess(b_dir, b_port, GWCORE_ENDPOINT="SiteB", GWCORE_MAX_BATCH_MESSAGES="8").start()
     ids = enqueue(a_dir, a_port, f"SiteB={b_url}", N)
     a = ServerProcess(a_dir, a_port, GWCORE_ENDPOINT="SiteA", GWCORE_SITES=f"SiteB={b_url}",
                       GWCORE_RETRIES="10000", GWCORE_RETRY_DELAYS="0.1s", GWCORE_SEND_CONCURRENCY="16").start()
