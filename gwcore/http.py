@@ -424,8 +424,7 @@ class HTTPProtocol(PartIntake, WorkerCalls):
         is_batch = type(result) is _Batch
         unavailable = state.not_available()
         if unavailable is not None:
-            # (a batch is not held over a handover: its sender retries it, each message deduplicated)
-            if state.hold is not None and not is_batch and state.hold(self, slot, result):
+            if state.hold is not None and state.hold(self, slot, result):
                 return
             self._answer(slot, 503, unavailable)
             return

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 import aio_pika
 import aiormq
 
-from . import auth, databus
+from . import auth, batch, databus
 from ._core import core
 from pamqp.commands import Basic
 
@@ -366,7 +366,7 @@ class Selected:
             self._held.append((proto, slot, result))
             return True
         if (self._retiring and self.leader_url and self.leader_seen != self.instance
-                and isinstance(result, core.Envelope)):
+                and isinstance(result, (core.Envelope, core.Batch))):
             self._forward(proto, slot, result)
             return True
         return False
@@ -389,7 +389,7 @@ class Selected:
         self.update_listeners()
         forward = not self.accepting and bool(self.leader_url) and self.leader_seen != self.instance
         for proto, slot, result in held:
-            if forward and isinstance(result, core.Envelope):
+            if forward and isinstance(result, (core.Envelope, core.Batch)):
                 self._forward(proto, slot, result)
             else:
                 proto._route(slot, result)
@@ -398,9 +398,10 @@ class Selected:
         """Send a held submit to the new leader over HTTP and answer with its answer: the load
         balancer may have tried the new leader before it led, and has no instance left to try."""
         verifier = proto.state.verifier
+        is_batch = isinstance(result, core.Batch)
         if verifier is not None:
             # checked here, since the leader gets it signed again by this instance (_post)
-            refused = verifier.check(result)
+            refused = batch.check_signature(verifier, result) if is_batch else verifier.check(result)
             if refused is not None:
                 proto._answer_check(slot, refused, result.callback)
                 return
@@ -410,14 +411,22 @@ class Selected:
 
         def answer(done: asyncio.Future) -> None:
             self._forwards.discard(task)
-            status, reason = (503, STANDBY) if done.cancelled() or done.exception() else done.result()
-            proto._answer(slot, status, reason, callback=result.callback)
+            status, reason, body = ((503, STANDBY, None) if done.cancelled() or done.exception()
+                                    else done.result())
+            if is_batch and status == 200 and body is not None:
+                proto._answer(slot, status, reason, body=body)  # the leader's outcome per message
+            else:
+                proto._answer(slot, status, reason, callback=result.callback)
 
         task.add_done_callback(answer)
 
-    async def _post(self, envelope: Any, verifier: Any = None) -> tuple[int, str]:
+    async def _post(self, envelope: Any, verifier: Any = None) -> tuple[int, str, bytes | None]:
         parts = urllib.parse.urlsplit(self.leader_url)
-        _id, body, _expiry, block = core.encode_submit(envelope.framed)
+        if isinstance(envelope, core.Batch):
+            # a batch goes on as it came (its body is what its signature's digest covers)
+            body, block = envelope.body, f"{batch.HEADER}: {envelope.version}\r\n".encode("latin-1")
+        else:
+            _id, body, _expiry, block = core.encode_submit(envelope.framed)
         target = (envelope.target or parts.path or "/").encode()
         if envelope.auth_signature is not None and verifier is not None:
             # Verified here (_forward). The leader gets the message framed again from its stored
@@ -434,7 +443,16 @@ class Selected:
             writer.write(request)
             line = await asyncio.wait_for(reader.readline(), 10.0)
             _version, status, reason = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
-            return int(status), reason
+            length = 0
+            while True:
+                header = await asyncio.wait_for(reader.readline(), 10.0)
+                if header in (b"\r\n", b""):
+                    break
+                name, _, value = header.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            answer = await asyncio.wait_for(reader.readexactly(length), 10.0) if length else b""
+            return int(status), reason, answer
         finally:
             writer.close()
 

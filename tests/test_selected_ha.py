@@ -101,6 +101,9 @@ def run_under_load(tmp_path, endpoint: str, disrupt, n: int = N, times: int = 3,
     """3 instances behind nginx, a gwcore sender pushing *n* messages; ``disrupt(nodes, i)`` is
     called *times* times mid-stream. Returns (ids, messages in the endpoint queue, nginx answers,
     the instances' count of marked dispatches)."""
+    # small batches (the sender batches to gwcore instances), 12 at once: 48 messages in flight, so
+    # batches cross every disruption and the transfer lasts long enough for all of them
+    env.setdefault("GWCORE_MAX_BATCH_MESSAGES", "4")
     nodes = [instance(tmp_path, endpoint, f"i{i}", **env) for i in range(3)]
     for node in nodes:
         node.start()
@@ -109,7 +112,7 @@ def run_under_load(tmp_path, endpoint: str, disrupt, n: int = N, times: int = 3,
     a_dir, a_port = str(tmp_path / "a" / "store"), free_port()
     ids = enqueue(a_dir, a_port, f"SiteB={url}", n)
     sender = ServerProcess(a_dir, a_port, GWCORE_ENDPOINT="SiteA", GWCORE_SITES=f"SiteB={url}",
-                           GWCORE_RETRIES="100000", GWCORE_RETRY_DELAYS="0.05s", GWCORE_SEND_CONCURRENCY="48")
+                           GWCORE_RETRIES="100000", GWCORE_RETRY_DELAYS="0.05s", GWCORE_SEND_CONCURRENCY="12")
     rng = random.Random(endpoint)
     try:
         wait_for(lambda: len(leaders(nodes)) == 1, 10, "a leader")
