@@ -127,42 +127,38 @@ def test_the_binary_take_holds_what_the_json_take_holds(run, make_settings):
     run(main())
 
 
+def _work_off(run, make_settings, name: str) -> tuple[list[str], list[str], bool]:
+    """20 messages through a worker of capacity 4: (ids, handled ids, whether it took binary answers)."""
+    ids = [str(uuid.uuid4()) for _ in range(20)]
+    handled: list[str] = []
+    frames: list[bool] = []
+
+    async def main():
+        async with Gateway(dist_settings(make_settings)) as gw:
+            w = Worker(base_url(gw), 4, lambda m: handled.append(m.id), name=name)
+            async with w:
+                await submit(gw, ids)
+                await until(lambda: len(handled) == len(ids), 20, "every message handled")
+            frames.append(w._frames)
+
+    run(main())
+    return ids, handled, frames[0]
+
+
 def test_a_worker_falls_back_to_json_takes_with_an_older_distributor(run, make_settings, monkeypatch):
     """A distributor without ``take-frames`` answers 404 "no worker operation": the worker takes in
     JSON from then on and every message is handled."""
     monkeypatch.delitem(protocol._OPS, "take-frames")
-    ids = [str(uuid.uuid4()) for _ in range(20)]
-    handled: list[str] = []
-
-    async def main():
-        async with Gateway(dist_settings(make_settings)) as gw:
-            w = Worker(base_url(gw), 4, lambda m: handled.append(m.id), name="old")
-            async with w:
-                await submit(gw, ids)
-                await until(lambda: len(handled) == len(ids), 20, "every message handled")
-            assert w._frames is False
-            assert sorted(handled) == sorted(ids)
-
-    run(main())
+    ids, handled, frames = _work_off(run, make_settings, "old")
+    assert frames is False and sorted(handled) == sorted(ids)
 
 
 def test_a_worker_takes_binary_answers_from_a_current_distributor(run, make_settings, monkeypatch):
     json_takes = []
     original = protocol._OPS["take"]
     monkeypatch.setitem(protocol._OPS, "take", (3, lambda *a: json_takes.append(1) or original[1](*a)))
-    ids = [str(uuid.uuid4()) for _ in range(20)]
-    handled: list[str] = []
-
-    async def main():
-        async with Gateway(dist_settings(make_settings)) as gw:
-            w = Worker(base_url(gw), 4, lambda m: handled.append(m.id), name="new")
-            async with w:
-                await submit(gw, ids)
-                await until(lambda: len(handled) == len(ids), 20, "every message handled")
-            assert w._frames is True
-
-    run(main())
-    assert sorted(handled) == sorted(ids) and json_takes == []
+    ids, handled, frames = _work_off(run, make_settings, "new")
+    assert frames is True and sorted(handled) == sorted(ids) and json_takes == []
 
 
 def test_the_answer_is_bounded_by_what_the_bytes_hold():
