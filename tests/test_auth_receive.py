@@ -649,7 +649,7 @@ def test_selected_mode_forwards_a_held_signed_submit_signed_again(run, gateway_f
             standby = SimpleNamespace(leader_url=url_of(leader, "RemoteSite"))
             for env in held:
                 assert verifier.check(env) is None
-                assert await Selected._post(standby, env, verifier) == (200, "OK")
+                assert await Selected._post(standby, env, verifier) == (200, "OK", b"OK")
             assert stored(leader) == [v2_id, v1_id]
             msgs = {m.id: m for m in await drain(leader, 2)}
             assert msgs[v2_id].headers["NServiceBus.EnclosedMessageTypes"] == "Shared.X"
