@@ -100,6 +100,7 @@ cdef class Framer:
         readonly bint signatures            # find gwcore-Date and gwcore-Signature (request signing)
         bytes _key_prefix                   # scope UTF-8 + NUL: every dedup key starts with it
         bytes _auth_headers                 # the request being framed: Envelope.auth_headers
+        bint _in_batch                      # framing a batch's messages (frame_batch)
         # Per-request scratch, owned (PyMem) and reused: decoded text, spans over it, and an
         # open-addressing index of span numbers (slot 0 = empty, else span index + 1).
         unsigned char* _text

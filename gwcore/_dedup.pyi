@@ -421,6 +421,33 @@ def encode_submit(framed: Buffer, extra: list[tuple[str, str]] | None = None) ->
     :raises gwcore.errors.FramingError: *framed* is not a valid envelope.
     """
 
+def outgoing_layout(value: Buffer) -> tuple[int, int, int, int]:
+    """``(next attempt ms, failed attempts, destination length, envelope offset)`` of an outgoing
+    record (its layout: gwcore/egress.py's module docstring).
+
+    :raises gwcore.errors.FramingError: *value* is shorter than its own lengths say.
+    """
+
+#: What :func:`encode_outgoing_batch` says of each record.
+OUT_IN_BATCH: int  # in the batch
+OUT_EXPIRED: int  # its TimeToBeReceived has passed: not sent
+OUT_ALONE: int  # holds the *alone* bytes (a databus property): goes in a request of its own
+OUT_LEFT: int  # no room left in this batch: for the next one
+OUT_TOO_BIG: int  # larger than *max_bytes* by itself: goes in a request of its own
+
+def encode_outgoing_batch(values: list[bytes], alone: bytes, retried_at: str, now_ms: int,
+                          max_messages: int, max_bytes: int) -> tuple[bytes | None, bytes]:
+    """Outgoing records straight to a batch body (:func:`encode_batch`'s layout), in one call:
+    each record's envelope framed as :func:`encode_submit` frames it, a record that failed
+    before with ``NServiceBus.Retries`` (its failed attempts) and
+    ``NServiceBus.Retries.Timestamp`` (*retried_at*). At most *max_messages* messages and
+    *max_bytes* bytes of batch body.
+
+    :return: ``(body, kinds)``: the batch body (None when no record went in) and, per record in
+        order, one byte saying what became of it (``OUT_*``).
+    :raises gwcore.errors.FramingError: a record or its envelope is damaged.
+    """
+
 def signing_headers(block: Buffer) -> bytes:
     """The header lines of a request signature scheme v2 canonical string (``gwcore.auth``,
     docs/sending.md) for the raw header lines *block* (``Name: value`` each, ended by CRLF or LF,

@@ -4,7 +4,7 @@ LMDB dedup batch loop. User-facing documentation lives in _dedup.pyi."""
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.string cimport memchr, memcmp, memcpy, memset, strlen
 
 from gwcore.includes.debug cimport GWCORE_DEBUG
@@ -16,6 +16,7 @@ from .errors import ConfigurationError, FramingError, InternalError
 # Bound once, not looked up per request. usedforsecurity=False: an integrity check, and it keeps
 # FIPS-mode OpenSSL builds working. Copying a hash object beats making one (OpenSSL 3 fetches).
 cdef object std_md5_copy = hashlib.md5(usedforsecurity=False).copy
+cdef object std_sha256_copy = hashlib.sha256().copy
 
 CALL_SUBMIT = CALL_TYPE_SUBMIT
 CALL_DATABUS = CALL_TYPE_DATABUS
@@ -43,6 +44,8 @@ cdef enum:
     MAX_REASON_CHARS = 512
     MAX_U32 = 0xFFFFFFFF
     MD5_BASE64_LEN = 24                 # 16 bytes, padded
+    SHA256_BASE64_LEN = 44              # 32 bytes, padded
+    SHA256_DIGEST_LEN = 9 + SHA256_BASE64_LEN + 1   # a Content-Digest of sha-256 alone: sha-256=:…:
 
     # Envelope v1:
     #   b"GW"  magic

@@ -67,12 +67,9 @@ _DATABUS = databus.DATABUS_PREFIX.encode("ascii")
 _SUBMIT_TAIL = b"NServiceBus.Gateway: True\r\n"   # where encode_submit's control lines begin
 _BLOB_MISSING = -1  # a local failure, no request made: permanent
 _READ_AHEAD = 63  # records read along with the one a worker needs
-# A batch to a gwcore receiver (gwcore/batch.py): its request's own header line, the bytes the
-# layout adds to the batch and to each message (to stay within the receiver's byte limit), and
-# how long a receiver that refused a batch gets one message per request.
+# A batch to a gwcore receiver (gwcore/batch.py): its request's own header line, and how long a
+# receiver that refused a batch gets one message per request.
 _BATCH_LINES = b"gwcore-Batch: 1\r\n"
-_BATCH_HEAD = 8
-_BATCH_PER_MESSAGE = 12
 _BATCH_RETRY_AFTER = 60.0
 _HEADER_PREFIX = "NServiceBus.Header."
 
@@ -92,11 +89,9 @@ def encode_outgoing(rec: OutgoingRecord) -> bytes:
     return b"".join((_HEAD.pack(rec.next_ms, rec.attempt, len(dest)), dest, _U32.pack(len(err)), err, rec.framed))
 
 
-def _layout(value: bytes | memoryview) -> tuple[int, int, int, int]:
-    """``(next_ms, attempt, destination length, envelope offset)`` of a record."""
-    next_ms, attempt, n = _HEAD.unpack_from(value)
-    pos = _HEAD.size + n
-    return next_ms, attempt, n, pos + 4 + _U32.unpack_from(value, pos)[0]
+#: ``(next_ms, attempt, destination length, envelope offset)`` of a record (the core reads the
+#: layout for the forwarder's batches too: one reader of it).
+_layout = core.outgoing_layout
 
 
 def decode_outgoing(value: bytes | memoryview) -> OutgoingRecord:
@@ -142,13 +137,15 @@ def _enc(text: str) -> bytes:
 
 
 def wire_headers(msg_id: str, headers: Mapping[str, str], body: bytes,
-                 call_type: str = "SingleCallSubmit") -> list[tuple[bytes, bytes]]:
+                 call_type: str = "SingleCallSubmit", in_batch: bool = False) -> list[tuple[bytes, bytes]]:
     """The HTTP headers NServiceBus's forwarder sends for one message (protocol.md §1.3), in its
     order, every name and value URL-encoded with the .NET rules (upper-case hex).
 
     :param msg_id: the message id (``NServiceBus.Id``); ``headers`` should carry it as
         ``NServiceBus.MessageId`` too.
     :param headers: the message headers; each crosses as ``NServiceBus.Header.<name>``.
+    :param in_batch: the lines of a message in a gwcore batch: its body's digest is a
+        ``Content-Digest`` of sha-256 instead of a ``Content-MD5`` (docs/protocol.md).
     """
     out = [(b"NServiceBus.Id", _enc(msg_id)),
            (b"NServiceBus.CorrelationId", _enc(headers.get("NServiceBus.CorrelationId", msg_id)))]
@@ -162,7 +159,10 @@ def wire_headers(msg_id: str, headers: Mapping[str, str], body: bytes,
         out.append((_enc(_HEADER_PREFIX + name), _enc(value)))
     out.append(_GATEWAY_TRUE)
     out.append((b"NServiceBus.CallType", _enc(call_type)))
-    out.append((b"Content-MD5", _enc(core.content_md5(body))))
+    if in_batch:
+        out.append((b"Content-Digest", _enc(databus.content_digest(auth.body_digest(body)))))
+    else:
+        out.append((b"Content-MD5", _enc(core.content_md5(body))))
     return out
 
 
@@ -298,15 +298,32 @@ class _Outgoing:
         self.block = block
 
 
+def _outgoing(seq: int, value: bytes) -> tuple[_Outgoing, int]:
+    """The record *seq* made ready to send, and its TimeToBeReceived expiry (ms, 0: none). Only
+    the attempt count and where the envelope starts are read: the rest of the record is read
+    when an attempt fails."""
+    _next, attempt, _n, framed_at = _layout(value)
+    framed = memoryview(value)[framed_at:]
+    extra = [("NServiceBus.Retries", str(attempt)),
+             ("NServiceBus.Retries.Timestamp", time_sent())] if attempt else None
+    # The header block straight from the stored envelope, in the core (wire_headers is the
+    # readable reference of the same lines).
+    msg_id, body, expiry_ms, block = core.encode_submit(framed, extra)
+    return _Outgoing(seq, value, framed, msg_id, body, block), expiry_ms
+
+
 def _batch_results(response: Any, n: int) -> list[tuple[int, str]] | None:
-    """``(status, reason)`` per message of a batch's 200 answer, or None when it is not one
-    outcome per message of the batch."""
+    """``(status, reason)`` per message of a batch's 200 answer, ``[]`` when every message was
+    accepted, or None when it is not one outcome per message of the batch."""
     try:
         results = orjson.loads(response.body)["results"]
-        out = [(int(r["status"]), str(r.get("reason", ""))) for r in results]
-    except (ValueError, KeyError, TypeError):
+        if len(results) != n:
+            return None
+        if [r["status"] for r in results].count(200) == n:
+            return []
+        return [(int(r["status"]), str(r.get("reason", ""))) for r in results]
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
-    return out if len(out) == n else None
 
 
 class _Ready:
@@ -482,21 +499,17 @@ class Forwarder:
             value = self._read_ahead(d, seq)
         if value is None:
             return None
-        # Only the attempt count and where the envelope starts: the rest of the record is read
-        # when an attempt fails.
-        _next, attempt, _n, framed_at = _layout(value)
-        framed = memoryview(value)[framed_at:]
-        extra = [("NServiceBus.Retries", str(attempt)),
-                 ("NServiceBus.Retries.Timestamp", time_sent())] if attempt else None
-        # The header block straight from the stored envelope, in the core (egress.wire_headers is
-        # the readable reference of the same lines).
-        msg_id, body, expiry_ms, block = core.encode_submit(framed, extra)
+        out, expiry_ms = _outgoing(seq, value)
         if expiry_ms and expiry_ms < now_ms():
-            log.info("message %s to %s expired (TimeToBeReceived) before it could be sent; discarded", msg_id, d.name)
-            self.expired += 1
-            await self._commit(seq, d, lambda txn: txn.delete(_U64.pack(seq), db=self.store.outgoing))
+            await self._expire(d, out)
             return None
-        return _Outgoing(seq, value, framed, msg_id, body, block)
+        return out
+
+    async def _expire(self, d: _Destination, out: _Outgoing) -> None:
+        log.info("message %s to %s expired (TimeToBeReceived) before it could be sent; discarded", out.msg_id, d.name)
+        self.expired += 1
+        seq = out.seq
+        await self._commit(seq, d, lambda txn: txn.delete(_U64.pack(seq), db=self.store.outgoing))
 
     async def _forward(self, d: _Destination, seq: int) -> None:
         out = await self._prepare(d, seq)
@@ -527,34 +540,53 @@ class Forwarder:
     async def _forward_batch(self, d: _Destination, seqs: list[int]) -> None:
         """Several due messages: those with databus properties one by one (parts first), the
         others in batches within the receiver's limits, each message's answer handled as its own
-        request's would be."""
+        request's would be. The core frames a whole batch from the stored records in one call
+        (``encode_outgoing_batch``); Python sees each message only when it is not simply sent."""
         assert d.batch is not None
         limits = d.batch
-        batch: list[_Outgoing] = []
-        size = _BATCH_HEAD
-        for seq in seqs:
-            out = await self._prepare(d, seq)
-            if out is None:
-                continue
-            if _DATABUS in out.value:
-                await self._send_one(d, out)
-                continue
-            n = _BATCH_PER_MESSAGE + len(out.block) + len(out.body)
-            if batch and size + n > limits.bytes:
-                await self._send_batch(d, batch)
-                batch, size = [], _BATCH_HEAD
-            if _BATCH_HEAD + n > limits.bytes:
-                await self._send_one(d, out)  # too big for any batch of this receiver
-                continue
-            batch.append(out)
-            size += n
-        if len(batch) == 1:
-            await self._send_one(d, batch[0])
-        elif batch:
-            await self._send_batch(d, batch)
+        records = self._read_many(d, seqs)
+        while records:
+            body, kinds = core.encode_outgoing_batch([value for _seq, value in records], _DATABUS, time_sent(),
+                                                     now_ms(), limits.messages, limits.bytes)
+            if kinds.count(core.OUT_IN_BATCH) == len(records):
+                batch, records = records, []
+            else:
+                batch, left = [], []
+                for record, kind in zip(records, kinds):
+                    if kind == core.OUT_IN_BATCH:
+                        batch.append(record)
+                    elif kind == core.OUT_LEFT:
+                        left.append(record)
+                    elif kind == core.OUT_EXPIRED:
+                        await self._expire(d, _outgoing(*record)[0])
+                    else:  # a databus property (parts first), or too big for any batch of d's
+                        await self._send_one(d, _outgoing(*record)[0])
+                records = left
+            if len(batch) == 1:
+                await self._send_one(d, _outgoing(*batch[0])[0])
+            elif batch:
+                assert body is not None
+                await self._send_batch(d, batch, body)
 
-    async def _send_batch(self, d: _Destination, batch: list[_Outgoing]) -> None:
-        body = core.encode_batch([(out.block, out.body) for out in batch])
+    def _read_many(self, d: _Destination, seqs: list[int]) -> list[tuple[int, bytes]]:
+        """``(seq, record)`` of those of *seqs* still there, in one read transaction."""
+        cache = d.cache
+        store = self.store
+        db = store.outgoing
+        pack = _U64.pack
+        out = []
+        with store.resize_lock, store.env.begin() as txn:
+            get = txn.get
+            for seq in seqs:
+                value = cache.pop(seq, None) if cache else None
+                if value is None:
+                    value = get(pack(seq), db=db)
+                if value is not None:
+                    out.append((seq, value))
+        return out
+
+    async def _send_batch(self, d: _Destination, batch: list[tuple[int, bytes]], body: bytes) -> None:
+        """*body*: the batch of the records *batch* (``(seq, record)`` each)."""
         block = _BATCH_LINES
         if d.site is not None and d.site.secret:
             block += self._signature(d, block, auth.body_digest(body))
@@ -571,8 +603,11 @@ class Forwarder:
             status, problem = 502, "502 the batch's answer does not list one outcome per message"
         if results is not None:
             d.batches += 1
-            await self._outcomes(d, [(out, one_status, f"{one_status} {reason}")
-                                     for out, (one_status, reason) in zip(batch, results)])
+            if not results:  # every message accepted
+                self._delivered_all(d, [seq for seq, _value in batch])
+                return
+            await self._outcomes(d, [(seq, value, one_status, f"{one_status} {reason}")
+                                     for (seq, value), (one_status, reason) in zip(batch, results)])
             return
         if status in (400, 404, 405, 413, 415, 501):
             # The receiver does not take this batch as a batch (no longer a gwcore receiver with
@@ -581,44 +616,48 @@ class Forwarder:
                         problem)
             d.batch = None
             d.batch_refused_until = time.monotonic() + _BATCH_RETRY_AFTER
-            for out in batch:
-                await self._send_one(d, out)
+            for record in batch:
+                await self._send_one(d, _outgoing(*record)[0])
             return
         # the whole batch failed: each message as if its own request had
-        await self._outcomes(d, [(out, status, problem) for out in batch])
+        await self._outcomes(d, [(seq, value, status, problem) for seq, value in batch])
 
     async def _outcome(self, d: _Destination, out: _Outgoing, status: int, problem: str) -> None:
-        await self._outcomes(d, [(out, status, problem)])
+        await self._outcomes(d, [(out.seq, out.value, status, problem)])
 
-    async def _outcomes(self, d: _Destination, answers: list[tuple[_Outgoing, int, str]]) -> None:
-        """What each message's answer means: delivered (its record goes), a retry later, or the
-        outgoing error queue. The records of the failed ones change in one writer job."""
+    def _delivered_all(self, d: _Destination, seqs: list[int]) -> None:
+        """*seqs* were accepted: their records go, with those of every message delivered in this
+        loop turn, as one writer job."""
+        d.sent += len(seqs)
+        self.sent += len(seqs)
+        if not self._delivered:
+            asyncio.get_running_loop().call_soon(self._flush_delivered)
+        self._delivered += seqs
+
+    async def _outcomes(self, d: _Destination, answers: list[tuple[int, bytes, int, str]]) -> None:
+        """What each message's answer (``(seq, record, status, problem)``) means: delivered (its
+        record goes), a retry later, or the outgoing error queue. The records of the failed ones
+        change in one writer job."""
         changes: list[tuple[int, bytes, bool]] = []  # (seq, new record, to the error queue)
         retries: list[tuple[int, int]] = []
-        for out, status, problem in answers:
-            seq = out.seq
+        for seq, value, status, problem in answers:
             if status == 200:
-                d.sent += 1
-                self.sent += 1
-                # Removals of every message delivered in this loop turn go to the writer as one job.
-                if not self._delivered:
-                    asyncio.get_running_loop().call_soon(self._flush_delivered)
-                self._delivered.append(seq)
+                self._delivered_all(d, [seq])
                 continue
             d.failed_attempts += 1
-            rec = decode_outgoing(out.value)
+            rec = decode_outgoing(value)
             rec.attempt += 1
             rec.last_error = problem
             if status in PERMANENT_STATUSES or status == _BLOB_MISSING or rec.attempt > self.settings.retries:
                 why = "refused for good" if status in PERMANENT_STATUSES else f"failed {rec.attempt} times"
-                log.warning("message %s to %s %s (%s): moved to the outgoing error queue", out.msg_id, d.name, why,
-                            problem)
+                log.warning("message %s to %s %s (%s): moved to the outgoing error queue", record_id(rec), d.name,
+                            why, problem)
                 self.failed += 1
                 changes.append((seq, encode_failed(now_ms(), rec), True))
                 continue
             delay = self.settings.retry_delay(rec.attempt)
             rec.next_ms = now_ms() + int(delay * 1000)
-            log.info("message %s to %s failed (%s); retry %d of %d in %g s", out.msg_id, d.name, problem,
+            log.info("message %s to %s failed (%s); retry %d of %d in %g s", record_id(rec), d.name, problem,
                      rec.attempt, self.settings.retries, delay)
             self.retried += 1
             changes.append((seq, encode_outgoing(rec), False))

@@ -22,7 +22,7 @@ from gwcore import Gateway
 from gwcore import _dedup as core
 from gwcore import auth
 from gwcore.batch import advertised
-from gwcore.egress import wire_headers
+from gwcore.egress import OutgoingRecord, encode_outgoing, wire_headers
 from gwcore.errors import FramingError
 
 _NAME = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, blacklist_characters=":"), min_size=1,
@@ -118,6 +118,75 @@ def test_advertised_limits():
     assert advertised([(b"gwcore-batch", b"2; messages=10; bytes=2048")]) is None  # another version
     assert advertised([(b"gwcore-Batch", b"1; messages=0; bytes=2048")]) is None
     assert advertised([(b"Server", b"nginx")]) is None
+
+
+def _record(msg_id: str, body: bytes, *, attempt: int = 0, headers: dict[str, str] | None = None,
+            expiry_ms: int = 0) -> bytes:
+    """An outgoing record (egress.py's layout) of one message to RemoteSite."""
+    h = {"NServiceBus.EnclosedMessageTypes": "Shop.Order", "NServiceBus.MessageId": msg_id, **(headers or {})}
+    framed = core.encode_envelope(msg_id, h, body, expiry_ms, 1000)
+    return encode_outgoing(OutgoingRecord("RemoteSite", attempt, 0, "503 earlier" if attempt else "", framed))
+
+
+def _batch_block(msg_id: str, body: bytes, headers: dict[str, str], extra: dict[str, str] | None = None) -> bytes:
+    h = {"NServiceBus.EnclosedMessageTypes": "Shop.Order", "NServiceBus.MessageId": msg_id, **headers,
+         **(extra or {})}
+    lines = wire_headers(msg_id, h, body, in_batch=True)
+    return b"".join(b"%s: %s\r\n" % (k, v) for k, v in lines)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.binary(max_size=300),
+                          st.dictionaries(_NAME, _VALUE, max_size=4)), min_size=1, max_size=8))
+def test_outgoing_records_to_a_batch_in_one_call_as_the_reference_builds_it(messages):
+    records, want = [], []
+    for i, (attempt, body, headers) in enumerate(messages):
+        headers = {k: v for k, v in headers.items() if not k.startswith("NServiceBus.")}
+        msg_id = f"m{i}"
+        records.append(_record(msg_id, body, attempt=attempt, headers=headers))
+        extra = {"NServiceBus.Retries": str(attempt), "NServiceBus.Retries.Timestamp": "T"} if attempt else None
+        want.append((_batch_block(msg_id, body, headers, extra), body))
+    data, kinds = core.encode_outgoing_batch(records, b"NServiceBus.DataBus.", "T", 5000, 1000, 1 << 30)
+    assert kinds == bytes(len(records)) and data == reference_batch(want)
+    # and the receiver frames each as it frames the message alone (sha-256 checked, not MD5)
+    got = core.Framer("Ep").frame_batch(data, 1000, 1000)
+    assert [type(r).__name__ for r in got] == ["Envelope"] * len(records)
+
+
+def test_what_does_not_go_in_a_batch_is_said_per_record():
+    small = [_record(f"s{i}", b"x" * 10) for i in range(3)]
+    expired = _record("old", b"x", headers={"NServiceBus.TimeToBeReceived": "00:00:01"}, expiry_ms=2000)
+    databus = _record("blob", b"x", headers={"NServiceBus.DataBus.Shop.Photo": "key-1"})
+    big = _record("big", b"y" * 5000)
+    values = [small[0], expired, databus, big, small[1], small[2]]
+    one = len(reference_batch([(_batch_block("s0", b"x" * 10, {}), b"x" * 10)]))
+    data, kinds = core.encode_outgoing_batch(values, b"NServiceBus.DataBus.", "T", 3000, 1000, 2 * one - 8)
+    assert list(kinds) == [core.OUT_IN_BATCH, core.OUT_EXPIRED, core.OUT_ALONE, core.OUT_TOO_BIG,
+                           core.OUT_IN_BATCH, core.OUT_LEFT]
+    assert [e.id for e in core.Framer("Ep").frame_batch(data, 1, 10)] == ["s0", "s1"]
+    _data, kinds = core.encode_outgoing_batch(small, b"NServiceBus.DataBus.", "T", 3000, 2, 1 << 20)
+    assert list(kinds) == [core.OUT_IN_BATCH, core.OUT_IN_BATCH, core.OUT_LEFT]   # the message limit
+    assert core.encode_outgoing_batch([], b"D", "T", 1, 1, 100) == (None, b"")
+    for cut in (0, 5, 13, 20):
+        with pytest.raises(FramingError):
+            core.encode_outgoing_batch([small[0][:cut]], b"D", "T", 1, 10, 1 << 20)
+
+
+def test_a_batch_message_digest_is_sha256_and_checked():
+    body = b"the body"
+    block = _batch_block("d1", body, {})
+    assert b"Content-Digest: sha-256%3D%3A" in block and b"Content-MD5" not in block
+    framer = core.Framer("Ep")
+    (env,) = framer.frame_batch(core.encode_batch([(block, body)]), 1, 10)
+    assert type(env) is core.Envelope
+    (bad,) = framer.frame_batch(core.encode_batch([(block, b"another body")]), 1, 10)
+    assert (bad.status, "sha-256" in bad.reason) == (412, True)
+    other = block.replace(b"sha-256%3D%3A", b"sha-512%3D%3A")
+    (refused,) = framer.frame_batch(core.encode_batch([(other, body)]), 1, 10)
+    assert refused.status == 400 and "sha-256" in refused.reason
+    # outside a batch the framer leaves Content-Digest to the verifier (signed requests)
+    flat = [x for line in block.split(b"\r\n")[:-1] for x in line.split(b": ", 1)]
+    assert type(framer.frame(flat, b"another body", None, 1)) is core.Envelope
 
 
 # -- a real receiver ---------------------------------------------------------------------------------

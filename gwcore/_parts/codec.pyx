@@ -54,25 +54,46 @@ def content_md5(body):
 
 
 cdef int _content_md5(object body, unsigned char* out) except -1:
-    # Padded base64 of the MD5 digest into out[0:24]: 5 groups of 3 bytes, then 1 byte and "==".
+    # Padded base64 of the MD5 digest into out[0:24].
     cdef object md5 = std_md5_copy()
-    cdef bytes digest
-    cdef const unsigned char* d
-    cdef uint32_t v
-    cdef int g
     md5.update(body)
-    digest = md5.digest()
-    d = _ptr(digest)
-    for g in range(5):
-        v = (<uint32_t>d[3 * g] << 16) | (<uint32_t>d[3 * g + 1] << 8) | d[3 * g + 2]
-        out[4 * g] = BASE64_DIGITS[v >> 18]
-        out[4 * g + 1] = BASE64_DIGITS[(v >> 12) & 63]
-        out[4 * g + 2] = BASE64_DIGITS[(v >> 6) & 63]
-        out[4 * g + 3] = BASE64_DIGITS[v & 63]
-    out[20] = BASE64_DIGITS[d[15] >> 2]
-    out[21] = BASE64_DIGITS[(d[15] & 3) << 4]
-    out[22] = out[23] = ASCII_EQUALS
+    _base64_into(_ptr(md5.digest()), 16, out)
     return 0
+
+
+cdef int _content_sha256(object body, unsigned char* out) except -1:
+    # The RFC 9530 Content-Digest value of sha-256 alone into out[0:SHA256_DIGEST_LEN]:
+    # "sha-256=:" padded base64 ":".
+    cdef object sha = std_sha256_copy()
+    sha.update(body)
+    memcpy(out, b"sha-256=:", 9)
+    _base64_into(_ptr(sha.digest()), 32, out + 9)
+    out[SHA256_DIGEST_LEN - 1] = ASCII_COLON
+    return 0
+
+
+cdef void _base64_into(const unsigned char* d, Py_ssize_t n, unsigned char* out) noexcept:
+    # Padded standard base64 of d[0:n] into out[0:4 * ceil(n / 3)].
+    cdef uint32_t v
+    cdef Py_ssize_t i = 0
+    while i + 3 <= n:
+        v = (<uint32_t>d[i] << 16) | (<uint32_t>d[i + 1] << 8) | d[i + 2]
+        out[0] = BASE64_DIGITS[v >> 18]
+        out[1] = BASE64_DIGITS[(v >> 12) & 63]
+        out[2] = BASE64_DIGITS[(v >> 6) & 63]
+        out[3] = BASE64_DIGITS[v & 63]
+        out += 4
+        i += 3
+    if n - i == 1:
+        out[0] = BASE64_DIGITS[d[i] >> 2]
+        out[1] = BASE64_DIGITS[(d[i] & 3) << 4]
+        out[2] = out[3] = ASCII_EQUALS
+    elif n - i == 2:
+        v = (<uint32_t>d[i] << 8) | d[i + 1]
+        out[0] = BASE64_DIGITS[v >> 10]
+        out[1] = BASE64_DIGITS[(v >> 4) & 63]
+        out[2] = BASE64_DIGITS[(v & 15) << 2]
+        out[3] = ASCII_EQUALS
 
 
 def parse_timespan(str text not None):

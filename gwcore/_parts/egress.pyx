@@ -49,6 +49,16 @@ def encode_submit(framed, list extra=None):
     """See _dedup.pyi."""
     cdef const unsigned char[::1] view = framed
     cdef _Reader r
+    r.left = view.shape[0]
+    r.p = &view[0] if r.left else <const unsigned char*>b""
+    return _encode_submit(&r, extra, False)
+
+
+cdef tuple _encode_submit(_Reader* envelope, list extra, bint sha256):
+    # r points at exactly one envelope: (id, body, expiry_ms, header block), see encode_submit;
+    # with sha256, the body's digest is a Content-Digest of sha-256 (a batch message's, see
+    # encode_outgoing_batch) instead of its Content-MD5.
+    cdef _Reader r = envelope[0]
     cdef uint64_t accepted_ms, expiry_ms, body_n
     cdef uint32_t count, i, j, k
     cdef _TextSpan id_span, span
@@ -56,7 +66,7 @@ def encode_submit(framed, list extra=None):
     cdef _TextSpan* values = NULL
     cdef Py_ssize_t total, extra_n = 0, slots
     cdef const unsigned char* body_p
-    cdef unsigned char md5[MD5_BASE64_LEN]
+    cdef unsigned char digest[SHA256_DIGEST_LEN]
     cdef unsigned char* buf = NULL
     cdef unsigned char* w
     cdef Py_ssize_t correlation = -1, ttbr = -1, reply_to = -1
@@ -64,7 +74,7 @@ def encode_submit(framed, list extra=None):
     cdef Py_ssize_t text_n
     cdef bytes body, block
     cdef str msg_id
-    _envelope_start(&r, view, &accepted_ms, &expiry_ms)
+    _envelope_begin(&r, &accepted_ms, &expiry_ms)
     id_span.n = _get_u32(_take(&r, 4, "the id"))
     id_span.p = _take(&r, id_span.n, "the id")
     try:
@@ -129,7 +139,11 @@ def encode_submit(framed, list extra=None):
         if reply_to >= 0:
             total += 3 * values[reply_to].n + 32
         body = PyBytes_FromStringAndSize(<const char*>body_p, <Py_ssize_t>body_n)
-        _content_md5(body, md5)
+        if sha256:
+            _content_sha256(body, digest)
+            total += 3 * SHA256_DIGEST_LEN
+        else:
+            _content_md5(body, digest)
         buf = <unsigned char*>PyMem_Malloc(total)
         if buf == NULL:
             raise MemoryError()
@@ -149,10 +163,99 @@ def encode_submit(framed, list extra=None):
             w = _put_encoded(w, values[i].p, values[i].n)
             w = _put_lit(w, "\r\n", 2)
         w = _put_lit(w, "NServiceBus.Gateway: True\r\nNServiceBus.CallType: SingleCallSubmit\r\n", 67)
-        w = _put_line(w, "Content-MD5", 11, md5, MD5_BASE64_LEN)
+        if sha256:
+            w = _put_line(w, "Content-Digest", 14, digest, SHA256_DIGEST_LEN)
+        else:
+            w = _put_line(w, "Content-MD5", 11, digest, MD5_BASE64_LEN)
         block = PyBytes_FromStringAndSize(<const char*>buf, w - buf)
     finally:
         PyMem_Free(names)
         PyMem_Free(values)
         PyMem_Free(buf)
     return msg_id, body, expiry_ms, block
+
+
+# -- the outgoing record (egress.py's module docstring has its layout) --------------------------------
+
+cdef enum:
+    OUTGOING_HEAD = 8 + 4 + 2                          # next attempt ms, attempts, destination length
+    # what encode_outgoing_batch says of each record
+    _OUT_IN_BATCH = 0
+    _OUT_EXPIRED = 1
+    _OUT_ALONE = 2
+    _OUT_LEFT = 3
+    _OUT_TOO_BIG = 4
+
+OUT_IN_BATCH = _OUT_IN_BATCH
+OUT_EXPIRED = _OUT_EXPIRED
+OUT_ALONE = _OUT_ALONE
+OUT_LEFT = _OUT_LEFT
+OUT_TOO_BIG = _OUT_TOO_BIG
+
+
+cdef uint32_t _outgoing_envelope(_Reader* r, const unsigned char* p, Py_ssize_t n) except? 0xFFFFFFFF:
+    # Points r at the record's envelope; returns its failed attempts so far.
+    cdef uint32_t attempt, error_n
+    cdef uint16_t dest_n
+    r.p = p
+    r.left = n
+    _take(r, OUTGOING_HEAD, "the outgoing record's head")
+    attempt = _get_u32(p + 8)
+    dest_n = (<uint16_t>p[12] << 8) | p[13]
+    _take(r, dest_n, "the outgoing record's destination")
+    error_n = _get_u32(_take(r, 4, "the outgoing record's last failure length"))
+    _take(r, error_n, "the outgoing record's last failure")
+    return attempt
+
+
+def outgoing_layout(value):
+    """See _dedup.pyi."""
+    cdef const unsigned char[::1] view = value
+    cdef _Reader r
+    cdef uint32_t attempt
+    cdef const unsigned char* p = &view[0] if view.shape[0] else <const unsigned char*>b""
+    attempt = _outgoing_envelope(&r, p, view.shape[0])
+    return (_get_u64(p), attempt, (<uint16_t>p[12] << 8) | p[13], r.p - p)
+
+
+def encode_outgoing_batch(list values not None, bytes alone not None, str retried_at not None,
+                          uint64_t now_ms, Py_ssize_t max_messages, Py_ssize_t max_bytes):
+    """See _dedup.pyi."""
+    cdef Py_ssize_t n = len(values), i, size = BATCH_HEAD, add
+    cdef bytes kinds = PyBytes_FromStringAndSize(NULL, n)
+    cdef unsigned char* kind = <unsigned char*>PyBytes_AS_STRING(kinds)
+    cdef list messages = []
+    cdef list extra
+    cdef bytes value
+    cdef tuple framed
+    cdef _Reader r
+    cdef uint32_t attempt
+    cdef bint full = False
+    for i in range(n):
+        value = <bytes?>values[i]
+        attempt = _outgoing_envelope(&r, <const unsigned char*>PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value))
+        if alone in value:
+            kind[i] = _OUT_ALONE
+            continue
+        if full:
+            kind[i] = _OUT_LEFT
+            continue
+        extra = None
+        if attempt:
+            extra = [("NServiceBus.Retries", str(attempt)), ("NServiceBus.Retries.Timestamp", retried_at)]
+        framed = _encode_submit(&r, extra, True)
+        if framed[2] and <uint64_t>framed[2] < now_ms:
+            kind[i] = _OUT_EXPIRED
+            continue
+        add = BATCH_MESSAGE_FIXED + PyBytes_GET_SIZE(<bytes>framed[3]) + PyBytes_GET_SIZE(<bytes>framed[1])
+        if BATCH_HEAD + add > max_bytes:
+            kind[i] = _OUT_TOO_BIG
+            continue
+        if size + add > max_bytes or len(messages) >= max_messages:
+            kind[i] = _OUT_LEFT
+            full = True
+            continue
+        messages.append((framed[3], framed[1]))
+        size += add
+        kind[i] = _OUT_IN_BATCH
+    return (encode_batch(messages) if messages else None), kinds

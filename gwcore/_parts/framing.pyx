@@ -632,6 +632,7 @@ cdef class Framer:
             raise ValueError(f"{count} messages in one batch, more than GWCORE_MAX_BATCH_MESSAGES={max_messages}")
         if <uint64_t>count * BATCH_MESSAGE_FIXED > <uint64_t>r.left:
             raise FramingError(f"batch truncated: {count} messages cannot fit in {r.left} bytes")
+        self._in_batch = True
         try:
             for i in range(count):
                 block_n = _get_u32(_take(&r, 4, "a message's header block length"))
@@ -655,6 +656,7 @@ cdef class Framer:
                                                "(databus parts go as requests of their own)", None)
                 out.append(result)
         finally:
+            self._in_batch = False
             PyMem_Free(spans)
         if r.left:
             raise FramingError(f"{r.left} unexpected bytes after the batch's last message")
@@ -880,6 +882,7 @@ cdef class Framer:
         cdef const unsigned char* ttbr = NULL
         cdef Py_ssize_t ttbr_n = 0
         cdef unsigned char md5[MD5_BASE64_LEN]
+        cdef unsigned char sha256[SHA256_DIGEST_LEN]
         cdef bytes body_bytes
         cdef bint gateway
         cdef bint streamed = body is None        # RequestParser streams a databus part's body
@@ -941,6 +944,21 @@ cdef class Framer:
                 return self._reject_known(
                     412, "MD5 hash received does not match hash calculated on server. "
                          "Please resubmit.", callback, found, body_bytes)
+        if self._in_batch:
+            # A batch message's body digest (docs/protocol.md): a Content-Digest of sha-256.
+            # (Outside a batch, the verifier checks a signed request's Content-Digest.)
+            i = self._lookup(CTL_CONTENT_DIGEST)
+            if i >= 0:
+                s = &self._spans[i]
+                if s.value_n < 9 or memcmp(self._text + s.value, b"sha-256=:", 9):
+                    return self._reject_known(
+                        400, "Bad Request: a batch message's Content-Digest must be sha-256=:<base64>:",
+                        callback, found, body_bytes)
+                _content_sha256(body_bytes, sha256)
+                if s.value_n != SHA256_DIGEST_LEN or memcmp(self._text + s.value, sha256, SHA256_DIGEST_LEN):
+                    return self._reject_known(
+                        412, "Content-Digest received does not match the sha-256 calculated on server. "
+                             "Please resubmit.", callback, found, body_bytes)
         gateway = found[CTL_GATEWAY] >= 0
         # Claim-check headers: their parts are looked up (and the values rewritten) by the
         # writer, in the transaction that records the message (gwcore/databus/records.py).
