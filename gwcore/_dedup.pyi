@@ -421,6 +421,10 @@ def encode_submit(framed: Buffer, extra: list[tuple[str, str]] | None = None) ->
     :raises gwcore.errors.FramingError: *framed* is not a valid envelope.
     """
 
+def batch_count(body: bytes) -> int:
+    """The message count a batch body's preamble states (0 when it is shorter than a preamble),
+    read without framing anything: what a receiver checks its queue room against first."""
+
 def outgoing_layout(value: Buffer) -> tuple[int, int, int, int]:
     """``(next attempt ms, failed attempts, destination length, envelope offset)`` of an outgoing
     record (its layout: gwcore/egress.py's module docstring).

@@ -122,6 +122,11 @@ def receive(protocol: HTTPProtocol, slot: core.AnswerSlot, batch: Any) -> None:
         protocol._answer(slot, 413, f"Payload Too Large: a batch of {len(batch.body)} bytes exceeds "
                                     f"GWCORE_MAX_BATCH_BYTES={limits.bytes}")
         return
+    writer = state.writer
+    if writer.pending and writer.pending + core.batch_count(batch.body) > state.max_pending:
+        # refused before any message is framed: a full queue costs the sender, not us
+        protocol._answer(slot, 503, "Service Unavailable: ingest queue full, retry later")
+        return
     try:
         framed = state.framer.frame_batch(batch.body, now_ms(), limits.messages)
     except FramingError as exc:  # (a ValueError too: first)
@@ -129,10 +134,6 @@ def receive(protocol: HTTPProtocol, slot: core.AnswerSlot, batch: Any) -> None:
         return
     except ValueError as exc:
         protocol._answer(slot, 413, f"Payload Too Large: {exc}")
-        return
-    writer = state.writer
-    if writer.pending + len(framed) > state.max_pending and writer.pending:
-        protocol._answer(slot, 503, "Service Unavailable: ingest queue full, retry later")
         return
     results: list[Any] = [None] * len(framed)
     outcomes = _Outcomes(protocol, slot, results)

@@ -79,6 +79,13 @@ def _positive_duration(text: str) -> float:
     return value
 
 
+def _non_negative_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value < 0:
+        raise ValueError("cannot be negative")
+    return value
+
+
 def _positive_size(text: str) -> int:
     value = parse_size(text)
     if value <= 0:
@@ -473,6 +480,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "GWCORE_RETRY_DELAYS": ("retry_delays", _durations, "60s,120s,180s,240s"),
     "GWCORE_SEND_CONCURRENCY": ("send_concurrency", _positive_int, "8"),
     "GWCORE_SEND_TIMEOUT": ("send_timeout", _positive_duration, "30s"),
+    "GWCORE_SEND_LINGER": ("send_linger", _non_negative_duration, "0"),
     # security
     "GWCORE_TLS_CERT": ("tls_cert", _optional_file, ""),
     "GWCORE_TLS_KEY": ("tls_key", _optional_file, ""),
@@ -549,6 +557,7 @@ class Settings:
     retry_delays: tuple[float, ...] = (60.0, 120.0, 180.0, 240.0)
     send_concurrency: int = 8
     send_timeout: float = 30.0
+    send_linger: float = 0.0
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None

@@ -356,6 +356,66 @@ class _Ready:
         return [items.popleft() for _ in range(min(n, len(items)))]
 
 
+class SendWindow:
+    """How many requests may be in flight to one destination: a congestion window within
+    ``limit`` (the site's concurrency), in the manner of TCP's AIMD.
+
+    It starts at *limit*. An answered request (any status but 503) grows it by ``1/size``, so by
+    one request per window of answers, up to *limit*; a 503 (the receiver's queue is full, it is
+    not ready) or a request that got no answer (timeout, connection lost) halves it, at most once
+    per *hold* seconds or per the failed request's own duration (the requests already on the way
+    when it shrank say nothing new), never below one. Workers wait in :meth:`acquire` while
+    ``in_flight >= size``.
+    """
+
+    __slots__ = ("size", "limit", "in_flight", "waiters", "shrunk_at", "hold", "shrinks")
+
+    def __init__(self, limit: int, hold: float = 0.1) -> None:
+        self.limit = limit
+        self.size = float(limit)
+        self.in_flight = 0
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.shrunk_at = -1e9
+        self.hold = hold
+        self.shrinks = 0
+
+    async def acquire(self) -> None:
+        while self.in_flight >= int(self.size):
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()   # the wake-up it got goes to the next one
+                raise
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._wake()
+
+    def answered(self, status: int, elapsed: float = 0.0) -> None:
+        """The outcome of one request: its status (0: no answer) and how long it took (s)."""
+        if status == 503 or status == 0:
+            now = time.monotonic()
+            if now - self.shrunk_at >= max(self.hold, elapsed):
+                self.size = max(1.0, self.size / 2)
+                self.shrunk_at = now
+                self.shrinks += 1
+        elif self.size < self.limit:
+            self.size = min(float(self.limit), self.size + 1.0 / self.size)
+            self._wake()
+
+    def _wake(self) -> None:
+        free = int(self.size) - self.in_flight
+        while free > 0 and self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                free -= 1
+
+
 class _Destination:
     def __init__(self, name: str, url: str, site: Site | None, client: SiteClient) -> None:
         self.name = name
@@ -373,6 +433,7 @@ class _Destination:
         self.batch: BatchLimits | None = None
         self.batch_refused_until = 0.0  # monotonic: a refused batch, one per request until then
         self.batches = 0
+        self.window = SendWindow(client.concurrency)
 
 
 class Forwarder:
@@ -474,22 +535,32 @@ class Forwarder:
     # -- sending
 
     async def _work(self, d: _Destination) -> None:
+        window, linger = d.window, self.settings.send_linger
         while True:
-            seqs = [await d.ready.get()]
-            if d.batch is not None and self.settings.send_batch:
-                # what else is due goes along: a batch fills from the queue with no waiting
-                seqs += d.ready.get_more(d.batch.messages - 1)
+            # A place in the send window first: while the window is full, due messages gather in
+            # the ready queue and the next batch takes them all.
+            await window.acquire()
             try:
-                if len(seqs) == 1:
-                    await self._forward(d, seqs[0])
-                else:
-                    await self._forward_batch(d, seqs)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug: keep the worker alive, try the messages again later
-                log.exception("forwarder: unexpected error sending record(s) %s to %s", seqs[:5], d.name)
-                for seq in seqs:
-                    self.schedule(seq, d.name, now_ms() + 5000)
+                seqs = [await d.ready.get()]
+                if d.batch is not None and self.settings.send_batch:
+                    # what else is due goes along: a batch fills from the queue (waiting up to
+                    # GWCORE_SEND_LINGER for more when it is not full)
+                    if linger and len(d.ready.items) < d.batch.messages - 1:
+                        await asyncio.sleep(linger)
+                    seqs += d.ready.get_more(d.batch.messages - 1)
+                try:
+                    if len(seqs) == 1:
+                        await self._forward(d, seqs[0])
+                    else:
+                        await self._forward_batch(d, seqs)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # a bug: keep the worker alive, try the messages again later
+                    log.exception("forwarder: unexpected error sending record(s) %s to %s", seqs[:5], d.name)
+                    for seq in seqs:
+                        self.schedule(seq, d.name, now_ms() + 5000)
+            finally:
+                window.release()
 
     async def _prepare(self, d: _Destination, seq: int) -> _Outgoing | None:
         """The record *seq* ready to send, or None: gone already (a duplicate schedule, or moved
@@ -526,6 +597,7 @@ class Forwarder:
         if d.site is not None and d.site.secret:
             block += self._signature(d, block, auth.body_digest(body))
         d.in_flight += 1
+        started = time.monotonic()
         try:
             if problem:
                 status = _BLOB_MISSING
@@ -535,6 +607,8 @@ class Forwarder:
             status, problem = 0, str(exc)
         finally:
             d.in_flight -= 1
+        if status != _BLOB_MISSING:
+            d.window.answered(status, time.monotonic() - started)
         await self._outcome(d, out, status, problem)
 
     async def _forward_batch(self, d: _Destination, seqs: list[int]) -> None:
@@ -591,6 +665,7 @@ class Forwarder:
         if d.site is not None and d.site.secret:
             block += self._signature(d, block, auth.body_digest(body))
         d.in_flight += len(batch)
+        started = time.monotonic()
         try:
             response = await d.client.post_block(block, body)
             status, problem = response.status, f"{response.status} {response.reason}"
@@ -598,6 +673,7 @@ class Forwarder:
             response, status, problem = None, 0, str(exc)
         finally:
             d.in_flight -= len(batch)
+        d.window.answered(status, time.monotonic() - started)
         results = _batch_results(response, len(batch)) if status == 200 else None
         if status == 200 and results is None:
             status, problem = 502, "502 the batch's answer does not list one outcome per message"

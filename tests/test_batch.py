@@ -422,3 +422,136 @@ def test_send_many_commits_once_and_is_all_or_nothing(run, make_settings, tmp_pa
             assert sorted(queued_ids(str(tmp_path / "b"))) == sorted(ids)
 
     run(main())
+
+
+def test_replies_and_requests_go_in_batches_both_ways(run, tmp_path):
+    """Many concurrent request()s: the requests reach the remote site in batches, and so do the
+    replies on their way back to the requester's channel URL (a destination that is not a
+    configured site); every request gets its own reply."""
+    from test_egress import settings_for, url_of
+    n = 300
+
+    async def main():
+        async def remote_handler(msg):
+            await remote.reply(msg, b"re:" + msg.body)
+
+        remote = Gateway(settings_for(tmp_path, "RemoteSite", sites="", handler_concurrency=32),
+                         handler=remote_handler)
+        async with remote:
+            sites = f"RemoteSite={url_of(remote, 'RemoteSite')}"
+            others: list = []   # replies reach request() through the consumer, so one runs
+            async with Gateway(settings_for(tmp_path, "Headquarters", sites=sites), handler=others.append) as hq:
+                first = await hq.request("RemoteSite", b"warm-up", timeout=20)   # both sides learn
+                assert first.body == b"re:warm-up"
+                replies = await asyncio.gather(*(hq.request("RemoteSite", b"%d" % i, timeout=60)
+                                                 for i in range(n)))
+                assert sorted(r.body for r in replies) == sorted(b"re:%d" % i for i in range(n))
+                assert others == []
+                assert hq.forwarder._dests["RemoteSite"].batches > 0
+                (back,) = remote.forwarder._dests.values()      # the reply destination: a URL
+                assert back.name == url_of(hq, "Headquarters") and back.batches > 0
+                assert hq.store.counts()["outgoing_errors"] == remote.store.counts()["outgoing_errors"] == 0
+
+    run(main())
+
+
+def test_a_full_receiver_refuses_a_batch_before_framing_any_of_it(run, make_settings, monkeypatch):
+    from gwcore.store import Writer
+    batch = core.encode_batch([(block_of(str(i), b"x"), b"x") for i in range(3)])
+
+    async def main():
+        async with Gateway(make_settings(commit_max_pending=4)) as gw:
+            monkeypatch.setattr(Writer, "pending", property(lambda self: 2))
+            framer = gw.states[0].framer
+            before = framer.framed_total
+            r = await _send(gw, _post_batch("/RemoteSite/", batch))
+            assert (r.status, "ingest queue full" in r.reason) == (503, True)
+            assert framer.framed_total == before     # not one message framed
+            monkeypatch.undo()
+            r = await _send(gw, _post_batch("/RemoteSite/", batch))
+            assert r.status == 200 and gw.store.counts()["queue"] == 3
+
+    run(main())
+
+
+def test_the_send_window_halves_on_congestion_and_grows_back_by_one_per_window(run):
+    from gwcore.egress import SendWindow
+
+    async def main():
+        w = SendWindow(8, hold=0.0)
+        assert w.size == 8
+        w.answered(503)
+        assert w.size == 4
+        w.answered(0)                 # no answer (timeout, connection lost): congestion too
+        assert w.size == 2
+        for _ in range(10):
+            w.answered(503)
+        assert w.size == 1            # never below one
+        w.answered(400)               # an answer that is not congestion grows it
+        assert w.size == 2
+        for _ in range(2):
+            w.answered(200)
+        assert 2.8 < w.size < 3       # about one more per window of answers (2 + 1/2 + 1/2.5)
+        held = SendWindow(8, hold=60.0)
+        held.answered(503)
+        held.answered(503)            # the requests already on the way say nothing new
+        assert held.size == 4 and held.shrinks == 1
+        # workers wait while the window is full, and one is let in per place that frees up
+        w = SendWindow(2)
+        await w.acquire()
+        await w.acquire()
+        third = asyncio.ensure_future(w.acquire())
+        await asyncio.sleep(0.01)
+        assert not third.done()
+        w.release()
+        await asyncio.wait_for(third, 1)
+        assert w.in_flight == 2
+
+    run(main())
+
+
+def test_a_sender_behind_503s_backs_off_and_still_delivers_everything(run, make_settings, tmp_path):
+    """A receiver with little room (GWCORE_COMMIT_MAX_PENDING) and a sender allowed many requests
+    in flight: the sender's window shrinks on the 503s and every message arrives once."""
+    n = 600
+
+    async def main():
+        async with Gateway(make_settings(data_dir=str(tmp_path / "b"), endpoint="SiteB", max_batch_messages=50,
+                                         commit_max_pending=120,
+                                         receive_channels="http://127.0.0.1:0/SiteB/")) as b:
+            host, port = b.addresses[0]
+            async with Gateway(_sender(make_settings, tmp_path, f"http://{host}:{port}/SiteB/", send_concurrency=32,
+                                       retry_delays=(0.05,), retries=1000)) as a:
+                await a.send_to_sites(["SiteB"], b"first")
+                await _until(lambda: b.store.counts()["queue"] == 1, 10, "the first message")
+                await a.send_many([(["SiteB"], b"m%d" % i) for i in range(n)])
+                await _until(lambda: a.store.counts()["outgoing"] == 0, 60, "A's outgoing queue to drain")
+                assert b.store.counts()["queue"] == n + 1
+                window = a.forwarder._dests["SiteB"].window
+                assert window.shrinks > 0 and a.forwarder.retried > 0
+                assert a.store.counts()["outgoing_errors"] == 0
+
+    run(main())
+
+
+def test_linger_gathers_trickling_messages_into_fewer_batches(run, make_settings, tmp_path):
+    async def trickle(linger: float) -> int:
+        async with Gateway(make_settings(data_dir=str(tmp_path / f"b{linger:g}"), endpoint="SiteB",
+                                         receive_channels="http://127.0.0.1:0/SiteB/")) as b:
+            host, port = b.addresses[0]
+            async with Gateway(_sender(make_settings, tmp_path / f"{linger:g}", f"http://{host}:{port}/SiteB/",
+                                       send_linger=linger)) as a:
+                await a.send_to_sites(["SiteB"], b"first")
+                await _until(lambda: b.store.counts()["queue"] == 1, 10, "the first message")
+                for i in range(40):
+                    await a.send_to_sites(["SiteB"], b"t%d" % i)
+                    await asyncio.sleep(0.005)
+                await _until(lambda: b.store.counts()["queue"] == 41, 20, "every message at B")
+                state = b.states[0]
+                return state.batches + (41 - state.batch_messages)     # requests: batches and singles
+
+    async def main():
+        return await trickle(0.0), await trickle(0.2)
+
+    quick, lingered = run(main())
+    assert lingered < quick / 2, (quick, lingered)
