@@ -123,7 +123,8 @@ def receive(protocol: HTTPProtocol, slot: core.AnswerSlot, batch: Any) -> None:
                                     f"GWCORE_MAX_BATCH_BYTES={limits.bytes}")
         return
     try:
-        framed = state.framer.frame_batch(batch.body, now_ms(), limits.messages)
+        framed = state.framer.frame_batch(batch.body, now_ms(), limits.messages,
+                                          max_headers=state.settings.http_max_headers)
     except FramingError as exc:  # (a ValueError too: first)
         protocol._answer(slot, 400, f"Bad Request: malformed batch: {exc}")
         return

@@ -65,6 +65,12 @@ cdef class Rejection:
         return f"<Rejection {self.status} {self.reason!r}>"
 
 
+cdef str _too_many_headers(Py_ssize_t limit):
+    # The 431 reason for more than GWCORE_HTTP_MAX_HEADERS headers: a request's (RequestParser)
+    # and a batch message's (Framer.frame_batch) alike.
+    return f"Request Header Fields Too Large: more than {limit} headers"
+
+
 cdef uint64_t _expiry(const unsigned char* ttbr, Py_ssize_t n, uint64_t now_ms,
                       bint gateway) noexcept nogil:
     # ttbr is NULL when the header is absent. Gateway messages: unparseable counts as zero and
@@ -600,10 +606,12 @@ cdef class Framer:
                 b.auth_headers = self._auth_headers
         return b
 
-    def frame_batch(self, bytes body not None, uint64_t now_ms, Py_ssize_t max_messages):
+    def frame_batch(self, bytes body not None, uint64_t now_ms, Py_ssize_t max_messages, *,
+                    Py_ssize_t max_headers):
         """The messages of a batch's body (layout in _dedup.pyx), each framed as its own request
         would be: a list of Envelope or Rejection, one per message, in order. A message that is
-        not a ``SingleCallSubmit`` is refused (400) on its own.
+        not a ``SingleCallSubmit`` is refused (400) on its own, and so is one with more than
+        *max_headers* header lines (431, as RequestParser answers such a request).
 
         :raises FramingError: the body is not one whole batch (truncated, trailing bytes, bad
             magic, version or flags, a header line without a colon).
@@ -617,7 +625,7 @@ cdef class Framer:
         cdef _RawSpan* spans = NULL
         cdef list out = []
         cdef object result
-        cdef bytes message_body
+        cdef const unsigned char* message_body
         r.p = _ptr(body)
         r.left = PyBytes_GET_SIZE(body)
         head = _take(&r, 4, "the batch's preamble")
@@ -638,6 +646,12 @@ cdef class Framer:
                 block_n = _get_u32(_take(&r, 4, "a message's header block length"))
                 block = _take(&r, block_n, "a message's header block")
                 lines = _block_lines(block, block_n)
+                body_n = _get_u64(_take(&r, 8, "a message's body length"))
+                message_body = _take(&r, body_n, "a message's body")
+                if lines > max_headers:
+                    # before any scratch is sized by its header count
+                    out.append(self._reject(431, _too_many_headers(max_headers), None))
+                    continue
                 if lines > cap:
                     cap = max(lines, 32)
                     PyMem_Free(spans)
@@ -645,10 +659,8 @@ cdef class Framer:
                     if spans == NULL:
                         raise MemoryError()
                 _block_spans(block, block_n, spans)
-                body_n = _get_u64(_take(&r, 8, "a message's body length"))
-                message_body = PyBytes_FromStringAndSize(<const char*>_take(&r, body_n, "a message's body"),
-                                                         <Py_ssize_t>body_n)
-                result = self._frame_raw(spans, lines, message_body, None, now_ms)
+                result = self._frame_raw(spans, lines, PyBytes_FromStringAndSize(
+                    <const char*>message_body, <Py_ssize_t>body_n), None, now_ms)
                 if type(result) is Batch:
                     result = self._reject(400, "Bad Request: a batch inside a batch", None)
                 elif type(result) is Envelope and (<Envelope>result).call_type != CALL_TYPE_SUBMIT:

@@ -467,8 +467,7 @@ cdef class RequestParser:
         if error != NULL:
             return self._malformed(events, error.decode("ascii"))
         if self._headers_n >= self._max_headers:
-            return self._fail(events, 431, "Request Header Fields Too Large: more than "
-                              f"{self._max_headers} headers")
+            return self._fail(events, 431, _too_many_headers(self._max_headers))
         if self._headers_n == self._headers_cap:
             grown = <_HeaderAt*>PyMem_Realloc(self._headers, max(MIN_SPANS, 2 * self._headers_cap) * sizeof(_HeaderAt))
             if grown == NULL:
