@@ -70,6 +70,62 @@ def test_encode_is_the_documented_layout_and_each_message_frames_as_alone(messag
             assert (result.status, result.reason) == (want.status, want.reason)
 
 
+def reference_block(block: bytes) -> list[tuple[bytes, bytes]]:
+    """A header block's (name, value) lines as docs/protocol.md describes them, in Python: each
+    line ``name: value`` CRLF, the value without the blanks around it; FramingError otherwise."""
+    out, i = [], 0
+    while i < len(block):
+        start, colon = i, None
+        while i < len(block) and block[i] != 0x0D:
+            if block[i] in (0x0A, 0):
+                raise FramingError("bare LF or a NUL")
+            if block[i] == 0x3A and colon is None:
+                if i == start:
+                    raise FramingError("empty name")
+                colon = i
+            i += 1
+        if colon is None:
+            raise FramingError("no colon")
+        if block[i + 1:i + 2] != b"\n":
+            raise FramingError("does not end in CRLF")
+        out.append((block[start:colon], block[colon + 1:i].strip(b" \t")))
+        i += 2
+    return out
+
+
+_PIECES = st.sampled_from([b"NServiceBus.Id", b"NServiceBus.CallType", b"SingleCallSubmit", b"X-a", b"v",
+                           b":", b" ", b"\t", b"\r\n", b"\r", b"\n", b"\0", b"%20", b"+"])
+_BLOCK = st.lists(st.one_of(st.just(b"NServiceBus.Id: m\r\nNServiceBus.CallType: SingleCallSubmit\r\n"),
+                            _PIECES), max_size=30).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_BLOCK, min_size=1, max_size=4), st.integers(0, 6))
+def test_header_blocks_against_the_reference(blocks, limit):
+    """Blanks, CR, LF and NUL anywhere in a block: the same lines, or the same refusal, as the
+    reference; more than the header limit is that message's 431."""
+    data = core.encode_batch([(block, b"") for block in blocks])
+    try:
+        parsed = [reference_block(block) for block in blocks]
+    except FramingError as exc:
+        with pytest.raises(FramingError, match=str(exc)):
+            core.Framer("Ep").frame_batch(data, 1, 10, max_headers=limit)
+        return
+    got = core.Framer("Ep").frame_batch(data, 1, 10, max_headers=limit)
+    alone = core.Framer("Ep")
+    for result, lines in zip(got, parsed, strict=True):
+        if len(lines) > limit:
+            assert (result.status, result.reason) == (
+                431, f"Request Header Fields Too Large: more than {limit} headers")
+            continue
+        want = alone.frame([x for line in lines for x in line], b"", None, 1)
+        assert type(result) is type(want)
+        if type(want) is core.Envelope:
+            assert (result.id, result.framed) == (want.id, want.framed)
+        else:
+            assert (result.status, result.reason) == (want.status, want.reason)
+
+
 def test_the_documented_vector():
     """docs/protocol.md, "Batches between gwcore sites": the bytes given there."""
     import re
@@ -130,6 +186,16 @@ def test_a_message_with_more_headers_than_the_limit_is_431_on_its_own():
     assert type(b) is core.Rejection
     # what a single request with too many headers gets from the HTTP parser
     assert (b.status, b.reason) == (431, f"Request Header Fields Too Large: more than {limit} headers")
+
+
+def test_blocks_of_many_lines_frame_as_alone():
+    """Blocks of more lines than the framer's first scratch holds, one after another."""
+    blocks = [_many_headers(str(n), n) for n in (40, 3, 200, 65)]
+    got = core.Framer("Ep").frame_batch(core.encode_batch([(b, b"") for b in blocks]), 1, 10, max_headers=HEADERS)
+    alone = core.Framer("Ep")
+    for result, block in zip(got, blocks, strict=True):
+        want = alone.frame([x for line in reference_block(block) for x in line], b"", None, 1)
+        assert (result.id, result.framed) == (want.id, want.framed)
 
 
 def test_a_malformed_line_past_the_header_limit_is_still_a_malformed_batch():

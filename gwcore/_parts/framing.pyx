@@ -236,55 +236,52 @@ cdef class Batch:
         return f"<Batch version={self.version!r} body={len(self.body)}B>"
 
 
-cdef Py_ssize_t _block_lines(const unsigned char* p, Py_ssize_t n) except -1:
-    # Checks a batch message's header block ("Name: value\r\n" lines) and counts its lines.
-    cdef Py_ssize_t i = 0, start, lines = 0
-    cdef bint colon
+cdef Py_ssize_t _block_spans(const unsigned char* p, Py_ssize_t n, _RawSpan** spans,
+                             Py_ssize_t* cap, Py_ssize_t limit) except -1:
+    # Checks a batch message's header block ("Name: value\r\n" lines) and counts its lines, in
+    # one pass. The (name, value) spans of the first `limit` lines go to *spans (room for *cap
+    # pairs, grown as needed; the caller frees it): the value without the blanks around it, as
+    # an HTTP header's. Lines past the limit are checked, never stored.
+    cdef Py_ssize_t i = 0, start, colon, v, end, lines = 0, grown_cap
+    cdef _RawSpan* grown
+    cdef _RawSpan* line
     while i < n:
         start = i
-        colon = False
+        colon = -1
         while i < n and p[i] != ASCII_CR:
             if p[i] == ASCII_LF or p[i] == 0:
                 raise FramingError("a batch message's header line holds a bare LF or a NUL")
-            if p[i] == ASCII_COLON and not colon:
-                colon = True
+            if p[i] == ASCII_COLON and colon < 0:
                 if i == start:
                     raise FramingError("a batch message's header line has an empty name")
+                colon = i
             i += 1
-        if not colon:
+        if colon < 0:
             raise FramingError("a batch message's header line has no colon")
         if i + 1 >= n or p[i + 1] != ASCII_LF:
             raise FramingError("a batch message's header line does not end in CRLF")
+        if lines < limit:
+            if lines == cap[0]:
+                grown_cap = min(max(MIN_SPANS, 2 * cap[0]), limit)
+                grown = <_RawSpan*>PyMem_Realloc(spans[0], 2 * grown_cap * sizeof(_RawSpan))
+                if grown == NULL:
+                    raise MemoryError()
+                spans[0] = grown
+                cap[0] = grown_cap
+            v = colon + 1
+            while v < i and (p[v] == ASCII_SPACE or p[v] == ASCII_TAB):
+                v += 1
+            end = i
+            while end > v and (p[end - 1] == ASCII_SPACE or p[end - 1] == ASCII_TAB):
+                end -= 1
+            line = spans[0] + 2 * lines
+            line[0].p = p + start
+            line[0].n = colon - start
+            line[1].p = p + v
+            line[1].n = end - v
         i += 2
         lines += 1
     return lines
-
-
-cdef void _block_spans(const unsigned char* p, Py_ssize_t n, _RawSpan* spans) noexcept:
-    # The (name, value) spans of a block _block_lines checked: the value without the blanks
-    # around it, as an HTTP header's.
-    cdef Py_ssize_t i = 0, start, colon, end, k = 0
-    while i < n:
-        start = i
-        while p[i] != ASCII_COLON:
-            i += 1
-        colon = i
-        end = colon
-        while p[end] != ASCII_CR:
-            end += 1
-        i = colon + 1
-        while i < end and (p[i] == ASCII_SPACE or p[i] == ASCII_TAB):
-            i += 1
-        spans[2 * k].p = p + start
-        spans[2 * k].n = colon - start
-        spans[2 * k + 1].p = p + i
-        while end > i and (p[end - 1] == ASCII_SPACE or p[end - 1] == ASCII_TAB):
-            end -= 1
-        spans[2 * k + 1].n = end - i
-        while p[i] != ASCII_CR:
-            i += 1
-        i += 2
-        k += 1
 
 
 def encode_batch(list messages not None):
@@ -645,20 +642,13 @@ cdef class Framer:
             for i in range(count):
                 block_n = _get_u32(_take(&r, 4, "a message's header block length"))
                 block = _take(&r, block_n, "a message's header block")
-                lines = _block_lines(block, block_n)
+                lines = _block_spans(block, block_n, &spans, &cap, max_headers)
                 body_n = _get_u64(_take(&r, 8, "a message's body length"))
                 message_body = _take(&r, body_n, "a message's body")
                 if lines > max_headers:
-                    # before any scratch is sized by its header count
+                    # the spans kept stop at the limit, and the framer's scratch is not sized
                     out.append(self._reject(431, _too_many_headers(max_headers), None))
                     continue
-                if lines > cap:
-                    cap = max(lines, 32)
-                    PyMem_Free(spans)
-                    spans = <_RawSpan*>PyMem_Malloc(2 * cap * sizeof(_RawSpan))
-                    if spans == NULL:
-                        raise MemoryError()
-                _block_spans(block, block_n, spans)
                 result = self._frame_raw(spans, lines, PyBytes_FromStringAndSize(
                     <const char*>message_body, <Py_ssize_t>body_n), None, now_ms)
                 if type(result) is Batch:
