@@ -297,12 +297,7 @@ def encode_batch(list messages not None):
         total += BATCH_MESSAGE_FIXED + _u32_len(PyBytes_GET_SIZE(<bytes?>m[0]), "a header block") \
             + PyBytes_GET_SIZE(<bytes?>m[1])
     out = PyBytes_FromStringAndSize(NULL, total)
-    w = <unsigned char*>PyBytes_AS_STRING(out)
-    w[0] = MAGIC_G
-    w[1] = MAGIC_B
-    w[2] = BATCH_VERSION
-    w[3] = 0
-    w = _put_u32(w + 4, <uint32_t>n)
+    w = _put_preamble(<unsigned char*>PyBytes_AS_STRING(out), MAGIC_B, BATCH_VERSION, 0, <uint32_t>n)
     for m in messages:
         block = m[0]
         body = m[1]
@@ -614,7 +609,7 @@ cdef class Framer:
             magic, version or flags, a header line without a colon).
         :raises ValueError: more than *max_messages* messages (the receiver answers 413)."""
         cdef _Reader r
-        cdef const unsigned char* head
+        cdef unsigned char flags
         cdef const unsigned char* block
         cdef uint32_t count, i, block_n
         cdef uint64_t body_n
@@ -625,18 +620,10 @@ cdef class Framer:
         cdef const unsigned char* message_body
         r.p = _ptr(body)
         r.left = PyBytes_GET_SIZE(body)
-        head = _take(&r, 4, "the batch's preamble")
-        if head[0] != MAGIC_G or head[1] != MAGIC_B:
-            raise FramingError("not a gwcore batch (bad magic)")
-        if head[2] != BATCH_VERSION:
-            raise FramingError(f"unsupported batch version {head[2]}")
-        if head[3] != 0:
-            raise FramingError(f"unknown batch flags {head[3]:#x}")
-        count = _get_u32(_take(&r, 4, "the message count"))
+        count = _take_preamble(&r, MAGIC_B, BATCH_VERSION, 0, "batch", "message", &flags)
         if count > max_messages:
             raise ValueError(f"{count} messages in one batch, more than GWCORE_MAX_BATCH_MESSAGES={max_messages}")
-        if <uint64_t>count * BATCH_MESSAGE_FIXED > <uint64_t>r.left:
-            raise FramingError(f"batch truncated: {count} messages cannot fit in {r.left} bytes")
+        _check_fits(&r, count, BATCH_MESSAGE_FIXED, "batch", "message")
         self._in_batch = True
         try:
             for i in range(count):
