@@ -212,11 +212,7 @@ def signing_headers(block):
             if colon == end or colon == pos:
                 raise ValueError(f"not a header line: {raw[pos:end]!r}")
             v = colon + 1
-            while v < end and (p[v] == ASCII_SPACE or p[v] == ASCII_TAB):
-                v += 1
-            e = end
-            while e > v and (p[e - 1] == ASCII_SPACE or p[e - 1] == ASCII_TAB):
-                e -= 1
+            e = _trim_ows(p, &v, end)
             if f._add_header(p + pos, colon - pos, p + v, e - v) >= 0:
                 raise ValueError(f"header {raw[pos:colon]!r} appears more than once")
         pos = eol + 1
@@ -269,11 +265,7 @@ cdef Py_ssize_t _block_spans(const unsigned char* p, Py_ssize_t n, _RawSpan** sp
                 spans[0] = grown
                 cap[0] = grown_cap
             v = colon + 1
-            while v < i and (p[v] == ASCII_SPACE or p[v] == ASCII_TAB):
-                v += 1
-            end = i
-            while end > v and (p[end - 1] == ASCII_SPACE or p[end - 1] == ASCII_TAB):
-                end -= 1
+            end = _trim_ows(p, &v, i)
             line = spans[0] + 2 * lines
             line[0].p = p + start
             line[0].n = colon - start
