@@ -128,7 +128,8 @@ def receive(protocol: HTTPProtocol, slot: core.AnswerSlot, batch: Any) -> None:
         protocol._answer(slot, 503, "Service Unavailable: ingest queue full, retry later")
         return
     try:
-        framed = state.framer.frame_batch(batch.body, now_ms(), limits.messages)
+        framed = state.framer.frame_batch(batch.body, now_ms(), limits.messages,
+                                          max_headers=state.settings.http_max_headers)
     except FramingError as exc:  # (a ValueError too: first)
         protocol._answer(slot, 400, f"Bad Request: malformed batch: {exc}")
         return

@@ -25,6 +25,7 @@ from gwcore.batch import advertised
 from gwcore.egress import OutgoingRecord, encode_outgoing, wire_headers
 from gwcore.errors import FramingError
 
+HEADERS = 256  # GWCORE_HTTP_MAX_HEADERS's default
 _NAME = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, blacklist_characters=":"), min_size=1,
                 max_size=20)
 _VALUE = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30)
@@ -53,7 +54,7 @@ def test_encode_is_the_documented_layout_and_each_message_frames_as_alone(messag
     data = core.encode_batch(wire)
     assert data == reference_batch(wire)
     framer, alone = core.Framer("Ep"), core.Framer("Ep")
-    got = framer.frame_batch(data, 1000, 100)
+    got = framer.frame_batch(data, 1000, 100, max_headers=HEADERS)
     assert len(got) == len(messages)
     for result, (headers, body) in zip(got, messages):
         flat = [x.encode() for pair in headers for x in pair]
@@ -69,6 +70,62 @@ def test_encode_is_the_documented_layout_and_each_message_frames_as_alone(messag
             assert (result.status, result.reason) == (want.status, want.reason)
 
 
+def reference_block(block: bytes) -> list[tuple[bytes, bytes]]:
+    """A header block's (name, value) lines as docs/protocol.md describes them, in Python: each
+    line ``name: value`` CRLF, the value without the blanks around it; FramingError otherwise."""
+    out, i = [], 0
+    while i < len(block):
+        start, colon = i, None
+        while i < len(block) and block[i] != 0x0D:
+            if block[i] in (0x0A, 0):
+                raise FramingError("bare LF or a NUL")
+            if block[i] == 0x3A and colon is None:
+                if i == start:
+                    raise FramingError("empty name")
+                colon = i
+            i += 1
+        if colon is None:
+            raise FramingError("no colon")
+        if block[i + 1:i + 2] != b"\n":
+            raise FramingError("does not end in CRLF")
+        out.append((block[start:colon], block[colon + 1:i].strip(b" \t")))
+        i += 2
+    return out
+
+
+_PIECES = st.sampled_from([b"NServiceBus.Id", b"NServiceBus.CallType", b"SingleCallSubmit", b"X-a", b"v",
+                           b":", b" ", b"\t", b"\r\n", b"\r", b"\n", b"\0", b"%20", b"+"])
+_BLOCK = st.lists(st.one_of(st.just(b"NServiceBus.Id: m\r\nNServiceBus.CallType: SingleCallSubmit\r\n"),
+                            _PIECES), max_size=30).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_BLOCK, min_size=1, max_size=4), st.integers(0, 6))
+def test_header_blocks_against_the_reference(blocks, limit):
+    """Blanks, CR, LF and NUL anywhere in a block: the same lines, or the same refusal, as the
+    reference; more than the header limit is that message's 431."""
+    data = core.encode_batch([(block, b"") for block in blocks])
+    try:
+        parsed = [reference_block(block) for block in blocks]
+    except FramingError as exc:
+        with pytest.raises(FramingError, match=str(exc)):
+            core.Framer("Ep").frame_batch(data, 1, 10, max_headers=limit)
+        return
+    got = core.Framer("Ep").frame_batch(data, 1, 10, max_headers=limit)
+    alone = core.Framer("Ep")
+    for result, lines in zip(got, parsed, strict=True):
+        if len(lines) > limit:
+            assert (result.status, result.reason) == (
+                431, f"Request Header Fields Too Large: more than {limit} headers")
+            continue
+        want = alone.frame([x for line in lines for x in line], b"", None, 1)
+        assert type(result) is type(want)
+        if type(want) is core.Envelope:
+            assert (result.id, result.framed) == (want.id, want.framed)
+        else:
+            assert (result.status, result.reason) == (want.status, want.reason)
+
+
 def test_the_documented_vector():
     """docs/protocol.md, "Batches between gwcore sites": the bytes given there."""
     import re
@@ -79,7 +136,8 @@ def test_the_documented_vector():
     block = (b"NServiceBus.Id: 7c1f\r\nNServiceBus.CallType: SingleCallSubmit\r\nContent-MD5: "
              + core.content_md5(b"hi").encode() + b"\r\n")
     assert core.encode_batch([(block, b"hi")]) == bytes.fromhex("".join(hex_text.split()))
-    (env,) = core.Framer("Ep").frame_batch(bytes.fromhex("".join(hex_text.split())), 1, 10)
+    (env,) = core.Framer("Ep").frame_batch(bytes.fromhex("".join(hex_text.split())), 1, 10,
+                                              max_headers=HEADERS)
     assert (env.id, env.body) == ("7c1f", b"hi")
 
 
@@ -88,9 +146,9 @@ def test_every_truncation_and_trailing_byte_is_refused():
     framer = core.Framer("Ep")
     for cut in range(len(data)):
         with pytest.raises(FramingError):
-            framer.frame_batch(data[:cut], 1, 10)
+            framer.frame_batch(data[:cut], 1, 10, max_headers=HEADERS)
     with pytest.raises(FramingError, match="unexpected bytes"):
-        framer.frame_batch(data + b"\0", 1, 10)
+        framer.frame_batch(data + b"\0", 1, 10, max_headers=HEADERS)
 
 
 @pytest.mark.parametrize("data, match", [
@@ -104,13 +162,47 @@ def test_every_truncation_and_trailing_byte_is_refused():
 ])
 def test_malformed_batches(data, match):
     with pytest.raises(FramingError, match=match):
-        core.Framer("Ep").frame_batch(data, 1, 10)
+        core.Framer("Ep").frame_batch(data, 1, 10, max_headers=HEADERS)
 
 
 def test_too_many_messages_is_a_value_error_before_any_is_framed():
     data = core.encode_batch([(block_of(str(i), b""), b"") for i in range(3)])
     with pytest.raises(ValueError, match="GWCORE_MAX_BATCH_MESSAGES=2"):
-        core.Framer("Ep").frame_batch(data, 1, 2)
+        core.Framer("Ep").frame_batch(data, 1, 2, max_headers=HEADERS)
+
+
+def _many_headers(msg_id: str, count: int) -> bytes:
+    """A message's header block of exactly *count* lines: its own (block_of's) and X-H<i> ones."""
+    block = block_of(msg_id, b"")
+    return block + b"".join(b"X-H%d: v\r\n" % i for i in range(count - block.count(b"\r\n")))
+
+
+def test_a_message_with_more_headers_than_the_limit_is_431_on_its_own():
+    limit = 30
+    data = core.encode_batch([(_many_headers("a", limit), b""), (_many_headers("b", limit + 1), b""),
+                              (block_of("c", b""), b"")])
+    a, b, c = core.Framer("Ep").frame_batch(data, 1, 10, max_headers=limit)
+    assert (type(a), type(c)) == (core.Envelope, core.Envelope) and (a.id, c.id) == ("a", "c")
+    assert type(b) is core.Rejection
+    # what a single request with too many headers gets from the HTTP parser
+    assert (b.status, b.reason) == (431, f"Request Header Fields Too Large: more than {limit} headers")
+
+
+def test_blocks_of_many_lines_frame_as_alone():
+    """Blocks of more lines than the framer's first scratch holds, one after another."""
+    blocks = [_many_headers(str(n), n) for n in (40, 3, 200, 65)]
+    got = core.Framer("Ep").frame_batch(core.encode_batch([(b, b"") for b in blocks]), 1, 10, max_headers=HEADERS)
+    alone = core.Framer("Ep")
+    for result, block in zip(got, blocks, strict=True):
+        want = alone.frame([x for line in reference_block(block) for x in line], b"", None, 1)
+        assert (result.id, result.framed) == (want.id, want.framed)
+
+
+def test_a_malformed_line_past_the_header_limit_is_still_a_malformed_batch():
+    """The block's layout is the batch's: checked whole before the message's own limit."""
+    data = core.encode_batch([(_many_headers("a", 5) + b"no colon\r\n", b"")])
+    with pytest.raises(FramingError, match="no colon"):
+        core.Framer("Ep").frame_batch(data, 1, 10, max_headers=2)
 
 
 def test_advertised_limits():
@@ -149,7 +241,7 @@ def test_outgoing_records_to_a_batch_in_one_call_as_the_reference_builds_it(mess
     data, kinds = core.encode_outgoing_batch(records, b"NServiceBus.DataBus.", "T", 5000, 1000, 1 << 30)
     assert kinds == bytes(len(records)) and data == reference_batch(want)
     # and the receiver frames each as it frames the message alone (sha-256 checked, not MD5)
-    got = core.Framer("Ep").frame_batch(data, 1000, 1000)
+    got = core.Framer("Ep").frame_batch(data, 1000, 1000, max_headers=HEADERS)
     assert [type(r).__name__ for r in got] == ["Envelope"] * len(records)
 
 
@@ -163,7 +255,7 @@ def test_what_does_not_go_in_a_batch_is_said_per_record():
     data, kinds = core.encode_outgoing_batch(values, b"NServiceBus.DataBus.", "T", 3000, 1000, 2 * one - 8)
     assert list(kinds) == [core.OUT_IN_BATCH, core.OUT_EXPIRED, core.OUT_ALONE, core.OUT_TOO_BIG,
                            core.OUT_IN_BATCH, core.OUT_LEFT]
-    assert [e.id for e in core.Framer("Ep").frame_batch(data, 1, 10)] == ["s0", "s1"]
+    assert [e.id for e in core.Framer("Ep").frame_batch(data, 1, 10, max_headers=HEADERS)] == ["s0", "s1"]
     _data, kinds = core.encode_outgoing_batch(small, b"NServiceBus.DataBus.", "T", 3000, 2, 1 << 20)
     assert list(kinds) == [core.OUT_IN_BATCH, core.OUT_IN_BATCH, core.OUT_LEFT]   # the message limit
     assert core.encode_outgoing_batch([], b"D", "T", 1, 1, 100) == (None, b"")
@@ -177,12 +269,12 @@ def test_a_batch_message_digest_is_sha256_and_checked():
     block = _batch_block("d1", body, {})
     assert b"Content-Digest: sha-256%3D%3A" in block and b"Content-MD5" not in block
     framer = core.Framer("Ep")
-    (env,) = framer.frame_batch(core.encode_batch([(block, body)]), 1, 10)
+    (env,) = framer.frame_batch(core.encode_batch([(block, body)]), 1, 10, max_headers=HEADERS)
     assert type(env) is core.Envelope
-    (bad,) = framer.frame_batch(core.encode_batch([(block, b"another body")]), 1, 10)
+    (bad,) = framer.frame_batch(core.encode_batch([(block, b"another body")]), 1, 10, max_headers=HEADERS)
     assert (bad.status, "sha-256" in bad.reason) == (412, True)
     other = block.replace(b"sha-256%3D%3A", b"sha-512%3D%3A")
-    (refused,) = framer.frame_batch(core.encode_batch([(other, body)]), 1, 10)
+    (refused,) = framer.frame_batch(core.encode_batch([(other, body)]), 1, 10, max_headers=HEADERS)
     assert refused.status == 400 and "sha-256" in refused.reason
     # outside a batch the framer leaves Content-Digest to the verifier (signed requests)
     flat = [x for line in block.split(b"\r\n")[:-1] for x in line.split(b": ", 1)]
@@ -237,6 +329,27 @@ def test_malformed_batch_over_a_socket_stores_nothing(run, make_settings, body, 
             r = await _send(gw, _post_batch("/RemoteSite/", body))
             assert (r.status, reason in r.reason) == (status, True)
             assert gw.store.counts()["queue"] == 0
+
+    run(main())
+
+
+def test_too_many_headers_in_one_message_over_a_socket(run, make_settings):
+    """GWCORE_HTTP_MAX_HEADERS holds for each message of a batch as for a single submit: that
+    message is 431, with the reason a single submit gets, and the others are stored."""
+    limit = 30
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    batch = core.encode_batch([(block_of(ids[0], b""), b""), (_many_headers(ids[1], limit + 1), b""),
+                               (_many_headers(ids[2], limit), b"")])
+
+    async def main():
+        async with Gateway(make_settings(http_max_headers=limit)) as gw:
+            r = await _send(gw, _post_batch("/RemoteSite/", batch))
+            assert r.status == 200, r.reason
+            results = orjson.loads(r.body)["results"]
+            assert [x["status"] for x in results] == [200, 431, 200]
+            assert results[1]["reason"] == f"Request Header Fields Too Large: more than {limit} headers"
+            stored = [core.decode_envelope(framed)[0] for _, framed in gw.store.read_queue(0, 10)]
+            assert sorted(stored) == sorted([ids[0], ids[2]])
 
     run(main())
 

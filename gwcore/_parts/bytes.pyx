@@ -201,6 +201,22 @@ cdef inline bint _is_ascii_blank(unsigned char c) noexcept nogil:
     return c == ASCII_SPACE or 0x09 <= c <= 0x0D      # space, \t \n \v \f \r
 
 
+cdef inline bint _is_ows(unsigned char c) noexcept nogil:
+    return c == ASCII_SPACE or c == ASCII_TAB
+
+
+cdef inline Py_ssize_t _trim_ows(const unsigned char* p, Py_ssize_t* start, Py_ssize_t end) noexcept nogil:
+    # p[*start:end] without the spaces and tabs around it (the OWS around an HTTP field value,
+    # RFC 9112): moves *start on and returns the new end.
+    cdef Py_ssize_t v = start[0]
+    while v < end and _is_ows(p[v]):
+        v += 1
+    while end > v and _is_ows(p[end - 1]):
+        end -= 1
+    start[0] = v
+    return end
+
+
 cdef inline str _utf8(const unsigned char* p, Py_ssize_t n):
     return PyUnicode_DecodeUTF8(<const char*>p, n, "replace")
 

@@ -225,6 +225,16 @@ cdef unsigned char* _put_head(unsigned char* w, uint64_t accepted_ms, uint64_t e
     return _put_u32(w, <uint32_t>header_count)
 
 
+cdef inline unsigned char* _put_preamble(unsigned char* w, unsigned char magic, unsigned char version,
+                                        unsigned char flags, uint32_t count) noexcept:
+    # The preamble a take answer and a batch share: b"G" + magic, version, flags, u32 count.
+    w[0] = MAGIC_G
+    w[1] = magic
+    w[2] = version
+    w[3] = flags
+    return _put_u32(w + 4, count)
+
+
 cdef inline unsigned char* _put_text(unsigned char* w, const void* p, Py_ssize_t n) noexcept:
     w = _put_u32(w, <uint32_t>n)
     memcpy(w, p, n)
@@ -282,6 +292,29 @@ cdef const unsigned char* _take(_Reader* r, uint64_t n, str what) except NULL:
     r.p += n
     r.left -= <Py_ssize_t>n
     return at
+
+
+cdef uint32_t _take_preamble(_Reader* r, unsigned char magic, unsigned char version,
+                             unsigned char known_flags, str what, str items,
+                             unsigned char* flags) except? 0:
+    # Reads the preamble _put_preamble writes (a `what` of `items`: "take answer", "record"),
+    # checks magic, version and flags (none but known_flags); returns the count.
+    cdef const unsigned char* head = _take(r, 4, f"the {what}'s preamble")
+    if head[0] != MAGIC_G or head[1] != magic:
+        raise FramingError(f"not a gwcore {what} (bad magic)")
+    if head[2] != version:
+        raise FramingError(f"unsupported {what} version {head[2]}")
+    if head[3] & ~known_flags:
+        raise FramingError(f"unknown {what} flags {head[3]:#x}")
+    flags[0] = head[3]
+    return _get_u32(_take(r, 4, f"the {items} count"))
+
+
+cdef int _check_fits(const _Reader* r, uint32_t count, Py_ssize_t fixed, str what, str items) except -1:
+    # Before anything is built for `count` items: each takes at least `fixed` bytes.
+    if <uint64_t>count * <uint64_t>fixed > <uint64_t>r.left:
+        raise FramingError(f"{what} truncated: {count} {items}s cannot fit in {r.left} bytes")
+    return 0
 
 
 cdef str _take_str(_Reader* r, str what):
@@ -360,12 +393,8 @@ def encode_take(list records not None, bint stop):
         extra_n = _u32_len(PyBytes_GET_SIZE(<bytes?>rec[4]), "a record's extra")
         total += TAKE_RECORD_FIXED + framed_n + extra_n
     out = PyBytes_FromStringAndSize(NULL, total)
-    w = <unsigned char*>PyBytes_AS_STRING(out)
-    w[0] = MAGIC_G
-    w[1] = MAGIC_T
-    w[2] = TAKE_VERSION
-    w[3] = TAKE_STOP if stop else 0
-    w = _put_u32(w + 4, <uint32_t>n)
+    w = _put_preamble(<unsigned char*>PyBytes_AS_STRING(out), MAGIC_T, TAKE_VERSION,
+                      TAKE_STOP if stop else 0, <uint32_t>n)
     for rec in records:
         framed = rec[3]
         extra = rec[4]
@@ -390,20 +419,13 @@ def decode_take(data):
     cdef uint32_t attempt, deliveries
     cdef tuple decoded
     cdef list out = []
+    cdef unsigned char flags
     cdef bint stop
     r.left = view.shape[0]
     r.p = &view[0] if r.left else <const unsigned char*>b""
-    head = _take(&r, 4, "the take answer's preamble")
-    if head[0] != MAGIC_G or head[1] != MAGIC_T:
-        raise FramingError("not a gwcore take answer (bad magic)")
-    if head[2] != TAKE_VERSION:
-        raise FramingError(f"unsupported take answer version {head[2]}")
-    if head[3] & ~TAKE_STOP:
-        raise FramingError(f"unknown take answer flags {head[3]:#x}")
-    stop = head[3] & TAKE_STOP
-    count = _get_u32(_take(&r, 4, "the record count"))
-    if <uint64_t>count * TAKE_RECORD_FIXED > <uint64_t>r.left:
-        raise FramingError(f"take answer truncated: {count} records cannot fit in {r.left} bytes")
+    count = _take_preamble(&r, MAGIC_T, TAKE_VERSION, TAKE_STOP, "take answer", "record", &flags)
+    _check_fits(&r, count, TAKE_RECORD_FIXED, "take answer", "record")
+    stop = flags & TAKE_STOP
     for i in range(count):
         seq = _get_u64(_take(&r, 8, "a record's seq"))
         attempt = _get_u32(_take(&r, 4, "a record's attempt"))

@@ -65,6 +65,12 @@ cdef class Rejection:
         return f"<Rejection {self.status} {self.reason!r}>"
 
 
+cdef str _too_many_headers(Py_ssize_t limit):
+    # The 431 reason for more than GWCORE_HTTP_MAX_HEADERS headers: a request's (RequestParser)
+    # and a batch message's (Framer.frame_batch) alike.
+    return f"Request Header Fields Too Large: more than {limit} headers"
+
+
 cdef uint64_t _expiry(const unsigned char* ttbr, Py_ssize_t n, uint64_t now_ms,
                       bint gateway) noexcept nogil:
     # ttbr is NULL when the header is absent. Gateway messages: unparseable counts as zero and
@@ -206,11 +212,7 @@ def signing_headers(block):
             if colon == end or colon == pos:
                 raise ValueError(f"not a header line: {raw[pos:end]!r}")
             v = colon + 1
-            while v < end and (p[v] == ASCII_SPACE or p[v] == ASCII_TAB):
-                v += 1
-            e = end
-            while e > v and (p[e - 1] == ASCII_SPACE or p[e - 1] == ASCII_TAB):
-                e -= 1
+            e = _trim_ows(p, &v, end)
             if f._add_header(p + pos, colon - pos, p + v, e - v) >= 0:
                 raise ValueError(f"header {raw[pos:colon]!r} appears more than once")
         pos = eol + 1
@@ -230,55 +232,48 @@ cdef class Batch:
         return f"<Batch version={self.version!r} body={len(self.body)}B>"
 
 
-cdef Py_ssize_t _block_lines(const unsigned char* p, Py_ssize_t n) except -1:
-    # Checks a batch message's header block ("Name: value\r\n" lines) and counts its lines.
-    cdef Py_ssize_t i = 0, start, lines = 0
-    cdef bint colon
+cdef Py_ssize_t _block_spans(const unsigned char* p, Py_ssize_t n, _RawSpan** spans,
+                             Py_ssize_t* cap, Py_ssize_t limit) except -1:
+    # Checks a batch message's header block ("Name: value\r\n" lines) and counts its lines, in
+    # one pass. The (name, value) spans of the first `limit` lines go to *spans (room for *cap
+    # pairs, grown as needed; the caller frees it): the value without the blanks around it, as
+    # an HTTP header's. Lines past the limit are checked, never stored.
+    cdef Py_ssize_t i = 0, start, colon, v, end, lines = 0, grown_cap
+    cdef _RawSpan* grown
+    cdef _RawSpan* line
     while i < n:
         start = i
-        colon = False
+        colon = -1
         while i < n and p[i] != ASCII_CR:
             if p[i] == ASCII_LF or p[i] == 0:
                 raise FramingError("a batch message's header line holds a bare LF or a NUL")
-            if p[i] == ASCII_COLON and not colon:
-                colon = True
+            if p[i] == ASCII_COLON and colon < 0:
                 if i == start:
                     raise FramingError("a batch message's header line has an empty name")
+                colon = i
             i += 1
-        if not colon:
+        if colon < 0:
             raise FramingError("a batch message's header line has no colon")
         if i + 1 >= n or p[i + 1] != ASCII_LF:
             raise FramingError("a batch message's header line does not end in CRLF")
+        if lines < limit:
+            if lines == cap[0]:
+                grown_cap = min(max(MIN_SPANS, 2 * cap[0]), limit)
+                grown = <_RawSpan*>PyMem_Realloc(spans[0], 2 * grown_cap * sizeof(_RawSpan))
+                if grown == NULL:
+                    raise MemoryError()
+                spans[0] = grown
+                cap[0] = grown_cap
+            v = colon + 1
+            end = _trim_ows(p, &v, i)
+            line = spans[0] + 2 * lines
+            line[0].p = p + start
+            line[0].n = colon - start
+            line[1].p = p + v
+            line[1].n = end - v
         i += 2
         lines += 1
     return lines
-
-
-cdef void _block_spans(const unsigned char* p, Py_ssize_t n, _RawSpan* spans) noexcept:
-    # The (name, value) spans of a block _block_lines checked: the value without the blanks
-    # around it, as an HTTP header's.
-    cdef Py_ssize_t i = 0, start, colon, end, k = 0
-    while i < n:
-        start = i
-        while p[i] != ASCII_COLON:
-            i += 1
-        colon = i
-        end = colon
-        while p[end] != ASCII_CR:
-            end += 1
-        i = colon + 1
-        while i < end and (p[i] == ASCII_SPACE or p[i] == ASCII_TAB):
-            i += 1
-        spans[2 * k].p = p + start
-        spans[2 * k].n = colon - start
-        spans[2 * k + 1].p = p + i
-        while end > i and (p[end - 1] == ASCII_SPACE or p[end - 1] == ASCII_TAB):
-            end -= 1
-        spans[2 * k + 1].n = end - i
-        while p[i] != ASCII_CR:
-            i += 1
-        i += 2
-        k += 1
 
 
 def encode_batch(list messages not None):
@@ -294,12 +289,7 @@ def encode_batch(list messages not None):
         total += BATCH_MESSAGE_FIXED + _u32_len(PyBytes_GET_SIZE(<bytes?>m[0]), "a header block") \
             + PyBytes_GET_SIZE(<bytes?>m[1])
     out = PyBytes_FromStringAndSize(NULL, total)
-    w = <unsigned char*>PyBytes_AS_STRING(out)
-    w[0] = MAGIC_G
-    w[1] = MAGIC_B
-    w[2] = BATCH_VERSION
-    w[3] = 0
-    w = _put_u32(w + 4, <uint32_t>n)
+    w = _put_preamble(<unsigned char*>PyBytes_AS_STRING(out), MAGIC_B, BATCH_VERSION, 0, <uint32_t>n)
     for m in messages:
         block = m[0]
         body = m[1]
@@ -600,16 +590,18 @@ cdef class Framer:
                 b.auth_headers = self._auth_headers
         return b
 
-    def frame_batch(self, bytes body not None, uint64_t now_ms, Py_ssize_t max_messages):
+    def frame_batch(self, bytes body not None, uint64_t now_ms, Py_ssize_t max_messages, *,
+                    Py_ssize_t max_headers):
         """The messages of a batch's body (layout in _dedup.pyx), each framed as its own request
         would be: a list of Envelope or Rejection, one per message, in order. A message that is
-        not a ``SingleCallSubmit`` is refused (400) on its own.
+        not a ``SingleCallSubmit`` is refused (400) on its own, and so is one with more than
+        *max_headers* header lines (431, as RequestParser answers such a request).
 
         :raises FramingError: the body is not one whole batch (truncated, trailing bytes, bad
             magic, version or flags, a header line without a colon).
         :raises ValueError: more than *max_messages* messages (the receiver answers 413)."""
         cdef _Reader r
-        cdef const unsigned char* head
+        cdef unsigned char flags
         cdef const unsigned char* block
         cdef uint32_t count, i, block_n
         cdef uint64_t body_n
@@ -617,38 +609,27 @@ cdef class Framer:
         cdef _RawSpan* spans = NULL
         cdef list out = []
         cdef object result
-        cdef bytes message_body
+        cdef const unsigned char* message_body
         r.p = _ptr(body)
         r.left = PyBytes_GET_SIZE(body)
-        head = _take(&r, 4, "the batch's preamble")
-        if head[0] != MAGIC_G or head[1] != MAGIC_B:
-            raise FramingError("not a gwcore batch (bad magic)")
-        if head[2] != BATCH_VERSION:
-            raise FramingError(f"unsupported batch version {head[2]}")
-        if head[3] != 0:
-            raise FramingError(f"unknown batch flags {head[3]:#x}")
-        count = _get_u32(_take(&r, 4, "the message count"))
+        count = _take_preamble(&r, MAGIC_B, BATCH_VERSION, 0, "batch", "message", &flags)
         if count > max_messages:
             raise ValueError(f"{count} messages in one batch, more than GWCORE_MAX_BATCH_MESSAGES={max_messages}")
-        if <uint64_t>count * BATCH_MESSAGE_FIXED > <uint64_t>r.left:
-            raise FramingError(f"batch truncated: {count} messages cannot fit in {r.left} bytes")
+        _check_fits(&r, count, BATCH_MESSAGE_FIXED, "batch", "message")
         self._in_batch = True
         try:
             for i in range(count):
                 block_n = _get_u32(_take(&r, 4, "a message's header block length"))
                 block = _take(&r, block_n, "a message's header block")
-                lines = _block_lines(block, block_n)
-                if lines > cap:
-                    cap = max(lines, 32)
-                    PyMem_Free(spans)
-                    spans = <_RawSpan*>PyMem_Malloc(2 * cap * sizeof(_RawSpan))
-                    if spans == NULL:
-                        raise MemoryError()
-                _block_spans(block, block_n, spans)
+                lines = _block_spans(block, block_n, &spans, &cap, max_headers)
                 body_n = _get_u64(_take(&r, 8, "a message's body length"))
-                message_body = PyBytes_FromStringAndSize(<const char*>_take(&r, body_n, "a message's body"),
-                                                         <Py_ssize_t>body_n)
-                result = self._frame_raw(spans, lines, message_body, None, now_ms)
+                message_body = _take(&r, body_n, "a message's body")
+                if lines > max_headers:
+                    # the spans kept stop at the limit, and the framer's scratch is not sized
+                    out.append(self._reject(431, _too_many_headers(max_headers), None))
+                    continue
+                result = self._frame_raw(spans, lines, PyBytes_FromStringAndSize(
+                    <const char*>message_body, <Py_ssize_t>body_n), None, now_ms)
                 if type(result) is Batch:
                     result = self._reject(400, "Bad Request: a batch inside a batch", None)
                 elif type(result) is Envelope and (<Envelope>result).call_type != CALL_TYPE_SUBMIT:

@@ -66,10 +66,6 @@ cdef void _init_http_tables():
 _init_http_tables()
 
 
-cdef inline bint _is_ows(unsigned char c) noexcept nogil:
-    return c == ASCII_SPACE or c == ASCII_TAB
-
-
 cdef inline bint _is_ctl(unsigned char c) noexcept nogil:
     # not allowed in a field value (HTAB is): llhttp's strict mode refuses these too
     return (c < ASCII_SPACE and c != ASCII_TAB) or c == ASCII_DEL
@@ -103,11 +99,7 @@ cdef const char* _field_error(const unsigned char* p, Py_ssize_t n, Py_ssize_t* 
         return "invalid header name character"
     colon[0] = i
     v = i + 1
-    while v < n and _is_ows(p[v]):
-        v += 1
-    e = n
-    while e > v and _is_ows(p[e - 1]):
-        e -= 1
+    e = _trim_ows(p, &v, n)
     i = v
     while i + 8 <= e:
         # eight bytes at a time; a word with a byte below 0x20 (a TAB too) or a DEL is looked
@@ -467,8 +459,7 @@ cdef class RequestParser:
         if error != NULL:
             return self._malformed(events, error.decode("ascii"))
         if self._headers_n >= self._max_headers:
-            return self._fail(events, 431, "Request Header Fields Too Large: more than "
-                              f"{self._max_headers} headers")
+            return self._fail(events, 431, _too_many_headers(self._max_headers))
         if self._headers_n == self._headers_cap:
             grown = <_HeaderAt*>PyMem_Realloc(self._headers, max(MIN_SPANS, 2 * self._headers_cap) * sizeof(_HeaderAt))
             if grown == NULL:
@@ -509,11 +500,7 @@ cdef class RequestParser:
                 j = i
                 while j < e and p[j] != ASCII_COMMA:
                     j += 1
-                k = j
-                while k > i and _is_ows(p[k - 1]):
-                    k -= 1
-                while i < k and _is_ows(p[i]):
-                    i += 1
+                k = _trim_ows(p, &i, j)
                 if _is_word(p + i, k - i, "close", 5):
                     self._conn_close = True
                 elif _is_word(p + i, k - i, "keep-alive", 10):
