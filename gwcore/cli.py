@@ -154,7 +154,7 @@ def _cmd_handover(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
-    from .egress import decode_failed
+    from .egress import decode_failed, outgoing_records
     from .store import decode_error, queue_entries
     from ._core import core
 
@@ -198,7 +198,7 @@ def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
                     out.write(f"{seq}\t{msg_id}\taccepted {_fmt_ms(accepted_ms)}\texpires {_fmt_ms(expiry_ms)}"
                               f"\t{len(headers)} headers\t{len(body)} bytes\n")
         elif args.what == "outgoing":
-            for seq, rec in store.outgoing_records():
+            for seq, rec in outgoing_records(store):
                 msg_id, headers, body, expiry_ms, _a = core.decode_envelope(rec.framed)
                 if args.json:
                     out.write(orjson.dumps({"id": msg_id, "site": rec.dest, "attempts": rec.attempt,

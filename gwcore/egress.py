@@ -35,7 +35,7 @@ import ssl
 import struct
 import time
 import uuid
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import orjson
 
@@ -50,7 +50,8 @@ from .store import Store, Writer, now_ms
 __all__ = (
     "OutgoingRecord", "wire_headers", "prepare", "Forwarder", "PERMANENT_STATUSES",
     "encode_outgoing", "decode_outgoing", "encode_failed", "decode_failed", "time_sent", "prepare_to",
-    "record_id", "reply_destination", "append_records", "retry_failed", "peek_outgoing",
+    "record_id", "reply_destination", "append_records", "retry_failed", "peek_outgoing", "outgoing_records",
+    "outgoing_schedule", "failed_sends",
 )
 
 log = logging.getLogger("gwcore.egress")
@@ -248,6 +249,27 @@ def reply_destination(incoming_headers: Mapping[str, str]) -> str:
     return address.strip()
 
 
+# -- the store side: reads (any thread) -------------------------------------------------------------
+
+def outgoing_records(store: Store) -> Iterator[tuple[int, OutgoingRecord]]:
+    """Every ``(out seq, OutgoingRecord)`` waiting to be sent (inspection; one read transaction
+    held throughout)."""
+    for k, v in store.iter_db(store.outgoing):
+        yield _U64.unpack(bytes(k))[0], decode_outgoing(v)
+
+
+def outgoing_schedule(store: Store) -> list[tuple[int, str, int]]:
+    """``(out seq, destination, next attempt ms)`` of every waiting record (forwarder start)."""
+    with store.resize_lock, store.env.begin(buffers=True) as txn:
+        return [(_U64.unpack(k)[0], *peek_outgoing(v)) for k, v in txn.cursor(db=store.outgoing)]
+
+
+def failed_sends(store: Store) -> list[tuple[int, OutgoingRecord]]:
+    """Every ``(out seq, OutgoingRecord)`` in the outgoing error queue."""
+    with store.resize_lock, store.env.begin() as txn:
+        return [(_U64.unpack(bytes(k))[0], decode_failed(v)[1]) for k, v in txn.cursor(db=store.outgoing_errors)]
+
+
 # -- the store side: functions run inside the writer's transaction --------------------------------
 
 def append_records(store: Store, items: list[tuple[str, bytes]]) -> Callable[[Any], list[int]]:
@@ -399,7 +421,7 @@ class Forwarder:
 
     async def start(self) -> None:
         pending = 0
-        for seq, dest, next_ms in self.store.outgoing_schedule():
+        for seq, dest, next_ms in outgoing_schedule(self.store):
             self.schedule(seq, dest, next_ms)
             pending += 1
         if pending:

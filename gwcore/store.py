@@ -7,8 +7,8 @@ a log; docs/architecture.md says why):
 dedup_log  u64 seq                           u64 accepted_ms + dedup key (scope \\0 id)
 queue      u64 seq                           framed envelope (the local input queue)
 errors     u64 seq                           framed envelope + reason (poison messages)
-outgoing   u64 out seq                       egress record (gwcore/egress.py): site, attempts, envelope
-outgoing_errors  u64 out seq                 failed_ms + egress record (sends that gave up)
+outgoing   u64 out seq                       outgoing record (the sending side's): site, attempts, envelope
+outgoing_errors  u64 out seq                 failed_ms + outgoing record (sends that gave up)
 meta       name                              value (schema version, last seq, last out seq, stream offset,
                                              blob name prefix)
 databus_*  (five databases)                  claim-check parts and blobs (gwcore/databus/layout.py)
@@ -259,28 +259,6 @@ class Store:
     def get(self, db: Any, key: bytes) -> bytes | None:
         with self.resize_lock, self.env.begin() as txn:
             return txn.get(key, db=db)
-
-    def outgoing_records(self) -> Iterator[tuple[int, Any]]:
-        """Every ``(out seq, OutgoingRecord)`` waiting to be sent (inspection; one read
-        transaction held throughout)."""
-        from .egress import decode_outgoing
-
-        for k, v in self.iter_db(self.outgoing):
-            yield _U64.unpack(bytes(k))[0], decode_outgoing(v)
-
-    def outgoing_schedule(self) -> list[tuple[int, str, int]]:
-        """``(out seq, destination, next attempt ms)`` of every waiting record (forwarder start)."""
-        from .egress import peek_outgoing
-
-        with self.resize_lock, self.env.begin(buffers=True) as txn:
-            return [(_U64.unpack(k)[0], *peek_outgoing(v)) for k, v in txn.cursor(db=self.outgoing)]
-
-    def failed_sends(self) -> list[tuple[int, Any]]:
-        """Every ``(out seq, OutgoingRecord)`` in the outgoing error queue."""
-        from .egress import decode_failed
-
-        with self.resize_lock, self.env.begin() as txn:
-            return [(_U64.unpack(bytes(k))[0], decode_failed(v)[1]) for k, v in txn.cursor(db=self.outgoing_errors)]
 
     def iter_db(self, db: Any) -> Iterator[tuple[bytes, bytes]]:
         """All items of one database (for inspection; holds one read transaction throughout)."""
