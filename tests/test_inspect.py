@@ -10,7 +10,8 @@ import pytest
 
 from gwcore import cli, databus, egress
 from gwcore._core import core
-from gwcore.store import Store, encode_error
+from gwcore.records import encode_error
+from gwcore.store import Store
 
 PART_KEY = b"RemoteSite\x00m-part\x00NServiceBus.DataBus.Report"
 BLOB = "0123456789abcdef0123456789abcdef"
