@@ -11,6 +11,7 @@ from hypothesis import given, strategies as st
 
 from gwcore import records
 from gwcore._core import core
+from gwcore.databus import layout
 from gwcore.errors import FramingError
 from gwcore.store import Store, Writer
 
@@ -105,6 +106,18 @@ def test_error_record_layout():
 @given(framed=st.binary(max_size=64), reason=_text, failed_ms=st.integers(0, 2**64 - 1))
 def test_error_record_round_trips(framed, reason, failed_ms):
     assert records.decode_error(records.encode_error(framed, reason, failed_ms)) == (failed_ms, reason, framed)
+
+
+# -- the databus's expiry keys (gwcore/databus/layout.py) -----------------------------------------
+
+def test_expiry_key_layout():
+    key = layout.expiry_key(0x0102030405060708, b"0123abcd")
+    assert key == b"\x01\x02\x03\x04\x05\x06\x07\x08" + b"0123abcd"
+    assert layout.expiry_of(key) == 0x0102030405060708 and layout.expiring(key) == b"0123abcd"
+    # a blob record begins with the same u64
+    record = layout.blob_record(77, 5, "md5", "sha", b"owner")
+    assert record[:8] == records.pack_seq(77) and layout.expiry_of(record) == 77
+    assert layout.expiry_of(memoryview(record)) == 77
 
 
 # -- as the writer stores them ---------------------------------------------------------------------
