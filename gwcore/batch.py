@@ -22,7 +22,7 @@ import orjson
 from ._core import core
 from .errors import FramingError
 from .httphead import error_answer
-from .store import now_ms
+from .records import now_ms
 
 if TYPE_CHECKING:  # pragma: no cover
     from .http import HTTPProtocol

@@ -154,8 +154,9 @@ def _cmd_handover(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
-    from .egress import decode_failed
-    from .store import decode_error, queue_entries
+    from .egress import decode_failed, outgoing_records
+    from .records import decode_error, split_part_key, unpack_seq
+    from .store import queue_entries
     from ._core import core
 
     store = _open_readonly(args, settings)
@@ -176,18 +177,16 @@ def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
                 state = "part" if info.part else "message"
                 path = os.path.join(store.blob_dir, info.name)
                 if args.json:
-                    part = info.part.split(b"\0") if info.part else None
+                    part = split_part_key(info.part) if info.part else None
                     out.write(orjson.dumps({
                         "key": info.name, "path": path, "size": info.size, "expires": _fmt_ms(info.expiry_ms),
                         "state": state, "content_md5": info.md5,
-                        "part": None if part is None else {
-                            "scope": part[0].decode("utf-8", "replace"), "id": part[1].decode("utf-8", "replace"),
-                            "databus_key": b"\0".join(part[2:]).decode("utf-8", "replace")},
+                        "part": None if part is None else dict(zip(("scope", "id", "databus_key"), part)),
                     }).decode() + "\n")
                 else:
                     waiting = ""
                     if info.part:
-                        waiting = "\twaiting for the submit of " + info.part.split(b"\0")[1].decode("utf-8", "replace")
+                        waiting = "\twaiting for the submit of " + split_part_key(info.part)[1]
                     out.write(f"{info.name}\t{info.size} bytes\texpires {_fmt_ms(info.expiry_ms)}\t{state}{waiting}\n")
         elif args.what == "queue":
             for seq, (msg_id, headers, body, expiry_ms, accepted_ms) in queue_entries(store):
@@ -198,7 +197,7 @@ def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
                     out.write(f"{seq}\t{msg_id}\taccepted {_fmt_ms(accepted_ms)}\texpires {_fmt_ms(expiry_ms)}"
                               f"\t{len(headers)} headers\t{len(body)} bytes\n")
         elif args.what == "outgoing":
-            for seq, rec in store.outgoing_records():
+            for seq, rec in outgoing_records(store):
                 msg_id, headers, body, expiry_ms, _a = core.decode_envelope(rec.framed)
                 if args.json:
                     out.write(orjson.dumps({"id": msg_id, "site": rec.dest, "attempts": rec.attempt,
@@ -217,7 +216,7 @@ def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
                                             "failed_at": _fmt_ms(failed_ms), "headers": headers,
                                             "body_b64": base64.b64encode(body).decode()}).decode() + "\n")
                 else:
-                    out.write(f"handler\t{core.unpack_seq(key)}\t{msg_id}\t{_fmt_ms(failed_ms)}\t{reason}\n")
+                    out.write(f"handler\t{unpack_seq(key)}\t{msg_id}\t{_fmt_ms(failed_ms)}\t{reason}\n")
             for key, value in store.iter_db(store.outgoing_errors):
                 failed_ms, rec = decode_failed(value)
                 msg_id, headers, body, _e, _a = core.decode_envelope(rec.framed)
@@ -226,7 +225,7 @@ def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
                                             "reason": rec.last_error, "failed_at": _fmt_ms(failed_ms),
                                             "headers": headers, "body_b64": base64.b64encode(body).decode()}).decode() + "\n")
                 else:
-                    out.write(f"send\t{core.unpack_seq(key)}\t{msg_id}\t{_fmt_ms(failed_ms)}\tto {rec.dest} after "
+                    out.write(f"send\t{unpack_seq(key)}\t{msg_id}\t{_fmt_ms(failed_ms)}\tto {rec.dest} after "
                               f"{rec.attempt} attempt(s): {rec.last_error}\n")
     finally:
         store.close()

@@ -20,7 +20,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from . import databus
 from ._core import core
 from .errors import ConfigurationError
-from .store import Store, Writer, encode_error, now_ms
+from .records import encode_error, now_ms, pack_seq
+from .store import Store, Writer
 
 __all__ = ("Message", "LocalQueue", "load_handler", "run_handler", "handler_caller")
 
@@ -180,7 +181,7 @@ class LocalQueue:
             m._settled = True
         if not msgs:
             return
-        keys = [core.pack_seq(m.seq) for m in msgs]
+        keys = [pack_seq(m.seq) for m in msgs]
         db = self.store.queue
 
         def delete(txn: Any) -> None:
@@ -225,7 +226,7 @@ class LocalQueue:
 
     async def _poison(self, seq: int, reason: str) -> None:
         store = self.store
-        key = core.pack_seq(seq)
+        key = pack_seq(seq)
 
         def move(txn: Any) -> bool:
             framed = txn.get(key, db=store.queue)

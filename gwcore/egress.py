@@ -35,7 +35,7 @@ import ssl
 import struct
 import time
 import uuid
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import orjson
 
@@ -45,19 +45,20 @@ from .batch import BatchLimits, advertised
 from .client import FileBody, SiteClient, make_client_ssl_context
 from .config import Settings, Site
 from .errors import ConfigurationError, GatewayError, SendError, StoreError, UnknownSiteError
-from .store import Store, Writer, now_ms
+from .records import now_ms, pack_seq, unpack_seq
+from .store import Store, Writer
 
 __all__ = (
     "OutgoingRecord", "wire_headers", "prepare", "Forwarder", "PERMANENT_STATUSES",
     "encode_outgoing", "decode_outgoing", "encode_failed", "decode_failed", "time_sent", "prepare_to",
-    "record_id", "reply_destination", "append_records", "retry_failed", "peek_outgoing",
+    "record_id", "reply_destination", "append_records", "retry_failed", "peek_outgoing", "outgoing_records",
+    "outgoing_schedule", "failed_sends",
 )
 
 log = logging.getLogger("gwcore.egress")
 
 _HEAD = struct.Struct(">QIH")
 _U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
 
 #: Answers that cannot succeed on a retry: the message goes to the error queue at once.
 PERMANENT_STATUSES = frozenset({400, 401, 403, 413})
@@ -110,11 +111,12 @@ def peek_outgoing(value: bytes | memoryview) -> tuple[str, int]:
 
 
 def encode_failed(failed_ms: int, rec: OutgoingRecord) -> bytes:
-    return _U64.pack(failed_ms) + encode_outgoing(rec)
+    return pack_seq(failed_ms) + encode_outgoing(rec)
 
 
 def decode_failed(value: bytes) -> tuple[int, OutgoingRecord]:
-    return _U64.unpack_from(value)[0], decode_outgoing(memoryview(value)[8:])
+    view = memoryview(value)
+    return unpack_seq(view[:8]), decode_outgoing(view[8:])
 
 
 def time_sent(now: float | None = None) -> str:
@@ -211,7 +213,7 @@ def _build(settings: Settings, dests: list[tuple[str, str | None]], body: bytes,
     h["NServiceBus.OriginatingSite"] = f"http,{reply_uri}"
     expiry = _expiry_ms(h, now)
     out = []
-    accepted = int((time.time() if now is None else now) * 1000)
+    accepted = now_ms(now)
     for dest, key in dests:
         per_site = dict(h)
         if key is not None:
@@ -234,7 +236,7 @@ def _expiry_ms(headers: Mapping[str, str], now: float | None) -> int:
         raise ValueError(f"NServiceBus.TimeToBeReceived {ttbr!r} is not a positive .NET TimeSpan")
     if ms >= 100 * 365 * 86400 * 1000:
         return 0
-    return int((time.time() if now is None else now) * 1000) + ms
+    return now_ms(now) + ms
 
 
 def reply_destination(incoming_headers: Mapping[str, str]) -> str:
@@ -248,19 +250,40 @@ def reply_destination(incoming_headers: Mapping[str, str]) -> str:
     return address.strip()
 
 
+# -- the store side: reads (any thread) -------------------------------------------------------------
+
+def outgoing_records(store: Store) -> Iterator[tuple[int, OutgoingRecord]]:
+    """Every ``(out seq, OutgoingRecord)`` waiting to be sent (inspection; one read transaction
+    held throughout)."""
+    for k, v in store.iter_db(store.outgoing):
+        yield unpack_seq(k), decode_outgoing(v)
+
+
+def outgoing_schedule(store: Store) -> list[tuple[int, str, int]]:
+    """``(out seq, destination, next attempt ms)`` of every waiting record (forwarder start)."""
+    with store.resize_lock, store.env.begin(buffers=True) as txn:
+        return [(unpack_seq(k), *peek_outgoing(v)) for k, v in txn.cursor(db=store.outgoing)]
+
+
+def failed_sends(store: Store) -> list[tuple[int, OutgoingRecord]]:
+    """Every ``(out seq, OutgoingRecord)`` in the outgoing error queue."""
+    with store.resize_lock, store.env.begin() as txn:
+        return [(unpack_seq(k), decode_failed(v)[1]) for k, v in txn.cursor(db=store.outgoing_errors)]
+
+
 # -- the store side: functions run inside the writer's transaction --------------------------------
 
 def append_records(store: Store, items: list[tuple[str, bytes]]) -> Callable[[Any], list[int]]:
     """A writer job that appends one outgoing record per (destination, envelope); returns the seqs."""
     def job(txn: Any) -> list[int]:
         raw = txn.get(b"out_seq", db=store.meta)
-        seq = _U64.unpack(raw)[0] if raw else 0
+        seq = unpack_seq(raw) if raw else 0
         seqs = []
         for dest, framed in items:
             seq += 1
-            txn.put(_U64.pack(seq), encode_outgoing(OutgoingRecord(dest, 0, 0, "", framed)), db=store.outgoing)
+            txn.put(pack_seq(seq), encode_outgoing(OutgoingRecord(dest, 0, 0, "", framed)), db=store.outgoing)
             seqs.append(seq)
-        txn.put(b"out_seq", _U64.pack(seq), db=store.meta)
+        txn.put(b"out_seq", pack_seq(seq), db=store.meta)
         return seqs
     return job
 
@@ -272,7 +295,7 @@ def retry_failed(store: Store, match: Callable[[int, OutgoingRecord], bool]) -> 
         moved = []
         for key, value in list(txn.cursor(db=store.outgoing_errors)):
             _failed, rec = decode_failed(value)
-            seq = _U64.unpack(bytes(key))[0]
+            seq = unpack_seq(key)
             if match(seq, rec):
                 rec.attempt, rec.next_ms = 0, 0
                 txn.put(bytes(key), encode_outgoing(rec), db=store.outgoing)
@@ -460,7 +483,7 @@ class Forwarder:
 
     async def start(self) -> None:
         pending = 0
-        for seq, dest, next_ms in self.store.outgoing_schedule():
+        for seq, dest, next_ms in outgoing_schedule(self.store):
             self.schedule(seq, dest, next_ms)
             pending += 1
         if pending:
@@ -580,7 +603,7 @@ class Forwarder:
         log.info("message %s to %s expired (TimeToBeReceived) before it could be sent; discarded", out.msg_id, d.name)
         self.expired += 1
         seq = out.seq
-        await self._commit(seq, d, lambda txn: txn.delete(_U64.pack(seq), db=self.store.outgoing))
+        await self._commit(seq, d, lambda txn: txn.delete(pack_seq(seq), db=self.store.outgoing))
 
     async def _forward(self, d: _Destination, seq: int) -> None:
         out = await self._prepare(d, seq)
@@ -647,7 +670,7 @@ class Forwarder:
         cache = d.cache
         store = self.store
         db = store.outgoing
-        pack = _U64.pack
+        pack = pack_seq
         out = []
         with store.resize_lock, store.env.begin() as txn:
             get = txn.get
@@ -744,7 +767,7 @@ class Forwarder:
 
         def record(txn: Any) -> None:
             for seq, value, failed in changes:
-                key = _U64.pack(seq)
+                key = pack_seq(seq)
                 if failed:
                     txn.put(key, value, db=store.outgoing_errors)
                     txn.delete(key, db=store.outgoing)
@@ -830,10 +853,10 @@ class Forwarder:
         upcoming = list(itertools.islice(d.ready.items, _READ_AHEAD))
         store = self.store
         with store.resize_lock, store.env.begin() as txn:
-            value = txn.get(_U64.pack(seq), db=store.outgoing)
+            value = txn.get(pack_seq(seq), db=store.outgoing)
             for other in upcoming:
                 if other not in d.cache:
-                    found = txn.get(_U64.pack(other), db=store.outgoing)
+                    found = txn.get(pack_seq(other), db=store.outgoing)
                     if found is not None:
                         d.cache[other] = found
         return value
@@ -846,7 +869,7 @@ class Forwarder:
 
         def remove(txn: Any) -> None:
             for seq in seqs:
-                txn.delete(_U64.pack(seq), db=outgoing)
+                txn.delete(pack_seq(seq), db=outgoing)
 
         fut = self.writer.call(remove)
         self._removals.add(fut)

@@ -27,6 +27,7 @@ from .distributor import Distributor, WorkerProtocol, check_channels
 from .errors import ConfigurationError, GatewayError
 from .http import HTTPProtocol, HTTPState
 from .lease import LeaseWaiter, lease_holder, try_lease
+from .records import now_ms
 from .store import Store, Writer
 
 __all__ = ("Gateway",)
@@ -502,7 +503,7 @@ class Gateway:
             except BaseException:
                 databus.unlink(directory, [c[0] for c in copied] + [b for b, _s in blobs])
                 raise
-            expiry = writer.blob_expiry_ms(core.decode_envelope(items[0][1])[3], egress.now_ms())
+            expiry = writer.blob_expiry_ms(core.decode_envelope(items[0][1])[3], now_ms())
             jobs = [databus.record_blob(self.store, name, size, md5, sha, expiry) for name, size, md5, sha in copied]
 
             def append_with_blobs(txn: Any) -> list[int]:

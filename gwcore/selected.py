@@ -57,7 +57,8 @@ from pamqp.commands import Basic
 
 from .amqp import Link, PublishRefused, Topology, broker_errors, cancel_and_wait, from_amqp, to_amqp
 from .errors import BrokerUnavailableError
-from .store import Store, Writer, encode_error, now_ms
+from .records import dedup_key, encode_error, now_ms, pack_seq, part_message_key, unpack_seq
+from .store import Store, Writer
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -314,17 +315,17 @@ class Selected:
             self._ages.append((recorded, [k for _r, k in group]))
         if store.databus_replica is not None:
             for key, _value in store.iter_db(store.databus_replica):
-                self._part_messages.add(bytes(key).rsplit(b"\0", 1)[0])
+                self._part_messages.add(part_message_key(key))
         raw = store.get(store.meta, b"stream_offset")
         self.offset = struct.unpack(">q", raw)[0] if raw else -1
-        scope = self.settings.endpoint.encode() + b"\0"
+        scope = self.settings.endpoint
         after = 0
         while True:
             batch = store.read_queue(after, 4096)
             if not batch:
                 break
             for _seq, framed in batch:
-                self.undone[scope + core.decode_envelope(framed)[0].encode()] = []
+                self.undone[dedup_key(scope, core.decode_envelope(framed)[0])] = []
             after = batch[-1][0]
         return expired
 
@@ -699,7 +700,7 @@ class Selected:
             else:
                 self.parts_followed += 1
                 self._parts_pending.append((key, value))
-                self._part_messages.add(key.rsplit(b"\0", 1)[0])
+                self._part_messages.add(part_message_key(key))
                 if sender != self.instance:
                     self._parts_read += 1
         elif kind in ("marker", "leader"):
@@ -927,12 +928,12 @@ class Selected:
         """The next outbox entries, as ``(seq, key, decoded envelope)``: only those whose commit the loop has
         seen (their keys are in :attr:`undone`); the writer thread may have committed more,
         whose callbacks (which decide whether they are fresh) have not run yet."""
-        scope = self.settings.endpoint.encode() + b"\0"
+        scope = self.settings.endpoint
         undone = self.undone
         out = []
         for seq, framed in self.store.read_queue(self._cursor, _DISPATCH_BATCH):
             parts = core.decode_envelope(framed)
-            key = scope + parts[0].encode()
+            key = dedup_key(scope, parts[0])
             if key not in undone:
                 break
             self._cursor = seq
@@ -975,7 +976,7 @@ class Selected:
 
         def delete(txn: Any) -> None:
             for seq in seqs:
-                txn.delete(core.pack_seq(seq), db=store.queue)
+                txn.delete(pack_seq(seq), db=store.queue)
 
         fut = self.writer.call(delete)
         fut.add_done_callback(lambda _f: self._finishing.difference_update(seqs))
@@ -987,8 +988,8 @@ class Selected:
 
         def put(txn: Any) -> None:
             cur = txn.cursor(db=store.errors)
-            seq = core.unpack_seq(cur.key()) + 1 if cur.last() else 1
-            txn.put(core.pack_seq(seq), encode_error(framed, reason, now_ms()), db=store.errors)
+            seq = unpack_seq(cur.key()) + 1 if cur.last() else 1
+            txn.put(pack_seq(seq), encode_error(framed, reason, now_ms()), db=store.errors)
 
         await self.writer.call(put)
 

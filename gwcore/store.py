@@ -7,13 +7,16 @@ a log; docs/architecture.md says why):
 dedup_log  u64 seq                           u64 accepted_ms + dedup key (scope \\0 id)
 queue      u64 seq                           framed envelope (the local input queue)
 errors     u64 seq                           framed envelope + reason (poison messages)
-outgoing   u64 out seq                       egress record (gwcore/egress.py): site, attempts, envelope
-outgoing_errors  u64 out seq                 failed_ms + egress record (sends that gave up)
+outgoing   u64 out seq                       outgoing record (the sending side's): site, attempts, envelope
+outgoing_errors  u64 out seq                 failed_ms + outgoing record (sends that gave up)
 meta       name                              value (schema version, last seq, last out seq, stream offset,
                                              blob name prefix)
 databus_*  (five databases)                  claim-check parts and blobs (gwcore/databus/layout.py)
 replica    dedup key                         u8 state + u64 ms (selected mode: gwcore/selected.py)
 =========  ===============================  ==========================================
+
+The keys and records that several modules build or read (the dedup key, u64 keys, the error
+record) are laid out in gwcore/records.py.
 
 A new message takes the next sequence number and is appended to both ``dedup_log`` and ``queue``
 in the same transaction. The writer keeps a hash table of every live record in memory
@@ -34,7 +37,6 @@ import logging
 import os
 import queue
 import shutil
-import struct
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -46,6 +48,7 @@ from ._core import core
 from .errors import InternalError, StoreError, StoreFullError, StoreUnavailableError
 from .filemodes import Modes, modes
 from .lease import LOCK_NAME, take_lease
+from .records import dedup_key, now_ms, pack_seq, unpack_seq
 
 __all__ = ("Store", "Writer", "StoreStats")
 
@@ -54,16 +57,10 @@ log = logging.getLogger("gwcore.store")
 SCHEMA_VERSION = b"3"
 # Schema 3 added the databus_* databases; a schema 2 store gains them (empty) when opened.
 _UPGRADABLE = (b"2",)
-_U64 = struct.Struct(">Q")
 _DISK_FULL_MARGIN = 4 << 20  # below this much free space a failed write is taken as "disk full"
-_ERROR_RECORD = struct.Struct(">QI")  # failed_at_ms, reason length; then reason, then envelope
 
 # Job kinds handed to the writer thread.
 _INGEST, _ACK, _CALL = core.JOB_KINDS
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class StoreStats:
@@ -232,11 +229,11 @@ class Store:
         """The highest sequence number ever assigned (kept in meta, since consumed entries go)."""
         with self.resize_lock, self.env.begin() as txn:
             raw = txn.get(b"seq", db=self.meta)
-            seq = _U64.unpack(raw)[0] if raw else 0
+            seq = unpack_seq(raw) if raw else 0
             for db in (self.queue, self.dedup_log):
                 cur = txn.cursor(db=db)
                 if cur.last():
-                    seq = max(seq, core.unpack_seq(cur.key()))
+                    seq = max(seq, unpack_seq(cur.key()))
             return seq
 
     def read_queue(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
@@ -244,43 +241,21 @@ class Store:
         out: list[tuple[int, bytes]] = []
         with self.resize_lock, self.env.begin() as txn:
             cur = txn.cursor(db=self.queue)
-            if not cur.set_range(core.pack_seq(after_seq + 1)):
+            if not cur.set_range(pack_seq(after_seq + 1)):
                 return out
             for key, value in cur:
-                out.append((core.unpack_seq(key), value))
+                out.append((unpack_seq(key), value))
                 if len(out) >= limit:
                     break
         return out
 
     def read_one(self, seq: int) -> bytes | None:
         with self.resize_lock, self.env.begin() as txn:
-            return txn.get(core.pack_seq(seq), db=self.queue)
+            return txn.get(pack_seq(seq), db=self.queue)
 
     def get(self, db: Any, key: bytes) -> bytes | None:
         with self.resize_lock, self.env.begin() as txn:
             return txn.get(key, db=db)
-
-    def outgoing_records(self) -> Iterator[tuple[int, Any]]:
-        """Every ``(out seq, OutgoingRecord)`` waiting to be sent (inspection; one read
-        transaction held throughout)."""
-        from .egress import decode_outgoing
-
-        for k, v in self.iter_db(self.outgoing):
-            yield _U64.unpack(bytes(k))[0], decode_outgoing(v)
-
-    def outgoing_schedule(self) -> list[tuple[int, str, int]]:
-        """``(out seq, destination, next attempt ms)`` of every waiting record (forwarder start)."""
-        from .egress import peek_outgoing
-
-        with self.resize_lock, self.env.begin(buffers=True) as txn:
-            return [(_U64.unpack(k)[0], *peek_outgoing(v)) for k, v in txn.cursor(db=self.outgoing)]
-
-    def failed_sends(self) -> list[tuple[int, Any]]:
-        """Every ``(out seq, OutgoingRecord)`` in the outgoing error queue."""
-        from .egress import decode_failed
-
-        with self.resize_lock, self.env.begin() as txn:
-            return [(_U64.unpack(bytes(k))[0], decode_failed(v)[1]) for k, v in txn.cursor(db=self.outgoing_errors)]
 
     def iter_db(self, db: Any) -> Iterator[tuple[bytes, bytes]]:
         """All items of one database (for inspection; holds one read transaction throughout)."""
@@ -313,17 +288,6 @@ def _settle(fut: asyncio.Future, ok: bool, value: Any) -> None:
         fut.set_result(value)
     else:
         fut.set_exception(value)
-
-
-def encode_error(framed: bytes, reason: str, failed_ms: int) -> bytes:
-    r = reason.encode("utf-8", "replace")
-    return _ERROR_RECORD.pack(failed_ms, len(r)) + r + framed
-
-
-def decode_error(value: bytes) -> tuple[int, str, bytes]:
-    failed_ms, n = _ERROR_RECORD.unpack_from(value)
-    start = _ERROR_RECORD.size
-    return failed_ms, value[start:start + n].decode("utf-8", "replace"), value[start + n:]
 
 
 class Writer:
@@ -386,7 +350,7 @@ class Writer:
     def is_recorded(self, scope: str, msg_id: str) -> bool:
         """Is (scope, id) recorded in a committed transaction? Any thread (inspection, tests)."""
         store = self.store
-        key = scope.encode() + b"\0" + msg_id.encode()
+        key = dedup_key(scope, msg_id)
         with store.resize_lock, store.env.begin() as txn:
             return self.index.contains(txn, store.dedup_log, key)
 
@@ -559,7 +523,7 @@ class Writer:
                     txn, store.dedup_log, store.queue, envelopes, accepted_ms, self.next_seq
                 )
                 if next_seq != self.next_seq:
-                    txn.put(b"seq", _U64.pack(next_seq - 1), db=store.meta)
+                    txn.put(b"seq", pack_seq(next_seq - 1), db=store.meta)
             else:
                 new_flags, next_seq = [], self.next_seq
             results: list[tuple[Any, bool, Any]]
@@ -596,7 +560,7 @@ class Writer:
                 results.append((fut, True, rejected[id(payload)] if rejected and id(payload) in rejected
                                 else next(flags)))
             elif kind == _ACK:
-                results.append((fut, True, txn.delete(core.pack_seq(payload), db=store.queue)))
+                results.append((fut, True, txn.delete(pack_seq(payload), db=store.queue)))
             else:
                 try:
                     results.append((fut, True, payload(txn)))
@@ -694,5 +658,5 @@ def _store_error(exc: lmdb.Error, path: str) -> StoreError:
 def queue_entries(store: Store) -> Iterator[tuple[int, tuple[str, dict, bytes, int, int]]]:
     """``(seq, decoded envelope)`` for every queued message (inspection)."""
     for key, value in store.iter_db(store.queue):
-        yield core.unpack_seq(key), core.decode_envelope(value)
+        yield unpack_seq(key), core.decode_envelope(value)
 

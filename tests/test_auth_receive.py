@@ -11,7 +11,7 @@ import pytest
 
 from gwcore import Gateway, Settings, SiteClient, auth, make_client_ssl_context
 from gwcore._core import core
-from gwcore.egress import wire_headers
+from gwcore.egress import failed_sends, wire_headers
 from gwcore.errors import SendTLSError
 from httpclient import Client, nsb_request
 from test_egress import drain, settings_for, until, url_of
@@ -270,7 +270,7 @@ def test_wrong_secret_ends_in_the_senders_error_queue_at_once(run, tmp_path):
             async with Gateway(settings_for(tmp_path, "Headquarters", config_file=cfg, retries=4)) as hq:
                 await hq.send_to_sites(["RemoteSite"], BODY)
                 await until(lambda: hq.store.counts()["outgoing_errors"] == 1)
-                (_seq, rec), = hq.store.failed_sends()
+                (_seq, rec), = failed_sends(hq.store)
                 assert rec.attempt == 1 and rec.last_error.startswith("401 Unauthorized: bad-signature")
                 assert remote.store.counts()["queue"] == 0
 

@@ -20,6 +20,7 @@ from httpclient import Client, nsb_request
 from procs import ROOT, ServerProcess, free_port, gwcore_cli, vm_hwm_kib
 
 from gwcore import Gateway, Settings, databus
+from gwcore.egress import failed_sends, outgoing_records
 from gwcore.store import Store
 
 MSG_ID = "0b1f6f0e-5d8a-4f43-b1d5-b3a400c1d2e3"
@@ -375,10 +376,10 @@ def test_a_blob_gone_from_the_sender_is_a_permanent_failure(run, tmp_path):
             for name in blob_files(hq.settings.data_dir):
                 os.unlink(os.path.join(hq.store.blob_dir, name))
             hq.forwarder._closed = False
-            (seq, _rec), = list(hq.store.outgoing_records())
+            (seq, _rec), = list(outgoing_records(hq.store))
             hq.forwarder.schedule(seq, "Scripted")
             await until(lambda: hq.store.counts()["outgoing_errors"] == 1)
-            (_s, rec), = hq.store.failed_sends()
+            (_s, rec), = failed_sends(hq.store)
             assert "is no longer in the blob store" in rec.last_error
             assert site.requests == []
         await site.close()

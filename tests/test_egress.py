@@ -11,8 +11,12 @@ from hypothesis import given, settings, strategies as st
 
 from gwcore import Gateway, Settings
 from gwcore._core import core
-from gwcore.egress import wire_headers
+from gwcore.egress import (
+    OutgoingRecord, append_records, encode_failed, encode_outgoing, failed_sends, outgoing_records, outgoing_schedule,
+    wire_headers,
+)
 from gwcore.errors import UnknownSiteError
+from gwcore.store import Store
 from test_framing import PLAIN_SUBMIT_MESSAGE_HEADERS
 
 MSG_ID = "0b1f6f0e-5d8a-4f43-b1d5-b3a400c1d2e3"
@@ -187,7 +191,7 @@ def test_permanent_refusals_go_to_the_error_queue_at_once(run, tmp_path, status)
             msg_id = await hq.send_to_sites(["Scripted"], b"hello")
             await until(lambda: hq.store.counts()["outgoing_errors"] == 1)
             assert len(site.requests) == 1 and hq.store.counts()["outgoing"] == 0
-            (rec,) = hq.store.failed_sends()
+            (rec,) = failed_sends(hq.store)
             assert rec[1].last_error == f"{status} Scripted failure" and rec[1].attempt == 1
             # `gwcore retry`: the site answers 200 now
             assert await hq.retry_failed([msg_id]) == [msg_id]
@@ -207,7 +211,7 @@ def test_retries_run_out_into_the_error_queue(run, tmp_path):
             await hq.send_to_sites(["Scripted"], b"hello")
             await until(lambda: hq.store.counts()["outgoing_errors"] == 1)
             assert len(site.requests) == 3  # the first attempt and 2 retries
-            (rec,) = hq.store.failed_sends()
+            (rec,) = failed_sends(hq.store)
             assert rec[1].attempt == 3 and rec[1].last_error.startswith("503")
         await site.close()
 
@@ -312,3 +316,22 @@ def test_core_encoder_agrees_with_the_reference(msg_id, headers, body, retries):
     expected_headers.update(extra or [])
     expected = b"".join(n + b": " + v + b"\r\n" for n, v in wire_headers(msg_id, expected_headers, body))
     assert core.encode_submit(framed, extra) == (msg_id, body, 0, expected)
+
+
+def test_store_readers_of_the_outgoing_records(tmp_path):
+    # what the forwarder schedules at start, and what `gwcore inspect` and `gwcore retry` read
+    store = Store(str(tmp_path / "store"))
+    try:
+        first, second = (core.encode_envelope(i, {}, b"", 0, 1) for i in ("m1", "m2"))
+        with store.env.begin(write=True) as txn:
+            assert append_records(store, [("SiteB", first), ("SiteC", second)])(txn) == [1, 2]
+            txn.put(core.pack_seq(2), encode_outgoing(OutgoingRecord("SiteC", 1, 5_000, "503", second)), db=store.outgoing)
+            txn.put(core.pack_seq(9), encode_failed(7, OutgoingRecord("SiteD", 4, 0, "400 no", first)),
+                    db=store.outgoing_errors)
+        assert outgoing_schedule(store) == [(1, "SiteB", 0), (2, "SiteC", 5_000)]
+        assert [(seq, rec.dest, rec.attempt, bytes(rec.framed)) for seq, rec in outgoing_records(store)] == [
+            (1, "SiteB", 0, first), (2, "SiteC", 1, second)]
+        ((seq, rec),) = failed_sends(store)
+        assert (seq, rec.dest, rec.attempt, rec.last_error, bytes(rec.framed)) == (9, "SiteD", 4, "400 no", first)
+    finally:
+        store.close()

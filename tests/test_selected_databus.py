@@ -27,7 +27,8 @@ from test_selected_ha import STANDBY, alive, instance, leaders
 from test_sites import counts, wait_for
 
 from gwcore import Gateway, Settings, databus
-from gwcore.store import Store, now_ms
+from gwcore.records import now_ms, split_part_key
+from gwcore.store import Store
 
 PART = "SingleCallDatabusProperty"
 SUBMIT = "SingleCallSubmit"
@@ -67,7 +68,7 @@ async def append_part(endpoint: str, msg_id: str, key: str, name: str, blob: byt
 
 def replicated(gw: Gateway) -> set[str]:
     """The message ids of the part records an instance keeps."""
-    return {bytes(k).split(b"\0")[1].decode() for k, _v in list(gw.store.iter_db(gw.store.databus_replica))}
+    return {split_part_key(k)[1] for k, _v in list(gw.store.iter_db(gw.store.databus_replica))}
 
 
 def test_a_submit_takes_the_parts_another_instance_stored_in_the_shared_blob_dir(tmp_path, endpoint, run):

@@ -24,6 +24,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .._core import core
+from ..records import part_key
 from .digests import b64, digest_sha256
 from .records import record_part
 from .sink import BlobSink
@@ -289,11 +290,10 @@ class PartIntake(core.ConnectionCore, asyncio.Protocol):
             self._answer(slot, 412, _MD5_MISMATCH, callback=env.callback)
             return
         writer = state.writer
-        part_key = env.key + b"\0" + env.databus_key.encode("utf-8")
         try:
             await writer.call(record_part(
-                writer.store, part_key, sink.name, sink.size, md5 or "", sha or "", writer.blob_expiry_ms(
-                    env.expiry_ms, env.accepted_ms), writer.doom))
+                writer.store, part_key(env.key, env.databus_key), sink.name, sink.size, md5 or "", sha or "",
+                writer.blob_expiry_ms(env.expiry_ms, env.accepted_ms), writer.doom))
         except Exception as exc:
             sink.discard_sealed()
             self._answer_error(slot, exc, f"databus: indexing the property of message {env.id}", env.callback)

@@ -27,8 +27,10 @@ import struct
 import uuid
 from typing import Any, Callable
 
-__all__ = ("DATABUS_PREFIX", "BLOB_DIR", "TMP", "PREFIX_LEN", "BLOB", "U64", "blob_dir", "new_name",
-           "new_prefix", "is_name", "blob_record", "fsync_dir", "walk_expired")
+from ..records import pack_seq, unpack_seq
+
+__all__ = ("DATABUS_PREFIX", "BLOB_DIR", "TMP", "PREFIX_LEN", "BLOB", "blob_dir", "new_name", "new_prefix",
+           "is_name", "blob_record", "expiry_key", "expiry_of", "expiring", "fsync_dir", "walk_expired")
 
 #: The header prefix of a databus property (``NServiceBus.DataBus.<key>``).
 DATABUS_PREFIX = "NServiceBus.DataBus."
@@ -36,7 +38,6 @@ BLOB_DIR = "blobs"
 #: A blob file's name while it is written (then renamed to the blob name).
 TMP = ".tmp-"
 BLOB = struct.Struct(">QQ24s44s")     # expiry_ms, size, Content-MD5, SHA-256 (base64); then owner
-U64 = struct.Struct(">Q")
 _HEX = frozenset("0123456789abcdef")
 #: Hex digits at the start of every blob name that name the store which made it.
 PREFIX_LEN = 8
@@ -65,6 +66,22 @@ def blob_record(expiry_ms: int, size: int, md5: str, sha: str, owner: bytes = b"
     return BLOB.pack(expiry_ms, size, md5.encode("ascii"), sha.encode("ascii")) + owner
 
 
+def expiry_key(expiry_ms: int, key: bytes) -> bytes:
+    """A ``databus_expiry`` or ``databus_replica_expiry`` key: u64 expiry_ms, then *key* (what
+    expires: a blob name, a part key)."""
+    return pack_seq(expiry_ms) + key
+
+
+def expiry_of(value: bytes | memoryview) -> int:
+    """The expiry_ms that an expiry key and a blob record (with or without its blob name) begin with."""
+    return unpack_seq(value[:8])
+
+
+def expiring(key: bytes) -> bytes:
+    """What an expiry key names (a blob name, a part key)."""
+    return key[8:]
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -82,7 +99,7 @@ def walk_expired(txn: Any, db: Any, now_ms: int, limit: int, drop: Callable[[byt
         ok = cursor.first()
         while ok and n < limit:
             key = bytes(cursor.key())
-            if len(key) <= 8 or U64.unpack_from(key)[0] > now_ms:
+            if len(key) <= 8 or expiry_of(key) > now_ms:
                 break
             drop(key)
             n += 1

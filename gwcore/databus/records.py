@@ -9,21 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Any, Callable, Iterable, Iterator
 
 from .._core import core
+from ..records import now_ms as _now_ms, part_key as _part_key
 from . import replica
-from .layout import BLOB, PREFIX_LEN, TMP, U64, blob_record, walk_expired
+from .layout import BLOB, PREFIX_LEN, TMP, blob_record, expiring, expiry_key, expiry_of, walk_expired
 
 __all__ = ("BlobInfo", "blob_info", "blobs", "PartJob", "record_part", "record_blob", "missing_parts_reason",
            "resolve_submits", "expire", "unlink", "sweep")
 
 log = logging.getLogger("gwcore.databus")
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class BlobInfo:
@@ -62,14 +58,14 @@ def blobs(store: Any) -> Iterator[BlobInfo]:
 def _put_blob(txn: Any, store: Any, name: str, record: bytes, expiry_ms: int) -> None:
     key = name.encode("ascii")
     txn.put(key, record, db=store.databus_blobs)
-    txn.put(U64.pack(expiry_ms) + key, b"", db=store.databus_expiry)
+    txn.put(expiry_key(expiry_ms, key), b"", db=store.databus_expiry)
 
 
 def _drop_blob(txn: Any, store: Any, name: str, doom: Callable[[str], None]) -> None:
     key = name.encode("ascii")
     value = txn.pop(key, db=store.databus_blobs)
     if value is not None:
-        txn.delete(value[:8] + key, db=store.databus_expiry)
+        txn.delete(expiry_key(expiry_of(value), key), db=store.databus_expiry)
     doom(name)
 
 
@@ -159,8 +155,7 @@ def resolve_submits(txn: Any, store: Any, index: Any, envelopes: list, doomed: l
         names = env.databus
         if not names:
             continue
-        prefix = env.key + b"\0"
-        keys = [prefix + wire.encode("utf-8") for wire, _stored in names]
+        keys = [_part_key(env.key, wire) for wire, _stored in names]
         if env.key in seen or index.contains(txn, store.dedup_log, env.key):
             for k in keys:
                 blob = txn.pop(k, db=parts_db)
@@ -193,8 +188,8 @@ def resolve_submits(txn: Any, store: Any, index: Any, envelopes: list, doomed: l
                 record = adopted[i]
                 earlier = txn.get(name.encode("ascii"), db=store.databus_blobs)
                 if earlier is not None:
-                    txn.delete(bytes(earlier[:8]) + name.encode("ascii"), db=store.databus_expiry)
-                _put_blob(txn, store, name, record, U64.unpack_from(record)[0])
+                    txn.delete(expiry_key(expiry_of(earlier), name.encode("ascii")), db=store.databus_expiry)
+                _put_blob(txn, store, name, record, expiry_of(record))
             else:
                 txn.delete(k, db=parts_db)
                 # The blob belongs to the message now: its record no longer names a waiting part.
@@ -216,7 +211,7 @@ def expire(txn: Any, store: Any, now_ms: int, limit: int, doomed: list[str]) -> 
         return 0
 
     def drop_blob(key: bytes) -> None:
-        name = key[8:]
+        name = expiring(key)
         value = txn.pop(name, db=store.databus_blobs)
         if value is not None and len(value) > BLOB.size:
             owner = bytes(value[BLOB.size:])

@@ -11,7 +11,8 @@ import os
 import struct
 from typing import Any, Iterable
 
-from .layout import BLOB, U64, is_name, walk_expired
+from ..records import part_prefix
+from .layout import BLOB, expiring, expiry_key, expiry_of, is_name, walk_expired
 
 __all__ = ("encode_part_record", "decode_part_record", "replicate_parts", "forget_parts", "replicated",
            "drop", "expire")
@@ -43,7 +44,7 @@ def drop(txn: Any, store: Any, key: bytes) -> None:
     """Remove the replicated record of part *key*, if there is one."""
     value = txn.pop(key, db=store.databus_replica)
     if value is not None:
-        txn.delete(value[:8] + key, db=store.databus_replica_expiry)
+        txn.delete(expiry_key(expiry_of(value), key), db=store.databus_replica_expiry)
 
 
 def replicate_parts(txn: Any, store: Any, items: Iterable[tuple[bytes, bytes]], now_ms: int) -> int:
@@ -51,12 +52,12 @@ def replicate_parts(txn: Any, store: Any, items: Iterable[tuple[bytes, bytes]], 
     one; expired ones are skipped). Returns how many were kept."""
     n = 0
     for key, value in items:
-        expiry_ms = U64.unpack_from(value)[0]
+        expiry_ms = expiry_of(value)
         if expiry_ms <= now_ms:
             continue
         drop(txn, store, key)
         txn.put(key, value, db=store.databus_replica)
-        txn.put(U64.pack(expiry_ms) + key, b"", db=store.databus_replica_expiry)
+        txn.put(expiry_key(expiry_ms, key), b"", db=store.databus_replica_expiry)
         n += 1
     return n
 
@@ -70,7 +71,7 @@ def forget_parts(txn: Any, store: Any, message_keys: Iterable[bytes]) -> int:
     cursor = txn.cursor(db=store.databus_replica)
     try:
         for msg_key in message_keys:
-            prefix = msg_key + b"\0"
+            prefix = part_prefix(msg_key)
             found = []
             if cursor.set_range(prefix):
                 for key in cursor.iternext(values=False):
@@ -114,9 +115,9 @@ def expire(txn: Any, store: Any, now_ms: int, limit: int) -> int:
         return 0
 
     def drop_record(key: bytes) -> None:
-        part_key = key[8:]
+        part_key = expiring(key)
         value = txn.get(part_key, db=store.databus_replica)
-        if value is not None and bytes(value[:8]) == key[:8]:
+        if value is not None and expiry_of(value) == expiry_of(key):
             txn.delete(part_key, db=store.databus_replica)
 
     return walk_expired(txn, store.databus_replica_expiry, now_ms, limit, drop_record)

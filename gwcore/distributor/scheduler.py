@@ -18,12 +18,12 @@ import heapq
 import itertools
 import logging
 import secrets
-import struct
 import time
 from typing import Any, Callable
 
 from ..consumer import LocalQueue, Message
 from ..errors import UnknownSessionError, WorkerHandlerError
+from ..records import pack_seq, unpack_seq
 from ..store import Store, Writer
 
 __all__ = ("Distributor",)
@@ -31,7 +31,6 @@ __all__ = ("Distributor",)
 log = logging.getLogger("gwcore.distributor")
 
 _MARK_KEY = b"distributor_handed"  # meta: the highest queue seq ever handed to a worker
-_U64 = struct.Struct(">Q")
 #: Departed workers whose metric series are kept by name; older ones are summed into one series.
 _DEPARTED_SERIES = 64
 _DEPARTED = "(departed)"
@@ -105,7 +104,7 @@ class Distributor:
         self._deliveries: dict[int, int] = {}   # seq -> deliveries so far
         raw = store.get(store.meta, _MARK_KEY)
         # Queued messages at or below this were possibly handed out by an earlier process.
-        self._restart_mark = _U64.unpack(raw)[0] if raw else 0
+        self._restart_mark = unpack_seq(raw) if raw else 0
         self._handed_mark = self._restart_mark  # recorded durably: nothing above it was handed out
         self._top_handed = 0                    # the highest seq handed out by this process
         self._marking: asyncio.Future[None] | None = None  # a mark written ahead, in the background
@@ -393,8 +392,8 @@ class Distributor:
             # Takes record concurrently and their writes commit in any order: never lower the
             # mark, or a later take's smaller top would hide what an earlier take handed out.
             raw = txn.get(_MARK_KEY, db=store.meta)
-            if raw is None or _U64.unpack(raw)[0] < seq:
-                txn.put(_MARK_KEY, _U64.pack(seq), db=store.meta)
+            if raw is None or unpack_seq(raw) < seq:
+                txn.put(_MARK_KEY, pack_seq(seq), db=store.meta)
 
         await self.writer.call(put)
         self._handed_mark = max(self._handed_mark, seq)
