@@ -75,6 +75,8 @@ _BATCH_HEAD = 8
 _BATCH_PER_MESSAGE = 12
 _BATCH_RETRY_AFTER = 60.0
 _HEADER_PREFIX = "NServiceBus.Header."
+#: The metrics label of every destination that is not a configured site (Forwarder.metrics).
+OTHER_SITE = "other"
 
 
 @dataclasses.dataclass
@@ -758,5 +760,13 @@ class Forwarder:
             return False
 
     def metrics(self) -> list[tuple[str, int, int, int]]:
-        """(destination, sent, failed attempts, in flight) per destination."""
-        return [(d.name, d.sent, d.failed_attempts, d.in_flight) for d in self._dests.values()]
+        """(destination, sent, failed attempts, in flight) per configured site; every destination
+        that is not one (a reply address a remote sender chose) is summed under ``other``, so a
+        sender cannot add a series per address."""
+        rows: dict[str, list[int]] = {}
+        for d in self._dests.values():
+            row = rows.setdefault(d.site.key if d.site is not None else OTHER_SITE, [0, 0, 0])
+            row[0] += d.sent
+            row[1] += d.failed_attempts
+            row[2] += d.in_flight
+        return [(name, *row) for name, row in rows.items()]  # type: ignore[misc]

@@ -605,7 +605,7 @@ class Gateway:
             out.append(f"# HELP {name} {help_text}")
             out.append(f"# TYPE {name} {kind}")
             for labels, value in samples:
-                out.append(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}")
+                out.append(f"{name}{labels} {value!r}")
 
         statuses: dict[int, int] = {}
         rejected = rejected_per_peer = idle_closed = too_slow = parts_refused = 0
@@ -699,9 +699,9 @@ class Gateway:
                    [("", f.expired)])
             per_site = f.metrics()
             metric("gwcore_outgoing_in_flight", "gauge", "Requests being sent, per destination.",
-                   [(f'{{site="{name}"}}', inflight) for name, _sent, _failed, inflight in per_site])
+                   [(f'{{site="{_label(name)}"}}', inflight) for name, _sent, _failed, inflight in per_site])
             metric("gwcore_outgoing_site_sent_total", "counter", "Messages delivered, per destination.",
-                   [(f'{{site="{name}"}}', sent) for name, sent, _failed, _inflight in per_site])
+                   [(f'{{site="{_label(name)}"}}', sent) for name, sent, _failed, _inflight in per_site])
         if self.store is not None and self._started and not self._stopped:
             counts = self.store.counts()
             metric("gwcore_outgoing_depth", "gauge", "Messages waiting in the outgoing queue.", [("", counts["outgoing"])])
@@ -737,9 +737,14 @@ def _histogram(name: str, help_text: str, bounds: tuple, counts: list[int], tota
         lines.append(f'{name}_bucket{{le="{bound:g}"}} {running}')
     running += counts[-1]
     lines.append(f'{name}_bucket{{le="+Inf"}} {running}')
-    lines.append(f"{name}_sum {total:g}")
+    lines.append(f"{name}_sum {total!r}")  # every digit: repr is exact, :g keeps six
     lines.append(f"{name}_count {running}")
     return lines
+
+
+def _label(text: str) -> str:
+    """A label value as the exposition format writes it (backslash, quote and newline escaped)."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _version() -> str:
