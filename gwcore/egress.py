@@ -45,6 +45,7 @@ from .batch import BatchLimits, advertised
 from .client import FileBody, SiteClient, make_client_ssl_context
 from .config import Settings, Site
 from .errors import ConfigurationError, GatewayError, SendError, StoreError, UnknownSiteError
+from .metrics import SECONDS, Buckets, Families, counter, gauge, histogram
 from .store import Store, Writer, now_ms
 
 __all__ = (
@@ -99,6 +100,11 @@ def _layout(value: bytes | memoryview) -> tuple[int, int, int, int]:
     next_ms, attempt, n = _HEAD.unpack_from(value)
     pos = _HEAD.size + n
     return next_ms, attempt, n, pos + 4 + _U32.unpack_from(value, pos)[0]
+
+
+def envelope_offset(value: bytes | memoryview) -> int:
+    """Where the envelope of an outgoing record begins."""
+    return _layout(value)[3]
 
 
 def decode_outgoing(value: bytes | memoryview) -> OutgoingRecord:
@@ -352,7 +358,9 @@ class _Destination:
         self.tasks: list[asyncio.Task] = []
         self.sent = 0
         self.failed_attempts = 0
+        self.retried = 0
         self.in_flight = 0
+        self.latency = Buckets(SECONDS)  # one request's time, from writing it to its answer
         #: What the receiver said it takes in one batch (gwcore/batch.py), once a 200 of its
         #: said so; None: one message per request (NServiceBus, or not known yet).
         self.batch: BatchLimits | None = None
@@ -515,6 +523,7 @@ class Forwarder:
         if d.site is not None and d.site.secret:
             block += self._signature(d, block, auth.body_digest(body))
         d.in_flight += 1
+        started = time.perf_counter()
         try:
             if problem:
                 status = _BLOB_MISSING
@@ -524,6 +533,8 @@ class Forwarder:
             status, problem = 0, str(exc)
         finally:
             d.in_flight -= 1
+        if status != _BLOB_MISSING:
+            d.latency.observe(time.perf_counter() - started)
         await self._outcome(d, out, status, problem)
 
     async def _forward_batch(self, d: _Destination, seqs: list[int]) -> None:
@@ -561,6 +572,7 @@ class Forwarder:
         if d.site is not None and d.site.secret:
             block += self._signature(d, block, auth.body_digest(body))
         d.in_flight += len(batch)
+        started = time.perf_counter()
         try:
             response = await d.client.post_block(block, body)
             status, problem = response.status, f"{response.status} {response.reason}"
@@ -568,6 +580,7 @@ class Forwarder:
             response, status, problem = None, 0, str(exc)
         finally:
             d.in_flight -= len(batch)
+        d.latency.observe(time.perf_counter() - started)
         results = _batch_results(response, len(batch)) if status == 200 else None
         if status == 200 and results is None:
             status, problem = 502, "502 the batch's answer does not list one outcome per message"
@@ -623,6 +636,7 @@ class Forwarder:
             log.info("message %s to %s failed (%s); retry %d of %d in %g s", out.msg_id, d.name, problem,
                      rec.attempt, self.settings.retries, delay)
             self.retried += 1
+            d.retried += 1
             changes.append((seq, encode_outgoing(rec), False))
             retries.append((seq, rec.next_ms))
         if not changes:
@@ -759,14 +773,41 @@ class Forwarder:
                 self.schedule(seq, d.name, now_ms() + 5000)
             return False
 
-    def metrics(self) -> list[tuple[str, int, int, int]]:
-        """(destination, sent, failed attempts, in flight) per configured site; every destination
-        that is not one (a reply address a remote sender chose) is summed under ``other``, so a
-        sender cannot add a series per address."""
-        rows: dict[str, list[int]] = {}
+    def metrics(self) -> Families:
+        """The forwarder's counts, and per configured site its requests in flight, deliveries,
+        failed attempts, retries and request times. Every destination that is not a configured
+        site (a reply address a remote sender chose) is summed under ``site="other"``, so a sender
+        cannot add a series per address."""
+        rows: dict[str, list[Any]] = {}
         for d in self._dests.values():
-            row = rows.setdefault(d.site.key if d.site is not None else OTHER_SITE, [0, 0, 0])
-            row[0] += d.sent
-            row[1] += d.failed_attempts
-            row[2] += d.in_flight
-        return [(name, *row) for name, row in rows.items()]  # type: ignore[misc]
+            row = rows.get(d.site.key if d.site is not None else OTHER_SITE)
+            if row is None:
+                row = rows[d.site.key if d.site is not None else OTHER_SITE] = [0, 0, 0, 0, Buckets(SECONDS)]
+            row[0] += d.in_flight
+            row[1] += d.sent
+            row[2] += d.failed_attempts
+            row[3] += d.retried
+            row[4].merge(d.latency)
+        per_site = sorted(rows.items())
+
+        def site_family(kind: Any, name: str, help_text: str, column: int) -> Any:
+            return kind(name, help_text, labels=("site",), samples=[((site,), row[column]) for site, row in per_site])
+
+        return [
+            counter("gwcore_outgoing_sent_total", "Messages a site answered 200 (removed from the outgoing queue).",
+                    self.sent),
+            counter("gwcore_outgoing_retries_total", "Failed send attempts scheduled for a retry.", self.retried),
+            counter("gwcore_outgoing_failed_total", "Messages moved to the outgoing error queue.", self.failed),
+            counter("gwcore_outgoing_expired_total", "Outgoing messages discarded after their TimeToBeReceived.",
+                    self.expired),
+            site_family(gauge, "gwcore_outgoing_in_flight", "Messages being sent, per destination site.", 0),
+            site_family(counter, "gwcore_outgoing_site_sent_total", "Messages delivered, per destination site.", 1),
+            site_family(counter, "gwcore_outgoing_site_failures_total",
+                        "Failed send attempts (an answer other than 200, or no answer), per destination site.", 2),
+            site_family(counter, "gwcore_outgoing_site_retries_total",
+                        "Failed attempts scheduled for a retry, per destination site.", 3),
+            histogram("gwcore_outgoing_request_seconds",
+                      "Time of one request to a site (a message, with its databus parts, or a batch), from writing "
+                      "it to its answer, per destination site.", labels=("site",),
+                      samples=[((site,), row[4]) for site, row in per_site]),
+        ]

@@ -27,14 +27,14 @@ from .databus.sink import BlobWriter
 from .distributor.listener import WorkerCalls
 from .distributor.protocol import WORKER_PREFIX
 from .httphead import ascii_reason, error_answer, render_head
+from .metrics import CONTENT_TYPE, Families, counter, gauge
 
-__all__ = ("HTTPState", "HTTPProtocol", "render_response", "error_answer", "peer_key")
+__all__ = ("HTTPState", "HTTPProtocol", "render_response", "error_answer", "peer_key", "listener_metrics")
 
 log = logging.getLogger("gwcore.http")
 
 _JSON = b"application/json; charset=utf-8"
 _JS = b"application/javascript; charset=utf-8"
-_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 
 _OK = "OK"
 # RFC 9110: a 401 names its scheme. Worker calls are signed with v1 (gwcore/auth.py); site
@@ -275,6 +275,36 @@ class HTTPState(core.ListenerCore):
         return False
 
 
+def listener_metrics(states: list[HTTPState]) -> Families:
+    """The counters of every listener (receive channels, the worker listener, the admin
+    listener), summed."""
+    statuses: collections.Counter = collections.Counter()
+    for state in states:
+        statuses.update(state.status_counts())
+
+    def total(attr: str) -> int:
+        return sum(getattr(state, attr) for state in states)
+
+    return [
+        counter("gwcore_http_requests_total", "HTTP requests answered, by status.", labels=("status",),
+                samples=[((str(k),), v) for k, v in sorted(statuses.items())]),
+        gauge("gwcore_http_connections", "Open client connections.", sum(len(s.connections) for s in states)),
+        counter("gwcore_http_connections_refused_total", "Connections refused (a limit, or draining).",
+                total("rejected_connections")),
+        counter("gwcore_http_connections_refused_per_peer_total",
+                "Connections refused because their address had GWCORE_HTTP_MAX_CONNECTIONS_PER_PEER open.",
+                total("rejected_per_peer")),
+        counter("gwcore_http_idle_connections_closed_total",
+                "Idle connections closed to make room for a new one at GWCORE_HTTP_MAX_CONNECTIONS.",
+                total("idle_closed")),
+        counter("gwcore_http_requests_too_slow_total",
+                "Requests cut off (408) for arriving slower than GWCORE_HTTP_MIN_RATE.", total("too_slow")),
+        counter("gwcore_databus_parts_refused_per_peer_total",
+                "Databus parts refused (503) at GWCORE_HTTP_MAX_PARTS_PER_PEER from one address.",
+                total("parts_refused_per_peer")),
+    ]
+
+
 class HTTPProtocol(PartIntake, WorkerCalls):
     """One client connection (an asyncio protocol). The hot path of a submit (events, answer
     slots, handing the envelope to the writer, writing answers in order) is the compiled base
@@ -511,8 +541,8 @@ class HTTPProtocol(PartIntake, WorkerCalls):
             else:
                 self._answer(slot, 503, "Service Unavailable: draining" if state.draining else unavailable, count=False)
         else:
-            text = state.metrics_render() if state.metrics_render else ""
-            self._answer(slot, 200, _OK, body=text.encode(), content_type=_TEXT, count=False)
+            body = state.metrics_render() if state.metrics_render else b""
+            self._answer(slot, 200, _OK, body=body, content_type=CONTENT_TYPE, count=False)
 
     def _answer(self, slot: core.AnswerSlot, status: int, reason: str, *, body: bytes | None = None,
                 content_type: bytes = _JSON, callback: str | None = None, extra: bytes = b"",

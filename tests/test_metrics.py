@@ -65,7 +65,7 @@ def test_histogram_sums_are_exact(run, gateway_factory):
     """A sum past a million is written with every digit (``:g`` made 1234567 into 1.23457e+06)."""
     async def main():
         async with gateway_factory() as gw:
-            gw.writer.stats.batch_size_sum = 1234567
+            gw.writer.stats.batch_size.sum = 1234567
             families = parse(await scrape(gw))
             sums = [s.value for s in families["gwcore_commit_batch_size"].samples if s.name.endswith("_sum")]
             assert sums == [1234567.0]
