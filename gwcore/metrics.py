@@ -19,6 +19,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from ._core import core
+
 __all__ = ("Buckets", "Families", "counter", "gauge", "histogram", "GatewayCollector", "registry_for", "render",
            "SECONDS", "CONTENT_TYPE")
 
@@ -28,8 +30,9 @@ Families = list[Metric]
 #: The exposition's content type (text format 0.0.4, which every Prometheus reads).
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
-#: Bucket bounds of the duration histograms, in seconds: 0.5 ms to 10 s.
-SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: Bucket bounds of the duration histograms, in seconds: 0.5 ms to 10 s (the compiled path
+#: counts its answers in the same buckets).
+SECONDS: tuple[float, ...] = core.DURATION_BOUNDS
 
 
 class Buckets:

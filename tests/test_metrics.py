@@ -71,3 +71,60 @@ def test_histogram_sums_are_exact(run, gateway_factory):
             assert sums == [1234567.0]
 
     run(main())
+
+
+def sample(families: dict, family: str, name: str | None = None, **labels) -> float:
+    """The value of the one sample *name* (default: the family's own name) with *labels*."""
+    f = families[family]
+    name = name or (family + "_total" if f.type == "counter" else family)
+    found = [s.value for s in f.samples
+             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+    assert len(found) == 1, (family, name, labels, found)
+    return found[0]
+
+
+def test_what_operators_look_for(run, gateway_factory, tmp_path):
+    """Request times by call type and status (the compiled path's 200s and Python's other
+    answers alike), bytes in and out, the oldest message's age, per-site send failures and
+    retries and request times, handler time, build info, process metrics."""
+    handled = asyncio.Event()
+
+    async def handler(msg):
+        handled.set()
+
+    async def main():
+        async with gateway_factory(sites="Headquarters=http://127.0.0.1:9/Headquarters/",
+                                   retry_delays=(3600.0,)) as gw:
+            async with Client(*addr(gw)) as c:
+                for _ in range(3):
+                    assert (await c.request(nsb_request())).status == 200
+                assert (await c.request(nsb_request(call_type="Nonsense"))).status == 400
+            await gw.send_to_sites(["Headquarters"], b"{}")
+            await asyncio.sleep(1.1)
+            families = parse(await scrape(gw))
+            count = "gwcore_http_request_seconds_count"
+            assert sample(families, "gwcore_http_request_seconds", count, call_type="submit", status="200") == 3
+            assert sample(families, "gwcore_http_request_seconds", count, call_type="submit", status="400") == 1
+            assert sample(families, "gwcore_http_request_seconds", "gwcore_http_request_seconds_bucket",
+                          call_type="submit", status="200", le="+Inf") == 3
+            assert sample(families, "gwcore_http_received_bytes") > 4 * 500
+            assert sample(families, "gwcore_http_sent_bytes") > 4 * 50
+            assert sample(families, "gwcore_queue_oldest_age_seconds", queue="local") >= 1.0
+            assert sample(families, "gwcore_queue_oldest_age_seconds", queue="outgoing") >= 1.0
+            assert sample(families, "gwcore_outgoing_site_failures", site="Headquarters") == 1
+            assert sample(families, "gwcore_outgoing_site_retries", site="Headquarters") == 1
+            assert sample(families, "gwcore_outgoing_request_seconds", "gwcore_outgoing_request_seconds_count",
+                          site="Headquarters") == 1
+            assert sample(families, "gwcore_store_fsync_seconds", "gwcore_store_fsync_seconds_count") >= 1
+            assert sample(families, "gwcore_build_info", mode="standalone") == 1
+            assert sample(families, "process_cpu_seconds") > 0
+        async with gateway_factory(handler=handler, data_dir=str(tmp_path / "handled")) as gw:
+            async with Client(*addr(gw)) as c:
+                assert (await c.request(nsb_request())).status == 200
+            await asyncio.wait_for(handled.wait(), 5)
+            await asyncio.sleep(0.05)
+            families = parse(await scrape(gw))
+            assert sample(families, "gwcore_handler_seconds", "gwcore_handler_seconds_count") == 1
+            assert sample(families, "gwcore_queue_oldest_age_seconds", queue="local") == 0
+
+    run(main())
