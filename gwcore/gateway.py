@@ -58,6 +58,8 @@ class Gateway:
         self.servers: list[asyncio.base_events.Server] = []
         #: Distributor mode: the worker listener (GWCORE_WORKER_LISTEN), also in servers/states.
         self.worker_server: asyncio.base_events.Server | None = None
+        #: The admin listener (GWCORE_ADMIN_LISTEN), also in servers/states.
+        self.admin_server: asyncio.base_events.Server | None = None
         self._handler_task: asyncio.Task | None = None
         self.distributor: Distributor | None = None
         #: Distributor mode: the worker calls over HTTP, attached to the listeners as worker_api.
@@ -80,13 +82,20 @@ class Gateway:
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """The bound (host, port) of every receive channel's listener (useful with port 0)."""
-        return [s.sockets[0].getsockname()[:2] for s in self.servers if s.sockets and s is not self.worker_server]
+        return [s.sockets[0].getsockname()[:2] for s in self.servers
+                if s.sockets and s is not self.worker_server and s is not self.admin_server]
 
     @property
     def worker_address(self) -> tuple[str, int] | None:
         """The bound (host, port) of the worker listener (distributor mode), if there is one."""
         ws = self.worker_server
         return ws.sockets[0].getsockname()[:2] if ws is not None and ws.sockets else None
+
+    @property
+    def admin_address(self) -> tuple[str, int] | None:
+        """The bound (host, port) of the admin listener, if there is one."""
+        a = self.admin_server
+        return a.sockets[0].getsockname()[:2] if a is not None and a.sockets else None
 
     @property
     def reply_uri(self) -> str | None:
@@ -171,8 +180,9 @@ class Gateway:
         if wl is not None and wl.tls and tls_context is None:
             tls_context = _server_ssl_context(s)
         try:
+            public = self._exposition if s.metrics_public_on() else None
             for (host, port), paths in listeners.items():
-                state = HTTPState(s, channel_paths=paths, metrics_render=self._exposition)
+                state = HTTPState(s, channel_paths=paths, metrics_render=public)
                 # the worker API on a receive channel only when every worker call is signed
                 state.serves_workers = distributor and bool(s.worker_keys)
                 state.set_role(role)
@@ -183,7 +193,8 @@ class Gateway:
                 self.states.append(state)
                 self.servers.append(server)
             if wl is not None:
-                state = HTTPState(s, channel_paths=[], metrics_render=self._exposition)
+                state = HTTPState(s, channel_paths=[],
+                                  metrics_render=self._exposition if s.metrics_public_on(workers=True) else None)
                 state.serves_workers = True
                 state.set_role(role)
                 try:
@@ -197,9 +208,27 @@ class Gateway:
                 self.states.append(state)
                 self.servers.append(server)
                 self.worker_server = server
+            if s.admin_listen is not None:
+                self.admin_server = await self._listen_admin(s.admin_listen, role)
         except BaseException:
             self._close_listeners()
             raise
+
+    async def _listen_admin(self, at: Any, role: str) -> asyncio.base_events.Server:
+        """The admin listener: ``/metrics``, ``/healthz`` and ``/readyz``, every other path 404."""
+        state = HTTPState(self.settings, channel_paths=[], metrics_render=self._exposition)
+        state.set_role(role)
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_server(functools.partial(HTTPProtocol, state), at.host, at.port,
+                                              reuse_address=True, backlog=64)
+        except OSError as exc:
+            raise ConfigurationError(f"GWCORE_ADMIN_LISTEN={at.host}:{at.port}: cannot listen there: "
+                                     f"{exc.strerror or exc}") from None
+        state.start(loop)
+        self.states.append(state)
+        self.servers.append(server)
+        return server
 
     def _close_listeners(self) -> None:
         for state in self.states:
@@ -276,6 +305,7 @@ class Gateway:
         if s.sites:
             log.info("sending to %s; replies to %s", ", ".join(
                 f"{x.key} at {x.url} ({'signed' if x.secret else 'unsigned'})" for x in s.sites), s.reply_uri)
+        log.info("metrics: %s", self._metrics_served())
         if s.receive_keys:
             log.info("receiving: signed requests from %s%s", ", ".join(k for k, _ in s.receive_keys),
                      "; unsigned requests accepted too (allow_unsigned)" if s.allow_unsigned else "; unsigned refused (401)")
@@ -327,6 +357,22 @@ class Gateway:
             return (f"no worker keys: served unsigned on the loopback worker listener {listener} only, "
                     "not on the receive channels (set GWCORE_WORKER_KEYS to serve signed workers there)")
         return "no worker keys and GWCORE_WORKER_LISTEN=off: the worker API is served nowhere, no worker can enlist"
+
+    def _metrics_served(self) -> str:
+        """Where /metrics is served (the start-up log line; docs/security.md, "Metrics")."""
+        s = self.settings
+        where = []
+        if self.admin_address is not None:
+            host, port = self.admin_address
+            where.append(f"the admin listener http://{f'[{host}]' if ':' in host else host}:{port}")
+        if s.metrics_public_on():
+            where.append("the receive channels")
+        if self.worker_address is not None and s.metrics_public_on(workers=True):
+            where.append("the worker listener")
+        if not where:
+            return ("/metrics served nowhere: no GWCORE_ADMIN_LISTEN, and the receive channels do not serve it "
+                    "(they require signed requests, or GWCORE_METRICS_PUBLIC=0)")
+        return "/metrics on " + " and ".join(where)
 
     def _bound(self) -> str:
         scheme = "https" if any(c.tls for c in self.settings.receive_channels) else "http"

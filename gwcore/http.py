@@ -43,6 +43,8 @@ _CHALLENGE = b"WWW-Authenticate: gwcore-v1\r\n"
 _LINGER_SECONDS = 2.0
 _PASSIVE = "Service Unavailable: passive"
 _BUILTIN = (b"/healthz", b"/readyz", b"/metrics")
+_NO_METRICS = ("Not Found: /metrics is not served on this listener (GWCORE_ADMIN_LISTEN, GWCORE_METRICS_PUBLIC; "
+               "docs/security.md)")
 _SHUTTING_DOWN = "Service Unavailable: gwcore is shutting down"
 _TOO_MANY = "Service Unavailable: too many connections (GWCORE_HTTP_MAX_CONNECTIONS)"
 _TOO_MANY_FROM_PEER = ("Service Unavailable: too many connections from your address "
@@ -581,8 +583,10 @@ class HTTPProtocol(PartIntake, WorkerCalls):
             else:
                 self._answer(slot, 503, "Service Unavailable: draining" if state.draining else unavailable, count=False)
         else:
-            body = state.metrics_render() if state.metrics_render else b""
-            self._answer(slot, 200, _OK, body=body, content_type=CONTENT_TYPE, count=False)
+            if state.metrics_render is None:
+                self._answer(slot, 404, _NO_METRICS, count=False)
+            else:
+                self._answer(slot, 200, _OK, body=state.metrics_render(), content_type=CONTENT_TYPE, count=False)
 
     def _answer(self, slot: core.AnswerSlot, status: int, reason: str, *, body: bytes | None = None,
                 content_type: bytes = _JSON, callback: str | None = None, extra: bytes = b"",

@@ -9,6 +9,7 @@ import asyncio
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from gwcore.config import WorkerListen
 from httpclient import Client, get, nsb_request
 
 _ORIGIN = b"NServiceBus.Header.NServiceBus.OriginatingSite: http%2Chttp%3A%2F%2Flocalhost%3A25899%2FHeadquarters%2F"
@@ -126,5 +127,100 @@ def test_what_operators_look_for(run, gateway_factory, tmp_path):
             families = parse(await scrape(gw))
             assert sample(families, "gwcore_handler_seconds", "gwcore_handler_seconds_count") == 1
             assert sample(families, "gwcore_queue_oldest_age_seconds", queue="local") == 0
+
+    run(main())
+
+
+# -- where /metrics is served (docs/security.md, "Metrics") ------------------------------------
+
+KEYS = (("Headquarters", b"a shared secret of 32 bytes....."),)
+
+
+def test_with_an_admin_listener_metrics_are_served_there_only(run, gateway_factory):
+    async def main():
+        async with gateway_factory(admin_listen=WorkerListen("127.0.0.1", 0)) as gw:
+            public, admin = addr(gw), gw.admin_address
+            assert admin is not None and admin not in gw.addresses
+            assert (await get(*public, "/metrics")).status == 404
+            r = await get(*admin, "/metrics")
+            assert r.status == 200 and "gwcore_http_requests" in parse(r.body.decode())
+            for where in (public, admin):  # where load balancers look, and beside the metrics
+                assert (await get(*where, "/healthz")).status == 200
+                assert (await get(*where, "/readyz")).status == 200
+            async with Client(*admin) as c:  # no gateway traffic on the admin listener
+                assert (await c.request(nsb_request())).status == 404
+
+    run(main())
+
+
+def test_metrics_public_puts_them_back_on_the_receive_channels(run, gateway_factory):
+    async def main():
+        async with gateway_factory(admin_listen=WorkerListen("127.0.0.1", 0), metrics_public="on",
+                                   receive_keys=KEYS) as gw:
+            assert (await get(*addr(gw), "/metrics")).status == 200
+            assert (await get(*gw.admin_address, "/metrics")).status == 200
+
+    run(main())
+
+
+def test_a_channel_that_requires_signatures_does_not_serve_metrics_by_default(run, gateway_factory):
+    """An unsigned submit is refused 401 there: an unsigned GET /metrics must not see the
+    gateway's counters either."""
+    async def main():
+        async with gateway_factory(receive_keys=KEYS) as gw:
+            assert (await get(*addr(gw), "/metrics")).status == 404
+            assert (await get(*addr(gw), "/readyz")).status == 200
+        async with gateway_factory(receive_keys=KEYS, allow_unsigned=True) as gw:  # open anyway
+            assert (await get(*addr(gw), "/metrics")).status == 200
+
+    run(main())
+
+
+def test_admin_listen_and_metrics_public_settings():
+    import pytest
+
+    from gwcore import Settings
+    from gwcore.errors import ConfigurationError
+
+    base = {"GWCORE_RECEIVE_CHANNELS": "http://127.0.0.1:25900/RemoteSite/"}
+    s = Settings.from_env({**base, "GWCORE_ADMIN_LISTEN": "127.0.0.1:9464"})
+    assert (s.admin_listen.host, s.admin_listen.port, s.metrics_public) == ("127.0.0.1", 9464, "auto")
+    assert not s.metrics_public_on()
+    assert Settings.from_env(base).admin_listen is None and Settings.from_env(base).metrics_public_on()
+    assert Settings.from_env({**base, "GWCORE_METRICS_PUBLIC": "1"}).metrics_public == "on"
+    assert not Settings.from_env({**base, "GWCORE_METRICS_PUBLIC": "0"}).metrics_public_on()
+    for bad in ({"GWCORE_ADMIN_LISTEN": "https://127.0.0.1:9464"}, {"GWCORE_ADMIN_LISTEN": "127.0.0.1:25900"},
+                {"GWCORE_METRICS_PUBLIC": "sometimes"}):
+        with pytest.raises(ConfigurationError, match=next(iter(bad))):
+            Settings.from_env({**base, **bad})
+
+
+# -- the Grafana dashboard (docs/grafana/gwcore.json) -----------------------------------------
+
+def dashboard_metric_names() -> set[str]:
+    """Every metric name the dashboard's queries (and its instance variable) read."""
+    import json
+    import pathlib
+    import re
+
+    dash = json.loads((pathlib.Path(__file__).parent.parent / "docs" / "grafana" / "gwcore.json").read_text())
+    queries = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    queries += [v["definition"] for v in dash["templating"]["list"] if "definition" in v]
+    return {m for q in queries for m in re.findall(r"\b(?:gwcore|process)_[a-z0-9_]+\b", q)}
+
+
+def test_every_metric_the_dashboard_uses_is_scraped(run, gateway_factory):
+    names = dashboard_metric_names()
+    assert len(names) > 30
+
+    async def main():
+        async with gateway_factory(handler=lambda msg: None, sites="Headquarters=http://127.0.0.1:9/Headquarters/",
+                                   retry_delays=(3600.0,)) as gw:
+            async with Client(*addr(gw)) as c:
+                assert (await c.request(nsb_request())).status == 200
+            await gw.send_to_sites(["Headquarters"], b"{}")
+            await asyncio.sleep(0.3)
+            scraped = {s.name for f in parse(await scrape(gw)).values() for s in f.samples}
+            assert sorted(names - scraped) == []
 
     run(main())
