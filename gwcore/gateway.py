@@ -193,38 +193,31 @@ class Gateway:
                 self.states.append(state)
                 self.servers.append(server)
             if wl is not None:
-                state = HTTPState(s, channel_paths=[],
-                                  metrics_render=self._exposition if s.metrics_public_on(workers=True) else None)
-                state.serves_workers = True
-                state.set_role(role)
-                try:
-                    server = await loop.create_server(functools.partial(HTTPProtocol, state), wl.host, wl.port,
-                                                      reuse_address=True, backlog=512,
-                                                      ssl=tls_context if wl.tls else None)
-                except OSError as exc:
-                    raise ConfigurationError(f"GWCORE_WORKER_LISTEN={wl}: cannot listen there: "
-                                             f"{exc.strerror or exc}") from None
-                state.start(loop)
-                self.states.append(state)
-                self.servers.append(server)
-                self.worker_server = server
-            if s.admin_listen is not None:
-                self.admin_server = await self._listen_admin(s.admin_listen, role)
+                self.worker_server = await self._listen_apart(
+                    f"GWCORE_WORKER_LISTEN={wl}", wl.host, wl.port, role, serves_workers=True, backlog=512,
+                    metrics=s.metrics_public_on(workers=True), tls=tls_context if wl.tls else None)
+            al = s.admin_listen
+            if al is not None:
+                self.admin_server = await self._listen_apart(f"GWCORE_ADMIN_LISTEN={al.host}:{al.port}", al.host,
+                                                             al.port, role, metrics=True)
         except BaseException:
             self._close_listeners()
             raise
 
-    async def _listen_admin(self, at: Any, role: str) -> asyncio.base_events.Server:
-        """The admin listener: ``/metrics``, ``/healthz`` and ``/readyz``, every other path 404."""
-        state = HTTPState(self.settings, channel_paths=[], metrics_render=self._exposition)
+    async def _listen_apart(self, what: str, host: str, port: int, role: str, *, metrics: bool,
+                            serves_workers: bool = False, backlog: int = 64,
+                            tls: ssl.SSLContext | None = None) -> asyncio.base_events.Server:
+        """A listener with no receive channel: the worker listener (*serves_workers*), or the
+        admin listener (``/metrics``, ``/healthz``, ``/readyz``; every other path 404)."""
+        state = HTTPState(self.settings, channel_paths=[], metrics_render=self._exposition if metrics else None)
+        state.serves_workers = serves_workers
         state.set_role(role)
         loop = asyncio.get_running_loop()
         try:
-            server = await loop.create_server(functools.partial(HTTPProtocol, state), at.host, at.port,
-                                              reuse_address=True, backlog=64)
+            server = await loop.create_server(functools.partial(HTTPProtocol, state), host, port,
+                                              reuse_address=True, backlog=backlog, ssl=tls)
         except OSError as exc:
-            raise ConfigurationError(f"GWCORE_ADMIN_LISTEN={at.host}:{at.port}: cannot listen there: "
-                                     f"{exc.strerror or exc}") from None
+            raise ConfigurationError(f"{what}: cannot listen there: {exc.strerror or exc}") from None
         state.start(loop)
         self.states.append(state)
         self.servers.append(server)

@@ -67,22 +67,25 @@ class Buckets:
         return out
 
 
+def _family(kind: Any, name: str, help_text: str, value: float | None, labels: Sequence[str],
+            samples: Iterable[tuple[Sequence[str], float]]) -> Any:
+    family = kind(name, help_text, value=value, labels=labels or None)
+    for values, v in samples:
+        family.add_metric(list(values), v)
+    return family
+
+
 def counter(name: str, help_text: str, value: float | None = None, *, labels: Sequence[str] = (),
             samples: Iterable[tuple[Sequence[str], float]] = ()) -> CounterMetricFamily:
     """A counter family: one unlabelled *value*, or *samples* of ``(label values, value)``.
     *name* ends with ``_total`` as it is exposed."""
-    family = CounterMetricFamily(name, help_text, value=value, labels=labels or None)
-    for values, v in samples:
-        family.add_metric(list(values), v)
-    return family
+    return _family(CounterMetricFamily, name, help_text, value, labels, samples)
 
 
 def gauge(name: str, help_text: str, value: float | None = None, *, labels: Sequence[str] = (),
           samples: Iterable[tuple[Sequence[str], float]] = ()) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, help_text, value=value, labels=labels or None)
-    for values, v in samples:
-        family.add_metric(list(values), v)
-    return family
+    """A gauge family, as :func:`counter`."""
+    return _family(GaugeMetricFamily, name, help_text, value, labels, samples)
 
 
 def histogram(name: str, help_text: str, buckets: Buckets | None = None, *, labels: Sequence[str] = (),
