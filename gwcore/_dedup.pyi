@@ -582,6 +582,16 @@ class ListenerCore:
     """Submits answered 200 since start (``HTTPState.status_counts`` adds them to the rest)."""
     compiled_submits: int
     """Submits handed straight to the writer's inbox by the compiled path (no Python call)."""
+    bytes_in: int
+    """Bytes received on this listener's connections."""
+    bytes_out: int
+    """Bytes of answers written (answers streamed from files aside)."""
+    def observe_ok(self, started: float) -> None:
+        """Count a 200 to a submit answered outside the compiled path; *started* as
+        :attr:`AnswerSlot.started`."""
+    def ok_durations(self) -> tuple[list[int], float]:
+        """``(counts, sum)`` of the compiled path's 200s to submits: counts per bound of
+        :data:`DURATION_BOUNDS`, then above them all."""
     idle_connections: Any
     """The connections with no request begun and no answer owed, the one idle the longest first
     (an ``OrderedDict`` of connection -> None): at ``GWCORE_HTTP_MAX_CONNECTIONS`` the first one
@@ -606,6 +616,10 @@ class AnswerSlot:
     protocol: ConnectionCore | None
     msg_id: str | None
     head: bool
+    started: float
+    """``time.monotonic()`` of the read that completed the request (a databus part: its head)."""
+    kind: int
+    """What the request is: an index into :data:`REQUEST_KINDS`."""
     def __call__(self, ok: bool, value: object) -> None: ...
 
 @disjoint_base
@@ -654,6 +668,12 @@ class ConnectionCore:
         """Write every answer that is next in line; close or go idle as the slots say."""
     def _update_reading(self) -> None:
         """Pause or resume reading by the pipeline depth and the peer's reading."""
+
+DURATION_BOUNDS: Final[tuple[float, ...]]
+"""The bucket bounds (seconds) of the answer times the compiled path counts."""
+REQUEST_KINDS: Final[tuple[str, ...]]
+"""The kinds of request an answer slot can be, its ``call_type`` label in
+``gwcore_http_request_seconds``."""
 
 JOB_KINDS: Final[tuple[int, int, int]]
 """The writer's job kinds: ingest an envelope, ack (remove) a queue entry, call a function."""

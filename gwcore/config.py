@@ -236,6 +236,21 @@ def _worker_listen(text: str) -> "WorkerListen | None":
     return WorkerListen(host, port, tls)
 
 
+def _admin_listen(text: str) -> "WorkerListen | None":
+    """``host:port`` of the admin listener (plain HTTP), or unset/``off``."""
+    listen = _worker_listen(text)
+    if listen is not None and listen.tls:
+        raise ValueError("the admin listener serves plain http: give host:port (terminate TLS in front of it)")
+    return listen
+
+
+def _metrics_public(text: str) -> str:
+    """``auto``, or a boolean: ``on``/``off``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    return "on" if _parse_bool(text) else "off"
+
+
 def _worker_key_files(text: str) -> dict[str, str]:
     """``id:/path/to/secret,id2:/path`` -> {id: path}."""
     out: dict[str, str] = {}
@@ -472,6 +487,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "GWCORE_SHUTDOWN_TIMEOUT": ("shutdown_timeout", _positive_duration, "30s"),
     "GWCORE_LOOP": ("loop", _choice(LOOPS), "auto"),
     "GWCORE_LOG_LEVEL": ("log_level", _choice(("debug", "info", "warning", "error")), "info"),
+    "GWCORE_ADMIN_LISTEN": ("admin_listen", _admin_listen, "off"),
+    "GWCORE_METRICS_PUBLIC": ("metrics_public", _metrics_public, "auto"),
     # sending side
     "GWCORE_SITES": ("sites", None, ""),  # parsed with GWCORE_CONFIG
     "GWCORE_CONFIG": ("config_file", _optional_file, ""),
@@ -579,6 +596,11 @@ class Settings:
     instance: str | None = None
     receive_keys: tuple[tuple[str, bytes], ...] = dataclasses.field(default=(), repr=False)
     allow_unsigned: bool = True
+    #: The admin listener (``/metrics``, ``/healthz``, ``/readyz`` only); None: none.
+    admin_listen: WorkerListen | None = None
+    #: Whether ``/metrics`` is served on the receive channels and the worker listener:
+    #: ``auto`` (see :meth:`metrics_public_on`), ``on``, ``off``.
+    metrics_public: str = "auto"
 
     def site(self, key: str) -> Site | None:
         for s in self.sites:
@@ -601,6 +623,21 @@ class Settings:
         if self.receive_channels and self.receive_channels[0].host not in ("0.0.0.0", "::"):
             return self.receive_channels[0].url
         return None
+
+    def metrics_public_on(self, *, workers: bool = False) -> bool:
+        """Whether ``/metrics`` is served on a public listener: a receive channel, or with
+        *workers* the worker listener. ``GWCORE_METRICS_PUBLIC=on``: yes; ``off``: no; ``auto``:
+        only when there is no admin listener and the listener takes unsigned requests anyway (a
+        receive channel without ``[receive.keys]`` or with ``allow_unsigned``; the worker
+        listener without worker keys, which is then on a loopback address). A listener that
+        requires signatures never shows an unsigned caller its metrics by default."""
+        if self.metrics_public != "auto":
+            return self.metrics_public == "on"
+        if self.admin_listen is not None:
+            return False
+        if workers:
+            return not self.worker_keys
+        return not self.receive_keys or self.allow_unsigned
 
     @property
     def passive_allowed(self) -> bool:
@@ -737,6 +774,15 @@ class Settings:
                     raise ConfigurationError(
                         f"GWCORE_WORKER_LISTEN={wl} uses the port of the receive channel {ch.url!r}: the worker "
                         "listener needs a port of its own")
+        al = self.admin_listen
+        if al is not None and al.port != 0:
+            taken = [(ch.host, ch.port, f"the receive channel {ch.url!r}") for ch in self.receive_channels]
+            if self.mode == "distributor" and wl is not None:
+                taken.append((wl.host, wl.port, f"GWCORE_WORKER_LISTEN={wl}"))
+            for host, port, what in taken:
+                if port == al.port and (host == al.host or "0.0.0.0" in (host, al.host) or "::" in (host, al.host)):
+                    raise ConfigurationError(f"GWCORE_ADMIN_LISTEN={al.host}:{al.port} uses the port of {what}: "
+                                             "the admin listener needs a port of its own")
         if self.sites and self.reply_uri is None:
             raise ConfigurationError(
                 "GWCORE_REPLY_TO_URI is required: the first receive channel binds a wildcard address, "

@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from . import databus
 from ._core import core
 from .errors import ConfigurationError
+from .metrics import Buckets, Families, counter
 from .records import encode_error, now_ms, pack_seq
 from .store import Store, Writer
 
@@ -109,6 +110,15 @@ class LocalQueue:
         self.failed = 0
         self.expired = 0
         self.poisoned = 0
+
+    def metrics(self) -> Families:
+        return [
+            counter("gwcore_consumer_delivered_total", "Deliveries to consumers.", self.delivered),
+            counter("gwcore_consumer_acked_total", "Messages acknowledged and removed.", self.acked),
+            counter("gwcore_consumer_failed_total", "Handler attempts that failed.", self.failed),
+            counter("gwcore_consumer_expired_total", "Messages discarded after their TimeToBeReceived.", self.expired),
+            counter("gwcore_consumer_poisoned_total", "Messages moved to the error store.", self.poisoned),
+        ]
 
     def notify(self, added: int = 1) -> None:
         """Called after a commit that queued new messages."""
@@ -278,11 +288,14 @@ def _ack_done(msg: Message, fut: asyncio.Future) -> None:
 
 
 async def run_handler(queue: LocalQueue, handler: Callable[[Message], Any] | Callable[[Message], Awaitable[Any]],
-                      concurrency: int = 1) -> None:
-    """Feed ``handler`` (sync or async) until the queue closes; ack after it returns."""
+                      concurrency: int = 1, durations: Buckets | None = None) -> None:
+    """Feed ``handler`` (sync or async) until the queue closes; ack after it returns. Each
+    call's time, whatever its outcome, goes into *durations*."""
     call = handler_caller(handler)
+    clock = time.perf_counter
 
     async def one(msg: Message) -> None:
+        started = clock()
         try:
             await call(msg)
         except asyncio.CancelledError:
@@ -291,8 +304,12 @@ async def run_handler(queue: LocalQueue, handler: Callable[[Message], Any] | Cal
             msg._settled = True
             raise
         except Exception as exc:
+            if durations is not None:
+                durations.observe(clock() - started)
             msg.release(exc)
             return
+        if durations is not None:
+            durations.observe(clock() - started)
         # The slot is free as soon as the handler returns: the removal joins the writer's next
         # group commit while the next message is handled, so acks are not one fsync each. A crash
         # before it commits redelivers the message (at-least-once, as before).

@@ -45,6 +45,7 @@ from .batch import BatchLimits, advertised
 from .client import FileBody, SiteClient, make_client_ssl_context
 from .config import Settings, Site
 from .errors import ConfigurationError, GatewayError, SendError, StoreError, UnknownSiteError
+from .metrics import SECONDS, Buckets, Families, counter, gauge, histogram
 from .records import now_ms, pack_seq, unpack_seq
 from .store import Store, Writer
 
@@ -73,6 +74,8 @@ _READ_AHEAD = 63  # records read along with the one a worker needs
 _BATCH_LINES = b"gwcore-Batch: 1\r\n"
 _BATCH_RETRY_AFTER = 60.0
 _HEADER_PREFIX = "NServiceBus.Header."
+#: The metrics label of every destination that is not a configured site (Forwarder.metrics).
+OTHER_SITE = "other"
 
 
 @dataclasses.dataclass
@@ -450,7 +453,9 @@ class _Destination:
         self.tasks: list[asyncio.Task] = []
         self.sent = 0
         self.failed_attempts = 0
+        self.retried = 0
         self.in_flight = 0
+        self.latency = Buckets(SECONDS)  # one request's time, from writing it to its answer
         #: What the receiver said it takes in one batch (gwcore/batch.py), once a 200 of its
         #: said so; None: one message per request (NServiceBus, or not known yet).
         self.batch: BatchLimits | None = None
@@ -620,7 +625,7 @@ class Forwarder:
         if d.site is not None and d.site.secret:
             block += self._signature(d, block, auth.body_digest(body))
         d.in_flight += 1
-        started = time.monotonic()
+        started = time.perf_counter()
         try:
             if problem:
                 status = _BLOB_MISSING
@@ -631,7 +636,9 @@ class Forwarder:
         finally:
             d.in_flight -= 1
         if status != _BLOB_MISSING:
-            d.window.answered(status, time.monotonic() - started)
+            elapsed = time.perf_counter() - started
+            d.latency.observe(elapsed)
+            d.window.answered(status, elapsed)
         await self._outcome(d, out, status, problem)
 
     async def _forward_batch(self, d: _Destination, seqs: list[int]) -> None:
@@ -688,7 +695,7 @@ class Forwarder:
         if d.site is not None and d.site.secret:
             block += self._signature(d, block, auth.body_digest(body))
         d.in_flight += len(batch)
-        started = time.monotonic()
+        started = time.perf_counter()
         try:
             response = await d.client.post_block(block, body)
             status, problem = response.status, f"{response.status} {response.reason}"
@@ -696,7 +703,9 @@ class Forwarder:
             response, status, problem = None, 0, str(exc)
         finally:
             d.in_flight -= len(batch)
-        d.window.answered(status, time.monotonic() - started)
+        elapsed = time.perf_counter() - started
+        d.latency.observe(elapsed)
+        d.window.answered(status, elapsed)
         results = _batch_results(response, len(batch)) if status == 200 else None
         if status == 200 and results is None:
             status, problem = 502, "502 the batch's answer does not list one outcome per message"
@@ -759,6 +768,7 @@ class Forwarder:
             log.info("message %s to %s failed (%s); retry %d of %d in %g s", record_id(rec), d.name, problem,
                      rec.attempt, self.settings.retries, delay)
             self.retried += 1
+            d.retried += 1
             changes.append((seq, encode_outgoing(rec), False))
             retries.append((seq, rec.next_ms))
         if not changes:
@@ -895,6 +905,41 @@ class Forwarder:
                 self.schedule(seq, d.name, now_ms() + 5000)
             return False
 
-    def metrics(self) -> list[tuple[str, int, int, int]]:
-        """(destination, sent, failed attempts, in flight) per destination."""
-        return [(d.name, d.sent, d.failed_attempts, d.in_flight) for d in self._dests.values()]
+    def metrics(self) -> Families:
+        """The forwarder's counts, and per configured site its requests in flight, deliveries,
+        failed attempts, retries and request times. Every destination that is not a configured
+        site (a reply address a remote sender chose) is summed under ``site="other"``, so a sender
+        cannot add a series per address."""
+        rows: dict[str, list[Any]] = {}
+        for d in self._dests.values():
+            row = rows.get(d.site.key if d.site is not None else OTHER_SITE)
+            if row is None:
+                row = rows[d.site.key if d.site is not None else OTHER_SITE] = [0, 0, 0, 0, Buckets(SECONDS)]
+            row[0] += d.in_flight
+            row[1] += d.sent
+            row[2] += d.failed_attempts
+            row[3] += d.retried
+            row[4].merge(d.latency)
+        per_site = sorted(rows.items())
+
+        def site_family(kind: Any, name: str, help_text: str, column: int) -> Any:
+            return kind(name, help_text, labels=("site",), samples=[((site,), row[column]) for site, row in per_site])
+
+        return [
+            counter("gwcore_outgoing_sent_total", "Messages a site answered 200 (removed from the outgoing queue).",
+                    self.sent),
+            counter("gwcore_outgoing_retries_total", "Failed send attempts scheduled for a retry.", self.retried),
+            counter("gwcore_outgoing_failed_total", "Messages moved to the outgoing error queue.", self.failed),
+            counter("gwcore_outgoing_expired_total", "Outgoing messages discarded after their TimeToBeReceived.",
+                    self.expired),
+            site_family(gauge, "gwcore_outgoing_in_flight", "Messages being sent, per destination site.", 0),
+            site_family(counter, "gwcore_outgoing_site_sent_total", "Messages delivered, per destination site.", 1),
+            site_family(counter, "gwcore_outgoing_site_failures_total",
+                        "Failed send attempts (an answer other than 200, or no answer), per destination site.", 2),
+            site_family(counter, "gwcore_outgoing_site_retries_total",
+                        "Failed attempts scheduled for a retry, per destination site.", 3),
+            histogram("gwcore_outgoing_request_seconds",
+                      "Time of one request to a site (a message, with its databus parts, or a batch), from writing "
+                      "it to its answer, per destination site.", labels=("site",),
+                      samples=[((site,), row[4]) for site, row in per_site]),
+        ]

@@ -17,7 +17,7 @@ import ssl
 import uuid
 from typing import Any, Callable, Iterable, Mapping
 
-from . import databus, egress
+from . import databus, egress, metrics
 from ._core import core
 from .config import Settings
 from .control import ControlServer
@@ -25,7 +25,7 @@ from .databus import BlobWriter
 from .consumer import LocalQueue, Message, load_handler, run_handler
 from .distributor import Distributor, WorkerProtocol, check_channels
 from .errors import ConfigurationError, GatewayError
-from .http import HTTPProtocol, HTTPState
+from .http import HTTPProtocol, HTTPState, listener_metrics
 from .lease import LeaseWaiter, lease_holder, try_lease
 from .records import now_ms
 from .store import Store, Writer
@@ -59,6 +59,8 @@ class Gateway:
         self.servers: list[asyncio.base_events.Server] = []
         #: Distributor mode: the worker listener (GWCORE_WORKER_LISTEN), also in servers/states.
         self.worker_server: asyncio.base_events.Server | None = None
+        #: The admin listener (GWCORE_ADMIN_LISTEN), also in servers/states.
+        self.admin_server: asyncio.base_events.Server | None = None
         self._handler_task: asyncio.Task | None = None
         self.distributor: Distributor | None = None
         #: Distributor mode: the worker calls over HTTP, attached to the listeners as worker_api.
@@ -73,17 +75,28 @@ class Gateway:
         self._activating = False
         self.selected: Any = None  # gwcore.selected.Selected in GWCORE_MODE=selected
         self.stop_requested = asyncio.Event()  # `gwcore handover` asks the serving process to stop
+        #: The handler calls' times (gwcore_handler_seconds).
+        self.handler_seconds = metrics.Buckets()
+        #: What GET /metrics exposes: this gateway's families and the process's (docs/operations.md).
+        self.metrics_registry = metrics.registry_for(self)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """The bound (host, port) of every receive channel's listener (useful with port 0)."""
-        return [s.sockets[0].getsockname()[:2] for s in self.servers if s.sockets and s is not self.worker_server]
+        return [s.sockets[0].getsockname()[:2] for s in self.servers
+                if s.sockets and s is not self.worker_server and s is not self.admin_server]
 
     @property
     def worker_address(self) -> tuple[str, int] | None:
         """The bound (host, port) of the worker listener (distributor mode), if there is one."""
         ws = self.worker_server
         return ws.sockets[0].getsockname()[:2] if ws is not None and ws.sockets else None
+
+    @property
+    def admin_address(self) -> tuple[str, int] | None:
+        """The bound (host, port) of the admin listener, if there is one."""
+        a = self.admin_server
+        return a.sockets[0].getsockname()[:2] if a is not None and a.sockets else None
 
     @property
     def reply_uri(self) -> str | None:
@@ -168,8 +181,9 @@ class Gateway:
         if wl is not None and wl.tls and tls_context is None:
             tls_context = _server_ssl_context(s)
         try:
+            public = self._exposition if s.metrics_public_on() else None
             for (host, port), paths in listeners.items():
-                state = HTTPState(s, channel_paths=paths, metrics_render=self.render_metrics)
+                state = HTTPState(s, channel_paths=paths, metrics_render=public)
                 # the worker API on a receive channel only when every worker call is signed
                 state.serves_workers = distributor and bool(s.worker_keys)
                 state.set_role(role)
@@ -180,23 +194,35 @@ class Gateway:
                 self.states.append(state)
                 self.servers.append(server)
             if wl is not None:
-                state = HTTPState(s, channel_paths=[], metrics_render=self.render_metrics)
-                state.serves_workers = True
-                state.set_role(role)
-                try:
-                    server = await loop.create_server(functools.partial(HTTPProtocol, state), wl.host, wl.port,
-                                                      reuse_address=True, backlog=512,
-                                                      ssl=tls_context if wl.tls else None)
-                except OSError as exc:
-                    raise ConfigurationError(f"GWCORE_WORKER_LISTEN={wl}: cannot listen there: "
-                                             f"{exc.strerror or exc}") from None
-                state.start(loop)
-                self.states.append(state)
-                self.servers.append(server)
-                self.worker_server = server
+                self.worker_server = await self._listen_apart(
+                    f"GWCORE_WORKER_LISTEN={wl}", wl.host, wl.port, role, serves_workers=True, backlog=512,
+                    metrics=s.metrics_public_on(workers=True), tls=tls_context if wl.tls else None)
+            al = s.admin_listen
+            if al is not None:
+                self.admin_server = await self._listen_apart(f"GWCORE_ADMIN_LISTEN={al.host}:{al.port}", al.host,
+                                                             al.port, role, metrics=True)
         except BaseException:
             self._close_listeners()
             raise
+
+    async def _listen_apart(self, what: str, host: str, port: int, role: str, *, metrics: bool,
+                            serves_workers: bool = False, backlog: int = 64,
+                            tls: ssl.SSLContext | None = None) -> asyncio.base_events.Server:
+        """A listener with no receive channel: the worker listener (*serves_workers*), or the
+        admin listener (``/metrics``, ``/healthz``, ``/readyz``; every other path 404)."""
+        state = HTTPState(self.settings, channel_paths=[], metrics_render=self._exposition if metrics else None)
+        state.serves_workers = serves_workers
+        state.set_role(role)
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_server(functools.partial(HTTPProtocol, state), host, port,
+                                              reuse_address=True, backlog=backlog, ssl=tls)
+        except OSError as exc:
+            raise ConfigurationError(f"{what}: cannot listen there: {exc.strerror or exc}") from None
+        state.start(loop)
+        self.states.append(state)
+        self.servers.append(server)
+        return server
 
     def _close_listeners(self) -> None:
         for state in self.states:
@@ -254,7 +280,7 @@ class Gateway:
             self.distributor.start()
         if self._handler is not None and listen:
             self._handler_task = asyncio.ensure_future(
-                run_handler(self.messages(), self._handler, s.handler_concurrency))  # type: ignore[arg-type]
+                run_handler(self.messages(), self._handler, s.handler_concurrency, self.handler_seconds))  # type: ignore[arg-type]
         self.role = "active"
         if self.selected is None:
             self._set_role("active")
@@ -273,6 +299,7 @@ class Gateway:
         if s.sites:
             log.info("sending to %s; replies to %s", ", ".join(
                 f"{x.key} at {x.url} ({'signed' if x.secret else 'unsigned'})" for x in s.sites), s.reply_uri)
+        log.info("metrics: %s", self._metrics_served())
         if s.receive_keys:
             log.info("receiving: signed requests from %s%s", ", ".join(k for k, _ in s.receive_keys),
                      "; unsigned requests accepted too (allow_unsigned)" if s.allow_unsigned else "; unsigned refused (401)")
@@ -324,6 +351,22 @@ class Gateway:
             return (f"no worker keys: served unsigned on the loopback worker listener {listener} only, "
                     "not on the receive channels (set GWCORE_WORKER_KEYS to serve signed workers there)")
         return "no worker keys and GWCORE_WORKER_LISTEN=off: the worker API is served nowhere, no worker can enlist"
+
+    def _metrics_served(self) -> str:
+        """Where /metrics is served (the start-up log line; docs/security.md, "Metrics")."""
+        s = self.settings
+        where = []
+        if self.admin_address is not None:
+            host, port = self.admin_address
+            where.append(f"the admin listener http://{f'[{host}]' if ':' in host else host}:{port}")
+        if s.metrics_public_on():
+            where.append("the receive channels")
+        if self.worker_address is not None and s.metrics_public_on(workers=True):
+            where.append("the worker listener")
+        if not where:
+            return ("/metrics served nowhere: no GWCORE_ADMIN_LISTEN, and the receive channels do not serve it "
+                    "(they require signed requests, or GWCORE_METRICS_PUBLIC=0)")
+        return "/metrics on " + " and ".join(where)
 
     def _bound(self) -> str:
         scheme = "https" if any(c.tls for c in self.settings.receive_channels) else "http"
@@ -598,123 +641,45 @@ class Gateway:
 
     # -- metrics -----------------------------------------------------------------------------------
 
-    def render_metrics(self) -> str:
-        """Prometheus text exposition of the gateway's counters."""
-        out: list[str] = []
-
-        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} {kind}")
-            for labels, value in samples:
-                out.append(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}")
-
-        statuses: dict[int, int] = {}
-        rejected = rejected_per_peer = idle_closed = too_slow = parts_refused = 0
-        for state in self.states:
-            for status, n in state.status_counts().items():
-                statuses[status] = statuses.get(status, 0) + n
-            rejected += state.rejected_connections
-            rejected_per_peer += state.rejected_per_peer
-            idle_closed += state.idle_closed
-            too_slow += state.too_slow
-            parts_refused += state.parts_refused_per_peer
-        metric("gwcore_http_requests_total", "counter", "HTTP requests answered, by status.",
-               [(f'{{status="{k}"}}', v) for k, v in sorted(statuses.items())])
-        metric("gwcore_http_connections", "gauge", "Open client connections.",
-               [("", sum(len(s.connections) for s in self.states))])
-        metric("gwcore_http_connections_refused_total", "counter",
-               "Connections refused (a limit, or draining).", [("", rejected)])
-        metric("gwcore_http_connections_refused_per_peer_total", "counter",
-               "Connections refused because their address had GWCORE_HTTP_MAX_CONNECTIONS_PER_PEER open.",
-               [("", rejected_per_peer)])
-        metric("gwcore_http_idle_connections_closed_total", "counter",
-               "Idle connections closed to make room for a new one at GWCORE_HTTP_MAX_CONNECTIONS.",
-               [("", idle_closed)])
-        metric("gwcore_http_requests_too_slow_total", "counter",
-               "Requests cut off (408) for arriving slower than GWCORE_HTTP_MIN_RATE.", [("", too_slow)])
-        metric("gwcore_databus_parts_refused_per_peer_total", "counter",
-               "Databus parts refused (503) at GWCORE_HTTP_MAX_PARTS_PER_PEER from one address.",
-               [("", parts_refused)])
-        w = self.writer
-        if w is not None:
-            st = w.stats
-            metric("gwcore_messages_accepted_total", "counter", "Messages stored for the first time.", [("", st.accepted)])
-            metric("gwcore_messages_duplicate_total", "counter", "Submits of ids already stored (answered 200, not stored).",
-                   [("", st.duplicates)])
-            metric("gwcore_messages_refused_store_full_total", "counter", "New messages refused because the store is full.",
-                   [("", st.refused_full)])
-            metric("gwcore_store_commit_failures_total", "counter", "Write transactions that failed.", [("", st.commits_failed)])
-            metric("gwcore_dedup_expired_total", "counter", "Dedup records removed by retention.", [("", st.expired_records)])
-            metric("gwcore_databus_expired_total", "counter", "Databus blobs removed at their expiry (orphaned parts too).",
-                   [("", w.blobs_expired)])
-            metric("gwcore_databus_parts_adopted_total", "counter",
-                   "Parts a submit took from another instance's record, its blob in the shared blob dir (selected mode).",
-                   [("", w.parts_adopted)])
-            metric("gwcore_store_map_resizes_total", "counter", "LMDB map size increases.", [("", st.map_resizes)])
-            out.extend(_histogram("gwcore_commit_batch_size", "Jobs per write transaction.",
-                                  st.batch_size_buckets, st.batch_size_counts, st.batch_size_sum))
-            out.extend(_histogram("gwcore_commit_seconds", "Write transaction time including fsync.",
-                                  st.commit_buckets, st.commit_counts, st.commit_sum))
-            metric("gwcore_ingest_pending", "gauge", "Jobs waiting for the writer thread.", [("", w.pending)])
-        if self.store is not None and self._started and not self._stopped:
-            counts = self.store.counts()
-            metric("gwcore_queue_depth", "gauge", "Messages in the local queue.", [("", counts["queue"])])
-            metric("gwcore_error_queue_depth", "gauge", "Messages in the error store.", [("", counts["errors"])])
-            metric("gwcore_dedup_records", "gauge", "Dedup records held.", [("", counts["dedup"])])
-            metric("gwcore_store_bytes", "gauge", "Bytes used in the LMDB environment.", [("", self.store.size_bytes())])
-            metric("gwcore_store_map_bytes", "gauge", "Current LMDB map size.", [("", self.store.map_size)])
-            metric("gwcore_databus_blobs", "gauge", "Databus blobs this store indexes (files in the blob dir).",
-                   [("", counts["databus_blobs"])])
-            metric("gwcore_databus_parts_waiting", "gauge", "Databus parts waiting for their submit.",
-                   [("", counts["databus_parts"])])
-            if self.selected is not None:
-                metric("gwcore_databus_parts_replicated", "gauge",
-                       "Part records followed from the stream, held for a submit that may come here.",
-                       [("", counts["databus_replica"])])
-        q = self.queue
-        if q is not None:
-            metric("gwcore_consumer_delivered_total", "counter", "Deliveries to consumers.", [("", q.delivered)])
-            metric("gwcore_consumer_acked_total", "counter", "Messages acknowledged and removed.", [("", q.acked)])
-            metric("gwcore_consumer_failed_total", "counter", "Handler attempts that failed.", [("", q.failed)])
-            metric("gwcore_consumer_expired_total", "counter", "Messages discarded after their TimeToBeReceived.",
-                   [("", q.expired)])
-            metric("gwcore_consumer_poisoned_total", "counter", "Messages moved to the error store.", [("", q.poisoned)])
+    def metric_families(self) -> metrics.Families:
+        """Every metric family of this gateway, read now from the counters its parts keep: each
+        part (the listeners, the writer, the store, the queue, the distributor, selected mode,
+        the forwarder) gives its own (``metrics()``), and the gateway adds its role."""
+        families = listener_metrics(self.states)
+        if self.writer is not None:
+            families += self.writer.metrics()
+        live = self.store is not None and self._started and not self._stopped
+        if live:
+            families += self.store.metrics(replica=self.selected is not None)  # type: ignore[union-attr]
+        if self.queue is not None:
+            families += self.queue.metrics()
+        families.append(metrics.histogram("gwcore_handler_seconds",
+                                          "Time of one handler call (GWCORE_HANDLER, or handler=), whatever its outcome.",
+                                          self.handler_seconds))
         if self.distributor is not None:
-            for series in self.distributor.metrics():
-                metric(*series)  # type: ignore[arg-type]
+            families += self.distributor.metrics()
         if self.selected is not None:
-            for series in self.selected.metrics():
-                metric(*series)
-            sq = self.selected.messages
-            metric("gwcore_broker_consumer_delivered_total", "counter", "Deliveries from the broker to handlers.",
-                   [("", sq.delivered)])
-            metric("gwcore_broker_consumer_acked_total", "counter", "Deliveries acknowledged to the broker.",
-                   [("", sq.acked)])
-        f = self.forwarder
-        if f is not None:
-            metric("gwcore_outgoing_sent_total", "counter", "Messages a site answered 200 (removed from the outgoing queue).",
-                   [("", f.sent)])
-            metric("gwcore_outgoing_retries_total", "counter", "Failed send attempts scheduled for a retry.", [("", f.retried)])
-            metric("gwcore_outgoing_failed_total", "counter", "Messages moved to the outgoing error queue.", [("", f.failed)])
-            metric("gwcore_outgoing_expired_total", "counter", "Outgoing messages discarded after their TimeToBeReceived.",
-                   [("", f.expired)])
-            per_site = f.metrics()
-            metric("gwcore_outgoing_in_flight", "gauge", "Requests being sent, per destination.",
-                   [(f'{{site="{name}"}}', inflight) for name, _sent, _failed, inflight in per_site])
-            metric("gwcore_outgoing_site_sent_total", "counter", "Messages delivered, per destination.",
-                   [(f'{{site="{name}"}}', sent) for name, sent, _failed, _inflight in per_site])
-        if self.store is not None and self._started and not self._stopped:
-            counts = self.store.counts()
-            metric("gwcore_outgoing_depth", "gauge", "Messages waiting in the outgoing queue.", [("", counts["outgoing"])])
-            metric("gwcore_outgoing_error_depth", "gauge", "Messages in the outgoing error queue.",
-                   [("", counts["outgoing_errors"])])
-        metric("gwcore_role", "gauge", "1 for the role this instance has.",
-               [(f'{{mode="{self.settings.mode}",role="{role}"}}', 1 if self.role == role and not self._stopped else 0)
-                for role in ("active", "passive")])
+            families += self.selected.metrics()
+            families += self.selected.messages.metrics()
+        if self.forwarder is not None:
+            families += self.forwarder.metrics()
+        mode = self.settings.mode
+        families.append(metrics.gauge("gwcore_role", "1 for the role this instance has.", labels=("mode", "role"),
+                                      samples=[((mode, role), int(self.role == role and not self._stopped))
+                                               for role in ("active", "passive")]))
         if self.selected is not None:
-            metric("gwcore_selected_role", "gauge", "1 for the selected-mode role this instance has.",
-                   [(f'{{role="{r}"}}', int(self.selected.role == r)) for r in ("leader", "standby")])
-        return "\n".join(out) + "\n"
+            families.append(metrics.gauge("gwcore_selected_role", "1 for the selected-mode role this instance has.",
+                                          labels=("role",), samples=[((r,), int(self.selected.role == r))
+                                                                     for r in ("leader", "standby")]))
+        families.append(metrics.build_info(_version(), mode))
+        return families
+
+    def render_metrics(self) -> str:
+        """The Prometheus text exposition of this gateway (what ``GET /metrics`` answers)."""
+        return self._exposition().decode()
+
+    def _exposition(self) -> bytes:
+        return metrics.render(self.metrics_registry)
 
 
 def _server_ssl_context(s: Settings) -> ssl.SSLContext:
@@ -728,19 +693,6 @@ def _server_ssl_context(s: Settings) -> ssl.SSLContext:
             f"GWCORE_TLS_CERT={s.tls_cert!r} / GWCORE_TLS_KEY={s.tls_key!r}: cannot load them: {exc}") from None
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
-
-
-def _histogram(name: str, help_text: str, bounds: tuple, counts: list[int], total: float) -> list[str]:
-    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-    running = 0
-    for bound, n in zip(bounds, counts):
-        running += n
-        lines.append(f'{name}_bucket{{le="{bound:g}"}} {running}')
-    running += counts[-1]
-    lines.append(f'{name}_bucket{{le="+Inf"}} {running}')
-    lines.append(f"{name}_sum {total:g}")
-    lines.append(f"{name}_count {running}")
-    return lines
 
 
 def _version() -> str:

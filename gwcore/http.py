@@ -27,14 +27,14 @@ from .databus.sink import BlobWriter
 from .distributor.listener import WorkerCalls
 from .distributor.protocol import WORKER_PREFIX
 from .httphead import ascii_reason, error_answer, render_head
+from .metrics import CONTENT_TYPE, Buckets, Families, counter, gauge, histogram
 
-__all__ = ("HTTPState", "HTTPProtocol", "render_response", "error_answer", "peer_key")
+__all__ = ("HTTPState", "HTTPProtocol", "render_response", "error_answer", "peer_key", "listener_metrics")
 
 log = logging.getLogger("gwcore.http")
 
 _JSON = b"application/json; charset=utf-8"
 _JS = b"application/javascript; charset=utf-8"
-_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 
 _OK = "OK"
 # RFC 9110: a 401 names its scheme. Worker calls are signed with v1 (gwcore/auth.py); site
@@ -43,6 +43,8 @@ _CHALLENGE = b"WWW-Authenticate: gwcore-v1\r\n"
 _LINGER_SECONDS = 2.0
 _PASSIVE = "Service Unavailable: passive"
 _BUILTIN = (b"/healthz", b"/readyz", b"/metrics")
+_NO_METRICS = ("Not Found: /metrics is not served on this listener (GWCORE_ADMIN_LISTEN, GWCORE_METRICS_PUBLIC; "
+               "docs/security.md)")
 _SHUTTING_DOWN = "Service Unavailable: gwcore is shutting down"
 _TOO_MANY = "Service Unavailable: too many connections (GWCORE_HTTP_MAX_CONNECTIONS)"
 _TOO_MANY_FROM_PEER = ("Service Unavailable: too many connections from your address "
@@ -50,6 +52,7 @@ _TOO_MANY_FROM_PEER = ("Service Unavailable: too many connections from your addr
 _EV_SUBMIT, _EV_OTHER, _EV_CONTINUE = core.EV_SUBMIT, core.EV_OTHER, core.EV_CONTINUE
 _Rejection = core.Rejection
 _Batch = core.Batch
+_KIND_WORKER = core.REQUEST_KINDS.index("worker")
 
 
 def render_response(status: int, reason: str, date: bytes, *, body: bytes | None = None,
@@ -153,6 +156,9 @@ class HTTPState(core.ListenerCore):
         self._advertise = batch.advertise_header(self.batch_limits)
         self.batches = 0
         self.batch_messages = 0
+        # Answer times by (slot kind, status) of every answer but the compiled path's 200s
+        # (ListenerCore.ok_durations): a bounded set, kinds and statuses are gwcore's own.
+        self.durations: dict[tuple[int, int], Buckets] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
     def attach(self, *, writer: Any, inbox: Any = _WRITERS_INBOX, blobs: Any = None, worker_api: Any = None,
@@ -192,6 +198,13 @@ class HTTPState(core.ListenerCore):
 
     def render_ok(self, date: bytes) -> bytes:
         return render_response(200, _OK, date, extra=self._advertise)
+
+    def observe(self, slot: core.AnswerSlot, status: int) -> None:
+        """An answer to *slot*'s request is ready: its time since the request was read."""
+        b = self.durations.get((slot.kind, status))
+        if b is None:
+            b = self.durations[(slot.kind, status)] = Buckets()
+        b.observe(time.monotonic() - slot.started)
 
     def status_counts(self) -> collections.Counter:
         """Answers by HTTP status since start."""
@@ -273,6 +286,63 @@ class HTTPState(core.ListenerCore):
             if low.startswith(p):
                 return True
         return False
+
+
+def listener_metrics(states: list[HTTPState]) -> Families:
+    """The counters of every listener (receive channels, the worker listener, the admin
+    listener), summed."""
+    statuses: collections.Counter = collections.Counter()
+    for state in states:
+        statuses.update(state.status_counts())
+
+    def total(attr: str) -> int:
+        return sum(getattr(state, attr) for state in states)
+
+    durations: dict[tuple[str, str], Buckets] = {}
+
+    def merged(kind: int, status: int) -> Buckets:
+        key = (core.REQUEST_KINDS[kind], str(status))
+        b = durations.get(key)
+        if b is None:
+            b = durations[key] = Buckets()
+        return b
+
+    for state in states:
+        for (kind, status), b in state.durations.items():
+            merged(kind, status).merge(b)
+        counts, total_seconds = state.ok_durations()
+        if any(counts):
+            ok = merged(core.REQUEST_KINDS.index("submit"), 200)
+            for i, n in enumerate(counts):
+                ok.counts[i] += n
+            ok.sum += total_seconds
+
+    return [
+        counter("gwcore_http_requests_total", "HTTP requests answered, by status.", labels=("status",),
+                samples=[((str(k),), v) for k, v in sorted(statuses.items())]),
+        histogram("gwcore_http_request_seconds",
+                  "Time from reading a request (a databus part: its head) to its answer, by call type "
+                  "(submit, databus, batch, worker, other) and status.", labels=("call_type", "status"),
+                  samples=sorted(durations.items())),
+        counter("gwcore_http_received_bytes_total", "Bytes received on the listeners' connections.",
+                total("bytes_in")),
+        counter("gwcore_http_sent_bytes_total", "Bytes of answers written (blobs streamed to workers aside).",
+                total("bytes_out")),
+        gauge("gwcore_http_connections", "Open client connections.", sum(len(s.connections) for s in states)),
+        counter("gwcore_http_connections_refused_total", "Connections refused (a limit, or draining).",
+                total("rejected_connections")),
+        counter("gwcore_http_connections_refused_per_peer_total",
+                "Connections refused because their address had GWCORE_HTTP_MAX_CONNECTIONS_PER_PEER open.",
+                total("rejected_per_peer")),
+        counter("gwcore_http_idle_connections_closed_total",
+                "Idle connections closed to make room for a new one at GWCORE_HTTP_MAX_CONNECTIONS.",
+                total("idle_closed")),
+        counter("gwcore_http_requests_too_slow_total",
+                "Requests cut off (408) for arriving slower than GWCORE_HTTP_MIN_RATE.", total("too_slow")),
+        counter("gwcore_databus_parts_refused_per_peer_total",
+                "Databus parts refused (503) at GWCORE_HTTP_MAX_PARTS_PER_PEER from one address.",
+                total("parts_refused_per_peer")),
+    ]
 
 
 class HTTPProtocol(PartIntake, WorkerCalls):
@@ -466,6 +536,7 @@ class HTTPProtocol(PartIntake, WorkerCalls):
             log.debug("message %s has already been accepted: duplicate answered 200, not stored", slot.msg_id)
         if ok and slot.callback is None:
             self.state.answered_ok += 1
+            self.state.observe_ok(slot.started)
             slot.data = self.state.ok()
             self._flush()
         elif ok:
@@ -480,6 +551,7 @@ class HTTPProtocol(PartIntake, WorkerCalls):
         if path in _BUILTIN:
             self._builtin(slot, method, path)
         elif path.startswith(WORKER_PREFIX):
+            slot.kind = _KIND_WORKER
             if not state.serves_workers:
                 self._answer(slot, 404, "Not Found: the worker API is not served on this listener "
                                         "(docs/deployment.md, \"Worker keys\")", count=False)
@@ -511,14 +583,17 @@ class HTTPProtocol(PartIntake, WorkerCalls):
             else:
                 self._answer(slot, 503, "Service Unavailable: draining" if state.draining else unavailable, count=False)
         else:
-            text = state.metrics_render() if state.metrics_render else ""
-            self._answer(slot, 200, _OK, body=text.encode(), content_type=_TEXT, count=False)
+            if state.metrics_render is None:
+                self._answer(slot, 404, _NO_METRICS, count=False)
+            else:
+                self._answer(slot, 200, _OK, body=state.metrics_render(), content_type=CONTENT_TYPE, count=False)
 
     def _answer(self, slot: core.AnswerSlot, status: int, reason: str, *, body: bytes | None = None,
                 content_type: bytes = _JSON, callback: str | None = None, extra: bytes = b"",
                 count: bool = True) -> None:
         if count:
             self.state.requests_by_status[status] += 1
+        self.state.observe(slot, status)
         if callback is not None:
             body = _jsonp(callback, ascii_reason(reason))
             content_type = _JS

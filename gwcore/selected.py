@@ -57,6 +57,7 @@ from pamqp.commands import Basic
 
 from .amqp import Link, PublishRefused, Topology, broker_errors, cancel_and_wait, from_amqp, to_amqp
 from .errors import BrokerUnavailableError
+from .metrics import Families, counter, gauge
 from .records import dedup_key, encode_error, now_ms, pack_seq, part_message_key, unpack_seq
 from .store import Store, Writer
 
@@ -168,6 +169,12 @@ class BrokerQueue:
 
     def close(self) -> None:
         self._items.put_nowait(None)
+
+    def metrics(self) -> Families:
+        return [
+            counter("gwcore_broker_consumer_delivered_total", "Deliveries from the broker to handlers.", self.delivered),
+            counter("gwcore_broker_consumer_acked_total", "Deliveries acknowledged to the broker.", self.acked),
+        ]
 
     def __aiter__(self) -> AsyncIterator[BrokerMessage]:
         return self._iterate()
@@ -995,34 +1002,31 @@ class Selected:
 
     # -- metrics -------------------------------------------------------------------------------------
 
-    def metrics(self) -> list[tuple[str, str, str, list[tuple[str, Any]]]]:
+    def metrics(self) -> Families:
         return [
-            ("gwcore_selected_leader", "gauge", "1 while this instance is the elected gateway receiver.",
-             [("", int(self.leading))]),
-            ("gwcore_selected_term", "counter", "Leadership terms this instance won.", [("", self.elections_won)]),
-            ("gwcore_selected_fenced_total", "counter", "Times the leadership ended with the broker connection.",
-             [("", self.fenced)]),
-            ("gwcore_broker_connected", "gauge", "1 while the broker connection is up.", [("", int(self.link.connected))]),
-            ("gwcore_broker_connects_total", "counter", "Broker connections opened.", [("", self.link.connects)]),
-            ("gwcore_dispatched_total", "counter", "Messages published to the broker and confirmed.",
-             [("", self.dispatched)]),
-            ("gwcore_possible_duplicates_total", "counter",
-             "Messages dispatched with gwcore.PossibleDuplicate: true (in flight at a crash or outage).",
-             [("", self.possible_duplicates)]),
-            ("gwcore_handover_forwarded_total", "counter",
-             "Submits held during a handover and forwarded to the new leader.", [("", self.forwarded)]),
-            ("gwcore_dispatch_skipped_total", "counter", "Outbox entries another leader had dispatched already.",
-             [("", self.skipped)]),
-            ("gwcore_outbox_undispatched", "gauge", "Accepted messages not yet confirmed by the broker.",
-             [("", len(self.undone))]),
-            ("gwcore_dedup_replica_records", "gauge", "Dedup records followed from the stream.", [("", len(self.replica))]),
-            ("gwcore_databus_parts_published_total", "counter",
-             "Databus parts this instance took as the leader and appended to the stream.", [("", self.parts_published)]),
-            ("gwcore_databus_parts_followed_total", "counter", "Databus part records read from the stream.",
-             [("", self.parts_followed)]),
-            ("gwcore_databus_parts_unreplicated_total", "counter",
-             "Parts accepted (GWCORE_ACK=stored) while the stream was out of reach: kept on this instance only.",
-             [("", self.parts_unreplicated)]),
-            ("gwcore_dedup_stream_offset", "gauge", "Last stream offset read.", [("", self.offset)]),
+            gauge("gwcore_selected_leader", "1 while this instance is the elected gateway receiver.", int(self.leading)),
+            gauge("gwcore_selected_term", "Leadership terms this instance won.", self.elections_won),
+            counter("gwcore_selected_fenced_total", "Times the leadership ended with the broker connection.",
+                    self.fenced),
+            gauge("gwcore_broker_connected", "1 while the broker connection is up.", int(self.link.connected)),
+            counter("gwcore_broker_connects_total", "Broker connections opened.", self.link.connects),
+            counter("gwcore_dispatched_total", "Messages published to the broker and confirmed.", self.dispatched),
+            counter("gwcore_possible_duplicates_total",
+                    "Messages dispatched with gwcore.PossibleDuplicate: true (in flight at a crash or outage).",
+                    self.possible_duplicates),
+            counter("gwcore_handover_forwarded_total", "Submits held during a handover and forwarded to the new leader.",
+                    self.forwarded),
+            counter("gwcore_dispatch_skipped_total", "Outbox entries another leader had dispatched already.",
+                    self.skipped),
+            gauge("gwcore_outbox_undispatched", "Accepted messages not yet confirmed by the broker.", len(self.undone)),
+            gauge("gwcore_dedup_replica_records", "Dedup records followed from the stream.", len(self.replica)),
+            counter("gwcore_databus_parts_published_total",
+                    "Databus parts this instance took as the leader and appended to the stream.", self.parts_published),
+            counter("gwcore_databus_parts_followed_total", "Databus part records read from the stream.",
+                    self.parts_followed),
+            counter("gwcore_databus_parts_unreplicated_total",
+                    "Parts accepted (GWCORE_ACK=stored) while the stream was out of reach: kept on this instance only.",
+                    self.parts_unreplicated),
+            gauge("gwcore_dedup_stream_offset", "Last stream offset read.", self.offset),
         ]
 

@@ -48,6 +48,7 @@ from ._core import core
 from .errors import InternalError, StoreError, StoreFullError, StoreUnavailableError
 from .filemodes import Modes, modes
 from .lease import LOCK_NAME, take_lease
+from .metrics import SECONDS, Buckets, Families, counter, gauge, histogram
 from .records import dedup_key, now_ms, pack_seq, unpack_seq
 
 __all__ = ("Store", "Writer", "StoreStats")
@@ -57,6 +58,7 @@ log = logging.getLogger("gwcore.store")
 SCHEMA_VERSION = b"3"
 # Schema 3 added the databus_* databases; a schema 2 store gains them (empty) when opened.
 _UPGRADABLE = (b"2",)
+_ENVELOPE_ACCEPTED = 3  # where an envelope's u64 accepted_ms is (after b"GW" and its version byte)
 _DISK_FULL_MARGIN = 4 << 20  # below this much free space a failed write is taken as "disk full"
 
 # Job kinds handed to the writer thread.
@@ -74,27 +76,30 @@ class StoreStats:
         self.refused_full = 0
         self.expired_records = 0
         self.map_resizes = 0
-        # Histograms: bucket upper bounds -> counts (cumulative at render time).
-        self.batch_size_buckets = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
-        self.batch_size_counts = [0] * (len(self.batch_size_buckets) + 1)
-        self.batch_size_sum = 0
-        self.commit_buckets = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
-        self.commit_counts = [0] * (len(self.commit_buckets) + 1)
-        self.commit_sum = 0.0
+        self.batch_size = Buckets((1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
+        self.commit = Buckets(SECONDS)  # the whole write transaction, fsync included
+        self.sync = Buckets(SECONDS)  # of it, LMDB's commit: the page writes and the fsync
 
     def observe(self, size: int, seconds: float) -> None:
         self.batches += 1
-        self.batch_size_sum += size
-        self.batch_size_counts[_bucket(self.batch_size_buckets, size)] += 1
-        self.commit_sum += seconds
-        self.commit_counts[_bucket(self.commit_buckets, seconds)] += 1
+        self.batch_size.observe(size)
+        self.commit.observe(seconds)
 
-
-def _bucket(bounds: tuple, value: float) -> int:
-    for i, b in enumerate(bounds):
-        if value <= b:
-            return i
-    return len(bounds)
+    def metrics(self) -> Families:
+        return [
+            counter("gwcore_messages_accepted_total", "Messages stored for the first time.", self.accepted),
+            counter("gwcore_messages_duplicate_total", "Submits of ids already stored (answered 200, not stored).",
+                    self.duplicates),
+            counter("gwcore_messages_refused_store_full_total", "New messages refused because the store is full.",
+                    self.refused_full),
+            counter("gwcore_store_commit_failures_total", "Write transactions that failed.", self.commits_failed),
+            counter("gwcore_dedup_expired_total", "Dedup records removed by retention.", self.expired_records),
+            counter("gwcore_store_map_resizes_total", "LMDB map size increases.", self.map_resizes),
+            histogram("gwcore_commit_batch_size", "Jobs per write transaction.", self.batch_size),
+            histogram("gwcore_commit_seconds", "Write transaction time including fsync.", self.commit),
+            histogram("gwcore_store_fsync_seconds",
+                      "Time in LMDB's commit of a write transaction: its page writes and the fsync.", self.sync),
+        ]
 
 
 class Store:
@@ -275,6 +280,51 @@ class Store:
                 "databus_replica": txn.stat(self.databus_replica)["entries"] if self.databus_replica else 0,
             }
 
+    def oldest_accepted_ms(self) -> dict[str, int | None]:
+        """When the first message of the local queue and of the outgoing queue was accepted
+        (None: empty): the first entry of each, whose envelope begins with its accepted time."""
+        with self.resize_lock, self.env.begin(buffers=True) as txn:
+            out: dict[str, int | None] = {}
+            for name, db in (("local", self.queue), ("outgoing", self.outgoing)):
+                cur = txn.cursor(db=db)
+                if not cur.first():
+                    out[name] = None
+                    continue
+                value = cur.value()
+                # an outgoing record holds the envelope after its head (read by the core)
+                at = core.outgoing_layout(value)[3] if db is self.outgoing else 0
+                out[name] = unpack_seq(bytes(value[at + _ENVELOPE_ACCEPTED:at + _ENVELOPE_ACCEPTED + 8]))
+            return out
+
+    def metrics(self, *, replica: bool = False) -> Families:
+        """The sizes of the store and its databases, and the age of each queue's oldest message
+        (*replica*: selected mode's part records too)."""
+        counts = self.counts()
+        now = now_ms()
+        oldest = self.oldest_accepted_ms()
+        families: Families = [
+            gauge("gwcore_queue_depth", "Messages in the local queue.", counts["queue"]),
+            gauge("gwcore_error_queue_depth", "Messages in the error store.", counts["errors"]),
+            gauge("gwcore_dedup_records", "Dedup records held.", counts["dedup"]),
+            gauge("gwcore_store_bytes", "Bytes used in the LMDB environment.", self.size_bytes()),
+            gauge("gwcore_store_map_bytes", "Current LMDB map size.", self.map_size),
+            gauge("gwcore_databus_blobs", "Databus blobs this store indexes (files in the blob dir).",
+                  counts["databus_blobs"]),
+            gauge("gwcore_databus_parts_waiting", "Databus parts waiting for their submit.", counts["databus_parts"]),
+            gauge("gwcore_outgoing_depth", "Messages waiting in the outgoing queue.", counts["outgoing"]),
+            gauge("gwcore_outgoing_error_depth", "Messages in the outgoing error queue.", counts["outgoing_errors"]),
+            gauge("gwcore_queue_oldest_age_seconds",
+                  "Age of the oldest message in each queue (local: waiting for its consumer; outgoing: "
+                  "waiting to be sent); 0 when the queue is empty.", labels=("queue",),
+                  samples=[((name, ), max(0, now - at) / 1000 if at is not None else 0)
+                           for name, at in oldest.items()]),
+        ]
+        if replica:
+            families.append(gauge("gwcore_databus_parts_replicated",
+                                  "Part records followed from the stream, held for a submit that may come here.",
+                                  counts["databus_replica"]))
+        return families
+
     def size_bytes(self) -> int:
         """Bytes the environment uses (last page number times page size), not the sparse file size."""
         info = self.env.info()
@@ -360,6 +410,16 @@ class Writer:
     def pending(self) -> int:
         """Jobs added and not yet resolved."""
         return self.inbox.pending
+
+    def metrics(self) -> Families:
+        return self.stats.metrics() + [
+            counter("gwcore_databus_expired_total", "Databus blobs removed at their expiry (orphaned parts too).",
+                    self.blobs_expired),
+            counter("gwcore_databus_parts_adopted_total",
+                    "Parts a submit took from another instance's record, its blob in the shared blob dir "
+                    "(selected mode).", self.parts_adopted),
+            gauge("gwcore_ingest_pending", "Jobs waiting for the writer thread.", self.pending),
+        ]
 
     def ingest(self, envelope: Any) -> asyncio.Future:
         """Record-and-enqueue one framed envelope; resolves True (new) or False (duplicate)."""
@@ -533,7 +593,9 @@ class Writer:
                 results = self._answers(txn, batch, new_flags, rejected)
             if time.monotonic() >= self._cleanup_due:
                 self._expire(txn)
+            synced = time.perf_counter()
             txn.commit()
+            self.stats.sync.observe(time.perf_counter() - synced)
         except BaseException:
             txn.abort()
             self.index.rollback()

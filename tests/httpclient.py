@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import re
 import uuid
 from dataclasses import dataclass, field
 
@@ -112,3 +113,9 @@ class Client:
 async def get(host: str, port: int, path: str) -> Response:
     async with Client(host, port) as c:
         return await c.request(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+
+
+def metric_lines(text: str) -> list[str]:
+    """The lines of a ``/metrics`` exposition, whole numbers written as integers (prometheus_client
+    writes ``gwcore_workers 2.0``; a test reads ``gwcore_workers 2``)."""
+    return [re.sub(r" (-?\d+)\.0$", r" \1", line) for line in text.splitlines()]

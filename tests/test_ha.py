@@ -10,7 +10,7 @@ import random
 import statistics
 import time
 
-from httpclient import Client, get, nsb_request
+from httpclient import Client, get, metric_lines, nsb_request
 from nginx import Nginx
 from procs import ServerProcess, free_port, gwcore_cli, queued_ids
 from test_distributor import WorkerProcess, metrics, secret_file
@@ -43,7 +43,7 @@ def submit(port: int, msg_id: str, path: str = "/RemoteSite/") -> tuple[int, str
 
 def metric(port: int, line_start: str) -> str:
     body = asyncio.run(get("127.0.0.1", port, "/metrics")).body.decode()
-    return next(line for line in body.splitlines() if line.startswith(line_start))
+    return next(line for line in metric_lines(body) if line.startswith(line_start))
 
 
 def active_of(nodes: list[ServerProcess]) -> list[ServerProcess]:

@@ -10,7 +10,7 @@ import time
 import uuid
 
 import pytest
-from httpclient import Client, get
+from httpclient import Client, get, metric_lines
 from procs import ServerProcess, free_port
 from test_distributor import dist_settings, secret_file, submit, until
 from test_sites import counts
@@ -177,7 +177,7 @@ def test_unsigned_forged_stale_and_replayed_calls_are_refused_before_anything_ha
             await until(lambda: gw.store.counts()["queue"] == 4, 10, "the ack to be committed")
             assert gw.distributor.refused >= 11
             text = (await get(*gw.addresses[0], "/metrics")).body.decode()
-            assert f"gwcore_worker_calls_refused_total {gw.distributor.refused}" in text.splitlines()
+            assert f"gwcore_worker_calls_refused_total {gw.distributor.refused}" in metric_lines(text)
             r = await get(*gw.addresses[0], "/.gwcore/worker/heartbeat/x")
             assert r.status == 401 and r.headers.get("www-authenticate") == "gwcore-v1"
 
@@ -375,7 +375,7 @@ def test_metric_series_stay_bounded(run, make_settings):
                     sid = json.loads(body)["session"]
                     assert (await call(c, plain("POST", f"/.gwcore/worker/leave/{sid}")))[0] == 200
             text = (await get(*gw.addresses[0], "/metrics")).body.decode()
-            series = [line for line in text.splitlines() if line.startswith("gwcore_worker_processed_total{")]
+            series = [line for line in metric_lines(text) if line.startswith("gwcore_worker_processed_total{")]
             assert len(series) == 64 + 1   # the last 64 departed by name, the rest summed
             assert 'gwcore_worker_processed_total{worker="(departed)"} 1' in series
             assert len(gw.distributor._stats) == 64

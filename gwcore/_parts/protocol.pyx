@@ -7,7 +7,7 @@
 # puts the cached "200 OK" in place and writes every answer that is now next in line. No Python
 # function frame is entered on that path; the rare branches call the Python methods by name.
 
-from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC, CLOCK_REALTIME
 from libc.time cimport time as c_time, time_t
 
 import collections as _collections
@@ -23,6 +23,29 @@ cdef enum:
     JOB_CALL = 2
 
 JOB_KINDS = (JOB_INGEST, JOB_ACK, JOB_CALL)
+
+
+# Request durations (gwcore_http_request_seconds): the bounds of gwcore.metrics.SECONDS, and the
+# kinds of request a slot can be (its call_type label, REQUEST_KINDS in that order).
+cdef enum:
+    N_SECONDS = 14
+cdef double _SECONDS[N_SECONDS]
+_SECONDS[:] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+DURATION_BOUNDS = tuple(_SECONDS[i] for i in range(N_SECONDS))
+cdef enum:
+    KIND_SUBMIT = 0
+    KIND_DATABUS = 1
+    KIND_BATCH = 2
+    KIND_WORKER = 3
+    KIND_OTHER = 4
+REQUEST_KINDS = ("submit", "databus", "batch", "worker", "other")
+
+
+cdef inline double _monotonic() noexcept:
+    """time.monotonic(), without a Python call."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
 
 
 cdef inline uint64_t _now_ms() noexcept:
@@ -45,6 +68,12 @@ cdef class ListenerCore:
     cdef public Py_ssize_t max_pending
     cdef public unsigned long long answered_ok   # 200s of the fast path (the rest: requests_by_status)
     cdef public unsigned long long compiled_submits   # submits handed to the inbox without Python
+    cdef public unsigned long long bytes_in    # received on this listener's connections
+    cdef public unsigned long long bytes_out   # answers written (streamed files aside)
+    # the durations of the compiled path's answers (accepted submits, 200): counts per bound of
+    # _SECONDS and above them all, and their sum; every other answer is observed in Python
+    cdef unsigned long long _ok_counts[N_SECONDS + 1]
+    cdef double _ok_sum
     # The connections with nothing to do (no request begun, no answer owed), the one idle the
     # longest first: at GWCORE_HTTP_MAX_CONNECTIONS the first one is closed for a newcomer. An
     # OrderedDict (connection -> None): taking out, putting back at the end, and the first are O(1).
@@ -58,6 +87,22 @@ cdef class ListenerCore:
         self._date = b""
         self._ok = None                  # rendered on first use and again each new second
         self._date_at = 0
+
+    cdef inline void _observe_ok(self, double seconds) noexcept:
+        cdef int i = 0
+        while i < N_SECONDS and seconds > _SECONDS[i]:
+            i += 1
+        self._ok_counts[i] += 1
+        self._ok_sum += seconds
+
+    def observe_ok(self, double started):
+        """Count a 200 to a submit answered outside the compiled path, *started* as a slot's."""
+        self._observe_ok(_monotonic() - started)
+
+    def ok_durations(self):
+        """``(counts, sum)`` of the 200s to submits: counts per bound of ``DURATION_BOUNDS``,
+        then above them all."""
+        return [self._ok_counts[i] for i in range(N_SECONDS + 1)], self._ok_sum
 
     cpdef bytes date(self):
         """The HTTP Date value of this second (formatted once a second)."""
@@ -89,11 +134,14 @@ cdef class AnswerSlot:
     cdef public ConnectionCore protocol
     cdef public str msg_id
     cdef public bint head            # a HEAD request: headers only
+    cdef public double started       # monotonic time of the read that completed its request (or head)
+    cdef public int kind             # KIND_*: its call_type label
 
     def __call__(self, bint ok, value):
         cdef ConnectionCore proto = self.protocol
         if ok and value is True and self.callback is None:
             proto.state.answered_ok += 1
+            proto.state._observe_ok(_monotonic() - self.started)
             self.data = proto.state.ok()
             proto._flush()
         else:
@@ -118,6 +166,7 @@ cdef class ConnectionCore:
     cdef public double linger_until
     cdef public object part          # the databus part being received (gwcore.databus.intake._Part), or None
     cdef public int parts_open       # parts of this connection received and not yet recorded
+    cdef double _read_at             # monotonic time of the read being handled
 
     @property
     def in_request(self):
@@ -160,6 +209,8 @@ cdef class ConnectionCore:
         if self.idle_listed:
             self._went_busy()
         was_in_request = parser.in_request
+        self._read_at = _monotonic()
+        self.state.bytes_in += len(data)
         events = parser.feed(data, _now_ms())
         for event in events:
             kind = event[0]
@@ -208,6 +259,8 @@ cdef class ConnectionCore:
     cpdef AnswerSlot _slot(self, bint keep_alive):
         cdef AnswerSlot slot = AnswerSlot.__new__(AnswerSlot)
         slot.close = not keep_alive or self.state.draining
+        slot.started = self._read_at
+        slot.kind = KIND_OTHER
         self.slots.append(slot)
         if slot.close:
             self.closing = True
@@ -218,6 +271,12 @@ cdef class ConnectionCore:
         cdef ListenerCore state = self.state
         cdef JobInbox inbox = state.inbox
         cdef Envelope env
+        if type(result) is Batch:
+            slot.kind = KIND_BATCH
+        elif type(result) is Envelope and (<Envelope>result).call_type == CALL_TYPE_DATABUS:
+            slot.kind = KIND_DATABUS
+        else:
+            slot.kind = KIND_SUBMIT
         if (state.draining or not state.active or state.verifier is not None
                 or type(result) is not Envelope or (<Envelope>result).call_type != CALL_TYPE_SUBMIT
                 or inbox is None or inbox.closed
@@ -243,6 +302,7 @@ cdef class ConnectionCore:
             if transport is None or transport.is_closing():
                 continue
             transport.write(slot.data)
+            self.state.bytes_out += len(slot.data)
             if slot.close:
                 slots.clear()
                 self._linger(transport)

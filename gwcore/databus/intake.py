@@ -31,6 +31,8 @@ from .sink import BlobSink
 
 __all__ = ("PartIntake",)
 
+_KIND_DATABUS = core.REQUEST_KINDS.index("databus")
+
 # The answers to part requests are the HTTP front end's, and are logged under its name.
 log = logging.getLogger("gwcore.http")
 
@@ -166,6 +168,7 @@ class PartIntake(core.ConnectionCore, asyncio.Protocol):
         slot = self._slot(True)
         slot.close = slot.close or not keep_alive
         slot.callback = env.callback
+        slot.kind = _KIND_DATABUS
         state = self.state
         part = self.part = _Part(slot, env, None)
         unavailable = state.not_available()

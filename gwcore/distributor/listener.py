@@ -111,6 +111,7 @@ class WorkerCalls(core.ConnectionCore):
     # -- answers streamed from a file (databus blobs) ---------------------------------------------
 
     def _answer_file(self, slot: core.AnswerSlot, status: int, reason: str, answer: FileAnswer) -> None:
+        self.state.observe(slot, status)
         extra = b"".join(b"%s: %s\r\n" % (name.encode("ascii"), value.encode("ascii"))
                          for name, value in answer.headers)
         head = render_head(status, ascii_reason(reason), self.state.date(), answer.size, _OCTETS, slot.close, extra)

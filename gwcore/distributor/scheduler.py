@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from ..consumer import LocalQueue, Message
 from ..errors import UnknownSessionError, WorkerHandlerError
+from ..metrics import Families, counter, gauge
 from ..records import pack_seq, unpack_seq
 from ..store import Store, Writer
 
@@ -458,8 +459,8 @@ class Distributor:
 
     # -- metrics -----------------------------------------------------------------------------------
 
-    def metrics(self) -> list[tuple[str, str, str, list[tuple[str, int]]]]:
-        """``(name, type, help, [(labels, value)])`` for /metrics."""
+    def metrics(self) -> Families:
+        """The worker sessions, and each worker's slots and counts, for /metrics."""
         for st in self._stats.values():
             st.in_flight = 0
         for s in self._sessions.values():
@@ -468,28 +469,20 @@ class Distributor:
         if any((self._folded.processed, self._folded.failed, self._folded.redelivered)):
             rows.append((_DEPARTED, self._folded))  # the departed workers no longer listed by name
 
-        def per_worker(attr: str) -> list[tuple[str, int]]:
-            return [(f'{{worker="{_label(name)}"}}', getattr(st, attr)) for name, st in rows]
+        def per_worker(kind: Any, name: str, help_text: str, attr: str) -> Any:
+            return kind(name, help_text, labels=("worker",), samples=[((w,), getattr(st, attr)) for w, st in rows])
 
         return [
-            ("gwcore_workers", "gauge", "Worker sessions enlisted.", [("", len(self._sessions))]),
-            ("gwcore_worker_capacity", "gauge", "Slots of each worker (0 once it left or lapsed).",
-             per_worker("capacity")),
-            ("gwcore_worker_in_flight", "gauge", "Messages each worker holds and has not answered.",
-             per_worker("in_flight")),
-            ("gwcore_worker_processed_total", "counter", "Messages each worker acknowledged.",
-             per_worker("processed")),
-            ("gwcore_worker_failed_total", "counter", "Handler failures each worker reported.",
-             per_worker("failed")),
-            ("gwcore_worker_redelivered_total", "counter", "Redeliveries handed to each worker.",
-             per_worker("redelivered")),
-            ("gwcore_distributor_redelivered_total", "counter", "Messages handed out again (marked as redeliveries).",
-             [("", self.redelivered)]),
-            ("gwcore_worker_calls_refused_total", "counter",
-             "Worker calls answered 401 (unsigned, forged, stale, replayed, or another key's session).",
-             [("", self.refused)]),
+            gauge("gwcore_workers", "Worker sessions enlisted.", len(self._sessions)),
+            per_worker(gauge, "gwcore_worker_capacity", "Slots of each worker (0 once it left or lapsed).", "capacity"),
+            per_worker(gauge, "gwcore_worker_in_flight", "Messages each worker holds and has not answered.",
+                       "in_flight"),
+            per_worker(counter, "gwcore_worker_processed_total", "Messages each worker acknowledged.", "processed"),
+            per_worker(counter, "gwcore_worker_failed_total", "Handler failures each worker reported.", "failed"),
+            per_worker(counter, "gwcore_worker_redelivered_total", "Redeliveries handed to each worker.", "redelivered"),
+            counter("gwcore_distributor_redelivered_total", "Messages handed out again (marked as redeliveries).",
+                    self.redelivered),
+            counter("gwcore_worker_calls_refused_total",
+                    "Worker calls answered 401 (unsigned, forged, stale, replayed, or another key's session).",
+                    self.refused),
         ]
-
-
-def _label(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
