@@ -612,7 +612,8 @@ class Settings:
         :raises ConfigurationError: a variable has an invalid value (the message names it).
         """
         env = os.environ if environ is None else environ
-        unknown = sorted(k for k in env if k.startswith("GWCORE_") and k not in _VARIABLES and k not in _BUILD_VARIABLES)
+        unknown = sorted(k for k in env if k.startswith("GWCORE_") and k not in _VARIABLES
+                         and k not in BUILD_VARIABLES and not k.startswith(TEST_PREFIX))
         if unknown:
             raise ConfigurationError(
                 f"unknown setting {', '.join(unknown)}: see docs/configuration.md for the GWCORE_* variables"
@@ -737,8 +738,11 @@ class Settings:
 # Modes this version runs (MODES lists every name the design has).
 _AVAILABLE_MODES = ("standalone", "distributor", "selected")
 
-# Build-time flags read by setup.py only; listed so that from_env does not call them unknown.
-_BUILD_VARIABLES = frozenset({"GWCORE_DEBUG", "GWCORE_ANNOTATE", "GWCORE_CYTHON_ALWAYS"})
+#: Build-time flags read by setup.py only; listed so that from_env does not call them unknown.
+BUILD_VARIABLES = frozenset({"GWCORE_DEBUG", "GWCORE_FUZZ", "GWCORE_ANNOTATE", "GWCORE_CYTHON_ALWAYS"})
+#: Variables of gwcore's own test suite (GWCORE_TEST_AMQP_URL, docs/development.md) begin with
+#: this; gwcore itself never reads them, and one left in a developer's shell must not stop it.
+TEST_PREFIX = "GWCORE_TEST_"
 
 
 def _parse_channels(name: str, text: str, endpoint: str) -> tuple[ReceiveChannel, ...]:

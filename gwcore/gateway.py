@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import ssl
 import uuid
 from typing import Any, Callable, Iterable, Mapping
@@ -32,6 +33,16 @@ from .store import Store, Writer
 __all__ = ("Gateway",)
 
 log = logging.getLogger("gwcore")
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _os_reason(exc: OSError) -> str:
+    """Why a socket could not be opened, in the system's words ("Address already in use"),
+    without the loop's own wording around it."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 class Gateway:
@@ -172,9 +183,13 @@ class Gateway:
                 # the worker API on a receive channel only when every worker call is signed
                 state.serves_workers = distributor and bool(s.worker_keys)
                 state.set_role(role)
-                server = await loop.create_server(functools.partial(HTTPProtocol, state), host, port,
-                                                  reuse_address=True, backlog=2048,
-                                                  ssl=tls_context if (host, port) in tls_ports else None)
+                try:
+                    server = await loop.create_server(functools.partial(HTTPProtocol, state), host, port,
+                                                      reuse_address=True, backlog=2048,
+                                                      ssl=tls_context if (host, port) in tls_ports else None)
+                except OSError as exc:
+                    raise ConfigurationError(f"GWCORE_RECEIVE_CHANNELS: cannot listen on {_host_port(host, port)}: "
+                                             f"{_os_reason(exc)}") from None
                 state.start(loop)
                 self.states.append(state)
                 self.servers.append(server)
@@ -188,7 +203,7 @@ class Gateway:
                                                       ssl=tls_context if wl.tls else None)
                 except OSError as exc:
                     raise ConfigurationError(f"GWCORE_WORKER_LISTEN={wl}: cannot listen there: "
-                                             f"{exc.strerror or exc}") from None
+                                             f"{_os_reason(exc)}") from None
                 state.start(loop)
                 self.states.append(state)
                 self.servers.append(server)

@@ -45,7 +45,7 @@ from . import databus
 from ._core import core
 from .errors import InternalError, StoreError, StoreFullError, StoreUnavailableError
 from .filemodes import Modes, modes
-from .lease import LOCK_NAME, take_lease
+from .lease import LOCK_NAME, data_dir_error, take_lease
 
 __all__ = ("Store", "Writer", "StoreStats")
 
@@ -137,7 +137,10 @@ class Store:
         elif lease is None:
             # One writing gwcore per data dir: the writer keeps its sequence counter in memory, so
             # a second writer would reuse queue positions. The lease dies with its process.
-            self.modes.make_dir(path)
+            try:
+                self.modes.make_dir(path)
+            except OSError as exc:
+                raise data_dir_error(path, exc) from None
             self._owner_fd = take_lease(path)
         try:
             self._open(path, map_size, sync, readonly)
@@ -171,7 +174,10 @@ class Store:
             self.modes.make_dir(path)
             for name in ("data.mdb", "lock.mdb", LOCK_NAME):
                 self.modes.secure(os.path.join(path, name))
-            self.modes.make_dir(self.blob_dir)
+            try:
+                self.modes.make_dir(self.blob_dir)
+            except OSError as exc:
+                raise data_dir_error(self.blob_dir, exc, "blob dir (GWCORE_BLOB_DIR)") from None
         # Re-read: an existing environment keeps its larger map size.
         self.map_size = max(map_size, self.env.info()["map_size"])
         # set_mapsize() needs every transaction of this process closed; readers take this lock for
