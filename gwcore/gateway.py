@@ -39,6 +39,23 @@ def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+#: The modules of the RabbitMQ client (the rabbitmq extra) that selected mode imports.
+BROKER_CLIENT_MODULES = ("aio_pika", "aiormq", "pamqp")
+BROKER_CLIENT_INSTALL = "pip install 'gwcore[rabbitmq]'"
+
+
+def _require_broker_client() -> None:
+    """Import selected mode's code, or stop with the one line that says what to install: the
+    RabbitMQ client is an extra, not a dependency of every gateway."""
+    try:
+        from . import selected  # noqa: F401
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] not in BROKER_CLIENT_MODULES:
+            raise
+        raise ConfigurationError(f"GWCORE_MODE=selected needs the RabbitMQ client, and {exc.name} is not "
+                                 f"installed: {BROKER_CLIENT_INSTALL}") from None
+
+
 def _os_reason(exc: OSError) -> str:
     """Why a socket could not be opened, in the system's words ("Address already in use"),
     without the loop's own wording around it."""
@@ -131,6 +148,8 @@ class Gateway:
         :param forward: send queued outgoing messages (False: sends are only recorded).
         """
         s = self.settings
+        if s.mode == "selected":
+            _require_broker_client()
         lease = None
         if listen and s.passive_allowed:
             lease = try_lease(s.data_dir)

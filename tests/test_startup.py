@@ -120,3 +120,45 @@ def test_test_suite_and_build_variables_do_not_stop_serve(tmp_path):
 def test_a_typo_is_still_refused(tmp_path):
     line = _serve_fails(_env(tmp_path / "store", free_port(), GWCORE_COMMIT_MAX_BATCHES="10"))
     assert "unknown setting GWCORE_COMMIT_MAX_BATCHES" in line
+
+
+# The RabbitMQ client is the rabbitmq extra: a process where it is missing, simulated by a finder
+# that refuses its modules as an absent package would (ModuleNotFoundError naming the module).
+_WITHOUT_BROKER_CLIENT = (
+    "import sys, importlib.abc\n"
+    "class Absent(importlib.abc.MetaPathFinder):\n"
+    "    def find_spec(self, name, path, target=None):\n"
+    "        if name.partition('.')[0] in ('aio_pika', 'aiormq', 'pamqp'):\n"
+    "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+    "sys.meta_path.insert(0, Absent())\n"
+    "from gwcore.cli import main\n"
+    "status = main(['serve'])\n"
+    "assert not any(m.partition('.')[0] in ('aio_pika', 'aiormq', 'pamqp') for m in sys.modules)\n"
+    "raise SystemExit(status)\n"
+)
+
+
+def test_selected_mode_without_the_rabbitmq_extra(tmp_path):
+    env = _env(tmp_path / "store", free_port(), GWCORE_MODE="selected")
+    res = subprocess.run([sys.executable, "-c", _WITHOUT_BROKER_CLIENT], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines() == [
+        "gwcore: error: GWCORE_MODE=selected needs the RabbitMQ client, and aio_pika is not installed: "
+        "pip install 'gwcore[rabbitmq]'"], res.stderr
+    assert not (tmp_path / "store").exists()  # refused before anything was made
+
+
+def test_standalone_runs_without_the_rabbitmq_extra(tmp_path):
+    port = free_port()
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-c", _WITHOUT_BROKER_CLIENT], env=_env(tmp_path / "store", port),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        wait_listening(proc, port, 30, "gwcore serve", lambda: (tmp_path / "serve.log").read_text())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, (tmp_path / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
