@@ -11,7 +11,7 @@ import sys
 import orjson
 
 from ._version import __version__
-from .config import Settings
+from .config import LOG_FORMATS, LOG_LEVELS, Settings, log_format, settings_help
 from .errors import GatewayError
 
 __all__ = ("main",)
@@ -20,7 +20,7 @@ __all__ = ("main",)
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from .server import serve, setup_logging
 
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     return serve(settings)
 
 
@@ -161,7 +161,15 @@ def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
     store = _open_readonly(args, settings)
     out = sys.stdout
     try:
-        if args.what == "dedup":
+        if args.what == "dedup" and args.json:
+            counts = store.counts()
+            out.write(orjson.dumps({
+                "dedup_records": counts["dedup"], "queued": counts["queue"], "errors": counts["errors"],
+                "outgoing": counts["outgoing"], "outgoing_errors": counts["outgoing_errors"],
+                "databus_blobs": counts["databus_blobs"], "databus_parts": counts["databus_parts"],
+                "store_bytes": store.size_bytes(), "map_bytes": store.map_size,
+            }).decode() + "\n")
+        elif args.what == "dedup":
             counts = store.counts()
             out.write(f"dedup records: {counts['dedup']}\n")
             out.write(f"queued messages: {counts['queue']}\n")
@@ -192,7 +200,8 @@ def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
         elif args.what == "queue":
             for seq, (msg_id, headers, body, expiry_ms, accepted_ms) in queue_entries(store):
                 if args.json:
-                    out.write(orjson.dumps({"id": msg_id, "headers": headers,
+                    out.write(orjson.dumps({"seq": seq, "id": msg_id, "accepted": _fmt_ms(accepted_ms),
+                                            "expires": _fmt_ms(expiry_ms), "headers": headers,
                                             "body_b64": base64.b64encode(body).decode()}).decode() + "\n")
                 else:
                     out.write(f"{seq}\t{msg_id}\taccepted {_fmt_ms(accepted_ms)}\texpires {_fmt_ms(expiry_ms)}"
@@ -248,7 +257,7 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from .server import loop_factory, setup_logging
     from .worker import Worker, drain_worker
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format or log_format())
     if args.drain is not None:
         if not asyncio.run(drain_worker(args.distributor, args.drain, key_id=args.key_id,
                                         secret_file=args.secret_file)):
@@ -273,6 +282,14 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _settings_epilog() -> str:
+    rows = settings_help()
+    width = max(len(name) for name, _a, _d in rows)
+    lines = ["settings (environment variable, default; docs/configuration.md says what each does):"]
+    lines += [f"  {name:<{width}}  {default}" for name, _attr, default in rows]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gwcore",
@@ -281,7 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gwcore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("serve", help="run the gateway (configured by GWCORE_* variables)")
+    p = sub.add_parser("serve", help="run the gateway (configured by GWCORE_* variables)",
+                       description="Run the gateway until SIGTERM or SIGINT, which drain it and exit 0.\n"
+                                   "It takes no options: every setting is a GWCORE_* environment variable\n"
+                                   "(docs/configuration.md). A setting that is invalid or unknown, or a\n"
+                                   "problem found at start-up, stops it with one line and status 2.",
+                       epilog=_settings_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=_cmd_serve)
     p = sub.add_parser("inspect", help="look into a store (safe while the gateway runs)")
     p.add_argument("what", choices=("queue", "dedup", "errors", "outgoing", "blobs"))
@@ -313,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="work off a distributor's queue (GWCORE_MODE=distributor on the gateway)",
                        description="Enlist with a gateway in distributor mode and run a handler on the messages "
                                    "it hands out; SIGTERM drains (finish in-flight work, take nothing new, leave). "
-                                   "Configured by these options only, not by GWCORE_* variables.")
+                                   "Configured by these options only, not by GWCORE_* variables (but for "
+                                   "GWCORE_LOG_FORMAT, the default of --log-format).")
     p.add_argument("--distributor", required=True, metavar="URL",
                    help="the distributor's worker URL: its worker listener (GWCORE_WORKER_LISTEN, default "
                         "http://127.0.0.1:25901) or, with worker keys, its receive channel's host and port")
@@ -332,7 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where a blob's .path downloads it to (default the system's temporary directory)")
     p.add_argument("--drain", metavar="NAME",
                    help="instead of working: tell the distributor to give worker NAME nothing new")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    p.add_argument("--log-format", choices=LOG_FORMATS,
+                   help="text lines, or json: one JSON object per line (default GWCORE_LOG_FORMAT, else text; "
+                        "the one GWCORE_* variable a worker reads)")
     p.set_defaults(func=_cmd_worker, reads_environment=False)
     p = sub.add_parser("demo", help="watch two sites talk: Headquarters and RemoteSite on loopback (no setup)",
                        description="The NServiceBus gateway sample in one command: Headquarters and RemoteSite, "
