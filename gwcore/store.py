@@ -29,6 +29,7 @@ parsing while the disk works. A 200 is answered only after the batch holding the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -305,6 +306,44 @@ class Store:
                 "databus_blobs": txn.stat(self.databus_blobs)["entries"] if self.databus_blobs else 0,
                 "databus_replica": txn.stat(self.databus_replica)["entries"] if self.databus_replica else 0,
             }
+
+    def backup(self, path: str) -> dict[str, Any]:
+        """Copy the store into *path*, an empty directory, while it may be in use: LMDB's copy with
+        compaction (one read transaction, so one consistent snapshot; free pages left out), then
+        every blob file that snapshot names, into ``<path>/blobs/``. A blob that expired between
+        the snapshot and its copy is left out (its message or part had expired too).
+
+        :returns: the copy's ``counts`` (as :meth:`counts`), its ``bytes`` (:meth:`size_bytes`) and
+            ``gone``: the names of the blobs that expired before they could be copied.
+        :raises StoreUnavailableError: *path* is not an empty directory, or the copy failed.
+        """
+        if not os.path.isdir(path) or os.listdir(path):
+            raise StoreUnavailableError(f"the backup directory {path!r} must be an empty directory")
+        try:
+            self.env.copy(path, compact=True)
+        except lmdb.Error as exc:
+            raise StoreUnavailableError(f"cannot copy the store at {self.path!r} to {path!r}: {exc}") from exc
+        self.modes.secure(os.path.join(path, "data.mdb"))
+        copy = Store(path, readonly=True, file_mode=self.modes.name)
+        gone = []
+        try:
+            names = [info.name for info in databus.blobs(copy)]
+            summary: dict[str, Any] = {"counts": copy.counts(), "bytes": copy.size_bytes()}
+        finally:
+            copy.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(path, "lock.mdb"))  # the reader's lock file; a gateway makes its own
+        target = databus.blob_dir(path)
+        self.modes.make_dir(target)
+        for name in names:
+            try:
+                shutil.copyfile(os.path.join(self.blob_dir, name), os.path.join(target, name))
+            except FileNotFoundError:
+                gone.append(name)
+                continue
+            self.modes.secure(os.path.join(target, name))
+        summary["gone"] = gone
+        return summary
 
     def size_bytes(self) -> int:
         """Bytes the environment uses (last page number times page size), not the sparse file size."""
