@@ -34,6 +34,21 @@ def _serve_fails(env: dict[str, str]) -> str:
     return lines[0]
 
 
+def _serve_starts_and_stops(tmp_path, port: int, args: list[str], env: dict[str, str]) -> None:
+    """Run the interpreter with *args* (a `gwcore serve`): it must listen on *port*, and exit 0 on SIGTERM."""
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_listening(proc, port, 30, "gwcore serve", log.read_text)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_port_in_use(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -104,17 +119,7 @@ def test_test_suite_and_build_variables_do_not_stop_serve(tmp_path):
     port = free_port()
     env = _env(tmp_path / "store", port, GWCORE_TEST_AMQP_URL="amqp://guest:guest@127.0.0.1:5672/",
                GWCORE_TEST_ANYTHING="1", GWCORE_FUZZ="0", GWCORE_DEBUG="0")
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "gwcore", "serve"], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=log)
-    try:
-        wait_listening(proc, port, 30, "gwcore serve", lambda: (tmp_path / "serve.log").read_text())
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, (tmp_path / "serve.log").read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    _serve_starts_and_stops(tmp_path, port, ["-m", "gwcore", "serve"], env)
 
 
 def test_a_typo_is_still_refused(tmp_path):
@@ -151,14 +156,4 @@ def test_selected_mode_without_the_rabbitmq_extra(tmp_path):
 
 def test_standalone_runs_without_the_rabbitmq_extra(tmp_path):
     port = free_port()
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-c", _WITHOUT_BROKER_CLIENT], env=_env(tmp_path / "store", port),
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
-    try:
-        wait_listening(proc, port, 30, "gwcore serve", lambda: (tmp_path / "serve.log").read_text())
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, (tmp_path / "serve.log").read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    _serve_starts_and_stops(tmp_path, port, ["-c", _WITHOUT_BROKER_CLIENT], _env(tmp_path / "store", port))
