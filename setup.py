@@ -2,6 +2,8 @@
 
 Only build flags are read from the environment here; runtime settings live in gwcore/config.py.
 
+Without a flag: the release build, -O2 and stripped (no debug info, no symbol table).
+
 * GWCORE_DEBUG=1         debug build: bounds checks, line tracing, -O0 -g, GWCORE_DEBUG macro
 * GWCORE_FUZZ=1          fuzz build (fuzz/, docs/development.md): clang with
                          -fsanitize=fuzzer-no-link,address, the debug build's checks without line
@@ -27,6 +29,9 @@ def _flag(name: str) -> bool:
 # What a fuzz build compiles and links with (clang only; the sanitizer runtime and libFuzzer are
 # not linked in: the fuzz runner preloads them, see fuzz/run).
 FUZZ_FLAGS = ["-fsanitize=fuzzer-no-link,address", "-fno-omit-frame-pointer"]
+# A release build (the default, and every wheel): optimised, stripped.
+RELEASE_COMPILE_ARGS = ["-O2", "-g0"]
+RELEASE_LINK_ARGS = ["-s"]
 
 
 def _mode() -> str:
@@ -59,11 +64,18 @@ class build_ext(_build_ext):
             "wraparound": checked,
             "cdivision": not checked,
         }
-        if mode == "debug":
+        if mode == "release":
+            # What is shipped carries no debug info or symbol table (about 2.6 MB with them, 0.4 MB
+            # without): -g0 after the interpreter's own -g, and -s when linking.
+            for ext in self.distribution.ext_modules:
+                ext.extra_compile_args = [*RELEASE_COMPILE_ARGS]
+                ext.extra_link_args = [*RELEASE_LINK_ARGS]
+        elif mode == "debug":
             directives["linetrace"] = True
             for ext in self.distribution.ext_modules:
                 ext.define_macros = [("GWCORE_DEBUG", "1"), ("CYTHON_TRACE_NOGIL", "1")]
                 ext.extra_compile_args = ["-O0", "-g", "-UNDEBUG"]
+                ext.extra_link_args = []  # keep the debug info (not the release build's -s)
         elif mode == "fuzz":
             for ext in self.distribution.ext_modules:
                 ext.define_macros = [("GWCORE_DEBUG", "1")]
@@ -96,7 +108,8 @@ setup(
             "gwcore._dedup",
             ["gwcore/_dedup.pyx"],
             include_dirs=["gwcore/includes"],
-            extra_compile_args=["-O2"],
+            extra_compile_args=list(RELEASE_COMPILE_ARGS),
+            extra_link_args=list(RELEASE_LINK_ARGS),
         )
     ],
     cmdclass={"build_ext": build_ext},

@@ -11,7 +11,7 @@ import sys
 import orjson
 
 from ._version import __version__
-from .config import Settings
+from .config import LOG_FORMATS, LOG_LEVELS, Settings, log_format, settings_help
 from .errors import GatewayError
 
 __all__ = ("main",)
@@ -20,7 +20,7 @@ __all__ = ("main",)
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from .server import serve, setup_logging
 
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     return serve(settings)
 
 
@@ -162,7 +162,15 @@ def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
     store = _open_readonly(args, settings)
     out = sys.stdout
     try:
-        if args.what == "dedup":
+        if args.what == "dedup" and args.json:
+            counts = store.counts()
+            out.write(orjson.dumps({
+                "dedup_records": counts["dedup"], "queued": counts["queue"], "errors": counts["errors"],
+                "outgoing": counts["outgoing"], "outgoing_errors": counts["outgoing_errors"],
+                "databus_blobs": counts["databus_blobs"], "databus_parts": counts["databus_parts"],
+                "store_bytes": store.size_bytes(), "map_bytes": store.map_size,
+            }).decode() + "\n")
+        elif args.what == "dedup":
             counts = store.counts()
             out.write(f"dedup records: {counts['dedup']}\n")
             out.write(f"queued messages: {counts['queue']}\n")
@@ -191,7 +199,8 @@ def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
         elif args.what == "queue":
             for seq, (msg_id, headers, body, expiry_ms, accepted_ms) in queue_entries(store):
                 if args.json:
-                    out.write(orjson.dumps({"id": msg_id, "headers": headers,
+                    out.write(orjson.dumps({"seq": seq, "id": msg_id, "accepted": _fmt_ms(accepted_ms),
+                                            "expires": _fmt_ms(expiry_ms), "headers": headers,
                                             "body_b64": base64.b64encode(body).decode()}).decode() + "\n")
                 else:
                     out.write(f"{seq}\t{msg_id}\taccepted {_fmt_ms(accepted_ms)}\texpires {_fmt_ms(expiry_ms)}"
@@ -232,6 +241,34 @@ def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+
+    from .filemodes import modes
+
+    target = os.path.abspath(args.dir)
+    if os.path.lexists(target) and (not os.path.isdir(target) or os.listdir(target)):
+        raise GatewayError(f"the backup directory {args.dir!r} exists and is not an empty directory")
+    started = time.monotonic()
+    store = _open_readonly(args, settings)
+    try:
+        store.modes = modes(settings.file_mode)  # the copy's files get the configured modes
+        try:
+            store.modes.make_dir(target)
+        except OSError as exc:
+            raise GatewayError(f"cannot make the backup directory {args.dir!r}: {exc.strerror or exc}") from None
+        summary = store.backup(target)
+    finally:
+        store.close()
+    counts, gone = summary["counts"], summary["gone"]
+    print(f"gwcore: backed up {store.path} to {target} in {time.monotonic() - started:.1f} s: {counts['dedup']} "
+          f"dedup records, {counts['queue']} queued, {counts['outgoing']} outgoing, "
+          f"{counts['databus_blobs'] - len(gone)} blobs, {summary['bytes']} bytes", file=sys.stderr)
+    if gone:
+        print(f"gwcore: {len(gone)} blob(s) expired while the backup ran and are not in it", file=sys.stderr)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from .demo import run
 
@@ -247,7 +284,7 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from .server import loop_factory, setup_logging
     from .worker import Worker, drain_worker
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format or log_format())
     if args.drain is not None:
         if not asyncio.run(drain_worker(args.distributor, args.drain, key_id=args.key_id,
                                         secret_file=args.secret_file)):
@@ -272,6 +309,14 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _settings_epilog() -> str:
+    rows = settings_help()
+    width = max(len(name) for name, _a, _d in rows)
+    lines = ["settings (environment variable, default; docs/configuration.md says what each does):"]
+    lines += [f"  {name:<{width}}  {default}" for name, _attr, default in rows]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gwcore",
@@ -280,13 +325,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gwcore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("serve", help="run the gateway (configured by GWCORE_* variables)")
+    p = sub.add_parser("serve", help="run the gateway (configured by GWCORE_* variables)",
+                       description="Run the gateway until SIGTERM or SIGINT, which drain it and exit 0.\n"
+                                   "It takes no options: every setting is a GWCORE_* environment variable\n"
+                                   "(docs/configuration.md). A setting that is invalid or unknown, or a\n"
+                                   "problem found at start-up, stops it with one line and status 2.",
+                       epilog=_settings_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=_cmd_serve)
     p = sub.add_parser("inspect", help="look into a store (safe while the gateway runs)")
     p.add_argument("what", choices=("queue", "dedup", "errors", "outgoing", "blobs"))
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--data-dir", help="the store to read (default GWCORE_DATA_DIR)")
     p.set_defaults(func=_cmd_inspect)
+    p = sub.add_parser("backup", help="copy the store, also while the gateway runs: a data dir a fresh gateway "
+                                      "starts from (docs/operations.md, \"Backup and restore\")",
+                       description="Copy the store into DIR (made if missing; it must be empty): one consistent "
+                                   "snapshot, compacted, safe while the gateway runs, and the databus blobs it names "
+                                   "into DIR/blobs. `gwcore serve` with GWCORE_DATA_DIR=DIR starts from it.")
+    p.add_argument("dir", metavar="DIR", help="where the copy goes")
+    p.add_argument("--data-dir", help="the store to copy (default GWCORE_DATA_DIR)")
+    p.set_defaults(func=_cmd_backup)
     p = sub.add_parser("send", help="send a message to one or more sites (durably queued, then forwarded)")
     p.add_argument("--to", action="append", required=True, metavar="SITE", help="site key (repeat for several)")
     src = p.add_mutually_exclusive_group()
@@ -312,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="work off a distributor's queue (GWCORE_MODE=distributor on the gateway)",
                        description="Enlist with a gateway in distributor mode and run a handler on the messages "
                                    "it hands out; SIGTERM drains (finish in-flight work, take nothing new, leave). "
-                                   "Configured by these options only, not by GWCORE_* variables.")
+                                   "Configured by these options only, not by GWCORE_* variables (but for "
+                                   "GWCORE_LOG_FORMAT, the default of --log-format).")
     p.add_argument("--distributor", required=True, metavar="URL",
                    help="the distributor's worker URL: its worker listener (GWCORE_WORKER_LISTEN, default "
                         "http://127.0.0.1:25901) or, with worker keys, its receive channel's host and port")
@@ -331,7 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where a blob's .path downloads it to (default the system's temporary directory)")
     p.add_argument("--drain", metavar="NAME",
                    help="instead of working: tell the distributor to give worker NAME nothing new")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    p.add_argument("--log-format", choices=LOG_FORMATS,
+                   help="text lines, or json: one JSON object per line (default GWCORE_LOG_FORMAT, else text; "
+                        "the one GWCORE_* variable a worker reads)")
     p.set_defaults(func=_cmd_worker, reads_environment=False)
     p = sub.add_parser("demo", help="watch two sites talk: Headquarters and RemoteSite on loopback (no setup)",
                        description="The NServiceBus gateway sample in one command: Headquarters and RemoteSite, "

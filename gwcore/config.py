@@ -26,6 +26,8 @@ LOOPS = ("auto", "uvloop", "asyncio")
 HA_CHOICES = ("auto", "on", "off")
 FILE_MODE_CHOICES = tuple(FILE_MODES)
 ACK_CHOICES = ("dispatched", "stored")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -486,7 +488,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "GWCORE_HANDLER_MAX_ATTEMPTS": ("handler_max_attempts", _positive_int, "5"),
     "GWCORE_SHUTDOWN_TIMEOUT": ("shutdown_timeout", _positive_duration, "30s"),
     "GWCORE_LOOP": ("loop", _choice(LOOPS), "auto"),
-    "GWCORE_LOG_LEVEL": ("log_level", _choice(("debug", "info", "warning", "error")), "info"),
+    "GWCORE_LOG_LEVEL": ("log_level", _choice(LOG_LEVELS), "info"),
+    "GWCORE_LOG_FORMAT": ("log_format", _choice(LOG_FORMATS), "text"),
     "GWCORE_ADMIN_LISTEN": ("admin_listen", _admin_listen, "off"),
     "GWCORE_METRICS_PUBLIC": ("metrics_public", _metrics_public, "auto"),
     # sending side
@@ -567,6 +570,8 @@ class Settings:
     shutdown_timeout: float = 30.0
     loop: str = "auto"
     log_level: str = "info"
+    #: GWCORE_LOG_FORMAT: ``text`` lines, or ``json``: one JSON object per line.
+    log_format: str = "text"
     sites: tuple[Site, ...] = ()
     config_file: str | None = None
     reply_to_uri: str | None = None
@@ -658,7 +663,8 @@ class Settings:
         :raises ConfigurationError: a variable has an invalid value (the message names it).
         """
         env = os.environ if environ is None else environ
-        unknown = sorted(k for k in env if k.startswith("GWCORE_") and k not in _VARIABLES and k not in _BUILD_VARIABLES)
+        unknown = sorted(k for k in env if k.startswith("GWCORE_") and k not in _VARIABLES
+                         and k not in BUILD_VARIABLES and not k.startswith(TEST_PREFIX))
         if unknown:
             raise ConfigurationError(
                 f"unknown setting {', '.join(unknown)}: see docs/configuration.md for the GWCORE_* variables"
@@ -792,8 +798,11 @@ class Settings:
 # Modes this version runs (MODES lists every name the design has).
 _AVAILABLE_MODES = ("standalone", "distributor", "selected")
 
-# Build-time flags read by setup.py only; listed so that from_env does not call them unknown.
-_BUILD_VARIABLES = frozenset({"GWCORE_DEBUG", "GWCORE_ANNOTATE", "GWCORE_CYTHON_ALWAYS"})
+#: Build-time flags read by setup.py only; listed so that from_env does not call them unknown.
+BUILD_VARIABLES = frozenset({"GWCORE_DEBUG", "GWCORE_FUZZ", "GWCORE_ANNOTATE", "GWCORE_CYTHON_ALWAYS"})
+#: Variables of gwcore's own test suite (GWCORE_TEST_AMQP_URL, docs/development.md) begin with
+#: this; gwcore itself never reads them, and one left in a developer's shell must not stop it.
+TEST_PREFIX = "GWCORE_TEST_"
 
 
 def _parse_channels(name: str, text: str, endpoint: str) -> tuple[ReceiveChannel, ...]:
@@ -811,6 +820,35 @@ def _parse_channels(name: str, text: str, endpoint: str) -> tuple[ReceiveChannel
 def variables() -> dict[str, str]:
     """Name -> default text of every runtime variable (used by the docs check)."""
     return {name: default for name, (_a, _p, default) in _VARIABLES.items()}
+
+
+# What a default is when the table's text is empty because it is computed or means "unset".
+_COMPUTED_DEFAULTS = {
+    "GWCORE_RECEIVE_CHANNELS": "http://127.0.0.1:25900/<endpoint>/",
+    "GWCORE_BLOB_DIR": "<data dir>/blobs",
+    "GWCORE_INSTANCE": "<host>-<pid>-<random>",
+}
+
+
+def settings_help() -> list[tuple[str, str, str]]:
+    """(variable, setting, default as a reader should see it) of every runtime variable, in the
+    table's order: what ``gwcore serve --help`` lists."""
+    return [(name, attr, _COMPUTED_DEFAULTS.get(name) or default or "unset")
+            for name, (attr, _p, default) in _VARIABLES.items()]
+
+
+def log_format(environ: Mapping[str, str] | None = None) -> str:
+    """GWCORE_LOG_FORMAT alone, for ``gwcore worker``, which takes no other ``GWCORE_*`` setting:
+    a worker run beside its gateway logs in the same format.
+
+    :raises ConfigurationError: the value is not ``text`` or ``json``.
+    """
+    env = os.environ if environ is None else environ
+    text = env.get("GWCORE_LOG_FORMAT", _VARIABLES["GWCORE_LOG_FORMAT"][2])
+    try:
+        return _choice(LOG_FORMATS)(text)
+    except ValueError as exc:
+        raise ConfigurationError(f"GWCORE_LOG_FORMAT={text!r} is invalid: {exc}") from None
 
 
 def child_environment(variables: Mapping[str, str]) -> dict[str, str]:

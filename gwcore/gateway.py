@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import ssl
 import uuid
 from typing import Any, Callable, Iterable, Mapping
@@ -33,6 +34,33 @@ from .store import Store, Writer
 __all__ = ("Gateway",)
 
 log = logging.getLogger("gwcore")
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+#: The modules of the RabbitMQ client (the rabbitmq extra) that selected mode imports.
+BROKER_CLIENT_MODULES = ("aio_pika", "aiormq", "pamqp")
+BROKER_CLIENT_INSTALL = "pip install 'gwcore[rabbitmq]'"
+
+
+def _require_broker_client() -> None:
+    """Import selected mode's code, or stop with the one line that says what to install: the
+    RabbitMQ client is an extra, not a dependency of every gateway."""
+    try:
+        from . import selected  # noqa: F401
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] not in BROKER_CLIENT_MODULES:
+            raise
+        raise ConfigurationError(f"GWCORE_MODE=selected needs the RabbitMQ client, and {exc.name} is not "
+                                 f"installed: {BROKER_CLIENT_INSTALL}") from None
+
+
+def _os_reason(exc: OSError) -> str:
+    """Why a socket could not be opened, in the system's words ("Address already in use"),
+    without the loop's own wording around it."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 class Gateway:
@@ -134,6 +162,8 @@ class Gateway:
         :param forward: send queued outgoing messages (False: sends are only recorded).
         """
         s = self.settings
+        if s.mode == "selected":
+            _require_broker_client()
         lease = None
         if listen and s.passive_allowed:
             lease = try_lease(s.data_dir)
@@ -187,9 +217,13 @@ class Gateway:
                 # the worker API on a receive channel only when every worker call is signed
                 state.serves_workers = distributor and bool(s.worker_keys)
                 state.set_role(role)
-                server = await loop.create_server(functools.partial(HTTPProtocol, state), host, port,
-                                                  reuse_address=True, backlog=2048,
-                                                  ssl=tls_context if (host, port) in tls_ports else None)
+                try:
+                    server = await loop.create_server(functools.partial(HTTPProtocol, state), host, port,
+                                                      reuse_address=True, backlog=2048,
+                                                      ssl=tls_context if (host, port) in tls_ports else None)
+                except OSError as exc:
+                    raise ConfigurationError(f"GWCORE_RECEIVE_CHANNELS: cannot listen on {_host_port(host, port)}: "
+                                             f"{_os_reason(exc)}") from None
                 state.start(loop)
                 self.states.append(state)
                 self.servers.append(server)
@@ -218,7 +252,7 @@ class Gateway:
             server = await loop.create_server(functools.partial(HTTPProtocol, state), host, port,
                                               reuse_address=True, backlog=backlog, ssl=tls)
         except OSError as exc:
-            raise ConfigurationError(f"{what}: cannot listen there: {exc.strerror or exc}") from None
+            raise ConfigurationError(f"{what}: cannot listen there: {_os_reason(exc)}") from None
         state.start(loop)
         self.states.append(state)
         self.servers.append(server)

@@ -10,6 +10,7 @@ that chose a blocking wait over polling).
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import os
 import socket
@@ -17,14 +18,37 @@ import threading
 
 from .errors import StoreUnavailableError
 
-__all__ = ("LOCK_NAME", "take_lease", "try_lease", "lease_holder", "LeaseWaiter")
+__all__ = ("LOCK_NAME", "take_lease", "try_lease", "lease_holder", "LeaseWaiter", "data_dir_error")
 
 LOCK_NAME = "gwcore.lock"
 
 
+def data_dir_error(path: str, exc: OSError, what: str = "data dir (GWCORE_DATA_DIR)") -> StoreUnavailableError:
+    """The one-line error for a directory gwcore cannot make or write (the data dir, or *what*
+    else): what is wrong with *path*, not where in gwcore it was noticed."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        problem = "is not a directory"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        problem = f"is not writable ({os.strerror(exc.errno)})"
+    elif exc.errno == errno.ENOTDIR:
+        problem = "cannot be created: a part of its path is not a directory"
+    else:
+        problem = f"cannot be used: {exc.strerror or exc}"
+    name, _, variable = what.partition(" (")
+    return StoreUnavailableError(f"the {name} {path!r}{' (' + variable if variable else ''} {problem}")
+
+
 def _open(path: str) -> int:
-    # Private until the store (gwcore/filemodes.py) gives the data dir its configured modes.
-    return os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+    """Make the data dir if needed and open its lock file (private until the store,
+    gwcore/filemodes.py, gives the data dir its configured modes).
+
+    :raises StoreUnavailableError: the data dir is not a directory, or cannot be made or written.
+    """
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise data_dir_error(path, exc) from None
 
 
 def _stamp(fd: int) -> int:
@@ -45,8 +69,10 @@ def lease_holder(path: str) -> str:
 
 
 def try_lease(path: str) -> int | None:
-    """Take the lease if it is free: the locked descriptor (close it to release), else None."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    """Take the lease if it is free: the locked descriptor (close it to release), else None.
+
+    :raises StoreUnavailableError: the data dir is not a directory, or cannot be made or written.
+    """
     fd = _open(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -82,7 +108,6 @@ class LeaseWaiter:
     """
 
     def __init__(self, path: str, loop: asyncio.AbstractEventLoop) -> None:
-        os.makedirs(path, mode=0o700, exist_ok=True)
         self._fd = _open(path)
         self._loop = loop
         self._future: asyncio.Future[int] = loop.create_future()

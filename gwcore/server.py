@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import gc
 import logging
 import signal
 import sys
 from typing import Callable
 
+import orjson
+
 from .config import Settings
 from .errors import ConfigurationError
 from .gateway import Gateway
 
-__all__ = ("LOOP_FACTORIES", "loop_factory", "serve", "setup_logging")
+__all__ = ("LOOP_FACTORIES", "JSONFormatter", "loop_factory", "serve", "setup_logging")
 
 log = logging.getLogger("gwcore")
 #: The cyclic collector's youngest-generation threshold once serving (see _settle_gc).
@@ -50,12 +53,36 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
         raise ConfigurationError(f"GWCORE_LOOP={name!r} is not one of {', '.join(LOOP_FACTORIES)}") from None
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+class JSONFormatter(logging.Formatter):
+    """GWCORE_LOG_FORMAT=json: one JSON object per line, ``time`` (UTC, ISO 8601 with
+    milliseconds), ``level``, ``logger``, ``message``, and ``exception`` (the traceback's text)
+    when there is one. A message never spans lines: its newlines are escaped by JSON."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+            .isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exception"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Log to stderr at *level*, as ``text`` lines or ``json`` objects (GWCORE_LOG_FORMAT)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 async def _serve(settings: Settings) -> int:

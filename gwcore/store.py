@@ -32,6 +32,7 @@ parsing while the disk works. A 200 is answered only after the batch holding the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -47,7 +48,7 @@ from . import databus
 from ._core import core
 from .errors import InternalError, StoreError, StoreFullError, StoreUnavailableError
 from .filemodes import Modes, modes
-from .lease import LOCK_NAME, take_lease
+from .lease import LOCK_NAME, data_dir_error, take_lease
 from .metrics import SECONDS, Buckets, Families, counter, gauge, histogram
 from .records import dedup_key, now_ms, pack_seq, unpack_seq
 
@@ -139,7 +140,10 @@ class Store:
         elif lease is None:
             # One writing gwcore per data dir: the writer keeps its sequence counter in memory, so
             # a second writer would reuse queue positions. The lease dies with its process.
-            self.modes.make_dir(path)
+            try:
+                self.modes.make_dir(path)
+            except OSError as exc:
+                raise data_dir_error(path, exc) from None
             self._owner_fd = take_lease(path)
         try:
             self._open(path, map_size, sync, readonly)
@@ -173,7 +177,10 @@ class Store:
             self.modes.make_dir(path)
             for name in ("data.mdb", "lock.mdb", LOCK_NAME):
                 self.modes.secure(os.path.join(path, name))
-            self.modes.make_dir(self.blob_dir)
+            try:
+                self.modes.make_dir(self.blob_dir)
+            except OSError as exc:
+                raise data_dir_error(self.blob_dir, exc, "blob dir (GWCORE_BLOB_DIR)") from None
         # Re-read: an existing environment keeps its larger map size.
         self.map_size = max(map_size, self.env.info()["map_size"])
         # set_mapsize() needs every transaction of this process closed; readers take this lock for
@@ -324,6 +331,44 @@ class Store:
                                   "Part records followed from the stream, held for a submit that may come here.",
                                   counts["databus_replica"]))
         return families
+
+    def backup(self, path: str) -> dict[str, Any]:
+        """Copy the store into *path*, an empty directory, while it may be in use: LMDB's copy with
+        compaction (one read transaction, so one consistent snapshot; free pages left out), then
+        every blob file that snapshot names, into ``<path>/blobs/``. A blob that expired between
+        the snapshot and its copy is left out (its message or part had expired too).
+
+        :returns: the copy's ``counts`` (as :meth:`counts`), its ``bytes`` (:meth:`size_bytes`) and
+            ``gone``: the names of the blobs that expired before they could be copied.
+        :raises StoreUnavailableError: *path* is not an empty directory, or the copy failed.
+        """
+        if not os.path.isdir(path) or os.listdir(path):
+            raise StoreUnavailableError(f"the backup directory {path!r} must be an empty directory")
+        try:
+            self.env.copy(path, compact=True)
+        except lmdb.Error as exc:
+            raise StoreUnavailableError(f"cannot copy the store at {self.path!r} to {path!r}: {exc}") from exc
+        self.modes.secure(os.path.join(path, "data.mdb"))
+        copy = Store(path, readonly=True, file_mode=self.modes.name)
+        gone = []
+        try:
+            names = [info.name for info in databus.blobs(copy)]
+            summary: dict[str, Any] = {"counts": copy.counts(), "bytes": copy.size_bytes()}
+        finally:
+            copy.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(path, "lock.mdb"))  # the reader's lock file; a gateway makes its own
+        target = databus.blob_dir(path)
+        self.modes.make_dir(target)
+        for name in names:
+            try:
+                shutil.copyfile(os.path.join(self.blob_dir, name), os.path.join(target, name))
+            except FileNotFoundError:
+                gone.append(name)
+                continue
+            self.modes.secure(os.path.join(target, name))
+        summary["gone"] = gone
+        return summary
 
     def size_bytes(self) -> int:
         """Bytes the environment uses (last page number times page size), not the sparse file size."""

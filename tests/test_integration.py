@@ -50,7 +50,7 @@ def test_serve_sigterm_drains_and_inspect_shows_queue(tmp_path):
     lines = gwcore_cli("inspect", "queue", "--json", data_dir=data).splitlines()
     assert len(lines) == 50
     first = json.loads(lines[0])
-    assert set(first) == {"id", "headers", "body_b64"}
+    assert set(first) == {"seq", "id", "accepted", "expires", "headers", "body_b64"}
     assert base64.b64decode(first["body_b64"]) == b'{"n":"' + first["id"].encode() + b'"}'
     assert first["headers"]["NServiceBus.MessageIntent"] == "Send"
     dedup = gwcore_cli("inspect", "dedup", data_dir=data)

@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 
-from gwcore.config import variables
+from gwcore.config import BUILD_VARIABLES, TEST_PREFIX, variables
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -29,9 +29,12 @@ def test_every_variable_is_documented():
     missing = [name for name in variables() if f"`{name}`" not in doc]
     assert missing == []
     # and the docs do not describe variables that do not exist
-    documented = set(re.findall(r"`(GWCORE_[A-Z0-9_]+)`", doc))
-    build_flags = {"GWCORE_DEBUG", "GWCORE_FUZZ", "GWCORE_ANNOTATE", "GWCORE_CYTHON_ALWAYS"}
-    assert documented - set(variables()) - build_flags == set()
+    documented = {name for name in re.findall(r"`(GWCORE_[A-Z0-9_]+)`", doc) if not name.startswith(TEST_PREFIX)}
+    assert documented - set(variables()) - BUILD_VARIABLES == set()
+    # and every build flag setup.py reads is documented
+    setup_flags = set(re.findall(r'_flag\("(GWCORE_[A-Z0-9_]+)"\)', (ROOT / "setup.py").read_text()))
+    assert setup_flags and setup_flags <= BUILD_VARIABLES
+    assert [name for name in BUILD_VARIABLES if f"`{name}`" not in doc] == []
 
 
 def test_missing_extension_stops_loudly(tmp_path):
@@ -94,3 +97,44 @@ def test_every_error_is_exported():
     import gwcore.errors
 
     assert [name for name in gwcore.errors.__all__ if name not in gwcore.__all__] == []
+
+
+def _imported_top_modules(path: pathlib.Path) -> set[str]:
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.partition(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.partition(".")[0])
+    return names
+
+
+def test_the_rabbitmq_client_is_an_extra_that_declares_what_is_imported():
+    import tomllib
+
+    from gwcore.gateway import BROKER_CLIENT_MODULES
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(requirements):
+        return {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower().replace("-", "_") for r in requirements}
+
+    assert names(project["dependencies"]) & set(BROKER_CLIENT_MODULES) == set()
+    assert names(project["optional-dependencies"]["rabbitmq"]) == set(BROKER_CLIENT_MODULES)
+    # every module of the client that gwcore imports is one the extra declares
+    imported = _imported_top_modules(ROOT / "gwcore" / "amqp.py") | _imported_top_modules(ROOT / "gwcore" / "selected.py")
+    assert {"aio_pika", "aiormq", "pamqp"} <= imported
+    # the test suite's install (make test, and so .ci/run) has the extra
+    assert re.search(r"pip install .*-e '\.\[[^]]*\brabbitmq\b", (ROOT / "Makefile").read_text())
+
+
+def test_license_file_and_spdx_expression():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT"
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("MIT License") and "Copyright (c) the gwcore authors" in text
+    assert "LICENSE" in (ROOT / "MANIFEST.in").read_text()
