@@ -152,6 +152,11 @@ class DelayProxy:
                 break
 
 
+def _in_flight(cfg: argparse.Namespace) -> str:
+    return (f"GWCORE_SEND_CONCURRENCY={cfg.send_concurrency}" if cfg.send_concurrency
+            else "its defaults (GWCORE_SEND_CONCURRENCY 8, the send window, batches)")
+
+
 def _per_msg_us(cpu_lo: float | None, cpu_hi: float | None, msgs: float) -> float | None:
     if cpu_lo is None or cpu_hi is None or msgs <= 0:
         return None
@@ -180,7 +185,8 @@ def run_site_to_site(cfg: argparse.Namespace, work: Path, template: Path, label:
             proxy_affinity = rl.affinity(proxy.proc.pid)
         site_url = f"http://127.0.0.1:{proxy.port}{rl.CHANNEL_PATH}" if proxy is not None else b.url
         a.env.update(GWCORE_ENDPOINT=A_ENDPOINT, GWCORE_SITES=f"{rl.ENDPOINT}={site_url}",
-                     GWCORE_SEND_CONCURRENCY=str(cfg.send_concurrency), GWCORE_RETRY_DELAYS="0.2s",
+                     GWCORE_RETRY_DELAYS="0.2s",
+                     **({"GWCORE_SEND_CONCURRENCY": str(cfg.send_concurrency)} if cfg.send_concurrency else {}),
                      GWCORE_RETRIES="1000", GWCORE_RECEIVE_CHANNELS=f"http://127.0.0.1:{a.port}/{A_ENDPOINT}/")
         a.url = f"http://127.0.0.1:{a.port}/{A_ENDPOINT}/"
         a.start(cfg.ready_timeout)
@@ -343,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--messages", type=int, default=150_000, help="outgoing messages in A's store per round")
-    p.add_argument("--send-concurrency", type=int, default=256, help="GWCORE_SEND_CONCURRENCY of A (default 256)")
+    p.add_argument("--send-concurrency", type=int, default=None,
+                   help="GWCORE_SEND_CONCURRENCY of A (default: not set, A on its defaults)")
     p.add_argument("-c", "--connections", type=int, default=256, help="wrk -c of the ingest run (default 256)")
     p.add_argument("-d", "--duration", default="10s", help="wrk -d of the ingest run (default 10s)")
     p.add_argument("--warmup", default="1s")
@@ -436,7 +443,7 @@ def extended_report(cfg: argparse.Namespace, rounds: list, summary: dict) -> str
                      f"({cfg.js_inflight} in flight, -d {cfg.duration})")
     lines = [
         "; ".join(where) + f"; {cfg.rounds} rounds, {cfg.messages:,} messages of {cfg.body_size} bytes, "
-        f"A with {cfg.send_concurrency} requests in flight, wrk c{cfg.connections}. Medians (min–max) over the "
+        f"A with {_in_flight(cfg)}, wrk c{cfg.connections}. Medians (min–max) over the "
         "rounds; ratios per round; CPU per message between the 10 % and 90 % samples.",
         "",
     ]
@@ -565,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     lines = [
         f"Site B on CPU {cfg.server_cpu}; wrk, then site A, on CPU {cfg.wrk_cpu}; {cfg.rounds} rounds, "
-        f"{cfg.messages:,} messages of {cfg.body_size} bytes, A with {cfg.send_concurrency} requests in flight, "
+        f"{cfg.messages:,} messages of {cfg.body_size} bytes, A with {_in_flight(cfg)}, "
         f"wrk c{cfg.connections}.",
         "",
         "| | B ingest (wrk) msg/s | A→B msg/s | A→B ÷ ingest | A CPU µs/msg |",
