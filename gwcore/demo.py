@@ -174,8 +174,10 @@ async def _resend_first(gw: Gateway, first: tuple[str, bytes], timeout: float) -
     assert site is not None
     parts = urllib.parse.urlsplit(site.url)
     metrics = await asyncio.to_thread(_fetch, f"{parts.scheme}://{parts.netloc}/metrics")
-    suppressed = next((line.split()[-1] for line in metrics.splitlines()
-                       if line.startswith("gwcore_messages_duplicate_total ")), "?")
+    value = next((line.split()[-1] for line in metrics.splitlines()
+                  if line.startswith("gwcore_messages_duplicate_total ")), None)
+    # the exposition writes every value as a float ("1.0"); a count reads better whole
+    suppressed = f"{float(value):.0f}" if value is not None else "?"
     _say(HQ, f"<- 200 OK from {REMOTE} for the resent id: a duplicate, suppressed (stored once, handled once)",
          {"Duplicates": f"{suppressed} so far at {REMOTE} (gwcore_messages_duplicate_total)"})
     return 0

@@ -241,17 +241,19 @@ cdef Py_ssize_t _block_spans(const unsigned char* p, Py_ssize_t n, _RawSpan** sp
     cdef Py_ssize_t i = 0, start, colon, v, end, lines = 0, grown_cap
     cdef _RawSpan* grown
     cdef _RawSpan* line
+    cdef const unsigned char* at
     while i < n:
+        # memchr (vectorised) finds the CR, the colon and any bare LF or NUL of the line: a
+        # block is ~1 KiB of 20 lines, and a byte-by-byte scan was a third of framing a batch.
         start = i
-        colon = -1
-        while i < n and p[i] != ASCII_CR:
-            if p[i] == ASCII_LF or p[i] == 0:
-                raise FramingError("a batch message's header line holds a bare LF or a NUL")
-            if p[i] == ASCII_COLON and colon < 0:
-                if i == start:
-                    raise FramingError("a batch message's header line has an empty name")
-                colon = i
-            i += 1
+        at = <const unsigned char*>memchr(p + start, ASCII_CR, n - start)
+        i = (at - p) if at != NULL else n
+        at = <const unsigned char*>memchr(p + start, ASCII_COLON, i - start)
+        colon = (at - p) if at != NULL else -1
+        if colon == start:
+            raise FramingError("a batch message's header line has an empty name")
+        if memchr(p + start, ASCII_LF, i - start) != NULL or memchr(p + start, 0, i - start) != NULL:
+            raise FramingError("a batch message's header line holds a bare LF or a NUL")
         if colon < 0:
             raise FramingError("a batch message's header line has no colon")
         if i + 1 >= n or p[i + 1] != ASCII_LF:
