@@ -426,7 +426,7 @@ def encode_submit(framed: Buffer, extra: list[tuple[str, str]] | None = None) ->
     """
 
 def batch_count(body: bytes) -> int:
-    """The message count a batch body's preamble states (0 when it is shorter than a preamble),
+    """The message count a batch body's preamble states (0 when it is not a batch's preamble),
     read without framing anything: what a receiver checks its queue room against first."""
 
 def outgoing_layout(value: Buffer) -> tuple[int, int, int, int]:

@@ -29,7 +29,7 @@ import re
 import ssl
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import httptools
 
@@ -308,6 +308,19 @@ class _Connection(asyncio.Protocol):
                     await self.writable
 
 
+async def wait_turn(waiters: collections.deque[asyncio.Future[None]], pass_on: Callable[[], None]) -> None:
+    """Wait at the end of *waiters* until whoever frees a place resolves this caller's future. A
+    caller cancelled after it was given its turn calls *pass_on*, so the turn is not lost."""
+    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    waiters.append(waiter)
+    try:
+        await waiter
+    except asyncio.CancelledError:
+        if waiter.done() and not waiter.cancelled():
+            pass_on()
+        raise
+
+
 class SiteClient:
     """Forwards requests to one remote site over a bounded pool of keep-alive connections.
 
@@ -443,14 +456,7 @@ class SiteClient:
         if self._free > 0 and not self._slot_waiters:
             self._free -= 1
             return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._slot_waiters.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self._release_slot()  # handed a slot, then cancelled: pass it on
-            raise
+        await wait_turn(self._slot_waiters, self._release_slot)
 
     def _release_slot(self) -> None:
         while self._slot_waiters:

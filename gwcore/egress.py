@@ -42,7 +42,7 @@ import orjson
 from . import auth, databus
 from ._core import core
 from .batch import BatchLimits, advertised
-from .client import FileBody, SiteClient, make_client_ssl_context
+from .client import FileBody, SiteClient, make_client_ssl_context, wait_turn
 from .config import Settings, Site
 from .errors import ConfigurationError, GatewayError, SendError, StoreError, UnknownSiteError
 from .metrics import SECONDS, Buckets, Families, counter, gauge, histogram
@@ -407,14 +407,7 @@ class SendWindow:
 
     async def acquire(self) -> None:
         while self.in_flight >= int(self.size):
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self.waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake()   # the wake-up it got goes to the next one
-                raise
+            await wait_turn(self.waiters, self._wake)
         self.in_flight += 1
 
     def release(self) -> None:
@@ -462,6 +455,13 @@ class _Destination:
         self.batch_refused_until = 0.0  # monotonic: a refused batch, one per request until then
         self.batches = 0
         self.window = SendWindow(client.concurrency)
+
+    def answered(self, status: int, started: float) -> None:
+        """A request to this destination, begun at *started* (``time.perf_counter``), got
+        *status* (0: no answer): its time is observed and the send window told."""
+        elapsed = time.perf_counter() - started
+        self.latency.observe(elapsed)
+        self.window.answered(status, elapsed)
 
 
 class Forwarder:
@@ -636,9 +636,7 @@ class Forwarder:
         finally:
             d.in_flight -= 1
         if status != _BLOB_MISSING:
-            elapsed = time.perf_counter() - started
-            d.latency.observe(elapsed)
-            d.window.answered(status, elapsed)
+            d.answered(status, started)
         await self._outcome(d, out, status, problem)
 
     async def _forward_batch(self, d: _Destination, seqs: list[int]) -> None:
@@ -703,9 +701,7 @@ class Forwarder:
             response, status, problem = None, 0, str(exc)
         finally:
             d.in_flight -= len(batch)
-        elapsed = time.perf_counter() - started
-        d.latency.observe(elapsed)
-        d.window.answered(status, elapsed)
+        d.answered(status, started)
         results = _batch_results(response, len(batch)) if status == 200 else None
         if status == 200 and results is None:
             status, problem = 502, "502 the batch's answer does not list one outcome per message"
@@ -912,9 +908,10 @@ class Forwarder:
         cannot add a series per address."""
         rows: dict[str, list[Any]] = {}
         for d in self._dests.values():
-            row = rows.get(d.site.key if d.site is not None else OTHER_SITE)
+            site = d.site.key if d.site is not None else OTHER_SITE
+            row = rows.get(site)
             if row is None:
-                row = rows[d.site.key if d.site is not None else OTHER_SITE] = [0, 0, 0, 0, Buckets(SECONDS)]
+                row = rows[site] = [0, 0, 0, 0, Buckets(SECONDS)]
             row[0] += d.in_flight
             row[1] += d.sent
             row[2] += d.failed_attempts

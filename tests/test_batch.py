@@ -571,6 +571,9 @@ def test_replies_and_requests_go_in_batches_both_ways(run, tmp_path):
 def test_a_full_receiver_refuses_a_batch_before_framing_any_of_it(run, make_settings, monkeypatch):
     from gwcore.store import Writer
     batch = core.encode_batch([(block_of(str(i), b"x"), b"x") for i in range(3)])
+    # the count is read by the preamble reader frame_batch uses: anything else counts 0 (and is 400)
+    assert core.batch_count(batch) == 3
+    assert [core.batch_count(b) for b in (b"junk", b"GT" + batch[2:], batch[:7])] == [0, 0, 0]
 
     async def main():
         async with Gateway(make_settings(commit_max_pending=4)) as gw:

@@ -175,13 +175,6 @@ cdef tuple _encode_submit(_Reader* envelope, list extra, bint sha256):
     return msg_id, body, expiry_ms, block
 
 
-def batch_count(bytes body not None):
-    """See _dedup.pyi."""
-    if PyBytes_GET_SIZE(body) < BATCH_HEAD:
-        return 0
-    return _get_u32(<const unsigned char*>PyBytes_AS_STRING(body) + 4)
-
-
 # -- the outgoing record (egress.py's module docstring has its layout) --------------------------------
 
 cdef enum:
