@@ -184,8 +184,53 @@ ENVELOPE = {
 }
 
 
+def batch_block(msg_id: str, body: bytes, extra: list[tuple[str, str]] | None = None, *,
+                digest: bool = True) -> bytes:
+    """A batch message's header block as a gwcore sender writes it (docs/protocol.md)."""
+    lines = [("NServiceBus.Id", msg_id), ("NServiceBus.CallType", "SingleCallSubmit"),
+             ("NServiceBus.Header.NServiceBus.EnclosedMessageTypes", "Shop.Order")] + (extra or [])
+    if digest:
+        sha = base64.b64encode(hashlib.sha256(body).digest()).decode()
+        lines.append(("Content-Digest", _dedup.url_encode(f"sha-256=:{sha}:")))
+    return b"".join(f"{n}: {v}\r\n".encode() for n, v in lines)
+
+
+def built_batch(messages: list[tuple[bytes, bytes]], options: int = 0) -> bytes:
+    """fuzz_batch's built layout: messages separated by \\xff\\xfe, block and body by \\xfd."""
+    return bytes([options | 1]) + b"\xff\xfe".join(block + b"\xfd" + body for block, body in messages)
+
+
+_BODY = b'{"Hello":"World"}'
+_TWO = _dedup.encode_batch([(batch_block("b1", _BODY), _BODY), (batch_block("b2", b""), b"")])
+# options: bits 1-2 max_headers, 3-4 max_header_bytes, 5-6 max_messages (fuzz/fuzz_batch.py)
+_ROOMY = (3 << 1) | (3 << 3) | (3 << 5)
+BATCH = {
+    "raw-two": bytes([_ROOMY]) + _TWO,
+    "raw-truncated": bytes([_ROOMY]) + _TWO[:-5],
+    "raw-trailing": bytes([_ROOMY]) + _TWO + b"\x00",
+    "raw-bad-magic": bytes([_ROOMY]) + b"GX" + _TWO[2:],
+    "raw-huge-count": bytes([_ROOMY]) + _TWO[:4] + b"\xff\xff\xff\xff" + _TWO[8:],
+    "raw-too-many": bytes([0]) + _TWO,
+    "raw-tight-limits": bytes([(2 << 1) | (1 << 3) | (3 << 5)]) + _TWO,
+    "built-mixed": built_batch([
+        (batch_block("m1", _BODY), _BODY),
+        (batch_block("m2", _BODY), b"another body"),                        # digest mismatch: 412
+        (batch_block("m3", _BODY, digest=False) + b"Content-Digest: md5%3D%3Axx%3A\r\n", _BODY),  # 400
+        (batch_block("m1", _BODY), _BODY),                                  # the same id again
+        (batch_block("m4", b"", [("NServiceBus.TimeToBeReceived", "00:00:10"), ("Content-MD5", "x")]), b""),
+        (b"NServiceBus.Id: p\r\nNServiceBus.CallType: SingleCallDatabusProperty\r\n", b"part"),
+        (b"NServiceBus.Id: q\r\nNServiceBus.CallType: SingleCallSubmit\r\ngwcore-Batch: 1\r\n", b""),
+        (b"  NServiceBus.Id :\t spaced \r\nNServiceBus.CallType: SingleCallSubmit\r\n", b""),
+    ], _ROOMY),
+    "built-malformed-line": built_batch([(batch_block("x", b"") + b"no colon\r\n", b"")], _ROOMY),
+    "built-bare-lf": built_batch([(b"NServiceBus.Id: a\nNServiceBus.CallType: SingleCallSubmit\r\n", b"")], _ROOMY),
+    "built-empty": bytes([_ROOMY | 1]),
+}
+
+
 def main() -> None:
-    for target, seeds in (("request_parser", PARSER), ("framer", FRAMER), ("envelope", ENVELOPE)):
+    for target, seeds in (("request_parser", PARSER), ("framer", FRAMER), ("envelope", ENVELOPE),
+                          ("batch", BATCH)):
         folder = ROOT / "tests" / "fuzz_corpus" / target
         folder.mkdir(parents=True, exist_ok=True)
         for name, data in seeds.items():

@@ -319,12 +319,13 @@ class Framer:
         :raises gwcore.errors.InternalError: *headers* has an odd length.
         """
     def frame_batch(
-        self, body: bytes, now_ms: int, max_messages: int, *, max_headers: int
+        self, body: bytes, now_ms: int, max_messages: int, *, max_headers: int, max_header_bytes: int
     ) -> list[Envelope | Rejection]:
         """The messages of a batch body (:func:`encode_batch`'s layout), each framed as its own
         request would be by :meth:`frame`, in order; a message that is not a ``SingleCallSubmit``
         (a databus part, a batch) is a 400 :class:`Rejection` of its own, and one with more than
-        *max_headers* header lines (``GWCORE_HTTP_MAX_HEADERS``) a 431 :class:`Rejection` with
+        *max_headers* header lines (``GWCORE_HTTP_MAX_HEADERS``) or a header block of more than
+        *max_header_bytes* bytes (``GWCORE_HTTP_MAX_HEADER_BYTES``) a 431 :class:`Rejection` with
         :class:`RequestParser`'s reason for such a request.
 
         :raises gwcore.errors.FramingError: not one whole batch (truncated, trailing bytes, bad

@@ -129,7 +129,8 @@ def receive(protocol: HTTPProtocol, slot: core.AnswerSlot, batch: Any) -> None:
         return
     try:
         framed = state.framer.frame_batch(batch.body, now_ms(), limits.messages,
-                                          max_headers=state.settings.http_max_headers)
+                                          max_headers=state.settings.http_max_headers,
+                                          max_header_bytes=state.settings.http_max_header_bytes)
     except FramingError as exc:  # (a ValueError too: first)
         protocol._answer(slot, 400, f"Bad Request: malformed batch: {exc}")
         return

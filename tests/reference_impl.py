@@ -344,3 +344,54 @@ class Framer:
             **({"auth_headers": lines, "content_digest": get("Content-Digest")}
                if self.signatures and get("gwcore-Signature") is not None else {}),
         )
+
+
+# -- batches between gwcore sites (protocol.md, "Batches between gwcore sites") ------------------
+
+BATCH_MAGIC = b"GB"
+BATCH_VERSION = 1
+
+
+def decode_batch(data: bytes) -> list[tuple[bytes, bytes]]:
+    """A batch body's ``(header block, body)`` per message, read with struct; FramingError for a
+    body that is not one whole batch (the block's lines are read by :func:`batch_block_lines`)."""
+    if len(data) < 8:
+        raise FramingError("truncated batch preamble")
+    magic, version, flags, count = struct.unpack_from(">2sBBI", data)
+    if magic != BATCH_MAGIC or version != BATCH_VERSION or flags != 0:
+        raise FramingError("not a version 1 batch")
+    if count * 12 > len(data) - 8:      # each message takes at least its two lengths
+        raise FramingError("a count the bytes cannot hold")
+    out, at = [], 8
+    for _ in range(count):
+        if at + 4 > len(data):
+            raise FramingError("truncated block length")
+        (n,) = struct.unpack_from(">I", data, at)
+        block, at = data[at + 4:at + 4 + n], at + 4 + n
+        if at > len(data) or at + 8 > len(data):
+            raise FramingError("truncated block or body length")
+        (m,) = struct.unpack_from(">Q", data, at)
+        body, at = data[at + 8:at + 8 + m], at + 8 + m
+        if at > len(data):
+            raise FramingError("truncated body")
+        out.append((block, body))
+    if at != len(data):
+        raise FramingError("bytes after the last message")
+    return out
+
+
+_BLOCK_LINE = re.compile(rb"([^:\r\n\0]+):([^\r\n\0]*)\r\n")
+
+
+def batch_block_lines(block: bytes) -> list[tuple[bytes, bytes]]:
+    """A header block's ``(name, value)`` lines: each ``name: value`` CRLF, a name of at least one
+    byte without CR, LF, NUL or a colon, the value without the blanks around it and without CR, LF
+    or NUL; FramingError otherwise."""
+    out, at = [], 0
+    while at < len(block):
+        m = _BLOCK_LINE.match(block, at)
+        if m is None:
+            raise FramingError("a header block line that is not name: value CRLF")
+        out.append((m.group(1), m.group(2).strip(b" \t")))
+        at = m.end()
+    return out

@@ -26,6 +26,7 @@ from gwcore.egress import OutgoingRecord, encode_outgoing, wire_headers
 from gwcore.errors import FramingError
 
 HEADERS = 256  # GWCORE_HTTP_MAX_HEADERS's default
+HEADER_BYTES = 64 << 10  # GWCORE_HTTP_MAX_HEADER_BYTES's default
 _NAME = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, blacklist_characters=":"), min_size=1,
                 max_size=20)
 _VALUE = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30)
@@ -54,7 +55,7 @@ def test_encode_is_the_documented_layout_and_each_message_frames_as_alone(messag
     data = core.encode_batch(wire)
     assert data == reference_batch(wire)
     framer, alone = core.Framer("Ep"), core.Framer("Ep")
-    got = framer.frame_batch(data, 1000, 100, max_headers=HEADERS)
+    got = framer.frame_batch(data, 1000, 100, max_headers=HEADERS, max_header_bytes=HEADER_BYTES)
     assert len(got) == len(messages)
     for result, (headers, body) in zip(got, messages):
         flat = [x.encode() for pair in headers for x in pair]
@@ -109,9 +110,9 @@ def test_header_blocks_against_the_reference(blocks, limit):
         parsed = [reference_block(block) for block in blocks]
     except FramingError as exc:
         with pytest.raises(FramingError, match=str(exc)):
-            core.Framer("Ep").frame_batch(data, 1, 10, max_headers=limit)
+            core.Framer("Ep").frame_batch(data, 1, 10, max_headers=limit, max_header_bytes=HEADER_BYTES)
         return
-    got = core.Framer("Ep").frame_batch(data, 1, 10, max_headers=limit)
+    got = core.Framer("Ep").frame_batch(data, 1, 10, max_headers=limit, max_header_bytes=HEADER_BYTES)
     alone = core.Framer("Ep")
     for result, lines in zip(got, parsed, strict=True):
         if len(lines) > limit:
@@ -137,7 +138,7 @@ def test_the_documented_vector():
              + core.content_md5(b"hi").encode() + b"\r\n")
     assert core.encode_batch([(block, b"hi")]) == bytes.fromhex("".join(hex_text.split()))
     (env,) = core.Framer("Ep").frame_batch(bytes.fromhex("".join(hex_text.split())), 1, 10,
-                                              max_headers=HEADERS)
+                                              max_headers=HEADERS, max_header_bytes=HEADER_BYTES)
     assert (env.id, env.body) == ("7c1f", b"hi")
 
 
@@ -146,9 +147,9 @@ def test_every_truncation_and_trailing_byte_is_refused():
     framer = core.Framer("Ep")
     for cut in range(len(data)):
         with pytest.raises(FramingError):
-            framer.frame_batch(data[:cut], 1, 10, max_headers=HEADERS)
+            framer.frame_batch(data[:cut], 1, 10, max_headers=HEADERS, max_header_bytes=HEADER_BYTES)
     with pytest.raises(FramingError, match="unexpected bytes"):
-        framer.frame_batch(data + b"\0", 1, 10, max_headers=HEADERS)
+        framer.frame_batch(data + b"\0", 1, 10, max_headers=HEADERS, max_header_bytes=HEADER_BYTES)
 
 
 @pytest.mark.parametrize("data, match", [
@@ -162,13 +163,13 @@ def test_every_truncation_and_trailing_byte_is_refused():
 ])
 def test_malformed_batches(data, match):
     with pytest.raises(FramingError, match=match):
-        core.Framer("Ep").frame_batch(data, 1, 10, max_headers=HEADERS)
+        core.Framer("Ep").frame_batch(data, 1, 10, max_headers=HEADERS, max_header_bytes=HEADER_BYTES)
 
 
 def test_too_many_messages_is_a_value_error_before_any_is_framed():
     data = core.encode_batch([(block_of(str(i), b""), b"") for i in range(3)])
     with pytest.raises(ValueError, match="GWCORE_MAX_BATCH_MESSAGES=2"):
-        core.Framer("Ep").frame_batch(data, 1, 2, max_headers=HEADERS)
+        core.Framer("Ep").frame_batch(data, 1, 2, max_headers=HEADERS, max_header_bytes=HEADER_BYTES)
 
 
 def _many_headers(msg_id: str, count: int) -> bytes:
@@ -181,17 +182,35 @@ def test_a_message_with_more_headers_than_the_limit_is_431_on_its_own():
     limit = 30
     data = core.encode_batch([(_many_headers("a", limit), b""), (_many_headers("b", limit + 1), b""),
                               (block_of("c", b""), b"")])
-    a, b, c = core.Framer("Ep").frame_batch(data, 1, 10, max_headers=limit)
+    a, b, c = core.Framer("Ep").frame_batch(data, 1, 10, max_headers=limit, max_header_bytes=HEADER_BYTES)
     assert (type(a), type(c)) == (core.Envelope, core.Envelope) and (a.id, c.id) == ("a", "c")
     assert type(b) is core.Rejection
     # what a single request with too many headers gets from the HTTP parser
     assert (b.status, b.reason) == (431, f"Request Header Fields Too Large: more than {limit} headers")
 
 
+def test_a_message_whose_header_block_is_too_big_is_431_on_its_own():
+    """GWCORE_HTTP_MAX_HEADER_BYTES bounds each message's header block as it bounds a request's
+    header section: a block one byte over it is that message's 431, one at the bound frames."""
+    def padded(msg_id: str, size: int) -> bytes:  # X-Pad's line is 9 bytes and its value
+        block = block_of(msg_id, b"")
+        return block + b"X-Pad: " + b"p" * (size - len(block) - 9) + b"\r\n"
+
+    limit = len(block_of("a", b"")) + 50
+    at, over = padded("a", limit), padded("b", limit + 1)
+    assert (len(at), len(over)) == (limit, limit + 1)
+    data = core.encode_batch([(at, b""), (over, b""), (block_of("c", b""), b"")])
+    a, b, c = core.Framer("Ep").frame_batch(data, 1, 10, max_headers=HEADERS, max_header_bytes=limit)
+    assert (type(a), type(c)) == (core.Envelope, core.Envelope) and (a.id, c.id) == ("a", "c")
+    # what a single request with too big a header section gets from the HTTP parser
+    assert (type(b), b.status, b.reason) == (
+        core.Rejection, 431, f"Request Header Fields Too Large: header section exceeds {limit} bytes")
+
+
 def test_blocks_of_many_lines_frame_as_alone():
     """Blocks of more lines than the framer's first scratch holds, one after another."""
     blocks = [_many_headers(str(n), n) for n in (40, 3, 200, 65)]
-    got = core.Framer("Ep").frame_batch(core.encode_batch([(b, b"") for b in blocks]), 1, 10, max_headers=HEADERS)
+    got = core.Framer("Ep").frame_batch(core.encode_batch([(b, b"") for b in blocks]), 1, 10, max_headers=HEADERS, max_header_bytes=HEADER_BYTES)
     alone = core.Framer("Ep")
     for result, block in zip(got, blocks, strict=True):
         want = alone.frame([x for line in reference_block(block) for x in line], b"", None, 1)
@@ -202,7 +221,7 @@ def test_a_malformed_line_past_the_header_limit_is_still_a_malformed_batch():
     """The block's layout is the batch's: checked whole before the message's own limit."""
     data = core.encode_batch([(_many_headers("a", 5) + b"no colon\r\n", b"")])
     with pytest.raises(FramingError, match="no colon"):
-        core.Framer("Ep").frame_batch(data, 1, 10, max_headers=2)
+        core.Framer("Ep").frame_batch(data, 1, 10, max_headers=2, max_header_bytes=HEADER_BYTES)
 
 
 def test_advertised_limits():
@@ -241,7 +260,7 @@ def test_outgoing_records_to_a_batch_in_one_call_as_the_reference_builds_it(mess
     data, kinds = core.encode_outgoing_batch(records, b"NServiceBus.DataBus.", "T", 5000, 1000, 1 << 30)
     assert kinds == bytes(len(records)) and data == reference_batch(want)
     # and the receiver frames each as it frames the message alone (sha-256 checked, not MD5)
-    got = core.Framer("Ep").frame_batch(data, 1000, 1000, max_headers=HEADERS)
+    got = core.Framer("Ep").frame_batch(data, 1000, 1000, max_headers=HEADERS, max_header_bytes=HEADER_BYTES)
     assert [type(r).__name__ for r in got] == ["Envelope"] * len(records)
 
 
@@ -255,7 +274,7 @@ def test_what_does_not_go_in_a_batch_is_said_per_record():
     data, kinds = core.encode_outgoing_batch(values, b"NServiceBus.DataBus.", "T", 3000, 1000, 2 * one - 8)
     assert list(kinds) == [core.OUT_IN_BATCH, core.OUT_EXPIRED, core.OUT_ALONE, core.OUT_TOO_BIG,
                            core.OUT_IN_BATCH, core.OUT_LEFT]
-    assert [e.id for e in core.Framer("Ep").frame_batch(data, 1, 10, max_headers=HEADERS)] == ["s0", "s1"]
+    assert [e.id for e in core.Framer("Ep").frame_batch(data, 1, 10, max_headers=HEADERS, max_header_bytes=HEADER_BYTES)] == ["s0", "s1"]
     _data, kinds = core.encode_outgoing_batch(small, b"NServiceBus.DataBus.", "T", 3000, 2, 1 << 20)
     assert list(kinds) == [core.OUT_IN_BATCH, core.OUT_IN_BATCH, core.OUT_LEFT]   # the message limit
     assert core.encode_outgoing_batch([], b"D", "T", 1, 1, 100) == (None, b"")
@@ -269,12 +288,12 @@ def test_a_batch_message_digest_is_sha256_and_checked():
     block = _batch_block("d1", body, {})
     assert b"Content-Digest: sha-256%3D%3A" in block and b"Content-MD5" not in block
     framer = core.Framer("Ep")
-    (env,) = framer.frame_batch(core.encode_batch([(block, body)]), 1, 10, max_headers=HEADERS)
+    (env,) = framer.frame_batch(core.encode_batch([(block, body)]), 1, 10, max_headers=HEADERS, max_header_bytes=HEADER_BYTES)
     assert type(env) is core.Envelope
-    (bad,) = framer.frame_batch(core.encode_batch([(block, b"another body")]), 1, 10, max_headers=HEADERS)
+    (bad,) = framer.frame_batch(core.encode_batch([(block, b"another body")]), 1, 10, max_headers=HEADERS, max_header_bytes=HEADER_BYTES)
     assert (bad.status, "sha-256" in bad.reason) == (412, True)
     other = block.replace(b"sha-256%3D%3A", b"sha-512%3D%3A")
-    (refused,) = framer.frame_batch(core.encode_batch([(other, body)]), 1, 10, max_headers=HEADERS)
+    (refused,) = framer.frame_batch(core.encode_batch([(other, body)]), 1, 10, max_headers=HEADERS, max_header_bytes=HEADER_BYTES)
     assert refused.status == 400 and "sha-256" in refused.reason
     # outside a batch the framer leaves Content-Digest to the verifier (signed requests)
     flat = [x for line in block.split(b"\r\n")[:-1] for x in line.split(b": ", 1)]
@@ -348,6 +367,26 @@ def test_too_many_headers_in_one_message_over_a_socket(run, make_settings):
             results = orjson.loads(r.body)["results"]
             assert [x["status"] for x in results] == [200, 431, 200]
             assert results[1]["reason"] == f"Request Header Fields Too Large: more than {limit} headers"
+            stored = [core.decode_envelope(framed)[0] for _, framed in gw.store.read_queue(0, 10)]
+            assert sorted(stored) == sorted([ids[0], ids[2]])
+
+    run(main())
+
+
+def test_a_too_big_header_block_in_one_message_over_a_socket(run, make_settings):
+    """GWCORE_HTTP_MAX_HEADER_BYTES holds for each message of a batch: a message carrying one
+    header of 8 KiB past a 4 KiB bound is 431 and not stored, the others are."""
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    big = block_of(ids[1], b"") + b"X-Big: " + b"v" * 8192 + b"\r\n"
+    batch = core.encode_batch([(block_of(ids[0], b""), b""), (big, b""), (block_of(ids[2], b""), b"")])
+
+    async def main():
+        async with Gateway(make_settings(http_max_header_bytes=4096)) as gw:
+            r = await _send(gw, _post_batch("/RemoteSite/", batch))
+            assert r.status == 200, r.reason
+            results = orjson.loads(r.body)["results"]
+            assert [x["status"] for x in results] == [200, 431, 200]
+            assert results[1]["reason"] == "Request Header Fields Too Large: header section exceeds 4096 bytes"
             stored = [core.decode_envelope(framed)[0] for _, framed in gw.store.read_queue(0, 10)]
             assert sorted(stored) == sorted([ids[0], ids[2]])
 

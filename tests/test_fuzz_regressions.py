@@ -42,7 +42,7 @@ def _cases() -> list:
 
 
 def test_every_target_has_seeds_and_every_folder_a_target():
-    assert TARGETS == ["envelope", "framer", "request_parser"]
+    assert TARGETS == ["batch", "envelope", "framer", "request_parser"]
     for target in TARGETS:
         assert list((ROOT / "tests" / "fuzz_corpus" / target).iterdir()), target
     for folder in ("fuzz_corpus", "fuzz_crashes"):
@@ -65,6 +65,16 @@ def test_check_refuses_what_it_should():
     env = _target("envelope")
     assert env.layout_ok(_dedup.encode_envelope("i", [("a", "b")], b"c", 1, 2))
     assert not env.layout_ok(_dedup.encode_envelope("i", [("a", "b")], b"c", 1, 2)[:-1])
+    batch = _target("batch")
+    block = b"NServiceBus.Id: a\r\nNServiceBus.CallType: SingleCallSubmit\r\n"
+    with pytest.raises(batch.Finding):    # an outcome other than the message framed alone
+        batch.check_message(_dedup.Framer("Ep").frame_batch(_dedup.encode_batch([(block, b"x")]), 1, 1,
+                                                            max_headers=9, max_header_bytes=999)[0],
+                            block, b"another body", (9, 999))
+    with pytest.raises(batch.Finding):    # a 431 where the block is within the bounds
+        batch.check_message(_dedup.Framer("Ep").frame_batch(_dedup.encode_batch([(block, b"")]), 1, 1,
+                                                            max_headers=1, max_header_bytes=999)[0],
+                            block, b"", (9, 999))
 
 
 # -- what the fuzzer found ------------------------------------------------------------------------

@@ -71,6 +71,12 @@ cdef str _too_many_headers(Py_ssize_t limit):
     return f"Request Header Fields Too Large: more than {limit} headers"
 
 
+cdef str _header_section_too_big(Py_ssize_t limit):
+    # The 431 reason for a header section over GWCORE_HTTP_MAX_HEADER_BYTES: a request's
+    # (RequestParser) and a batch message's header block (Framer.frame_batch) alike.
+    return f"Request Header Fields Too Large: header section exceeds {limit} bytes"
+
+
 cdef uint64_t _expiry(const unsigned char* ttbr, Py_ssize_t n, uint64_t now_ms,
                       bint gateway) noexcept nogil:
     # ttbr is NULL when the header is absent. Gateway messages: unparseable counts as zero and
@@ -605,11 +611,12 @@ cdef class Framer:
         return b
 
     def frame_batch(self, bytes body not None, uint64_t now_ms, Py_ssize_t max_messages, *,
-                    Py_ssize_t max_headers):
+                    Py_ssize_t max_headers, Py_ssize_t max_header_bytes):
         """The messages of a batch's body (layout in _dedup.pyx), each framed as its own request
         would be: a list of Envelope or Rejection, one per message, in order. A message that is
         not a ``SingleCallSubmit`` is refused (400) on its own, and so is one with more than
-        *max_headers* header lines (431, as RequestParser answers such a request).
+        *max_headers* header lines or a header block of more than *max_header_bytes* bytes (431,
+        as RequestParser answers such a request).
 
         :raises FramingError: the body is not one whole batch (truncated, trailing bytes, bad
             magic, version or flags, a header line without a colon).
@@ -641,6 +648,9 @@ cdef class Framer:
                 if lines > max_headers:
                     # the spans kept stop at the limit, and the framer's scratch is not sized
                     out.append(self._reject(431, _too_many_headers(max_headers), None))
+                    continue
+                if block_n > max_header_bytes:
+                    out.append(self._reject(431, _header_section_too_big(max_header_bytes), None))
                     continue
                 result = self._frame_raw(spans, lines, PyBytes_FromStringAndSize(
                     <const char*>message_body, <Py_ssize_t>body_n), None, now_ms)

@@ -174,8 +174,7 @@ cdef int _past_limit(RequestParser parser, list events, Py_ssize_t over, Py_ssiz
                                           request_line)
     if error != NULL:
         return parser._malformed(events, error.decode("ascii"))
-    return parser._fail(events, 431, "Request Header Fields Too Large: header "
-                        f"section exceeds {parser._max_header_bytes} bytes")
+    return parser._fail(events, 431, _header_section_too_big(parser._max_header_bytes))
 
 
 cdef class RequestParser:
