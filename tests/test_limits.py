@@ -112,6 +112,30 @@ def test_a_trickled_submit_body_is_cut_off_below_the_min_rate(run, gateway_facto
     run(main())
 
 
+def test_a_trickled_batch_is_cut_off_and_none_of_its_messages_stored(run, gateway_factory):
+    """A batch is a request like any other: 200 messages whose body stops coming at the minimum
+    rate is 408 and closed, and not one of its messages (complete in the bytes sent) is stored."""
+    from test_batch import _post_batch, block_of
+
+    from gwcore import _dedup
+
+    async def main():
+        async with gateway_factory(http_request_timeout=1.0, http_min_rate=256 * KIB) as gw:
+            body = b"b" * 2048
+            batch = _dedup.encode_batch([(block_of(new_id(), body), body) for _ in range(200)])
+            req = _post_batch("/RemoteSite/", batch)
+            async with Client(*addr(gw)) as c:
+                await c.send(req[:len(req) - 64 * KIB])   # the first ~170 messages whole
+                r = await answer_while_trickling(c, 0.3)
+                assert r.status == 408 and "GWCORE_HTTP_MIN_RATE" in r.reason, (r.status, r.reason)
+                assert r.headers.get("connection") == "close"
+                assert await c.closed(timeout=10)
+            assert gw.store.counts()["queue"] == 0 and gw.store.counts()["dedup"] == 0
+            assert "gwcore_http_requests_too_slow_total 1" in await metrics(gw)
+
+    run(main())
+
+
 def test_a_submit_above_the_min_rate_may_take_longer_than_the_request_timeout(run, gateway_factory):
     """480 KiB at about 160 KiB/s, ten times the minimum rate: three times the request timeout,
     and stored."""
