@@ -40,26 +40,37 @@ _V2_PREFIX = "v2."
 
 
 class BatchLimits:
-    """What a receiver takes in one batch (``GWCORE_MAX_BATCH_MESSAGES``, ``GWCORE_MAX_BATCH_BYTES``)."""
+    """What a receiver takes in one batch (``GWCORE_MAX_BATCH_MESSAGES``, ``GWCORE_MAX_BATCH_BYTES``)
+    and, as *room*, how many messages it holds waiting for its writer before it answers 503
+    (``GWCORE_COMMIT_MAX_PENDING``; 0: not said, as by a receiver before this field)."""
 
-    __slots__ = ("messages", "bytes")
+    __slots__ = ("messages", "bytes", "room")
 
-    def __init__(self, messages: int, size: int) -> None:
+    def __init__(self, messages: int, size: int, room: int = 0) -> None:
         self.messages = messages
         self.bytes = size
+        self.room = room
+
+    def per_request(self, in_flight: int) -> int:
+        """The most messages one batch of *in_flight* concurrent ones should carry: the
+        receiver's limit, and no more than its room shared among them (at least one)."""
+        if self.room <= 0:
+            return self.messages
+        return max(1, min(self.messages, self.room // max(1, in_flight)))
 
     def __repr__(self) -> str:
-        return f"BatchLimits(messages={self.messages}, bytes={self.bytes})"
+        return f"BatchLimits(messages={self.messages}, bytes={self.bytes}, room={self.room})"
 
 
 def advertise_header(limits: BatchLimits) -> bytes:
     """The response header line a gwcore receiver adds to a 200 for a submit."""
-    return f"{HEADER}: {_VERSION}; messages={limits.messages}; bytes={limits.bytes}\r\n".encode("ascii")
+    room = f"; room={limits.room}" if limits.room > 0 else ""
+    return f"{HEADER}: {_VERSION}; messages={limits.messages}; bytes={limits.bytes}{room}\r\n".encode("ascii")
 
 
 def advertised(headers: list[tuple[bytes, bytes]]) -> BatchLimits | None:
     """The batch limits a response advertises, or None (not a gwcore receiver, or another
-    version of batches than this sender speaks)."""
+    version of batches than this sender speaks). Fields this sender does not know are ignored."""
     for name, value in headers:
         if name.lower() == b"gwcore-batch":
             parts = [p.strip() for p in value.decode("latin-1").split(";")]
@@ -73,7 +84,7 @@ def advertised(headers: list[tuple[bytes, bytes]]) -> BatchLimits | None:
             messages, size = fields.get("messages", 0), fields.get("bytes", 0)
             if messages < 1 or size < 1:
                 return None
-            return BatchLimits(messages, size)
+            return BatchLimits(messages, size, fields.get("room", 0))
     return None
 
 

@@ -73,6 +73,14 @@ _READ_AHEAD = 63  # records read along with the one a worker needs
 # receiver that refused a batch gets one message per request.
 _BATCH_LINES = b"gwcore-Batch: 1\r\n"
 _BATCH_RETRY_AFTER = 60.0
+# A batch refused whole with 503 (the receiver's ingest queue is full, or it is not the ready
+# instance) is back-pressure, not a failed attempt: its messages are sent again after a back-off
+# that doubles from _HOLD_BACK_FIRST to _HOLD_BACK_CAP seconds, without counting an attempt, until
+# the destination has answered nothing but 503 for _HOLD_BACK_LIMIT seconds; from then on a 503
+# counts as any failure does (retries, the outgoing error queue).
+_HOLD_BACK_FIRST = 0.05
+_HOLD_BACK_CAP = 2.0
+_HOLD_BACK_LIMIT = 60.0
 _HEADER_PREFIX = "NServiceBus.Header."
 #: The metrics label of every destination that is not a configured site (Forwarder.metrics).
 OTHER_SITE = "other"
@@ -455,6 +463,9 @@ class _Destination:
         self.batch_refused_until = 0.0  # monotonic: a refused batch, one per request until then
         self.batches = 0
         self.window = SendWindow(client.concurrency)
+        self.busy_since: float | None = None  # monotonic: the first of an unbroken run of 503s
+        self.busy_streak = 0
+        self.held_back = 0  # messages of batches refused 503, sent again without an attempt
 
     def answered(self, status: int, started: float) -> None:
         """A request to this destination, begun at *started* (``time.perf_counter``), got
@@ -462,6 +473,26 @@ class _Destination:
         elapsed = time.perf_counter() - started
         self.latency.observe(elapsed)
         self.window.answered(status, elapsed)
+        if status == 503:
+            if self.busy_since is None:
+                self.busy_since = time.monotonic()
+            self.busy_streak += 1
+        elif status:
+            self.busy_since, self.busy_streak = None, 0
+
+    def batch_size(self) -> int:
+        """How many messages the next batch to this destination may carry (it takes batches)."""
+        assert self.batch is not None
+        return self.batch.per_request(int(self.window.size))
+
+    def hold_back(self, n: int) -> float | None:
+        """A batch of *n* messages was refused 503: the seconds to wait before sending them again
+        without counting an attempt, or None when the receiver has been refusing everything for
+        longer than _HOLD_BACK_LIMIT (then it counts as a failure)."""
+        if self.busy_since is None or time.monotonic() - self.busy_since > _HOLD_BACK_LIMIT:
+            return None
+        self.held_back += n
+        return min(_HOLD_BACK_CAP, _HOLD_BACK_FIRST * 2 ** min(self.busy_streak - 1, 16))
 
 
 class Forwarder:
@@ -572,10 +603,13 @@ class Forwarder:
                 seqs = [await d.ready.get()]
                 if d.batch is not None and self.settings.send_batch:
                     # what else is due goes along: a batch fills from the queue (waiting up to
-                    # GWCORE_SEND_LINGER for more when it is not full)
-                    if linger and len(d.ready.items) < d.batch.messages - 1:
+                    # GWCORE_SEND_LINGER for more when it is not full), up to the receiver's
+                    # limit and its room shared among the requests in flight
+                    more = d.batch_size() - 1
+                    if linger and len(d.ready.items) < more:
                         await asyncio.sleep(linger)
-                    seqs += d.ready.get_more(d.batch.messages - 1)
+                        more = d.batch_size() - 1 if d.batch is not None else 0
+                    seqs += d.ready.get_more(more)
                 try:
                     if len(seqs) == 1:
                         await self._forward(d, seqs[0])
@@ -637,7 +671,22 @@ class Forwarder:
             d.in_flight -= 1
         if status != _BLOB_MISSING:
             d.answered(status, started)
+        if status == 503 and d.batch is not None and self._held_back(d, [out.seq], problem):
+            return
         await self._outcome(d, out, status, problem)
+
+    def _held_back(self, d: _Destination, seqs: list[int], problem: str) -> bool:
+        """A gwcore receiver (one that takes batches) refused *seqs* 503: back-pressure. They are
+        scheduled again after a back-off without counting an attempt, unless the receiver has
+        refused everything for too long (then False: they count as failed)."""
+        wait = d.hold_back(len(seqs))
+        if wait is None:
+            return False
+        log.debug("%d message(s) to %s refused (%s): sent again in %g s", len(seqs), d.name, problem, wait)
+        due = now_ms() + int(wait * 1000)
+        for seq in seqs:
+            self.schedule(seq, d.name, due)
+        return True
 
     async def _forward_batch(self, d: _Destination, seqs: list[int]) -> None:
         """Several due messages: those with databus properties one by one (parts first), the
@@ -722,6 +771,8 @@ class Forwarder:
             d.batch_refused_until = time.monotonic() + _BATCH_RETRY_AFTER
             for record in batch:
                 await self._send_one(d, _outgoing(*record)[0])
+            return
+        if status == 503 and self._held_back(d, [seq for seq, _value in batch], problem):
             return
         # the whole batch failed: each message as if its own request had
         await self._outcomes(d, [(seq, value, status, problem) for seq, value in batch])
@@ -911,12 +962,13 @@ class Forwarder:
             site = d.site.key if d.site is not None else OTHER_SITE
             row = rows.get(site)
             if row is None:
-                row = rows[site] = [0, 0, 0, 0, Buckets(SECONDS)]
+                row = rows[site] = [0, 0, 0, 0, Buckets(SECONDS), 0]
             row[0] += d.in_flight
             row[1] += d.sent
             row[2] += d.failed_attempts
             row[3] += d.retried
             row[4].merge(d.latency)
+            row[5] += d.held_back
         per_site = sorted(rows.items())
 
         def site_family(kind: Any, name: str, help_text: str, column: int) -> Any:
@@ -935,6 +987,9 @@ class Forwarder:
                         "Failed send attempts (an answer other than 200, or no answer), per destination site.", 2),
             site_family(counter, "gwcore_outgoing_site_retries_total",
                         "Failed attempts scheduled for a retry, per destination site.", 3),
+            site_family(counter, "gwcore_outgoing_site_held_back_total",
+                        "Messages of batches a site refused 503 (back-pressure), sent again after a back-off "
+                        "without counting an attempt, per destination site.", 5),
             histogram("gwcore_outgoing_request_seconds",
                       "Time of one request to a site (a message, with its databus parts, or a batch), from writing "
                       "it to its answer, per destination site.", labels=("site",),

@@ -152,7 +152,8 @@ class HTTPState(core.ListenerCore):
         # Batches between gwcore sites (gwcore/batch.py): what this receiver takes in one, which
         # every 200 to a submit advertises, and how many batches and messages in them it answered.
         self.batch_limits = batch.BatchLimits(settings.max_batch_messages,
-                                              min(settings.max_batch_bytes, settings.max_body))
+                                              min(settings.max_batch_bytes, settings.max_body),
+                                              settings.commit_max_pending)
         self._advertise = batch.advertise_header(self.batch_limits)
         self.batches = 0
         self.batch_messages = 0

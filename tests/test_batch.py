@@ -226,6 +226,10 @@ def test_a_malformed_line_past_the_header_limit_is_still_a_malformed_batch():
 
 def test_advertised_limits():
     assert advertised([(b"Server", b"x"), (b"gwcore-Batch", b"1; messages=10; bytes=2048")]).messages == 10
+    # the room is shared among the requests in flight; unknown fields are ignored
+    roomy = advertised([(b"gwcore-Batch", b"1; messages=1000; bytes=2048; room=8192; later=1")])
+    assert (roomy.room, roomy.per_request(8), roomy.per_request(32), roomy.per_request(10_000)) == (8192, 1000, 256, 1)
+    assert advertised([(b"gwcore-Batch", b"1; messages=1000; bytes=2048")]).per_request(32) == 1000
     assert advertised([(b"gwcore-batch", b"2; messages=10; bytes=2048")]) is None  # another version
     assert advertised([(b"gwcore-Batch", b"1; messages=0; bytes=2048")]) is None
     assert advertised([(b"Server", b"nginx")]) is None
@@ -417,7 +421,7 @@ def test_every_200_to_a_submit_advertises_batches(run, make_settings):
             r = await _send(gw, b"POST /RemoteSite/ HTTP/1.1\r\nHost: x\r\n" + lines
                             + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
             assert r.status == 200
-            assert r.headers["gwcore-batch"] == f"1; messages=77; bytes={4 << 20}"
+            assert r.headers["gwcore-batch"] == f"1; messages=77; bytes={4 << 20}; room=8192"
 
     run(main())
 
@@ -433,6 +437,10 @@ class _PlainReceiver:
         self.heads: list[bytes] = []
         self.server: asyncio.AbstractServer | None = None
 
+    def answer(self, n: int) -> bytes:
+        """The answer to the *n*-th request."""
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK"
+
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         return self.server.sockets[0].getsockname()[1]
@@ -445,7 +453,7 @@ class _PlainReceiver:
                               if line.lower().startswith(b"content-length:"))
                 await reader.readexactly(length)
                 self.heads.append(head)
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK")
+                writer.write(self.answer(len(self.heads)))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
@@ -665,9 +673,9 @@ def test_the_send_window_halves_on_congestion_and_grows_back_by_one_per_window(r
     run(main())
 
 
-def test_a_sender_behind_503s_backs_off_and_still_delivers_everything(run, make_settings, tmp_path):
-    """A receiver with little room (GWCORE_COMMIT_MAX_PENDING) and a sender allowed many requests
-    in flight: the sender's window shrinks on the 503s and every message arrives once."""
+def test_a_sender_sizes_its_batches_to_the_receivers_room(run, make_settings, tmp_path):
+    """A receiver with little room (GWCORE_COMMIT_MAX_PENDING=120) says so; a sender allowed 32
+    requests in flight shares it among them (batches of 3), so the receiver never has to refuse."""
     n = 600
 
     async def main():
@@ -679,12 +687,92 @@ def test_a_sender_behind_503s_backs_off_and_still_delivers_everything(run, make_
                                        retry_delays=(0.05,), retries=1000)) as a:
                 await a.send_to_sites(["SiteB"], b"first")
                 await _until(lambda: b.store.counts()["queue"] == 1, 10, "the first message")
+                d = a.forwarder._dests["SiteB"]
+                assert (d.batch.room, d.batch_size()) == (120, 3)
                 await a.send_many([(["SiteB"], b"m%d" % i) for i in range(n)])
                 await _until(lambda: a.store.counts()["outgoing"] == 0, 60, "A's outgoing queue to drain")
                 assert b.store.counts()["queue"] == n + 1
-                window = a.forwarder._dests["SiteB"].window
-                assert window.shrinks > 0 and a.forwarder.retried > 0
-                assert a.store.counts()["outgoing_errors"] == 0
+                assert b.states[0].requests_by_status[503] == 0 and d.batches > 0
+                assert a.forwarder.retried == 0 and a.store.counts()["outgoing_errors"] == 0
+
+    run(main())
+
+
+def _without_room(gw: Gateway) -> None:
+    """The receiver advertises batches without its room (as one before that field did, or one
+    shared by many senders would be in effect)."""
+    from gwcore.batch import BatchLimits, advertise_header
+    state = gw.states[0]
+    state._advertise = advertise_header(BatchLimits(state.batch_limits.messages, state.batch_limits.bytes))
+
+
+def test_a_batch_refused_503_is_back_pressure_not_a_failed_attempt(run, make_settings, tmp_path):
+    """A receiver with little room that does not say so, and a sender allowed many requests in
+    flight: batches are refused 503; the sender's window shrinks, it sends them again after a
+    back-off without counting an attempt (no record rewritten, NServiceBus.Retries untouched), and
+    every message arrives once."""
+    n = 600
+
+    async def main():
+        async with Gateway(make_settings(data_dir=str(tmp_path / "b"), endpoint="SiteB", max_batch_messages=50,
+                                         commit_max_pending=120,
+                                         receive_channels="http://127.0.0.1:0/SiteB/")) as b:
+            _without_room(b)
+            host, port = b.addresses[0]
+            async with Gateway(_sender(make_settings, tmp_path, f"http://{host}:{port}/SiteB/", send_concurrency=32,
+                                       retry_delays=(0.05,), retries=1)) as a:
+                await a.send_to_sites(["SiteB"], b"first")
+                await _until(lambda: b.store.counts()["queue"] == 1, 10, "the first message")
+                await a.send_many([(["SiteB"], b"m%d" % i) for i in range(n)])
+                await _until(lambda: a.store.counts()["outgoing"] == 0, 60, "A's outgoing queue to drain")
+                assert b.store.counts()["queue"] == n + 1
+                d = a.forwarder._dests["SiteB"]
+                assert b.states[0].requests_by_status[503] > 0
+                assert d.window.shrinks > 0 and d.held_back > 0
+                # with retries=1, counting those 503s as attempts would have failed messages for good
+                assert a.forwarder.retried == 0 and a.store.counts()["outgoing_errors"] == 0
+                stored = [core.decode_envelope(framed) for _, framed in b.store.read_queue(0, n + 1)]
+                assert all("NServiceBus.Retries" not in headers for _id, headers, *_ in stored)
+                assert f'gwcore_outgoing_site_held_back_total{{site="{d.site.key}"}} {float(d.held_back)}' \
+                    in a.render_metrics()
+
+    run(main())
+
+
+class _BusyReceiver(_PlainReceiver):
+    """Advertises batches on its first answer, then refuses everything 503 (a gwcore receiver
+    whose ingest queue never drains)."""
+
+    def answer(self, n: int) -> bytes:
+        if n == 1:
+            return b"HTTP/1.1 200 OK\r\ngwcore-Batch: 1; messages=100; bytes=65536\r\nContent-Length: 2\r\n\r\nOK"
+        reason = b"Service Unavailable: ingest queue full, retry later"
+        return b"HTTP/1.1 503 %s\r\nContent-Length: %d\r\n\r\n%s" % (reason, len(reason), reason)
+
+
+def test_a_receiver_that_only_refuses_503_counts_as_failing_after_the_hold_back_limit(
+        run, make_settings, tmp_path, monkeypatch):
+    """Back-pressure has an end: a destination that answers everything 503 for longer than the
+    hold-back limit gets its 503s counted as failed attempts, so messages do not wait forever."""
+    from gwcore import egress
+    monkeypatch.setattr(egress, "_HOLD_BACK_LIMIT", 0.3)
+
+    async def main():
+        receiver = _BusyReceiver()
+        port = await receiver.start()
+        try:
+            async with Gateway(_sender(make_settings, tmp_path, f"http://127.0.0.1:{port}/SiteB/",
+                                       retry_delays=(0.05,), retries=2)) as a:
+                await a.send_to_sites(["SiteB"], b"first")
+                await _until(lambda: a.store.counts()["outgoing"] == 0, 10, "the first message")
+                await a.send_many([(["SiteB"], b"m%d" % i) for i in range(20)])
+                await _until(lambda: a.store.counts()["outgoing_errors"] == 20, 30,
+                             "the messages to fail after the hold-back limit")
+                d = a.forwarder._dests["SiteB"]
+                assert d.held_back > 0 and a.forwarder.retried > 0 and a.store.counts()["outgoing"] == 0
+                assert any(b"gwcore-Batch: 1" in head for head in receiver.heads[1:])
+        finally:
+            receiver.server.close()
 
     run(main())
 
