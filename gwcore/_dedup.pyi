@@ -457,6 +457,21 @@ def encode_outgoing_batch(values: list[bytes], alone: bytes, retried_at: str, no
     :raises gwcore.errors.FramingError: a record or its envelope is damaged.
     """
 
+def encode_publishes(items: list[tuple[bytes, bool]], channel: int, max_content: int, input_queue: bytes,
+                     instance_prefix: bytes) -> tuple[bytes, list[int]]:
+    """The AMQP 0-9-1 frames of one ``basic.publish`` per ``(stored envelope, flagged)`` of
+    *items* on *channel*, in order, for one write to the broker (selected-instance mode's
+    dispatcher; gwcore/_parts/amqp.pyx says what each publish carries, as ``gwcore.amqp.to_amqp``
+    describes it): exchange ``""``, the routing key *input_queue* or, for a reply whose ``RouteTo``
+    starts with *instance_prefix*, that queue; body frames of at most *max_content* bytes.
+
+    :return: ``(frames, refused)``: the bytes, and the indexes of the items left out because a
+        header name is longer than an AMQP field name may be (128 bytes).
+    :raises gwcore.errors.FramingError: an envelope is damaged.
+    :raises ValueError: *channel* above 65535, *max_content* below 1, *input_queue* longer than
+        255 bytes.
+    """
+
 def signing_headers(block: Buffer) -> bytes:
     """The header lines of a request signature scheme v2 canonical string (``gwcore.auth``,
     docs/sending.md) for the raw header lines *block* (``Name: value`` each, ended by CRLF or LF,

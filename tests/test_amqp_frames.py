@@ -1,0 +1,108 @@
+"""The basic.publish frames the core builds from stored envelopes (``encode_publishes``,
+gwcore/_parts/amqp.pyx) against pamqp's encoding of what ``gwcore.amqp.to_amqp`` describes: the
+same bytes for any envelope, routing, flag and frame size, and the cases where the two part ways on
+purpose (a property longer than an AMQP short string, a header name longer than a field name)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from pamqp import body as pbody, commands, frame, header  # the broker extra, gwcore[rabbitmq]
+
+from gwcore import _dedup as core
+from gwcore.amqp import to_amqp
+from gwcore.errors import FramingError
+
+INPUT = "Sales"
+PREFIX = "Sales.gwcore.instance."
+
+
+def reference(framed: bytes, flagged: bool, channel: int, max_content: int) -> bytes:
+    """pamqp's frames for the publish gwcore.amqp describes."""
+    msg_id, headers, body, expiry_ms, _accepted = core.decode_envelope(framed)
+    props, body = to_amqp(msg_id, headers, body, expiry_ms, flagged)
+    to = headers.get("RouteTo") or headers.get("NServiceBus.Header.RouteTo")
+    key = to if to is not None and to.startswith(PREFIX) else INPUT
+    out = frame.marshal(commands.Basic.Publish(exchange="", routing_key=key), channel)
+    out += frame.marshal(header.ContentHeader(0, len(body), props), channel)
+    for i in range(0, len(body), max_content):
+        out += frame.marshal(pbody.ContentBody(body[i:i + max_content]), channel)
+    return out
+
+
+def encode(items, channel=1, max_content=131_064):
+    return core.encode_publishes(items, channel, max_content, INPUT.encode(), PREFIX.encode())
+
+
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+_NAMES = st.one_of(st.sampled_from(["NServiceBus.CorrelationId", "NServiceBus.ReplyToAddress",
+                                    "NServiceBus.ContentType", "RouteTo", "NServiceBus.Header.RouteTo",
+                                    "gwcore.PossibleDuplicate", "gwcore.ExpiryMs", "NServiceBus.MessageId"]),
+                   st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30))
+_VALUES = st.one_of(_TEXT, st.just(""), st.sampled_from([PREFIX + "a1", PREFIX, "Other.gwcore.instance.x"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.text(st.characters(blacklist_categories=("Cs",)), max_size=60),
+                          st.lists(st.tuples(_NAMES, _VALUES), max_size=12),
+                          st.binary(max_size=700), st.sampled_from([0, 1, 1_787_000_000_123]), st.booleans()),
+                min_size=1, max_size=4),
+       st.integers(1, 65535), st.sampled_from([1, 7, 256, 131_064]))
+def test_the_frames_are_what_pamqp_writes_for_the_reference_publish(messages, channel, max_content):
+    items, want = [], b""
+    for msg_id, headers, body, expiry_ms, flagged in messages:
+        framed = core.encode_envelope(msg_id, headers, body, expiry_ms, 1)
+        items.append((framed, flagged))
+        want += reference(framed, flagged, channel, max_content)
+    got, refused = encode(items, channel, max_content)
+    assert refused == []
+    assert got == want
+
+
+def test_a_typical_nservicebus_message():
+    headers = [("NServiceBus.MessageId", "7c1f"), ("NServiceBus.CorrelationId", "7c1f"),
+               ("NServiceBus.ContentType", "application/json"), ("NServiceBus.ReplyToAddress", "HQ"),
+               ("NServiceBus.EnclosedMessageTypes", "Shop.Order, Shop")] + [(f"X-{i}", "v" * i) for i in range(15)]
+    framed = core.encode_envelope("7c1f", headers, b"{}" * 512, 1_787_000_000_000, 1)
+    got, refused = encode([(framed, False), (framed, True)])
+    assert refused == [] and got == reference(framed, False, 1, 131_064) + reference(framed, True, 1, 131_064)
+
+
+def test_a_property_longer_than_a_short_string_stays_in_the_header_table_only():
+    """pamqp cannot write a reply_to of 300 bytes (it raises, and a dispatcher using it would try
+    that message again forever); the core leaves the property out and keeps the header."""
+    long_reply = "R" * 300
+    framed = core.encode_envelope("m" * 256, [("NServiceBus.CorrelationId", "c"),
+                                              ("NServiceBus.ReplyToAddress", long_reply)], b"b", 0, 1)
+    with pytest.raises(TypeError):
+        reference(framed, False, 1, 1000)
+    got, refused = encode([(framed, False)])
+    assert refused == []
+    assert long_reply.encode() in got and b"m" * 256 not in got[:-1]   # the id in no property
+    short = core.encode_envelope("m", [("NServiceBus.ReplyToAddress", "R")], b"b", 0, 1)
+    method, rest = got.split(b"\xce", 1)
+    assert method == reference(short, False, 1, 1000).split(b"\xce", 1)[0]
+    flags = int.from_bytes(rest[7 + 12:7 + 14], "big")
+    assert flags & (1 << 9) == 0 and flags & (1 << 7) == 0    # no reply_to, no message_id
+    assert flags & (1 << 13) and flags & (1 << 12) and flags & (1 << 10)  # headers, delivery mode, correlation
+
+
+def test_a_header_name_longer_than_a_field_name_is_not_encoded_and_said_so():
+    """pamqp truncates such a name to 128 bytes (another header than was sent); the core leaves
+    that message out and returns its index, the others are encoded."""
+    good = core.encode_envelope("a", [("h", "v")], b"x", 0, 1)
+    bad = core.encode_envelope("b", [("n" * 129, "v")], b"x", 0, 1)
+    at_limit = core.encode_envelope("c", [("n" * 128, "v")], b"x", 0, 1)
+    got, refused = encode([(good, False), (bad, False), (at_limit, False)])
+    assert refused == [1]
+    assert got == reference(good, False, 1, 1000) + reference(at_limit, False, 1, 1000)
+
+
+def test_a_broken_envelope_is_a_framing_error():
+    framed = core.encode_envelope("a", [], b"x", 0, 1)
+    with pytest.raises(FramingError):
+        encode([(framed[:-1], False)])
+    with pytest.raises(ValueError):
+        core.encode_publishes([], 1, 0, b"q", b"p")
+    assert encode([]) == (b"", [])
