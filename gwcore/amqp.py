@@ -27,10 +27,13 @@ from typing import Any, Awaitable, Callable
 
 import aio_pika
 import aiormq
+from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
 
+from ._core import core
+
 __all__ = ("Link", "Topology", "to_amqp", "from_amqp", "POSSIBLE_DUPLICATE", "broker_errors", "PublishRefused",
-           "cancel_and_wait")
+           "cancel_and_wait", "FramePublisher")
 
 log = logging.getLogger("gwcore.amqp")
 
@@ -212,3 +215,61 @@ def _safe(url: str) -> str:
         return url
     scheme, _, userinfo = head.partition("://")
     return f"{scheme}://{userinfo.split(':')[0]}@{tail}"
+
+
+class FramePublisher:
+    """Publishes a whole dispatch batch as one write on an aiormq channel in confirm mode: the
+    core builds every ``basic.publish`` of the batch (``core.encode_publishes``, about 1.5 µs a
+    message against about 60 through pamqp), and aiormq keeps doing what it does well: the
+    connection, its writer and its reader, and matching the broker's confirms (``multiple``
+    included) to the futures registered here, one per publish, under the channel's lock as its own
+    ``basic_publish`` does. It relies on aiormq's channel attributes ``lock``, ``delivery_tag``,
+    ``confirmations``, ``write_queue``, ``number`` and ``max_content_size`` (checked when made,
+    and by tests/test_amqp_frames.py), so an aiormq that changes them fails loudly, not silently.
+    """
+
+    __slots__ = ("channel", "input_queue", "instance_prefix")
+
+    def __init__(self, channel: Any, input_queue: str, instance_prefix: str) -> None:
+        missing = [name for name in ("lock", "delivery_tag", "confirmations", "write_queue", "number",
+                                     "max_content_size", "publisher_confirms", "create_future")
+                   if not hasattr(channel, name)]
+        if missing or not channel.publisher_confirms:
+            raise RuntimeError(f"this aiormq channel cannot take gwcore's publishes (missing {missing or 'confirms'}); "
+                               f"aiormq {getattr(aiormq, '__version__', '?')} is not a version gwcore supports")
+        self.channel = channel
+        self.input_queue = input_queue.encode()
+        self.instance_prefix = instance_prefix.encode()
+
+    async def publish(self, items: list[tuple[bytes, bool]]) -> tuple[list[asyncio.Future], list[int]]:
+        """Publish ``(stored envelope, flagged)`` each; returns a confirm future per publish (in
+        order; an ``Ack`` or an exception) and the indexes of the items the core could not encode
+        (a header name longer than 128 bytes), which were not published."""
+        ch = self.channel
+        frames, refused = core.encode_publishes(items, ch.number, ch.max_content_size, self.input_queue,
+                                                self.instance_prefix)
+        n = len(items) - len(refused)
+        if not n:
+            return [], refused
+        async with ch.lock:
+            first = ch.delivery_tag + 1
+            confirmations = ch.confirmations
+            futures = []
+            for tag in range(first, first + n):
+                fut = ch.create_future()
+                confirmations[tag] = fut
+                futures.append(fut)
+            ch.delivery_tag += n
+            drained = ch.create_future()
+            try:
+                await ch.write_queue.put(ChannelFrame(payload=frames, should_close=False, drain_future=drained))
+            except BaseException:
+                # the broker has not seen these: their tags are free again (as aiormq does)
+                ch.delivery_tag -= n
+                for tag in range(first, first + n):
+                    confirmations.pop(tag, None)
+                for fut in futures:
+                    fut.cancel()
+                raise
+            await drained
+        return futures, refused

@@ -6,6 +6,7 @@ purpose (a property longer than an AMQP short string, a header name longer than 
 from __future__ import annotations
 
 import pytest
+from broker import endpoint  # noqa: F401  (a fixture: a fresh endpoint on the test broker)
 from hypothesis import given, settings, strategies as st
 
 from pamqp import body as pbody, commands, frame, header  # the broker extra, gwcore[rabbitmq]
@@ -106,3 +107,64 @@ def test_a_broken_envelope_is_a_framing_error():
     with pytest.raises(ValueError):
         core.encode_publishes([], 1, 0, b"q", b"p")
     assert encode([]) == (b"", [])
+
+
+# -- on a real broker -----------------------------------------------------------------------------
+
+def test_frame_publisher_on_a_real_broker(endpoint):
+    """Three dispatch batches through FramePublisher on a confirm channel: every publish
+    confirmed, each message in its queue with what to_amqp says (id, correlation, reply-to,
+    content type, headers, persistent), a reply routed to an instance queue, the message with a
+    too-long header name left out and said so."""
+    import asyncio
+
+    import aio_pika
+    from broker import AMQP_URL, drain
+
+    from gwcore.amqp import FramePublisher, Topology
+
+    topology = Topology(endpoint, "i0", 60)
+    headers = [("NServiceBus.CorrelationId", "corr"), ("NServiceBus.ReplyToAddress", "HQ"),
+               ("NServiceBus.ContentType", "application/json"), ("Shop.Note", "ünïcode")]
+    body = b"{}" * 512
+    big = b"x" * 300_000            # three body frames at the default frame_max (131,072)
+    sent: list[str] = []
+
+    async def main():
+        conn = await aio_pika.connect(AMQP_URL)
+        try:
+            ch = await conn.channel(publisher_confirms=True)
+            await topology.declare(ch)
+            raw = await ch.get_underlay_channel()
+            pub = FramePublisher(raw, topology.input, topology.instance_prefix)
+            for batch in range(3):
+                items = []
+                for i in range(50):
+                    msg_id = f"m{batch}-{i}"
+                    sent.append(msg_id)
+                    items.append((core.encode_envelope(msg_id, headers, big if i == 0 else body,
+                                                       1_787_000_000_000 if i % 2 else 0, 1), i % 3 == 0))
+                if batch == 1:
+                    items.append((core.encode_envelope("too-long", [("n" * 129, "v")], b"", 0, 1), False))
+                    items.append((core.encode_envelope("reply", [("RouteTo", topology.instance)], b"r", 0, 1),
+                                  False))
+                futures, refused = await pub.publish(items)
+                assert refused == ([50] if batch == 1 else [])
+                results = await asyncio.gather(*futures)
+                assert all(type(r).__name__ == "Ack" for r in results) and len(results) == len(items) - len(refused)
+            replies = await ch.declare_queue(topology.instance, durable=True, arguments={"x-expires": 600_000})
+            reply = await replies.get(timeout=5)
+            assert (reply.message_id, reply.body) == ("reply", b"r")
+            await reply.ack()
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
+    got = drain(endpoint)
+    assert [m for m, _h, _b in got] == sent
+    for msg_id, h, b in got:
+        i = int(msg_id.split("-")[1])
+        assert b == (big if i == 0 else body)
+        assert h["NServiceBus.CorrelationId"] == "corr" and h["Shop.Note"] == "ünïcode"
+        assert (h.get("gwcore.PossibleDuplicate") == "true") == (i % 3 == 0)
+        assert (h.get("gwcore.ExpiryMs") == "1787000000000") == (i % 2 == 1)
