@@ -244,25 +244,30 @@ def jsbench_ready(cfg: argparse.Namespace) -> str | None:
     otherwise why not."""
     if shutil.which(cfg.nats_server) is None:
         return f"{cfg.nats_server} not found (apt-get install nats-server)"
-    if Path(cfg.jsbench).is_file():
+    return go_peer_ready(cfg.jsbench, cfg.jsbench_src, "golang-github-nats-io-go-nats-dev")
+
+
+def go_peer_ready(binary: str, source: str, library: str) -> str | None:
+    """None when the peer's native client *binary* is there (built from its Go *source* in
+    ../shared/tools/peers/ if missing, with Debian's Go and *library*), otherwise why not."""
+    name = Path(binary).name
+    if Path(binary).is_file():
         return None
-    src = Path(cfg.jsbench_src)
+    src = Path(source)
     if not (src / "main.go").is_file():
-        return f"{cfg.jsbench} is missing and there is no jsbench source in {src} (--jsbench-src)"
+        return f"{binary} is missing and there is no {name} source in {src}"
     if shutil.which("go") is None:
-        return (f"{cfg.jsbench} is missing and go is not installed "
-                "(apt-get install -y golang-go golang-github-nats-io-go-nats-dev)")
-    rl.log(f"building {cfg.jsbench} from {src}")
+        return f"{binary} is missing and go is not installed (apt-get install -y golang-go {library})"
+    rl.log(f"building {binary} from {src}")
     env = dict(os.environ, GOPATH="/usr/share/gocode", GO111MODULE="off")
     env.setdefault("GOCACHE", str(Path(tempfile.gettempdir()) / "gwcore-bench-gocache"))
     try:
-        r = subprocess.run(["go", "build", "-o", str(Path(cfg.jsbench).resolve()), "."], cwd=src, env=env,
+        r = subprocess.run(["go", "build", "-o", str(Path(binary).resolve()), "."], cwd=src, env=env,
                            capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.SubprocessError) as exc:
-        return f"building jsbench failed: {exc}"
+        return f"building {name} failed: {exc}"
     if r.returncode != 0:
-        return (f"building jsbench failed (is golang-github-nats-io-go-nats-dev installed?): "
-                f"{(r.stderr or r.stdout).strip()[-500:]}")
+        return f"building {name} failed (is {library} installed?): {(r.stderr or r.stdout).strip()[-500:]}"
     return None
 
 
