@@ -501,6 +501,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "GWCORE_SEND_CONCURRENCY": ("send_concurrency", _positive_int, "8"),
     "GWCORE_SEND_TIMEOUT": ("send_timeout", _positive_duration, "30s"),
     "GWCORE_SEND_LINGER": ("send_linger", _non_negative_duration, "0"),
+    "GWCORE_REPLY_DESTINATIONS_MAX": ("reply_destinations_max", _positive_int, "256"),
     # security
     "GWCORE_TLS_CERT": ("tls_cert", _optional_file, ""),
     "GWCORE_TLS_KEY": ("tls_key", _optional_file, ""),
@@ -580,6 +581,7 @@ class Settings:
     send_concurrency: int = 8
     send_timeout: float = 30.0
     send_linger: float = 0.0
+    reply_destinations_max: int = 256
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None

@@ -81,6 +81,11 @@ _BATCH_RETRY_AFTER = 60.0
 _HOLD_BACK_FIRST = 0.05
 _HOLD_BACK_CAP = 2.0
 _HOLD_BACK_LIMIT = 60.0
+# A reply destination that is not a configured site (a channel URL a remote sender named) is
+# closed after this long without a message, and one past GWCORE_REPLY_DESTINATIONS_MAX waits this
+# long in the outgoing queue before it is tried again.
+_REPLY_IDLE = 60.0
+_REPLY_WAIT_MS = 1000
 _HEADER_PREFIX = "NServiceBus.Header."
 #: The metrics label of every destination that is not a configured site (Forwarder.metrics).
 OTHER_SITE = "other"
@@ -463,6 +468,8 @@ class _Destination:
         self.batch_refused_until = 0.0  # monotonic: a refused batch, one per request until then
         self.batches = 0
         self.window = SendWindow(client.concurrency)
+        self.busy = 0  # workers holding messages of this destination (taken, not yet done with)
+        self.used = time.monotonic()  # the last time a message was handed to it
         self.busy_since: float | None = None  # monotonic: the first of an unbroken run of 503s
         self.busy_streak = 0
         self.held_back = 0  # messages of batches refused 503, sent again without an attempt
@@ -510,6 +517,11 @@ class Forwarder:
         self._ssl_default: ssl.SSLContext | None = None
         self._delivered: list[int] = []  # sent (200), their removal not yet handed to the writer
         self._removals: set[asyncio.Future] = set()
+        #: What the reply destinations closed for idleness had counted (sent, failed attempts,
+        #: retries, request times, held back): the "other" row of the metrics keeps them.
+        self._closed_replies: list[Any] = [0, 0, 0, 0, Buckets(SECONDS), 0]
+        self._closing: set[asyncio.Task] = set()
+        self.replies_deferred = 0  # messages to a new reply destination kept waiting at the limit
         self.sent = 0
         self.retried = 0
         self.failed = 0
@@ -536,7 +548,7 @@ class Forwarder:
             tasks.append(self._timer)
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *self._closing, return_exceptions=True)
         for d in self._dests.values():
             await d.client.close()
 
@@ -549,9 +561,26 @@ class Forwarder:
             heapq.heappush(self._delayed, (due_ms, seq, dest))
             self._timer_wakeup.set()
             return
-        self._destination(dest).ready.put_nowait(seq)
+        self._hand(seq, dest)
 
-    def _destination(self, name: str) -> _Destination:
+    def _hand(self, seq: int, dest: str) -> None:
+        """A due message to its destination's workers; to a new reply destination beyond
+        GWCORE_REPLY_DESTINATIONS_MAX, a second later (its record waits in the store)."""
+        d = self._dests.get(dest)
+        if d is None:
+            d = self._destination(dest)
+            if d is None:
+                self.replies_deferred += 1
+                heapq.heappush(self._delayed, (now_ms() + _REPLY_WAIT_MS, seq, dest))
+                self._timer_wakeup.set()
+                return
+        d.used = time.monotonic()
+        d.ready.put_nowait(seq)
+
+    def _destination(self, name: str) -> _Destination | None:
+        """The destination *name* (a configured site's key, or a reply's channel URL), made on
+        first use; None for a new reply destination while GWCORE_REPLY_DESTINATIONS_MAX are open
+        and none of them is idle."""
         d = self._dests.get(name)
         if d is not None:
             return d
@@ -560,6 +589,10 @@ class Forwarder:
         if site is None:
             # A reply goes to a channel URL; sign it if that URL is a configured site's.
             site = self.settings.site_at(url)
+        if site is None and self._replies_open() >= self.settings.reply_destinations_max:
+            self._close_idle_replies(0.0)
+            if self._replies_open() >= self.settings.reply_destinations_max:
+                return None
         concurrency = site.concurrency if site is not None else self.settings.send_concurrency
         client = SiteClient(url, concurrency=concurrency, ssl_context=self._ssl_for(site, url),
                             request_timeout=self.settings.send_timeout)
@@ -584,12 +617,44 @@ class Forwarder:
             now = now_ms()
             while self._delayed and self._delayed[0][0] <= now:
                 _due, seq, dest = heapq.heappop(self._delayed)
-                self._destination(dest).ready.put_nowait(seq)
+                self._hand(seq, dest)
+            self._close_idle_replies(_REPLY_IDLE)
             timeout = (self._delayed[0][0] - now) / 1000 if self._delayed else None
+            if len(self._dests) > len(self.settings.sites):
+                timeout = min(timeout or _REPLY_IDLE, _REPLY_IDLE / 4)  # idle replies get closed
             try:
                 await asyncio.wait_for(self._timer_wakeup.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
+
+    def _replies_open(self) -> int:
+        return sum(1 for d in self._dests.values() if d.site is None)
+
+    def _close_idle_replies(self, idle: float) -> None:
+        """Close every reply destination that is not a configured site and has had nothing to
+        do for *idle* seconds: its workers, its connections. A message for it later makes it
+        again; what it counted stays in the metrics' "other" row."""
+        now = time.monotonic()
+        for name, d in list(self._dests.items()):
+            if d.site is not None or d.busy or d.in_flight or d.ready.items or now - d.used < idle:
+                continue
+            del self._dests[name]
+            row = self._closed_replies
+            row[1] += d.sent
+            row[2] += d.failed_attempts
+            row[3] += d.retried
+            row[4].merge(d.latency)
+            row[5] += d.held_back
+            for t in d.tasks:
+                t.cancel()
+            task = asyncio.get_running_loop().create_task(self._close_destination(d))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _close_destination(d: _Destination) -> None:
+        await asyncio.gather(*d.tasks, return_exceptions=True)
+        await d.client.close()
 
     # -- sending
 
@@ -601,6 +666,7 @@ class Forwarder:
             await window.acquire()
             try:
                 seqs = [await d.ready.get()]
+                d.busy += 1
                 if d.batch is not None and self.settings.send_batch:
                     # what else is due goes along: a batch fills from the queue (waiting up to
                     # GWCORE_SEND_LINGER for more when it is not full), up to the receiver's
@@ -621,6 +687,8 @@ class Forwarder:
                     log.exception("forwarder: unexpected error sending record(s) %s to %s", seqs[:5], d.name)
                     for seq in seqs:
                         self.schedule(seq, d.name, now_ms() + 5000)
+                finally:
+                    d.busy -= 1
             finally:
                 window.release()
 
@@ -957,7 +1025,11 @@ class Forwarder:
         failed attempts, retries and request times. Every destination that is not a configured
         site (a reply address a remote sender chose) is summed under ``site="other"``, so a sender
         cannot add a series per address."""
+        closed = self._closed_replies
         rows: dict[str, list[Any]] = {}
+        if closed[1] or closed[2] or closed[3] or closed[5] or any(closed[4].counts):
+            rows[OTHER_SITE] = [0, closed[1], closed[2], closed[3], Buckets(SECONDS), closed[5]]
+            rows[OTHER_SITE][4].merge(closed[4])
         for d in self._dests.values():
             site = d.site.key if d.site is not None else OTHER_SITE
             row = rows.get(site)
@@ -981,6 +1053,11 @@ class Forwarder:
             counter("gwcore_outgoing_failed_total", "Messages moved to the outgoing error queue.", self.failed),
             counter("gwcore_outgoing_expired_total", "Outgoing messages discarded after their TimeToBeReceived.",
                     self.expired),
+            gauge("gwcore_outgoing_reply_destinations", "Reply destinations that are not configured sites, open now "
+                  "(at most GWCORE_REPLY_DESTINATIONS_MAX).", self._replies_open()),
+            counter("gwcore_outgoing_replies_deferred_total",
+                    "Times a message to a new reply destination waited because GWCORE_REPLY_DESTINATIONS_MAX were open.",
+                    self.replies_deferred),
             site_family(gauge, "gwcore_outgoing_in_flight", "Messages being sent, per destination site.", 0),
             site_family(counter, "gwcore_outgoing_site_sent_total", "Messages delivered, per destination site.", 1),
             site_family(counter, "gwcore_outgoing_site_failures_total",

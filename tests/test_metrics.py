@@ -224,3 +224,53 @@ def test_every_metric_the_dashboard_uses_is_scraped(run, gateway_factory):
             assert sorted(names - scraped) == []
 
     run(main())
+
+
+def test_reply_destinations_a_sender_names_are_bounded(run, gateway_factory, monkeypatch):
+    """40 messages, each naming its own reply address (a listener that never answers): at most
+    GWCORE_REPLY_DESTINATIONS_MAX (5) destinations with their workers and connections are open at
+    once, the others' replies wait in the outgoing queue meanwhile, and in the end every reply was
+    tried once, nothing lost, and what closed destinations counted stays in the "other" row."""
+    from gwcore import egress
+    monkeypatch.setattr(egress, "_REPLY_WAIT_MS", 100)
+    monkeypatch.setattr(egress, "_REPLY_IDLE", 0.4)
+
+    async def main():
+        async def silent(reader, writer):
+            await reader.read(1 << 20)      # takes the request, never answers
+            await asyncio.sleep(30)
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        origins = [f"http,http://127.0.0.1:{port}/many{i}/" for i in range(40)]
+        try:
+            async with gateway_factory(retry_delays=(3600.0,), reply_destinations_max=5, send_timeout=0.3) as gw:
+                async with Client(*addr(gw)) as c:
+                    for origin in origins:
+                        assert (await c.request(submit_from(origin))).status == 200
+                for _ in origins:
+                    msg = await asyncio.wait_for(gw.messages().get(), 5)
+                    await gw.reply(msg, b"{}")
+                    await msg.ack()
+                most = 0
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 30
+                while True:
+                    most = max(most, gw.forwarder._replies_open())
+                    families = parse(await scrape(gw))
+                    tried = sample(families, "gwcore_outgoing_site_failures", site="other")
+                    if tried >= 40 or loop.time() > deadline:
+                        break
+                    await asyncio.sleep(0.02)
+                assert tried == 40                   # each reply tried once (and set to retry in an hour)
+                assert most == 5 and gw.forwarder.replies_deferred > 0
+                assert sample(families, "gwcore_outgoing_replies_deferred") == gw.forwarder.replies_deferred
+                assert gw.store.counts()["outgoing"] == 40 and gw.store.counts()["outgoing_errors"] == 0
+                while gw.forwarder._replies_open():      # idle ones close by themselves
+                    assert loop.time() < deadline
+                    await asyncio.sleep(0.05)
+                assert sample(parse(await scrape(gw)), "gwcore_outgoing_site_failures", site="other") == 40
+        finally:
+            server.close()
+
+    run(main())
