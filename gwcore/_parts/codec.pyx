@@ -326,14 +326,6 @@ cdef str _take_str(_Reader* r, str what):
         raise FramingError(f"envelope has invalid UTF-8 in {what}") from exc
 
 
-cdef int _envelope_start(_Reader* r, const unsigned char[::1] view, uint64_t* accepted_ms,
-                         uint64_t* expiry_ms) except -1:
-    # Points r at the envelope in view, checks magic and version, reads the two times.
-    r.left = view.shape[0]
-    r.p = &view[0] if r.left else <const unsigned char*>b""
-    return _envelope_begin(r, accepted_ms, expiry_ms)
-
-
 cdef int _envelope_begin(_Reader* r, uint64_t* accepted_ms, uint64_t* expiry_ms) except -1:
     # r points at an envelope (and at nothing after it): checks magic and version, reads the times.
     cdef const unsigned char* head
