@@ -153,6 +153,24 @@ def test_with_an_admin_listener_metrics_are_served_there_only(run, gateway_facto
     run(main())
 
 
+def test_the_admin_listener_cuts_off_a_slow_client(run, gateway_factory):
+    """The admin listener is bounded in time like the receive channels: a head that never
+    completes is 408 and closed after GWCORE_HTTP_REQUEST_TIMEOUT, and others are served meanwhile."""
+    async def main():
+        async with gateway_factory(admin_listen=WorkerListen("127.0.0.1", 0), http_request_timeout=0.5) as gw:
+            reader, writer = await asyncio.open_connection(*gw.admin_address)
+            try:
+                writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")     # and nothing more
+                await writer.drain()
+                assert (await get(*gw.admin_address, "/healthz")).status == 200
+                answer = await asyncio.wait_for(reader.read(), 10)       # up to the close
+                assert answer.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in answer
+            finally:
+                writer.close()
+
+    run(main())
+
+
 def test_metrics_public_puts_them_back_on_the_receive_channels(run, gateway_factory):
     async def main():
         async with gateway_factory(admin_listen=WorkerListen("127.0.0.1", 0), metrics_public="on",
