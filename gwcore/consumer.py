@@ -17,10 +17,10 @@ import time
 from concurrent.futures import Executor
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from . import databus
 from ._core import core
+from .delivery import Delivery, DeliveryQueue
 from .errors import ConfigurationError
-from .metrics import Buckets, Families, counter
+from .metrics import Buckets
 from .records import encode_error, now_ms, pack_seq
 from .store import Store, Writer
 
@@ -31,7 +31,7 @@ log = logging.getLogger("gwcore.consumer")
 _FETCH = 256
 
 
-class Message:
+class Message(Delivery):
     """One message from the local queue.
 
     :ivar id: the NServiceBus message id (``NServiceBus.Id``).
@@ -41,24 +41,7 @@ class Message:
     :ivar attempt: 1 for the first delivery in this process, more for redeliveries after failures.
     """
 
-    @property
-    def delivery_count(self) -> int:
-        """Deliveries of this message so far, this one included (the attempt here)."""
-        return self.attempt
-
-    @property
-    def redelivered(self) -> bool:
-        """True when this message was delivered before (an earlier attempt failed)."""
-        return self.attempt > 1
-
-    @property
-    def databus(self) -> dict[str, databus.Blob]:
-        """The claim-check properties: header name (``NServiceBus.DataBus.<sender's key>``) ->
-        :class:`gwcore.databus.Blob` (``.path``, ``.open()``) of the local blob it names."""
-        return databus.message_blobs(self._queue.store.blob_dir, self.headers)
-
-    __slots__ = ("id", "headers", "body", "seq", "expiry_ms", "accepted_ms", "attempt", "framed", "_queue",
-                 "_settled")
+    __slots__ = ("framed",)
 
     def __init__(self, queue: "LocalQueue", seq: int, framed: bytes, attempt: int) -> None:
         #: the envelope as the store holds it (what a distributor hands a worker)
@@ -69,30 +52,27 @@ class Message:
         self._queue = queue
         self._settled = False
 
-    async def ack(self) -> None:
-        """Remove the message from the queue (durably) once it has been handled."""
-        if not self._settled:
-            self._settled = True
-            await self._queue._ack(self)
-
-    def release(self, error: BaseException | None = None) -> None:
-        """Hand the message back for a later redelivery (after a failed attempt)."""
-        if not self._settled:
-            self._settled = True
-            self._queue._release(self, error)
-
     def __repr__(self) -> str:
         return f"<Message id={self.id!r} seq={self.seq} attempt={self.attempt}>"
 
 
-class LocalQueue:
+class LocalQueue(DeliveryQueue):
     """Hands out queued messages in order, each to one consumer at a time."""
+
+    FAMILIES = (
+        ("gwcore_consumer_delivered_total", "Deliveries to consumers.", "delivered"),
+        ("gwcore_consumer_acked_total", "Messages acknowledged and removed.", "acked"),
+        ("gwcore_consumer_failed_total", "Handler attempts that failed.", "failed"),
+        ("gwcore_consumer_expired_total", "Messages discarded after their TimeToBeReceived.", "expired"),
+        ("gwcore_consumer_poisoned_total", "Messages moved to the error store.", "poisoned"),
+    )
+    _log = log
 
     def __init__(self, store: Store, writer: Writer, *, max_attempts: int = 5,
                  retry_base: float = 0.5, retry_cap: float = 30.0) -> None:
+        super().__init__(max_attempts)
         self.store = store
         self.writer = writer
-        self.max_attempts = max_attempts
         self.retry_base = retry_base
         self.retry_cap = retry_cap
         self._cursor = 0  # highest seq read from the store
@@ -102,23 +82,6 @@ class LocalQueue:
         self._attempts: dict[int, int] = {}
         self._wakeup = asyncio.Event()
         self._closed = False
-        #: Called with each message before it is delivered; True = taken (e.g. a reply a
-        #: request() waits for): it is acknowledged and not delivered.
-        self.intercept: Callable[[Message], bool] | None = None
-        self.delivered = 0
-        self.acked = 0
-        self.failed = 0
-        self.expired = 0
-        self.poisoned = 0
-
-    def metrics(self) -> Families:
-        return [
-            counter("gwcore_consumer_delivered_total", "Deliveries to consumers.", self.delivered),
-            counter("gwcore_consumer_acked_total", "Messages acknowledged and removed.", self.acked),
-            counter("gwcore_consumer_failed_total", "Handler attempts that failed.", self.failed),
-            counter("gwcore_consumer_expired_total", "Messages discarded after their TimeToBeReceived.", self.expired),
-            counter("gwcore_consumer_poisoned_total", "Messages moved to the error store.", self.poisoned),
-        ]
 
     def notify(self, added: int = 1) -> None:
         """Called after a commit that queued new messages."""
@@ -143,16 +106,7 @@ class LocalQueue:
         while not self._closed:
             msg = self._next_ready()
             if msg is not None:
-                if msg.expiry_ms and msg.expiry_ms < now_ms():
-                    # NServiceBus semantics of TimeToBeReceived: discard if not received in time.
-                    log.info("message %s expired (TimeToBeReceived) before it was consumed; discarded", msg.id)
-                    self.expired += 1
-                    msg._settled = True
-                    await self._ack(msg, count=False)
-                    continue
-                if self.intercept is not None and self.intercept(msg):
-                    msg._settled = True
-                    await self._ack(msg)
+                if await self._taken(msg):
                     continue
                 self.delivered += 1
                 return msg
@@ -208,18 +162,19 @@ class LocalQueue:
             self._attempts.pop(m.seq, None)
         self.acked += len(msgs)
 
+    def _discarding(self, msg: Message) -> None:
+        log.info("message %s expired (TimeToBeReceived) before it was consumed; discarded", msg.id)
+
     async def _ack(self, msg: Message, count: bool = True) -> None:
+        msg._settled = True  # also a message settled here instead of delivered (_taken)
         await self.writer.ack(msg.seq)
         self._attempts.pop(msg.seq, None)
         if count:
             self.acked += 1
 
     def _release(self, msg: Message, error: BaseException | None) -> None:
-        self.failed += 1
-        if msg.attempt >= self.max_attempts:
-            self.poisoned += 1
-            reason = f"handler failed {msg.attempt} times: {error!r}"
-            log.error("message %s moved to the error store: %s", msg.id, reason)
+        reason = self._failed(msg, error)
+        if reason is not None:
             asyncio.ensure_future(self._poison(msg.seq, reason))
             return
         delay = min(self.retry_cap, self.retry_base * (2 ** (msg.attempt - 1)))

@@ -56,6 +56,7 @@ from ._core import core
 from pamqp.commands import Basic
 
 from .amqp import Link, PublishRefused, Topology, broker_errors, cancel_and_wait, from_amqp, to_amqp
+from .delivery import Delivery, DeliveryQueue
 from .errors import BrokerUnavailableError
 from .metrics import Families, counter, gauge
 from .records import dedup_key, encode_error, now_ms, pack_seq, part_message_key, unpack_seq
@@ -94,12 +95,15 @@ def _unpack_keys(data: bytes) -> list[bytes]:
     return out
 
 
-class BrokerMessage:
+class BrokerMessage(Delivery):
     """A message from the endpoint's input queue (or this instance's reply queue), with the
-    interface of :class:`gwcore.consumer.Message`: ``await ack()``, ``release(error)``."""
+    interface of :class:`gwcore.consumer.Message`: ``await ack()``, ``release(error)``.
 
-    __slots__ = ("id", "headers", "body", "seq", "expiry_ms", "accepted_ms", "attempt", "_incoming",
-                 "_settled", "_queue")
+    Its :attr:`databus` blobs are files in this instance's blob dir, which must be the one the
+    leader wrote them to (``GWCORE_BLOB_DIR`` shared by the instances) for a consumer on another
+    instance."""
+
+    __slots__ = ("_incoming",)
 
     def __init__(self, queue: "BrokerQueue", incoming: Any) -> None:
         self.id, self.headers, self.body, self.expiry_ms = from_amqp(incoming)
@@ -112,10 +116,6 @@ class BrokerMessage:
         self._queue = queue
 
     @property
-    def delivery_count(self) -> int:
-        return self.attempt
-
-    @property
     def redelivered(self) -> bool:
         return self.attempt > 1 or bool(self._incoming.redelivered)
 
@@ -124,57 +124,34 @@ class BrokerMessage:
         """True when gwcore dispatched this message again after a crash (it may be there twice)."""
         return self.headers.get("gwcore.PossibleDuplicate") == "true"
 
-    @property
-    def databus(self) -> dict[str, databus.Blob]:
-        """The claim-check properties, as :attr:`gwcore.consumer.Message.databus`: the blobs are
-        files in this instance's blob dir, which must be the one the leader wrote them to
-        (``GWCORE_BLOB_DIR`` shared by the instances) for a consumer on another instance."""
-        return databus.message_blobs(self._queue._selected.store.blob_dir, self.headers)
-
-    async def ack(self) -> None:
-        if not self._settled:
-            self._settled = True
-            await self._queue._settle(self, None)
-
-    def release(self, error: BaseException | None = None) -> None:
-        if not self._settled:
-            self._settled = True
-            asyncio.ensure_future(self._queue._settle(self, error or Exception("released")))
-
     def __repr__(self) -> str:
         return f"<BrokerMessage id={self.id!r} attempt={self.attempt}>"
 
 
-class BrokerQueue:
+class BrokerQueue(DeliveryQueue):
     """Deliveries from the broker as an async iterator (what ``Gateway.messages()`` returns and
     ``GWCORE_HANDLER`` runs on in selected mode)."""
 
-    def __init__(self, selected: "Selected", max_attempts: int) -> None:
-        self._selected = selected
+    FAMILIES = (
+        ("gwcore_broker_consumer_delivered_total", "Deliveries from the broker to handlers.", "delivered"),
+        ("gwcore_broker_consumer_acked_total", "Deliveries acknowledged to the broker.", "acked"),
+    )
+    _log = log
+
+    def __init__(self, store: Store, writer: Writer, max_attempts: int) -> None:
+        super().__init__(max_attempts)
+        self.store = store
+        self.writer = writer
         self._items: asyncio.Queue[BrokerMessage | None] = asyncio.Queue()
-        self.max_attempts = max_attempts
-        self.intercept: Callable[[Any], bool] | None = None
-        self.delivered = self.acked = self.failed = self.expired = self.poisoned = 0
 
     async def deliver(self, incoming: Any) -> None:
+        """The consumer callback of the input and reply queues."""
         msg = BrokerMessage(self, incoming)
-        if msg.expiry_ms and msg.expiry_ms < now_ms():
-            self.expired += 1
-            await self._settle(msg, None, count=False)
-            return
-        if self.intercept is not None and self.intercept(msg):
-            await self._settle(msg, None)
-            return
-        self._items.put_nowait(msg)
+        if not await self._taken(msg):
+            self._items.put_nowait(msg)
 
     def close(self) -> None:
         self._items.put_nowait(None)
-
-    def metrics(self) -> Families:
-        return [
-            counter("gwcore_broker_consumer_delivered_total", "Deliveries from the broker to handlers.", self.delivered),
-            counter("gwcore_broker_consumer_acked_total", "Deliveries acknowledged to the broker.", self.acked),
-        ]
 
     def __aiter__(self) -> AsyncIterator[BrokerMessage]:
         return self._iterate()
@@ -187,6 +164,12 @@ class BrokerQueue:
             self.delivered += 1
             yield msg
 
+    async def _ack(self, msg: BrokerMessage, count: bool = True) -> None:
+        await self._settle(msg, None, count)
+
+    def _release(self, msg: BrokerMessage, error: BaseException | None) -> None:
+        asyncio.ensure_future(self._settle(msg, error or Exception("released")))
+
     async def _settle(self, msg: BrokerMessage, error: BaseException | None, count: bool = True) -> None:
         incoming = msg._incoming
         try:
@@ -194,19 +177,28 @@ class BrokerQueue:
                 await incoming.ack()
                 self.acked += count
                 return
-            self.failed += 1
-            if msg.attempt < self.max_attempts:
+            reason = self._failed(msg, error)
+            if reason is None:
                 log.warning("message %s: attempt %d failed (%r); the broker redelivers it", msg.id, msg.attempt, error)
                 await incoming.nack(requeue=True)
                 return
-            self.poisoned += 1
-            reason = f"handler failed {msg.attempt} times: {error!r}"
-            log.error("message %s moved to the error store: %s", msg.id, reason)
-            await self._selected.poison(msg, reason)
+            await self._poison(msg, reason)
             await incoming.ack()
         except broker_errors as exc:
             # the channel went with its connection: the broker redelivers the message
             log.info("message %s: settling failed (%s); the broker redelivers it", msg.id, exc)
+
+    async def _poison(self, msg: BrokerMessage, reason: str) -> None:
+        """Keep a message whose handler kept failing in this instance's error store."""
+        framed = core.encode_envelope(msg.id, msg.headers, msg.body, msg.expiry_ms, now_ms())
+        store = self.store
+
+        def put(txn: Any) -> None:
+            cur = txn.cursor(db=store.errors)
+            seq = unpack_seq(cur.key()) + 1 if cur.last() else 1
+            txn.put(pack_seq(seq), encode_error(framed, reason, now_ms()), db=store.errors)
+
+        await self.writer.call(put)
 
 
 class Selected:
@@ -224,7 +216,7 @@ class Selected:
         self.reply_queue = self.topology.instance
         self.dispatched_ack = s.ack == "dispatched"
         self.link = Link(s.amqp_url, f"gwcore {s.endpoint} {self.instance}", self._up, self._down)
-        self.messages = BrokerQueue(self, s.handler_max_attempts)
+        self.messages = BrokerQueue(self.store, self.writer, s.handler_max_attempts)
         self.consume = False  # set by the gateway when a handler (or messages()) takes the input queue
         # leadership
         self.leading = False
@@ -987,18 +979,6 @@ class Selected:
 
         fut = self.writer.call(delete)
         fut.add_done_callback(lambda _f: self._finishing.difference_update(seqs))
-
-    async def poison(self, msg: BrokerMessage, reason: str) -> None:
-        """Keep a message whose handler kept failing in this instance's error store."""
-        framed = core.encode_envelope(msg.id, msg.headers, msg.body, msg.expiry_ms, now_ms())
-        store = self.store
-
-        def put(txn: Any) -> None:
-            cur = txn.cursor(db=store.errors)
-            seq = unpack_seq(cur.key()) + 1 if cur.last() else 1
-            txn.put(pack_seq(seq), encode_error(framed, reason, now_ms()), db=store.errors)
-
-        await self.writer.call(put)
 
     # -- metrics -------------------------------------------------------------------------------------
 
