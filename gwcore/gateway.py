@@ -352,9 +352,9 @@ class Gateway:
         sel.consume = self._handler is not None and bool(self.states)  # a gateway that listens runs it
         sel.messages.intercept = self._intercept_reply
         for state in self.states:
-            # submits go through the outbox and the broker (Selected.ingest_then), so not straight
-            # into the writer's compiled inbox
-            state.attach(writer=sel, inbox=None, blobs=self.blobs, hold=sel.hold)
+            # submits go through the outbox and the broker (the mode's ingest sink, its
+            # Dispatcher), so not straight into the writer's compiled inbox
+            state.attach(writer=sel.dispatcher, inbox=None, blobs=self.blobs, hold=sel.handover.hold)
         await sel.start()
 
     async def _stop_mode(self) -> None:

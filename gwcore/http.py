@@ -27,6 +27,7 @@ from .databus.sink import BlobWriter
 from .distributor.listener import WorkerCalls
 from .distributor.protocol import WORKER_PREFIX
 from .httphead import ascii_reason, error_answer, render_head
+from .ingest import IngestSink
 from .metrics import CONTENT_TYPE, Buckets, Families, counter, gauge, histogram
 
 __all__ = ("HTTPState", "HTTPProtocol", "render_response", "error_answer", "peer_key", "listener_metrics")
@@ -126,7 +127,7 @@ class HTTPState(core.ListenerCore):
         # dir's lease (docs/deployment.md). Both set by the owner, read per request.
         self.active = False
         self.passive = False
-        # Selected mode (gwcore/selected.py): the 503 text while not active ("standby", "broker
+        # Selected mode (gwcore/selected/): the 503 text while not active ("standby", "broker
         # unavailable"), and a hook that may take a submit during a handover:
         # ``hold(protocol, slot, result)`` is True when it took it; it answers it later (routing
         # it again with ``protocol._route``, or with the new leader's answer).
@@ -162,13 +163,13 @@ class HTTPState(core.ListenerCore):
         self.durations: dict[tuple[int, int], Buckets] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
-    def attach(self, *, writer: Any, inbox: Any = _WRITERS_INBOX, blobs: Any = None, worker_api: Any = None,
+    def attach(self, *, writer: IngestSink, inbox: Any = _WRITERS_INBOX, blobs: Any = None, worker_api: Any = None,
                hold: Any = None) -> None:
-        """What serves this listener's requests, all at once: the ingest sink (*writer*:
-        ``ingest_then(envelope, slot)`` and ``pending``), the compiled inbox that takes plain
-        submits without a Python call (by default the writer's own, when it has one; None sends
-        every submit through ``writer.ingest_then``), the databus blob store, the distributor's
-        worker API, and selected mode's hook for submits held during a handover."""
+        """What serves this listener's requests, all at once: the ingest sink (*writer*, a
+        :class:`gwcore.ingest.IngestSink`), the compiled inbox that takes plain submits without a
+        Python call (by default the writer's own, when it has one; None sends every submit
+        through ``writer.ingest_then``), the databus blob store, the distributor's worker API,
+        and selected mode's hook for submits held during a handover."""
         self.writer = writer
         self.inbox = getattr(writer, "inbox", None) if inbox is _WRITERS_INBOX else inbox
         self.blobs = blobs

@@ -390,6 +390,9 @@ class Writer:
 
     :meth:`ingest`, :meth:`ack` and :meth:`call` are called on the event loop and return
     futures resolved on that loop once the batch that carried the job is durable.
+
+    Outside selected mode this is the listeners' ingest sink (:class:`gwcore.ingest.IngestSink`);
+    in selected mode :class:`gwcore.selected.dispatcher.Dispatcher` is, over this writer.
     """
 
     def __init__(self, store: Store, loop: asyncio.AbstractEventLoop, *,

@@ -632,11 +632,11 @@ def test_gateway_to_gateway_signs_with_v2_submits_and_parts(run, tmp_path):
 
 def test_selected_mode_forwards_a_held_signed_submit_signed_again(run, gateway_factory):
     """A standby that held a submit through a handover posts it to the new leader framed again from
-    its stored form (gwcore/selected.py): a v2 signature over the headers as sent would not hold
-    there, so the standby, having verified it, signs it again with the same key."""
+    its stored form (gwcore/selected/handover.py): a v2 signature over the headers as sent would
+    not hold there, so the standby, having verified it, signs it again with the same key."""
     from types import SimpleNamespace
 
-    from gwcore.selected import Selected
+    from gwcore.selected.handover import Handover
 
     async def main():
         async with gateway_factory(receive_keys=KEYS, auth_accept_v1=False) as leader:
@@ -649,7 +649,7 @@ def test_selected_mode_forwards_a_held_signed_submit_signed_again(run, gateway_f
             standby = SimpleNamespace(leader_url=url_of(leader, "RemoteSite"))
             for env in held:
                 assert verifier.check(env) is None
-                assert await Selected._post(standby, env, verifier) == (200, "OK", b"OK")
+                assert await Handover._post(standby, env, verifier) == (200, "OK", b"OK")
             assert stored(leader) == [v2_id, v1_id]
             msgs = {m.id: m for m in await drain(leader, 2)}
             assert msgs[v2_id].headers["NServiceBus.EnclosedMessageTypes"] == "Shared.X"

@@ -1,8 +1,8 @@
-"""The part records of selected-instance mode (gwcore/selected.py): the leader appends every
-part it takes to the dedup stream before answering it, and every instance keeps those records in
-``databus_replica``. A submit whose part is not in the local index looks there, and takes the
-blob when its file is in the blob dir (shared): the new leader after a failover then needs no
-re-sent parts.
+"""The part records of selected-instance mode (gwcore/selected/stream.py): the leader appends
+every part it takes to the dedup stream before answering it, and every instance keeps those
+records in ``databus_replica``. A submit whose part is not in the local index looks there, and
+takes the blob when its file is in the blob dir (shared): the new leader after a failover then
+needs no re-sent parts.
 """
 
 from __future__ import annotations

@@ -1,0 +1,334 @@
+"""The dedup stream ``E.gwcore.dedup`` of selected mode: appending records to it, and following it
+into this instance's replica (the ``replica`` and ``databus_replica`` databases of its LMDB),
+resuming at the offset it stored last.
+
+A record's kind is its ``gwcore.kind`` header; ``gwcore.instance`` names the instance that
+appended it:
+
+============  ===================================================================================
+``batch``     the dispatcher's one append per batch: u32 n, then length-prefixed dedup keys, the
+              first n *done* (published and confirmed), the rest *intent* (about to be published)
+``intent``,   length-prefixed dedup keys in that one state
+``done``
+``part``      a databus part the leader took (gwcore/databus/replica.py)
+``marker``    a token: an instance that reads its own back has read everything appended before it
+``leader``    the marker of a new leader, with ``gwcore.url``: where it receives
+``handover``  a leader starts a planned handover (the standbys hold their submits)
+``release``   a leader gave the leadership up (the standbys try for it at once)
+============  ===================================================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import operator
+import struct
+import uuid
+from typing import TYPE_CHECKING, Any, Callable
+
+import aio_pika
+
+from .. import databus
+from ..amqp import broker_errors
+from ..errors import BrokerUnavailableError
+from ..records import now_ms, part_message_key
+
+if TYPE_CHECKING:
+    from .mode import Selected
+
+__all__ = ("Stream", "INTENT", "DONE")
+
+log = logging.getLogger("gwcore.selected")
+
+#: A key's state in the replica: published maybe (a leader meant to), or published and confirmed.
+INTENT, DONE = 1, 2
+_KIND = "gwcore.kind"
+_FROM = "gwcore.instance"
+_URL = "gwcore.url"
+_U32 = struct.Struct(">I")
+_REPLICA = struct.Struct(">BQ")  # state, recorded_ms
+
+
+def _pack_keys(keys: list[bytes]) -> bytes:
+    return b"".join(_U32.pack(len(k)) + k for k in keys)
+
+
+def _unpack_keys(data: bytes) -> list[bytes]:
+    out, pos = [], 0
+    while pos < len(data):
+        (n,) = _U32.unpack_from(data, pos)
+        out.append(data[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    return out
+
+
+class Stream:
+    """One instance's end of the dedup stream: the records it appends and the replica it follows."""
+
+    def __init__(self, mode: "Selected") -> None:
+        self._mode = mode
+        self.store = mode.store
+        self.writer = mode.writer
+        self.instance = mode.instance
+        self.channel: Any = None  # the publisher-confirms channel appends go through, while connected
+        # dedup records from the stream: key -> INTENT / DONE
+        self.replica: dict[bytes, int] = {}
+        self._ages: collections.deque[tuple[int, list[bytes]]] = collections.deque()  # (first seen ms, keys)
+        self.offset = -1
+        self._replica_pending: list[tuple[bytes, int]] = []
+        self._flushing = False
+        self._markers: dict[bytes, asyncio.Future] = {}
+        self.caught_up = False  # the marker appended after connecting has been read back
+        self._catching_up: asyncio.Task | None = None
+        # databus part records (gwcore/databus/replica.py): (part key, record) to store, the
+        # messages that have some, and those dispatched since (their records go)
+        self._parts_pending: list[tuple[bytes, bytes]] = []
+        self._part_messages: set[bytes] = set()
+        self._parts_done: list[bytes] = []
+        # Other instances' part records read, and how many of those are in the store: a databus
+        # submit waits until they are equal (its parts are looked up in the writer transaction).
+        self._parts_read = 0
+        self._parts_stored = 0
+        self._parts_waiting: list[Callable[[], None]] = []
+        self.parts_followed = 0  # part records read from the stream (its own included)
+
+    # -- the replica in the store --------------------------------------------------------------------
+
+    def load(self) -> list[bytes]:
+        """The replica and the stream offset from the store (executor); returns the replica keys
+        that have expired."""
+        store = self.store
+        cutoff = now_ms() - int(self._mode.settings.dedup_ttl * 1000)
+        expired = []
+        live: list[tuple[int, bytes]] = []
+        for key, value in store.iter_db(store.replica):
+            state, recorded = _REPLICA.unpack(value)
+            if recorded < cutoff:
+                expired.append(key)
+            else:
+                key = bytes(key)
+                self.replica[key] = state
+                live.append((recorded, key))
+        live.sort()
+        for recorded, group in itertools.groupby(live, key=operator.itemgetter(0)):
+            self._ages.append((recorded, [k for _r, k in group]))
+        if store.databus_replica is not None:
+            for key, _value in store.iter_db(store.databus_replica):
+                self._part_messages.add(part_message_key(key))
+        raw = store.get(store.meta, b"stream_offset")
+        self.offset = struct.unpack(">q", raw)[0] if raw else -1
+        return expired
+
+    async def drop(self, keys: list[bytes]) -> None:
+        """Remove these records from the store's replica."""
+        store = self.store
+
+        def drop(txn: Any) -> None:
+            for key in keys:
+                txn.delete(key, db=store.replica)
+
+        await self.writer.call(drop)
+
+    def when_parts_stored(self, then: Callable[[], None]) -> bool:
+        """Run *then* once the part records read from other instances are in the store (a
+        databus submit may need them: a failover between its parts and it); False, and *then*
+        is not kept, when they are already."""
+        if self._parts_stored >= self._parts_read:
+            return False
+        self._parts_waiting.append(then)
+        return True
+
+    def release_part_waiters(self) -> None:
+        waiting, self._parts_waiting = self._parts_waiting, []
+        for then in waiting:
+            then()
+
+    # -- the connection ------------------------------------------------------------------------------
+
+    def connection_up(self, channel: Any) -> None:
+        self.channel = channel
+
+    def connection_lost(self) -> None:
+        self.caught_up = False
+        self.channel = None
+        if self._catching_up is not None:
+            self._catching_up.cancel()
+            self._catching_up = None
+        for fut in self._markers.values():
+            if not fut.done():
+                fut.set_exception(BrokerUnavailableError("connection lost"))
+        self._markers.clear()
+
+    # -- appending -----------------------------------------------------------------------------------
+
+    async def append(self, kind: str, body: bytes, url: str = "") -> None:
+        pub = self.channel
+        if pub is None:
+            raise BrokerUnavailableError("not connected")
+        headers: dict[str, Any] = {_KIND: kind, _FROM: self.instance}
+        if url:
+            headers[_URL] = url
+        await pub.default_exchange.publish(
+            aio_pika.Message(body, headers=headers,
+                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key=self._mode.topology.dedup)
+
+    async def append_batch(self, done: list[bytes], intended: list[bytes]) -> None:
+        """One record: the keys of the previous batch done, those of the next one intended."""
+        await self.append("batch", _U32.pack(len(done)) + _pack_keys(done) + _pack_keys(intended))
+
+    async def sync(self, kind: str, url: str = "") -> None:
+        """Append a marker and wait until the follower reads it back: everything appended before
+        it (by any instance) is in :attr:`replica` then."""
+        token = uuid.uuid4().bytes
+        fut = asyncio.get_running_loop().create_future()
+        self._markers[token] = fut
+        try:
+            await self.append(kind, token, url)
+            await fut
+        finally:
+            self._markers.pop(token, None)
+
+    # -- following -----------------------------------------------------------------------------------
+
+    async def follow(self, channel: Any) -> None:
+        topology = self._mode.topology
+        try:
+            queue = await channel.declare_queue(topology.dedup, durable=True, arguments=topology.dedup_args())
+            # A stream delivers from the start of the chunk holding the offset asked for: the
+            # records before it come again and _record skips them.
+            start: Any = self.offset + 1 if self.offset >= 0 else "first"
+            self._catching_up = asyncio.ensure_future(self._catch_up())
+            async with queue.iterator(arguments={"x-stream-offset": start}) as records:
+                async for record in records:
+                    self._record(record)
+                    await record.ack()
+        except broker_errors as exc:  # the connection went: _down has run, the next one follows again
+            log.debug("stream follower ended: %s", exc)
+
+    async def _catch_up(self) -> None:
+        try:
+            await self.sync("marker")
+        except broker_errors + (asyncio.CancelledError,):
+            return
+        self.caught_up = True
+        self._mode.dispatcher.kick()
+
+    def _record(self, record: Any) -> None:
+        headers = record.headers or {}
+        offset = headers.get("x-stream-offset")
+        if isinstance(offset, int):
+            if offset <= self.offset:
+                return  # a record seen before a reconnect
+            self.offset = offset
+        kind = headers.get(_KIND)
+        sender = headers.get(_FROM)
+        if isinstance(sender, bytes):
+            sender = sender.decode()
+        if kind == "batch":
+            body = record.body
+            keys = _unpack_keys(body[4:])
+            n_done = _U32.unpack_from(body)[0]
+            self._apply(keys[:n_done], DONE)
+            self._apply(keys[n_done:], INTENT)
+        elif kind in ("intent", "done"):
+            self._apply(_unpack_keys(record.body), INTENT if kind == "intent" else DONE)
+        elif kind == "part":
+            try:
+                key, value = databus.decode_part_record(record.body)
+            except ValueError as exc:
+                log.warning("stream offset %s: a databus part record gwcore cannot read (%s)", offset, exc)
+            else:
+                self.parts_followed += 1
+                self._parts_pending.append((key, value))
+                self._part_messages.add(part_message_key(key))
+                if sender != self.instance:
+                    self._parts_read += 1
+        elif kind in ("marker", "leader"):
+            fut = self._markers.get(record.body)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            if kind == "leader":
+                url = headers.get(_URL)
+                self._mode.handover.leader_announced(sender or "", url.decode() if isinstance(url, bytes)
+                                                     else (url or ""))
+        elif kind == "handover" and sender != self.instance:
+            self._mode.handover.announced_by(sender)
+        elif kind == "release" and sender != self.instance:
+            self._mode.election.wake()  # try for the leadership now rather than at the next interval
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.flush()))
+
+    def _apply(self, keys: list[bytes], state: int) -> None:
+        replica = self.replica
+        pending = self._replica_pending
+        first = []
+        if state == DONE and self._part_messages:
+            # dispatched: the parts of these messages are needed by no later submit
+            for key in keys:
+                if key in self._part_messages:
+                    self._part_messages.discard(key)
+                    self._parts_done.append(key)
+        for key in keys:
+            known = replica.get(key)
+            if known != DONE:
+                if known is None:
+                    first.append(key)
+                replica[key] = state
+                pending.append((key, state))
+        if first:
+            self._ages.append((now_ms(), first))
+
+    def _expire(self) -> list[bytes]:
+        """Forget the records older than GWCORE_DEDUP_TTL (the stream drops them too)."""
+        cutoff = now_ms() - int(self._mode.settings.dedup_ttl * 1000)
+        ages = self._ages
+        gone = []
+        while ages and ages[0][0] < cutoff:
+            for key in ages.popleft()[1]:
+                if self.replica.pop(key, None) is not None:
+                    gone.append(key)
+        return gone
+
+    async def flush(self) -> None:
+        """Write what was read since the last flush (records, part records, the offset) to the store."""
+        try:
+            while True:
+                items, self._replica_pending = self._replica_pending, []
+                parts, self._parts_pending = self._parts_pending, []
+                done, self._parts_done = self._parts_done, []
+                parts_read = self._parts_read
+                offset = self.offset
+                if not items and not parts and offset < 0:
+                    return
+                store = self.store
+                stamp = now_ms()
+                gone = self._expire()
+
+                def write(txn: Any) -> None:
+                    for key, state in items:
+                        txn.put(key, _REPLICA.pack(state, stamp), db=store.replica)
+                    for key in gone:
+                        txn.delete(key, db=store.replica)
+                    if parts:
+                        databus.replicate_parts(txn, store, parts, stamp)
+                    if done:
+                        databus.forget_parts(txn, store, done)
+                    txn.put(b"stream_offset", struct.pack(">q", offset), db=store.meta)
+
+                await self.writer.call(write)
+                self._parts_stored = parts_read
+                if self._parts_waiting:
+                    self.release_part_waiters()
+                if not (self._replica_pending or self._parts_pending or self._parts_done):
+                    return
+        except Exception as exc:  # the store is closing: the stream has it all, it is read again
+            log.debug("replica flush failed: %s", exc)
+            self._parts_stored = self._parts_read  # a waiting submit gets the writer's answer
+            self.release_part_waiters()
+        finally:
+            self._flushing = False
