@@ -472,6 +472,19 @@ def encode_publishes(items: list[tuple[bytes, bool]], channel: int, max_content:
         255 bytes.
     """
 
+def envelope_key(framed: Buffer, prefix: bytes) -> bytes:
+    """*prefix* (the scope and the separator of ``gwcore.records.dedup_key``) followed by the
+    stored envelope's id as stored: its dedup key, without decoding the envelope.
+
+    :raises gwcore.errors.FramingError: the envelope is damaged before its id's end.
+    """
+
+def longest_header_name(framed: Buffer) -> int:
+    """The length in bytes of the stored envelope's longest header name (0 without headers).
+
+    :raises gwcore.errors.FramingError: the envelope is damaged.
+    """
+
 def signing_headers(block: Buffer) -> bytes:
     """The header lines of a request signature scheme v2 canonical string (``gwcore.auth``,
     docs/sending.md) for the raw header lines *block* (``Name: value`` each, ended by CRLF or LF,

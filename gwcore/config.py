@@ -520,6 +520,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "GWCORE_AMQP_URL": ("amqp_url", _amqp_url, "amqp://guest:guest@127.0.0.1:5672/"),
     "GWCORE_AMQP_PREFETCH": ("amqp_prefetch", _positive_int, "64"),
     "GWCORE_ACK": ("ack", _choice(ACK_CHOICES), "dispatched"),
+    "GWCORE_OUTBOX_MAX": ("outbox_max", _positive_int, "100000"),
     "GWCORE_ELECTION_INTERVAL": ("election_interval", _positive_duration, "250ms"),
     "GWCORE_INSTANCE": ("instance", _instance_name, ""),
 }
@@ -599,6 +600,7 @@ class Settings:
     amqp_url: str = dataclasses.field(default="amqp://guest:guest@127.0.0.1:5672/", repr=False)
     amqp_prefetch: int = 64
     ack: str = "dispatched"
+    outbox_max: int = 100_000
     election_interval: float = 0.25
     instance: str | None = None
     receive_keys: tuple[tuple[str, bytes], ...] = dataclasses.field(default=(), repr=False)

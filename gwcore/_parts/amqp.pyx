@@ -323,3 +323,41 @@ def encode_publishes(list items not None, unsigned int channel, Py_ssize_t max_c
     if out.buf == NULL:
         return b"", refused
     return PyBytes_FromStringAndSize(<const char*>out.buf, out.n), refused
+
+
+def envelope_key(framed, bytes prefix not None):
+    """See _dedup.pyi."""
+    cdef const unsigned char[::1] view = framed
+    cdef _Reader r
+    cdef uint64_t accepted_ms, expiry_ms
+    cdef uint32_t n
+    cdef const unsigned char* p
+    cdef bytes out
+    r.left = view.shape[0]
+    r.p = &view[0] if r.left else <const unsigned char*>b""
+    _envelope_begin(&r, &accepted_ms, &expiry_ms)
+    n = _get_u32(_take(&r, 4, "the id"))
+    p = _take(&r, n, "the id")
+    out = PyBytes_FromStringAndSize(NULL, PyBytes_GET_SIZE(prefix) + n)
+    memcpy(PyBytes_AS_STRING(out), _ptr(prefix), PyBytes_GET_SIZE(prefix))
+    memcpy(PyBytes_AS_STRING(out) + PyBytes_GET_SIZE(prefix), p, n)
+    return out
+
+
+def longest_header_name(framed):
+    """See _dedup.pyi."""
+    cdef const unsigned char[::1] view = framed
+    cdef _Reader r
+    cdef uint64_t accepted_ms, expiry_ms
+    cdef uint32_t count, k, n, longest = 0
+    r.left = view.shape[0]
+    r.p = &view[0] if r.left else <const unsigned char*>b""
+    _envelope_begin(&r, &accepted_ms, &expiry_ms)
+    _take(&r, _get_u32(_take(&r, 4, "the id")), "the id")
+    count = _get_u32(_take(&r, 4, "the header count"))
+    for k in range(count):
+        n = _get_u32(_take(&r, 4, "a header name"))
+        _take(&r, n, "a header name")
+        longest = max(longest, n)
+        _take(&r, _get_u32(_take(&r, 4, "a header value")), "a header value")
+    return longest

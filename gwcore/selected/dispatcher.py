@@ -13,6 +13,7 @@ answered once its batch is confirmed, with ``stored`` once it is committed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 from typing import TYPE_CHECKING, Any, Callable
@@ -21,9 +22,9 @@ from pamqp.commands import Basic
 
 from .. import databus
 from .._core import core
-from ..amqp import PublishRefused, broker_errors, cancel_and_wait, to_amqp
-from ..errors import BrokerUnavailableError
-from ..records import dedup_key, pack_seq
+from ..amqp import FramePublisher, PublishRefused, broker_errors, cancel_and_wait
+from ..errors import BrokerUnavailableError, StoreFullError
+from ..records import dedup_key, encode_error, now_ms, pack_seq, unpack_seq
 from ..ingest import Done, IngestSink
 from .stream import DONE, INTENT
 
@@ -35,6 +36,10 @@ __all__ = ("Dispatcher",)
 log = logging.getLogger("gwcore.selected")
 
 _DISPATCH_BATCH = 512
+# Batches published and not yet confirmed at once: while the broker confirms one, the next one's
+# intent is appended and it is published (docs/architecture.md, "Selected mode's publish path").
+_IN_FLIGHT_BATCHES = 2
+_AMQP_FIELD_NAME_MAX = 128  # the longest header name an AMQP header table carries
 
 
 class Dispatcher(IngestSink):
@@ -48,7 +53,8 @@ class Dispatcher(IngestSink):
         self.link = mode.link
         self._stream = mode.stream
         self.dispatched_ack = mode.dispatched_ack
-        self._raw_pub: Any = None  # aiormq's channel under the stream's (a third of aio-pika's cost per publish)
+        self._frames: FramePublisher | None = None  # the core's publishes on the stream's confirm channel
+        self._key_prefix = dedup_key(self.settings.endpoint, "")
         # key -> the answers waiting for its dispatch (GWCORE_ACK=dispatched)
         self.undone: dict[bytes, list[tuple[Done, Any]]] = {}
         self._fresh: set[bytes] = set()  # accepted in this leadership term, not attempted yet
@@ -61,6 +67,8 @@ class Dispatcher(IngestSink):
         self.skipped = 0
         self.parts_published = 0  # part records this instance appended as the leader
         self.parts_unreplicated = 0  # parts accepted with ack=stored while the stream was out of reach
+        self.refused_full = 0  # submits refused 503 at GWCORE_OUTBOX_MAX
+        self.refused_amqp = 0  # submits refused 400: a header name AMQP cannot carry
 
     # -- the ingest sink (gwcore/ingest.py) ------------------------------------------------------------
 
@@ -109,6 +117,20 @@ class Dispatcher(IngestSink):
             return
         if self.dispatched_ack and not self.link.connected:
             done(False, BrokerUnavailableError(f"broker unavailable ({self.link.last_error})"))
+            return
+        longest = core.longest_header_name(envelope.framed)
+        if longest > _AMQP_FIELD_NAME_MAX:
+            # refused before it is stored: the broker could never take it (and a dispatcher that
+            # tried would hold up every message behind it)
+            self.refused_amqp += 1
+            done(True, core.Rejection(400, f"Bad Request: a header name of {longest} bytes; the broker's header "
+                                           f"table (AMQP) carries names of at most {_AMQP_FIELD_NAME_MAX} bytes"))
+            return
+        limit = self.settings.outbox_max
+        if len(self.undone) + self.writer.pending >= limit and key not in self.undone:
+            self.refused_full += 1
+            done(False, StoreFullError(f"outbox full: {len(self.undone)} messages wait for the broker "
+                                       f"(GWCORE_OUTBOX_MAX={limit}); retry later"))
             return
         then = functools.partial(self._committed, key, known == INTENT, done)
         if envelope.databus and self._stream.when_parts_stored(functools.partial(self.writer.ingest_then,
@@ -160,11 +182,12 @@ class Dispatcher(IngestSink):
         self._work.set()
 
     def connection_up(self, raw_channel: Any) -> None:
-        self._raw_pub = raw_channel
+        topology = self._mode.topology
+        self._frames = FramePublisher(raw_channel, topology.input, topology.instance_prefix)
         self._cursor = 0
 
     def connection_lost(self) -> None:
-        self._raw_pub = None
+        self._frames = None
         self.term_ended()
 
     def term_ended(self) -> None:
@@ -178,30 +201,13 @@ class Dispatcher(IngestSink):
                 done(False, exc)
 
     async def _loop(self) -> None:
-        stream = self._stream
         while True:
             await self._work.wait()
             self._work.clear()
-            prev: list[tuple[int, bytes]] = []  # published and confirmed; 'done' not appended yet
+            # Batches published, their confirms awaited in order: (entries, confirm futures).
+            flying: collections.deque[tuple[list, list[asyncio.Future]]] = collections.deque()
             try:
-                while self.link.connected and stream.caught_up and self._raw_pub is not None:
-                    raw = self._take()
-                    out, skipped = self._prepare(raw)
-                    if not prev and not out:
-                        self._finish(skipped)
-                        if not raw:
-                            break
-                        continue
-                    # One append records the previous batch as done and this one as intended:
-                    # the intent is in the stream before any of this batch is published.
-                    keys = [item[1] for item in out]
-                    await stream.append_batch([k for _s, k in prev], keys)
-                    self._finish(prev + skipped)
-                    prev = []
-                    if out:
-                        self._fresh.difference_update(keys)
-                        await self._publish(out)
-                        prev = [(item[0], item[1]) for item in out]
+                await self._dispatch(flying)
             except broker_errors as exc:
                 log.warning("dispatch failed (%s): the outbox keeps the messages", exc)
                 self._cursor = 0
@@ -212,49 +218,108 @@ class Dispatcher(IngestSink):
                 self.fail_waiters(BrokerUnavailableError(f"dispatch failed ({exc!r})"))
                 await asyncio.sleep(1.0)
                 self.kick()
+            finally:
+                for _entries, futures in flying:   # a lost connection rejected them: seen here
+                    for fut in futures:
+                        if fut.done() and not fut.cancelled():
+                            fut.exception()
 
-    def _take(self) -> list[tuple[int, bytes, tuple]]:
-        """The next outbox entries, as ``(seq, key, decoded envelope)``: only those whose commit the loop has
-        seen (their keys are in :attr:`undone`); the writer thread may have committed more,
+    async def _dispatch(self, flying: collections.deque) -> None:
+        """Publish the outbox until it is empty, pipelined: batch N+1's intent is appended to the
+        stream and it is published while the broker still confirms batch N. A batch is *done* (in
+        the stream, with the next record appended) only once all of it is confirmed; its
+        submitters are answered and its entries leave the outbox after that."""
+        stream = self._stream
+        while self.link.connected and stream.caught_up and self._frames is not None:
+            out, skipped, taken = self._prepare(self._take())
+            confirmed: list[tuple[int, bytes]] = []
+            # the batches the broker has confirmed by now (in order); a full pipeline, or nothing
+            # new to publish, waits for the oldest
+            while flying and (len(flying) >= _IN_FLIGHT_BATCHES or not out
+                              or all(f.done() for f in flying[0][1])):
+                entries, futures = flying.popleft()
+                self._confirmed(entries, await asyncio.gather(*futures))
+                confirmed += [(seq, key) for seq, key, _framed, _marked in entries]
+                if out:
+                    break
+            if not out and not confirmed:
+                self._finish(skipped)
+                if not taken:
+                    return
+                continue
+            # One append records the confirmed batches as done and this one as intended: the
+            # intent is in the stream before any of this batch is published.
+            keys = [key for _seq, key, _framed, _marked in out]
+            await stream.append_batch([key for _seq, key in confirmed], keys)
+            self._finish(confirmed + skipped)
+            if out:
+                self._fresh.difference_update(keys)
+                futures, refused = await self._frames.publish([(framed, marked) for _s, _k, framed, marked in out])
+                if refused:
+                    out = self._poison_unencodable(out, refused)
+                flying.append((out, futures))
+
+    def _confirmed(self, entries: list, results: list) -> None:
+        for result in results:
+            if not isinstance(result, Basic.Ack):
+                raise PublishRefused(f"the broker refused a publish ({type(result).__name__})")
+        self.dispatched += len(entries)
+        self.possible_duplicates += sum(1 for entry in entries if entry[3])
+
+    def _poison_unencodable(self, out: list, refused: list[int]) -> list:
+        """Entries the core could not encode (a header name longer than AMQP carries; refused at
+        intake since, so an outbox from before): kept in the error store with the reason, their
+        submitters answered 400, out of the outbox; the others go on."""
+        gone = set(refused)
+        bad = [entry for i, entry in enumerate(out) if i in gone]
+        store = self.store
+        reason = f"a header name longer than {_AMQP_FIELD_NAME_MAX} bytes cannot be published (AMQP)"
+        log.error("dispatcher: %d message(s) cannot be published (%s): moved to the error store", len(bad), reason)
+
+        def move(txn: Any) -> None:
+            cur = txn.cursor(db=store.errors)
+            seq = unpack_seq(cur.key()) + 1 if cur.last() else 1
+            for at, (_seq, _key, framed, _marked) in enumerate(bad):
+                txn.put(pack_seq(seq + at), encode_error(framed, reason, now_ms()), db=store.errors)
+
+        self.writer.call(move)
+        for _seq, key, _framed, _marked in bad:
+            for done, _value in self.undone.pop(key, ()):
+                done(True, core.Rejection(400, f"Bad Request: {reason}"))
+        self._finish([(seq, key) for seq, key, _framed, _marked in bad])
+        return [entry for i, entry in enumerate(out) if i not in gone]
+
+    def _take(self) -> list[tuple[int, bytes, bytes]]:
+        """The next outbox entries, as ``(seq, key, stored envelope)``: only those whose commit the
+        loop has seen (their keys are in :attr:`undone`); the writer thread may have committed more,
         whose callbacks (which decide whether they are fresh) have not run yet."""
-        scope = self.settings.endpoint
+        prefix = self._key_prefix
         undone = self.undone
+        key_of = core.envelope_key
         out = []
         for seq, framed in self.store.read_queue(self._cursor, _DISPATCH_BATCH):
-            parts = core.decode_envelope(framed)
-            key = dedup_key(scope, parts[0])
+            key = key_of(framed, prefix)
             if key not in undone:
                 break
             self._cursor = seq
             if seq not in self._finishing:
-                out.append((seq, key, parts))
+                out.append((seq, key, framed))
         return out
 
-    def _prepare(self, batch: list[tuple[int, bytes, tuple]]) -> tuple[list, list[tuple[int, bytes]]]:
-        """``([(seq, key, properties, body, queue, marked)], [(seq, key) to drop])``."""
-        route = self._mode.topology.route
+    def _prepare(self, batch: list[tuple[int, bytes, bytes]]) -> tuple[list, list[tuple[int, bytes]], bool]:
+        """``([(seq, key, envelope, marked)], [(seq, key) to drop], anything taken)``."""
         replica = self._stream.replica
+        fresh_keys = self._fresh
         out = []
         skipped = []
-        for seq, key, (msg_id, headers, body, expiry_ms, _acc) in batch:
-            fresh = key in self._fresh
+        for seq, key, framed in batch:
+            fresh = key in fresh_keys
             if not fresh and replica.get(key) == DONE:
                 skipped.append((seq, key))  # another leader (or an earlier run) dispatched it
                 continue
-            props, body = to_amqp(msg_id, headers, body, expiry_ms, not fresh)
-            out.append((seq, key, props, body, route(headers), not fresh))
+            out.append((seq, key, framed, not fresh))
         self.skipped += len(skipped)
-        return out, skipped
-
-    async def _publish(self, out: list) -> None:
-        publish = self._raw_pub.basic_publish
-        results = await asyncio.gather(*(publish(body, routing_key=to, properties=props)
-                                         for _s, _k, props, body, to, _m in out))
-        for result in results:
-            if not isinstance(result, Basic.Ack):
-                raise PublishRefused(f"the broker refused a publish ({type(result).__name__})")
-        self.dispatched += len(out)
-        self.possible_duplicates += sum(1 for item in out if item[5])
+        return out, skipped, bool(batch)
 
     def _finish(self, items: list[tuple[int, bytes]]) -> None:
         seqs = [seq for seq, _key in items]
