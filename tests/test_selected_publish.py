@@ -1,0 +1,117 @@
+"""Selected mode's publish path (gwcore/selected/dispatcher.py with the core's frames,
+gwcore/amqp.py FramePublisher), on the real broker: what a remote sender can put in a message
+must never stop the dispatcher, the outbox is bounded, and a load of messages arrives whole with
+two batches in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from broker import drain, endpoint  # noqa: F401  (a fixture)
+from test_selected import port_of, selected_settings, submit, until
+
+from gwcore import Gateway
+
+
+def test_a_reply_address_too_long_for_an_amqp_property_does_not_stop_the_dispatcher(tmp_path, endpoint, run):
+    """A 300-byte NServiceBus.ReplyToAddress: pamqp cannot write it as a reply_to property (it
+    raised, and the dispatcher tried that batch again forever, holding up every message after
+    it). The core leaves the property out; the header carries it, and the next message follows."""
+    long_reply = "Q" * 300
+
+    async def main():
+        gw = await Gateway(selected_settings(tmp_path, endpoint, "i1")).start()
+        try:
+            await until(lambda: gw.ready, 10, "the only instance to be elected")
+            first = asyncio.ensure_future(submit(port_of(gw), endpoint, "long",
+                                                 [("NServiceBus.Header.NServiceBus.ReplyToAddress", long_reply)]))
+            assert await asyncio.wait_for(first, 10) == (200, "OK")
+            assert await asyncio.wait_for(submit(port_of(gw), endpoint, "next"), 10) == (200, "OK")
+        finally:
+            await gw.stop()
+
+    run(main())
+    got = drain(endpoint)
+    assert [m[0] for m in got] == ["long", "next"]
+    assert got[0][1]["NServiceBus.ReplyToAddress"] == long_reply
+
+
+def test_a_header_name_amqp_cannot_carry_is_refused_before_it_is_stored(tmp_path, endpoint, run):
+    """A header name of 129 bytes cannot be a key of the broker's header table (pamqp cut it to
+    128 bytes, another header than was sent): 400 with the reason, nothing stored, and the id is
+    not taken (a corrected resend is stored)."""
+    name = "NServiceBus.Header.X" + "n" * 128
+
+    async def main():
+        gw = await Gateway(selected_settings(tmp_path, endpoint, "i1")).start()
+        try:
+            await until(lambda: gw.ready, 10, "the only instance to be elected")
+            status, reason = await submit(port_of(gw), endpoint, "bad", [(name, "v")])
+            assert status == 400 and "header name of 129 bytes" in reason and "128" in reason
+            assert gw.store.counts()["queue"] == 0 and not gw.selected.undone
+            assert await submit(port_of(gw), endpoint, "bad") == (200, "OK")
+        finally:
+            await gw.stop()
+
+    run(main())
+    assert [m[0] for m in drain(endpoint)] == ["bad"]
+
+
+def test_the_outbox_is_bounded_with_ack_stored(tmp_path, endpoint, run):
+    """GWCORE_OUTBOX_MAX=5 and a dispatcher that is not getting through: five submits are
+    answered 200 (stored), the sixth 503 outbox full with nothing stored, and once the dispatcher
+    runs again all five reach the queue and the outbox takes submits again."""
+    async def main():
+        gw = await Gateway(selected_settings(tmp_path, endpoint, "i1", ack="stored", outbox_max=5)).start()
+        try:
+            await until(lambda: gw.ready, 10, "the only instance to be elected")
+            dispatcher = gw.selected.dispatcher
+            await dispatcher.stop()                      # the broker does not take anything now
+            for i in range(5):
+                assert await submit(port_of(gw), endpoint, f"m{i}") == (200, "OK")
+            status, reason = await submit(port_of(gw), endpoint, "m5")
+            assert status == 503 and "outbox full" in reason and "GWCORE_OUTBOX_MAX=5" in reason
+            assert gw.store.counts()["queue"] == 5
+            assert await submit(port_of(gw), endpoint, "m0") == (200, "OK")   # a duplicate is still answered
+            dispatcher.start()
+            dispatcher.kick()
+            await until(lambda: not gw.selected.undone, 10, "the outbox to drain")
+            assert await submit(port_of(gw), endpoint, "m5") == (200, "OK")
+            await until(lambda: not gw.selected.undone, 10, "the last one")
+            text = gw.render_metrics()
+            assert "gwcore_outbox_refused_full_total 1.0" in text and "gwcore_outbox_max 5.0" in text
+        finally:
+            await gw.stop()
+
+    run(main())
+    assert sorted(m[0] for m in drain(endpoint)) == [f"m{i}" for i in range(6)]
+
+
+def test_a_load_arrives_whole_through_the_pipelined_dispatcher(tmp_path, endpoint, run):
+    """3,000 submits from 64 concurrent senders with ack=dispatched: every 200 is in the queue
+    once, unmarked, in no more than the order each sender sent its own."""
+    n, senders = 3000, 64
+    ids = [str(uuid.uuid4()) for _ in range(n)]
+
+    async def main():
+        gw = await Gateway(selected_settings(tmp_path, endpoint, "i1")).start()
+        try:
+            await until(lambda: gw.ready, 10, "the only instance to be elected")
+            port = port_of(gw)
+            statuses = []
+
+            async def sender(mine):
+                for msg_id in mine:
+                    statuses.append((await submit(port, endpoint, msg_id))[0])
+
+            await asyncio.gather(*(sender(ids[i::senders]) for i in range(senders)))
+            assert statuses.count(200) == n
+            assert gw.selected.dispatched == n and not gw.selected.undone
+        finally:
+            await gw.stop()
+
+    run(main())
+    got = drain(endpoint)
+    assert sorted(m[0] for m in got) == sorted(ids)
+    assert not any("gwcore.PossibleDuplicate" in h for _m, h, _b in got)
