@@ -223,7 +223,7 @@ class Selected:
         self.topology = Topology(s.endpoint, self.instance, s.dedup_ttl)
         self.reply_queue = self.topology.instance
         self.dispatched_ack = s.ack == "dispatched"
-        self.link = Link(s.amqp_url, f"gwcore {s.endpoint} {self.instance}", self._up, self._down)
+        self.link = Link(s.amqp_urls, f"gwcore {s.endpoint} {self.instance}", self._up, self._down)
         self.messages = BrokerQueue(self, s.handler_max_attempts)
         self.consume = False  # set by the gateway when a handler (or messages()) takes the input queue
         # leadership
@@ -300,7 +300,7 @@ class Selected:
         self._dispatcher = asyncio.ensure_future(self._dispatch_loop())
         self.link.start()
         log.info("selected mode: instance %s, broker %s, ack=%s; %d dedup records replicated (stream offset %d), "
-                 "%d messages left in the outbox", self.instance, self.settings.amqp_url.split("@")[-1],
+                 "%d messages left in the outbox", self.instance, self.link.describe(),
                  self.settings.ack, len(self.replica), self.offset, len(self.undone))
 
     def _load(self) -> list[bytes]:
@@ -573,8 +573,7 @@ class Selected:
                             asyncio.ensure_future(self._elect(conn))]
         if self.consume:
             await self._consume(conn)
-        replies = await conn.channel()
-        rq = await replies.declare_queue(self.reply_queue, durable=True, arguments={"x-expires": 600_000})
+        rq = await self.topology.declare_instance(conn)
         await rq.consume(self.messages.deliver)
         self._ready_link.set()
         self.update_listeners()
@@ -671,11 +670,17 @@ class Selected:
                     await record.ack()
         except broker_errors as exc:  # the connection went: _down has run, the next one follows again
             log.debug("stream follower ended: %s", exc)
+        # (cancelled, it does not get here) On a connection still up, the node would not serve the stream
+        # (a cluster node whose replica is not running): follow again on a new connection (Link.drop).
+        self.link.drop("the stream follower ended")
 
     async def _catch_up(self) -> None:
         try:
             await self._sync("marker")
-        except broker_errors + (asyncio.CancelledError,):
+        except broker_errors as exc:
+            self.link.drop(f"catching up with the stream failed ({exc})")  # if the connection is still up
+            return
+        except asyncio.CancelledError:
             return
         self.caught_up = True
         self._kick()
@@ -805,6 +810,7 @@ class Selected:
             await self._try_elect(conn)
         except broker_errors as exc:
             log.info("election: the connection went (%s)", exc)
+            self.link.drop(f"the election failed ({exc})")  # a channel error: elect again on a new connection
 
     async def _try_elect(self, conn: Any) -> None:
         interval = self.settings.election_interval
@@ -924,6 +930,11 @@ class Selected:
                 log.warning("dispatch failed (%s): the outbox keeps the messages", exc)
                 self._cursor = 0
                 self._fail_waiters(BrokerUnavailableError(f"broker unavailable ({exc})"))
+                # refused on a live connection: go on on a new channel (Link.renew_channel says why)
+                pub = await self.link.renew_channel(self._pub, publisher_confirms=True) if self._pub else None
+                if pub is not None:
+                    self._pub, self._raw_pub = pub, await pub.get_underlay_channel()
+                    self._kick()
             except Exception as exc:  # a bug: keep the dispatcher alive and loud, try again soon
                 log.exception("dispatcher: unexpected error; the outbox keeps the messages")
                 self._cursor = 0
