@@ -36,6 +36,8 @@ import aio_pika
 import aiormq
 from pamqp.commands import Basic
 
+from .config import split_amqp_urls
+
 __all__ = ("Link", "Topology", "to_amqp", "from_amqp", "POSSIBLE_DUPLICATE", "broker_errors", "PublishRefused",
            "cancel_and_wait")
 
@@ -149,13 +151,14 @@ _OLD_CHANNEL_GRACE = 5.0
 class Link:
     """One broker connection, re-opened after it drops, to one node of a list (a cluster).
 
-    *urls*: one URL, or the URLs of a cluster's nodes (config.py's ``Settings.amqp_urls``). The
-    first connection goes to a node picked at random (the instances of an endpoint spread over the
-    nodes, so one node's loss drops a share of their connections, not all); after that the nodes
-    are tried in their order from there. A node that cannot be reached (refused, or no answer within 5 s)
-    is passed over for the next one at once, and a lost connection is re-opened on the next node
-    first: the node that dropped it is the likeliest to be gone. Only a round in which no node
-    answered is followed by a pause (backoff up to 2 s) before the next round.
+    *urls*: one URL, or the URLs of a cluster's nodes (``Settings.amqp_urls``, or the
+    comma-separated ``Settings.amqp_url``). The first connection goes to a node picked at random
+    (the instances of an endpoint spread over the nodes, so one node's loss drops a share of their
+    connections, not all); after that the nodes are tried in their order from there. A node that
+    cannot be reached (refused, or no answer within 5 s) is passed over for the next one at once,
+    and a lost connection is re-opened on the next node first: the node that dropped it is the
+    likeliest to be gone. Only a round in which no node answered is followed by a pause (backoff
+    up to 2 s) before the next round.
 
     ``on_up(connection)`` runs after each connect (declare, consume, elect); ``on_down()`` runs
     the moment the connection is lost (fencing). :attr:`connected` is exact: it turns false in
@@ -164,8 +167,9 @@ class Link:
 
     def __init__(self, urls: str | Sequence[str], name: str, on_up: Callable[[Any], Awaitable[None]],
                  on_down: Callable[[BaseException | None], None], *, first: int | None = None) -> None:
-        """:param first: the index of the node to try first (default: one picked at random)."""
-        self.urls: tuple[str, ...] = (urls,) if isinstance(urls, str) else tuple(urls)
+        """:param urls: the URLs, or ``Settings.amqp_url`` as it is (comma-separated).
+        :param first: the index of the node to try first (default: one picked at random)."""
+        self.urls: tuple[str, ...] = tuple(split_amqp_urls(urls) if isinstance(urls, str) else urls)
         if not self.urls:
             raise ValueError("no broker URL")
         self._next = random.randrange(len(self.urls)) if first is None else first % len(self.urls)

@@ -147,7 +147,7 @@ def _optional_uri(text: str) -> str | None:
 def _amqp_url(text: str) -> str:
     """One broker URL, or the URLs of a cluster's nodes separated by commas (or whitespace):
     each checked, all on one virtual host; returned joined by commas (``Settings.amqp_urls``)."""
-    urls = _split_amqp_urls(text)
+    urls = split_amqp_urls(text)
     if not urls:
         raise ValueError("give at least one amqp:// or amqps:// URL")
     vhosts: dict[str, str] = {}
@@ -169,8 +169,9 @@ def _amqp_url(text: str) -> str:
     return ",".join(urls)
 
 
-def _split_amqp_urls(text: str) -> list[str]:
-    # A comma in a password is written %2C (the client decodes it).
+def split_amqp_urls(text: str) -> list[str]:
+    """The URLs of a ``GWCORE_AMQP_URL`` value (one, or a cluster's nodes separated by commas or
+    whitespace; a comma in a password is written ``%2C``, which the client decodes)."""
     return [u for u in re.split(r"[,\s]+", text) if u]
 
 
@@ -640,7 +641,7 @@ class Settings:
     @property
     def amqp_urls(self) -> tuple[str, ...]:
         """The broker's URLs, one per node of a cluster (``GWCORE_AMQP_URL`` may list several)."""
-        return tuple(_split_amqp_urls(self.amqp_url))
+        return tuple(split_amqp_urls(self.amqp_url))
 
     def site(self, key: str) -> Site | None:
         for s in self.sites:

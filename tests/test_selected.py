@@ -203,6 +203,7 @@ def test_link_starts_on_a_node_picked_at_random():
     links = [Link(urls, "gwcore link test", None, None) for _ in range(200)]
     assert {link.url for link in links} == set(urls)
     assert Link(urls[0], "gwcore link test", None, None).urls == (urls[0],)
+    assert Link(",".join(urls), "gwcore link test", None, None).urls == tuple(urls)  # Settings.amqp_url as it is
     described = Link(urls, "gwcore link test", None, None).describe()
     assert described == ", ".join(f"127.0.0.1:{5672 + i}/" for i in range(3))
 
