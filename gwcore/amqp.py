@@ -10,8 +10,14 @@ Names on the broker, for an endpoint ``E`` (``GWCORE_ENDPOINT``):
                                 and databus part records every instance follows into its own LMDB
 ``E.gwcore.leader``             exclusive queue: whoever declared it is the gateway receiver;
                                 the broker deletes it when the owner's connection dies
-``E.gwcore.instance.<name>``    one instance's reply queue (callbacks, ``request()``)
+``E.gwcore.instance.<name>``    one instance's reply queue (callbacks, ``request()``): durable
+                                quorum queue, gone 10 minutes after its instance last used it
 ==============================  =============================================================
+
+Every queue but the leader queue is replicated over a cluster's nodes (quorum queues, a stream),
+so any majority of the nodes serves them: :class:`Link` connects to whichever node of
+``GWCORE_AMQP_URL`` answers and moves on to the next one when its node goes. The leader queue
+lives on the node of its owner's connection and goes with it, which is what ends a leadership.
 
 A message published to the input queue carries ``message_id`` = ``NServiceBus.Id``,
 ``correlation_id`` = ``NServiceBus.CorrelationId``, ``reply_to`` = ``NServiceBus.ReplyToAddress``,
@@ -23,7 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable
+import random
+from typing import Any, Awaitable, Callable, Sequence
 
 import aio_pika
 import aiormq
@@ -31,6 +38,7 @@ from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
 
 from ._core import core
+from .config import split_amqp_urls
 
 __all__ = ("Link", "Topology", "to_amqp", "from_amqp", "POSSIBLE_DUPLICATE", "broker_errors", "PublishRefused",
            "cancel_and_wait", "FramePublisher")
@@ -65,15 +73,34 @@ class Topology:
     def input_args(self) -> dict[str, Any]:
         return {"x-queue-type": "quorum"}
 
+    def instance_args(self) -> dict[str, Any]:
+        # Not exclusive: a reply that arrives while this instance reconnects must wait for it;
+        # the queue goes 10 minutes after its last consumer did. A quorum queue, so that it does
+        # not live on one node of a cluster: a classic queue cannot be declared, nor read, while
+        # its node is down, and the instance could not set up its connection on another node.
+        return {"x-queue-type": "quorum", "x-expires": 600_000}
+
     def dedup_args(self) -> dict[str, Any]:
         return {"x-queue-type": "stream", "x-max-age": f"{max(1, int(self.dedup_ttl))}s"}
 
     async def declare(self, channel: aio_pika.abc.AbstractChannel) -> None:
+        """The endpoint's input queue and stream (:meth:`declare_instance`: the reply queue)."""
         await channel.declare_queue(self.input, durable=True, arguments=self.input_args())
         await channel.declare_queue(self.dedup, durable=True, arguments=self.dedup_args())
-        # Not exclusive: a reply that arrives while this instance reconnects must wait for it;
-        # the queue goes 10 minutes after its last consumer did.
-        await channel.declare_queue(self.instance, durable=True, arguments={"x-expires": 600_000})
+
+    async def declare_instance(self, connection: aio_pika.abc.AbstractConnection) -> aio_pika.abc.AbstractQueue:
+        """This instance's reply queue, declared on a channel of its own, which the caller
+        consumes it on. One an earlier gwcore declared as a classic queue (the broker refuses the
+        quorum declaration: inequivalent arguments) is used as it is until it expires."""
+        channel = await connection.channel()
+        try:
+            return await channel.declare_queue(self.instance, durable=True, arguments=self.instance_args())
+        except aiormq.exceptions.ChannelPreconditionFailed:
+            log.warning("broker: the reply queue %s is a classic queue (declared by an earlier gwcore): it is used "
+                        "as it is, and is out of reach while its node is down; it becomes a quorum queue once it "
+                        "has been deleted or has expired, 10 minutes after its instance stopped", self.instance)
+        channel = await connection.channel()  # the refusal closed the first one
+        return await channel.declare_queue(self.instance, durable=True, arguments={"x-expires": 600_000})
 
     def route(self, headers: dict[str, str]) -> str:
         """The queue a message goes to: the requesting instance's queue for a reply addressed by
@@ -114,17 +141,43 @@ def from_amqp(incoming: aio_pika.abc.AbstractIncomingMessage) -> tuple[str, dict
     return msg_id, headers, incoming.body, int(expiry) if expiry.isdigit() else 0
 
 
+#: Seconds a connection must have lasted for the next one to be opened without a backoff.
+_STEADY = 1.0
+#: What opening a channel raises on a lost connection (aiormq: RuntimeError once it is closed).
+_CHANNEL_ERRORS: tuple[type[BaseException], ...] = (*broker_errors, RuntimeError)
+#: Link.renew_channel: the pause before a new channel, and how long the old one stays open.
+_RENEW_PAUSE = 0.1
+_OLD_CHANNEL_GRACE = 5.0
+
+
 class Link:
-    """One broker connection, re-opened after it drops (backoff up to 2 s).
+    """One broker connection, re-opened after it drops, to one node of a list (a cluster).
+
+    *urls*: one URL, or the URLs of a cluster's nodes (``Settings.amqp_urls``, or the
+    comma-separated ``Settings.amqp_url``). The first connection goes to a node picked at random
+    (the instances of an endpoint spread over the nodes, so one node's loss drops a share of their
+    connections, not all); after that the nodes are tried in their order from there. A node that
+    cannot be reached (refused, or no answer within 5 s) is passed over for the next one at once,
+    and a lost connection is re-opened on the next node first: the node that dropped it is the
+    likeliest to be gone. Only a round in which no node answered is followed by a pause (backoff
+    up to 2 s) before the next round.
 
     ``on_up(connection)`` runs after each connect (declare, consume, elect); ``on_down()`` runs
     the moment the connection is lost (fencing). :attr:`connected` is exact: it turns false in
     the connection's close callback, before any other code of this process runs.
     """
 
-    def __init__(self, url: str, name: str, on_up: Callable[[Any], Awaitable[None]],
-                 on_down: Callable[[BaseException | None], None]) -> None:
-        self.url = url
+    def __init__(self, urls: str | Sequence[str], name: str, on_up: Callable[[Any], Awaitable[None]],
+                 on_down: Callable[[BaseException | None], None], *, first: int | None = None) -> None:
+        """:param urls: the URLs, or ``Settings.amqp_url`` as it is (comma-separated).
+        :param first: the index of the node to try first (default: one picked at random)."""
+        self.urls: tuple[str, ...] = tuple(split_amqp_urls(urls) if isinstance(urls, str) else urls)
+        if not self.urls:
+            raise ValueError("no broker URL")
+        self._next = random.randrange(len(self.urls)) if first is None else first % len(self.urls)
+        self._at = self._next  # the index of the node connected to, or tried last
+        #: the node connected to, or tried last
+        self.url = self.urls[self._at]
         self.name = name
         self.on_up = on_up
         self.on_down = on_down
@@ -136,17 +189,45 @@ class Link:
         self._closed = asyncio.Event()
         self._stopping = False
 
+    @property
+    def node(self) -> str:
+        """The node connected to (or tried last), without the password: for logs."""
+        return _safe(self.url)
+
+    def describe(self) -> str:
+        """The broker's node(s), without passwords: for logs."""
+        return ", ".join(_safe(u).partition("@")[2] or _safe(u) for u in self.urls)
+
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
+
+    async def _connect(self) -> Any:
+        """A connection to the first node, from :attr:`_next` on, that answers; None if none did
+        (:attr:`last_error` says why)."""
+        failed: list[str] = []
+        for _ in range(len(self.urls)):
+            self._at = self._next
+            self.url = self.urls[self._at]
+            self._next = (self._at + 1) % len(self.urls)
+            try:
+                conn = await aio_pika.connect(self.url, client_properties={"connection_name": self.name}, timeout=5)
+            except broker_errors as exc:
+                failed.append(f"{self.node}: {exc or type(exc).__name__}")
+                continue
+            if failed:
+                log.warning("broker: cannot connect to %s; connected to %s instead", "; ".join(failed), self.node)
+            return conn
+        if len(self.urls) == 1:
+            self.last_error = f"cannot connect to {failed[0]}"
+        else:
+            self.last_error = f"cannot connect to any of the {len(self.urls)} nodes ({'; '.join(failed)})"
+        return None
 
     async def _run(self) -> None:
         delay = 0.05
         while not self._stopping:
-            try:
-                conn = await aio_pika.connect(self.url, client_properties={"connection_name": self.name},
-                                              timeout=5)
-            except broker_errors as exc:
-                self.last_error = f"cannot connect to {_safe(self.url)}: {exc or type(exc).__name__}"
+            conn = await self._connect()
+            if conn is None:
                 if delay >= 0.4:
                     log.warning("broker: %s (retrying)", self.last_error)
                 await asyncio.sleep(delay)
@@ -157,20 +238,32 @@ class Link:
             self.connected = True
             self.connects += 1
             conn.close_callbacks.add(self._lost)
+            where = self.node if len(self.urls) == 1 else f"{self.node} (node {self._at + 1} of {len(self.urls)})"
+            up: float | None = None  # when the connection was set up, if it was
             try:
                 await self.on_up(conn)
             except broker_errors as exc:
-                log.warning("broker: setting up the connection failed: %s", exc)
+                log.warning("broker: setting up the connection to %s failed: %s", where, exc)
                 await conn.close()
             except Exception:
-                log.exception("broker: setting up the connection failed")
+                log.exception("broker: setting up the connection to %s failed", where)
                 await conn.close()
             else:
-                delay = 0.05
-                log.info("broker: connected to %s", _safe(self.url))
+                log.info("broker: connected to %s", where)
+                up = asyncio.get_running_loop().time()
             await self._closed.wait()
-            if not self._stopping:
-                await asyncio.sleep(delay)
+            if self._stopping:
+                break
+            # A connection that served a while is re-opened at once; one that could not be set
+            # up, or was closed right after (a cluster node whose stream replica is not running
+            # yet closes a follower's connection), backs off as a failed connect does.
+            if up is not None and asyncio.get_running_loop().time() - up >= _STEADY:
+                delay = 0.05
+            else:
+                delay = min(2.0, delay * 2)
+            # _connect starts at the next node: the one that dropped the connection (or could
+            # not set it up) is the likeliest to be in trouble
+            await asyncio.sleep(delay)
 
     def _lost(self, _conn: Any, exc: BaseException | None = None) -> None:
         if not self.connected:
@@ -178,12 +271,57 @@ class Link:
         self.connected = False
         self.connection = None
         if not self._stopping:
-            self.last_error = f"connection lost: {exc or 'closed'}"
+            self.last_error = f"connection to {self.node} lost: {exc or 'closed'}"
             log.warning("broker: %s", self.last_error)
         try:
             self.on_down(exc)
         finally:
             self._closed.set()
+
+    def drop(self, reason: str) -> None:
+        """Close the connection, if it is up, because of *reason*: something its setup started
+        ended on a channel error while the connection stayed up (a cluster node whose stream
+        replica is not running refuses a stream consumer with ``PRECONDITION_FAILED``), and
+        cannot go on on this connection. The reconnect loop sets everything up again, on the next
+        node. A no-op once the connection is gone, or while stopping."""
+        conn = self.connection
+        if conn is None or not self.connected or self._stopping:
+            return
+        log.warning("broker: closing the connection to %s: %s", self.node, reason)
+
+        async def close() -> None:
+            try:
+                await conn.close()
+            except BaseException:  # noqa: BLE001 - closed already
+                pass
+
+        asyncio.ensure_future(close())
+
+    async def renew_channel(self, old: Any, **kwargs: Any) -> Any:
+        """A new channel on this connection in place of *old*, on which the broker refused a
+        publish; None if the connection went (or was replaced) meanwhile. *old* is closed a
+        while later (whatever still runs on it ends first).
+
+        Why: a channel's client of a quorum queue whose first publish to it falls in the queue's
+        leader election (its leader's node has just died) can keep that dead leader: RabbitMQ
+        3.10 refuses every later publish on the channel until the dead node is back, while a new
+        channel's reach the new leader. After a short pause (the election is likely still under
+        way), so a run of refusals does not become a storm of channels."""
+        conn = self.connection
+        await asyncio.sleep(_RENEW_PAUSE)
+        if conn is None or self.connection is not conn:
+            return None
+        try:
+            channel = await conn.channel(**kwargs)
+        except _CHANNEL_ERRORS as exc:
+            log.info("broker: opening a new channel failed: %s", exc)
+            return None
+        if self.connection is not conn:
+            return None
+        if old is not None:
+            asyncio.get_running_loop().call_later(_OLD_CHANNEL_GRACE, _close_quietly, old)
+        log.info("broker: publishing on a new channel (the broker refused a publish on the old one)")
+        return channel
 
     async def stop(self) -> None:
         self._stopping = True
@@ -206,6 +344,16 @@ async def cancel_and_wait(task: asyncio.Future | None) -> None:
         await task
     except BaseException:  # its cancellation, or the error it had ended with already
         pass
+
+
+def _close_quietly(channel: Any) -> None:
+    async def close() -> None:
+        try:
+            await channel.close()
+        except BaseException:  # noqa: BLE001 - gone with its connection, or closed already
+            pass
+
+    asyncio.ensure_future(close())
 
 
 def _safe(url: str) -> str:

@@ -145,11 +145,42 @@ def _optional_uri(text: str) -> str | None:
 
 
 def _amqp_url(text: str) -> str:
-    url = text.strip()
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme.lower() not in ("amqp", "amqps") or not parts.hostname:
-        raise ValueError(f"{url!r} is not an amqp:// or amqps:// URL")
-    return url
+    """One broker URL, or the URLs of a cluster's nodes separated by commas (or whitespace):
+    each checked, all on one virtual host; returned joined by commas (``Settings.amqp_urls``)."""
+    urls = split_amqp_urls(text)
+    if not urls:
+        raise ValueError("give at least one amqp:// or amqps:// URL")
+    vhosts: dict[str, str] = {}
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme.lower() not in ("amqp", "amqps") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an amqp:// or amqps:// URL")
+        try:
+            parts.port
+        except ValueError as exc:
+            raise ValueError(f"{_redacted(url)!r}: {exc}") from None
+        # the client's reading of the path: empty or "/" is the default virtual host "/"
+        vhosts.setdefault(urllib.parse.unquote(parts.path[1:]) or "/", url)
+    if len(vhosts) > 1:
+        raise ValueError(f"the nodes of one cluster are on one virtual host, not {' and '.join(map(repr, vhosts))}: "
+                         "another one would be another set of queues (and another leader)")
+    if len(set(urls)) < len(urls):
+        raise ValueError("a URL is listed twice")
+    return ",".join(urls)
+
+
+def split_amqp_urls(text: str) -> list[str]:
+    """The URLs of a ``GWCORE_AMQP_URL`` value (one, or a cluster's nodes separated by commas or
+    whitespace; a comma in a password is written ``%2C``, which the client decodes)."""
+    return [u for u in re.split(r"[,\s]+", text) if u]
+
+
+def _redacted(url: str) -> str:
+    head, sep, tail = url.rpartition("@")
+    if not sep:
+        return url
+    scheme, _, userinfo = head.partition("://")
+    return f"{scheme}://{userinfo.split(':')[0]}@{tail}"
 
 
 def _instance_name(text: str) -> str | None:
@@ -610,6 +641,11 @@ class Settings:
     #: Whether ``/metrics`` is served on the receive channels and the worker listener:
     #: ``auto`` (see :meth:`metrics_public_on`), ``on``, ``off``.
     metrics_public: str = "auto"
+
+    @property
+    def amqp_urls(self) -> tuple[str, ...]:
+        """The broker's URLs, one per node of a cluster (``GWCORE_AMQP_URL`` may list several)."""
+        return tuple(split_amqp_urls(self.amqp_url))
 
     def site(self, key: str) -> Site | None:
         for s in self.sites:

@@ -57,11 +57,20 @@ def delete_queues(endpoint: str, extra: list[str] = ()) -> None:
     asyncio.run(_delete(endpoint, list(extra)))
 
 
-async def _drain(queue: str, idle: float) -> list[tuple[str, dict, bytes]]:
-    """Every message in *queue*, consumed and acknowledged: ``(message_id, headers, body)``."""
+async def _drain(queue: str, idle: float, url: str) -> list[tuple[str, dict, bytes]]:
+    """Every message in *queue*, consumed and acknowledged: ``(message_id, headers, body)``;
+    *url* may list several nodes (comma-separated): the first that answers is read from."""
     import aio_pika
 
-    conn = await aio_pika.connect(AMQP_URL)
+    *others, last = url.split(",")
+    for node in others:
+        try:
+            conn = await aio_pika.connect(node, timeout=5)
+            break
+        except (OSError, aio_pika.exceptions.AMQPException, asyncio.TimeoutError):
+            continue
+    else:
+        conn = await aio_pika.connect(last)
     out = []
     try:
         ch = await conn.channel()
@@ -80,8 +89,9 @@ async def _drain(queue: str, idle: float) -> list[tuple[str, dict, bytes]]:
     return out
 
 
-def drain(queue: str, idle: float = 1.0) -> list[tuple[str, dict, bytes]]:
-    return asyncio.run(_drain(queue, idle))
+def drain(queue: str, idle: float = 1.0, url: str = AMQP_URL) -> list[tuple[str, dict, bytes]]:
+    """*url*: another broker than the tests' one (the nodes of tests/rabbit_cluster.py's cluster)."""
+    return asyncio.run(_drain(queue, idle, url))
 
 
 @pytest.fixture

@@ -135,6 +135,7 @@ def test_frame_publisher_on_a_real_broker(endpoint):
         try:
             ch = await conn.channel(publisher_confirms=True)
             await topology.declare(ch)
+            replies = await topology.declare_instance(conn)
             raw = await ch.get_underlay_channel()
             pub = FramePublisher(raw, topology.input, topology.instance_prefix)
             for batch in range(3):
@@ -152,7 +153,6 @@ def test_frame_publisher_on_a_real_broker(endpoint):
                 assert refused == ([50] if batch == 1 else [])
                 results = await asyncio.gather(*futures)
                 assert all(type(r).__name__ == "Ack" for r in results) and len(results) == len(items) - len(refused)
-            replies = await ch.declare_queue(topology.instance, durable=True, arguments={"x-expires": 600_000})
             reply = await replies.get(timeout=5)
             assert (reply.message_id, reply.body) == ("reply", b"r")
             await reply.ack()

@@ -212,3 +212,29 @@ def test_selected_mode_settings():
     assert Settings.from_env({}).ack == "dispatched"
     with pytest.raises(ConfigurationError, match="GWCORE_HA=on"):
         Settings.from_env({"GWCORE_MODE": "selected", "GWCORE_HA": "on"})
+
+
+def test_several_broker_urls_one_per_cluster_node():
+    urls = "amqp://u:p@rmq1:5672/vh, amqps://u:p@rmq2:5671/vh,amqp://u:p@rmq3/vh?heartbeat=10"
+    s = Settings.from_env({"GWCORE_AMQP_URL": urls})
+    assert s.amqp_urls == ("amqp://u:p@rmq1:5672/vh", "amqps://u:p@rmq2:5671/vh", "amqp://u:p@rmq3/vh?heartbeat=10")
+    assert s.amqp_url == ",".join(s.amqp_urls)
+    assert Settings.from_env({}).amqp_urls == ("amqp://guest:guest@127.0.0.1:5672/",)
+    # an override is taken as it is given: one URL, or several
+    assert Settings.from_env({}, amqp_url="amqp://a/,amqp://b/").amqp_urls == ("amqp://a/", "amqp://b/")
+    # "" and "/" are both the default virtual host
+    assert Settings.from_env({"GWCORE_AMQP_URL": "amqp://a,amqp://b/"}).amqp_urls == ("amqp://a", "amqp://b/")
+
+
+@pytest.mark.parametrize("value, message", [
+    ("amqp://a/, http://b/", "'http://b/' is not an amqp:// or amqps:// URL"),
+    ("amqp://a/,amqp://u:secret@b:x/", "'amqp://u@b:x/': Port could not be cast to integer value as 'x'"),
+    ("amqp://a/one,amqp://b/two", "the nodes of one cluster are on one virtual host, not 'one' and 'two'"),
+    ("amqp://a/,amqp://a/", "a URL is listed twice"),
+    (" , ", "give at least one amqp:// or amqps:// URL"),
+])
+def test_invalid_broker_url_lists(value, message):
+    with pytest.raises(ConfigurationError) as err:
+        Settings.from_env({"GWCORE_AMQP_URL": value})
+    assert message in str(err.value)
+    assert "secret" not in str(err.value).split("is invalid:")[1]

@@ -5,8 +5,10 @@ partition looks like to the instance (RabbitMQ itself keeps running for the othe
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import struct
+import subprocess
 
 import aio_pika
 import pytest
@@ -16,6 +18,7 @@ from nginx import Nginx
 from procs import free_port
 
 from gwcore import Gateway, Settings
+from gwcore.amqp import Link
 
 
 class Relay:
@@ -130,6 +133,79 @@ def test_messages_reach_a_quorum_queue_as_a_plain_consumer_reads_them(tmp_path, 
     listed = {row["name"]: row for row in json.loads(rabbitmqctl("list_queues", "name", "type", "--formatter", "json", "-q"))
               if row["name"].startswith(endpoint)}
     assert listed[endpoint]["type"] == "quorum" and listed[f"{endpoint}.gwcore.dedup"]["type"] == "stream"
+    # the reply queue too: a cluster's nodes replicate it, so that it is there while one is down
+    assert listed[f"{endpoint}.gwcore.instance.i1"]["type"] == "quorum"
+
+
+def test_a_classic_reply_queue_an_earlier_gwcore_declared_is_used_as_it_is(tmp_path, endpoint, run):
+    async def declare_classic():
+        conn = await aio_pika.connect(AMQP_URL)
+        try:
+            ch = await conn.channel()
+            await ch.declare_queue(f"{endpoint}.gwcore.instance.i1", durable=True, arguments={"x-expires": 600_000})
+        finally:
+            await conn.close()
+
+    async def main():
+        await declare_classic()
+        gw = await Gateway(selected_settings(tmp_path, endpoint, "i1")).start()
+        try:
+            await until(lambda: gw.ready, 10, "the only instance to be elected")
+            assert gw.selected.link.connects == 1  # set up at the first try, on the classic queue
+            assert await submit(port_of(gw), endpoint, "m1") == (200, "OK")
+        finally:
+            await gw.stop()
+
+    run(main())
+    listed = {row["name"]: row["type"] for row in json.loads(rabbitmqctl("list_queues", "name", "type", "--formatter",
+                                                                         "json", "-q"))}
+    assert listed[f"{endpoint}.gwcore.instance.i1"] == "classic"
+    assert [m[0] for m in drain(endpoint)] == ["m1"]
+
+
+def test_link_passes_over_an_unreachable_node_and_reconnects_to_the_next(run):
+    """Several broker URLs (a cluster's nodes, here relays to the one broker): a node that does
+    not answer is passed over, and a lost connection is opened again on the next node in the list
+    even when the one that dropped it answers again at once."""
+    async def main():
+        a, b = await Relay().start(), await Relay().start()
+        dead = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+        ups: list[str] = []
+        downs: list[str] = []
+
+        async def on_up(conn):
+            ups.append(link.url)
+
+        link = Link([dead, a.url, b.url], "gwcore link test", on_up, lambda exc: downs.append(link.url), first=0)
+        link.start()
+        try:
+            await until(lambda: ups == [a.url], 10, "a connection past the unreachable node")
+            assert link.connected and link.node == f"amqp://guest@127.0.0.1:{a.port}/"
+            await a.cut()
+            await a.restore()
+            await until(lambda: len(ups) == 2, 10, "the connection again")
+            assert (ups[1], downs) == (b.url, [a.url])
+            await b.cut()
+            await until(lambda: len(ups) == 3, 10, "the connection again")
+            assert (ups[2], downs) == (a.url, [a.url, b.url])  # past the unreachable one again
+            assert link.connects == 3 and f"127.0.0.1:{b.port}" in link.last_error
+        finally:
+            await link.stop()
+            for relay in (a, b):
+                if relay.server.is_serving():
+                    await relay.cut()
+
+    run(main())
+
+
+def test_link_starts_on_a_node_picked_at_random():
+    urls = [f"amqp://guest:guest@127.0.0.1:{5672 + i}/" for i in range(3)]
+    links = [Link(urls, "gwcore link test", None, None) for _ in range(200)]
+    assert {link.url for link in links} == set(urls)
+    assert Link(urls[0], "gwcore link test", None, None).urls == (urls[0],)
+    assert Link(",".join(urls), "gwcore link test", None, None).urls == tuple(urls)  # Settings.amqp_url as it is
+    described = Link(urls, "gwcore link test", None, None).describe()
+    assert described == ", ".join(f"127.0.0.1:{5672 + i}/" for i in range(3))
 
 
 def test_one_leader_the_others_answer_503_standby(tmp_path, endpoint, run):
@@ -185,6 +261,41 @@ def test_ack_dispatched_answers_503_while_the_broker_is_away(tmp_path, endpoint,
 
     run(main())
     assert [m[0] for m in drain(endpoint)] == ["before", "during", "after"]
+
+
+def test_a_refused_publish_is_dispatched_again_on_a_new_channel(tmp_path, endpoint, run):
+    """The broker nacks every publish to the endpoint's queue (a policy on this test's queue
+    alone: reject-publish at length 0); the dispatcher goes on on a new channel each time (what
+    gets it past a quorum queue's dead leader on a cluster: docs/deployment.md), and the message
+    goes through, marked, once the broker takes it."""
+    policy = f"{endpoint}-refuse"
+
+    async def main():
+        gw = await Gateway(selected_settings(tmp_path, endpoint, "i1")).start()
+        try:
+            await until(lambda: gw.ready, 10, "the only instance to be elected")
+            assert await submit(port_of(gw), endpoint, "before") == (200, "OK")
+            ctl = functools.partial(asyncio.get_running_loop().run_in_executor, None, rabbitmqctl)
+            await ctl("set_policy", policy, f"^{endpoint}$", '{"max-length": 0, "overflow": "reject-publish"}',
+                      "--apply-to", "queues")
+            first = gw.selected.stream.channel
+            status, reason = await submit(port_of(gw), endpoint, "refused")
+            assert (status, reason.partition(" (")[0]) == (503, "Service Unavailable: broker unavailable"), reason
+            assert "Nack" in reason
+            await until(lambda: gw.selected.stream.channel is not first, 5, "a new channel")
+            await ctl("clear_policy", policy)
+            assert await submit(port_of(gw), endpoint, "refused") == (200, "OK")  # the sender's retry
+            assert gw.ready and gw.selected.link.connects == 1  # the connection stayed up throughout
+        finally:
+            await gw.stop()
+
+    try:
+        run(main())
+    finally:
+        subprocess.run(["rabbitmqctl", "clear_policy", policy], capture_output=True)
+    got = drain(endpoint)
+    assert [m[0] for m in got] == ["before", "refused"]
+    assert got[1][1].get("gwcore.PossibleDuplicate") == "true"  # refused once: in doubt, as any nack
 
 
 def test_ack_stored_keeps_accepting_while_the_broker_is_away(tmp_path, endpoint, run):

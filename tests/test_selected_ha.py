@@ -97,10 +97,12 @@ N = 20_000
 
 
 def run_under_load(tmp_path, endpoint: str, disrupt, n: int = N, times: int = 3, check_in_flight: bool = True,
-                   **env: str):
+                   ready=None, broker_url: str = AMQP_URL, **env: str):
     """3 instances behind nginx, a gwcore sender pushing *n* messages; ``disrupt(nodes, i)`` is
-    called *times* times mid-stream. Returns (ids, messages in the endpoint queue, nginx answers,
-    the instances' count of marked dispatches)."""
+    called *times* times mid-stream, ``ready(nodes)`` (if given) once a leader is elected, before
+    the sender starts. *broker_url*: where the endpoint queue is read back from (the instances'
+    broker is GWCORE_AMQP_URL in *env*, default the tests' broker). Returns (ids, messages in the
+    endpoint queue, nginx answers, the instances' count of marked dispatches)."""
     # small batches (the sender batches to gwcore instances), 12 at once: 48 messages in flight, so
     # batches cross every disruption and the transfer lasts long enough for all of them
     env.setdefault("GWCORE_MAX_BATCH_MESSAGES", "4")
@@ -116,6 +118,8 @@ def run_under_load(tmp_path, endpoint: str, disrupt, n: int = N, times: int = 3,
     rng = random.Random(endpoint)
     try:
         wait_for(lambda: len(leaders(nodes)) == 1, 10, "a leader")
+        if ready is not None:
+            ready(nodes)
         sender.start()
         for i in range(times):
             floor = (i + 1) * n // (times + 2) + rng.randrange(n // 10)
@@ -139,7 +143,7 @@ def run_under_load(tmp_path, endpoint: str, disrupt, n: int = N, times: int = 3,
         proxy.stop()
     assert counts(a_dir)["outgoing_errors"] == 0
     assert gwcore_cli("inspect", "errors", data_dir=a_dir) == ""
-    got = drain(endpoint)
+    got = drain(endpoint, url=broker_url)
     return ids, got, proxy.answers(f"/{endpoint}/"), flagged
 
 

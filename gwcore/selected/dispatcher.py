@@ -212,6 +212,13 @@ class Dispatcher(IngestSink):
                 log.warning("dispatch failed (%s): the outbox keeps the messages", exc)
                 self._cursor = 0
                 self.fail_waiters(BrokerUnavailableError(f"broker unavailable ({exc})"))
+                # refused on a live connection: go on on a new channel (Link.renew_channel says why)
+                old = self._stream.channel
+                pub = await self.link.renew_channel(old, publisher_confirms=True) if old is not None else None
+                if pub is not None:
+                    self._stream.connection_up(pub)
+                    self.connection_up(await pub.get_underlay_channel())
+                    self.kick()
             except Exception as exc:  # a bug: keep the dispatcher alive and loud, try again soon
                 log.exception("dispatcher: unexpected error; the outbox keeps the messages")
                 self._cursor = 0

@@ -55,6 +55,7 @@ class Election:
             await self._try(conn)
         except broker_errors as exc:
             log.info("election: the connection went (%s)", exc)
+            self._mode.link.drop(f"the election failed ({exc})")  # a channel error: elect again on a new connection
 
     async def _try(self, conn: Any) -> None:
         mode = self._mode

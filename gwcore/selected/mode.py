@@ -76,7 +76,7 @@ class Selected:
         self.update_listeners()
         self.link.start()
         log.info("selected mode: instance %s, broker %s, ack=%s; %d dedup records replicated (stream offset %d), "
-                 "%d messages left in the outbox", self.instance, self.settings.amqp_url.split("@")[-1],
+                 "%d messages left in the outbox", self.instance, self.link.describe(),
                  self.settings.ack, len(self.stream.replica), self.stream.offset, len(self.dispatcher.undone))
 
     def _load(self) -> list[bytes]:
@@ -167,8 +167,7 @@ class Selected:
                             asyncio.ensure_future(self.election.run(conn))]
         if self.consume:
             await self._consume(conn)
-        replies = await conn.channel()
-        rq = await replies.declare_queue(self.reply_queue, durable=True, arguments={"x-expires": 600_000})
+        rq = await self.topology.declare_instance(conn)
         await rq.consume(self.messages.deliver)
         self._ready_link.set()
         self.update_listeners()

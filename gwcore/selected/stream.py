@@ -208,11 +208,17 @@ class Stream:
                     await record.ack()
         except broker_errors as exc:  # the connection went: _down has run, the next one follows again
             log.debug("stream follower ended: %s", exc)
+        # (cancelled, it does not get here) On a connection still up, the node would not serve the
+        # stream (a cluster node whose replica is not running): follow again on a new connection.
+        self._mode.link.drop("the stream follower ended")
 
     async def _catch_up(self) -> None:
         try:
             await self.sync("marker")
-        except broker_errors + (asyncio.CancelledError,):
+        except broker_errors as exc:
+            self._mode.link.drop(f"catching up with the stream failed ({exc})")  # if the connection is still up
+            return
+        except asyncio.CancelledError:
             return
         self.caught_up = True
         self._mode.dispatcher.kick()
