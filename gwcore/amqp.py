@@ -38,7 +38,7 @@ from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
 
 from ._core import core
-from .config import split_amqp_urls
+from .config import redacted_url, split_amqp_urls
 
 __all__ = ("Link", "Topology", "to_amqp", "from_amqp", "POSSIBLE_DUPLICATE", "broker_errors", "PublishRefused",
            "cancel_and_wait", "FramePublisher")
@@ -192,11 +192,11 @@ class Link:
     @property
     def node(self) -> str:
         """The node connected to (or tried last), without the password: for logs."""
-        return _safe(self.url)
+        return redacted_url(self.url)
 
     def describe(self) -> str:
         """The broker's node(s), without passwords: for logs."""
-        return ", ".join(_safe(u).partition("@")[2] or _safe(u) for u in self.urls)
+        return ", ".join(redacted_url(u).partition("@")[2] or redacted_url(u) for u in self.urls)
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -354,15 +354,6 @@ def _close_quietly(channel: Any) -> None:
             pass
 
     asyncio.ensure_future(close())
-
-
-def _safe(url: str) -> str:
-    """The URL without its password, for logs."""
-    head, sep, tail = url.partition("@")
-    if not sep:
-        return url
-    scheme, _, userinfo = head.partition("://")
-    return f"{scheme}://{userinfo.split(':')[0]}@{tail}"
 
 
 class FramePublisher:

@@ -152,13 +152,8 @@ def _amqp_url(text: str) -> str:
         raise ValueError("give at least one amqp:// or amqps:// URL")
     vhosts: dict[str, str] = {}
     for url in urls:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme.lower() not in ("amqp", "amqps") or not parts.hostname:
-            raise ValueError(f"{url!r} is not an amqp:// or amqps:// URL")
-        try:
-            parts.port
-        except ValueError as exc:
-            raise ValueError(f"{_redacted(url)!r}: {exc}") from None
+        parts = _url_parts(url, ("amqp", "amqps"), f"{redacted_url(url)!r} is not an amqp:// or amqps:// URL",
+                           repr(redacted_url(url)))
         # the client's reading of the path: empty or "/" is the default virtual host "/"
         vhosts.setdefault(urllib.parse.unquote(parts.path[1:]) or "/", url)
     if len(vhosts) > 1:
@@ -169,13 +164,27 @@ def _amqp_url(text: str) -> str:
     return ",".join(urls)
 
 
+def _url_parts(url: str, schemes: tuple[str, ...], not_one: str, where: str) -> urllib.parse.SplitResult:
+    """*url* split, checked to be one of *schemes* with a host and a valid port (ValueError:
+    *not_one*, or *where* and what is wrong with the port)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() not in schemes or not parts.hostname:
+        raise ValueError(not_one)
+    try:
+        parts.port
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return parts
+
+
 def split_amqp_urls(text: str) -> list[str]:
     """The URLs of a ``GWCORE_AMQP_URL`` value (one, or a cluster's nodes separated by commas or
     whitespace; a comma in a password is written ``%2C``, which the client decodes)."""
     return [u for u in re.split(r"[,\s]+", text) if u]
 
 
-def _redacted(url: str) -> str:
+def redacted_url(url: str) -> str:
+    """*url* without its password, for logs and errors."""
     head, sep, tail = url.rpartition("@")
     if not sep:
         return url
@@ -224,13 +233,8 @@ class Site:
     @classmethod
     def parse_url(cls, key: str, url: str, **kw: Any) -> "Site":
         url = url.strip()
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"site {key!r}: {url!r} is not an http:// or https:// channel address")
-        try:
-            parts.port
-        except ValueError as exc:
-            raise ValueError(f"site {key!r}: {url!r}: {exc}") from None
+        _url_parts(url, ("http", "https"), f"site {key!r}: {url!r} is not an http:// or https:// channel address",
+                   f"site {key!r}: {url!r}")
         if not key or any(c in key for c in ",= \t"):
             raise ValueError(f"site key {key!r} must be non-empty without commas, '=' or spaces")
         return cls(key=key, url=url, **kw)

@@ -31,6 +31,17 @@ def submit_from(origin: str) -> bytes:
     return nsb_request().replace(_ORIGIN, b"NServiceBus.Header.NServiceBus.OriginatingSite: " + encoded.encode())
 
 
+async def reply_to_each(gw, origins: list[str]) -> None:
+    """A submit naming each reply address in turn, each consumed and replied to."""
+    async with Client(*addr(gw)) as c:
+        for origin in origins:
+            assert (await c.request(submit_from(origin))).status == 200
+    for _ in origins:
+        msg = await asyncio.wait_for(gw.messages().get(), 5)
+        await gw.reply(msg, b"{}")
+        await msg.ack()
+
+
 async def scrape(gw) -> str:
     r = await get(*addr(gw), "/metrics")
     assert r.status == 200
@@ -45,13 +56,7 @@ def test_hostile_reply_addresses_neither_break_the_scrape_nor_add_series(run, ga
 
     async def main():
         async with gateway_factory(retry_delays=(3600.0,), sites="Headquarters=http://127.0.0.1:9/Headquarters/") as gw:
-            async with Client(*addr(gw)) as c:
-                for origin in hostile:
-                    assert (await c.request(submit_from(origin))).status == 200
-            for _ in hostile:
-                msg = await asyncio.wait_for(gw.messages().get(), 5)
-                await gw.reply(msg, b"{}")
-                await msg.ack()
+            await reply_to_each(gw, hostile)
             await gw.send_to_sites(["Headquarters"], b"{}")
             await asyncio.sleep(0.2)  # each destination tried once (connection refused)
             families = parse(await scrape(gw))
@@ -263,13 +268,7 @@ def test_reply_destinations_a_sender_names_are_bounded(run, gateway_factory, mon
         origins = [f"http,http://127.0.0.1:{port}/many{i}/" for i in range(40)]
         try:
             async with gateway_factory(retry_delays=(3600.0,), reply_destinations_max=5, send_timeout=0.3) as gw:
-                async with Client(*addr(gw)) as c:
-                    for origin in origins:
-                        assert (await c.request(submit_from(origin))).status == 200
-                for _ in origins:
-                    msg = await asyncio.wait_for(gw.messages().get(), 5)
-                    await gw.reply(msg, b"{}")
-                    await msg.ack()
+                await reply_to_each(gw, origins)
                 most = 0
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + 30

@@ -75,6 +75,15 @@ cdef inline unsigned char* _put_u16(unsigned char* p, unsigned int v) noexcept n
     return p + 2
 
 
+cdef inline Py_ssize_t _short_property(unsigned int* flags, unsigned int flag, _Text t) noexcept nogil:
+    # A short-string property goes in when it has a value that fits (1 to 255 bytes): its flag
+    # is set and its bytes counted.
+    if 0 < t.n <= AMQP_SHORTSTR_MAX:
+        flags[0] |= flag
+        return 1 + t.n
+    return 0
+
+
 cdef inline unsigned char* _put_short(unsigned char* w, _Text t) noexcept nogil:
     w[0] = <unsigned char>t.n
     memcpy(w + 1, t.p, t.n)
@@ -108,6 +117,14 @@ cdef class _PublishScratch:
         self.entries[self.n].value = value
         self.n += 1
         return 0
+
+    cdef int add_bytes(self, bytes name, bytes value) except -1:
+        cdef _Text n, v
+        n.p = _ptr(name)
+        n.n = PyBytes_GET_SIZE(name)
+        v.p = _ptr(value)
+        v.n = PyBytes_GET_SIZE(value)
+        return self.add(n, v)
 
     cdef void sort(self) noexcept:
         # by name, as bytes (UTF-8's byte order is its code point order): insertion sort, stable
@@ -230,18 +247,10 @@ def encode_publishes(list items not None, unsigned int channel, Py_ssize_t max_c
                     and memcmp(text.p, _ptr(instance_prefix), PyBytes_GET_SIZE(instance_prefix)) == 0):
                 route = text
         if flagged:
-            text.p = _ptr(_TRUE)
-            text.n = 4
-            name.p = _ptr(_POSSIBLE_DUPLICATE)
-            name.n = PyBytes_GET_SIZE(_POSSIBLE_DUPLICATE)
-            s.add(name, text)
+            s.add_bytes(_POSSIBLE_DUPLICATE, _TRUE)
         if expiry_ms:
-            expiry_text = str(expiry_ms).encode("ascii")
-            text.p = _ptr(expiry_text)
-            text.n = PyBytes_GET_SIZE(expiry_text)
-            name.p = _ptr(_EXPIRY_MS)
-            name.n = PyBytes_GET_SIZE(_EXPIRY_MS)
-            s.add(name, text)
+            expiry_text = str(expiry_ms).encode("ascii")   # alive until this message is written
+            s.add_bytes(_EXPIRY_MS, expiry_text)
 
         s.sort()
         table_n = 0
@@ -251,18 +260,10 @@ def encode_publishes(list items not None, unsigned int channel, Py_ssize_t max_c
             raise FramingError("a header table longer than 4 GiB")
         flags = PROP_HEADERS | PROP_DELIVERY_MODE
         props_n = 4 + table_n + 1
-        if 0 < content_type.n <= AMQP_SHORTSTR_MAX:
-            flags |= PROP_CONTENT_TYPE
-            props_n += 1 + content_type.n
-        if 0 < correlation.n <= AMQP_SHORTSTR_MAX:
-            flags |= PROP_CORRELATION_ID
-            props_n += 1 + correlation.n
-        if 0 < reply_to.n <= AMQP_SHORTSTR_MAX:
-            flags |= PROP_REPLY_TO
-            props_n += 1 + reply_to.n
-        if 0 < id.n <= AMQP_SHORTSTR_MAX:
-            flags |= PROP_MESSAGE_ID
-            props_n += 1 + id.n
+        props_n += _short_property(&flags, PROP_CONTENT_TYPE, content_type)
+        props_n += _short_property(&flags, PROP_CORRELATION_ID, correlation)
+        props_n += _short_property(&flags, PROP_REPLY_TO, reply_to)
+        props_n += _short_property(&flags, PROP_MESSAGE_ID, id)
 
         # method frame: basic.publish(reserved, exchange "", routing key, no flags)
         w = out.reserve(AMQP_FRAME_OVERHEAD + 9 + route.n)
