@@ -12,6 +12,11 @@ each point the median over the rounds with its min–max as a vertical bar. Seve
 line per kind and file.
 
     .venv/bin/python bench/load/plot.py --rtt -o docs/img/s2s-rtt.svg bench/results/s2s-<time>.json
+
+A results file named ``FILE#KEY`` gives the row of that ratio of each round instead of ``ratio``:
+
+    .venv/bin/python bench/load/plot.py -o docs/img/selected-vs-rmqbench.svg --target 0.8 \
+        bench/results/selected-<time>.json#dispatched_broker_ratio bench/results/selected-<time>.json#stored_broker_ratio
 """
 
 from __future__ import annotations
@@ -28,11 +33,14 @@ WIDTH, LEFT, RIGHT, ROW, TOP = 860, 330, 40, 34, 40
 
 
 def rows(paths: list[Path]) -> list[tuple[str, list[float]]]:
+    """A row per results file: each round's ``ratio``, or with ``FILE#KEY`` each round's ``KEY``
+    (selected.py's ``dispatched_broker_ratio``, ``stored_broker_ratio``)."""
     out = []
     for path in paths:
-        data = json.loads(path.read_text())
-        label = " ".join(data.get("argv") or []) or path.stem
-        out.append((label, [r["ratio"] for r in data["rounds"]]))
+        name, _, key = str(path).partition("#")
+        data = json.loads(Path(name).read_text())
+        label = " ".join(data.get("argv") or []) or Path(name).stem
+        out.append((key or label, [r[key or "ratio"] for r in data["rounds"]]))
     return out
 
 
