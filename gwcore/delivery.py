@@ -106,9 +106,11 @@ class DeliveryQueue:
         if msg.expiry_ms and msg.expiry_ms < now_ms():
             self._discarding(msg)
             self.expired += 1
+            msg._settled = True  # a later ack() or release() of it is a no-op, as for any settled one
             await self._ack(msg, count=False)
             return True
         if self.intercept is not None and self.intercept(msg):
+            msg._settled = True
             await self._ack(msg)
             return True
         return False

@@ -83,3 +83,47 @@ def test_each_queue_names_its_own_metric_families():
         "gwcore_broker_consumer_delivered", "gwcore_broker_consumer_acked"]
     assert [m.name for m in LocalQueue(None, None).metrics()] == [
         f"gwcore_consumer_{n}" for n in ("delivered", "acked", "failed", "expired", "poisoned")]
+
+
+class _Incoming:
+    """What aio-pika hands the broker queue's consumer callback, counting how it is settled."""
+
+    def __init__(self, msg_id: str, headers: dict) -> None:
+        self.message_id, self.headers, self.body, self.redelivered = msg_id, headers, b"{}", False
+        self.acks = self.nacks = 0
+
+    async def ack(self) -> None:
+        self.acks += 1
+
+    async def nack(self, requeue: bool = True) -> None:
+        self.nacks += 1
+
+
+def test_a_broker_message_settled_instead_of_delivered_is_not_settled_again():
+    """An intercepted reply (a request() waiting for it) and an expired message are acknowledged
+    by the broker queue itself; a later ack() or release() on the same message must not reach the
+    broker again (a second ack of a delivery tag makes RabbitMQ close the channel, and release()
+    counted a failure and could put a delivered reply in the error store)."""
+    taken = []
+
+    class Queue(BrokerQueue):
+        def _discarding(self, msg):
+            taken.append(msg)
+
+    q = Queue(None, None, max_attempts=1)
+    q.intercept = lambda msg: taken.append(msg) or msg.id == "reply"
+    reply = _Incoming("reply", {})
+    late = _Incoming("late", {"gwcore.ExpiryMs": str(now_ms() - 1000)})
+
+    async def main():
+        await q.deliver(reply)
+        await q.deliver(late)
+        for msg in taken:
+            await msg.ack()
+            msg.release(ValueError("after the fact"))
+        await asyncio.sleep(0.05)       # a release settles in a task of its own
+
+    asyncio.run(main())
+    assert [m.id for m in taken] == ["reply", "late"]
+    assert (reply.acks, reply.nacks, late.acks, late.nacks) == (1, 0, 1, 0)
+    assert (q.failed, q.poisoned, q.acked, q.expired) == (0, 0, 1, 1)
