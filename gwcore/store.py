@@ -12,7 +12,7 @@ outgoing_errors  u64 out seq                 failed_ms + outgoing record (sends 
 meta       name                              value (schema version, last seq, last out seq, stream offset,
                                              blob name prefix)
 databus_*  (five databases)                  claim-check parts and blobs (gwcore/databus/layout.py)
-replica    dedup key                         u8 state + u64 ms (selected mode: gwcore/selected.py)
+replica    dedup key                         u8 state + u64 ms (selected mode: gwcore/selected/stream.py)
 =========  ===============================  ==========================================
 
 The keys and records that several modules build or read (the dedup key, u64 keys, the error
@@ -196,7 +196,7 @@ class Store:
         self.databus_parts = self._open_db(b"databus_parts", create)
         self.databus_blobs = self._open_db(b"databus_blobs", create)
         self.databus_expiry = self._open_db(b"databus_expiry", create)
-        # selected mode: dedup records followed from the broker's stream (gwcore/selected.py)
+        # selected mode: dedup records followed from the broker's stream (gwcore/selected/stream.py)
         self.replica = self._open_db(b"replica", create)
         # selected mode: the parts other instances took, followed from the same stream
         self.databus_replica = self._open_db(b"databus_replica", create)
