@@ -502,6 +502,26 @@ class _Destination:
         return min(_HOLD_BACK_CAP, _HOLD_BACK_FIRST * 2 ** min(self.busy_streak - 1, 16))
 
 
+def _metrics_row(start: list[Any] | None = None) -> list[Any]:
+    """A per-site metrics row: in flight, sent, failed attempts, retries, request times, held
+    back (a copy of *start*, or zeros)."""
+    row: list[Any] = [0, 0, 0, 0, Buckets(SECONDS), 0]
+    if start is not None:
+        row[:4], row[5] = start[:4], start[5]
+        row[4].merge(start[4])
+    return row
+
+
+def _count_into(row: list[Any], d: _Destination) -> None:
+    """Add destination *d*'s counts to the metrics *row*."""
+    row[0] += d.in_flight
+    row[1] += d.sent
+    row[2] += d.failed_attempts
+    row[3] += d.retried
+    row[4].merge(d.latency)
+    row[5] += d.held_back
+
+
 class Forwarder:
     """Sends committed outgoing records to their sites; one per gateway."""
 
@@ -517,9 +537,9 @@ class Forwarder:
         self._ssl_default: ssl.SSLContext | None = None
         self._delivered: list[int] = []  # sent (200), their removal not yet handed to the writer
         self._removals: set[asyncio.Future] = set()
-        #: What the reply destinations closed for idleness had counted (sent, failed attempts,
-        #: retries, request times, held back): the "other" row of the metrics keeps them.
-        self._closed_replies: list[Any] = [0, 0, 0, 0, Buckets(SECONDS), 0]
+        #: What the reply destinations closed for idleness had counted (a metrics row, as
+        #: _count_into keeps it): the "other" row of the metrics starts from it. None: none closed.
+        self._closed_replies: list[Any] | None = None
         self._closing: set[asyncio.Task] = set()
         self.replies_deferred = 0  # messages to a new reply destination kept waiting at the limit
         self.sent = 0
@@ -620,7 +640,7 @@ class Forwarder:
                 self._hand(seq, dest)
             self._close_idle_replies(_REPLY_IDLE)
             timeout = (self._delayed[0][0] - now) / 1000 if self._delayed else None
-            if len(self._dests) > len(self.settings.sites):
+            if self._replies_open():
                 timeout = min(timeout or _REPLY_IDLE, _REPLY_IDLE / 4)  # idle replies get closed
             try:
                 await asyncio.wait_for(self._timer_wakeup.wait(), timeout)
@@ -639,12 +659,9 @@ class Forwarder:
             if d.site is not None or d.busy or d.in_flight or d.ready.items or now - d.used < idle:
                 continue
             del self._dests[name]
-            row = self._closed_replies
-            row[1] += d.sent
-            row[2] += d.failed_attempts
-            row[3] += d.retried
-            row[4].merge(d.latency)
-            row[5] += d.held_back
+            if self._closed_replies is None:
+                self._closed_replies = _metrics_row()
+            _count_into(self._closed_replies, d)
             for t in d.tasks:
                 t.cancel()
             task = asyncio.get_running_loop().create_task(self._close_destination(d))
@@ -1025,22 +1042,15 @@ class Forwarder:
         failed attempts, retries and request times. Every destination that is not a configured
         site (a reply address a remote sender chose) is summed under ``site="other"``, so a sender
         cannot add a series per address."""
-        closed = self._closed_replies
         rows: dict[str, list[Any]] = {}
-        if closed[1] or closed[2] or closed[3] or closed[5] or any(closed[4].counts):
-            rows[OTHER_SITE] = [0, closed[1], closed[2], closed[3], Buckets(SECONDS), closed[5]]
-            rows[OTHER_SITE][4].merge(closed[4])
+        if self._closed_replies is not None:
+            rows[OTHER_SITE] = _metrics_row(self._closed_replies)
         for d in self._dests.values():
             site = d.site.key if d.site is not None else OTHER_SITE
             row = rows.get(site)
             if row is None:
-                row = rows[site] = [0, 0, 0, 0, Buckets(SECONDS), 0]
-            row[0] += d.in_flight
-            row[1] += d.sent
-            row[2] += d.failed_attempts
-            row[3] += d.retried
-            row[4].merge(d.latency)
-            row[5] += d.held_back
+                row = rows[site] = _metrics_row()
+            _count_into(row, d)
         per_site = sorted(rows.items())
 
         def site_family(kind: Any, name: str, help_text: str, column: int) -> Any:

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import struct
 import time
+from typing import Any, Iterable
 
 from ._core import core
 
 __all__ = ("pack_seq", "unpack_seq", "now_ms", "dedup_key", "split_dedup_key", "part_prefix", "part_key",
-           "part_message_key", "split_part_key", "encode_error", "decode_error")
+           "part_message_key", "split_part_key", "encode_error", "decode_error", "append_errors")
 
 #: A u64 as an 8-byte big-endian key or value (the core's; sorts in numeric order).
 pack_seq = core.pack_seq
@@ -85,6 +86,16 @@ def encode_error(framed: bytes, reason: str, failed_ms: int) -> bytes:
     """An ``errors`` value: the envelope of a message whose handler kept failing, and why."""
     r = reason.encode("utf-8", "replace")
     return _ERROR.pack(failed_ms, len(r)) + r + framed
+
+
+def append_errors(txn: Any, db: Any, envelopes: Iterable[bytes], reason: str) -> None:
+    """Inside a write transaction: an :func:`encode_error` record per stored envelope in
+    *envelopes*, each under the next key after the last one in the ``errors`` database *db*."""
+    cur = txn.cursor(db=db)
+    seq = unpack_seq(cur.key()) + 1 if cur.last() else 1
+    failed_ms = now_ms()
+    for at, framed in enumerate(envelopes):
+        txn.put(pack_seq(seq + at), encode_error(framed, reason, failed_ms), db=db)
 
 
 def decode_error(value: bytes) -> tuple[int, str, bytes]:

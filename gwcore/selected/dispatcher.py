@@ -24,7 +24,7 @@ from .. import databus
 from .._core import core
 from ..amqp import FramePublisher, PublishRefused, broker_errors, cancel_and_wait
 from ..errors import BrokerUnavailableError, StoreFullError
-from ..records import dedup_key, encode_error, now_ms, pack_seq, unpack_seq
+from ..records import append_errors, dedup_key, pack_seq
 from ..ingest import Done, IngestSink
 from .stream import DONE, INTENT
 
@@ -283,13 +283,7 @@ class Dispatcher(IngestSink):
         reason = f"a header name longer than {_AMQP_FIELD_NAME_MAX} bytes cannot be published (AMQP)"
         log.error("dispatcher: %d message(s) cannot be published (%s): moved to the error store", len(bad), reason)
 
-        def move(txn: Any) -> None:
-            cur = txn.cursor(db=store.errors)
-            seq = unpack_seq(cur.key()) + 1 if cur.last() else 1
-            for at, (_seq, _key, framed, _marked) in enumerate(bad):
-                txn.put(pack_seq(seq + at), encode_error(framed, reason, now_ms()), db=store.errors)
-
-        self.writer.call(move)
+        self.writer.call(lambda txn: append_errors(txn, store.errors, [entry[2] for entry in bad], reason))
         for _seq, key, _framed, _marked in bad:
             for done, _value in self.undone.pop(key, ()):
                 done(True, core.Rejection(400, f"Bad Request: {reason}"))

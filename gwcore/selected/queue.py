@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator
 from .._core import core
 from ..amqp import broker_errors, from_amqp
 from ..delivery import Delivery, DeliveryQueue
-from ..records import encode_error, now_ms, pack_seq, unpack_seq
+from ..records import append_errors, now_ms
 from ..store import Store, Writer
 
 __all__ = ("BrokerMessage", "BrokerQueue")
@@ -123,9 +123,4 @@ class BrokerQueue(DeliveryQueue):
         framed = core.encode_envelope(msg.id, msg.headers, msg.body, msg.expiry_ms, now_ms())
         store = self.store
 
-        def put(txn: Any) -> None:
-            cur = txn.cursor(db=store.errors)
-            seq = unpack_seq(cur.key()) + 1 if cur.last() else 1
-            txn.put(pack_seq(seq), encode_error(framed, reason, now_ms()), db=store.errors)
-
-        await self.writer.call(put)
+        await self.writer.call(lambda txn: append_errors(txn, store.errors, [framed], reason))
