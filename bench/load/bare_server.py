@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The load test's baseline: the cheapest honest HTTP server on gwcore's stack.
+"""The load test's baselines: the cheapest honest HTTP servers on gwcore's stack.
 
 A uvloop + httptools ``asyncio.Protocol`` that parses every request the way gwcore's front end
 does (URL, every header name/value pair, body parts joined once the message is complete,
@@ -11,6 +11,15 @@ keep-alive, pipelining) and answers each one with the bytes gwcore sends for an 
 that gwcore keeps once it does its real work; both run pinned to the same core (see run_load.py).
 
     python bench/load/bare_server.py --port 8080
+
+With ``--strict`` the server registers httptools' complete-message callback only: httptools
+still parses and checks every byte of the request (request line, headers, Content-Length or
+chunked body), but hands nothing to Python until the message is complete, and the answer is the
+same. That is the strictest baseline on this stack (about 0.9 µs of Python per request against
+3.7 µs for the parsing one); ``run_load.py`` reports gwcore against both and the strict one is the
+headline (docs/benchmarks.md).
+
+    python bench/load/bare_server.py --port 8080 --strict
 
 Every path answers 200, so ``GET /healthz`` works as the readiness probe, as it does for gwcore.
 """
@@ -105,26 +114,53 @@ class BareProtocol(asyncio.Protocol):
         # Materialise the body as gwcore does before handing it on, so that cost is in both.
         parts = self.body_parts
         _body = parts[0] if len(parts) == 1 else b"".join(parts)
-        transport = self.transport
-        if transport is None:
-            return
-        responses = self.responses
-        responses.refresh()
-        if self.parser.should_keep_alive():
-            transport.write(responses.keep_alive)
-        else:
-            transport.write(responses.close)
-            transport.close()
+        _answer(self.transport, self.parser, self.responses)
 
 
-async def serve(host: str, port: int) -> None:
+def _answer(transport: asyncio.Transport | None, parser: httptools.HttpRequestParser, responses: _Responses) -> None:
+    """The 200 both baselines write for a complete request (and a close when the client asked)."""
+    if transport is None:
+        return
+    responses.refresh()
+    if parser.should_keep_alive():
+        transport.write(responses.keep_alive)
+    else:
+        transport.write(responses.close)
+        transport.close()
+
+
+class StrictProtocol(asyncio.Protocol):
+    """One connection of the strict baseline: httptools parses the whole request in C and calls
+    back once, when it is complete; the answer is the parsing server's."""
+
+    __slots__ = ("responses", "transport", "parser")
+
+    def __init__(self, responses: _Responses) -> None:
+        self.responses = responses
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    data_received = BareProtocol.data_received
+
+    def on_message_complete(self) -> None:
+        _answer(self.transport, self.parser, self.responses)
+
+
+async def serve(host: str, port: int, strict: bool = False) -> None:
     loop = asyncio.get_running_loop()
     responses = _Responses()
-    server = await loop.create_server(lambda: BareProtocol(responses), host, port, backlog=4096)
+    protocol = StrictProtocol if strict else BareProtocol
+    server = await loop.create_server(lambda: protocol(responses), host, port, backlog=4096)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"bare_server listening on http://{host}:{port}/", flush=True)
+    print(f"bare_server{' (strict)' if strict else ''} listening on http://{host}:{port}/", flush=True)
     async with server:
         await stop.wait()
 
@@ -133,8 +169,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--strict", action="store_true",
+                        help="the complete-message callback only (the strict baseline)")
     args = parser.parse_args()
-    uvloop.run(serve(args.host, args.port))
+    uvloop.run(serve(args.host, args.port, args.strict))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Load test: gwcore against a bare uvloop + httptools server, driven by wrk.
+"""Load test: gwcore against two bare uvloop + httptools servers, driven by wrk.
 
-Each round runs the bare server (bench/load/bare_server.py) and gwcore one after the other, the
+Each round runs the strict bare server (``bench/load/bare_server.py --strict``: httptools'
+complete-message callback only, the headline baseline), the parsing bare server (every header
+through a Python callback, as gwcore's front end once did) and gwcore one after the other, the
 order alternating between rounds, each pinned to one CPU with wrk pinned to another, with the same
 NServiceBus-shaped requests (bench/load/nsb_submit.lua). The ratio gwcore/bare per round cancels
 most of what the machine adds; the report gives its median and its range over the rounds.
@@ -18,6 +20,10 @@ Scenarios (``--scenarios``, comma-separated):
     think time (``delay()``; exponentially distributed around ``--think-ms`` unless
     ``--think-dist fixed``), the connection count calibrated per server with short probe runs,
     and reports achieved req/s and p50/p90/p99 for both servers.
+
+``-c 1,4,16,64,256`` runs ``unique`` and ``dup`` once per connection count (req/s and latency
+against load; ``plot.py --load`` draws it). The run also measures the disk's 4 KiB fdatasync
+time before and after (the single-connection latency is compared with it).
 
 ``--prefill N`` gives every gwcore run a store that already holds N dedup records (built once with
 py-lmdb, copied into each fresh data dir); compare a run with ``--prefill 10000000`` against one
@@ -68,7 +74,10 @@ RESULTS_DIR = REPO / "bench" / "results"
 ENDPOINT = "RemoteSite"          # GWCORE_ENDPOINT: also the dedup scope of every record
 CHANNEL_PATH = f"/{ENDPOINT}/"
 SCENARIOS = ("unique", "dup", "half")
-SERVERS = ("bare", "gwcore")
+#: the strict baseline (complete-message callback only), the parsing baseline, gwcore
+SERVERS = ("strict", "bare", "gwcore")
+#: the baseline gwcore's headline ratio is taken against, when it ran
+HEADLINE = "strict"
 
 
 def log(msg: str) -> None:
@@ -218,8 +227,8 @@ class Server:
         self.log_path = work / f"{kind}-{self.port}.log"
         # Inherit nothing GWCORE_*: gwcore refuses unknown ones and any other setting skews the run.
         env = {k: v for k, v in os.environ.items() if not k.startswith("GWCORE_")}
-        if kind == "bare":
-            cmd = [cfg.python, str(BARE_SERVER), "--port", str(self.port)]
+        if kind in ("bare", "strict"):
+            cmd = [cfg.python, str(BARE_SERVER), "--port", str(self.port)] + (["--strict"] if kind == "strict" else [])
         else:
             cmd = [cfg.python, "-m", "gwcore", "serve"]
             env.update(GWCORE_DATA_DIR=str(data_dir), GWCORE_ENDPOINT=ENDPOINT,
@@ -490,19 +499,21 @@ def run_rounds(ctx: Context, name: str, params: dict[str, Any],
         for kind in order:
             row[kind] = measure(ctx, kind, f"[{name} {r + 1}/{cfg.rounds}]",
                                 **{**kw, **(per_server or {}).get(kind, {})})
-        if "bare" in row and "gwcore" in row and row["bare"]["rps"] > 0:
-            row["ratio"] = row["gwcore"]["rps"] / row["bare"]["rps"]
+        for base, key in (("bare", "ratio"), ("strict", "ratio_strict")):
+            if base in row and "gwcore" in row and row[base]["rps"] > 0:
+                row[key] = row["gwcore"]["rps"] / row[base]["rps"]
         rounds.append(row)
     return {"name": name, "params": params, "rounds": rounds, "summary": summarize(rounds)}
 
 
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    ratios = [r["ratio"] for r in rounds if "ratio" in r]
-    if ratios:
-        out["ratio_median"] = statistics.median(ratios)
-        out["ratio_min"] = min(ratios)
-        out["ratio_max"] = max(ratios)
+    for key in ("ratio", "ratio_strict"):
+        ratios = [r[key] for r in rounds if key in r]
+        if ratios:
+            out[f"{key}_median"] = statistics.median(ratios)
+            out[f"{key}_min"] = min(ratios)
+            out[f"{key}_max"] = max(ratios)
     for kind in SERVERS:
         runs = [r[kind] for r in rounds if kind in r]
         if not runs:
@@ -602,6 +613,29 @@ def _clamp_conns(cfg: argparse.Namespace, n: int) -> int:
 
 # -- environment and report ----------------------------------------------------------------------
 
+def fdatasync_probe(directory: Path, n: int = 300, size: int = 4096) -> dict[str, float]:
+    """What one durable commit costs this disk at least: ``n`` times, write ``size`` bytes at the
+    end of a file in *directory* and fdatasync it. p50/p90/max in ms (the single-connection latency
+    target of docs/benchmarks.md is a multiple of this p50)."""
+    path = directory / "fdatasync-probe"
+    block = os.urandom(size)
+    times = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            os.write(fd, block)
+            os.fdatasync(fd)
+            times.append((time.perf_counter() - t0) * 1000)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    times.sort()
+    out = {"p50_ms": times[n // 2], "p90_ms": times[n * 9 // 10], "max_ms": times[-1], "n": n, "bytes": size}
+    log(f"  fdatasync of {size} bytes: p50 {fmt_ms(out['p50_ms'])}, p90 {fmt_ms(out['p90_ms'])}")
+    return out
+
+
 def environment(cfg: argparse.Namespace, work: Path) -> dict[str, Any]:
     lscpu = run_text(["lscpu"], env=dict(os.environ, LC_ALL="C"))
     field = lambda name: (re.search(rf"^{name}:\s+(.+)$", lscpu, re.M) or [None, None])[1]  # noqa: E731
@@ -685,39 +719,48 @@ def markdown(report: dict[str, Any]) -> str:
         f"alternating order, {cfg['body_size']}-byte body, gwcore store sync "
         f"{'on (default)' if cfg['store_sync'] in (None, '1') else 'OFF'}"
         f"{', commit max delay ' + str(cfg['commit_max_delay_us']) + ' µs' if cfg['commit_max_delay_us'] is not None else ''}. "
-        "Medians over the rounds; ratio = gwcore req/s ÷ bare req/s of the same round.",
+        "Medians over the rounds; ratio = gwcore req/s ÷ the baseline's req/s of the same round: "
+        "strict = bare_server.py --strict (the complete-message callback only; the headline), "
+        "bare = bare_server.py (every header through a Python callback).",
         "",
-        "| Scenario | Store | Load | bare req/s | gwcore req/s | gwcore/bare median (min–max) "
-        "| gwcore p50 / p90 / p99 | bare p50 / p90 / p99 | server CPU µs/req bare / gwcore | gwcore non-2xx |",
-        "|---|---|---|---:|---:|---|---|---|---|---:|",
+        "| Scenario | Store | Load | strict req/s | bare req/s | gwcore req/s | gwcore/strict median (min–max) "
+        "| gwcore/bare median (min–max) | gwcore p50 / p90 / p99 | strict p50 / p90 / p99 "
+        "| server CPU µs/req strict / bare / gwcore | gwcore non-2xx |",
+        "|---|---|---|---:|---:|---:|---|---|---|---|---|---:|",
     ]
+    fsync = report.get("fdatasync") or {}
+    if fsync:
+        lines[2:2] = [f"4 KiB write + fdatasync on the data dir's disk, same run: p50 "
+                      + ", ".join(f"{fmt_ms(v['p50_ms'])} ({k})" for k, v in fsync.items()) + ".", ""]
     for sc in report["scenarios"]:
         s = sc["summary"]
-        b, g = s.get("bare", {}), s.get("gwcore", {})
+        b, g, st = s.get("bare", {}), s.get("gwcore", {}), s.get("strict", {})
         title = _SCENARIO_TITLES[sc["name"]].format(dup=f"{sc['params'].get('dup_percent', 0):g}")
-        ratio = (f"{s['ratio_median']:.3f} ({s['ratio_min']:.3f}–{s['ratio_max']:.3f})"
-                 if "ratio_median" in s else "–")
+        ratio = lambda key: (f"{s[key + '_median']:.3f} ({s[key + '_min']:.3f}–{s[key + '_max']:.3f})"  # noqa: E731
+                             if key + "_median" in s else "–")
         lat = lambda x: " / ".join(fmt_ms(x.get(f"{p}_ms_median")) for p in ("p50", "p90", "p99"))  # noqa: E731
         cpu = lambda x: "–" if x.get("server_cpu_us_per_req_median") is None \
             else f"{x['server_cpu_us_per_req_median']:.1f}"  # noqa: E731
         lines.append(
-            f"| {title} | {store} | {_load_text(sc)} | {fmt_rps(b.get('rps_median'))} "
-            f"| {fmt_rps(g.get('rps_median'))} | {ratio} | {lat(g)} | {lat(b)} | {cpu(b)} / {cpu(g)} "
-            f"| {g.get('non_2xx', '–')} |")
+            f"| {title} | {store} | {_load_text(sc)} | {fmt_rps(st.get('rps_median'))} | {fmt_rps(b.get('rps_median'))} "
+            f"| {fmt_rps(g.get('rps_median'))} | {ratio('ratio_strict')} | {ratio('ratio')} | {lat(g)} | {lat(st)} "
+            f"| {cpu(st)} / {cpu(b)} / {cpu(g)} | {g.get('non_2xx', '–')} |")
     lines += ["", "<details><summary>Per round</summary>", "",
-              "| Scenario | Round | Order | bare req/s | gwcore req/s | ratio | gwcore p50 / p99 | bare p50 / p99 "
-              "| CPU use server (bare / gwcore) | CPU use wrk (bare / gwcore) |",
-              "|---|---:|---|---:|---:|---:|---|---|---|---|"]
+              "| Scenario | Load | Round | Order | strict req/s | bare req/s | gwcore req/s | ÷ strict | ÷ bare "
+              "| gwcore p50 / p99 | strict p50 / p99 | CPU use server (strict / bare / gwcore) "
+              "| CPU use wrk (strict / bare / gwcore) |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|---|---|---|---|"]
     for sc in report["scenarios"]:
         for r in sc["rounds"]:
-            b, g = r.get("bare", {}), r.get("gwcore", {})
-            ratio = f"{r['ratio']:.3f}" if "ratio" in r else "–"
+            b, g, st = r.get("bare", {}), r.get("gwcore", {}), r.get("strict", {})
+            ratio = lambda key: f"{r[key]:.3f}" if key in r else "–"  # noqa: E731
+            use = lambda side: " / ".join(_pct(x.get(f"{side}_cpu_util")) for x in (st, b, g))  # noqa: E731
             lines.append(
-                f"| {sc['name']} | {r['round']} | {' → '.join(r['order'])} | {fmt_rps(b.get('rps'))} "
-                f"| {fmt_rps(g.get('rps'))} | {ratio} | {fmt_ms(g.get('p50_ms'))} / {fmt_ms(g.get('p99_ms'))} "
-                f"| {fmt_ms(b.get('p50_ms'))} / {fmt_ms(b.get('p99_ms'))} "
-                f"| {_pct(b.get('server_cpu_util'))} / {_pct(g.get('server_cpu_util'))} "
-                f"| {_pct(b.get('wrk_cpu_util'))} / {_pct(g.get('wrk_cpu_util'))} |")
+                f"| {sc['name']} | {_load_text(sc)} | {r['round']} | {' → '.join(r['order'])} "
+                f"| {fmt_rps(st.get('rps'))} | {fmt_rps(b.get('rps'))} "
+                f"| {fmt_rps(g.get('rps'))} | {ratio('ratio_strict')} | {ratio('ratio')} "
+                f"| {fmt_ms(g.get('p50_ms'))} / {fmt_ms(g.get('p99_ms'))} "
+                f"| {fmt_ms(st.get('p50_ms'))} / {fmt_ms(st.get('p99_ms'))} | {use('server')} | {use('wrk')} |")
     lines += ["", "</details>"]
     if report["problems"]:
         lines += ["", "**Problems (the run is not valid):**", ""] + [f"- {p}" for p in report["problems"]]
@@ -734,13 +777,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="See docs/benchmarks.md for the method.")
     p.add_argument("--scenarios", default="unique,dup,half",
                    help=f"comma-separated, from {', '.join(SCENARIOS)} (default: all)")
-    p.add_argument("--servers", default="bare,gwcore",
-                   help="which servers to run (default: both; 'bare' alone smoke-tests the driver)")
+    p.add_argument("--servers", default="strict,bare,gwcore",
+                   help="which servers to run (default: all three; 'bare' alone smoke-tests the driver)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("-d", "--duration", default="10s", help="wrk -d of each measured run (default 10s)")
     p.add_argument("--warmup", default="1s", help="wrk run before each measured run, 0 = none (default 1s)")
     p.add_argument("-t", "--threads", type=int, default=1, help="wrk -t (default 1)")
-    p.add_argument("-c", "--connections", type=int, default=64, help="wrk -c for unique/dup (default 64)")
+    p.add_argument("-c", "--connections", default="64",
+                   help="wrk -c for unique/dup, or a comma-separated sweep such as 1,4,16,64,256: one "
+                        "scenario row per count (default 64; the half scenario's maximum uses the largest)")
     p.add_argument("--wrk-timeout", default="10s", help="wrk --timeout (default 10s)")
     p.add_argument("--server-cpu", default="0", help="CPU list for the servers (taskset -c; default 0)")
     p.add_argument("--wrk-cpu", default="1", help="CPU list for wrk (default 1)")
@@ -783,6 +828,13 @@ def main(argv: list[str] | None = None) -> int:
     for s in cfg.servers:
         if s not in SERVERS:
             raise SystemExit(f"unknown server {s!r}: choose from {', '.join(SERVERS)}")
+    try:
+        cfg.connection_list = [int(c) for c in str(cfg.connections).split(",") if c.strip()]
+    except ValueError:
+        raise SystemExit(f"-c/--connections: whole numbers, comma-separated (got {cfg.connections!r})") from None
+    if not cfg.connection_list or min(cfg.connection_list) < 1:
+        raise SystemExit("-c/--connections: at least one count, each at least 1")
+    cfg.connections = max(cfg.connection_list)
     for name in ("duration", "warmup", "calibration_duration"):
         parse_duration_s(getattr(cfg, name))
     if cfg.no_pin:
@@ -816,17 +868,22 @@ def main(argv: list[str] | None = None) -> int:
             ctx.prefill = Prefill(cfg.prefill, work, cfg.prefill_cache)
         results = []
         unique_max = None
+        report["fdatasync"] = {"before": fdatasync_probe(work)}
         for name in scenarios:
             log(f"== scenario {name}")
-            if name == "unique":
-                sc = run_rounds(ctx, name, {"connections": cfg.connections}, connections=cfg.connections)
-                unique_max = sc["summary"].get(subject(cfg), {}).get("rps_median")
-            elif name == "dup":
-                sc = run_rounds(ctx, name, {"connections": cfg.connections, "dup_percent": cfg.dup_percent},
-                                connections=cfg.connections, dup_percent=cfg.dup_percent)
-            else:
-                sc = scenario_half(ctx, unique_max)
-            results.append(sc)
+            if name == "half":
+                results.append(scenario_half(ctx, unique_max))
+                continue
+            for c in cfg.connection_list:
+                if name == "unique":
+                    sc = run_rounds(ctx, name, {"connections": c}, connections=c)
+                    best = sc["summary"].get(subject(cfg), {}).get("rps_median")
+                    unique_max = max(unique_max or 0, best or 0) or None
+                else:
+                    sc = run_rounds(ctx, name, {"connections": c, "dup_percent": cfg.dup_percent},
+                                    connections=c, dup_percent=cfg.dup_percent)
+                results.append(sc)
+        report["fdatasync"]["after"] = fdatasync_probe(work)
     finally:
         if not cfg.keep_data:
             shutil.rmtree(work, ignore_errors=True)
