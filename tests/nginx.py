@@ -135,3 +135,10 @@ http {{
                 if uri.startswith(prefix):
                     out.append((float(msec), int(status), addrs.split(",")[-1].strip()))
         return out
+
+
+def takeover_gaps(answers: list[tuple[float, int, str]]) -> list[float]:
+    """Seconds from the last 200 of one node to the first 200 of the next, at each change, in
+    :meth:`Nginx.answers`' rows."""
+    oks = sorted((t, n) for t, status, n in answers if status == 200)
+    return [t1 - t0 for (t0, n0), (t1, n1) in zip(oks, oks[1:]) if n1 != n0]

@@ -11,7 +11,7 @@ import statistics
 import time
 
 from httpclient import Client, get, metric_lines, nsb_request
-from nginx import Nginx
+from nginx import Nginx, takeover_gaps
 from procs import ServerProcess, free_port, gwcore_cli, queued_ids
 from test_distributor import WorkerProcess, metrics, secret_file
 from test_sites import counts, enqueue, wait_for
@@ -115,16 +115,6 @@ def test_standalone_refuses_a_second_process_unless_ha_is_on(tmp_path):
 
 N = 20_000
 KILLS = 3
-
-
-def takeover_gaps(answers: list[tuple[float, int, str]]) -> list[float]:
-    """Seconds from the last 200 of one node to the first 200 of the next, at each change."""
-    oks = sorted((t, n) for t, status, n in answers if status == 200)
-    gaps = []
-    for (t0, n0), (t1, n1) in zip(oks, oks[1:]):
-        if n1 != n0:
-            gaps.append(t1 - t0)
-    return gaps
 
 
 def handled_rows(path: str) -> list[tuple[str, bool, int, str]]:

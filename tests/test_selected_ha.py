@@ -12,9 +12,9 @@ import time
 
 import pytest
 from broker import AMQP_URL, drain, endpoint, rabbitmqctl  # noqa: F401 (endpoint: a fixture)
-from nginx import Nginx
+from nginx import Nginx, takeover_gaps
 from procs import ServerProcess, free_port, gwcore_cli
-from test_ha import metric, readyz, takeover_gaps
+from test_ha import metric, readyz
 from test_sites import counts, enqueue, wait_for
 
 STANDBY = "Service Unavailable: standby"

@@ -67,6 +67,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+import plot as plot_py  # noqa: E402  (the pictures of the results files)
 LUA_SCRIPT = HERE / "nsb_submit.lua"
 BARE_SERVER = HERE / "bare_server.py"
 RESULTS_DIR = REPO / "bench" / "results"
@@ -901,6 +903,8 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(report)
     md_path.write_text(md)
     print(md)
+    sweep = len(cfg.connection_list) > 1 and "unique" in scenarios
+    plot_py.write_plot("load" if sweep else "ratios", json_path, () if sweep else ("ratio_strict", "ratio"), log=log)
     log(f"wrote {json_path} and {md_path}")
     for note in ctx.notes:
         log(f"note: {note}")

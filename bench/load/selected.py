@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
          f"{r['dispatched']['rps']:,.0f} | {r['stored']['published_rps']:,.0f} ({r['stored']['rps']:,.0f}, "
          f"{r['stored']['outbox_left']:,.0f}) |" for i, r in enumerate(rounds)]
     md = "\n".join(lines) + "\n"
-    s2s.write_results(cfg, started, "selected", rounds, summary, md)
+    s2s.write_results(cfg, started, "selected", rounds, summary, md,
+                      keys=("dispatched_broker_ratio", "stored_broker_ratio"))
     return 0
 
 

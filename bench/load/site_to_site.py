@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import plot as plot_py  # noqa: E402  (the pictures of the results files)
 import run_load as rl  # noqa: E402  (the shared driver pieces: Server, run_wrk, pinning, metrics)
 
 PROXY = rl.HERE / "delay_proxy.py"
@@ -393,15 +394,20 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
 
 
 def write_results(cfg: argparse.Namespace, started: dt.datetime, stem: str, rounds: list, summary: dict,
-                  md: str) -> None:
-    """bench/results/<stem>-<UTC time>.json and .md, and the Markdown on standard output."""
+                  md: str, plot: str = "ratios", keys: tuple[str, ...] = (), **extra: Any) -> Path:
+    """bench/results/<stem>-<UTC time>.json, .md and .png (the *plot* kind of plot.py, of the
+    rounds' *keys* for ``ratios``), and the Markdown on standard output. *extra*: more top-level
+    fields of the JSON. Returns the JSON's path."""
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     cfg.results_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.results_dir / f"{stem}-{stamp}.json").write_text(json.dumps(
+    path = cfg.results_dir / f"{stem}-{stamp}.json"
+    path.write_text(json.dumps(
         {"started": started.isoformat(timespec="seconds"), "argv": sys.argv[1:], "rounds": rounds,
-         "summary": summary}, indent=2, default=str) + "\n")
+         "summary": summary, **extra}, indent=2, default=str) + "\n")
     (cfg.results_dir / f"{stem}-{stamp}.md").write_text(md)
     print(md)
+    plot_py.write_plot(plot, path, keys, log=rl.log)
+    return path
 
 
 def wrk_setup(cfg: argparse.Namespace, prefix: str) -> tuple[dt.datetime, Path, bytes]:
@@ -573,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
                 "proxy_cpu_us_per_msg_10_90": _mmm([x["proxy_cpu_us_per_msg_10_90"] for x in runs]),
             }
         md = extended_report(cfg, rounds, summary)
-        write_results(cfg, started, "s2s", rounds, summary, md)
+        write_results(cfg, started, "s2s", rounds, summary, md, plot="rtt" if len(cfg.rtts) > 1 else "ratios")
         return 0
     lines = [
         f"Site B on CPU {cfg.server_cpu}; wrk, then site A, on CPU {cfg.wrk_cpu}; {cfg.rounds} rounds, "
