@@ -35,6 +35,14 @@ def pytest_runtest_makereport(item, call):
     report.longrepr = f"skipped in CI (CI is set), which counts as a failure here: {reason}"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests that must run alone (tests/ci.py SERIAL): ``make test`` runs ``-m "not
+    serial"`` on two workers, then ``-m serial``."""
+    for item in items:
+        if any(item.nodeid.startswith(prefix) for prefix in ci.SERIAL):
+            item.add_marker(pytest.mark.serial)
+
+
 LOOPS = ["asyncio"] + (["uvloop"] if uvloop is not None else [])
 
 

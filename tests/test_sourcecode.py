@@ -140,3 +140,16 @@ def test_license_file_and_spdx_expression():
     text = (ROOT / "LICENSE").read_text()
     assert text.startswith("MIT License") and "Copyright (c) the gwcore authors" in text
     assert "LICENSE" in (ROOT / "MANIFEST.in").read_text()
+
+
+def test_every_serial_test_exists():
+    """``make test`` runs tests/ci.py SERIAL alone after the rest: a prefix that names nothing
+    (a renamed file or test) would let that test run beside the others, or not at all."""
+    import ci
+
+    for prefix in ci.SERIAL:
+        path, _, name = prefix.partition("::")
+        assert (ROOT / path).is_file(), f"SERIAL names {path}, which does not exist"
+        if name:
+            assert re.search(rf"^def {re.escape(name)}\(", (ROOT / path).read_text(), re.M), \
+                f"SERIAL names {prefix}, which is not a test there"
