@@ -59,7 +59,7 @@ class Selected:
         self.stream = Stream(self)
         self.election = Election(self)
         #: the listeners' ingest sink in this mode
-        self.dispatcher = Dispatcher(self)
+        self.sink = self.dispatcher = Dispatcher(self)
         self.handover = Handover(self)
         self._ready_link = asyncio.Event()  # connected, topology declared, consumers up
         self._conn_tasks: list[asyncio.Task] = []
