@@ -106,6 +106,10 @@ class Sink(IngestSink):
         if envelope.databus:
             done(True, core.Rejection(501, _DATABUS))
             return
+        if "\x00" in envelope.id:
+            # a text column cannot hold it; refused here rather than failing the whole batch
+            done(True, core.Rejection(400, "Bad Request: NServiceBus.Id contains a NUL character"))
+            return
         if not self._mode.election.leading:
             done(False, self._not_leading())
             return
@@ -170,6 +174,10 @@ class Sink(IngestSink):
         except db.DB_ERRORS as exc:
             self._fail(batch, db.unavailable(exc))
             election.connection_failed(exc)
+            return
+        except Exception as exc:  # a bug: this batch fails loudly (502), the sink goes on
+            log.exception("group commit: unexpected error")
+            self._fail(batch, exc)
             return
         self.commit_seconds.observe(time.perf_counter() - started)
         self.batches += 1
