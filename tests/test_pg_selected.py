@@ -151,7 +151,7 @@ def test_never_two_leaders_over_random_kills_and_restarts(tmp_path, pg_schema):
     elections = []
     try:
         wait_for(lambda: len(leaders(nodes)) == 1, 20, "the first election")
-        for step in range(30):
+        for step in range(100):
             running = [n for n in nodes if alive(n)]
             if len(running) == 3 or (running and rng.random() < 0.6):
                 victim = leaders(running)[0] if leaders(running) and rng.random() < 0.7 else rng.choice(running)
@@ -231,7 +231,7 @@ def test_failover_under_load_stores_every_message_once(tmp_path, pg_schema):
         time.sleep(0.3)
         victim[0].start()
 
-    ids, stored, answers = run_under_load(tmp_path, pg_schema, kill_leader, n=4000, times=3)
+    ids, stored, answers = run_under_load(tmp_path, pg_schema, kill_leader, n=20_000, times=3)
     check_exactly_once(ids, stored)
     gaps = report("failover on PostgreSQL", answers)
     assert len(gaps) >= 3
@@ -245,7 +245,7 @@ def test_planned_handover_under_load_without_a_failed_request(tmp_path, pg_schem
         assert leader[0].proc.wait(10) == 0
         leader[0].start()
 
-    ids, stored, answers = run_under_load(tmp_path, pg_schema, hand_over, n=3000, times=3)
+    ids, stored, answers = run_under_load(tmp_path, pg_schema, hand_over, n=20_000, times=3)
     check_exactly_once(ids, stored)
     gaps = report("handover on PostgreSQL", answers)
     failed = [status for _t, status, _n in answers if status != 200]

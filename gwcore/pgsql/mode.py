@@ -117,6 +117,10 @@ class PgSelected:
         return self.election.leading and not self.handover.holding and not self.stopping
 
     @property
+    def leading(self) -> bool:
+        return self.election.leading
+
+    @property
     def role(self) -> str:
         return "leader" if self.election.leading else "standby"
 
