@@ -81,7 +81,7 @@ class PgServer:
 
     def __init__(self, port: int) -> None:
         self.dir = tempfile.mkdtemp(prefix="gwcore-pg-")
-        self.data = os.path.join(directory, "data")
+        self.data = os.path.join(self.dir, "data")
         self.port = port
         self.dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
         # initdb and the server refuse to run as root: run them as the postgres user then
