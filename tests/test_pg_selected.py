@@ -280,3 +280,55 @@ def test_database_restart_under_load_loses_nothing_acknowledged(tmp_path):
     by_status = collections.Counter(status for _t, status, _n in answers)
     print(f"database restart: nginx answers {dict(sorted(by_status.items()))}; leader said {seen}")
     assert by_status[503] > 0, "no submit met the outage: it tests nothing"
+
+
+def test_a_callback_is_answered_on_the_instance_that_asked(tmp_path, pg_schema, run):
+    """SiteA: three instances on PostgreSQL behind nginx; SiteB: a standalone gateway whose handler
+    replies. Each SiteA instance's request() gets its own reply, through its own reply table,
+    whoever is the leader; nothing reaches the endpoint's queue table."""
+    from gwcore import Gateway, Settings
+
+    a_ports = [free_port() for _ in range(3)]
+    proxy = Nginx(str(tmp_path / "nginx"), free_port(), a_ports, tries=0, repeat=2).start()
+    a_url = f"http://127.0.0.1:{proxy.port}/{ENDPOINT}/"
+
+    async def until(predicate, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.02)
+
+    async def main():
+        b_holder: list[Gateway] = []
+
+        async def respond(message):
+            await b_holder[0].reply(message, b"re:" + message.body)
+
+        b_port = free_port()
+        b = await Gateway(Settings.from_env({}, data_dir=str(tmp_path / "b"), endpoint="SiteB",
+                                            receive_channels=f"http://127.0.0.1:{b_port}/SiteB/",
+                                            retry_delays=(0.1,)), handler=respond).start()
+        b_holder.append(b)
+        a = [await Gateway(Settings.from_env(
+            {}, mode="selected", transport="postgresql", pg_dsn=PG_DSN, pg_schema=pg_schema, endpoint=ENDPOINT,
+            instance=f"a{i}", election_interval=0.02, data_dir=str(tmp_path / f"a{i}"),
+            receive_channels=f"http://127.0.0.1:{a_ports[i]}/{ENDPOINT}/", sites=f"SiteB=http://127.0.0.1:{b_port}/SiteB/",
+            reply_to_uri=a_url, retry_delays=(0.1,), retries=50)).start() for i in range(3)]
+        try:
+            await until(lambda: sum(g.ready for g in a) == 1, 10, "a leader")
+            replies = await asyncio.gather(*(g.request("SiteB", f"q{i}".encode(), timeout=20) for i, g in enumerate(a)))
+            assert [r.body for r in replies] == [b"re:q0", b"re:q1", b"re:q2"]
+            for g, r in zip(a, replies):
+                assert r.headers["RouteTo"] == g.selected.reply_queue == f"{ENDPOINT}.gwcore.{g.selected.instance}"
+        finally:
+            for g in a:
+                await g.stop()
+            await b.stop()
+
+    try:
+        run(main())
+    finally:
+        proxy.stop()
+    assert queue_rows(pg_schema, ENDPOINT) == []
+    for i in range(3):
+        assert queue_rows(pg_schema, f"{ENDPOINT}.gwcore.a{i}") == []  # each reply consumed where it was asked

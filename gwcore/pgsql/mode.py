@@ -56,7 +56,7 @@ class PgSelected:
         #: the listeners' ingest sink in this mode
         self.sink = Sink(self)
         self.handover = Handover(self)
-        self._instances: set[str] = set()  # reply tables of the endpoint's instances (routing)
+        self._instances = {self.names.instance_table}  # reply tables of the endpoint's instances (routing)
         self._cleanup: asyncio.Task | None = None
         self.dedup_expired = 0
         self.stopping = False
@@ -159,6 +159,10 @@ class PgSelected:
             return self.names.table(to)
         return self.names.queue
 
+    def instance_seen(self, name: str) -> None:
+        """Another instance is up, with its reply table."""
+        self._instances.add(self.names.instance_prefix + name)
+
     async def _refresh_instances(self) -> None:
         election = self.election
         try:
@@ -168,7 +172,7 @@ class PgSelected:
                 rows = await election.conn.fetch(
                     "SELECT tablename FROM pg_tables WHERE schemaname = $1 AND starts_with(tablename, $2)",
                     self.names.schema, self.names.instance_prefix)
-            self._instances = {r[0] for r in rows}
+            self._instances |= {r[0] for r in rows}
         except db.DB_ERRORS as exc:
             log.info("reading the instances' reply tables failed: %s", exc)
 
