@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import urllib.parse
-from typing import Any
+from typing import Any, Callable
 
 from . import auth, batch
 from ._core import core
@@ -100,6 +100,22 @@ class Holding:
                 self._forward(proto, slot, result)
             else:
                 proto._route(slot, result)
+
+    async def released(self, deadline: float, connected: Callable[[], bool]) -> None:
+        """The leadership was just given up: while submits are held, wait (until *deadline*, at
+        most HOLD_LIMIT, and while *connected*) for another instance to announce it leads; the
+        held submits are then routed again or forwarded there (the caller releases them)."""
+        mode = self._mode
+        loop = asyncio.get_running_loop()
+        log.info("handover: leadership released")
+        self.leader_seen = mode.instance
+        # Submits held meanwhile are answered 503 once another instance leads (the load
+        # balancer then finds it); with none held there is nobody to wait for.
+        until = loop.time() + min(HOLD_LIMIT, max(0.1, deadline - loop.time()))
+        while self._held and self.leader_seen == mode.instance and loop.time() < until and connected():
+            await asyncio.sleep(0.005)
+        if self.leader_seen != mode.instance:
+            log.info("handover: %s is the leader now", self.leader_seen)
 
     @property
     def has_held(self) -> bool:

@@ -11,7 +11,6 @@ import collections
 import json
 import os
 import random
-import statistics
 import time
 import uuid
 
@@ -20,8 +19,9 @@ from httpclient import Client, nsb_request
 from nginx import Nginx
 from pg import PG_DSN, PgServer, pg_schema, query, queue_rows, require_pg  # noqa: F401 (pg_schema: a fixture)
 from procs import ServerProcess, free_port, gwcore_cli
+from replies import each_gets_its_reply, replying_site
 from test_ha import metric, readyz
-from test_selected_ha import STANDBY, alive, leaders, report
+from test_selected_ha import STANDBY, alive, elections_under_kills, leaders, report
 from test_sites import counts, enqueue, wait_for
 
 pytest.importorskip("asyncpg")
@@ -143,43 +143,23 @@ def lock_holders(schema: str) -> list[str]:
 def test_never_two_leaders_over_random_kills_and_restarts(tmp_path, pg_schema):
     seed = random.randrange(1 << 30)
     print(f"seed {seed}")
-    rng = random.Random(seed)
     nodes = [pg_instance(tmp_path, pg_schema, f"i{i}") for i in range(3)]
     for n in nodes:
         n.start()
-    names = {n.port: n.env["GWCORE_INSTANCE"] for n in nodes}
-    elections = []
+
+    def server_view(step: int, leader: str | None) -> None:
+        holders = lock_holders(pg_schema)
+        assert len(holders) <= 1, f"step {step}: the lock held by {holders}"
+        if leader is not None and step % 5 == 4:
+            # settled: the one holder of the lock is the instance that says it leads
+            wait_for(lambda: lock_holders(pg_schema) == [leader], 5, "the lock holder")
+
     try:
-        wait_for(lambda: len(leaders(nodes)) == 1, 20, "the first election")
-        for step in range(100):
-            running = [n for n in nodes if alive(n)]
-            if len(running) == 3 or (running and rng.random() < 0.6):
-                victim = leaders(running)[0] if leaders(running) and rng.random() < 0.7 else rng.choice(running)
-                victim.kill()
-            else:
-                rng.choice([n for n in nodes if not alive(n)]).start()
-            started = time.monotonic()
-            while True:
-                now = leaders(nodes)
-                assert len(now) <= 1, f"step {step}: two leaders {[names[n.port] for n in now]}"
-                if now or not any(alive(n) for n in nodes):
-                    break
-                assert time.monotonic() - started < 30, f"step {step}: no leader among the running instances"
-            elections.append(time.monotonic() - started)
-            holders = lock_holders(pg_schema)
-            assert len(holders) <= 1, f"step {step}: the lock held by {holders}"
-            if now and step % 5 == 4:
-                # settled: the one holder of the lock is the instance that says it leads
-                wait_for(lambda: lock_holders(pg_schema) == [names[now[0].port]], 5, "the lock holder")
-            for n in nodes:
-                if alive(n) and n not in now:
-                    wait_for(lambda n=n: readyz(n.port) == (503, STANDBY), 20, "the standby to connect")
+        elections_under_kills(nodes, 100, random.Random(seed), server_view, limit=30)
     finally:
         for n in nodes:
             if alive(n):
                 assert n.terminate() == 0
-    print(f"time to a (new) leader as seen through /readyz: p50 {statistics.median(elections) * 1000:.0f} ms, "
-          f"max {max(elections) * 1000:.0f} ms")
 
 
 def run_under_load(tmp_path, schema: str, disrupt, n: int, times: int, instances: int = 3,
@@ -299,27 +279,16 @@ def test_a_callback_is_answered_on_the_instance_that_asked(tmp_path, pg_schema, 
             await asyncio.sleep(0.02)
 
     async def main():
-        b_holder: list[Gateway] = []
-
-        async def respond(message):
-            await b_holder[0].reply(message, b"re:" + message.body)
-
-        b_port = free_port()
-        b = await Gateway(Settings.from_env({}, data_dir=str(tmp_path / "b"), endpoint="SiteB",
-                                            receive_channels=f"http://127.0.0.1:{b_port}/SiteB/",
-                                            retry_delays=(0.1,)), handler=respond).start()
-        b_holder.append(b)
+        b, b_url = await replying_site(str(tmp_path / "b"))
         a = [await Gateway(Settings.from_env(
             {}, mode="selected", transport="postgresql", pg_dsn=PG_DSN, pg_schema=pg_schema, endpoint=ENDPOINT,
             instance=f"a{i}", election_interval=0.02, data_dir=str(tmp_path / f"a{i}"),
-            receive_channels=f"http://127.0.0.1:{a_ports[i]}/{ENDPOINT}/", sites=f"SiteB=http://127.0.0.1:{b_port}/SiteB/",
+            receive_channels=f"http://127.0.0.1:{a_ports[i]}/{ENDPOINT}/", sites=f"SiteB={b_url}",
             reply_to_uri=a_url, retry_delays=(0.1,), retries=50)).start() for i in range(3)]
         try:
             await until(lambda: sum(g.ready for g in a) == 1, 10, "a leader")
-            replies = await asyncio.gather(*(g.request("SiteB", f"q{i}".encode(), timeout=20) for i, g in enumerate(a)))
-            assert [r.body for r in replies] == [b"re:q0", b"re:q1", b"re:q2"]
-            for g, r in zip(a, replies):
-                assert r.headers["RouteTo"] == g.selected.reply_queue == f"{ENDPOINT}.gwcore.{g.selected.instance}"
+            await each_gets_its_reply(a)
+            assert [g.selected.reply_queue for g in a] == [f"{ENDPOINT}.gwcore.a{i}" for i in range(3)]
         finally:
             for g in a:
                 await g.stop()

@@ -50,47 +50,60 @@ def broker_leader(endpoint: str) -> list[str]:
     return [names.get(o, f"unknown connection {o}").rsplit(" ", 1)[-1] for o in owners]
 
 
+def elections_under_kills(nodes: list[ServerProcess], steps: int, rng: random.Random, check=None,
+                          limit: float = 60) -> list[float]:
+    """Kill an instance (the leader more often than not) or start a stopped one, *steps* times:
+    after each, never two leaders, one within *limit* seconds while any runs, every other running
+    instance a standby; ``check(step, leader)`` after each step. Returns the times to a leader."""
+    names = {n.port: n.env["GWCORE_INSTANCE"] for n in nodes}
+    elections = []
+    wait_for(lambda: len(leaders(nodes)) == 1, 20, "the first election")
+    for step in range(steps):
+        running = [n for n in nodes if alive(n)]
+        # kill the leader more often than not: that is what makes an election
+        if len(running) == len(nodes) or (running and rng.random() < 0.6):
+            victim = leaders(running)[0] if leaders(running) and rng.random() < 0.7 else rng.choice(running)
+            victim.kill()
+        else:
+            rng.choice([n for n in nodes if not alive(n)]).start()
+        started = time.monotonic()
+        while True:
+            now = leaders(nodes)
+            assert len(now) <= 1, f"step {step}: two leaders {[names[n.port] for n in now]}"
+            if now or not any(alive(n) for n in nodes):
+                break
+            # generous for a busy machine: the times themselves are printed
+            assert time.monotonic() - started < limit, f"step {step}: no leader among the running instances"
+        elections.append(time.monotonic() - started)
+        if check is not None:
+            check(step, names[now[0].port] if now else None)
+        for n in nodes:
+            if alive(n) and n not in now:
+                # a standby (one that was just started may still be connecting)
+                wait_for(lambda n=n: readyz(n.port) == (503, STANDBY), 30, "the standby to connect")
+    print(f"time to a (new) leader as seen through /readyz: p50 {statistics.median(elections) * 1000:.0f} ms, "
+          f"max {max(elections) * 1000:.0f} ms")
+    return elections
+
+
 def test_at_most_one_leader_over_100_kills_and_restarts(tmp_path, endpoint):
     seed = random.randrange(1 << 30)
     print(f"seed {seed}")
-    rng = random.Random(seed)
     nodes = [instance(tmp_path, endpoint, f"i{i}") for i in range(3)]
     for n in nodes:
         n.start()
-    names = {n.port: n.env["GWCORE_INSTANCE"] for n in nodes}
-    elections = []
+
+    def broker_view(step: int, leader: str | None) -> None:
+        if step % 25 == 24 and leader is not None:
+            # the broker's view: one owner of the leader queue, the instance that says it leads
+            assert broker_leader(endpoint) == [leader]
+
     try:
-        wait_for(lambda: len(leaders(nodes)) == 1, 10, "the first election")
-        for step in range(100):
-            running = [n for n in nodes if alive(n)]
-            # kill the leader more often than not: that is what makes an election
-            if len(running) == 3 or (running and rng.random() < 0.6):
-                victim = leaders(running)[0] if leaders(running) and rng.random() < 0.7 else rng.choice(running)
-                victim.kill()
-            else:
-                rng.choice([n for n in nodes if not alive(n)]).start()
-            started = time.monotonic()
-            while True:
-                now = leaders(nodes)
-                assert len(now) <= 1, f"step {step}: two leaders {[names[n.port] for n in now]}"
-                if now or not any(alive(n) for n in nodes):
-                    break
-                # generous for a busy machine: the times themselves are printed below
-                assert time.monotonic() - started < 60, f"step {step}: no leader among the running instances"
-            elections.append(time.monotonic() - started)
-            for n in nodes:
-                if alive(n) and n not in now:
-                    # a standby (one that was just started may still be connecting to the broker)
-                    wait_for(lambda n=n: readyz(n.port) == (503, STANDBY), 30, "the standby to connect")
-            if step % 25 == 24 and now:
-                # the broker's view: one owner of the leader queue, the instance that says it leads
-                assert broker_leader(endpoint) == [names[now[0].port]]
+        elections_under_kills(nodes, 100, random.Random(seed), broker_view)
     finally:
         for n in nodes:
             if alive(n):
                 assert n.terminate() == 0
-    print(f"time to a (new) leader as seen through /readyz: p50 {statistics.median(elections) * 1000:.0f} ms, "
-          f"max {max(elections) * 1000:.0f} ms")
 
 
 N = 20_000

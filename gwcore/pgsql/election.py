@@ -22,6 +22,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..selectedbase import cancel_and_wait
 from . import db
 from .schema import LOCK_CLASS
 
@@ -174,12 +175,7 @@ class Election:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except BaseException:  # noqa: BLE001 - cancelled, or the failure it logged
-                pass
+        await cancel_and_wait(task)
         conn, self.conn = self.conn, None
         self.leading = False
         if conn is not None:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from ..holding import HOLD_LIMIT, Holding
+from ..holding import Holding
 from . import db
 
 if TYPE_CHECKING:
@@ -50,13 +50,7 @@ class Handover(Holding):
             return
         try:
             await election.resign()
-            log.info("handover: leadership released")
-            self.leader_seen = mode.instance
-            until = loop.time() + min(HOLD_LIMIT, max(0.1, deadline - loop.time()))
-            while self._held and self.leader_seen == mode.instance and loop.time() < until:
-                await asyncio.sleep(0.005)
-            if self.leader_seen != mode.instance:
-                log.info("handover: %s is the leader now", self.leader_seen)
+            await self.released(deadline, lambda: election.connected)
         except db.DB_ERRORS as exc:
             log.warning("handover: releasing the leadership failed (%s); it ends with this connection", exc)
             election.connection_failed(exc)

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
-import uuid
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigurationError
 from ..holding import STANDBY
 from ..metrics import Families, counter, gauge, histogram
+from ..selectedbase import cancel_and_wait, instance_name, own_url
 from ..store import Store, Writer
 from . import db, schema
 from .election import Election
@@ -46,7 +44,7 @@ class PgSelected:
             raise RuntimeError("selected mode starts after the store")
         self.store: Store = gateway.store
         self.writer: Writer = gateway.writer
-        self.instance = s.instance or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.instance = instance_name(s)
         self.names = Names(s.pg_schema, s.endpoint, self.instance)
         #: the address replies to this instance's requests carry (``NServiceBus.ReplyToAddress``)
         self.reply_queue = self.names.instance_table
@@ -100,8 +98,7 @@ class PgSelected:
     async def stop(self) -> None:
         self.stopping = True
         self.handover.release_held()
-        if self._cleanup is not None:
-            self._cleanup.cancel()
+        await cancel_and_wait(self._cleanup)
         await self.messages.stop()
         await self.sink.stop()
         await self.election.stop()
@@ -144,10 +141,7 @@ class PgSelected:
         self.update_listeners()
 
     def own_url(self) -> str:
-        ch = self.settings.receive_channels[0]
-        port = self.gateway.addresses[0][1] if self.gateway.addresses else ch.port
-        host = socket.gethostname() if ch.host in ("0.0.0.0", "::") else ch.host
-        return f"http://{host}:{port}{ch.path}"
+        return own_url(self.gateway)
 
     # -- the tables ----------------------------------------------------------------------------------
 

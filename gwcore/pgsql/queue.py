@@ -21,6 +21,7 @@ import logging
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from ..delivery import Delivery, DeliveryQueue
+from ..selectedbase import cancel_and_wait
 from . import db
 from .schema import insert_row
 from .sink import queue_row
@@ -179,14 +180,9 @@ class PgQueue(DeliveryQueue):
 
     async def stop(self) -> None:
         self.close()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except BaseException:  # noqa: BLE001 - cancelled
-                pass
-        self._tasks = []
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            await cancel_and_wait(task)
 
     def __aiter__(self) -> AsyncIterator[PgMessage]:
         return self._iterate()

@@ -26,6 +26,7 @@ from .. import metrics
 from .._core import core
 from ..errors import DatabaseUnavailableError
 from ..ingest import Done, IngestSink
+from ..selectedbase import cancel_and_wait
 from . import db
 
 if TYPE_CHECKING:
@@ -226,10 +227,5 @@ class Sink(IngestSink):
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except BaseException:  # noqa: BLE001 - cancelled
-                pass
+        await cancel_and_wait(task)
         self.fail_waiting(DatabaseUnavailableError("the gateway is stopping"))

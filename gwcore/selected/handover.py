@@ -63,16 +63,7 @@ class Handover(Holding):
             return
         try:
             await election.resign()
-            log.info("handover: leadership released")
-            self.leader_seen = mode.instance
-            # Submits held meanwhile are answered 503 once another instance leads (the load
-            # balancer then finds it); with none held there is nobody to wait for.
-            until = loop.time() + min(HOLD_LIMIT, max(0.1, deadline - loop.time()))
-            while (self._held and self.leader_seen == mode.instance and loop.time() < until
-                   and mode.link.connected):
-                await asyncio.sleep(0.005)
-            if self.leader_seen != mode.instance:
-                log.info("handover: %s is the leader now", self.leader_seen)
+            await self.released(deadline, lambda: mode.link.connected)
         except broker_errors as exc:
             log.warning("handover: releasing the leadership failed (%s); it ends with this connection", exc)
         self.release_held()

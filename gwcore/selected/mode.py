@@ -9,14 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import operator
-import os
-import socket
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from ..amqp import Link, Topology
 from ..errors import BrokerUnavailableError
 from ..metrics import Families, counter, gauge
+from ..selectedbase import instance_name, own_url
 from ..store import Store, Writer
 from .dispatcher import Dispatcher
 from .election import STANDBY, Election
@@ -49,7 +47,7 @@ class Selected:
             raise RuntimeError("selected mode starts after the store")
         self.store: Store = gateway.store
         self.writer: Writer = gateway.writer
-        self.instance = s.instance or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.instance = instance_name(s)
         self.topology = Topology(s.endpoint, self.instance, s.dedup_ttl)
         self.reply_queue = self.topology.instance
         self.dispatched_ack = s.ack == "dispatched"
@@ -127,10 +125,7 @@ class Selected:
 
     def own_url(self) -> str:
         """Where the other instances reach this one's receive channel (forwarded submits)."""
-        ch = self.settings.receive_channels[0]
-        port = self.gateway.addresses[0][1] if self.gateway.addresses else ch.port
-        host = socket.gethostname() if ch.host in ("0.0.0.0", "::") else ch.host
-        return f"http://{host}:{port}{ch.path}"
+        return own_url(self.gateway)
 
     # -- what the parts keep, read here too (the tests, the control socket) -----------------------
 
