@@ -25,9 +25,22 @@ async def replying_site(directory: str, name: str = "SiteB") -> tuple[Gateway, s
     return gw, url
 
 
-async def each_gets_its_reply(instances: list[Gateway], site: str = "SiteB") -> None:
-    """Every instance's request() at once: each gets the reply to its own question, addressed
-    (``RouteTo``) to its own reply queue."""
+async def each_gets_its_reply(instances: list[Gateway], replier: Gateway, site: str = "SiteB") -> None:
+    """Once one of *instances* leads, every instance's request() at once: each gets the reply to
+    its own question, addressed (``RouteTo``) to its own reply queue. Stops them all."""
+    try:
+        deadline = asyncio.get_running_loop().time() + 10
+        while sum(g.ready for g in instances) != 1:
+            assert asyncio.get_running_loop().time() < deadline, "no leader"
+            await asyncio.sleep(0.02)
+        await _ask(instances, site)
+    finally:
+        for g in instances:
+            await g.stop()
+        await replier.stop()
+
+
+async def _ask(instances: list[Gateway], site: str) -> None:
     replies = await asyncio.gather(*(g.request(site, f"q{i}".encode(), timeout=20) for i, g in enumerate(instances)))
     assert [r.body for r in replies] == [f"re:q{i}".encode() for i in range(len(instances))]
     for g, r in zip(instances, replies):

@@ -21,8 +21,8 @@ from pg import PG_DSN, PgServer, pg_schema, query, queue_rows, require_pg  # noq
 from procs import ServerProcess, free_port, gwcore_cli
 from replies import each_gets_its_reply, replying_site
 from test_ha import metric, readyz
-from test_selected_ha import STANDBY, alive, elections_under_kills, leaders, report
-from test_sites import counts, enqueue, wait_for
+from test_selected_ha import STANDBY, alive, elections_under_kills, leaders, load_through_nginx, report
+from test_sites import wait_for
 
 pytest.importorskip("asyncpg")
 
@@ -164,36 +164,13 @@ def test_never_two_leaders_over_random_kills_and_restarts(tmp_path, pg_schema):
 
 def run_under_load(tmp_path, schema: str, disrupt, n: int, times: int, instances: int = 3,
                    dsn: str = PG_DSN, **env: str):
-    """*instances* behind nginx, a gwcore sender pushing *n* messages; ``disrupt(nodes, i)`` *times*
-    times mid-stream. Returns (ids, the message ids in the queue table, nginx answers)."""
+    """*instances* behind nginx, a gwcore sender pushing *n* messages, ``disrupt(nodes, i)`` *times*
+    times mid-stream (test_selected_ha.load_through_nginx). Returns (ids, the message ids in the
+    queue table, nginx answers)."""
     env.setdefault("GWCORE_MAX_BATCH_MESSAGES", "4")
     nodes = [pg_instance(tmp_path, schema, f"i{i}", dsn=dsn, **env) for i in range(instances)]
-    for node in nodes:
-        node.start()
-    proxy = Nginx(str(tmp_path / "nginx"), free_port(), [node.port for node in nodes], tries=0, repeat=2).start()
-    url = f"http://127.0.0.1:{proxy.port}/{ENDPOINT}/"
-    a_dir, a_port = str(tmp_path / "a" / "store"), free_port()
-    ids = enqueue(a_dir, a_port, f"SiteB={url}", n)
-    sender = ServerProcess(a_dir, a_port, GWCORE_ENDPOINT="SiteA", GWCORE_SITES=f"SiteB={url}",
-                           GWCORE_RETRIES="100000", GWCORE_RETRY_DELAYS="0.05s", GWCORE_SEND_CONCURRENCY="12")
-    rng = random.Random(schema)
-    try:
-        wait_for(lambda: len(leaders(nodes)) == 1, 20, "a leader")
-        sender.start()
-        for i in range(times):
-            floor = (i + 1) * n // (times + 2) + rng.randrange(n // 10)
-            wait_for(lambda: n - counts(a_dir)["outgoing"] >= floor, 120, f"{floor} messages sent")
-            assert counts(a_dir)["outgoing"] > 0, "the disruption came after the transfer ended: it tests nothing"
-            disrupt(nodes, i)
-        wait_for(lambda: counts(a_dir)["outgoing"] == 0, 120, "the sender's outgoing queue to drain")
-    finally:
-        for proc in (sender, *nodes):
-            if alive(proc):
-                assert proc.terminate() == 0
-        proxy.stop()
-    assert counts(a_dir)["outgoing_errors"] == 0
-    assert gwcore_cli("inspect", "errors", data_dir=a_dir) == ""
-    return ids, message_ids(schema, dsn), proxy.answers(f"/{ENDPOINT}/")
+    ids, answers = load_through_nginx(tmp_path, nodes, disrupt, n, times, f"/{ENDPOINT}/")
+    return ids, message_ids(schema, dsn), answers
 
 
 def check_exactly_once(ids: list[str], stored: list[str]) -> None:
@@ -272,12 +249,6 @@ def test_a_callback_is_answered_on_the_instance_that_asked(tmp_path, pg_schema, 
     proxy = Nginx(str(tmp_path / "nginx"), free_port(), a_ports, tries=0, repeat=2).start()
     a_url = f"http://127.0.0.1:{proxy.port}/{ENDPOINT}/"
 
-    async def until(predicate, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            await asyncio.sleep(0.02)
-
     async def main():
         b, b_url = await replying_site(str(tmp_path / "b"))
         a = [await Gateway(Settings.from_env(
@@ -285,14 +256,8 @@ def test_a_callback_is_answered_on_the_instance_that_asked(tmp_path, pg_schema, 
             instance=f"a{i}", election_interval=0.02, data_dir=str(tmp_path / f"a{i}"),
             receive_channels=f"http://127.0.0.1:{a_ports[i]}/{ENDPOINT}/", sites=f"SiteB={b_url}",
             reply_to_uri=a_url, retry_delays=(0.1,), retries=50)).start() for i in range(3)]
-        try:
-            await until(lambda: sum(g.ready for g in a) == 1, 10, "a leader")
-            await each_gets_its_reply(a)
-            assert [g.selected.reply_queue for g in a] == [f"{ENDPOINT}.gwcore.a{i}" for i in range(3)]
-        finally:
-            for g in a:
-                await g.stop()
-            await b.stop()
+        assert [g.selected.reply_queue for g in a] == [f"{ENDPOINT}.gwcore.a{i}" for i in range(3)]
+        await each_gets_its_reply(a, b)
 
     try:
         run(main())

@@ -109,28 +109,23 @@ def test_at_most_one_leader_over_100_kills_and_restarts(tmp_path, endpoint):
 N = 20_000
 
 
-def run_under_load(tmp_path, endpoint: str, disrupt, n: int = N, times: int = 3, check_in_flight: bool = True,
-                   ready=None, broker_url: str = AMQP_URL, **env: str):
-    """3 instances behind nginx, a gwcore sender pushing *n* messages; ``disrupt(nodes, i)`` is
-    called *times* times mid-stream, ``ready(nodes)`` (if given) once a leader is elected, before
-    the sender starts. *broker_url*: where the endpoint queue is read back from (the instances'
-    broker is GWCORE_AMQP_URL in *env*, default the tests' broker). Returns (ids, messages in the
-    endpoint queue, nginx answers, the instances' count of marked dispatches)."""
-    # small batches (the sender batches to gwcore instances), 12 at once: 48 messages in flight, so
-    # batches cross every disruption and the transfer lasts long enough for all of them
-    env.setdefault("GWCORE_MAX_BATCH_MESSAGES", "4")
-    nodes = [instance(tmp_path, endpoint, f"i{i}", **env) for i in range(3)]
+def load_through_nginx(tmp_path, nodes: list[ServerProcess], disrupt, n: int, times: int, path: str,
+                       check_in_flight: bool = True, ready=None, settle=None) -> tuple[list[str], list]:
+    """*nodes* (not started) behind nginx, a gwcore sender pushing *n* messages to *path*;
+    ``disrupt(nodes, i)`` is called *times* times mid-stream, ``ready(nodes)`` (if given) once a
+    leader is elected, before the sender starts, ``settle(nodes)`` once the sender is done, before
+    the instances stop. Nothing may end in the sender's error queue. Returns (ids, nginx answers)."""
     for node in nodes:
         node.start()
     proxy = Nginx(str(tmp_path / "nginx"), free_port(), [node.port for node in nodes], tries=0, repeat=2).start()
-    url = f"http://127.0.0.1:{proxy.port}/{endpoint}/"
+    url = f"http://127.0.0.1:{proxy.port}{path}"
     a_dir, a_port = str(tmp_path / "a" / "store"), free_port()
     ids = enqueue(a_dir, a_port, f"SiteB={url}", n)
     sender = ServerProcess(a_dir, a_port, GWCORE_ENDPOINT="SiteA", GWCORE_SITES=f"SiteB={url}",
                            GWCORE_RETRIES="100000", GWCORE_RETRY_DELAYS="0.05s", GWCORE_SEND_CONCURRENCY="12")
-    rng = random.Random(endpoint)
+    rng = random.Random(str(tmp_path))
     try:
-        wait_for(lambda: len(leaders(nodes)) == 1, 10, "a leader")
+        wait_for(lambda: len(leaders(nodes)) == 1, 20, "a leader")
         if ready is not None:
             ready(nodes)
         sender.start()
@@ -143,12 +138,8 @@ def run_under_load(tmp_path, endpoint: str, disrupt, n: int = N, times: int = 3,
                 # (checked before: with ack=stored the rest can be through before a restart is)
                 assert waiting > 0, "the disruption came after the transfer ended: it tests nothing"
         wait_for(lambda: counts(a_dir)["outgoing"] == 0, 180, "the sender's outgoing queue to drain")
-        for node in nodes:
-            if not alive(node):
-                node.start()
-        # what a killed leader left in its outbox is dispatched once it runs again
-        wait_for(lambda: all(counts(node.data_dir)["queue"] == 0 for node in nodes), 60, "every outbox to drain")
-        flagged = sum(int(metric(node.port, "gwcore_possible_duplicates_total").split()[-1]) for node in nodes)
+        if settle is not None:
+            settle(nodes)
     finally:
         for proc in (sender, *nodes):
             if alive(proc):
@@ -156,8 +147,32 @@ def run_under_load(tmp_path, endpoint: str, disrupt, n: int = N, times: int = 3,
         proxy.stop()
     assert counts(a_dir)["outgoing_errors"] == 0
     assert gwcore_cli("inspect", "errors", data_dir=a_dir) == ""
-    got = drain(endpoint, url=broker_url)
-    return ids, got, proxy.answers(f"/{endpoint}/"), flagged
+    return ids, proxy.answers(path)
+
+
+def run_under_load(tmp_path, endpoint: str, disrupt, n: int = N, times: int = 3, check_in_flight: bool = True,
+                   ready=None, broker_url: str = AMQP_URL, **env: str):
+    """3 instances behind nginx, a gwcore sender pushing *n* messages (:func:`load_through_nginx`).
+    *broker_url*: where the endpoint queue is read back from (the instances' broker is
+    GWCORE_AMQP_URL in *env*, default the tests' broker). Returns (ids, messages in the endpoint
+    queue, nginx answers, the instances' count of marked dispatches)."""
+    # small batches (the sender batches to gwcore instances), 12 at once: 48 messages in flight, so
+    # batches cross every disruption and the transfer lasts long enough for all of them
+    env.setdefault("GWCORE_MAX_BATCH_MESSAGES", "4")
+    nodes = [instance(tmp_path, endpoint, f"i{i}", **env) for i in range(3)]
+    flagged = []
+
+    def settle(nodes):
+        for node in nodes:
+            if not alive(node):
+                node.start()
+        # what a killed leader left in its outbox is dispatched once it runs again
+        wait_for(lambda: all(counts(node.data_dir)["queue"] == 0 for node in nodes), 60, "every outbox to drain")
+        flagged.append(sum(int(metric(node.port, "gwcore_possible_duplicates_total").split()[-1]) for node in nodes))
+
+    ids, answers = load_through_nginx(tmp_path, nodes, disrupt, n, times, f"/{endpoint}/", check_in_flight, ready,
+                                      settle)
+    return ids, drain(endpoint, url=broker_url), answers, flagged[0]
 
 
 def check_queue(ids: list[str], got) -> tuple[int, int]:
