@@ -1,6 +1,6 @@
 """What both forms of selected mode (RabbitMQ: gwcore/selected/, PostgreSQL: gwcore/pgsql/) share
-besides the holding of submits (gwcore/holding.py): the instance's name, the URL the other
-instances reach it at, and stopping a part's task."""
+besides the holding of submits (gwcore/holding.py): :class:`SelectedBase` (the gateway's store and
+writer, the instance's name, the URL the other instances reach it at) and stopping a part's task."""
 
 from __future__ import annotations
 
@@ -13,8 +13,28 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .config import Settings
     from .gateway import Gateway
+    from .store import Store, Writer
 
-__all__ = ("instance_name", "own_url", "cancel_and_wait")
+__all__ = ("SelectedBase", "instance_name", "own_url", "cancel_and_wait")
+
+
+class SelectedBase:
+    """What a selected mode's glue starts from (made by the gateway once its store is open)."""
+
+    def __init__(self, gateway: "Gateway") -> None:
+        self.settings = gateway.settings
+        self.gateway = gateway
+        if gateway.store is None or gateway.writer is None:
+            raise RuntimeError("selected mode starts after the store")
+        self.store: "Store" = gateway.store
+        self.writer: "Writer" = gateway.writer
+        self.instance = instance_name(self.settings)
+        self.consume = False  # set by the gateway when a handler (or messages()) takes the input queue
+        self.stopping = False
+
+    def own_url(self) -> str:
+        """Where the other instances reach this one's receive channel (forwarded submits)."""
+        return own_url(self.gateway)
 
 
 def instance_name(settings: "Settings") -> str:

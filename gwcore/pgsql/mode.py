@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING
 from ..errors import ConfigurationError
 from ..holding import STANDBY
 from ..metrics import Families, counter, gauge, histogram
-from ..selectedbase import cancel_and_wait, instance_name, own_url
-from ..store import Store, Writer
+from ..selectedbase import SelectedBase, cancel_and_wait
 from . import db, schema
 from .election import Election
 from .handover import Handover
@@ -34,22 +33,16 @@ _CLEANUP_EVERY = 5.0  # seconds between slices of expired dedup rows (the leader
 _START_TIMEOUT = 30.0  # the tables must be there (the database reachable) within this at start
 
 
-class PgSelected:
+class PgSelected(SelectedBase):
     """The selected-instance mode of one gateway on PostgreSQL."""
 
     def __init__(self, gateway: "Gateway") -> None:
-        s = self.settings = gateway.settings
-        self.gateway = gateway
-        if gateway.store is None or gateway.writer is None:
-            raise RuntimeError("selected mode starts after the store")
-        self.store: Store = gateway.store
-        self.writer: Writer = gateway.writer
-        self.instance = instance_name(s)
+        super().__init__(gateway)
+        s = self.settings
         self.names = Names(s.pg_schema, s.endpoint, self.instance)
         #: the address replies to this instance's requests carry (``NServiceBus.ReplyToAddress``)
         self.reply_queue = self.names.instance_table
         self.messages = PgQueue(self, s.handler_max_attempts)
-        self.consume = False  # set by the gateway when a handler (or messages()) takes the input queue
         self.election = Election(self)
         #: the listeners' ingest sink in this mode
         self.sink = Sink(self)
@@ -57,7 +50,6 @@ class PgSelected:
         self._instances = {self.names.instance_table}  # reply tables of the endpoint's instances (routing)
         self._cleanup: asyncio.Task | None = None
         self.dedup_expired = 0
-        self.stopping = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -139,9 +131,6 @@ class PgSelected:
         """The election's connection is gone (and the leadership with it)."""
         self.sink.fail_waiting(db.unavailable(self.election.last_error))
         self.update_listeners()
-
-    def own_url(self) -> str:
-        return own_url(self.gateway)
 
     # -- the tables ----------------------------------------------------------------------------------
 
