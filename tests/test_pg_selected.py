@@ -38,10 +38,10 @@ def pg_instance(tmp_path, schema: str, name: str, dsn: str = PG_DSN, **env: str)
     return proc
 
 
-def post(port: int, msg_id: str, body: bytes = b'{"Hello":"World"}') -> tuple[int, str]:
+def post(port: int, msg_id: str, body: bytes = b'{"Hello":"World"}', extra=None) -> tuple[int, str]:
     async def main():
         async with Client("127.0.0.1", port) as c:
-            return await c.request(nsb_request(msg_id, body, path=f"/{ENDPOINT}/"))
+            return await c.request(nsb_request(msg_id, body, path=f"/{ENDPOINT}/", extra=extra))
 
     r = asyncio.run(main())
     return r.status, r.reason
@@ -79,6 +79,9 @@ def test_submits_are_stored_once_and_read_as_the_transport_reads_them(tmp_path, 
             assert post(a.port, i, f'{{"n":"{i}"}}'.encode()) == (200, "OK")
         assert post(a.port, ids[0]) == (200, "OK")  # a retry: answered, not stored again
         assert post(b.port, str(uuid.uuid4())) == (503, STANDBY)
+        # a claim check whose part never came: NServiceBus's 412, nothing stored
+        assert post(a.port, str(uuid.uuid4()), extra=[("NServiceBus.Header.NServiceBus.DataBus.Big", "k1")]) == (
+            412, "Expected 1 claimcheck properties. None were received. Please resubmit.")
         assert float(metric(a.port, "gwcore_pg_duplicates_total").split()[-1]) == 1
         got = transport_receive(pg_schema, ENDPOINT)
         assert [g[0] for g in got] == ids  # Id = the message id (a UUID), in the order accepted
@@ -266,3 +269,52 @@ def test_a_callback_is_answered_on_the_instance_that_asked(tmp_path, pg_schema, 
     assert queue_rows(pg_schema, ENDPOINT) == []
     for i in range(3):
         assert queue_rows(pg_schema, f"{ENDPOINT}.gwcore.a{i}") == []  # each reply consumed where it was asked
+
+
+def test_databus_parts_are_recorded_in_the_database_and_read_by_a_handler(tmp_path, pg_schema, run):
+    """A gwcore sender's message with two databus properties to the leader; the blobs in the shared
+    blob dir, the part records in the database until the submit takes them; a handler on either
+    instance reads the blobs by the names in its headers."""
+    from gwcore import Gateway, Settings
+
+    blobs = str(tmp_path / "shared-blobs")
+    big, small = os.urandom(1 << 20), b"a small property"
+    read: list[tuple[str, bytes, bytes]] = []
+
+    def instance_settings(i: int, port: int) -> Settings:
+        return Settings.from_env({}, mode="selected", transport="postgresql", pg_dsn=PG_DSN, pg_schema=pg_schema,
+                                 endpoint=ENDPOINT, instance=f"d{i}", election_interval=0.02,
+                                 data_dir=str(tmp_path / f"d{i}"), blob_dir=blobs,
+                                 receive_channels=f"http://127.0.0.1:{port}/{ENDPOINT}/")
+
+    async def main():
+        def handler_of(name: str):
+            async def handle(message):
+                read.append((name, message.databus["NServiceBus.DataBus.Big"].read(),
+                             message.databus["NServiceBus.DataBus.Small"].read()))
+            return handle
+
+        ports = [free_port(), free_port()]
+        leader = await Gateway(instance_settings(0, ports[0]), handler=handler_of("d0")).start()
+        standby = await Gateway(instance_settings(1, ports[1]), handler=handler_of("d1")).start()
+        sender = await Gateway(Settings.from_env({}, data_dir=str(tmp_path / "s"), endpoint="SiteA",
+                                                 receive_channels=f"http://127.0.0.1:{free_port()}/SiteA/",
+                                                 sites=f"B=http://127.0.0.1:{ports[0]}/{ENDPOINT}/",
+                                                 retry_delays=(0.1,))).start()
+        try:
+            deadline = time.monotonic() + 10
+            while not leader.ready:
+                assert time.monotonic() < deadline, "d0 never led"
+                await asyncio.sleep(0.02)
+            await sender.send_to_sites(["B"], b"{}", databus={"Big": big, "Small": small})
+            while not read:
+                assert time.monotonic() < deadline + 20, "the message was never handled"
+                await asyncio.sleep(0.05)
+            assert sender.store.counts()["outgoing_errors"] == 0
+        finally:
+            for gw in (sender, standby, leader):
+                await gw.stop()
+
+    run(main())
+    assert [(b, s) for _name, b, s in read] == [(big, small)]
+    assert query(f'SELECT count(*) FROM "{pg_schema}".gwcore_databus_parts')[0][0] == 0  # taken by the submit

@@ -12,6 +12,8 @@ Every table lives in ``GWCORE_PG_SCHEMA``:
 - ``"<endpoint>.gwcore.<instance>"``: each instance's reply table (callbacks), same layout.
 - ``gwcore_dedup``: (endpoint, message id) -> expiry: the dedup record that commits with the
   queue row.
+- ``gwcore_databus_parts``: (endpoint, part key) -> the blob file in the shared blob dir of a
+  databus part waiting for its submit.
 - ``gwcore_schema``: the version of gwcore's own tables.
 
 All of it is created in one transaction under a transaction-level advisory lock, so instances
@@ -62,6 +64,7 @@ class Names:
         self.error = f"{s}.{quote('error')}"
         self.instance = f"{s}.{quote(self.instance_table)}"
         self.dedup = f"{s}.gwcore_dedup"
+        self.parts = f"{s}.gwcore_databus_parts"
         self.version = f"{s}.gwcore_schema"
         key = _signed32(zlib.crc32(f"{schema}\0{endpoint}".encode()))
         #: pg_try_advisory_lock(LOCK_CLASS, election_key): the endpoint's leadership
@@ -90,6 +93,9 @@ def _version_1(names: Names) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS {names.dedup} (endpoint text NOT NULL, id text NOT NULL, "
         "expires_at timestamptz NOT NULL, PRIMARY KEY (endpoint, id))",
         f"CREATE INDEX IF NOT EXISTS gwcore_dedup_expires ON {names.dedup} (expires_at)",
+        f"CREATE TABLE IF NOT EXISTS {names.parts} (endpoint text NOT NULL, part_key bytea NOT NULL, "
+        "blob text NOT NULL, size bigint NOT NULL, md5 text NOT NULL, sha256 text NOT NULL, "
+        "expires_at timestamptz NOT NULL, PRIMARY KEY (endpoint, part_key))",
     ]
 
 

@@ -27,7 +27,8 @@ from .._core import core
 from ..errors import DatabaseUnavailableError
 from ..ingest import Done, IngestSink
 from ..selectedbase import cancel_and_wait
-from . import db
+from ..databus import PartJob
+from . import db, parts
 
 if TYPE_CHECKING:
     from .mode import PgSelected
@@ -55,8 +56,6 @@ WITH fresh AS (
 SELECT id FROM fresh
 """
 _ID_NAMESPACE = uuid.UUID("5b0c9a62-93a4-4f0e-9a43-6777636f7265")
-_DATABUS = ("Not Implemented: databus (claim-check) properties are not received in selected mode on "
-            "PostgreSQL yet")
 
 
 def row_uuid(msg_id: str) -> uuid.UUID:
@@ -104,9 +103,6 @@ class Sink(IngestSink):
         return len(self._waiting) + self._in_flight
 
     def ingest_then(self, envelope: Any, done: Done) -> None:
-        if envelope.databus:
-            done(True, core.Rejection(501, _DATABUS))
-            return
         if "\x00" in envelope.id:
             # a text column cannot hold it; refused here rather than failing the whole batch
             done(True, core.Rejection(400, "Bad Request: NServiceBus.Id contains a NUL character"))
@@ -117,11 +113,24 @@ class Sink(IngestSink):
         self._waiting.append((envelope, done))
         self._work.set()
 
-    def call(self, fn: Callable[[Any], Any]) -> Any:
-        """Writer jobs (a databus part's index record) run in this instance's local store; the
-        submit that names parts is refused 501 (:meth:`ingest_then`), so nothing reaches the
-        queue table half-received."""
-        return self._writer.call(fn)
+    async def call(self, fn: Callable[[Any], Any]) -> Any:
+        """Writer jobs run in this instance's local store; a databus part
+        (:class:`gwcore.databus.PartJob`) is indexed there and then recorded in the database on
+        the leader's connection (gwcore/pgsql/parts.py) before it is answered.
+
+        :raises DatabaseUnavailableError: the part could not be recorded (503; sent again)."""
+        value = await self._writer.call(fn)
+        if isinstance(fn, PartJob):
+            election = self._mode.election
+            try:
+                async with election.lock:
+                    if not election.leading or election.conn is None:
+                        raise self._not_leading()
+                    await parts.record_part(election.conn, self._mode.names, fn)
+            except db.DB_ERRORS as exc:
+                election.connection_failed(exc)
+                raise db.unavailable(exc) from None
+        return value
 
     def blob_expiry_ms(self, expiry_ms: int, accepted_ms: int) -> int:
         return self._writer.blob_expiry_ms(expiry_ms, accepted_ms)
@@ -154,21 +163,13 @@ class Sink(IngestSink):
                     self._in_flight = 0
 
     async def _commit(self, batch: list[tuple[Any, Done]]) -> None:
-        # one row per id: a second submit of an id in the same batch gets the first one's outcome
-        first: dict[str, int] = {}
-        groups: dict[str, list[int]] = {}
-        route = self._mode.route
-        for i, (env, _done) in enumerate(batch):
-            if env.id not in first:
-                first[env.id] = i
-                groups.setdefault(route(env.headers), []).append(i)
         election = self._mode.election
         started = time.perf_counter()
         try:
             async with election.lock:
                 if not election.leading or election.conn is None:
                     raise self._not_leading()
-                fresh = await self._insert(election.conn, batch, groups)
+                outcomes = await self._insert(election.conn, [env for env, _done in batch])
         except DatabaseUnavailableError as exc:
             self._fail(batch, exc)
             return
@@ -182,38 +183,58 @@ class Sink(IngestSink):
             return
         self.commit_seconds.observe(time.perf_counter() - started)
         self.batches += 1
-        for i, (env, done) in enumerate(batch):
-            new = env.id in fresh and first[env.id] == i
-            self.committed += new
-            self.duplicates += not new
-            done(True, new)
+        for (_env, done), outcome in zip(batch, outcomes):
+            if outcome is True:
+                self.committed += 1
+            elif outcome is False:
+                self.duplicates += 1
+            done(True, outcome)
 
-    async def _insert(self, conn: Any, batch: list[tuple[Any, Done]], groups: dict[str, list[int]]) -> set[str]:
-        endpoint = self._mode.settings.endpoint
+    async def _insert(self, conn: Any, envelopes: list[Any]) -> list[Any]:
+        """One group commit; each submit's outcome: True new, False a duplicate, a Rejection."""
+        names = self._mode.names
+        # one row per id: a second submit of an id in the same batch gets the first one's outcome
+        first: dict[str, int] = {}
+        for i, env in enumerate(envelopes):
+            first.setdefault(env.id, i)
+        uniques = sorted(first.values())
+        claims = [i for i in uniques if envelopes[i].databus]
         fresh: set[str] = set()
 
         async def one(table: str, indexes: list[int]) -> None:
             ids, uids, expires, headers, bodies = [], [], [], [], []
             for i in indexes:
-                env = batch[i][0]
+                env = envelopes[i]
                 uid, exp, h, body = queue_row(env.id, env.headers, env.body, env.expiry_ms)
                 ids.append(env.id)
                 uids.append(uid)
                 expires.append(exp)
                 headers.append(h)
                 bodies.append(body)
-            rows = await conn.fetch(INSERT_UNIQUE.format(dedup=self._mode.names.dedup, queue=table),
-                                    endpoint, self._ttl, ids, uids, expires, headers, bodies)
+            rows = await conn.fetch(INSERT_UNIQUE.format(dedup=names.dedup, queue=table),
+                                    self._mode.settings.endpoint, self._ttl, ids, uids, expires, headers, bodies)
             fresh.update(r[0] for r in rows)
 
-        if len(groups) == 1:
-            (table, indexes), = groups.items()
-            await one(table, indexes)  # one statement: its own transaction
-        else:
+        async def all_of_it() -> dict[int, Any]:
+            rejected = await parts.resolve(conn, names, envelopes, claims) if claims else {}
+            groups: dict[str, list[int]] = {}
+            for i in uniques:
+                if i not in rejected:
+                    groups.setdefault(self._mode.route(envelopes[i].headers), []).append(i)
+            for table, indexes in groups.items():
+                await one(table, indexes)
+            return rejected
+
+        if claims or len({self._mode.route(envelopes[i].headers) for i in uniques}) > 1:
             async with conn.transaction():
-                for table, indexes in groups.items():
-                    await one(table, indexes)
-        return fresh
+                rejected = await all_of_it()
+        else:
+            rejected = await all_of_it()  # one statement: its own transaction
+        outcomes: list[Any] = []
+        for i, env in enumerate(envelopes):
+            j = first[env.id]
+            outcomes.append(rejected[j] if j in rejected else env.id in fresh and i == j)
+        return outcomes
 
     def _fail(self, batch: list[tuple[Any, Done]], exc: BaseException) -> None:
         self.failed += len(batch)
