@@ -59,7 +59,7 @@ def test_instances_starting_together_do_not_race(pg_schema):
     found = _ensure_all([Names(pg_schema, f"E{i % 2}", f"i{i}") for i in range(8)])
     assert sorted(found) == [0] + [1] * 7
     tables = {r[0] for r in query("SELECT tablename FROM pg_tables WHERE schemaname = $1", pg_schema)}
-    assert {"E0", "E1", "error", "gwcore_dedup", "gwcore_schema"} | {f"E{i % 2}.gwcore.i{i}" for i in range(8)} == tables
+    assert {"E0", "E1", "error", "gwcore_dedup", "gwcore_databus_parts", "gwcore_schema"} | {f"E{i % 2}.gwcore.i{i}" for i in range(8)} == tables
 
 
 def test_tables_of_a_newer_gwcore_are_refused(pg_schema):
