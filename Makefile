@@ -13,14 +13,14 @@ FUZZ_SECONDS ?= 60
 # The editable install builds the extension in place, once, with .venv's own build requirements
 # (pyproject.toml's [build-system]; so `setup.py build_ext --inplace` afterwards finds it current),
 # quietly: setuptools' advice on editable installs is not for us. The selected-mode tests need the
-# RabbitMQ client, an extra (pip install 'gwcore[rabbitmq]'); tests/test_plot.py and the benchmark
-# drivers' pictures need matplotlib, the bench extra.
+# RabbitMQ client and the PostgreSQL client, extras (pip install 'gwcore[rabbitmq,postgresql]');
+# tests/test_plot.py and the benchmark drivers' pictures need matplotlib, the bench extra.
 BUILD_REQUIRES = $(PY) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")'
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(BUILD_REQUIRES) | xargs -d '\n' $(PY) -m pip install -q
-	PYTHONWARNINGS=ignore $(PY) -m pip install -q --no-build-isolation -e '.[dev,rabbitmq,bench]'
+	PYTHONWARNINGS=ignore $(PY) -m pip install -q --no-build-isolation -e '.[dev,rabbitmq,postgresql,bench]'
 	touch $@
 
 # Rebuild the extension whenever the Cython sources change (editable installs do not), and

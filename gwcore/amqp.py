@@ -39,6 +39,7 @@ from pamqp.commands import Basic
 
 from ._core import core
 from .config import redacted_url, split_amqp_urls
+from .selectedbase import cancel_and_wait
 
 __all__ = ("Link", "Topology", "to_amqp", "from_amqp", "POSSIBLE_DUPLICATE", "broker_errors", "PublishRefused",
            "cancel_and_wait", "FramePublisher")
@@ -333,17 +334,6 @@ class Link:
                 pass
         self._closed.set()
         await cancel_and_wait(self._task)
-
-
-async def cancel_and_wait(task: asyncio.Future | None) -> None:
-    """Cancel *task* and wait until it has ended, whatever it ended with."""
-    if task is None:
-        return
-    task.cancel()
-    try:
-        await task
-    except BaseException:  # its cancellation, or the error it had ended with already
-        pass
 
 
 def _close_quietly(channel: Any) -> None:

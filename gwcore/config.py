@@ -26,6 +26,7 @@ LOOPS = ("auto", "uvloop", "asyncio")
 HA_CHOICES = ("auto", "on", "off")
 FILE_MODE_CHOICES = tuple(FILE_MODES)
 ACK_CHOICES = ("dispatched", "stored")
+TRANSPORTS = ("rabbitmq", "postgresql")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -190,6 +191,21 @@ def redacted_url(url: str) -> str:
         return url
     scheme, _, userinfo = head.partition("://")
     return f"{scheme}://{userinfo.split(':')[0]}@{tail}"
+
+
+def _pg_dsn(text: str) -> str:
+    """A libpq connection URI (``postgresql://`` or ``postgres://``), as asyncpg takes it."""
+    dsn = text.strip()
+    _url_parts(dsn, ("postgresql", "postgres"), f"{redacted_url(dsn)!r} is not a postgresql:// URL",
+               repr(redacted_url(dsn)))
+    return dsn
+
+
+def _pg_schema(text: str) -> str:
+    name = text.strip()
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+        raise ValueError(f"{name!r}: use lower-case letters, digits and '_' (at most 63, not a digit first)")
+    return name
 
 
 def _instance_name(text: str) -> str | None:
@@ -558,6 +574,10 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "GWCORE_OUTBOX_MAX": ("outbox_max", _positive_int, "100000"),
     "GWCORE_ELECTION_INTERVAL": ("election_interval", _positive_duration, "250ms"),
     "GWCORE_INSTANCE": ("instance", _instance_name, ""),
+    # selected-instance mode on PostgreSQL
+    "GWCORE_TRANSPORT": ("transport", _choice(TRANSPORTS), "rabbitmq"),
+    "GWCORE_PG_DSN": ("pg_dsn", _pg_dsn, "postgresql://postgres@127.0.0.1:5432/postgres"),
+    "GWCORE_PG_SCHEMA": ("pg_schema", _pg_schema, "public"),
 }
 
 
@@ -638,6 +658,10 @@ class Settings:
     outbox_max: int = 100_000
     election_interval: float = 0.25
     instance: str | None = None
+    #: GWCORE_TRANSPORT: what selected mode runs on, ``rabbitmq`` or ``postgresql``.
+    transport: str = "rabbitmq"
+    pg_dsn: str = dataclasses.field(default="postgresql://postgres@127.0.0.1:5432/postgres", repr=False)
+    pg_schema: str = "public"
     receive_keys: tuple[tuple[str, bytes], ...] = dataclasses.field(default=(), repr=False)
     allow_unsigned: bool = True
     #: The admin listener (``/metrics``, ``/healthz``, ``/readyz`` only); None: none.

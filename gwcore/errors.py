@@ -8,6 +8,7 @@ __all__ = (
     "StoreFullError",
     "StoreUnavailableError",
     "BrokerUnavailableError",
+    "DatabaseUnavailableError",
     "HandoverError",
     "InternalError",
     "ExtensionMissingError",
@@ -53,6 +54,11 @@ class StoreUnavailableError(StoreError):
 class BrokerUnavailableError(StoreUnavailableError):
     """The broker cannot be reached (or refused a publish): the submit is answered 503
     (selected-instance mode)."""
+
+
+class DatabaseUnavailableError(StoreUnavailableError):
+    """The PostgreSQL database cannot be reached (or gave up a transaction): the submit is
+    answered 503 and nothing of it is acknowledged (selected-instance mode on PostgreSQL)."""
 
 
 class HandoverError(GatewayError):

@@ -43,18 +43,31 @@ def _host_port(host: str, port: int) -> str:
 #: The modules of the RabbitMQ client (the rabbitmq extra) that selected mode imports.
 BROKER_CLIENT_MODULES = ("aio_pika", "aiormq", "pamqp")
 BROKER_CLIENT_INSTALL = "pip install 'gwcore[rabbitmq]'"
+#: The PostgreSQL client (the postgresql extra) of selected mode with GWCORE_TRANSPORT=postgresql.
+PG_CLIENT_MODULES = ("asyncpg",)
+PG_CLIENT_INSTALL = "pip install 'gwcore[postgresql]'"
 
 
-def _require_broker_client() -> None:
-    """Import selected mode's code, or stop with the one line that says what to install: the
-    RabbitMQ client is an extra, not a dependency of every gateway."""
+def _import_selected(transport: str) -> Any:
+    """Selected mode's class for *transport* (``GWCORE_TRANSPORT``), or stop with the one line
+    that says what to install: each transport's client is an extra, not a dependency of every
+    gateway."""
     try:
-        from . import selected  # noqa: F401
+        if transport == "postgresql":
+            from .pgsql import PgSelected
+
+            return PgSelected
+        from .selected import Selected
+
+        return Selected
     except ImportError as exc:
-        if (exc.name or "").partition(".")[0] not in BROKER_CLIENT_MODULES:
+        modules, install, what = ((PG_CLIENT_MODULES, PG_CLIENT_INSTALL, "GWCORE_TRANSPORT=postgresql needs asyncpg")
+                                  if transport == "postgresql" else
+                                  (BROKER_CLIENT_MODULES, BROKER_CLIENT_INSTALL,
+                                   "GWCORE_MODE=selected needs the RabbitMQ client"))
+        if (exc.name or "").partition(".")[0] not in modules:
             raise
-        raise ConfigurationError(f"GWCORE_MODE=selected needs the RabbitMQ client, and {exc.name} is not "
-                                 f"installed: {BROKER_CLIENT_INSTALL}") from None
+        raise ConfigurationError(f"{what}, and {exc.name} is not installed: {install}") from None
 
 
 def _os_reason(exc: OSError) -> str:
@@ -101,7 +114,7 @@ class Gateway:
         self.role = "starting"  # then "passive" or "active"; "stopped" after stop()
         self._takeover: asyncio.Task[None] | None = None
         self._activating = False
-        self.selected: Any = None  # gwcore.selected.Selected in GWCORE_MODE=selected
+        self.selected: Any = None  # gwcore.selected.Selected or gwcore.pgsql.PgSelected in GWCORE_MODE=selected
         self.stop_requested = asyncio.Event()  # `gwcore handover` asks the serving process to stop
         #: The handler calls' times (gwcore_handler_seconds).
         self.handler_seconds = metrics.Buckets()
@@ -163,7 +176,7 @@ class Gateway:
         """
         s = self.settings
         if s.mode == "selected":
-            _require_broker_client()
+            _import_selected(s.transport)
         lease = None
         if listen and s.passive_allowed:
             lease = try_lease(s.data_dir)
@@ -346,15 +359,13 @@ class Gateway:
         on a takeover alike."""
         if self.settings.mode != "selected" or self.selected is not None:
             return
-        from .selected import Selected
-
-        sel = self.selected = Selected(self)
+        sel = self.selected = _import_selected(self.settings.transport)(self)
         sel.consume = self._handler is not None and bool(self.states)  # a gateway that listens runs it
         sel.messages.intercept = self._intercept_reply
         for state in self.states:
-            # submits go through the outbox and the broker (the mode's ingest sink, its
-            # Dispatcher), so not straight into the writer's compiled inbox
-            state.attach(writer=sel.dispatcher, inbox=None, blobs=self.blobs, hold=sel.handover.hold)
+            # submits go through the mode's ingest sink (the outbox and the broker, or the
+            # database), so not straight into the writer's compiled inbox
+            state.attach(writer=sel.sink, inbox=None, blobs=self.blobs, hold=sel.handover.hold)
         await sel.start()
 
     async def _stop_mode(self) -> None:

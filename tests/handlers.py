@@ -24,6 +24,13 @@ def append_to_file(message) -> None:
         f.write(message.id + "\n")
 
 
+def fail_on_poison(message) -> None:
+    """Fails every attempt at a message whose body says ``poison``; logs the others' ids."""
+    if b"poison" in message.body:
+        raise ValueError(f"cannot handle {message.id}")
+    append_to_file(message)
+
+
 def append_slowly(message) -> None:
     import time
 

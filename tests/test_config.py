@@ -59,6 +59,13 @@ def test_environment_and_precedence():
     ("GWCORE_INSTANCE", "a b",
      "GWCORE_INSTANCE='a b' is invalid: 'a b': use letters, digits, '.', '_' and '-' (it names a queue)"),
     ("GWCORE_ELECTION_INTERVAL", "0", "GWCORE_ELECTION_INTERVAL='0' is invalid: must be greater than zero"),
+    ("GWCORE_TRANSPORT", "mssql",
+     "GWCORE_TRANSPORT='mssql' is invalid: 'mssql' is not one of rabbitmq, postgresql"),
+    ("GWCORE_PG_DSN", "mysql://u:pw@db/x",
+     "GWCORE_PG_DSN='mysql://u:pw@db/x' is invalid: 'mysql://u@db/x' is not a postgresql:// URL"),
+    ("GWCORE_PG_SCHEMA", "My-Schema",
+     "GWCORE_PG_SCHEMA='My-Schema' is invalid: 'My-Schema': use lower-case letters, digits and '_' "
+     "(at most 63, not a digit first)"),
     ("GWCORE_HTTP_MIN_RATE", "0/s", "GWCORE_HTTP_MIN_RATE='0/s' is invalid: must be greater than zero"),
     ("GWCORE_HTTP_MIN_RATE", "fast",
      "GWCORE_HTTP_MIN_RATE='fast' is invalid: not a rate: 'fast' (examples: 65536, 64KiB/s, 1MiB/s)"),
@@ -212,6 +219,16 @@ def test_selected_mode_settings():
     assert Settings.from_env({}).ack == "dispatched"
     with pytest.raises(ConfigurationError, match="GWCORE_HA=on"):
         Settings.from_env({"GWCORE_MODE": "selected", "GWCORE_HA": "on"})
+
+
+def test_selected_mode_on_postgresql_settings():
+    s = Settings.from_env({"GWCORE_MODE": "selected", "GWCORE_TRANSPORT": "postgresql",
+                           "GWCORE_PG_DSN": "postgresql://gw:secret@db:5432/nsb?sslmode=require",
+                           "GWCORE_PG_SCHEMA": "sales_2"})
+    assert (s.transport, s.pg_dsn, s.pg_schema) == ("postgresql", "postgresql://gw:secret@db:5432/nsb?sslmode=require",
+                                                    "sales_2")
+    assert "secret" not in repr(s)
+    assert (Settings.from_env({}).transport, Settings.from_env({}).pg_schema) == ("rabbitmq", "public")
 
 
 def test_several_broker_urls_one_per_cluster_node():

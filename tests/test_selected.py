@@ -16,6 +16,7 @@ from broker import AMQP_URL, delete_queues, drain, endpoint, rabbitmqctl, requir
 from httpclient import Client, get, nsb_request
 from nginx import Nginx
 from procs import free_port
+from replies import each_gets_its_reply, replying_site
 
 from gwcore import Gateway, Settings
 from gwcore.amqp import Link
@@ -365,31 +366,11 @@ def test_a_callback_is_answered_on_the_instance_that_asked(tmp_path, endpoint, r
     a_url = f"http://127.0.0.1:{proxy.port}/{endpoint}/"
 
     async def main():
-        b_holder: list[Gateway] = []
-
-        async def respond(message):
-            await b_holder[0].reply(message, b"re:" + message.body)
-
-        b_port = free_port()
-        b = await Gateway(Settings.from_env({}, data_dir=str(tmp_path / "b"), endpoint=site_b,
-                                            receive_channels=f"http://127.0.0.1:{b_port}/{site_b}/",
-                                            retry_delays=(0.1,)),
-                          handler=respond).start()
-        b_holder.append(b)
-        sites = f"SiteB=http://127.0.0.1:{b_port}/{site_b}/"
-        a = [await Gateway(selected_settings(tmp_path, endpoint, f"a{i}", port=a_ports[i], sites=sites,
+        b, b_url = await replying_site(str(tmp_path / "b"), site_b)
+        a = [await Gateway(selected_settings(tmp_path, endpoint, f"a{i}", port=a_ports[i], sites=f"SiteB={b_url}",
                                              reply_to_uri=a_url, retry_delays=(0.1,), retries=50)).start()
              for i in range(3)]
-        try:
-            await until(lambda: sum(g.ready for g in a) == 1, 10, "a leader")
-            replies = await asyncio.gather(*(g.request("SiteB", f"q{i}".encode(), timeout=20) for i, g in enumerate(a)))
-            assert [r.body for r in replies] == [b"re:q0", b"re:q1", b"re:q2"]
-            for g, r in zip(a, replies):
-                assert r.headers["RouteTo"] == g.selected.reply_queue
-        finally:
-            for g in a:
-                await g.stop()
-            await b.stop()
+        await each_gets_its_reply(a, b)
 
     try:
         run(main())

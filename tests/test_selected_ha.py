@@ -50,74 +50,82 @@ def broker_leader(endpoint: str) -> list[str]:
     return [names.get(o, f"unknown connection {o}").rsplit(" ", 1)[-1] for o in owners]
 
 
+def elections_under_kills(nodes: list[ServerProcess], steps: int, rng: random.Random, check=None,
+                          limit: float = 60) -> list[float]:
+    """Kill an instance (the leader more often than not) or start a stopped one, *steps* times:
+    after each, never two leaders, one within *limit* seconds while any runs, every other running
+    instance a standby; ``check(step, leader)`` after each step. Returns the times to a leader."""
+    names = {n.port: n.env["GWCORE_INSTANCE"] for n in nodes}
+    elections = []
+    wait_for(lambda: len(leaders(nodes)) == 1, 20, "the first election")
+    for step in range(steps):
+        running = [n for n in nodes if alive(n)]
+        # kill the leader more often than not: that is what makes an election
+        if len(running) == len(nodes) or (running and rng.random() < 0.6):
+            victim = leaders(running)[0] if leaders(running) and rng.random() < 0.7 else rng.choice(running)
+            victim.kill()
+        else:
+            rng.choice([n for n in nodes if not alive(n)]).start()
+        started = time.monotonic()
+        while True:
+            now = leaders(nodes)
+            assert len(now) <= 1, f"step {step}: two leaders {[names[n.port] for n in now]}"
+            if now or not any(alive(n) for n in nodes):
+                break
+            # generous for a busy machine: the times themselves are printed
+            assert time.monotonic() - started < limit, f"step {step}: no leader among the running instances"
+        elections.append(time.monotonic() - started)
+        if check is not None:
+            check(step, names[now[0].port] if now else None)
+        for n in nodes:
+            if alive(n) and n not in now:
+                # a standby (one that was just started may still be connecting)
+                wait_for(lambda n=n: readyz(n.port) == (503, STANDBY), 30, "the standby to connect")
+    print(f"time to a (new) leader as seen through /readyz: p50 {statistics.median(elections) * 1000:.0f} ms, "
+          f"max {max(elections) * 1000:.0f} ms")
+    return elections
+
+
 def test_at_most_one_leader_over_100_kills_and_restarts(tmp_path, endpoint):
     seed = random.randrange(1 << 30)
     print(f"seed {seed}")
-    rng = random.Random(seed)
     nodes = [instance(tmp_path, endpoint, f"i{i}") for i in range(3)]
     for n in nodes:
         n.start()
-    names = {n.port: n.env["GWCORE_INSTANCE"] for n in nodes}
-    elections = []
+
+    def broker_view(step: int, leader: str | None) -> None:
+        if step % 25 == 24 and leader is not None:
+            # the broker's view: one owner of the leader queue, the instance that says it leads
+            assert broker_leader(endpoint) == [leader]
+
     try:
-        wait_for(lambda: len(leaders(nodes)) == 1, 10, "the first election")
-        for step in range(100):
-            running = [n for n in nodes if alive(n)]
-            # kill the leader more often than not: that is what makes an election
-            if len(running) == 3 or (running and rng.random() < 0.6):
-                victim = leaders(running)[0] if leaders(running) and rng.random() < 0.7 else rng.choice(running)
-                victim.kill()
-            else:
-                rng.choice([n for n in nodes if not alive(n)]).start()
-            started = time.monotonic()
-            while True:
-                now = leaders(nodes)
-                assert len(now) <= 1, f"step {step}: two leaders {[names[n.port] for n in now]}"
-                if now or not any(alive(n) for n in nodes):
-                    break
-                # generous for a busy machine: the times themselves are printed below
-                assert time.monotonic() - started < 60, f"step {step}: no leader among the running instances"
-            elections.append(time.monotonic() - started)
-            for n in nodes:
-                if alive(n) and n not in now:
-                    # a standby (one that was just started may still be connecting to the broker)
-                    wait_for(lambda n=n: readyz(n.port) == (503, STANDBY), 30, "the standby to connect")
-            if step % 25 == 24 and now:
-                # the broker's view: one owner of the leader queue, the instance that says it leads
-                assert broker_leader(endpoint) == [names[now[0].port]]
+        elections_under_kills(nodes, 100, random.Random(seed), broker_view)
     finally:
         for n in nodes:
             if alive(n):
                 assert n.terminate() == 0
-    print(f"time to a (new) leader as seen through /readyz: p50 {statistics.median(elections) * 1000:.0f} ms, "
-          f"max {max(elections) * 1000:.0f} ms")
 
 
 N = 20_000
 
 
-def run_under_load(tmp_path, endpoint: str, disrupt, n: int = N, times: int = 3, check_in_flight: bool = True,
-                   ready=None, broker_url: str = AMQP_URL, **env: str):
-    """3 instances behind nginx, a gwcore sender pushing *n* messages; ``disrupt(nodes, i)`` is
-    called *times* times mid-stream, ``ready(nodes)`` (if given) once a leader is elected, before
-    the sender starts. *broker_url*: where the endpoint queue is read back from (the instances'
-    broker is GWCORE_AMQP_URL in *env*, default the tests' broker). Returns (ids, messages in the
-    endpoint queue, nginx answers, the instances' count of marked dispatches)."""
-    # small batches (the sender batches to gwcore instances), 12 at once: 48 messages in flight, so
-    # batches cross every disruption and the transfer lasts long enough for all of them
-    env.setdefault("GWCORE_MAX_BATCH_MESSAGES", "4")
-    nodes = [instance(tmp_path, endpoint, f"i{i}", **env) for i in range(3)]
+def load_through_nginx(tmp_path, nodes: list[ServerProcess], disrupt, n: int, times: int, path: str,
+                       check_in_flight: bool = True, ready=None, settle=None) -> tuple[list[str], list]:
+    """*nodes* (not started) behind nginx, a gwcore sender pushing *n* messages to *path*;
+    ``disrupt(nodes, i)`` is called *times* times mid-stream, ``ready(nodes)`` (if given) once a
+    leader is elected, before the sender starts, ``settle(nodes)`` once the sender is done, before
+    the instances stop. Nothing may end in the sender's error queue. Returns (ids, nginx answers)."""
     for node in nodes:
         node.start()
     proxy = Nginx(str(tmp_path / "nginx"), free_port(), [node.port for node in nodes], tries=0, repeat=2).start()
-    url = f"http://127.0.0.1:{proxy.port}/{endpoint}/"
+    url = f"http://127.0.0.1:{proxy.port}{path}"
     a_dir, a_port = str(tmp_path / "a" / "store"), free_port()
     ids = enqueue(a_dir, a_port, f"SiteB={url}", n)
     sender = ServerProcess(a_dir, a_port, GWCORE_ENDPOINT="SiteA", GWCORE_SITES=f"SiteB={url}",
                            GWCORE_RETRIES="100000", GWCORE_RETRY_DELAYS="0.05s", GWCORE_SEND_CONCURRENCY="12")
-    rng = random.Random(endpoint)
+    rng = random.Random(str(tmp_path))
     try:
-        wait_for(lambda: len(leaders(nodes)) == 1, 10, "a leader")
+        wait_for(lambda: len(leaders(nodes)) == 1, 20, "a leader")
         if ready is not None:
             ready(nodes)
         sender.start()
@@ -130,12 +138,8 @@ def run_under_load(tmp_path, endpoint: str, disrupt, n: int = N, times: int = 3,
                 # (checked before: with ack=stored the rest can be through before a restart is)
                 assert waiting > 0, "the disruption came after the transfer ended: it tests nothing"
         wait_for(lambda: counts(a_dir)["outgoing"] == 0, 180, "the sender's outgoing queue to drain")
-        for node in nodes:
-            if not alive(node):
-                node.start()
-        # what a killed leader left in its outbox is dispatched once it runs again
-        wait_for(lambda: all(counts(node.data_dir)["queue"] == 0 for node in nodes), 60, "every outbox to drain")
-        flagged = sum(int(metric(node.port, "gwcore_possible_duplicates_total").split()[-1]) for node in nodes)
+        if settle is not None:
+            settle(nodes)
     finally:
         for proc in (sender, *nodes):
             if alive(proc):
@@ -143,8 +147,32 @@ def run_under_load(tmp_path, endpoint: str, disrupt, n: int = N, times: int = 3,
         proxy.stop()
     assert counts(a_dir)["outgoing_errors"] == 0
     assert gwcore_cli("inspect", "errors", data_dir=a_dir) == ""
-    got = drain(endpoint, url=broker_url)
-    return ids, got, proxy.answers(f"/{endpoint}/"), flagged
+    return ids, proxy.answers(path)
+
+
+def run_under_load(tmp_path, endpoint: str, disrupt, n: int = N, times: int = 3, check_in_flight: bool = True,
+                   ready=None, broker_url: str = AMQP_URL, **env: str):
+    """3 instances behind nginx, a gwcore sender pushing *n* messages (:func:`load_through_nginx`).
+    *broker_url*: where the endpoint queue is read back from (the instances' broker is
+    GWCORE_AMQP_URL in *env*, default the tests' broker). Returns (ids, messages in the endpoint
+    queue, nginx answers, the instances' count of marked dispatches)."""
+    # small batches (the sender batches to gwcore instances), 12 at once: 48 messages in flight, so
+    # batches cross every disruption and the transfer lasts long enough for all of them
+    env.setdefault("GWCORE_MAX_BATCH_MESSAGES", "4")
+    nodes = [instance(tmp_path, endpoint, f"i{i}", **env) for i in range(3)]
+    flagged = []
+
+    def settle(nodes):
+        for node in nodes:
+            if not alive(node):
+                node.start()
+        # what a killed leader left in its outbox is dispatched once it runs again
+        wait_for(lambda: all(counts(node.data_dir)["queue"] == 0 for node in nodes), 60, "every outbox to drain")
+        flagged.append(sum(int(metric(node.port, "gwcore_possible_duplicates_total").split()[-1]) for node in nodes))
+
+    ids, answers = load_through_nginx(tmp_path, nodes, disrupt, n, times, f"/{endpoint}/", check_in_flight, ready,
+                                      settle)
+    return ids, drain(endpoint, url=broker_url), answers, flagged[0]
 
 
 def check_queue(ids: list[str], got) -> tuple[int, int]:

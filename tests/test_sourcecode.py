@@ -132,6 +132,23 @@ def test_the_rabbitmq_client_is_an_extra_that_declares_what_is_imported():
     assert re.search(r"pip install .*-e '\.\[[^]]*\brabbitmq\b", (ROOT / "Makefile").read_text())
 
 
+def test_the_postgresql_client_is_an_extra_that_declares_what_is_imported():
+    import tomllib
+
+    from gwcore.gateway import PG_CLIENT_MODULES
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in project["optional-dependencies"]["postgresql"]}
+    assert declared == set(PG_CLIENT_MODULES)
+    assert not declared & {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in project["dependencies"]}
+    imported = set()
+    for path in (ROOT / "gwcore").rglob("*.py"):
+        if "asyncpg" in _imported_top_modules(path):
+            imported.add(path.relative_to(ROOT / "gwcore").parts[0])
+    assert imported == {"pgsql"}  # only the mode's package imports it
+    assert re.search(r"pip install .*-e '\.\[[^]]*\bpostgresql\b", (ROOT / "Makefile").read_text())
+
+
 def test_license_file_and_spdx_expression():
     import tomllib
 

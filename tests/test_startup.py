@@ -154,6 +154,17 @@ def test_selected_mode_without_the_rabbitmq_extra(tmp_path):
     assert not (tmp_path / "store").exists()  # refused before anything was made
 
 
+def test_selected_mode_on_postgresql_without_the_postgresql_extra(tmp_path):
+    script = _WITHOUT_BROKER_CLIENT.replace("('aio_pika', 'aiormq', 'pamqp')", "('asyncpg',)")
+    env = _env(tmp_path / "store", free_port(), GWCORE_MODE="selected", GWCORE_TRANSPORT="postgresql")
+    res = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines() == [
+        "gwcore: error: GWCORE_TRANSPORT=postgresql needs asyncpg, and asyncpg is not installed: "
+        "pip install 'gwcore[postgresql]'"], res.stderr
+    assert not (tmp_path / "store").exists()
+
+
 def test_standalone_runs_without_the_rabbitmq_extra(tmp_path):
     port = free_port()
     _serve_starts_and_stops(tmp_path, port, ["-c", _WITHOUT_BROKER_CLIENT], _env(tmp_path / "store", port))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import aiormq
 
 from ..amqp import broker_errors
+from ..holding import STANDBY
 
 if TYPE_CHECKING:
     from .mode import Selected
@@ -25,10 +26,6 @@ if TYPE_CHECKING:
 __all__ = ("Election", "STANDBY")
 
 log = logging.getLogger("gwcore.selected")
-
-#: The 503 reason of an instance that is not the gateway receiver.
-STANDBY = "Service Unavailable: standby"
-
 
 class Election:
     """This instance's side of the election: whether it leads, and its tries for the leadership."""

@@ -9,15 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import operator
-import os
-import socket
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from ..amqp import Link, Topology
 from ..errors import BrokerUnavailableError
 from ..metrics import Families, counter, gauge
-from ..store import Store, Writer
+from ..selectedbase import SelectedBase
 from .dispatcher import Dispatcher
 from .election import STANDBY, Election
 from .handover import Handover
@@ -39,31 +36,24 @@ def _kept_by(part: str, name: str) -> Any:
     return property(operator.attrgetter(f"{part}.{name}"), doc=f"``{part}.{name}``")
 
 
-class Selected:
+class Selected(SelectedBase):
     """The selected-instance mode of one gateway (created by :class:`gwcore.gateway.Gateway`)."""
 
     def __init__(self, gateway: "Gateway") -> None:
-        s = self.settings = gateway.settings
-        self.gateway = gateway
-        if gateway.store is None or gateway.writer is None:
-            raise RuntimeError("selected mode starts after the store")
-        self.store: Store = gateway.store
-        self.writer: Writer = gateway.writer
-        self.instance = s.instance or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        super().__init__(gateway)
+        s = self.settings
         self.topology = Topology(s.endpoint, self.instance, s.dedup_ttl)
         self.reply_queue = self.topology.instance
         self.dispatched_ack = s.ack == "dispatched"
         self.link = Link(s.amqp_url, f"gwcore {s.endpoint} {self.instance}", self._up, self._down)
         self.messages = BrokerQueue(self.store, self.writer, s.handler_max_attempts)
-        self.consume = False  # set by the gateway when a handler (or messages()) takes the input queue
         self.stream = Stream(self)
         self.election = Election(self)
         #: the listeners' ingest sink in this mode
-        self.dispatcher = Dispatcher(self)
+        self.sink = self.dispatcher = Dispatcher(self)
         self.handover = Handover(self)
         self._ready_link = asyncio.Event()  # connected, topology declared, consumers up
         self._conn_tasks: list[asyncio.Task] = []
-        self.stopping = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -124,13 +114,6 @@ class Selected:
             self.handover.release_held()  # the submits held for the handover are ours now
         self.update_listeners()
         self.dispatcher.kick()
-
-    def own_url(self) -> str:
-        """Where the other instances reach this one's receive channel (forwarded submits)."""
-        ch = self.settings.receive_channels[0]
-        port = self.gateway.addresses[0][1] if self.gateway.addresses else ch.port
-        host = socket.gethostname() if ch.host in ("0.0.0.0", "::") else ch.host
-        return f"http://{host}:{port}{ch.path}"
 
     # -- what the parts keep, read here too (the tests, the control socket) -----------------------
 
