@@ -20,6 +20,7 @@ SERIAL: dict[str, str] = {
     "tests/test_selected_ha.py": "stops the shared RabbitMQ (broker restart); three instances and nginx under load",
     "tests/test_selected_cluster.py": "a three-node RabbitMQ cluster of its own: three Erlang VMs",
     "tests/test_ha.py::test_takeover_under_load_through_nginx": "two nodes, two workers and nginx under load, SIGKILLs",
+    "tests/test_pg_selected.py": "three instances, nginx and a PostgreSQL server of its own under load, SIGKILLs",
     "tests/test_integration.py::test_sigkill_at_random_moments_loses_no_acknowledged_message": "SIGKILLs under load",
 }
 
