@@ -40,12 +40,11 @@ compile: $(EXT)
 run: compile
 	$(VENV)/bin/gwcore serve
 
-# Most of the suite on two workers, then the tests that must not run beside it (tests/ci.py
-# SERIAL), in two lanes of one test at a time;
+# Most of the suite on two workers, then the tests that must run alone (tests/ci.py SERIAL);
 # exit status 5 (no test selected, as PYTEST_ARGS=-k can make either half) is not a failure.
 test: compile
 	$(PY) -m pytest tests bench --benchmark-disable -q -n 2 -m "not serial" $(PYTEST_ARGS); rc=$$?; [ $$rc = 0 ] || [ $$rc = 5 ]
-	$(PY) -m pytest tests -q -n 2 --dist loadgroup -m serial $(PYTEST_ARGS); rc=$$?; [ $$rc = 0 ] || [ $$rc = 5 ]
+	$(PY) -m pytest tests -q -m serial $(PYTEST_ARGS); rc=$$?; [ $$rc = 0 ] || [ $$rc = 5 ]
 
 debug: $(STAMP)
 	GWCORE_DEBUG=1 GWCORE_CYTHON_ALWAYS=1 $(PY) setup.py -q build_ext --inplace

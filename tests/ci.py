@@ -13,17 +13,16 @@ import os
 ALLOWED_SKIPS: dict[str, str] = {}
 
 
-#: Tests that do not run beside the rest (``make test`` runs the rest on two workers first), by
-#: node id prefix -> (lane, why). They stop the machine's broker under everyone else's feet, start
-#: clusters or database servers of their own, or time failovers of several real processes, which a
-#: busy neighbour would skew. They run afterwards in two lanes, one test at a time in each: the
-#: tests of one lane never run beside each other, and nothing else runs beside the two.
-SERIAL: dict[str, tuple[str, str]] = {
-    "tests/test_selected_ha.py": ("broker", "stops the shared RabbitMQ (broker restart); three instances and nginx under load"),
-    "tests/test_ha.py::test_takeover_under_load_through_nginx": ("broker", "two nodes, two workers and nginx under load, SIGKILLs"),
-    "tests/test_integration.py::test_sigkill_at_random_moments_loses_no_acknowledged_message": ("broker", "SIGKILLs under load"),
-    "tests/test_selected_cluster.py": ("own-servers", "a three-node RabbitMQ cluster of its own: three Erlang VMs"),
-    "tests/test_pg_selected.py": ("own-servers", "three instances, nginx and a PostgreSQL server of its own under load, SIGKILLs"),
+#: Tests that run alone, after the rest (``make test`` runs the rest on two workers), by node id
+#: prefix -> why. They stop the machine's broker under everyone else's feet, start clusters or
+#: database servers of their own, or time failovers of several real processes, which a busy
+#: neighbour would skew.
+SERIAL: dict[str, str] = {
+    "tests/test_selected_ha.py": "stops the shared RabbitMQ (broker restart); three instances and nginx under load",
+    "tests/test_selected_cluster.py": "a three-node RabbitMQ cluster of its own: three Erlang VMs",
+    "tests/test_ha.py::test_takeover_under_load_through_nginx": "two nodes, two workers and nginx under load, SIGKILLs",
+    "tests/test_pg_selected.py": "three instances, nginx and a PostgreSQL server of its own under load, SIGKILLs",
+    "tests/test_integration.py::test_sigkill_at_random_moments_loses_no_acknowledged_message": "SIGKILLs under load",
 }
 
 

@@ -36,15 +36,11 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark the tests that must not run beside the rest (tests/ci.py SERIAL) and put each in its
-    lane: ``make test`` runs ``-m "not serial"`` on two workers, then ``-m serial`` on two workers
-    with ``--dist loadgroup`` (a lane's tests one after another on one worker)."""
+    """Mark the tests that must run alone (tests/ci.py SERIAL): ``make test`` runs ``-m "not
+    serial"`` on two workers, then ``-m serial``."""
     for item in items:
-        for prefix, (lane, _why) in ci.SERIAL.items():
-            if item.nodeid.startswith(prefix):
-                item.add_marker(pytest.mark.serial)
-                item.add_marker(pytest.mark.xdist_group(lane))
-                break
+        if any(item.nodeid.startswith(prefix) for prefix in ci.SERIAL):
+            item.add_marker(pytest.mark.serial)
 
 
 LOOPS = ["asyncio"] + (["uvloop"] if uvloop is not None else [])

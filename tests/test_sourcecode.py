@@ -160,12 +160,12 @@ def test_license_file_and_spdx_expression():
 
 
 def test_every_serial_test_exists():
-    """``make test`` runs tests/ci.py SERIAL after the rest, in their lanes: a prefix that names
-    nothing (a renamed file or test) would let that test run beside the others."""
+    """``make test`` runs tests/ci.py SERIAL alone after the rest: a prefix that names nothing
+    (a renamed file or test) would let that test run beside the others."""
     import ci
 
-    for prefix, (lane, why) in ci.SERIAL.items():
-        assert lane and why, prefix
+    for prefix, why in ci.SERIAL.items():
+        assert why, prefix
         path, _, name = prefix.partition("::")
         assert (ROOT / path).is_file(), f"SERIAL names {path}, which does not exist"
         if name:
