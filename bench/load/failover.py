@@ -3,7 +3,8 @@
 leader SIGKILLed and, later, handed over on purpose.
 
 Three ``gwcore serve`` instances (``GWCORE_MODE=selected``, ``GWCORE_ACK=dispatched``, a real
-RabbitMQ at ``--amqp-url``) sit behind nginx with the configuration of docs/deployment.md (every
+RabbitMQ at ``--amqp-url``; with ``--transport postgresql`` the PostgreSQL form on ``--pg-dsn``, in a
+schema of its own that is dropped afterwards) sit behind nginx with the configuration of docs/deployment.md (every
 upstream listed twice, ``proxy_next_upstream ... http_503``, tries 0: tests/nginx.py). wrk sends
 unique NServiceBus submits through nginx for ``--duration``. At ``--kill-at`` seconds the leader
 is SIGKILLed (and started again ``--restart-after`` later, as a standby); at ``--handover-at``
@@ -18,6 +19,7 @@ saw that was not a 200.
 
     .venv/bin/python bench/load/failover.py                       # 12 s, kill at 3 s, handover at 8 s
     .venv/bin/python bench/load/failover.py --duration 6s --kill-at 2 --handover-at 4
+    .venv/bin/python bench/load/failover.py --transport postgresql
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import run_load as rl  # noqa: E402
 import site_to_site as s2s  # noqa: E402
 from nginx import Nginx, takeover_gaps  # noqa: E402  (the tests' nginx runner: the documented configuration)
 from procs import ServerProcess, gwcore_cli  # noqa: E402
-from selected import _delete_queues  # noqa: E402
+from selected import _delete_queues, _pg, _pg_schema_name  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wrk", default="wrk")
     p.add_argument("--wrk-cpu", default="1")
     p.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
+    p.add_argument("--transport", choices=("rabbitmq", "postgresql"), default="rabbitmq")
+    p.add_argument("--pg-dsn", default="postgresql://postgres@127.0.0.1:5432/test")
     s2s.add_common_options(p)
     return p
 
@@ -80,12 +84,14 @@ def _leader(nodes: list[ServerProcess], timeout: float = 30.0) -> ServerProcess:
 
 def run(cfg: argparse.Namespace, work: Path) -> dict[str, Any]:
     endpoint = f"gwbench-{uuid.uuid4().hex[:8]}"
+    schema = _pg_schema_name()
+    transport = ({"GWCORE_TRANSPORT": "postgresql", "GWCORE_PG_DSN": cfg.pg_dsn, "GWCORE_PG_SCHEMA": schema}
+                 if cfg.transport == "postgresql" else {"GWCORE_ACK": "dispatched", "GWCORE_AMQP_URL": cfg.amqp_url})
     nodes = []
     for i in range(3):
         node = ServerProcess(str(work / f"i{i}" / "store"), rl.free_port(), GWCORE_ENDPOINT=endpoint,
-                             GWCORE_MODE="selected", GWCORE_ACK="dispatched", GWCORE_INSTANCE=f"i{i}",
-                             GWCORE_AMQP_URL=cfg.amqp_url, GWCORE_ELECTION_INTERVAL="20ms",
-                             GWCORE_HTTP_MAX_CONNECTIONS_PER_PEER="4096")
+                             GWCORE_MODE="selected", GWCORE_INSTANCE=f"i{i}", GWCORE_ELECTION_INTERVAL="20ms",
+                             GWCORE_HTTP_MAX_CONNECTIONS_PER_PEER="4096", **transport)
         node.log = str(work / f"i{i}.log")
         nodes.append(node)
     names = {f"127.0.0.1:{n.port}": n.env["GWCORE_INSTANCE"] for n in nodes}
@@ -125,7 +131,10 @@ def run(cfg: argparse.Namespace, work: Path) -> dict[str, Any]:
             if node.proc is not None and node.proc.poll() is None:
                 node.terminate()
         proxy.stop()
-        asyncio.run(_delete_queues(cfg.amqp_url, endpoint))
+        if cfg.transport == "postgresql":
+            asyncio.run(_pg(cfg.pg_dsn, f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        else:
+            asyncio.run(_delete_queues(cfg.amqp_url, endpoint))
     answers = proxy.answers(f"/{endpoint}/")
     return {"answers": answers, "events": events, "instances": names, "wrk": wrk_result}
 
@@ -144,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                "gap_p50_ms": statistics.median(gaps) * 1000 if gaps else None,
                "gap_max_ms": max(gaps) * 1000 if gaps else None, "rps": res["wrk"].get("rps")}
     lines = [
-        f"Three selected-mode instances (ack=dispatched) behind nginx, wrk c{cfg.connections} for "
+        f"Three selected-mode instances ("
+        + ("on PostgreSQL" if cfg.transport == "postgresql" else "RabbitMQ, ack=dispatched")
+        + f") behind nginx, wrk c{cfg.connections} for "
         f"{cfg.duration}: " + "; ".join(e["what"] for e in res["events"]) + ".",
         "",
         "| answers | statuses | leader changes | last 200 of the old → first 200 of the new: p50 / max | wrk req/s |",
@@ -153,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f"{summary['gap_p50_ms']:.0f} / {summary['gap_max_ms']:.0f} ms" if gaps else "–")
         + f" | {summary['rps'] or 0:,.0f} |",
     ]
-    s2s.write_results(cfg, started, "failover", [], summary, "\n".join(lines) + "\n", plot="timeline",
+    s2s.write_results(cfg, started, "failover" if cfg.transport == "rabbitmq" else "failover-pg", [], summary, "\n".join(lines) + "\n", plot="timeline",
                       answers=answers, events=res["events"], instances=res["instances"])
     return 0
 
