@@ -164,6 +164,25 @@ def _per_msg_us(cpu_lo: float | None, cpu_hi: float | None, msgs: float) -> floa
     return 1e6 * (cpu_hi - cpu_lo) / msgs
 
 
+def _profile(cfg: argparse.Namespace, pid: int, name: str) -> subprocess.Popen | None:
+    """``--profile-b DIR``: sample site B for the transfer: py-spy (without stopping it; folded
+    stacks into DIR/<name>.txt; on PATH or beside the interpreter) or, with ``--profiler perf``,
+    perf record with call graphs (DIR/<name>.perf.data: native frames, the core's functions)."""
+    if cfg.profile_b is None:
+        return None
+    cfg.profile_b.mkdir(parents=True, exist_ok=True)
+    if cfg.profiler == "perf":
+        out = cfg.profile_b / f"{name}.perf.data"
+        cmd = ["perf", "record", "-F", "997", "-g", "-o", str(out), "-p", str(pid)]
+    else:
+        out = cfg.profile_b / f"{name}.txt"
+        spy = shutil.which("py-spy") or str(Path(cfg.python).with_name("py-spy"))
+        cmd = [spy, "record", "--nonblocking", "--rate", "250", "--format", "raw", "-o", str(out), "-p", str(pid)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rl.log(f"  {cfg.profiler} on B (pid {pid}) into {out}")
+    return proc
+
+
 def run_site_to_site(cfg: argparse.Namespace, work: Path, template: Path, label: str,
                      rtt: float = 0.0) -> dict[str, Any]:
     tag = label.replace("/", "of") + (f"-rtt{rtt:g}" if cfg.extended else "")
@@ -192,6 +211,7 @@ def run_site_to_site(cfg: argparse.Namespace, work: Path, template: Path, label:
         a.url = f"http://127.0.0.1:{a.port}/{A_ENDPOINT}/"
         a.start(cfg.ready_timeout)
         a_cpu0 = rl.process_cpu_s(a.proc.pid)
+        spy = _profile(cfg, b.proc.pid, f"b-{tag}")
         deadline = time.monotonic() + cfg.timeout
         while time.monotonic() < deadline:
             got = b.metrics().get("gwcore_messages_accepted_total", 0.0)
@@ -202,6 +222,9 @@ def run_site_to_site(cfg: argparse.Namespace, work: Path, template: Path, label:
             time.sleep(0.05)
         a_cpu = (rl.process_cpu_s(a.proc.pid) or 0) - (a_cpu0 or 0)
         left = a.metrics()
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file and exits
+            spy.wait(60)
     finally:
         a.stop()
         if proxy is not None:
@@ -366,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rtt", type=parse_rtts, default=None, metavar="MS[,MS...]",
                    help="round-trip time(s) between A and B in ms, each run every round (default 0: A "
                         "straight to B, no proxy); above 0 through bench/load/delay_proxy.py")
+    g.add_argument("--profile-b", type=Path, default=None, metavar="DIR",
+                   help="sample site B during each transfer, into DIR (--profiler)")
+    g.add_argument("--profiler", choices=("py-spy", "perf"), default="py-spy")
     g.add_argument("--proxy-cpu", default=None, help="CPU of the delay proxy (default: --server-cpu)")
     g.add_argument("--proxy-at-zero", action="store_true", help="RTT 0 also through the proxy (no delay)")
     g.add_argument("--handshake", action="store_true",
@@ -507,8 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         if reason:
             rl.log(f"no JetStream column: {reason} (--no-jetstream to skip this check)")
         cfg.jetstream_on, cfg.jetstream_reason = reason is None, reason
-    # the report as before unless an RTT other than a single 0, or JetStream, was asked for
-    cfg.extended = cfg.rtts != [0.0] or cfg.proxy_at_zero or cfg.jetstream_on
+    # the report as before unless an RTT (even a single 0), JetStream or a profile was asked for
+    cfg.extended = cfg.rtt is not None or cfg.proxy_at_zero or cfg.jetstream_on or cfg.profile_b is not None
     started, work, body = wrk_setup(cfg, "gwcore-s2s-")
     rounds = []
     try:
