@@ -284,7 +284,8 @@ class Gateway:
         loop = asyncio.get_running_loop()
         try:
             self.store = Store(s.data_dir, map_size=s.store_map_size, max_size=s.store_max_size,
-                               sync=s.store_sync, lease=lease, blob_dir=s.blob_dir or None, file_mode=s.file_mode)
+                               sync=s.store_sync, lease=lease, blob_dir=s.blob_dir or None, file_mode=s.file_mode,
+                               preallocate=s.store_preallocate)
             # Off the loop: loading a large dedup log into memory takes seconds.
             self.writer = await loop.run_in_executor(None, functools.partial(
                 Writer, self.store, loop, max_batch=s.commit_max_batch,

@@ -51,6 +51,7 @@ from .filemodes import Modes, modes
 from .lease import LOCK_NAME, data_dir_error, take_lease
 from .metrics import SECONDS, Buckets, Families, counter, gauge, histogram
 from .records import dedup_key, now_ms, pack_seq, unpack_seq
+from .tail import ZeroedTail
 
 __all__ = ("Store", "Writer", "StoreStats")
 
@@ -117,12 +118,16 @@ class Store:
         it may be shared with other instances (gwcore/databus/).
     :param file_mode: ``GWCORE_FILE_MODE``: who may read the data dir, the blob dir and the
         store's files (:mod:`gwcore.filemodes`); applied whenever the store is opened for writing.
+    :param preallocate: ``GWCORE_STORE_PREALLOCATE``: bytes of zeros kept written past the data
+        (:mod:`gwcore.tail`), so that commits sync no file-system metadata; 0, or ``sync`` off: none.
     """
 
     def __init__(self, path: str, *, map_size: int = 256 << 20, max_size: int = 64 << 30,
                  sync: bool = True, readonly: bool = False, lease: int | None = None,
-                 blob_dir: str | None = None, file_mode: str = "private") -> None:
+                 blob_dir: str | None = None, file_mode: str = "private", preallocate: int = 0) -> None:
         self.path = path
+        #: The zeroed tail of the data file (None: the file grows with each commit).
+        self.tail: ZeroedTail | None = None
         #: The modes of everything this store and its blob writers make (gwcore/filemodes.py).
         self.modes: Modes = modes(file_mode)
         self.max_size = max_size
@@ -147,6 +152,9 @@ class Store:
             self._owner_fd = take_lease(path)
         try:
             self._open(path, map_size, sync, readonly)
+            if preallocate and sync and not readonly:
+                self.tail = ZeroedTail(os.path.join(path, "data.mdb"), preallocate, used=self.size_bytes(),
+                                       limit=lambda: self.map_size, size_bytes=self.size_bytes)
         except BaseException:
             # Whatever failed (LMDB, the schema check), a store that did not open holds no lease.
             env = getattr(self, "env", None)
@@ -226,7 +234,18 @@ class Store:
         except lmdb.NotFoundError:
             return None  # read-only, on a store from before schema 3: no blobs there
 
+    def commit(self, txn: Any) -> None:
+        """Commit a write transaction of :attr:`env` (every write transaction of a running store
+        commits here: the zeroed tail must know where LMDB's pages end)."""
+        if self.tail is None:
+            txn.commit()
+        else:
+            self.tail.commit(txn)
+
     def close(self) -> None:
+        if self.tail is not None:
+            self.tail.close()
+            self.tail = None
         self.env.close()
         self._release_ownership()
 
@@ -315,6 +334,12 @@ class Store:
             gauge("gwcore_dedup_records", "Dedup records held.", counts["dedup"]),
             gauge("gwcore_store_bytes", "Bytes used in the LMDB environment.", self.size_bytes()),
             gauge("gwcore_store_map_bytes", "Current LMDB map size.", self.map_size),
+            gauge("gwcore_store_preallocated_bytes", "Zeros written ahead of the store's data in its file "
+                  "(GWCORE_STORE_PREALLOCATE), where the next commits write without growing it.",
+                  self.tail.runway if self.tail is not None else 0),
+            counter("gwcore_store_preallocate_errors_total", "Failed writes of zeros ahead of the data (the "
+                    "disk full, an I/O error): commits grow the file meanwhile.",
+                    self.tail.errors if self.tail is not None else 0),
             gauge("gwcore_databus_blobs", "Databus blobs this store indexes (files in the blob dir).",
                   counts["databus_blobs"]),
             gauge("gwcore_databus_parts_waiting", "Databus parts waiting for their submit.", counts["databus_parts"]),
@@ -642,7 +667,7 @@ class Writer:
             if time.monotonic() >= self._cleanup_due:
                 self._expire(txn)
             synced = time.perf_counter()
-            txn.commit()
+            store.commit(txn)
             self.stats.sync.observe(time.perf_counter() - synced)
         except BaseException:
             txn.abort()
@@ -734,8 +759,13 @@ class Writer:
         if time.monotonic() < self._cleanup_due:
             return
         try:
-            with self.store.env.begin(write=True) as txn:
+            txn = self.store.env.begin(write=True)
+            try:
                 self._expire(txn)
+            except BaseException:
+                txn.abort()
+                raise
+            self.store.commit(txn)
             self._committed()
         except lmdb.MapFullError:
             # Deleting needs free pages too; try again after the next successful batch.
