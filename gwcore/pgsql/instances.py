@@ -100,7 +100,7 @@ class Instances:
         if row["missing"]:
             log.warning("instance %s: its reply table %s was not there (%s): created again", mode.instance,
                         names.instance_table, "not seen for longer than GWCORE_PG_INSTANCE_EXPIRY, it had expired"
-                        if row["inserted"] else "dropped by something else than gwcore")
+                        if row["inserted"] else "dropped by something other than gwcore")
         prefix = names.instance_prefix
         self.tables = {names.instance_table, *self._heard, *(prefix + i for i in row["live"]),
                        *(prefix + i for i in row["stale"])}
