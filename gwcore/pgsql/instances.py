@@ -14,7 +14,9 @@ The leader drops the reply table of an instance not seen for ``GWCORE_PG_INSTANC
 its row, in one transaction whose ``DELETE`` checks that the row is still stale: an instance that
 comes back at that moment either renews its row first, and keeps its table, or finds the row gone
 and makes both again. The rows still in a dropped table are replies nobody consumed: they are
-counted and logged as a warning.
+counted and logged as a warning. A leader whose connection is new waits ``_SETTLE`` before it
+expires anyone: after a database outage longer than the expiry, the live instances renew their
+rows first.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from ..config import PG_HEARTBEAT
 from . import db, schema
 
 if TYPE_CHECKING:
@@ -54,6 +57,10 @@ RETURNING extract(epoch FROM now() - last_seen)::float8
 """
 # a reply table still locked by a consumer (its instance is not gone after all) waits for the next round
 _DROP_LOCK_TIMEOUT = "1s"
+# The leader expires nobody until its own connection has been up this long: after an outage of the
+# database longer than the expiry every row is stale, and the live instances need a moment to
+# connect again and renew theirs (each does at once).
+_SETTLE = 6 * PG_HEARTBEAT
 
 
 class Instances:
@@ -66,6 +73,8 @@ class Instances:
         self.tables = {names.instance_table}
         self._heard: set[str] = set()  # announced while a heartbeat was on its way
         self._stale: list[str] = []  # the instances the last heartbeat found not seen for too long
+        self._conn: Any = None  # the election connection the heartbeats went on
+        self._since = 0.0  # since when (loop time)
         #: set once this instance's row is in: replies to it are routed to its table
         self.announced = asyncio.Event()
         self.expired = 0  # instances whose reply tables were dropped
@@ -97,6 +106,8 @@ class Instances:
                                           s.pg_instance_expiry)
                 if row["missing"]:
                     await schema.ensure_table(conn, names.instance)
+        if conn is not self._conn:
+            self._conn, self._since = conn, asyncio.get_running_loop().time()
         if row["missing"]:
             log.warning("instance %s: its reply table %s was not there (%s): created again", mode.instance,
                         names.instance_table, "not seen for longer than GWCORE_PG_INSTANCE_EXPIRY, it had expired"
@@ -112,7 +123,7 @@ class Instances:
     async def expire(self) -> None:
         """The leader's: drop the reply tables of the instances the last heartbeat found stale
         (on a connection of its own: the group commit does not wait for it)."""
-        if not self._stale:
+        if not self._stale or asyncio.get_running_loop().time() - self._since < _SETTLE:
             return
         mode = self._mode
         s = mode.settings

@@ -14,7 +14,7 @@ import logging
 from typing import TYPE_CHECKING, Awaitable
 
 from ..config import PG_HEARTBEAT
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, InternalError
 from ..holding import STANDBY
 from ..metrics import Families, counter, gauge, histogram
 from ..selectedbase import SelectedBase, cancel_and_wait
@@ -126,6 +126,10 @@ class PgSelected(SelectedBase):
             except ConfigurationError as exc:
                 log.error("%s: stopping", exc)
                 self.gateway.fail(exc)
+                return
+            except Exception as exc:  # a bug: the process stops rather than answering 503 for ever
+                log.exception("PostgreSQL: making the tables failed: stopping")
+                self.gateway.fail(InternalError(f"making the tables failed: {exc!r}"))
                 return
             break
         log.info("PostgreSQL: %s reachable after %d attempts (%.0f s)", db.describe(self.settings.pg_dsn),
