@@ -107,7 +107,7 @@ def test_the_heartbeat_tells_new_from_known_and_the_stale(pg_schema):
 
     def beat(instance: str) -> tuple:
         own = Names(pg_schema, "Sales", instance)
-        return tuple(query(sql, "Sales", instance, own.instance, 3600.0)[0])
+        return tuple(query(sql, "Sales", instance, own.instance, 3600.0, pg_schema, own.instance_prefix)[0])
 
     assert beat("i0") == (True, False, [], [])  # a first heartbeat: new, its table there
     assert beat("i0") == (False, False, [], [])
@@ -115,8 +115,12 @@ def test_the_heartbeat_tells_new_from_known_and_the_stale(pg_schema):
     beat("i2")
     query(f"UPDATE {names.instances} SET last_seen = now() - interval '2 hours' WHERE instance = 'i2'")
     query('INSERT INTO "{}".gwcore_instances (endpoint, instance) VALUES (\'Billing\', \'b0\')'.format(pg_schema))
-    inserted, missing, live, stale = beat("i0")
-    assert (inserted, missing, sorted(live), stale) == (False, False, ["i1"], ["i2"])  # another endpoint's not
+    inserted, missing, routed, stale = beat("i0")
+    # replies go to every other instance's table (the stale one's until it is dropped); another
+    # endpoint's instances are not this one's
+    assert (inserted, missing, sorted(routed), stale) == (False, False, ["i1", "i2"], ["i2"])
+    query(f'DROP TABLE "{pg_schema}"."Sales.gwcore.i1"')
+    assert beat("i0") == (False, False, ["i2"], ["i2"])  # no reply goes to a table that is not there
     query(f'DROP TABLE "{pg_schema}"."Sales.gwcore.i0"')
     assert beat("i0")[:2] == (False, True)  # its reply table is missing: made again by the caller
 

@@ -4,8 +4,8 @@ that are gone.
 
 Every instance upserts its row (``last_seen = now()``, the database's clock, so the hosts' clocks
 do not matter) when its election connection comes up and every few seconds after; the same
-statement returns the endpoint's other instances, whose reply tables are where replies go
-(:meth:`Instances.route`). A row the upsert inserted (a first start, or an instance whose row had
+statement returns the endpoint's other instances, whose reply tables (those that are there) are
+where replies go (:meth:`Instances.route`). A row the upsert inserted (a first start, or an instance whose row had
 expired) is announced on the endpoint's channel (``instance <name>``), so the leader routes
 replies there at once; a reply table found missing (dropped while its instance was away) is
 created again in the same transaction.
@@ -35,19 +35,22 @@ __all__ = ("Instances", "HEARTBEAT")
 
 log = logging.getLogger("gwcore.selected")
 
-# $1 endpoint, $2 this instance, $3 its reply table (qualified), $4 GWCORE_PG_INSTANCE_EXPIRY (s).
-# xmax = 0 on the returned row: the upsert inserted it (an update sets xmax to its transaction)
+# $1 endpoint, $2 this instance, $3 its reply table (qualified), $4 GWCORE_PG_INSTANCE_EXPIRY (s),
+# $5 the schema, $6 the reply tables' prefix. xmax = 0 on the returned row: the upsert inserted it
+# (an update sets xmax to its transaction). Replies go to the others' tables that are there (one
+# dropped by hand would fail the group commit that routes a reply to it).
 HEARTBEAT = """
 WITH beat AS (
     INSERT INTO {instances} (endpoint, instance, last_seen) VALUES ($1, $2, now())
     ON CONFLICT (endpoint, instance) DO UPDATE SET last_seen = now()
     RETURNING xmax = 0 AS inserted
 ), others AS (
-    SELECT instance, last_seen < now() - make_interval(secs => $4) AS stale FROM {instances}
-    WHERE endpoint = $1 AND instance <> $2
+    SELECT instance, last_seen < now() - make_interval(secs => $4) AS stale,
+           to_regclass(format('%I.%I', $5::text, $6::text || instance)) IS NOT NULL AS present
+    FROM {instances} WHERE endpoint = $1 AND instance <> $2
 )
 SELECT (SELECT inserted FROM beat) AS inserted, to_regclass($3) IS NULL AS missing,
-       array(SELECT instance FROM others WHERE NOT stale) AS live,
+       array(SELECT instance FROM others WHERE present) AS routed,
        array(SELECT instance FROM others WHERE stale) AS stale
 """
 # $1 endpoint, $2 instance, $3 GWCORE_PG_INSTANCE_EXPIRY (s): the row, if it is still stale
@@ -103,7 +106,7 @@ class Instances:
                 return
             async with conn.transaction():
                 row = await conn.fetchrow(self._heartbeat, s.endpoint, mode.instance, names.instance,
-                                          s.pg_instance_expiry)
+                                          s.pg_instance_expiry, names.schema, names.instance_prefix)
                 if row["missing"]:
                     await schema.ensure_table(conn, names.instance)
         if conn is not self._conn:
@@ -113,8 +116,7 @@ class Instances:
                         names.instance_table, "not seen for longer than GWCORE_PG_INSTANCE_EXPIRY, it had expired"
                         if row["inserted"] else "dropped by something other than gwcore")
         prefix = names.instance_prefix
-        self.tables = {names.instance_table, *self._heard, *(prefix + i for i in row["live"]),
-                       *(prefix + i for i in row["stale"])}
+        self.tables = {names.instance_table, *self._heard, *(prefix + i for i in row["routed"])}
         self._stale = list(row["stale"])
         if row["inserted"]:
             await election.notify("instance")

@@ -71,11 +71,12 @@ class PgSelected(SelectedBase):
         :raises ConfigurationError: the database refused (authentication, no such database, a
             missing privilege, tables of a newer gwcore).
         """
+        since = asyncio.get_running_loop().time()
         try:
             await self._create_tables()
         except db.DB_ERRORS as exc:
-            self._not_reachable(exc, 1, asyncio.get_running_loop().time())
-            self._waiting = asyncio.ensure_future(self._create_tables_later())
+            self._not_reachable(exc, 1, since)
+            self._waiting = asyncio.ensure_future(self._create_tables_later(since))
         else:
             self._run()
         self.update_listeners()
@@ -111,9 +112,8 @@ class PgSelected(SelectedBase):
             log.info("PostgreSQL: %s gwcore's tables (version %d) in schema %s",
                      f"upgraded from version {found}" if found else "created", schema.SCHEMA_VERSION, self.names.schema)
 
-    async def _create_tables_later(self) -> None:
+    async def _create_tables_later(self, since: float) -> None:
         loop = asyncio.get_running_loop()
-        since = loop.time()
         attempts = 1
         while True:
             await asyncio.sleep(_START_RETRY)
@@ -201,8 +201,8 @@ class PgSelected(SelectedBase):
     def route(self, headers: dict[str, str]) -> str:
         """The table a message goes to: an instance's reply table for a reply addressed to it by
         ``RouteTo`` (protocol.md §4.4), else the endpoint's queue table."""
-        return self.instances.route(headers.get("RouteTo") or headers.get("NServiceBus.Header.RouteTo")) or \
-            self.names.queue
+        to = headers.get("RouteTo") or headers.get("NServiceBus.Header.RouteTo")
+        return self.instances.route(to) or self.names.queue
 
     async def _keep_house(self) -> None:
         """Every instance's heartbeat; the leader's expiry of the instances that are gone and its
