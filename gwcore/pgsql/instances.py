@@ -149,6 +149,7 @@ class Instances:
         table = names.table(address)
         # the group commit routes nothing more there, and none in flight writes there now
         async with mode.election.lock:
+            routed = address in self.tables
             self.tables.discard(address)
         dropped = False
         try:
@@ -164,7 +165,7 @@ class Instances:
                     await conn.execute(f"DROP TABLE {table}")
             dropped = True
         finally:
-            if not dropped:
+            if routed and not dropped:
                 self.tables.add(address)
         self.expired += 1
         self.replies_dropped += rows
