@@ -208,6 +208,22 @@ def _pg_schema(text: str) -> str:
     return name
 
 
+#: Seconds between the heartbeats every instance on PostgreSQL writes (gwcore/pgsql/instances.py;
+#: the round of gwcore/pgsql/mode.py's housekeeping). Not a setting.
+PG_HEARTBEAT = 5.0
+#: The shortest GWCORE_PG_INSTANCE_EXPIRY: twelve heartbeats, so a live instance that misses a few
+#: is never taken for gone.
+PG_INSTANCE_EXPIRY_MIN = 12 * PG_HEARTBEAT
+
+
+def _pg_instance_expiry(text: str) -> float:
+    value = parse_duration(text)
+    if value < PG_INSTANCE_EXPIRY_MIN:
+        raise ValueError(f"must be at least {PG_INSTANCE_EXPIRY_MIN:g}s: every instance renews its heartbeat every "
+                         f"{PG_HEARTBEAT:g}s, and the reply table of one not seen for this long is dropped")
+    return value
+
+
 def _instance_name(text: str) -> str | None:
     name = text.strip()
     if name and not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", name):
@@ -579,6 +595,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "GWCORE_TRANSPORT": ("transport", _choice(TRANSPORTS), "rabbitmq"),
     "GWCORE_PG_DSN": ("pg_dsn", _pg_dsn, "postgresql://postgres@127.0.0.1:5432/postgres"),
     "GWCORE_PG_SCHEMA": ("pg_schema", _pg_schema, "public"),
+    "GWCORE_PG_INSTANCE_EXPIRY": ("pg_instance_expiry", _pg_instance_expiry, "1h"),
 }
 
 
@@ -664,6 +681,8 @@ class Settings:
     transport: str = "rabbitmq"
     pg_dsn: str = dataclasses.field(default="postgresql://postgres@127.0.0.1:5432/postgres", repr=False)
     pg_schema: str = "public"
+    #: An instance not seen for this long (s) is gone: the leader drops its reply table.
+    pg_instance_expiry: float = 3600.0
     receive_keys: tuple[tuple[str, bytes], ...] = dataclasses.field(default=(), repr=False)
     allow_unsigned: bool = True
     #: The admin listener (``/metrics``, ``/healthz``, ``/readyz`` only); None: none.

@@ -116,6 +116,8 @@ class Gateway:
         self._activating = False
         self.selected: Any = None  # gwcore.selected.Selected or gwcore.pgsql.PgSelected in GWCORE_MODE=selected
         self.stop_requested = asyncio.Event()  # `gwcore handover` asks the serving process to stop
+        #: What ended the gateway's work after it started (:meth:`fail`); None while it goes on.
+        self.failure: GatewayError | None = None
         #: The handler calls' times (gwcore_handler_seconds).
         self.handler_seconds = metrics.Buckets()
         #: What GET /metrics exposes: this gateway's families and the process's (docs/operations.md).
@@ -378,6 +380,15 @@ class Gateway:
         """Every listener's role (``HTTPState.set_role``): the gateway is the only one that sets it."""
         for state in self.states:
             state.set_role(role, reason)
+
+    def fail(self, exc: GatewayError) -> None:
+        """Something the gateway runs cannot go on, for a reason no retry changes (in selected
+        mode on PostgreSQL: the database, reachable at last, refused the tables). The serving
+        process stops and exits with *exc* as its error (``gwcore serve``); an embedding program
+        sees :attr:`failure` and :attr:`stop_requested`."""
+        if self.failure is None:
+            self.failure = exc
+        self.stop_requested.set()
 
     def set_accepting(self, accepting: bool, reason: str) -> None:
         """Selected mode: the listeners take traffic (the elected receiver) or answer 503 *reason*."""

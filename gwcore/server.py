@@ -106,9 +106,12 @@ async def _serve(settings: Settings) -> int:
                 stopping.cancel()
                 return 1
         await stopping
-        log.info("signal received: draining (up to %gs)", settings.shutdown_timeout)
+        if gateway.failure is None:
+            log.info("signal received: draining (up to %gs)", settings.shutdown_timeout)
     finally:
         await gateway.stop()
+    if gateway.failure is not None:
+        raise gateway.failure  # gwcore serve exits with it (status 2), as with a start that failed
     return 0
 
 

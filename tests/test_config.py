@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from gwcore import ConfigurationError, Settings
-from gwcore.config import ReceiveChannel, parse_duration, parse_size, variables
+from gwcore.config import (PG_HEARTBEAT, PG_INSTANCE_EXPIRY_MIN, ReceiveChannel, parse_duration, parse_size,
+                           variables)
 
 
 def test_defaults():
@@ -66,6 +67,11 @@ def test_environment_and_precedence():
     ("GWCORE_PG_SCHEMA", "My-Schema",
      "GWCORE_PG_SCHEMA='My-Schema' is invalid: 'My-Schema': use lower-case letters, digits and '_' "
      "(at most 63, not a digit first)"),
+    ("GWCORE_PG_INSTANCE_EXPIRY", "30s",
+     "GWCORE_PG_INSTANCE_EXPIRY='30s' is invalid: must be at least 60s: every instance renews its heartbeat every 5s, "
+     "and the reply table of one not seen for this long is dropped"),
+    ("GWCORE_PG_INSTANCE_EXPIRY", "never",
+     "GWCORE_PG_INSTANCE_EXPIRY='never' is invalid: not a duration: 'never' (examples: 30s, 250ms, 15m, 12h, 7d)"),
     ("GWCORE_HTTP_MIN_RATE", "0/s", "GWCORE_HTTP_MIN_RATE='0/s' is invalid: must be greater than zero"),
     ("GWCORE_HTTP_MIN_RATE", "fast",
      "GWCORE_HTTP_MIN_RATE='fast' is invalid: not a rate: 'fast' (examples: 65536, 64KiB/s, 1MiB/s)"),
@@ -224,11 +230,16 @@ def test_selected_mode_settings():
 def test_selected_mode_on_postgresql_settings():
     s = Settings.from_env({"GWCORE_MODE": "selected", "GWCORE_TRANSPORT": "postgresql",
                            "GWCORE_PG_DSN": "postgresql://gw:secret@db:5432/nsb?sslmode=require",
-                           "GWCORE_PG_SCHEMA": "sales_2"})
+                           "GWCORE_PG_SCHEMA": "sales_2", "GWCORE_PG_INSTANCE_EXPIRY": "90m"})
     assert (s.transport, s.pg_dsn, s.pg_schema) == ("postgresql", "postgresql://gw:secret@db:5432/nsb?sslmode=require",
                                                     "sales_2")
+    assert s.pg_instance_expiry == 5400
     assert "secret" not in repr(s)
-    assert (Settings.from_env({}).transport, Settings.from_env({}).pg_schema) == ("rabbitmq", "public")
+    default = Settings.from_env({})
+    assert (default.transport, default.pg_schema, default.pg_instance_expiry) == ("rabbitmq", "public", 3600)
+    # the shortest expiry is many heartbeats long: a live instance is never taken for gone
+    assert Settings.from_env({"GWCORE_PG_INSTANCE_EXPIRY": "60"}).pg_instance_expiry == 60
+    assert PG_INSTANCE_EXPIRY_MIN >= 10 * PG_HEARTBEAT
 
 
 def test_several_broker_urls_one_per_cluster_node():

@@ -2,20 +2,22 @@
 (docs/deployment.md, "Selected-instance mode on PostgreSQL"): submits in the queue table once, read
 as the NServiceBus transport reads them; handlers with retries and the error table; never two
 leaders under SIGKILLs; failover and planned handover under load from a gwcore sender; the
-database restarted under load (a server of the test's own)."""
+database restarted under load, and not there yet at start (a server of the test's own); the reply
+tables of instances that are gone dropped, those of live ones kept."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import json
+import logging
 import os
 import random
 import time
 import uuid
 
 import pytest
-from httpclient import Client, nsb_request
+from httpclient import Client, get, nsb_request
 from nginx import Nginx
 from pg import PG_DSN, PgServer, pg_schema, query, queue_rows, require_pg  # noqa: F401 (pg_schema: a fixture)
 from procs import ServerProcess, free_port, gwcore_cli
@@ -318,3 +320,176 @@ def test_databus_parts_are_recorded_in_the_database_and_read_by_a_handler(tmp_pa
     run(main())
     assert [(b, s) for _name, b, s in read] == [(big, small)]
     assert query(f'SELECT count(*) FROM "{pg_schema}".gwcore_databus_parts')[0][0] == 0  # taken by the submit
+
+
+def healthz(port: int) -> int:
+    return asyncio.run(get("127.0.0.1", port, "/healthz")).status
+
+
+def test_instances_started_before_their_database_wait_for_it(tmp_path):
+    """The database server is down when two instances start: both stay up (/healthz 200) and answer
+    /readyz and submits 503 naming the database, with one warning at once (the next ones at most
+    every 30 s). When the server comes up, the one whose database exists makes the tables and leads
+    (a submit lands in the queue table); the one whose database does not exist stops with that
+    error (status 2), as it would have at once had the server been up."""
+    require_pg()
+    server = PgServer(free_port()).init()
+    schema = "gwcore_late"
+    # trust authentication takes any password: it must show nowhere
+    dsn = server.dsn.replace("postgres@", "postgres:s3cret@")
+    missing = dsn.rsplit("/", 1)[0] + "/gwcore_no_such_database"
+    a = pg_instance(tmp_path, schema, "i0", dsn=dsn)
+    b = pg_instance(tmp_path, schema, "i1", dsn=missing)
+    where = f"postgresql://postgres@127.0.0.1:{server.port}"
+    try:
+        a.start()
+        b.start()
+        time.sleep(2.5)  # a few tries each
+        for n, database in ((a, f"{where}/postgres"), (b, f"{where}/gwcore_no_such_database")):
+            assert alive(n)
+            assert healthz(n.port) == 200
+            status, reason = readyz(n.port)
+            down = f"Service Unavailable: database unavailable ({database} is not reachable: "
+            assert status == 503 and reason.startswith(down), reason
+            status, reason = post(n.port, str(uuid.uuid4()))
+            assert status == 503 and reason.startswith(down), reason
+            log = open(n.log).read()
+            warnings = [line for line in log.splitlines() if "WARNING" in line and "is not reachable" in line]
+            assert len(warnings) == 1, warnings
+            assert f"PostgreSQL: {database} is not reachable: " in warnings[0] and "(attempt 1, 0 s since start)" in warnings[0]
+            assert "s3cret" not in log + reason
+        server.start()
+        wait_for(lambda: readyz(a.port)[0] == 200, 20, "i0 to lead once the database is up")
+        msg_id = str(uuid.uuid4())
+        assert post(a.port, msg_id) == (200, "OK")
+        assert message_ids(schema, server.dsn) == [msg_id]
+        assert "reachable after" in open(a.log).read()
+        wait_for(lambda: not alive(b), 20, "i1 to stop")
+        assert b.proc.returncode == 2
+        assert (f'gwcore: error: GWCORE_PG_DSN={where}/gwcore_no_such_database: cannot create the tables: '
+                'database "gwcore_no_such_database" does not exist') in open(b.log).read()
+        assert alive(a) and a.terminate() == 0
+    finally:
+        for n in (a, b):
+            if alive(n):
+                n.kill()
+        server.remove()
+
+
+def test_a_database_that_refuses_stops_the_start_at_once(tmp_path, run):
+    from gwcore import ConfigurationError, Gateway, Settings
+
+    async def main():
+        gw = Gateway(Settings.from_env({}, mode="selected", transport="postgresql",
+                                       pg_dsn=PG_DSN.rsplit("/", 1)[0] + "/gwcore_no_such_database",
+                                       endpoint=ENDPOINT, data_dir=str(tmp_path / "a"),
+                                       receive_channels=f"http://127.0.0.1:{free_port()}/{ENDPOINT}/"))
+        with pytest.raises(ConfigurationError, match='cannot create the tables: database "gwcore_no_such_database" '
+                                                     "does not exist"):
+            await gw.start()
+
+    require_pg()
+    run(main())
+
+
+def test_the_reply_tables_of_instances_gone_past_the_expiry_are_dropped(tmp_path, pg_schema, run, monkeypatch,
+                                                                        caplog):
+    """Two instances in process (a0 the leader, a1 a standby) and two that are gone, whose rows are
+    90 minutes old: one's reply table holds three replies nobody consumed, the other's none. Once
+    its connection has settled, the leader drops both tables and their rows (a warning names the
+    instance and its three replies, the metrics count them); the live standby keeps its table, and
+    makes it again when it is dropped under it, or dropped with its row."""
+    import asyncpg
+
+    from gwcore import Gateway, Settings
+    from gwcore.pgsql import instances as pg_instances
+    from gwcore.pgsql import mode as pg_mode
+    from gwcore.pgsql import schema
+    from gwcore.pgsql.sink import queue_row
+
+    monkeypatch.setattr(pg_mode, "_HOUSEKEEPING_EVERY", 0.1)
+    prefix = f"{ENDPOINT}.gwcore."
+
+    async def reply_tables() -> set[str]:
+        return {r[0] for r in await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = $1 AND starts_with(tablename, $2)", pg_schema, prefix)}
+
+    async def rows() -> list[str]:
+        return [r[0] for r in await conn.fetch(f'SELECT instance FROM "{pg_schema}".gwcore_instances ORDER BY instance')]
+
+    async def until(what: str, check) -> None:
+        deadline = time.monotonic() + 15
+        while not await check():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.05)
+
+    def instance(name: str) -> Gateway:
+        return Gateway(Settings.from_env(
+            {}, mode="selected", transport="postgresql", pg_dsn=PG_DSN, pg_schema=pg_schema, endpoint=ENDPOINT,
+            instance=name, election_interval=0.02, data_dir=str(tmp_path / name),
+            receive_channels=f"http://127.0.0.1:{free_port()}/{ENDPOINT}/"))
+
+    async def main():
+        nonlocal conn
+        conn = await asyncpg.connect(PG_DSN)
+        for name, replies in (("gone", 3), ("gone-empty", 0)):
+            names = schema.Names(pg_schema, ENDPOINT, name)
+            await schema.ensure(conn, names)
+            await conn.execute(f"INSERT INTO {names.instances} (endpoint, instance, last_seen) "
+                               "VALUES ($1, $2, now() - interval '90 minutes')", ENDPOINT, name)
+            for _ in range(replies):
+                await conn.execute(schema.insert_row(names.instance), *queue_row(str(uuid.uuid4()), {}, b"r", 0))
+        a0 = await instance("a0").start()
+        a1 = None
+        both = {prefix + "a0", prefix + "a1"}
+        try:
+            async def led():
+                return a0.ready
+
+            await until("a0 to lead", led)
+            a1 = await instance("a1").start()
+            known = a0.selected.instances
+            await asyncio.sleep(0.5)  # rounds: a leader whose connection is new expires nobody yet
+            assert known.expired == 0 and len(await reply_tables()) == 4
+            monkeypatch.setattr(pg_instances, "_SETTLE", 0.0)
+
+            async def expired():
+                return known.expired == 2
+
+            await until("the gone instances to expire", expired)
+            assert known.replies_dropped == 3
+            samples = {s.name: s.value for f in a0.selected.metrics() for s in f.samples}
+            assert (samples["gwcore_pg_instances_expired_total"], samples["gwcore_pg_replies_dropped_total"]) == (2, 3)
+
+            async def both_beat():
+                return await rows() == ["a0", "a1"] and await reply_tables() == both and known.tables == both
+
+            await until("a1's heartbeat", both_beat)
+            await asyncio.sleep(0.5)  # rounds more: the live instances' tables stay
+            assert await reply_tables() == both and known.expired == 2
+            # a reply table dropped under a live instance is made again by its next heartbeat
+            await conn.execute(f'DROP TABLE "{pg_schema}"."{prefix}a1"')
+            await until("a1's table again", both_beat)
+            # and one dropped with its row (as an expiry does, while it was away): announced again too
+            await conn.execute(f"DELETE FROM \"{pg_schema}\".gwcore_instances WHERE instance = 'a1'")
+            await conn.execute(f'DROP TABLE "{pg_schema}"."{prefix}a1"')
+            await until("a1's row and table again, and a0 routing to it", both_beat)
+        finally:
+            for gw in (a1, a0):
+                if gw is not None:
+                    await gw.stop()
+            await conn.close()
+
+    conn = None
+    with caplog.at_level(logging.INFO, logger="gwcore.selected"):
+        run(main())
+    said = [r.getMessage() for r in caplog.records if "s (GWCORE_PG_INSTANCE_EXPIRY=" in r.getMessage()]
+    assert len(said) == 2, said
+    again = [r for r in caplog.records if "a1: its reply table" in r.getMessage()]
+    assert [r.levelno for r in again] == [logging.WARNING] * 2
+    assert [r.getMessage().endswith("created again") for r in again] == [True] * 2
+    gone = next(r for r in caplog.records if "instance gone:" in r.getMessage())
+    assert gone.levelno == logging.WARNING
+    assert gone.getMessage().endswith(f"its reply table {prefix}gone dropped with 3 replies nobody consumed")
+    empty = next(r for r in caplog.records if "instance gone-empty:" in r.getMessage())
+    assert empty.levelno == logging.INFO and "its empty reply table" in empty.getMessage()

@@ -11,8 +11,8 @@ connection, so a leader that lost the lock cannot commit anything more.
 
 Instances tell each other about a handover on the endpoint's LISTEN/NOTIFY channel: ``handover
 <instance>`` (hold submits until the election is decided), ``release <instance>`` (try now),
-``leader <instance> <url>`` (where the held submits go), ``instance <instance>`` (its reply table
-is there).
+``leader <instance> <url>`` (where the held submits go), ``instance <instance>`` (its heartbeat
+row is new, its reply table is there: gwcore/pgsql/instances.py).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class Election:
         self.conn = conn
         self.connected = True
         mode.update_listeners()
-        await self.notify("instance")  # its reply table exists: the leader routes replies there
+        await mode.instances.beat()  # announced: the leader routes replies to its reply table
 
     async def _try(self) -> None:
         names = self._mode.names
@@ -147,7 +147,7 @@ class Election:
         elif kind == "leader":
             mode.handover.leader_announced(sender, url)
         elif kind == "instance":
-            mode.instance_seen(sender)
+            mode.instances.heard(sender)
 
     async def resign(self) -> None:
         """End the leadership (a handover): unlock, then tell the standbys to try."""

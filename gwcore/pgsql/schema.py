@@ -10,6 +10,9 @@ Every table lives in ``GWCORE_PG_SCHEMA``:
 - ``"error"``: the transport's default error queue, same layout; a message whose handler kept
   failing goes there with the transport's failure headers.
 - ``"<endpoint>.gwcore.<instance>"``: each instance's reply table (callbacks), same layout.
+- ``gwcore_instances``: (endpoint, instance) -> ``last_seen``: every instance's heartbeat; the
+  leader routes replies to the reply tables of the instances listed here, and drops the reply
+  table (and the row) of one not seen for ``GWCORE_PG_INSTANCE_EXPIRY`` (since version 2).
 - ``gwcore_dedup``: (endpoint, message id) -> expiry: the dedup record that commits with the
   queue row.
 - ``gwcore_databus_parts``: (endpoint, part key) -> the blob file in the shared blob dir of a
@@ -19,19 +22,24 @@ Every table lives in ``GWCORE_PG_SCHEMA``:
 All of it is created in one transaction under a transaction-level advisory lock, so instances
 starting at the same moment do not race on ``CREATE ... IF NOT EXISTS`` (which is not safe
 against a concurrent twin on its own: both may try to insert the same catalog row).
+
+Versions: ``_MIGRATIONS[n]`` brings the tables from version *n* to *n* + 1, and
+:data:`SCHEMA_VERSION` is their count; a first start runs them all, a database of an older
+version the ones it lacks (in the same transaction that bumps ``gwcore_schema``), and a database
+of a newer version than this code knows is refused. Version 1: the queue tables' layout,
+``gwcore_dedup``, ``gwcore_databus_parts``. Version 2: ``gwcore_instances``, with a row (seen now)
+for each reply table already there, so that those of instances gone before the upgrade expire too.
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import ConfigurationError
 
 __all__ = ("Names", "SCHEMA_VERSION", "LOCK_CLASS", "ensure", "ensure_table", "insert_row", "quote")
 
-#: The version of gwcore's tables this code creates and reads.
-SCHEMA_VERSION = 1
 #: The first key of every advisory lock gwcore takes (its second key says what is locked).
 LOCK_CLASS = 0x67776300 - (1 << 31)  # "gwc\0", as a signed int4
 _SCHEMA_LOCK = 0
@@ -41,6 +49,11 @@ _IDENTIFIER_MAX = 63  # NAMEDATALEN - 1: PostgreSQL truncates longer names silen
 def quote(name: str) -> str:
     """*name* as a quoted SQL identifier."""
     return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(text: str) -> str:
+    """*text* as an SQL string literal (``standard_conforming_strings`` is on since PostgreSQL 9.1)."""
+    return "'" + text.replace("'", "''") + "'"
 
 
 def _signed32(value: int) -> int:
@@ -66,6 +79,7 @@ class Names:
         self.dedup = f"{s}.gwcore_dedup"
         self.parts = f"{s}.gwcore_databus_parts"
         self.version = f"{s}.gwcore_schema"
+        self.instances = f"{s}.gwcore_instances"
         key = _signed32(zlib.crc32(f"{schema}\0{endpoint}".encode()))
         #: pg_try_advisory_lock(LOCK_CLASS, election_key): the endpoint's leadership
         self.election_key = key if key != _SCHEMA_LOCK else 1
@@ -99,6 +113,25 @@ def _version_1(names: Names) -> list[str]:
     ]
 
 
+def _version_2(names: Names) -> list[str]:
+    # the reply tables made before: each "<E>.gwcore.<instance>" beside an endpoint's queue table
+    # "<E>" gets a row, seen now (length('.gwcore.') is 8)
+    return [
+        f"CREATE TABLE IF NOT EXISTS {names.instances} (endpoint text NOT NULL, instance text NOT NULL, "
+        "last_seen timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (endpoint, instance))",
+        f"INSERT INTO {names.instances} (endpoint, instance) "
+        "SELECT e.tablename, substr(r.tablename, length(e.tablename) + 9) FROM pg_tables r "
+        "JOIN pg_tables e ON e.schemaname = r.schemaname AND starts_with(r.tablename, e.tablename || '.gwcore.') "
+        f"WHERE r.schemaname = {_literal(names.schema)} ON CONFLICT DO NOTHING",
+    ]
+
+
+#: ``_MIGRATIONS[n](names)``: the statements that bring the tables from version *n* to *n* + 1.
+_MIGRATIONS: tuple[Callable[[Names], list[str]], ...] = (_version_1, _version_2)
+#: The version of gwcore's tables this code creates and reads.
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
 async def _locked(conn: Any, statements: list[str]) -> None:
     await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_CLASS, _SCHEMA_LOCK)
     for statement in statements:
@@ -106,8 +139,8 @@ async def _locked(conn: Any, statements: list[str]) -> None:
 
 
 async def ensure(conn: Any, names: Names) -> int:
-    """Create what is missing, in one transaction; returns the schema version found before
-    (0: none, a first start).
+    """Create what is missing and bring older tables to :data:`SCHEMA_VERSION`, in one
+    transaction; returns the schema version found before (0: none, a first start).
 
     :raises ConfigurationError: the tables were made by a newer gwcore.
     """
@@ -119,9 +152,10 @@ async def ensure(conn: Any, names: Names) -> int:
         if found > SCHEMA_VERSION:
             raise ConfigurationError(f"GWCORE_PG_SCHEMA={names.schema}: its tables are of version {found}, made by a "
                                      f"newer gwcore; this one knows version {SCHEMA_VERSION}")
-        if found < 1:
-            for statement in _version_1(names):
+        for migrate in _MIGRATIONS[found:]:
+            for statement in migrate(names):
                 await conn.execute(statement)
+        if found < SCHEMA_VERSION:
             await conn.execute(f"INSERT INTO {names.version} (component, version) VALUES ('gwcore', $1) "
                                "ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version, updated_at = now()",
                                SCHEMA_VERSION)
