@@ -349,10 +349,11 @@ def test_instances_started_before_their_database_wait_for_it(tmp_path):
             assert alive(n)
             assert healthz(n.port) == 200
             status, reason = readyz(n.port)
-            down = f"Service Unavailable: database unavailable ({database} is not reachable: "
-            assert status == 503 and reason.startswith(down), reason
+            # a public listener tells that much and no more: no address, no driver text
+            down = "Service Unavailable: database unavailable (the database is not reachable)"
+            assert status == 503 and reason == down, reason
             status, reason = post(n.port, str(uuid.uuid4()))
-            assert status == 503 and reason.startswith(down), reason
+            assert status == 503 and reason == down, reason
             log = open(n.log).read()
             warnings = [line for line in log.splitlines() if "WARNING" in line and "is not reachable" in line]
             assert len(warnings) == 1, warnings

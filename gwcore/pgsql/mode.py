@@ -140,14 +140,16 @@ class PgSelected(SelectedBase):
     def _not_reachable(self, exc: BaseException, attempts: int, since: float) -> None:
         """A try to make the tables at start found no database: the listeners say so; a warning
         at once, then at most every ``_START_WARN_EVERY`` seconds."""
-        where = db.describe(self.settings.pg_dsn)
-        self.election.last_error = f"{where} is not reachable: {str(exc) or type(exc).__name__}"
+        # What a caller is told says no more than that (the listeners may be public: no address,
+        # no driver text); the log names the database and the failure.
+        self.election.last_error = "the database is not reachable"
         self.update_listeners()
         now = asyncio.get_running_loop().time()
         if attempts == 1 or now - self._warned >= _START_WARN_EVERY:
             self._warned = now
-            log.warning("PostgreSQL: %s (attempt %d, %.0f s since start); up and trying again every %g s, "
-                        "submits and /readyz answer 503 until it is", self.election.last_error, attempts,
+            log.warning("PostgreSQL: %s is not reachable: %s (attempt %d, %.0f s since start); up and trying "
+                        "again every %g s, submits and /readyz answer 503 until it is",
+                        db.describe(self.settings.pg_dsn), str(exc) or type(exc).__name__, attempts,
                         now - since, _START_RETRY)
 
     async def stop(self) -> None:
