@@ -530,7 +530,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "GWCORE_STORE_SYNC": ("store_sync", _parse_bool, "1"),
     "GWCORE_STORE_MAP_SIZE": ("store_map_size", _positive_size, "256MiB"),
     "GWCORE_STORE_MAX_SIZE": ("store_max_size", _positive_size, "64GiB"),
-    "GWCORE_STORE_PREALLOCATE": ("store_preallocate", parse_size, "64MiB"),
+    "GWCORE_STORE_PREALLOCATE": ("store_preallocate", parse_size, "8MiB"),
     "GWCORE_DEDUP_TTL": ("dedup_ttl", _positive_duration, "7d"),
     "GWCORE_DEDUP_CLEANUP_SLICE": ("dedup_cleanup_slice", _positive_int, "2000"),
     "GWCORE_MAX_BODY": ("max_body", _positive_size, "16MiB"),
@@ -614,7 +614,7 @@ class Settings:
     commit_max_pending: int = 8192
     store_sync: bool = True
     store_map_size: int = 256 << 20
-    store_preallocate: int = 64 << 20
+    store_preallocate: int = 8 << 20
     store_max_size: int = 64 << 30
     dedup_ttl: float = 7 * 86400.0
     dedup_cleanup_slice: int = 2000

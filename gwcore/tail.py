@@ -91,8 +91,9 @@ class ZeroedTail:
         self._wake = threading.Event()
         self._zeros = memoryview(bytes(piece))
         self._thread = threading.Thread(target=self._run, name="gwcore-tail", daemon=True)
+        # Nothing at open: a store that is opened and not written (a passive node's check, a
+        # tool, a test) costs no zeros; the first commits wake the thread.
         self._thread.start()
-        self._wake.set()
 
     @property
     def runway(self) -> int:

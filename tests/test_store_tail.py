@@ -21,6 +21,12 @@ from gwcore.store import Store, Writer
 from gwcore.tail import ZeroedTail
 
 
+def commit_one(store: Store, key: bytes = b"tail-test") -> None:
+    txn = store.env.begin(write=True)
+    txn.put(key, b"v", db=store.meta)
+    store.commit(txn)
+
+
 def wait_for(predicate, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -45,10 +51,11 @@ def test_commits_write_into_zeros_written_ahead(tmp_path):
         ids, writer = asyncio.run(main())
         tail = store.tail
         assert tail is not None
-        wait_for(lambda: tail.runway >= (2 << 20) // 2)
-        st = os.stat(data)
+        wait_for(lambda: tail.runway >= 2 << 20)  # all of it: the thread is done writing
+        with tail.lock:
+            st = os.stat(data)
         # the file holds the data and the zeros past it, and the zeros are real blocks, not a hole
-        assert st.st_size == tail.end >= store.size_bytes() + (1 << 20)
+        assert st.st_size == tail.end >= store.size_bytes() + (2 << 20)
         assert st.st_blocks * 512 >= st.st_size
         assert tail.written > 0 and tail.errors == 0
         families = {f.name: f for f in store.metrics()}
@@ -72,7 +79,7 @@ def test_no_tail_without_sync_or_when_set_to_zero(tmp_path):
             assert store.tail is None
         finally:
             store.close()
-    assert Settings.from_env({}).store_preallocate == 64 << 20
+    assert Settings.from_env({}).store_preallocate == 8 << 20
     assert Settings.from_env({"GWCORE_STORE_PREALLOCATE": "0"}).store_preallocate == 0
     with pytest.raises(Exception, match="GWCORE_STORE_PREALLOCATE"):
         Settings.from_env({"GWCORE_STORE_PREALLOCATE": "lots"})
@@ -131,6 +138,7 @@ def test_the_tail_leaves_a_nearly_full_disk_to_the_store(tmp_path):
         store = Store(os.path.join(mnt, "store"), map_size=32 << 20, preallocate=2 << 20)
         try:
             tail = store.tail
+            commit_one(store)
             wait_for(lambda: tail.written > 0)
             time.sleep(0.3)
             st = os.statvfs(mnt)
@@ -150,6 +158,9 @@ def test_the_tail_pauses_while_the_store_grows_fast(tmp_path):
     tail = ZeroedTail(os.path.join(path, "data.mdb"), 32 << 20, used=used(), limit=lambda: 256 << 20,
                       size_bytes=used)
     try:
+        txn = env.begin(write=True)
+        txn.put(b"\0", b"first")
+        tail.commit(txn)
         wait_for(lambda: tail.runway >= 16 << 20)  # an idle store gets its zeros
         value = b"v" * 3000
         n = 0
@@ -189,6 +200,9 @@ def test_a_failed_write_is_logged_counted_and_tried_again(tmp_path, monkeypatch,
     store = Store(str(tmp_path), map_size=16 << 20, preallocate=1 << 20)
     try:
         tail = store.tail
+        time.sleep(0.1)
+        assert tail.written == tail.errors == 0  # nothing at open
+        commit_one(store)
         wait_for(lambda: tail.errors == 1)
         assert "cannot write zeros ahead of the data" in caplog.text and "No space left" in caplog.text
         assert tail.written == 0
