@@ -469,6 +469,9 @@ class _Destination:
         self.batches = 0
         self.window = SendWindow(client.concurrency)
         self.busy = 0  # workers holding messages of this destination (taken, not yet done with)
+        #: held by the worker taking messages: with GWCORE_SEND_LINGER, one worker lingers at a time
+        #: and its batch takes what the idle others would have taken one by one
+        self.taking = asyncio.Lock()
         self.used = time.monotonic()  # the last time a message was handed to it
         self.busy_since: float | None = None  # monotonic: the first of an unbroken run of 503s
         self.busy_streak = 0
@@ -682,17 +685,18 @@ class Forwarder:
             # the ready queue and the next batch takes them all.
             await window.acquire()
             try:
-                seqs = [await d.ready.get()]
-                d.busy += 1
-                if d.batch is not None and self.settings.send_batch:
-                    # what else is due goes along: a batch fills from the queue (waiting up to
-                    # GWCORE_SEND_LINGER for more when it is not full), up to the receiver's
-                    # limit and its room shared among the requests in flight
-                    more = d.batch_size() - 1
-                    if linger and len(d.ready.items) < more:
-                        await asyncio.sleep(linger)
-                        more = d.batch_size() - 1 if d.batch is not None else 0
-                    seqs += d.ready.get_more(more)
+                async with d.taking:
+                    seqs = [await d.ready.get()]
+                    d.busy += 1
+                    if d.batch is not None and self.settings.send_batch:
+                        # what else is due goes along: a batch fills from the queue (waiting up to
+                        # GWCORE_SEND_LINGER for more when it is not full), up to the receiver's
+                        # limit and its room shared among the requests in flight
+                        more = d.batch_size() - 1
+                        if linger and len(d.ready.items) < more:
+                            await asyncio.sleep(linger)
+                            more = d.batch_size() - 1 if d.batch is not None else 0
+                        seqs += d.ready.get_more(more)
                 try:
                     if len(seqs) == 1:
                         await self._forward(d, seqs[0])

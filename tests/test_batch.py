@@ -811,4 +811,6 @@ def test_linger_gathers_trickling_messages_into_fewer_batches(run, make_settings
         return await trickle(0.0), await trickle(0.2)
 
     quick, lingered = run(main())
-    assert lingered < quick / 2, (quick, lingered)
+    # one worker lingers at a time and its batch takes what arrived meanwhile: 3 requests on a
+    # quiet machine (17 when each of the 8 workers lingered with a message of its own)
+    assert lingered <= 10 and lingered < quick / 4, (quick, lingered)
