@@ -153,8 +153,8 @@ class Store:
         try:
             self._open(path, map_size, sync, readonly)
             if preallocate and sync and not readonly:
-                self.tail = ZeroedTail(os.path.join(path, "data.mdb"), preallocate, used=self.size_bytes(),
-                                       limit=lambda: self.map_size, size_bytes=self.size_bytes)
+                self.tail = ZeroedTail(os.path.join(path, "data.mdb"), preallocate, limit=lambda: self.map_size,
+                                       size_bytes=self.size_bytes)
         except BaseException:
             # Whatever failed (LMDB, the schema check), a store that did not open holds no lease.
             env = getattr(self, "env", None)

@@ -4,9 +4,9 @@ Why: LMDB appends a growing store's new pages at the end of ``data.mdb``, and a 
 a file makes its ``fdatasync`` commit file-system metadata as well (the new size, the blocks
 allocated for it), where a write into blocks that already hold data syncs the data alone. Measured
 on this project's disk (docs/benchmarks.md, "The cost of a sync"), a 4 KiB write plus
-``fdatasync`` took about 300 µs at the end of a file and 150 µs into blocks written before, and a
-gwcore commit (LMDB's data sync, then its meta page written with ``O_DSYNC``) a quarter less time
-with the tail. Blocks that are only allocated (``fallocate``) do not help: their first write
+``fdatasync`` took 190–270 µs at the end of a file and 100–160 µs into blocks written before,
+and a small gwcore commit (LMDB's data sync, then its meta page written with ``O_DSYNC``)
+0.79–0.86 of its time with the tail. Blocks that are only allocated (``fallocate``) do not help: their first write
 converts them, which is metadata again.
 
 So a thread of its own writes zeros past the last page, in pieces, and syncs them, keeping
@@ -60,13 +60,12 @@ _RATE_WINDOW = 0.25  # seconds over which the growth is measured
 class ZeroedTail:
     """Keeps ``ahead`` bytes of zeros past LMDB's used pages in the data file at *path*.
 
-    :param used: bytes the store uses now (``Store.size_bytes``).
     :param limit: the map size now (called from the tail's thread, so a grown map counts).
-    :param size_bytes: the used bytes after a commit.
+    :param size_bytes: the bytes LMDB uses (``Store.size_bytes``): read at open and after each commit.
     """
 
-    def __init__(self, path: str, ahead: int, *, used: int, limit: Callable[[], int],
-                 size_bytes: Callable[[], int], piece: int = PIECE, sync_every: int = SYNC_EVERY) -> None:
+    def __init__(self, path: str, ahead: int, *, limit: Callable[[], int], size_bytes: Callable[[], int],
+                 piece: int = PIECE, sync_every: int = SYNC_EVERY) -> None:
         self.path = path
         self.ahead = ahead
         self.piece = piece
@@ -79,7 +78,7 @@ class ZeroedTail:
         #: bytes of the file that hold data or zeros (from the start)
         self.end = os.fstat(self._fd).st_size
         #: bytes LMDB uses, as of the last commit
-        self.used = used
+        self.used = used = size_bytes()
         #: zeros written, and write errors, since the store opened (metrics)
         self.written = 0
         self.errors = 0
@@ -153,14 +152,14 @@ class ZeroedTail:
             while not self._closed:
                 if self._busy():
                     return True
+                st = os.fstatvfs(self._fd)  # (not under the lock: a commit need not wait for it)
+                if st.f_bavail * st.f_frsize < self.ahead + self.piece:
+                    return False  # the disk's last bytes are the store's and the blobs', not zeros
                 with self.lock:
                     start = max(self.end, self.used)
                     target = min(self.used + self.ahead, self._limit())
                     if start >= target:
                         return False
-                    st = os.fstatvfs(self._fd)
-                    if st.f_bavail * st.f_frsize < self.ahead + self.piece:
-                        return False  # the disk's last bytes are the store's and the blobs', not zeros
                     n = min(self.piece, target - start)
                     done = os.pwrite(self._fd, self._zeros[:n], start)
                     self.end = start + done

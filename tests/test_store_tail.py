@@ -21,6 +21,11 @@ from gwcore.store import Store, Writer
 from gwcore.tail import ZeroedTail
 
 
+def _used(env) -> int:
+    """The bytes a raw environment's pages take (what Store.size_bytes says of a store's)."""
+    return (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+
+
 def commit_one(store: Store, key: bytes = b"tail-test") -> None:
     txn = store.env.begin(write=True)
     txn.put(key, b"v", db=store.meta)
@@ -94,11 +99,8 @@ def test_zeros_never_land_on_committed_pages(tmp_path, monkeypatch):
     env = lmdb.open(path, map_size=64 << 20, max_dbs=2)
     db = env.open_db(b"t")
 
-    def used() -> int:
-        return (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-
-    tail = ZeroedTail(os.path.join(path, "data.mdb"), 64 << 10, used=used(), limit=lambda: 64 << 20,
-                      size_bytes=used, piece=4096, sync_every=64 << 10)
+    tail = ZeroedTail(os.path.join(path, "data.mdb"), 64 << 10, limit=lambda: 64 << 20,
+                      size_bytes=lambda: _used(env), piece=4096, sync_every=64 << 10)
     rng = random.Random(7)
     model: dict[bytes, bytes] = {}
     try:
@@ -152,11 +154,8 @@ def test_the_tail_pauses_while_the_store_grows_fast(tmp_path):
     path = str(tmp_path)
     env = lmdb.open(path, map_size=256 << 20, max_dbs=2)
 
-    def used() -> int:
-        return (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-
-    tail = ZeroedTail(os.path.join(path, "data.mdb"), 32 << 20, used=used(), limit=lambda: 256 << 20,
-                      size_bytes=used)
+    tail = ZeroedTail(os.path.join(path, "data.mdb"), 32 << 20, limit=lambda: 256 << 20,
+                      size_bytes=lambda: _used(env))
     try:
         txn = env.begin(write=True)
         txn.put(b"\0", b"first")
