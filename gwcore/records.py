@@ -2,7 +2,7 @@
 place (the store's databases are listed in gwcore/store.py; the databus's own keys and values are
 in gwcore/databus/layout.py, the outgoing records in gwcore/egress.py).
 
-``dedup key``: scope ``\\0`` id (UTF-8). The key of a ``replica`` record (selected mode) and
+``dedup key``: scope ``\\0`` id (UTF-8). What a ``replica_log`` record lists (selected mode) and
 the tail of a ``dedup_log`` value; the framer builds the same bytes as ``Envelope.key``, and the
 core's ``DedupIndex`` writes the ``dedup_log`` value (u64 accepted_ms, then the key).
 
@@ -11,6 +11,11 @@ core's ``DedupIndex`` writes the ``dedup_log`` value (u64 accepted_ms, then the 
 
 ``u64``: 8 bytes, big-endian, so keys sort in numeric order (:func:`pack_seq`, the core's). Every
 sequence number key, the u64 values in ``meta``, the times that begin a record or an expiry key.
+
+``replica record``: u64 recorded_ms, then per dedup key u8 state (1 intent, 2 done), u32 key
+length, the key. The value of ``replica_log`` (selected mode: the dedup records followed from the
+broker's stream, one record per flush under a u64 seq), so a flush writes one value at the right
+edge of one tree, not a page per random key (:func:`encode_replica_record`).
 
 ``error record``: u64 failed_ms, u32 reason length, the reason (UTF-8), the envelope. The value
 of ``errors`` (a message whose handler kept failing).
@@ -32,7 +37,8 @@ from typing import Any, Iterable
 from ._core import core
 
 __all__ = ("pack_seq", "unpack_seq", "now_ms", "dedup_key", "split_dedup_key", "part_prefix", "part_key",
-           "part_message_key", "split_part_key", "encode_error", "decode_error", "append_errors")
+           "part_message_key", "split_part_key", "encode_error", "decode_error", "append_errors",
+           "encode_replica_record", "decode_replica_record")
 
 #: A u64 as an 8-byte big-endian key or value (the core's; sorts in numeric order).
 pack_seq = core.pack_seq
@@ -40,6 +46,7 @@ pack_seq = core.pack_seq
 unpack_seq = core.unpack_seq
 
 _ERROR = struct.Struct(">QI")  # failed_ms, reason length; then the reason, then the envelope
+_REPLICA_ENTRY = struct.Struct(">BI")  # state, key length; then the key
 _SEP = b"\0"
 
 
@@ -103,3 +110,26 @@ def decode_error(value: bytes) -> tuple[int, str, bytes]:
     failed_ms, n = _ERROR.unpack_from(value)
     start = _ERROR.size
     return failed_ms, bytes(value[start:start + n]).decode("utf-8", "replace"), bytes(value[start + n:])
+
+
+def encode_replica_record(recorded_ms: int, items: Iterable[tuple[bytes, int]]) -> bytes:
+    """A ``replica_log`` value: when, then each ``(dedup key, state)``."""
+    entry = _REPLICA_ENTRY.pack
+    return pack_seq(recorded_ms) + b"".join(entry(state, len(key)) + key for key, state in items)
+
+
+def decode_replica_record(value: bytes) -> tuple[int, list[tuple[bytes, int]]]:
+    """``(recorded_ms, [(dedup key, state), ...])`` of an :func:`encode_replica_record` value."""
+    value = bytes(value)
+    recorded_ms = unpack_seq(value[:8])
+    items = []
+    pos, end, size = 8, len(value), _REPLICA_ENTRY.size
+    unpack = _REPLICA_ENTRY.unpack_from
+    while pos < end:
+        state, n = unpack(value, pos)
+        pos += size
+        if pos + n > end:
+            raise ValueError(f"a replica record cut short: a key of {n} bytes at {pos} of {end}")
+        items.append((value[pos:pos + n], state))
+        pos += n
+    return recorded_ms, items

@@ -12,7 +12,8 @@ outgoing_errors  u64 out seq                 failed_ms + outgoing record (sends 
 meta       name                              value (schema version, last seq, last out seq, stream offset,
                                              blob name prefix)
 databus_*  (five databases)                  claim-check parts and blobs (gwcore/databus/layout.py)
-replica    dedup key                         u8 state + u64 ms (selected mode: gwcore/selected/stream.py)
+replica_log  u64 seq                         replica record: u64 ms, (u8 state, key)... (selected mode:
+                                             gwcore/selected/stream.py; gwcore/records.py)
 =========  ===============================  ==========================================
 
 The keys and records that several modules build or read (the dedup key, u64 keys, the error
@@ -38,6 +39,7 @@ import logging
 import os
 import queue
 import shutil
+import struct
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -50,16 +52,19 @@ from .errors import InternalError, StoreError, StoreFullError, StoreUnavailableE
 from .filemodes import Modes, modes
 from .lease import LOCK_NAME, data_dir_error, take_lease
 from .metrics import SECONDS, Buckets, Families, counter, gauge, histogram
-from .records import dedup_key, now_ms, pack_seq, unpack_seq
+from .records import dedup_key, encode_replica_record, now_ms, pack_seq, unpack_seq
 from .tail import ZeroedTail
 
 __all__ = ("Store", "Writer", "StoreStats")
 
 log = logging.getLogger("gwcore.store")
 
-SCHEMA_VERSION = b"3"
-# Schema 3 added the databus_* databases; a schema 2 store gains them (empty) when opened.
-_UPGRADABLE = (b"2",)
+SCHEMA_VERSION = b"4"
+# Schema 3 added the databus_* databases; a schema 2 store gains them (empty) when opened. Schema 4
+# keeps selected mode's replica as a log (replica_log) instead of a tree keyed by dedup key
+# (replica): a store of 2 or 3 has its replica records moved when opened (_migrate_replica).
+_UPGRADABLE = (b"2", b"3")
+_OLD_REPLICA = struct.Struct(">BQ")  # schema 2 and 3's replica value: state, recorded_ms
 _ENVELOPE_ACCEPTED = 3  # where an envelope's u64 accepted_ms is (after b"GW" and its version byte)
 _DISK_FULL_MARGIN = 4 << 20  # below this much free space a failed write is taken as "disk full"
 
@@ -205,7 +210,7 @@ class Store:
         self.databus_blobs = self._open_db(b"databus_blobs", create)
         self.databus_expiry = self._open_db(b"databus_expiry", create)
         # selected mode: dedup records followed from the broker's stream (gwcore/selected/stream.py)
-        self.replica = self._open_db(b"replica", create)
+        self.replica_log = self._open_db(b"replica_log", create)
         # selected mode: the parts other instances took, followed from the same stream
         self.databus_replica = self._open_db(b"databus_replica", create)
         self.databus_replica_expiry = self._open_db(b"databus_replica_expiry", create)
@@ -221,12 +226,33 @@ class Store:
                 self.blob_prefix = bytes(prefix).decode("ascii")
                 version = txn.get(b"schema", db=self.meta)
                 if version is None or version in _UPGRADABLE:
+                    if version is not None:
+                        self._migrate_replica(txn)
                     txn.put(b"schema", SCHEMA_VERSION, db=self.meta)
                 elif version != SCHEMA_VERSION:
                     raise StoreError(
                         f"store at {path!r} has schema {version.decode(errors='replace')}, this gwcore "
                         f"needs {SCHEMA_VERSION.decode()} (a store from a development build before "
                         "0.1.0: consume its queue with that build, then start on a new data dir)")
+
+    def _migrate_replica(self, txn: Any) -> None:
+        """Schema 2 or 3 to 4: the ``replica`` tree's records (key -> u8 state, u64 ms) become
+        ``replica_log`` records, one per time, in time order; the tree is dropped."""
+        try:
+            old = self.env.open_db(b"replica", txn=txn, create=False)
+        except lmdb.NotFoundError:
+            return
+        by_ms: dict[int, list[tuple[bytes, int]]] = {}
+        with txn.cursor(db=old) as cur:
+            for key, value in cur:
+                state, recorded = _OLD_REPLICA.unpack(value)
+                by_ms.setdefault(recorded, []).append((bytes(key), state))
+        for seq, recorded in enumerate(sorted(by_ms), 1):
+            txn.put(pack_seq(seq), encode_replica_record(recorded, by_ms[recorded]), db=self.replica_log)
+        txn.drop(old, delete=True)
+        if by_ms:
+            log.info("store: %d replica records moved to the replica log (schema 4)",
+                     sum(len(v) for v in by_ms.values()))
 
     def _open_db(self, name: bytes, create: bool) -> Any:
         try:

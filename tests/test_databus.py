@@ -554,15 +554,15 @@ def test_a_schema_2_store_gains_the_databus_databases_when_opened(tmp_path):
         old.close()
     store = Store(path)
     try:
-        assert store.get(store.meta, b"schema") == b"3"
+        assert store.get(store.meta, b"schema") == b"4"
         assert store.counts()["databus_parts"] == 0
     finally:
         store.close()
     # a store from a newer schema is refused with a clear message
     store = Store(path)
     with store.env.begin(write=True) as txn:
-        txn.put(b"schema", b"4", db=store.meta)
+        txn.put(b"schema", b"5", db=store.meta)
     store.close()
     from gwcore.errors import StoreError
-    with pytest.raises(StoreError, match="has schema 4, this gwcore needs 3"):
+    with pytest.raises(StoreError, match="has schema 5, this gwcore needs 4"):
         Store(path)

@@ -147,3 +147,52 @@ def test_the_writer_stores_these_layouts(tmp_path):
         assert store.last_seq() == 1
     finally:
         store.close()
+
+
+# -- the replica log (selected mode) ---------------------------------------------------------------
+
+def test_replica_record_layout():
+    value = records.encode_replica_record(0x0102, [(b"E\0a", 1), (b"E\0bc", 2)])
+    assert value == (b"\x00" * 6 + b"\x01\x02" + b"\x01" + b"\x00\x00\x00\x03" + b"E\0a"
+                     + b"\x02" + b"\x00\x00\x00\x04" + b"E\0bc")
+    assert records.decode_replica_record(memoryview(value)) == (0x0102, [(b"E\0a", 1), (b"E\0bc", 2)])
+    assert records.decode_replica_record(records.encode_replica_record(5, [])) == (5, [])
+
+
+def test_a_replica_record_cut_short_is_refused():
+    value = records.encode_replica_record(1, [(b"E\0abc", 2)])
+    with pytest.raises(ValueError, match="cut short"):
+        records.decode_replica_record(value[:-1])
+
+
+@given(st.integers(0, 2**64 - 1), st.lists(st.tuples(st.binary(max_size=40), st.sampled_from([1, 2])), max_size=30))
+def test_replica_records_round_trip(recorded_ms, items):
+    assert records.decode_replica_record(records.encode_replica_record(recorded_ms, items)) == (recorded_ms, items)
+
+
+def test_a_schema_3_replica_tree_becomes_the_replica_log_when_opened(tmp_path):
+    """Stores of schema 2 and 3 kept the replica as a tree keyed by dedup key (u8 state, u64 ms):
+    opened by this gwcore, its records are in the log, grouped by time, oldest first."""
+    import struct
+
+    import lmdb
+
+    path = str(tmp_path / "store")
+    Store(path).close()
+    env = lmdb.open(path, max_dbs=16)
+    old = env.open_db(b"replica")
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"replica_log", txn=txn), delete=True)
+        for key, state, ms in [(b"E\0a", 2, 2000), (b"E\0b", 1, 1000), (b"E\0c", 2, 2000)]:
+            txn.put(key, struct.pack(">BQ", state, ms), db=old)
+        txn.put(b"schema", b"3", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    store = Store(path)
+    try:
+        assert store.get(store.meta, b"schema") == b"4"
+        got = [(records.unpack_seq(k), records.decode_replica_record(v)) for k, v in store.iter_db(store.replica_log)]
+        assert got == [(1, (1000, [(b"E\0b", 1)])), (2, (2000, [(b"E\0a", 2), (b"E\0c", 2)]))]
+        with store.env.begin() as txn, pytest.raises(lmdb.NotFoundError):
+            store.env.open_db(b"replica", txn=txn, create=False)
+    finally:
+        store.close()

@@ -70,7 +70,7 @@ class Selected(SelectedBase):
                  self.settings.ack, len(self.stream.replica), self.stream.offset, len(self.dispatcher.undone))
 
     def _load(self) -> list[bytes]:
-        """Replica and outbox from the store (executor); returns the expired replica keys."""
+        """Replica and outbox from the store (executor); returns the seqs of the expired replica log records."""
         expired = self.stream.load()
         self.dispatcher.load()
         return expired

@@ -1,5 +1,5 @@
 """The dedup stream ``E.gwcore.dedup`` of selected mode: appending records to it, and following it
-into this instance's replica (the ``replica`` and ``databus_replica`` databases of its LMDB),
+into this instance's replica (the ``replica_log`` and ``databus_replica`` databases of its LMDB),
 resuming at the offset it stored last.
 
 A record's kind is its ``gwcore.kind`` header; ``gwcore.instance`` names the instance that
@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import logging
-import operator
 import struct
 import uuid
 from typing import TYPE_CHECKING, Any, Callable
@@ -34,7 +32,7 @@ import aio_pika
 from .. import databus
 from ..amqp import broker_errors
 from ..errors import BrokerUnavailableError
-from ..records import now_ms, part_message_key
+from ..records import decode_replica_record, encode_replica_record, now_ms, pack_seq, part_message_key, unpack_seq
 
 if TYPE_CHECKING:
     from .mode import Selected
@@ -49,7 +47,6 @@ _KIND = "gwcore.kind"
 _FROM = "gwcore.instance"
 _URL = "gwcore.url"
 _U32 = struct.Struct(">I")
-_REPLICA = struct.Struct(">BQ")  # state, recorded_ms
 
 
 def _pack_keys(keys: list[bytes]) -> bytes:
@@ -77,6 +74,9 @@ class Stream:
         # dedup records from the stream: key -> INTENT / DONE
         self.replica: dict[bytes, int] = {}
         self._ages: collections.deque[tuple[int, list[bytes]]] = collections.deque()  # (first seen ms, keys)
+        # the store's replica log: (seq, recorded ms) of each record, oldest first; the next seq
+        self._log: collections.deque[tuple[int, int]] = collections.deque()
+        self._log_next = 1
         self.offset = -1
         self._replica_pending: list[tuple[bytes, int]] = []
         self._flushing = False
@@ -97,24 +97,31 @@ class Stream:
 
     # -- the replica in the store --------------------------------------------------------------------
 
-    def load(self) -> list[bytes]:
-        """The replica and the stream offset from the store (executor); returns the replica keys
-        that have expired."""
+    def load(self) -> list[int]:
+        """The replica and the stream offset from the store (executor); returns the seqs of the
+        replica log's records that have expired."""
         store = self.store
         cutoff = now_ms() - int(self._mode.settings.dedup_ttl * 1000)
         expired = []
-        live: list[tuple[int, bytes]] = []
-        for key, value in store.iter_db(store.replica):
-            state, recorded = _REPLICA.unpack(value)
+        replica = self.replica
+        seq = 0
+        for raw_seq, value in store.iter_db(store.replica_log):
+            seq = unpack_seq(raw_seq)
+            recorded, items = decode_replica_record(value)
             if recorded < cutoff:
-                expired.append(key)
-            else:
-                key = bytes(key)
-                self.replica[key] = state
-                live.append((recorded, key))
-        live.sort()
-        for recorded, group in itertools.groupby(live, key=operator.itemgetter(0)):
-            self._ages.append((recorded, [k for _r, k in group]))
+                expired.append(seq)
+                continue
+            self._log.append((seq, recorded))
+            first = []
+            for key, state in items:
+                known = replica.get(key)
+                if known != DONE:
+                    if known is None:
+                        first.append(key)
+                    replica[key] = state
+            if first:
+                self._ages.append((recorded, first))
+        self._log_next = seq + 1
         if store.databus_replica is not None:
             for key, _value in store.iter_db(store.databus_replica):
                 self._part_messages.add(part_message_key(key))
@@ -122,13 +129,13 @@ class Stream:
         self.offset = struct.unpack(">q", raw)[0] if raw else -1
         return expired
 
-    async def drop(self, keys: list[bytes]) -> None:
-        """Remove these records from the store's replica."""
+    async def drop(self, seqs: list[int]) -> None:
+        """Remove these records from the store's replica log."""
         store = self.store
 
         def drop(txn: Any) -> None:
-            for key in keys:
-                txn.delete(key, db=store.replica)
+            for seq in seqs:
+                txn.delete(pack_seq(seq), db=store.replica_log)
 
         await self.writer.call(drop)
 
@@ -289,15 +296,19 @@ class Stream:
         if first:
             self._ages.append((now_ms(), first))
 
-    def _expire(self) -> list[bytes]:
-        """Forget the records older than GWCORE_DEDUP_TTL (the stream drops them too)."""
+    def _expire(self) -> list[int]:
+        """Forget the records older than GWCORE_DEDUP_TTL (the stream drops them too); returns the
+        seqs of the replica log's records as old. A key is forgotten at its first record's age,
+        its log records each at their own: one restarted in between lives on from its last."""
         cutoff = now_ms() - int(self._mode.settings.dedup_ttl * 1000)
         ages = self._ages
-        gone = []
         while ages and ages[0][0] < cutoff:
             for key in ages.popleft()[1]:
-                if self.replica.pop(key, None) is not None:
-                    gone.append(key)
+                self.replica.pop(key, None)
+        log_records = self._log
+        gone = []
+        while log_records and log_records[0][1] < cutoff:
+            gone.append(log_records.popleft()[0])
         return gone
 
     async def flush(self) -> None:
@@ -314,12 +325,16 @@ class Stream:
                 store = self.store
                 stamp = now_ms()
                 gone = self._expire()
+                if items:
+                    seq = self._log_next
+                    self._log_next += 1
+                    self._log.append((seq, stamp))
 
                 def write(txn: Any) -> None:
-                    for key, state in items:
-                        txn.put(key, _REPLICA.pack(state, stamp), db=store.replica)
-                    for key in gone:
-                        txn.delete(key, db=store.replica)
+                    if items:  # one value at the log's end, however many keys
+                        txn.put(pack_seq(seq), encode_replica_record(stamp, items), db=store.replica_log)
+                    for old in gone:
+                        txn.delete(pack_seq(old), db=store.replica_log)
                     if parts:
                         databus.replicate_parts(txn, store, parts, stamp)
                     if done:
