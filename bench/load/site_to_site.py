@@ -99,8 +99,20 @@ def build_template(path: Path, n: int, body: bytes, b_url: str) -> None:
     asyncio.run(main())
 
 
+def drop_stores(*dirs: Path) -> None:
+    """A finished run's stores removed at once, not at the end of the benchmark: their page cache
+    goes with them. Left in place, the runs' stores add up to gigabytes of cached pages, and on
+    this virtual machine the pages a write takes once the page cache has grown past about 2 GB
+    cost about five times the CPU (LMDB commits of 1,000 2 KiB values: 1.0 µs of CPU per value
+    up to 1.9 GB cached, 5.5 µs from 2.1 GB on; docs/benchmarks.md): the later runs of a round,
+    gwcore's or JetStream's, would pay for the earlier ones."""
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def run_ingest(cfg: argparse.Namespace, work: Path, label: str) -> dict[str, Any]:
-    b = rl.Server("gwcore", cfg, work, work / f"b-ingest-{label.replace('/', 'of')}")
+    b_dir = work / f"b-ingest-{label.replace('/', 'of')}"
+    b = rl.Server("gwcore", cfg, work, b_dir)
     b.start(cfg.ready_timeout)
     try:
         if cfg.warmup and rl.parse_duration_s(cfg.warmup) > 0:
@@ -108,6 +120,7 @@ def run_ingest(cfg: argparse.Namespace, work: Path, label: str) -> dict[str, Any
         res = rl.run_wrk(cfg, b.url, duration=cfg.duration, connections=cfg.connections)
     finally:
         b.stop()
+        drop_stores(b_dir)
     rl.log(f"  [{label}] ingest      : {res['rps']:>10,.0f} msg/s into B (wrk c{cfg.connections})")
     return {"rps": res["rps"], "non_2xx": res.get("non_2xx", 0)}
 
@@ -186,7 +199,8 @@ def _profile(cfg: argparse.Namespace, pid: int, name: str) -> subprocess.Popen |
 def run_site_to_site(cfg: argparse.Namespace, work: Path, template: Path, label: str,
                      rtt: float = 0.0) -> dict[str, Any]:
     tag = label.replace("/", "of") + (f"-rtt{rtt:g}" if cfg.extended else "")
-    b = rl.Server("gwcore", cfg, work, work / f"b-s2s-{tag}")
+    b_dir = work / f"b-s2s-{tag}"
+    b = rl.Server("gwcore", cfg, work, b_dir)
     b.start(cfg.ready_timeout)
     proxy = DelayProxy(cfg, work, b.port, rtt) if rtt > 0 or cfg.proxy_at_zero else None
     a_dir = work / f"a-{tag}"
@@ -230,6 +244,7 @@ def run_site_to_site(cfg: argparse.Namespace, work: Path, template: Path, label:
         if proxy is not None:
             proxy.stop()
         b.stop()
+        drop_stores(a_dir, b_dir)
     done = samples[-1][1] if samples else 0
     where = f"{label} RTT {rtt:g} ms" if cfg.extended else label
     if done < n:
