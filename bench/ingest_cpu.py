@@ -5,10 +5,11 @@ whatever else the 2-core machine runs. This script drives the real protocol obje
 (``HTTPProtocol`` over the core's parser, the real writer thread with fsync'd group commit on a
 real LMDB store) from fake transports, so the CPU time it reports is the Python and Cython work
 of the path plus the writer's, not the kernel's socket work. Process CPU time (both threads) per
-request, best of several rounds, is what it prints; ``--profile`` adds a cProfile table of the
-loop thread.
+message, best of several rounds, is what it prints; ``--profile`` adds a cProfile table of the
+loop thread; ``--batch N`` sends the messages as gwcore batches of N (site to site).
 
     .venv/bin/python bench/ingest_cpu.py --connections 256 --requests 100000
+    .venv/bin/python bench/ingest_cpu.py --connections 8 --batch 1000 --requests 200000
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from httpclient import nsb_request  # noqa: E402
 
 from gwcore import Settings  # noqa: E402
+from gwcore._core import core  # noqa: E402
+from gwcore.egress import wire_headers  # noqa: E402
 from gwcore.http import HTTPProtocol, HTTPState  # noqa: E402
+from gwcore.server import settle_gc, tune_malloc  # noqa: E402
 from gwcore.store import Store, Writer  # noqa: E402
 
 BODY = b'{"Payload":"' + b"x" * 1010 + b'"}'
@@ -83,6 +87,43 @@ def requests(n: int) -> list[bytes]:
     return [nsb_request(str(uuid.uuid4()), body=BODY) for _ in range(n)]
 
 
+#: a message as gwcore sends it to a site (about 20 wire headers, like bench/load/site_to_site.py's)
+BATCH_HEADERS = {
+    "NServiceBus.MessageIntent": "Send",
+    "NServiceBus.EnclosedMessageTypes": "Shared.UpdatePrice, Shared, Version=1.0.0.0, Culture=neutral, PublicKeyToken=null",
+    "NServiceBus.ContentType": "application/json",
+    "NServiceBus.ReplyToAddress": "Headquarters",
+    "NServiceBus.OriginatingMachine": "HQ-SRV01",
+    "NServiceBus.OriginatingEndpoint": "Headquarters",
+    "NServiceBus.Version": "10.2.8",
+    "NServiceBus.TimeSent": "2026-12-06 00:00:00:000000 Z",
+    "NServiceBus.OriginatingSite": "http,http://127.0.0.1:1/Headquarters/",
+}
+
+
+def batch_requests(n: int, per_batch: int) -> list[bytes]:
+    """n messages in requests of per_batch each (a gwcore batch, docs/protocol.md)."""
+    out = []
+    for start in range(0, n, per_batch):
+        messages = []
+        for _ in range(min(per_batch, n - start)):
+            msg_id = str(uuid.uuid4())
+            headers = {"NServiceBus.MessageId": msg_id, "NServiceBus.CorrelationId": msg_id, **BATCH_HEADERS}
+            lines = wire_headers(msg_id, headers, BODY, in_batch=True)
+            messages.append((b"".join(b"%s: %s\r\n" % line for line in lines), BODY))
+        body = core.encode_batch(messages)
+        out.append(b"POST /RemoteSite/ HTTP/1.1\r\nHost: x\r\ngwcore-Batch: 1\r\n"
+                   b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    return out
+
+
+def perf_control(args: argparse.Namespace, command: bytes) -> None:
+    """Switch ``perf record --control fifo:CTL -D -1`` on around the measured part only."""
+    if args.perf_control:
+        with open(args.perf_control, "wb") as f:
+            f.write(command + b"\n")
+
+
 async def run(args: argparse.Namespace, data_dir: str) -> list[float]:
     loop = asyncio.get_running_loop()
     settings = Settings.from_env({}, data_dir=data_dir, endpoint="RemoteSite",
@@ -101,15 +142,19 @@ async def run(args: argparse.Namespace, data_dir: str) -> list[float]:
         proto = HTTPProtocol(state)
         proto.connection_made(FakeTransport(done, counter))
         conns.append(proto)
+    settle_gc()  # the collector and malloc as `gwcore serve` sets them
+    tune_malloc()
     results = []
     profiler = cProfile.Profile() if args.profile else None
     for round_no in range(args.rounds):
-        reqs = requests(args.requests)
+        reqs = batch_requests(args.requests, args.batch) if args.batch else requests(args.requests)
+        messages = args.requests
         before = thread_cpu()
         started_cpu = time.process_time()
         started = time.perf_counter()
         if profiler:
             profiler.enable()
+        perf_control(args, b"enable")
         i = 0
         per_wave = args.connections
         while i < len(reqs):
@@ -120,18 +165,20 @@ async def run(args: argparse.Namespace, data_dir: str) -> list[float]:
                 proto.data_received(data)
             await done.wait()
             i += per_wave
+        perf_control(args, b"disable")
         if profiler:
             profiler.disable()
         cpu = time.process_time() - started_cpu
         wall = time.perf_counter() - started
         after = thread_cpu()
         main_tid = os.getpid()
-        loop_us = (after.get(main_tid, 0) - before.get(main_tid, 0)) / len(reqs) * 1e6
-        other_us = sum(after[t] - before.get(t, 0) for t in after if t != main_tid) / len(reqs) * 1e6
-        us = cpu / len(reqs) * 1e6
+        loop_us = (after.get(main_tid, 0) - before.get(main_tid, 0)) / messages * 1e6
+        other_us = sum(after[t] - before.get(t, 0) for t in after if t != main_tid) / messages * 1e6
+        us = cpu / messages * 1e6
         results.append(us)
-        print(f"round {round_no + 1}: {us:.2f} us CPU/request (loop {loop_us:.1f}, writer {other_us:.1f}), {len(reqs) / wall:,.0f} req/s wall, "
-              f"batches {writer.stats.batches}", flush=True)
+        print(f"round {round_no + 1}: {us:.2f} us CPU/message (loop {loop_us:.1f}, writer {other_us:.1f}), "
+              f"{messages / wall:,.0f} msg/s wall, {len(reqs)} requests, commits {writer.stats.batches}, "
+              f"store {store.size_bytes() / (messages * (round_no + 1)):,.0f} bytes/message", flush=True)
     state.stop()
     writer.close()
     store.close()
@@ -145,6 +192,10 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=256)
     parser.add_argument("--requests", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=0,
+                        help="N messages per request, as gwcore batches (0: one NServiceBus submit each)")
+    parser.add_argument("--perf-control", metavar="FIFO",
+                        help="perf's control fifo: enabled only while the requests are being answered")
     parser.add_argument("--nosync", action="store_true", help="GWCORE_STORE_SYNC=0")
     parser.add_argument("--profile", action="store_true", help="cProfile the loop thread")
     parser.add_argument("--profile-lines", type=int, default=30)
@@ -153,7 +204,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "var")) as tmp:
         results = asyncio.run(run(args, tmp))
     results.sort()
-    print(f"best {results[0]:.2f} median {results[len(results) // 2]:.2f} us CPU/request")
+    print(f"best {results[0]:.2f} median {results[len(results) // 2]:.2f} us CPU/message")
 
 
 if __name__ == "__main__":
