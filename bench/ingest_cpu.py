@@ -8,6 +8,11 @@ of the path plus the writer's, not the kernel's socket work. Process CPU time (b
 message, best of several rounds, is what it prints; ``--profile`` adds a cProfile table of the
 loop thread; ``--batch N`` sends the messages as gwcore batches of N (site to site).
 
+The rounds share one store, which grows by every round's messages: on this virtual machine a
+write's new pages cost several times the CPU once the page cache holds about 2 GB
+(docs/benchmarks.md, "Site to site"), so compare the writer's numbers of the same round, best
+the first, and keep ``--requests`` × ``--rounds`` × 2 KiB well below that.
+
     .venv/bin/python bench/ingest_cpu.py --connections 256 --requests 100000
     .venv/bin/python bench/ingest_cpu.py --connections 8 --batch 1000 --requests 200000
 """

@@ -726,5 +726,27 @@ class JobInbox:
     def resolve(self, done: list[tuple[Callable[[bool, object], None], bool, object]]) -> None:
         """Call ``done(ok, value)`` for every answer of a committed batch."""
 
+@disjoint_base
+class BatchAnswer:
+    """The outcomes of one batch request's messages; ``on_done(body)`` once with the answer's
+    JSON (``{"results":[...]}``, as ``orjson.dumps`` writes it) when :meth:`arm` was called and
+    no message is waiting. ``on_error(exc)`` gives ``(status, reason)`` for a writer failure."""
+
+    def __init__(self, messages: int, on_done: Callable[[bytes], object],
+                 on_error: Callable[[BaseException], tuple[int, str]]) -> None: ...
+    @property
+    def waiting(self) -> int:
+        """Messages handed to the writer and not decided yet."""
+    def refuse(self, index: int, status: int, reason: str) -> None:
+        """Message *index* was refused before the writer."""
+    def slot(self, index: int) -> Callable[[bool, object], None]:
+        """The ``done(ok, value)`` of message *index*'s writer job."""
+    def arm(self) -> None:
+        """Answer as soon as no message is waiting (now, if none is)."""
+    def results(self) -> list[dict[str, object] | None]:
+        """The outcomes as the answer's dicts (None: still waiting)."""
+    def body(self) -> bytes:
+        """The answer's JSON (every message decided; ValueError otherwise)."""
+
 def ingest_results(jobs: list[tuple[int, object, Callable[[bool, object], None]]], flags: list[bool]) -> list[tuple[Callable[[bool, object], None], bool, object]]:
     """``[(done, True, flag), ...]`` for a batch of ingest jobs and ``apply_batch``'s flags."""

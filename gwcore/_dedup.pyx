@@ -11,6 +11,8 @@ from gwcore.includes.debug cimport GWCORE_DEBUG
 
 import hashlib
 
+import orjson
+
 from .errors import ConfigurationError, FramingError, InternalError
 
 # Bound once, not looked up per request. usedforsecurity=False: an integrity check, and it keeps

@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from ._core import core
 from .errors import FramingError
 from .httphead import error_answer
 from .records import now_ms
+
+_INGEST = core.JOB_KINDS[0]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .http import HTTPProtocol
@@ -88,38 +88,6 @@ def advertised(headers: list[tuple[bytes, bytes]]) -> BatchLimits | None:
     return None
 
 
-class _Outcomes:
-    """Collects the writer's answers for a batch's messages and answers the request once the
-    last one is in."""
-
-    __slots__ = ("protocol", "slot", "results", "waiting")
-
-    def __init__(self, protocol: HTTPProtocol, slot: core.AnswerSlot, results: list[Any]) -> None:
-        self.protocol = protocol
-        self.slot = slot
-        self.results = results
-        self.waiting = 0
-
-    def done_for(self, index: int) -> Any:
-        def done(ok: bool, value: Any) -> None:
-            if not ok:
-                status, reason = error_answer(value, "batch ingest")
-                self.results[index] = {"status": status, "reason": reason}
-            elif type(value) is core.Rejection:
-                self.results[index] = {"status": value.status, "reason": value.reason}
-            else:
-                self.results[index] = {"status": 200, "reason": "OK", "duplicate": value is False}
-            self.waiting -= 1
-            if self.waiting == 0:
-                self.answer()
-        return done
-
-    def answer(self) -> None:
-        p = self.protocol
-        p.state.batch_messages += len(self.results)
-        p._answer(self.slot, 200, "OK", body=orjson.dumps({"results": self.results}), content_type=_JSON)
-
-
 def receive(protocol: HTTPProtocol, slot: core.AnswerSlot, batch: Any) -> None:
     """Answer one batch request (its signature, if the listener checks them, already held)."""
     state = protocol.state
@@ -148,21 +116,31 @@ def receive(protocol: HTTPProtocol, slot: core.AnswerSlot, batch: Any) -> None:
     except ValueError as exc:
         protocol._answer(slot, 413, f"Payload Too Large: {exc}")
         return
-    results: list[Any] = [None] * len(framed)
-    outcomes = _Outcomes(protocol, slot, results)
-    ingest = []
+    messages = len(framed)
+
+    def answer(body: bytes) -> None:
+        state.batch_messages += messages
+        protocol._answer(slot, 200, "OK", body=body, content_type=_JSON)
+
+    outcomes = core.BatchAnswer(messages, answer, _writer_failed)
+    # All in this loop turn: the writer takes them in one hand-over, so one transaction. The
+    # listener's compiled inbox (the local writer's) takes them straight, as it does a plain
+    # submit; a closed one, or none, goes through the sink's ingest_then.
+    inbox = state.inbox
+    add = inbox.add if inbox is not None and not inbox.closed else None
+    ingest_then = writer.ingest_then
     for i, result in enumerate(framed):
         if type(result) is core.Rejection:
-            results[i] = {"status": result.status, "reason": result.reason}
+            outcomes.refuse(i, result.status, result.reason)
+        elif add is not None:
+            add(_INGEST, result, outcomes.slot(i))
         else:
-            ingest.append((i, result))
-    if not ingest:
-        outcomes.answer()
-        return
-    outcomes.waiting = len(ingest)
-    # All in this loop turn: the writer takes them in one hand-over, so one transaction.
-    for i, env in ingest:
-        writer.ingest_then(env, outcomes.done_for(i))
+            ingest_then(result, outcomes.slot(i))
+    outcomes.arm()
+
+
+def _writer_failed(exc: BaseException) -> tuple[int, str]:
+    return error_answer(exc, "batch ingest")
 
 
 def check_signature(verifier: Any, batch: Any) -> tuple[int, str] | None:

@@ -814,3 +814,76 @@ def test_linger_gathers_trickling_messages_into_fewer_batches(run, make_settings
     # one worker lingers at a time and its batch takes what arrived meanwhile: 3 requests on a
     # quiet machine (17 when each of the 8 workers lingered with a message of its own)
     assert lingered <= 10 and lingered < quick / 4, (quick, lingered)
+
+
+# -- the answer (core.BatchAnswer) -------------------------------------------------------------
+
+_OUTCOME = st.one_of(
+    st.just(("new",)), st.just(("duplicate",)), st.just(("error",)),
+    st.tuples(st.just("refused"), st.integers(400, 599), st.text(max_size=40)),
+    st.tuples(st.just("rejected"), st.integers(400, 599), st.text(max_size=40)),
+)
+
+
+def _on_error(exc: BaseException) -> tuple[int, str]:
+    return 503, f"Service Unavailable: {exc}"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_OUTCOME, max_size=30), st.randoms(use_true_random=False))
+def test_batch_answer_is_what_orjson_writes_for_the_outcomes(outcomes, rnd):
+    """Whatever the outcomes and the order the writer decides them in, the answer comes once,
+    after arm() and the last decision, byte for byte orjson's JSON of the documented dicts."""
+    answers: list[bytes] = []
+    answer = core.BatchAnswer(len(outcomes), answers.append, _on_error)
+    expected, slots = [], []
+    for i, outcome in enumerate(outcomes):
+        kind = outcome[0]
+        if kind == "refused":
+            answer.refuse(i, outcome[1], outcome[2])
+            expected.append({"status": outcome[1], "reason": outcome[2]})
+            continue
+        slots.append((answer.slot(i), outcome))
+        if kind in ("new", "duplicate"):
+            expected.append({"status": 200, "reason": "OK", "duplicate": kind == "duplicate"})
+        elif kind == "error":
+            expected.append({"status": 503, "reason": "Service Unavailable: disk full"})
+        else:  # a Rejection makes its reason safe for a status line itself
+            outcome = (kind, core.Rejection(outcome[1], outcome[2], None))
+            slots[-1] = (slots[-1][0], outcome)
+            expected.append({"status": outcome[1].status, "reason": outcome[1].reason})
+    rnd.shuffle(slots)
+    early = rnd.randrange(len(slots) + 1)  # some decided before arm(), as a closed writer does
+    for n, (done, outcome) in enumerate(slots):
+        if n == early:
+            answer.arm()
+        assert answers == []
+        kind = outcome[0]
+        if kind == "new":
+            done(True, True)
+        elif kind == "duplicate":
+            done(True, False)
+        elif kind == "error":
+            done(False, OSError("disk full"))
+        else:
+            done(True, outcome[1])
+    if early == len(slots):
+        assert answers == []
+        answer.arm()
+    assert answers == [orjson.dumps({"results": expected})]
+    assert answer.results() == expected and answer.waiting == 0
+    for done, _ in slots:  # a second answer for a message changes nothing
+        done(True, False)
+    assert len(answers) == 1
+
+
+def test_batch_answer_refuses_what_is_not_a_message_of_its_batch():
+    answer = core.BatchAnswer(2, lambda body: None, _on_error)
+    answer.slot(0)
+    with pytest.raises(ValueError):
+        answer.slot(2)
+    with pytest.raises(ValueError):
+        answer.refuse(-1, 400, "x")
+    with pytest.raises(ValueError):
+        answer.body()  # message 0 still waiting
+    assert answer.waiting == 1

@@ -375,6 +375,129 @@ cdef class JobInbox:
             item[0](item[1], item[2])
 
 
+# A batch's answer for each message stored: what orjson writes for these dicts, kept as bytes.
+cdef bytes _BATCH_NEW = b'{"status":200,"reason":"OK","duplicate":false}'
+cdef bytes _BATCH_DUPLICATE = b'{"status":200,"reason":"OK","duplicate":true}'
+
+
+cdef class BatchAnswer:
+    """The outcomes of one batch request's messages, and its answer once the last is decided
+    (docs/protocol.md, "Batches between gwcore sites"; gwcore/batch.py).
+
+    Each message is either refused while framing (:meth:`refuse`) or handed to the writer with
+    :meth:`slot` as its ``done(ok, value)``: ``value`` True (or anything but False) new and
+    stored, False a duplicate, a ``Rejection`` refused, and with ``ok`` false the exception,
+    which ``on_error(exc)`` turns into ``(status, reason)``. Once :meth:`arm` was called and no
+    message is waiting, ``on_done(body)`` is called once with the answer's JSON,
+    ``{"results":[...]}``, byte for byte what ``orjson.dumps`` writes for the same dicts. Loop
+    thread only; one small object per message, no closure and no dict for a message stored."""
+
+    cdef list _items          # per message: None waiting, True new, False duplicate, (status, reason)
+    cdef Py_ssize_t _waiting
+    cdef bint _armed
+    cdef bint _answered
+    cdef object _on_done
+    cdef object _on_error
+
+    def __init__(self, Py_ssize_t messages, on_done, on_error):
+        if messages < 0:
+            raise ValueError("a batch of a negative number of messages")
+        self._items = [None] * messages
+        self._on_done = on_done
+        self._on_error = on_error
+
+    @property
+    def waiting(self):
+        """Messages handed to the writer and not decided yet."""
+        return self._waiting
+
+    def refuse(self, Py_ssize_t index, int status, str reason not None):
+        """Message *index* was refused before the writer (framing, limits)."""
+        self._check(index)
+        self._items[index] = (status, reason)
+
+    def slot(self, Py_ssize_t index):
+        """The ``done(ok, value)`` of message *index*'s writer job."""
+        cdef _BatchSlot s
+        self._check(index)
+        s = _BatchSlot.__new__(_BatchSlot)
+        s.answer = self
+        s.index = index
+        self._waiting += 1
+        return s
+
+    def arm(self):
+        """Every message was refused or handed over: answer as soon as none is waiting (now, if
+        none is)."""
+        self._armed = True
+        if self._waiting == 0:
+            self._finish()
+
+    def results(self):
+        """The outcomes as dicts (what the answer's ``results`` holds; None for one waiting)."""
+        cdef list out = []
+        for item in self._items:
+            if item is None:
+                out.append(None)
+            elif item is True or item is False:
+                out.append({"status": 200, "reason": "OK", "duplicate": item is False})
+            else:
+                out.append({"status": item[0], "reason": item[1]})
+        return out
+
+    def body(self):
+        """The answer's JSON (every message decided)."""
+        cdef list parts = []
+        for item in self._items:
+            if item is True:
+                parts.append(_BATCH_NEW)
+            elif item is False:
+                parts.append(_BATCH_DUPLICATE)
+            elif item is None:
+                raise ValueError("a message of the batch is still waiting for the writer")
+            else:
+                parts.append(orjson.dumps({"status": item[0], "reason": item[1]}))
+        return b'{"results":[' + b",".join(parts) + b"]}"
+
+    cdef int _check(self, Py_ssize_t index) except -1:
+        if not 0 <= index < len(self._items) or self._items[index] is not None:
+            raise ValueError(f"message {index} of the batch: no such message, or decided already")
+        return 0
+
+    cdef int _decided(self, Py_ssize_t index, bint ok, object value) except -1:
+        cdef Rejection r
+        if self._items[index] is not None:
+            return 0                      # answered once only
+        if not ok:
+            status, reason = self._on_error(value)
+            self._items[index] = (status, reason)
+        elif type(value) is Rejection:
+            r = <Rejection>value
+            self._items[index] = (r.status, r.reason)
+        else:
+            self._items[index] = value is not False
+        self._waiting -= 1
+        if self._waiting == 0 and self._armed:
+            self._finish()
+        return 0
+
+    cdef int _finish(self) except -1:
+        if self._answered:
+            return 0
+        self._answered = True
+        self._on_done(self.body())
+        return 0
+
+
+cdef class _BatchSlot:
+    """One message's ``done(ok, value)`` (BatchAnswer.slot)."""
+    cdef BatchAnswer answer
+    cdef Py_ssize_t index
+
+    def __call__(self, ok, value):
+        self.answer._decided(self.index, ok, value)
+
+
 def ingest_results(list jobs not None, list flags not None):
     """``[(done, True, flag), ...]``: the answers of a batch of ingest jobs only, from the flags
     ``DedupIndex.apply_batch`` returned for their envelopes (True new, False duplicate)."""
