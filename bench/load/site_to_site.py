@@ -110,6 +110,22 @@ def drop_stores(*dirs: Path) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+#: The page cache above which the benchmark warns before it starts (drop_stores says why).
+PAGE_CACHE_WARN = 1 << 30
+
+
+def page_cache_bytes() -> int | None:
+    """The page cache's size (``Cached`` in /proc/meminfo), or None where there is none to read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("Cached:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def run_ingest(cfg: argparse.Namespace, work: Path, label: str) -> dict[str, Any]:
     b_dir = work / f"b-ingest-{label.replace('/', 'of')}"
     b = rl.Server("gwcore", cfg, work, b_dir)
@@ -457,6 +473,12 @@ def wrk_setup(cfg: argparse.Namespace, prefix: str) -> tuple[dt.datetime, Path, 
     cfg.threads, cfg.wrk_timeout, cfg.store_sync, cfg.commit_max_delay_us, cfg.gwcore_env = 1, "10s", None, None, []
     cfg.think_dist = "exp"
     started = dt.datetime.now(dt.timezone.utc)
+    cached = page_cache_bytes()
+    if cached is not None and cached > PAGE_CACHE_WARN:
+        rl.log(f"warning: the page cache holds {cached / (1 << 30):.1f} GiB before the benchmark starts "
+               f"(leftover test stores?): on this machine a write's new pages cost several times the CPU "
+               f"once it passes about 2 GB (see drop_stores); for comparable runs remove them, or "
+               f"`sync; echo 1 > /proc/sys/vm/drop_caches`")
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=prefix, dir=cfg.work_dir))
     body = rl.make_body(cfg.body_size)
