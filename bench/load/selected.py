@@ -118,7 +118,8 @@ def run_one(cfg: argparse.Namespace, work: Path, kind: str, label: str) -> dict[
                    GWCORE_INSTANCE="bench", GWCORE_ELECTION_INTERVAL="50ms")
     node_cfg = argparse.Namespace(**vars(cfg))
     node_cfg.gwcore_env = [f"{k}={v}" for k, v in env.items()]
-    server = rl.Server("gwcore", node_cfg, work, work / f"{kind}-{label}")
+    data_dir = work / f"{kind}-{label}"
+    server = rl.Server("gwcore", node_cfg, work, data_dir)
     server.start(cfg.ready_timeout)
     try:
         deadline = time.monotonic() + 30
@@ -141,6 +142,7 @@ def run_one(cfg: argparse.Namespace, work: Path, kind: str, label: str) -> dict[
                 cfg.pg_dsn, f"SELECT count(*) FROM {queue}", f"SELECT headers FROM {queue} LIMIT 1"))
     finally:
         server.stop()
+        s2s.drop_stores(data_dir)
         if kind == "postgresql":
             asyncio.run(_pg(cfg.pg_dsn, f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
         elif kind != "standalone":
