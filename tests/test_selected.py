@@ -228,6 +228,12 @@ def test_one_leader_the_others_answer_503_standby(tmp_path, endpoint, run):
             assert await submit(port_of(leader), endpoint, "a") == (200, "OK")
             metrics = (await get("127.0.0.1", port_of(leader), "/metrics")).body.decode()
             assert 'gwcore_selected_role{role="leader"} 1' in metrics and "gwcore_dispatched_total 1" in metrics
+            # where its time went: one batch of one message published and confirmed, two stream
+            # records (its intent, then its batch done) before the 200
+            assert "gwcore_dispatch_batch_messages_count 1.0" in metrics
+            assert 'gwcore_dispatch_batch_messages_bucket{le="1.0"} 1.0' in metrics
+            assert "gwcore_dispatch_confirm_seconds_count 1.0" in metrics
+            assert "gwcore_dispatch_append_seconds_count 2.0" in metrics
             # the standbys follow the dedup stream into their own store
             for g in gws:
                 await until(lambda g=g: g.selected.replica.get(f"{endpoint}\0a".encode()) == 2, 5, "the record")

@@ -16,6 +16,7 @@ import asyncio
 import collections
 import functools
 import logging
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from pamqp.commands import Basic
@@ -26,6 +27,7 @@ from ..amqp import FramePublisher, PublishRefused, broker_errors, cancel_and_wai
 from ..errors import BrokerUnavailableError, StoreFullError
 from ..records import append_errors, dedup_key, pack_seq
 from ..ingest import Done, IngestSink
+from ..metrics import Buckets
 from .stream import DONE, INTENT
 
 if TYPE_CHECKING:
@@ -40,6 +42,7 @@ _DISPATCH_BATCH = 512
 # intent is appended and it is published (docs/architecture.md, "Selected mode's publish path").
 _IN_FLIGHT_BATCHES = 2
 _AMQP_FIELD_NAME_MAX = 128  # the longest header name an AMQP header table carries
+_BATCH_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # gwcore_dispatch_batch_messages
 
 
 class Dispatcher(IngestSink):
@@ -69,6 +72,12 @@ class Dispatcher(IngestSink):
         self.parts_unreplicated = 0  # parts accepted with ack=stored while the stream was out of reach
         self.refused_full = 0  # submits refused 503 at GWCORE_OUTBOX_MAX
         self.refused_amqp = 0  # submits refused 400: a header name AMQP cannot carry
+        #: where a dispatched message's time goes: the stream append of each batch's record (the
+        #: previous batch done, this one intended), a batch's publish until its last confirm, and
+        #: the messages per published batch
+        self.append_seconds = Buckets()
+        self.confirm_seconds = Buckets()
+        self.batch_messages = Buckets(_BATCH_BOUNDS)
 
     # -- the ingest sink (gwcore/ingest.py) ------------------------------------------------------------
 
@@ -204,8 +213,8 @@ class Dispatcher(IngestSink):
         while True:
             await self._work.wait()
             self._work.clear()
-            # Batches published, their confirms awaited in order: (entries, confirm futures).
-            flying: collections.deque[tuple[list, list[asyncio.Future]]] = collections.deque()
+            # Batches published, their confirms awaited in order: (entries, confirm futures, when published).
+            flying: collections.deque[tuple[list, list[asyncio.Future], float]] = collections.deque()
             try:
                 await self._dispatch(flying)
             except broker_errors as exc:
@@ -226,7 +235,7 @@ class Dispatcher(IngestSink):
                 await asyncio.sleep(1.0)
                 self.kick()
             finally:
-                for _entries, futures in flying:   # a lost connection rejected them: seen here
+                for _entries, futures, _published in flying:   # a lost connection rejected them: seen here
                     for fut in futures:
                         if fut.done() and not fut.cancelled():
                             fut.exception()
@@ -244,8 +253,9 @@ class Dispatcher(IngestSink):
             # new to publish, waits for the oldest
             while flying and (len(flying) >= _IN_FLIGHT_BATCHES or not out
                               or all(f.done() for f in flying[0][1])):
-                entries, futures = flying.popleft()
+                entries, futures, published = flying.popleft()
                 self._confirmed(entries, await asyncio.gather(*futures))
+                self.confirm_seconds.observe(time.perf_counter() - published)
                 confirmed += [(seq, key) for seq, key, _framed, _marked in entries]
                 if out:
                     break
@@ -257,14 +267,18 @@ class Dispatcher(IngestSink):
             # One append records the confirmed batches as done and this one as intended: the
             # intent is in the stream before any of this batch is published.
             keys = [key for _seq, key, _framed, _marked in out]
+            started = time.perf_counter()
             await stream.append_batch([key for _seq, key in confirmed], keys)
+            self.append_seconds.observe(time.perf_counter() - started)
             self._finish(confirmed + skipped)
             if out:
                 self._fresh.difference_update(keys)
+                published = time.perf_counter()
                 futures, refused = await self._frames.publish([(framed, marked) for _s, _k, framed, marked in out])
                 if refused:
                     out = self._poison_unencodable(out, refused)
-                flying.append((out, futures))
+                self.batch_messages.observe(len(out))
+                flying.append((out, futures, published))
 
     def _confirmed(self, entries: list, results: list) -> None:
         for result in results:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..amqp import Link, Topology
 from ..errors import BrokerUnavailableError
-from ..metrics import Families, counter, gauge
+from ..metrics import Families, counter, gauge, histogram
 from ..selectedbase import SelectedBase
 from .dispatcher import Dispatcher
 from .election import STANDBY, Election
@@ -220,4 +220,11 @@ class Selected(SelectedBase):
                     "Parts accepted (GWCORE_ACK=stored) while the stream was out of reach: kept on this instance only.",
                     dispatcher.parts_unreplicated),
             gauge("gwcore_dedup_stream_offset", "Last stream offset read.", stream.offset),
+            histogram("gwcore_dispatch_append_seconds",
+                      "Each dispatched batch's stream record (the batch before it done, this one intended): "
+                      "its append until the broker confirmed it.", dispatcher.append_seconds),
+            histogram("gwcore_dispatch_confirm_seconds",
+                      "A dispatched batch's publish until the broker confirmed its last message.",
+                      dispatcher.confirm_seconds),
+            histogram("gwcore_dispatch_batch_messages", "Messages per published batch.", dispatcher.batch_messages),
         ]
