@@ -940,6 +940,14 @@ def log_format(environ: Mapping[str, str] | None = None) -> str:
         raise ConfigurationError(f"GWCORE_LOG_FORMAT={text!r} is invalid: {exc}") from None
 
 
+def malloc_set_by_operator(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``GLIBC_TUNABLES`` sets any of glibc's malloc options (``glibc.malloc.*``): then
+    ``gwcore serve`` leaves malloc as the operator set it (gwcore.server.tune_malloc). Not a
+    ``GWCORE_*`` setting: glibc's own variable, read here as every variable is."""
+    env = os.environ if environ is None else environ
+    return "glibc.malloc." in env.get("GLIBC_TUNABLES", "")
+
+
 def child_environment(variables: Mapping[str, str]) -> dict[str, str]:
     """The environment for a child gwcore process configured by *variables* alone: this process's
     environment without its ``GWCORE_*`` variables (so the caller's shell cannot change the child),

@@ -7,14 +7,13 @@ import ctypes
 import datetime
 import gc
 import logging
-import os
 import signal
 import sys
-from typing import Callable, Mapping
+from typing import Callable
 
 import orjson
 
-from .config import Settings
+from .config import Settings, malloc_set_by_operator
 from .errors import ConfigurationError
 from .gateway import Gateway
 
@@ -134,7 +133,7 @@ def settle_gc() -> None:
     gc.set_threshold(_GC_GEN0, gen1, gen2)
 
 
-def tune_malloc(environ: Mapping[str, str] = os.environ) -> bool:
+def tune_malloc(set_by_operator: bool | None = None) -> bool:
     """Once serving, on glibc: a receive buffer that grew to a batch (megabytes) and shrank again
     leaves its memory in the heap for the next batch instead of giving it back to the kernel.
 
@@ -145,8 +144,9 @@ def tune_malloc(environ: Mapping[str, str] = os.environ) -> bool:
     64 MiB of free heap kept, the same buffers cost no fault after the first.
 
     Nothing is changed when ``GLIBC_TUNABLES`` already sets malloc options (the operator's word
-    wins) or the C library is not glibc. Returns whether the settings were applied."""
-    if "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
+    wins; *set_by_operator*, by default :func:`gwcore.config.malloc_set_by_operator`) or the C
+    library is not glibc. Returns whether the settings were applied."""
+    if malloc_set_by_operator() if set_by_operator is None else set_by_operator:
         return False
     try:
         libc = ctypes.CDLL(None)

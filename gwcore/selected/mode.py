@@ -69,7 +69,7 @@ class Selected(SelectedBase):
                  "%d messages left in the outbox", self.instance, self.link.describe(),
                  self.settings.ack, len(self.stream.replica), self.stream.offset, len(self.dispatcher.undone))
 
-    def _load(self) -> list[bytes]:
+    def _load(self) -> list[int]:
         """Replica and outbox from the store (executor); returns the seqs of the expired replica log records."""
         expired = self.stream.load()
         self.dispatcher.load()
