@@ -431,3 +431,63 @@ def test_replicated_records_expire_with_the_dedup_ttl(tmp_path, endpoint, run):
 
     run(main())
     assert [m[0] for m in drain(endpoint)] == ["old"]  # forgotten after the TTL: accepted as new
+
+
+async def append_records(endpoint: str, kind: str, ids: list[str]) -> None:
+    """One record per id, as many leaders' batches would leave them, in one connection."""
+    conn = await aio_pika.connect(AMQP_URL)
+    try:
+        ch = await conn.channel(publisher_confirms=True)
+        name = f"{endpoint}.gwcore.dedup"
+        await ch.declare_queue(name, durable=True, arguments={"x-queue-type": "stream", "x-max-age": "604800s"})
+        for start in range(0, len(ids), 500):
+            await asyncio.gather(*(ch.default_exchange.publish(
+                aio_pika.Message(struct.pack(">I", len(k)) + k,
+                                 headers={"gwcore.kind": kind, "gwcore.instance": "earlier"}), routing_key=name)
+                for k in (f"{endpoint}\0{i}".encode() for i in ids[start:start + 500])))
+    finally:
+        await conn.close()
+
+
+def test_a_new_instance_reads_a_stream_far_longer_than_its_prefetch(tmp_path, endpoint, run):
+    """The follower acknowledges records in bulk: with fewer acknowledgements than records the
+    broker must still deliver past the channel's prefetch (2,000), to the marker at the end."""
+    ids = [f"m{i}" for i in range(5200)]
+
+    async def main():
+        await append_records(endpoint, "done", ids)
+        gw = await Gateway(selected_settings(tmp_path, endpoint, "i1")).start()
+        try:
+            await until(lambda: gw.ready, 30, "the instance to read the stream and be elected")
+            replica = gw.selected.replica
+            assert all(replica.get(f"{endpoint}\0{i}".encode()) == 2 for i in ids)
+            assert await submit(port_of(gw), endpoint, "m5199") == (200, "OK")  # a duplicate: not published
+            assert await submit(port_of(gw), endpoint, "new") == (200, "OK")
+        finally:
+            await gw.stop()
+
+    run(main())
+    assert [m[0] for m in drain(endpoint)] == ["new"]
+
+
+def test_the_follower_reconnects_when_the_broker_cancels_it(tmp_path, endpoint, run):
+    """The broker cancels the stream follower's consumer (here: the stream deleted under a running
+    instance): the follower ends and the instance connects again, instead of following nothing on
+    a connection that is still up. (Before, the follower waited on the cancelled consumer for ever.)"""
+    async def main():
+        gw = await Gateway(selected_settings(tmp_path, endpoint, "i1")).start()
+        try:
+            await until(lambda: gw.ready, 10, "the election")
+            link = gw.selected.link
+            connects = link.connects
+            conn = await aio_pika.connect(AMQP_URL)
+            try:
+                ch = await conn.channel()
+                await ch.queue_delete(f"{endpoint}.gwcore.dedup")
+            finally:
+                await conn.close()
+            await until(lambda: link.connects > connects and link.connected, 10, "a new connection after the cancel")
+        finally:
+            await gw.stop()
+
+    run(main())

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import struct
 import uuid
@@ -47,6 +48,8 @@ _KIND = "gwcore.kind"
 _FROM = "gwcore.instance"
 _URL = "gwcore.url"
 _U32 = struct.Struct(">I")
+#: Stream records read between two acknowledgements (multiple=True) of the follower.
+_ACK_EVERY = 500
 
 
 def _pack_keys(keys: list[bytes]) -> bytes:
@@ -83,6 +86,7 @@ class Stream:
         self._markers: dict[bytes, asyncio.Future] = {}
         self.caught_up = False  # the marker appended after connecting has been read back
         self._catching_up: asyncio.Task | None = None
+        self._unacked = 0  # records the follower read since its last acknowledgement
         # databus part records (gwcore/databus/replica.py): (part key, record) to store, the
         # messages that have some, and those dispatched since (their records go)
         self._parts_pending: list[tuple[bytes, bytes]] = []
@@ -208,11 +212,31 @@ class Stream:
             # A stream delivers from the start of the chunk holding the offset asked for: the
             # records before it come again and _record skips them.
             start: Any = self.offset + 1 if self.offset >= 0 else "first"
-            self._catching_up = asyncio.ensure_future(self._catch_up())
-            async with queue.iterator(arguments={"x-stream-offset": start}) as records:
-                async for record in records:
-                    self._record(record)
-                    await record.ack()
+            # aiormq's channel under aio-pika's, a callback per record and an ack per _ACK_EVERY
+            # records (multiple=True): a new leader catches up with a long stream in about half
+            # the time of aio-pika's iterator with an ack per record (16 k against 8.5 k records/s)
+            raw = await channel.get_underlay_channel()
+            self._unacked = 0
+            cancelled = asyncio.get_running_loop().create_future()
+
+            def on_cancel(_frame: Any) -> None:  # the broker cancelled the consumer
+                if not cancelled.done():
+                    cancelled.set_result(None)
+
+            raw.on_consumer_cancel_callbacks.add(on_cancel)
+            closing = raw.closing
+            try:
+                self._catching_up = asyncio.ensure_future(self._catch_up())
+                await raw.basic_consume(queue.name, functools.partial(self._delivered, raw),
+                                        arguments={"x-stream-offset": start})
+                await asyncio.wait([closing, cancelled], return_when=asyncio.FIRST_COMPLETED)
+                if closing.done():
+                    closing.result()  # the channel's end: a broker error, caught below
+                else:
+                    log.info("stream follower: the broker cancelled the consumer")
+            finally:
+                raw.on_consumer_cancel_callbacks.discard(on_cancel)
+                closing.cancel()  # an observer only: stops observing
         except broker_errors as exc:  # the connection went: _down has run, the next one follows again
             log.debug("stream follower ended: %s", exc)
         # (cancelled, it does not get here) On a connection still up, the node would not serve the
@@ -230,8 +254,18 @@ class Stream:
         self.caught_up = True
         self._mode.dispatcher.kick()
 
-    def _record(self, record: Any) -> None:
-        headers = record.headers or {}
+    async def _delivered(self, raw: Any, message: Any) -> None:
+        """One stream record (aiormq's DeliveredMessage), applied before anything is awaited:
+        aiormq starts a task per delivery, in order, so records are applied in stream order."""
+        self._record(message.header.properties.headers or {}, message.body)
+        self._unacked += 1
+        if self._unacked >= _ACK_EVERY:
+            # a stream keeps no per-record state: the ack is the consumer's credit; fewer than
+            # the prefetch (2,000) unacknowledged never stops the deliveries
+            self._unacked = 0
+            await raw.basic_ack(message.delivery_tag, multiple=True)
+
+    def _record(self, headers: Any, body: bytes) -> None:
         offset = headers.get("x-stream-offset")
         if isinstance(offset, int):
             if offset <= self.offset:
@@ -242,16 +276,15 @@ class Stream:
         if isinstance(sender, bytes):
             sender = sender.decode()
         if kind == "batch":
-            body = record.body
             keys = _unpack_keys(body[4:])
             n_done = _U32.unpack_from(body)[0]
             self._apply(keys[:n_done], DONE)
             self._apply(keys[n_done:], INTENT)
         elif kind in ("intent", "done"):
-            self._apply(_unpack_keys(record.body), INTENT if kind == "intent" else DONE)
+            self._apply(_unpack_keys(body), INTENT if kind == "intent" else DONE)
         elif kind == "part":
             try:
-                key, value = databus.decode_part_record(record.body)
+                key, value = databus.decode_part_record(body)
             except ValueError as exc:
                 log.warning("stream offset %s: a databus part record gwcore cannot read (%s)", offset, exc)
             else:
@@ -261,7 +294,7 @@ class Stream:
                 if sender != self.instance:
                     self._parts_read += 1
         elif kind in ("marker", "leader"):
-            fut = self._markers.get(record.body)
+            fut = self._markers.get(body)
             if fut is not None and not fut.done():
                 fut.set_result(None)
             if kind == "leader":
