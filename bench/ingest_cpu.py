@@ -40,7 +40,8 @@ from gwcore import Settings  # noqa: E402
 from gwcore._core import core  # noqa: E402
 from gwcore.egress import wire_headers  # noqa: E402
 from gwcore.http import HTTPProtocol, HTTPState  # noqa: E402
-from gwcore.server import settle_gc, tune_malloc  # noqa: E402
+from gwcore import malloc  # noqa: E402
+from gwcore.server import settle_gc  # noqa: E402
 from gwcore.store import Store, Writer  # noqa: E402
 
 BODY = b'{"Payload":"' + b"x" * 1010 + b'"}'
@@ -147,8 +148,9 @@ async def run(args: argparse.Namespace, data_dir: str) -> list[float]:
         proto = HTTPProtocol(state)
         proto.connection_made(FakeTransport(done, counter))
         conns.append(proto)
-    settle_gc()  # the collector and malloc as `gwcore serve` sets them
-    tune_malloc()
+    settle_gc()  # the collector as `gwcore serve` sets it, and malloc as it does for a batch receiver
+    if args.batch:
+        malloc.tune()
     results = []
     profiler = cProfile.Profile() if args.profile else None
     for round_no in range(args.rounds):

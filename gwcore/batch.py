@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from . import malloc
 from ._core import core
 from .errors import FramingError
 from .httphead import error_answer
@@ -92,6 +93,8 @@ def receive(protocol: HTTPProtocol, slot: core.AnswerSlot, batch: Any) -> None:
     """Answer one batch request (its signature, if the listener checks them, already held)."""
     state = protocol.state
     state.batches += 1
+    if state.batches == 1:
+        malloc.batch_seen()  # the first batch of this listener: its buffers kept in the heap
     limits: BatchLimits = state.batch_limits
     if batch.version != _VERSION:
         protocol._answer(slot, 400, f"Bad Request: unsupported {HEADER} version {batch.version!r} (this "

@@ -942,7 +942,7 @@ def log_format(environ: Mapping[str, str] | None = None) -> str:
 
 def malloc_set_by_operator(environ: Mapping[str, str] | None = None) -> bool:
     """Whether ``GLIBC_TUNABLES`` sets any of glibc's malloc options (``glibc.malloc.*``): then
-    ``gwcore serve`` leaves malloc as the operator set it (gwcore.server.tune_malloc). Not a
+    ``gwcore serve`` leaves malloc as the operator set it (gwcore/malloc.py). Not a
     ``GWCORE_*`` setting: glibc's own variable, read here as every variable is."""
     env = os.environ if environ is None else environ
     return "glibc.malloc." in env.get("GLIBC_TUNABLES", "")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import datetime
 import gc
 import logging
@@ -13,6 +12,7 @@ from typing import Callable
 
 import orjson
 
+from . import malloc
 from .config import Settings, malloc_set_by_operator
 from .errors import ConfigurationError
 from .gateway import Gateway
@@ -22,12 +22,6 @@ __all__ = ("LOOP_FACTORIES", "JSONFormatter", "loop_factory", "serve", "setup_lo
 log = logging.getLogger("gwcore")
 #: The cyclic collector's youngest-generation threshold once serving (see settle_gc).
 _GC_GEN0 = 50_000
-#: glibc malloc once serving (see tune_malloc): blocks below this come from the heap, not mmap
-#: (32 MiB is glibc's largest), and up to _TRIM_THRESHOLD of free heap is kept for reuse.
-_MMAP_THRESHOLD = 32 << 20
-_TRIM_THRESHOLD = 64 << 20
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
-
 
 def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     try:
@@ -133,36 +127,8 @@ def settle_gc() -> None:
     gc.set_threshold(_GC_GEN0, gen1, gen2)
 
 
-def tune_malloc(set_by_operator: bool | None = None) -> bool:
-    """Once serving, on glibc: a receive buffer that grew to a batch (megabytes) and shrank again
-    leaves its memory in the heap for the next batch instead of giving it back to the kernel.
-
-    By default glibc serves such blocks with mmap and unmaps them when they shrink or are freed,
-    so every batch request faulted its buffer's pages in afresh and had the kernel zero them:
-    1,024 page faults per 4 MiB buffer, about a tenth of a batch receiver's loop thread in a
-    ``perf`` profile (docs/benchmarks.md). With blocks below 32 MiB from the heap and up to
-    64 MiB of free heap kept, the same buffers cost no fault after the first.
-
-    Nothing is changed when ``GLIBC_TUNABLES`` already sets malloc options (the operator's word
-    wins; *set_by_operator*, by default :func:`gwcore.config.malloc_set_by_operator`) or the C
-    library is not glibc. Returns whether the settings were applied."""
-    if malloc_set_by_operator() if set_by_operator is None else set_by_operator:
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # glibc only: musl's mallopt does nothing
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) & bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
-
-
 def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT, then drain and exit 0."""
-    if tune_malloc():
-        log.debug("glibc malloc: mmap threshold %d MiB, trim threshold %d MiB",
-                  _MMAP_THRESHOLD >> 20, _TRIM_THRESHOLD >> 20)
+    malloc.allow(malloc_set_by_operator())  # applied at the first batch (gwcore/malloc.py)
     with asyncio.Runner(loop_factory=loop_factory(settings.loop)) as runner:
         return runner.run(_serve(settings))

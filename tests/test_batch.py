@@ -15,7 +15,7 @@ import uuid
 import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
-from httpclient import Client
+from httpclient import Client, nsb_request
 from test_sites import counts
 
 from gwcore import Gateway
@@ -341,6 +341,28 @@ def test_a_batch_is_stored_message_by_message_with_its_outcomes(run, make_settin
             assert [(x["status"], x["duplicate"]) for x in orjson.loads(r.body)["results"]] == \
                 [(200, True), (200, False), (200, False)]
             assert gw.store.counts()["queue"] == 4
+
+    run(main())
+
+
+def test_a_listeners_first_batch_asks_for_the_batch_receivers_malloc(run, make_settings, monkeypatch):
+    """gwcore/malloc.py: the receiver says when it takes its first batch (and only then); single
+    submits alone never ask."""
+    from gwcore import malloc
+
+    calls = []
+    monkeypatch.setattr(malloc, "batch_seen", lambda: calls.append(1) or False)
+    ids = [str(uuid.uuid4()) for _ in range(2)]
+
+    async def main():
+        async with Gateway(make_settings()) as gw:
+            async with Client(*gw.addresses[0]) as c:
+                assert (await c.request(nsb_request(ids[0]))).status == 200
+            assert calls == []
+            for i in ids:
+                body = core.encode_batch([(block_of(i, b"x"), b"x")])
+                assert (await _send(gw, _post_batch("/RemoteSite/", body))).status == 200
+            assert calls == [1]
 
     run(main())
 

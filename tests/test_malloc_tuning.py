@@ -1,5 +1,6 @@
-"""`gwcore serve` tunes glibc malloc (gwcore.server.tune_malloc): a batch's receive buffer, grown
-to megabytes and shrunk again, is not faulted in afresh by the next batch."""
+"""glibc malloc for a batch receiver (gwcore/malloc.py): a batch's receive buffer, grown to
+megabytes and shrunk again, is not faulted in afresh by the next batch; applied only by
+`gwcore serve`, at the first batch, unless the operator set malloc options."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import pytest
 # them over, and counts the page faults of the requests after the first few.
 _SCRIPT = textwrap.dedent("""
     import json, os, resource, sys
-    from gwcore.server import tune_malloc
-    applied = tune_malloc() if sys.argv[1] == "tune" else False
+    from gwcore import malloc
+    applied = malloc.tune() if sys.argv[1] == "tune" else False
     from gwcore._core import core
 
     body = core.encode_batch([(b"NServiceBus.Id: %d\\r\\n" % i, b"x" * 2048) for i in range(1100)])
@@ -58,6 +59,26 @@ def test_a_batch_buffer_is_reused_not_faulted_in_again():
     assert tuned["faults"] < plain["pages"] / 20, tuned
 
 
+_ONCE = textwrap.dedent("""
+    import json
+    from gwcore import malloc
+    seen = [malloc.batch_seen()]          # not allowed: an embedding application's process
+    malloc.allow(set_by_operator=True)
+    seen.append(malloc.batch_seen())      # the operator's GLIBC_TUNABLES win
+    malloc.allow(set_by_operator=False)
+    seen += [malloc.batch_seen(), malloc.batch_seen()]   # applied once, at the first batch
+    print(json.dumps(seen))
+""")
+
+
+def test_applied_once_at_the_first_batch_and_only_where_allowed():
+    out = subprocess.run([sys.executable, "-c", _ONCE], capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(out.stdout) == [False, False, True, False]
+
+
 def test_the_operators_malloc_tunables_win():
-    env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.trim_threshold=1048576")
-    assert _run("tune", env)["applied"] is False
+    from gwcore.config import malloc_set_by_operator
+
+    assert malloc_set_by_operator({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1048576"}) is True
+    assert malloc_set_by_operator({"GLIBC_TUNABLES": "glibc.rtld.nns=2"}) is False
+    assert malloc_set_by_operator({}) is False
