@@ -45,7 +45,7 @@ import run_load as rl  # noqa: E402
 import site_to_site as s2s  # noqa: E402
 from nginx import Nginx, takeover_gaps  # noqa: E402  (the tests' nginx runner: the documented configuration)
 from procs import ServerProcess, gwcore_cli  # noqa: E402
-from selected import _delete_queues, _pg, _pg_schema_name  # noqa: E402
+from selected import _pg, _pg_schema_name, delete_queues  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +134,7 @@ def run(cfg: argparse.Namespace, work: Path) -> dict[str, Any]:
         if cfg.transport == "postgresql":
             asyncio.run(_pg(cfg.pg_dsn, f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
         else:
-            asyncio.run(_delete_queues(cfg.amqp_url, endpoint))
+            asyncio.run(delete_queues(cfg.amqp_url, endpoint))
     answers = proxy.answers(f"/{endpoint}/")
     return {"answers": answers, "events": events, "instances": names, "wrk": wrk_result}
 

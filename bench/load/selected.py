@@ -68,13 +68,15 @@ KINDS = ("standalone", "dispatched", "stored", "rmqbench")
 PG_KINDS = ("standalone", "postgresql", "pgbench", "pgbench_batch")
 
 
-async def _delete_queues(url: str, endpoint: str) -> None:
+async def delete_queues(url: str, endpoint: str, instances: tuple[str, ...] = ("bench",)) -> None:
+    """A benchmark endpoint's queues gone: its input queue, stream, leader queue and the reply
+    queues of *instances* (those absent are skipped)."""
     import aio_pika
 
     conn = await aio_pika.connect(url)
     try:
         for name in (endpoint, f"{endpoint}.gwcore.dedup", f"{endpoint}.gwcore.leader",
-                     f"{endpoint}.gwcore.instance.bench"):
+                     *(f"{endpoint}.gwcore.instance.{i}" for i in instances)):
             ch = await conn.channel()
             try:
                 await ch.queue_delete(name)
@@ -146,7 +148,7 @@ def run_one(cfg: argparse.Namespace, work: Path, kind: str, label: str) -> dict[
         if kind == "postgresql":
             asyncio.run(_pg(cfg.pg_dsn, f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
         elif kind != "standalone":
-            asyncio.run(_delete_queues(cfg.amqp_url, endpoint))
+            asyncio.run(delete_queues(cfg.amqp_url, endpoint))
     rps = res["rps"]
     pub_rps = published / res["duration_s"] if res.get("duration_s") else 0.0
     extra = ""

@@ -16,7 +16,8 @@ alternating order, pinned to ``--cpu``:
     a callback that only counts and an acknowledgement per 500 records, to the last record.
 
 Reported: records/s (and dedup keys/s) of each, and gwcore ÷ raw per round, median and range. The
-endpoint's queues are deleted at the end. Results go to bench/results/ (gitignored).
+endpoint's queues and the instances' reply queues are deleted at the end. Results go to
+bench/results/ (gitignored).
 
     .venv/bin/python bench/load/stream_catchup.py                          # 3 rounds, 100,000 records
     .venv/bin/python bench/load/stream_catchup.py --rounds 1 --records 5000  # smoke test
@@ -45,6 +46,8 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 
 from gwcore import Gateway, Settings  # noqa: E402
+sys.path.insert(0, str(HERE))
+from selected import delete_queues  # noqa: E402  (the benchmark endpoint's queues, and its instances')
 from gwcore.server import settle_gc  # noqa: E402
 
 _ACK_EVERY = 500
@@ -76,12 +79,12 @@ async def fill(url: str, endpoint: str, records: int, keys: int) -> float:
         await conn.close()
 
 
-async def run_gwcore(cfg: argparse.Namespace, endpoint: str) -> float:
+async def run_gwcore(cfg: argparse.Namespace, endpoint: str, instances: list[str]) -> float:
+    instances.append(f"new-{uuid.uuid4().hex[:6]}")
     with tempfile.TemporaryDirectory(dir=cfg.work_dir) as data_dir:
         settings = Settings.from_env({}, data_dir=data_dir, endpoint=endpoint, mode="selected",
                                      receive_channels=f"http://127.0.0.1:0/{endpoint}/", amqp_url=cfg.amqp_url,
-                                     election_interval=0.05, instance=f"new-{uuid.uuid4().hex[:6]}",
-                                     shutdown_timeout=5.0)
+                                     election_interval=0.05, instance=instances[-1], shutdown_timeout=5.0)
         started = time.perf_counter()
         gw = await Gateway(settings).start()
         settle_gc()  # as `gwcore serve` does once started (the stream is read after that)
@@ -123,20 +126,6 @@ async def run_raw(cfg: argparse.Namespace, endpoint: str) -> float:
         await conn.close()
 
 
-async def delete_queues(url: str, endpoint: str) -> None:
-    conn = await aio_pika.connect(url)
-    try:
-        ch = await conn.channel()
-        for suffix in ("gwcore.dedup", "gwcore.leader"):
-            try:
-                await ch.queue_delete(f"{endpoint}.{suffix}")
-            except aiormq.exceptions.AMQPError:
-                ch = await conn.channel()
-        await ch.queue_delete(endpoint)
-    finally:
-        await conn.close()
-
-
 def _mmm(values: list[float]) -> str:
     spec = ",.0f" if min(values) >= 100 else ".3f"
     return f"{statistics.median(values):{spec}} ({min(values):{spec}}–{max(values):{spec}})"
@@ -147,19 +136,20 @@ async def main_async(cfg: argparse.Namespace) -> dict:
     print(f"filling {cfg.records:,} records of {cfg.keys} keys into {endpoint}.gwcore.dedup …", flush=True)
     print(f"  filled in {await fill(cfg.amqp_url, endpoint, cfg.records, cfg.keys):.1f} s", flush=True)
     rounds = []
+    instances: list[str] = []
     try:
         for r in range(cfg.rounds):
             order = ("gwcore", "raw") if r % 2 == 0 else ("raw", "gwcore")
             got = {}
             for kind in order:
-                took = await (run_gwcore(cfg, endpoint) if kind == "gwcore" else run_raw(cfg, endpoint))
+                took = await (run_gwcore(cfg, endpoint, instances) if kind == "gwcore" else run_raw(cfg, endpoint))
                 got[kind] = cfg.records / took
                 print(f"  [{r + 1}/{cfg.rounds}] {kind:6s}: {got[kind]:>10,.0f} records/s "
                       f"({got[kind] * cfg.keys:,.0f} keys/s, {took:.2f} s)", flush=True)
             got["ratio"] = got["gwcore"] / got["raw"]
             rounds.append(got)
     finally:
-        await delete_queues(cfg.amqp_url, endpoint)
+        await delete_queues(cfg.amqp_url, endpoint, tuple(instances))
     summary = {k: [r[k] for r in rounds] for k in ("gwcore", "raw", "ratio")}
     print(f"\nOn CPU {cfg.cpu}, {cfg.records:,} records of {cfg.keys} keys, {cfg.rounds} rounds, order alternating; "
           f"median (min–max):\n")

@@ -213,8 +213,9 @@ class Stream:
             # records before it come again and _record skips them.
             start: Any = self.offset + 1 if self.offset >= 0 else "first"
             # aiormq's channel under aio-pika's, a callback per record and an ack per _ACK_EVERY
-            # records (multiple=True): a new leader catches up with a long stream in about half
-            # the time of aio-pika's iterator with an ack per record (16 k against 8.5 k records/s)
+            # records (multiple=True): a new instance reads a long stream in about half the time
+            # of aio-pika's iterator with an ack per record (5,751 against 2,921 records/s of 75
+            # keys; bench/load/stream_catchup.py, docs/benchmarks.md)
             raw = await channel.get_underlay_channel()
             self._unacked = 0
             cancelled = asyncio.get_running_loop().create_future()
