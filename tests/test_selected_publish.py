@@ -12,6 +12,8 @@ from broker import drain, endpoint  # noqa: F401  (a fixture)
 from test_selected import port_of, selected_settings, submit, until
 
 from gwcore import Gateway
+from gwcore._core import core
+from gwcore.records import dedup_key
 
 
 def test_a_reply_address_too_long_for_an_amqp_property_does_not_stop_the_dispatcher(tmp_path, endpoint, run):
@@ -115,3 +117,57 @@ def test_a_load_arrives_whole_through_the_pipelined_dispatcher(tmp_path, endpoin
     got = drain(endpoint)
     assert sorted(m[0] for m in got) == sorted(ids)
     assert not any("gwcore.PossibleDuplicate" in h for _m, h, _b in got)
+
+
+def test_no_message_is_published_before_its_intent_nor_answered_before_its_done(tmp_path, endpoint, run):
+    """What a new leader can tell from the stream rests on two orders, checked here under 64
+    concurrent senders: each message is published only after a stream record with its intent was
+    confirmed, and its submitter is answered 200 only after a record saying it is done was
+    confirmed."""
+    n, senders = 2000, 64
+    ids = [str(uuid.uuid4()) for _ in range(n)]
+
+    async def main():
+        gw = await Gateway(selected_settings(tmp_path, endpoint, "i1")).start()
+        try:
+            await until(lambda: gw.ready, 10, "the only instance to be elected")
+            dispatcher, stream = gw.selected.dispatcher, gw.selected.stream
+            intended: set[bytes] = set()
+            done: set[bytes] = set()
+            early: list[bytes] = []  # published without a confirmed intent
+            late: list[str] = []  # answered 200 without a confirmed done
+            append_batch = stream.append_batch
+
+            async def recording_append(dones, intents):
+                await append_batch(dones, intents)
+                intended.update(intents)
+                done.update(dones)
+
+            stream.append_batch = recording_append
+            class CheckingPublisher:  # the channel's FramePublisher, each publish checked first
+                def __init__(self, inner):
+                    self.inner = inner
+
+                async def publish(self, items):
+                    keys = [core.envelope_key(framed, dispatcher._key_prefix) for framed, _marked in items]
+                    early.extend(k for k in keys if k not in intended)
+                    return await self.inner.publish(items)
+
+            frames = dispatcher._frames = CheckingPublisher(dispatcher._frames)
+            port = port_of(gw)
+
+            async def sender(mine):
+                for msg_id in mine:
+                    assert (await submit(port, endpoint, msg_id))[0] == 200
+                    if dedup_key(endpoint, msg_id) not in done:
+                        late.append(msg_id)
+
+            await asyncio.gather(*(sender(ids[i::senders]) for i in range(senders)))
+            assert dispatcher._frames is frames  # the same channel all along: every publish was seen
+            assert not early and not late
+            assert gw.selected.dispatched == n and not gw.selected.undone
+        finally:
+            await gw.stop()
+
+    run(main())
+    assert sorted(m[0] for m in drain(endpoint)) == sorted(ids)
