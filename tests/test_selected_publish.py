@@ -90,6 +90,22 @@ def test_the_outbox_is_bounded_with_ack_stored(tmp_path, endpoint, run):
     assert sorted(m[0] for m in drain(endpoint)) == [f"m{i}" for i in range(6)]
 
 
+async def send_all(port, endpoint, ids, senders, answered=None):
+    """Submit every id, from ``senders`` concurrent senders each sending its share one after the
+    other; the statuses, and ``answered(id)`` called as each 200 comes."""
+    statuses = []
+
+    async def sender(mine):
+        for msg_id in mine:
+            status = (await submit(port, endpoint, msg_id))[0]
+            statuses.append(status)
+            if status == 200 and answered is not None:
+                answered(msg_id)
+
+    await asyncio.gather(*(sender(ids[i::senders]) for i in range(senders)))
+    return statuses
+
+
 def test_a_load_arrives_whole_through_the_pipelined_dispatcher(tmp_path, endpoint, run):
     """3,000 submits from 64 concurrent senders with ack=dispatched: every 200 is in the queue
     once, unmarked, in no more than the order each sender sent its own."""
@@ -100,14 +116,7 @@ def test_a_load_arrives_whole_through_the_pipelined_dispatcher(tmp_path, endpoin
         gw = await Gateway(selected_settings(tmp_path, endpoint, "i1")).start()
         try:
             await until(lambda: gw.ready, 10, "the only instance to be elected")
-            port = port_of(gw)
-            statuses = []
-
-            async def sender(mine):
-                for msg_id in mine:
-                    statuses.append((await submit(port, endpoint, msg_id))[0])
-
-            await asyncio.gather(*(sender(ids[i::senders]) for i in range(senders)))
+            statuses = await send_all(port_of(gw), endpoint, ids, senders)
             assert statuses.count(200) == n
             assert gw.selected.dispatched == n and not gw.selected.undone
         finally:
@@ -144,6 +153,7 @@ def test_no_message_is_published_before_its_intent_nor_answered_before_its_done(
                 done.update(dones)
 
             stream.append_batch = recording_append
+
             class CheckingPublisher:  # the channel's FramePublisher, each publish checked first
                 def __init__(self, inner):
                     self.inner = inner
@@ -154,15 +164,9 @@ def test_no_message_is_published_before_its_intent_nor_answered_before_its_done(
                     return await self.inner.publish(items)
 
             frames = dispatcher._frames = CheckingPublisher(dispatcher._frames)
-            port = port_of(gw)
-
-            async def sender(mine):
-                for msg_id in mine:
-                    assert (await submit(port, endpoint, msg_id))[0] == 200
-                    if dedup_key(endpoint, msg_id) not in done:
-                        late.append(msg_id)
-
-            await asyncio.gather(*(sender(ids[i::senders]) for i in range(senders)))
+            statuses = await send_all(port_of(gw), endpoint, ids, senders,
+                                      lambda msg_id: dedup_key(endpoint, msg_id) in done or late.append(msg_id))
+            assert statuses.count(200) == n
             assert dispatcher._frames is frames  # the same channel all along: every publish was seen
             assert not early and not late
             assert gw.selected.dispatched == n and not gw.selected.undone
