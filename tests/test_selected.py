@@ -233,7 +233,8 @@ def test_one_leader_the_others_answer_503_standby(tmp_path, endpoint, run):
             assert "gwcore_dispatch_batch_messages_count 1.0" in metrics
             assert 'gwcore_dispatch_batch_messages_bucket{le="1.0"} 1.0' in metrics
             assert "gwcore_dispatch_confirm_seconds_count 1.0" in metrics
-            assert "gwcore_dispatch_append_seconds_count 2.0" in metrics, [l for l in metrics.splitlines() if "append_seconds_count" in l]
+            assert "gwcore_dispatch_append_seconds_count 2.0" in metrics, \
+                [line for line in metrics.splitlines() if "append_seconds_count" in line]
             # the standbys follow the dedup stream into their own store
             for g in gws:
                 await until(lambda g=g: g.selected.replica.get(f"{endpoint}\0a".encode()) == 2, 5, "the record")
