@@ -5,6 +5,7 @@ partition looks like to the instance (RabbitMQ itself keeps running for the othe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import struct
@@ -86,6 +87,17 @@ async def until(predicate, timeout: float, what: str) -> None:
         await asyncio.sleep(0.01)
 
 
+@contextlib.asynccontextmanager
+async def only_instance(settings: Settings):
+    """A selected-mode gateway that is the only instance, once it is elected; stopped at the end."""
+    gw = await Gateway(settings).start()
+    try:
+        await until(lambda: gw.ready, 10, "the only instance to be elected")
+        yield gw
+    finally:
+        await gw.stop()
+
+
 async def submit(port: int, endpoint: str, msg_id: str, extra=None) -> tuple[int, str]:
     async with Client("127.0.0.1", port) as c:
         r = await c.request(nsb_request(msg_id, path=f"/{endpoint}/", extra=extra))
@@ -113,16 +125,12 @@ async def append_record(endpoint: str, kind: str, ids: list[str], ttl: str = "60
 
 def test_messages_reach_a_quorum_queue_as_a_plain_consumer_reads_them(tmp_path, endpoint, run):
     async def main():
-        gw = await Gateway(selected_settings(tmp_path, endpoint, "i1")).start()
-        try:
-            await until(lambda: gw.ready, 10, "the only instance to be elected")
+        async with only_instance(selected_settings(tmp_path, endpoint, "i1")) as gw:
             extra = [("NServiceBus.Header.Custom.Thing", "caf%C3%A9")]
             assert await submit(port_of(gw), endpoint, "m1", extra) == (200, "OK")
             assert await submit(port_of(gw), endpoint, "m1", extra) == (200, "OK")  # duplicate
             assert await submit(port_of(gw), endpoint, "m2") == (200, "OK")
             assert gw.selected.dispatched == 2 and not gw.selected.undone
-        finally:
-            await gw.stop()
 
     run(main())
     got = drain(endpoint)
@@ -149,13 +157,9 @@ def test_a_classic_reply_queue_an_earlier_gwcore_declared_is_used_as_it_is(tmp_p
 
     async def main():
         await declare_classic()
-        gw = await Gateway(selected_settings(tmp_path, endpoint, "i1")).start()
-        try:
-            await until(lambda: gw.ready, 10, "the only instance to be elected")
+        async with only_instance(selected_settings(tmp_path, endpoint, "i1")) as gw:
             assert gw.selected.link.connects == 1  # set up at the first try, on the classic queue
             assert await submit(port_of(gw), endpoint, "m1") == (200, "OK")
-        finally:
-            await gw.stop()
 
     run(main())
     listed = {row["name"]: row["type"] for row in json.loads(rabbitmqctl("list_queues", "name", "type", "--formatter",
@@ -279,9 +283,7 @@ def test_a_refused_publish_is_dispatched_again_on_a_new_channel(tmp_path, endpoi
     policy = f"{endpoint}-refuse"
 
     async def main():
-        gw = await Gateway(selected_settings(tmp_path, endpoint, "i1")).start()
-        try:
-            await until(lambda: gw.ready, 10, "the only instance to be elected")
+        async with only_instance(selected_settings(tmp_path, endpoint, "i1")) as gw:
             assert await submit(port_of(gw), endpoint, "before") == (200, "OK")
             ctl = functools.partial(asyncio.get_running_loop().run_in_executor, None, rabbitmqctl)
             await ctl("set_policy", policy, f"^{endpoint}$", '{"max-length": 0, "overflow": "reject-publish"}',
@@ -294,8 +296,6 @@ def test_a_refused_publish_is_dispatched_again_on_a_new_channel(tmp_path, endpoi
             await ctl("clear_policy", policy)
             assert await submit(port_of(gw), endpoint, "refused") == (200, "OK")  # the sender's retry
             assert gw.ready and gw.selected.link.connects == 1  # the connection stayed up throughout
-        finally:
-            await gw.stop()
 
     try:
         run(main())

@@ -9,9 +9,8 @@ import asyncio
 import uuid
 
 from broker import drain, endpoint  # noqa: F401  (a fixture)
-from test_selected import port_of, selected_settings, submit, until
+from test_selected import only_instance, port_of, selected_settings, submit, until
 
-from gwcore import Gateway
 from gwcore._core import core
 from gwcore.records import dedup_key
 
@@ -23,15 +22,11 @@ def test_a_reply_address_too_long_for_an_amqp_property_does_not_stop_the_dispatc
     long_reply = "Q" * 300
 
     async def main():
-        gw = await Gateway(selected_settings(tmp_path, endpoint, "i1")).start()
-        try:
-            await until(lambda: gw.ready, 10, "the only instance to be elected")
+        async with only_instance(selected_settings(tmp_path, endpoint, "i1")) as gw:
             first = asyncio.ensure_future(submit(port_of(gw), endpoint, "long",
                                                  [("NServiceBus.Header.NServiceBus.ReplyToAddress", long_reply)]))
             assert await asyncio.wait_for(first, 10) == (200, "OK")
             assert await asyncio.wait_for(submit(port_of(gw), endpoint, "next"), 10) == (200, "OK")
-        finally:
-            await gw.stop()
 
     run(main())
     got = drain(endpoint)
@@ -46,15 +41,11 @@ def test_a_header_name_amqp_cannot_carry_is_refused_before_it_is_stored(tmp_path
     name = "NServiceBus.Header.X" + "n" * 128
 
     async def main():
-        gw = await Gateway(selected_settings(tmp_path, endpoint, "i1")).start()
-        try:
-            await until(lambda: gw.ready, 10, "the only instance to be elected")
+        async with only_instance(selected_settings(tmp_path, endpoint, "i1")) as gw:
             status, reason = await submit(port_of(gw), endpoint, "bad", [(name, "v")])
             assert status == 400 and "header name of 129 bytes" in reason and "128" in reason
             assert gw.store.counts()["queue"] == 0 and not gw.selected.undone
             assert await submit(port_of(gw), endpoint, "bad") == (200, "OK")
-        finally:
-            await gw.stop()
 
     run(main())
     assert [m[0] for m in drain(endpoint)] == ["bad"]
@@ -65,9 +56,7 @@ def test_the_outbox_is_bounded_with_ack_stored(tmp_path, endpoint, run):
     answered 200 (stored), the sixth 503 outbox full with nothing stored, and once the dispatcher
     runs again all five reach the queue and the outbox takes submits again."""
     async def main():
-        gw = await Gateway(selected_settings(tmp_path, endpoint, "i1", ack="stored", outbox_max=5)).start()
-        try:
-            await until(lambda: gw.ready, 10, "the only instance to be elected")
+        async with only_instance(selected_settings(tmp_path, endpoint, "i1", ack="stored", outbox_max=5)) as gw:
             dispatcher = gw.selected.dispatcher
             await dispatcher.stop()                      # the broker does not take anything now
             for i in range(5):
@@ -83,8 +72,6 @@ def test_the_outbox_is_bounded_with_ack_stored(tmp_path, endpoint, run):
             await until(lambda: not gw.selected.undone, 10, "the last one")
             text = gw.render_metrics()
             assert "gwcore_outbox_refused_full_total 1.0" in text and "gwcore_outbox_max 5.0" in text
-        finally:
-            await gw.stop()
 
     run(main())
     assert sorted(m[0] for m in drain(endpoint)) == [f"m{i}" for i in range(6)]
@@ -113,14 +100,10 @@ def test_a_load_arrives_whole_through_the_pipelined_dispatcher(tmp_path, endpoin
     ids = [str(uuid.uuid4()) for _ in range(n)]
 
     async def main():
-        gw = await Gateway(selected_settings(tmp_path, endpoint, "i1")).start()
-        try:
-            await until(lambda: gw.ready, 10, "the only instance to be elected")
+        async with only_instance(selected_settings(tmp_path, endpoint, "i1")) as gw:
             statuses = await send_all(port_of(gw), endpoint, ids, senders)
             assert statuses.count(200) == n
             assert gw.selected.dispatched == n and not gw.selected.undone
-        finally:
-            await gw.stop()
 
     run(main())
     got = drain(endpoint)
@@ -137,9 +120,7 @@ def test_no_message_is_published_before_its_intent_nor_answered_before_its_done(
     ids = [str(uuid.uuid4()) for _ in range(n)]
 
     async def main():
-        gw = await Gateway(selected_settings(tmp_path, endpoint, "i1")).start()
-        try:
-            await until(lambda: gw.ready, 10, "the only instance to be elected")
+        async with only_instance(selected_settings(tmp_path, endpoint, "i1")) as gw:
             dispatcher, stream = gw.selected.dispatcher, gw.selected.stream
             intended: set[bytes] = set()
             done: set[bytes] = set()
@@ -164,14 +145,16 @@ def test_no_message_is_published_before_its_intent_nor_answered_before_its_done(
                     return await self.inner.publish(items)
 
             frames = dispatcher._frames = CheckingPublisher(dispatcher._frames)
-            statuses = await send_all(port_of(gw), endpoint, ids, senders,
-                                      lambda msg_id: dedup_key(endpoint, msg_id) in done or late.append(msg_id))
+
+            def answered(msg_id):
+                if dedup_key(endpoint, msg_id) not in done:
+                    late.append(msg_id)
+
+            statuses = await send_all(port_of(gw), endpoint, ids, senders, answered)
             assert statuses.count(200) == n
             assert dispatcher._frames is frames  # the same channel all along: every publish was seen
             assert not early and not late
             assert gw.selected.dispatched == n and not gw.selected.undone
-        finally:
-            await gw.stop()
 
     run(main())
     assert sorted(m[0] for m in drain(endpoint)) == sorted(ids)
