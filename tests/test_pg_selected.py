@@ -168,13 +168,14 @@ def test_never_two_leaders_over_random_kills_and_restarts(tmp_path, pg_schema):
 
 
 def run_under_load(tmp_path, schema: str, disrupt, n: int, times: int, instances: int = 3,
-                   dsn: str = PG_DSN, **env: str):
+                   dsn: str = PG_DSN, paused=None, **env: str):
     """*instances* behind nginx, a gwcore sender pushing *n* messages, ``disrupt(nodes, i)`` *times*
-    times mid-stream (test_selected_ha.load_through_nginx). Returns (ids, the message ids in the
-    queue table, nginx answers)."""
+    times mid-stream, after ``paused(nodes)`` with the sender held if given
+    (test_selected_ha.load_through_nginx). Returns (ids, the message ids in the queue table, nginx
+    answers)."""
     env.setdefault("GWCORE_MAX_BATCH_MESSAGES", "4")
     nodes = [pg_instance(tmp_path, schema, f"i{i}", dsn=dsn, **env) for i in range(instances)]
-    ids, answers = load_through_nginx(tmp_path, nodes, disrupt, n, times, f"/{ENDPOINT}/")
+    ids, answers = load_through_nginx(tmp_path, nodes, disrupt, n, times, f"/{ENDPOINT}/", paused=paused)
     return ids, message_ids(schema, dsn), answers
 
 
@@ -221,21 +222,23 @@ def test_database_restart_under_load_loses_nothing_acknowledged(tmp_path):
     schema = "gwcore_restart"
     seen: list[tuple[int, str]] = []
 
-    def restart(nodes, i):
+    def stop(nodes):
         leader = leaders(nodes)[0]
         server.stop("fast")
+        # the leader says why it refuses: the database, not a standby
+        wait_for(lambda: readyz(leader.port)[0] == 503 and "database unavailable" in readyz(leader.port)[1],
+                 10, "the leader to see the database gone")
+        seen.append(readyz(leader.port))
+
+    def back_after_a_second(nodes, i):
         try:
-            # the leader says why it refuses: the database, not a standby
-            wait_for(lambda: readyz(leader.port)[0] == 503 and "database unavailable" in readyz(leader.port)[1],
-                     10, "the leader to see the database gone")
-            seen.append(readyz(leader.port))
             time.sleep(1.0)
         finally:
             server.start()
 
     try:
-        ids, stored, answers = run_under_load(tmp_path, schema, restart, n=3000, times=1, instances=2,
-                                              dsn=server.dsn)
+        ids, stored, answers = run_under_load(tmp_path, schema, back_after_a_second, n=3000, times=1,
+                                              instances=2, dsn=server.dsn, paused=stop)
         check_exactly_once(ids, stored)
     finally:
         server.remove()
