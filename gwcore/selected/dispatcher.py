@@ -19,11 +19,9 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from pamqp.commands import Basic
-
 from .. import databus
 from .._core import core
-from ..amqp import FramePublisher, PublishRefused, broker_errors, cancel_and_wait
+from ..amqp import FramePublisher, broker_errors, cancel_and_wait
 from ..errors import BrokerUnavailableError, StoreFullError
 from ..records import append_errors, dedup_key, pack_seq
 from ..ingest import Done, IngestSink
@@ -213,8 +211,8 @@ class Dispatcher(IngestSink):
         while True:
             await self._work.wait()
             self._work.clear()
-            # Batches published, their confirms awaited in order: (entries, confirm futures, when published).
-            flying: collections.deque[tuple[list, list[asyncio.Future], float]] = collections.deque()
+            # Batches published, their confirms awaited in order: (entries, the batch's confirms, when published).
+            flying: collections.deque[tuple[list, asyncio.Future, float]] = collections.deque()
             try:
                 await self._dispatch(flying)
             except broker_errors as exc:
@@ -235,10 +233,9 @@ class Dispatcher(IngestSink):
                 await asyncio.sleep(1.0)
                 self.kick()
             finally:
-                for _entries, futures, _published in flying:   # a lost connection rejected them: seen here
-                    for fut in futures:
-                        if fut.done() and not fut.cancelled():
-                            fut.exception()
+                for _entries, confirms, _published in flying:   # a lost connection rejected them: seen here
+                    if confirms.done() and not confirms.cancelled():
+                        confirms.exception()
 
     async def _dispatch(self, flying: collections.deque) -> None:
         """Publish the outbox until it is empty, pipelined: batch N+1's intent is appended to the
@@ -251,10 +248,10 @@ class Dispatcher(IngestSink):
             confirmed: list[tuple[int, bytes]] = []
             # the batches the broker has confirmed by now (in order); a full pipeline, or nothing
             # new to publish, waits for the oldest
-            while flying and (len(flying) >= _IN_FLIGHT_BATCHES or not out
-                              or all(f.done() for f in flying[0][1])):
-                entries, futures, published = flying.popleft()
-                self._confirmed(entries, await asyncio.gather(*futures))
+            while flying and (len(flying) >= _IN_FLIGHT_BATCHES or not out or flying[0][1].done()):
+                entries, confirms, published = flying.popleft()
+                await confirms  # a nack or a lost connection raises here
+                self._confirmed(entries)
                 self.confirm_seconds.observe(time.perf_counter() - published)
                 confirmed += [(seq, key) for seq, key, _framed, _marked in entries]
                 if out:
@@ -274,16 +271,15 @@ class Dispatcher(IngestSink):
             if out:
                 self._fresh.difference_update(keys)
                 published = time.perf_counter()
-                futures, refused = await self._frames.publish([(framed, marked) for _s, _k, framed, marked in out])
+                confirms, refused = await self._frames.publish([(framed, marked) for _s, _k, framed, marked in out])
                 if refused:
                     out = self._poison_unencodable(out, refused)
+                if confirms is None:  # nothing of it could be published
+                    continue
                 self.batch_messages.observe(len(out))
-                flying.append((out, futures, published))
+                flying.append((out, confirms, published))
 
-    def _confirmed(self, entries: list, results: list) -> None:
-        for result in results:
-            if not isinstance(result, Basic.Ack):
-                raise PublishRefused(f"the broker refused a publish ({type(result).__name__})")
+    def _confirmed(self, entries: list) -> None:
         self.dispatched += len(entries)
         self.possible_duplicates += sum(1 for entry in entries if entry[3])
 
