@@ -223,8 +223,9 @@ class Dispatcher(IngestSink):
                 old = self._stream.channel
                 pub = await self.link.renew_channel(old, publisher_confirms=True) if old is not None else None
                 if pub is not None:
-                    self._stream.connection_up(pub)
-                    self.connection_up(await pub.get_underlay_channel())
+                    raw = await pub.get_underlay_channel()
+                    self._stream.connection_up(pub, raw)
+                    self.connection_up(raw)
                     self.kick()
             except Exception as exc:  # a bug: keep the dispatcher alive and loud, try again soon
                 log.exception("dispatcher: unexpected error; the outbox keeps the messages")

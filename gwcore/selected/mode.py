@@ -143,7 +143,7 @@ class Selected(SelectedBase):
         await self.topology.declare(pub)
         raw = await pub.get_underlay_channel()  # aiormq's: a third of aio-pika's cost per publish
         self.dispatcher.connection_up(raw)
-        self.stream.connection_up(pub)
+        self.stream.connection_up(pub, raw)
         follow = await conn.channel()
         await follow.set_qos(prefetch_count=2000)
         self._conn_tasks = [asyncio.ensure_future(self.stream.follow(follow)),
