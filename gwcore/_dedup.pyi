@@ -458,12 +458,18 @@ def encode_outgoing_batch(values: list[bytes], alone: bytes, retried_at: str, no
     """
 
 def encode_publishes(items: list[tuple[bytes, bool]], channel: int, max_content: int, input_queue: bytes,
-                     instance_prefix: bytes) -> tuple[bytes, list[int]]:
+                     instance_prefix: bytes, *, mandatory: bool = False,
+                     ids: list[str | None] | None = None) -> tuple[bytes, list[int]]:
     """The AMQP 0-9-1 frames of one ``basic.publish`` per ``(stored envelope, flagged)`` of
     *items* on *channel*, in order, for one write to the broker (selected-instance mode's
     dispatcher; gwcore/_parts/amqp.pyx says what each publish carries, as ``gwcore.amqp.to_amqp``
     describes it): exchange ``""``, the routing key *input_queue* or, for a reply whose ``RouteTo``
     starts with *instance_prefix*, that queue; body frames of at most *max_content* bytes.
+    With *mandatory*, each publish to *input_queue* has the mandatory bit: the broker returns it
+    (``basic.return``) instead of dropping it when no queue takes it (a reply routed to an
+    instance queue has not: one whose queue expired is dropped). Into *ids*, if given, the ``message_id``
+    property of each publish, in order (the id; None when it is longer than a property holds),
+    which is what a ``basic.return`` names it by.
 
     :return: ``(frames, refused)``: the bytes, and the indexes of the items left out because a
         header name is longer than an AMQP field name may be (128 bytes).

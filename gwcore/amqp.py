@@ -41,7 +41,7 @@ from ._core import core
 from .config import redacted_url, split_amqp_urls
 from .selectedbase import cancel_and_wait
 
-__all__ = ("Link", "Topology", "to_amqp", "from_amqp", "POSSIBLE_DUPLICATE", "broker_errors",
+__all__ = ("Link", "Topology", "to_amqp", "from_amqp", "POSSIBLE_DUPLICATE", "broker_errors", "PublishReturned",
            "cancel_and_wait", "FramePublisher")
 
 log = logging.getLogger("gwcore.amqp")
@@ -50,6 +50,17 @@ log = logging.getLogger("gwcore.amqp")
 POSSIBLE_DUPLICATE = "gwcore.PossibleDuplicate"
 
 # What a lost connection or channel raises from aio-pika/aiormq calls.
+class PublishReturned(ConnectionError):
+    """The broker returned a mandatory publish (``basic.return``): no queue took it."""
+
+    @classmethod
+    def of(cls, returned: Any) -> "PublishReturned":
+        """From what aiormq hands back for a returned publish (its DeliveredMessage)."""
+        frame = getattr(returned, "delivery", None)
+        return cls(f"the broker returned a publish to {getattr(frame, 'routing_key', '?')!r}: "
+                   f"{getattr(frame, 'reply_text', 'returned')} (no queue takes it)")
+
+
 broker_errors: tuple[type[BaseException], ...] = (
     aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException, ConnectionError, OSError, asyncio.TimeoutError,
 )
@@ -373,8 +384,9 @@ class FramePublisher:
         indexes of the items the core could not encode (a header name longer than 128 bytes),
         which were not published."""
         ch = self.channel
+        ids: list[str | None] = []
         frames, refused = core.encode_publishes(items, ch.number, ch.max_content_size, self.input_queue,
-                                                self.instance_prefix)
+                                                self.instance_prefix, mandatory=True, ids=ids)
         n = len(items) - len(refused)
         if not n:
             return None, refused
@@ -382,7 +394,14 @@ class FramePublisher:
             first = ch.delivery_tag + 1
             confirmations = ch.confirmations
             batch = ch.create_future()  # the channel's: rejected if the channel closes first
-            counter = BatchConfirms(batch, n)
+            # Mandatory: a publish no queue takes (the endpoint's queue deleted) comes back as a
+            # basic.return, which aiormq matches to its tag by message_id, and fails the batch;
+            # without it the broker would acknowledge the publish and drop the message.
+            by_id = ch.message_id_delivery_tag
+            for tag, msg_id in zip(range(first, first + n), ids):
+                if msg_id is not None:
+                    by_id[msg_id] = tag
+            counter = BatchConfirms(batch, n, by_id, ids, first)
             for tag in range(first, first + n):
                 confirmations[tag] = counter
             ch.delivery_tag += n
@@ -394,6 +413,7 @@ class FramePublisher:
                 ch.delivery_tag -= n
                 for tag in range(first, first + n):
                     confirmations.pop(tag, None)
+                counter.forget()
                 batch.cancel()
                 raise
             await drained
@@ -404,14 +424,32 @@ class BatchConfirms:
     """What FramePublisher registers in aiormq's confirmation map for each publish of a batch,
     in place of a future per publish: the broker's acks count down to one future for the
     batch (a 75-message batch then costs one future and no gather, not 75 of each). aiormq
-    calls ``set_result`` with each ack, ``set_exception`` for a nack or a returned message, and
-    ``done``/``cancelled`` to skip a confirmation nobody waits for any more."""
+    calls one of ``set_result`` (an ack) or ``set_exception`` (a nack, or a returned message) for
+    each tag, and ``done``/``cancelled`` to skip a confirmation nobody waits for any more. Once
+    every tag has had its call, the batch's entries leave the channel's message_id map."""
 
-    __slots__ = ("future", "left")
+    __slots__ = ("future", "left", "_by_id", "_ids", "_first")
 
-    def __init__(self, future: asyncio.Future, n: int) -> None:
+    def __init__(self, future: asyncio.Future, n: int, by_id: dict | None = None,
+                 ids: list[str | None] | None = None, first: int = 0) -> None:
         self.future = future
         self.left = n
+        # aiormq's message_id -> delivery tag map (for returns), this batch's ids and first tag:
+        # its entries go once the batch is over
+        self._by_id = by_id
+        self._ids = ids
+        self._first = first
+
+    def forget(self) -> None:
+        """Drop this batch's entries from the channel's message_id map (those still its own)."""
+        by_id, ids, self._by_id = self._by_id, self._ids, None
+        if by_id is None or ids is None:
+            return
+        tag = self._first
+        for msg_id in ids:
+            if msg_id is not None and by_id.get(msg_id) == tag:
+                del by_id[msg_id]
+            tag += 1
 
     def done(self) -> bool:
         # a failed batch still takes its other tags' acks quietly; only a cancelled one is over
@@ -421,10 +459,20 @@ class BatchConfirms:
         return self.future.cancelled()
 
     def set_result(self, frame: Any) -> None:
+        if not isinstance(frame, Basic.Ack):
+            # a returned message, on a channel that does not raise for returns (aiormq then
+            # "confirms" the publish with the message itself)
+            self.set_exception(PublishReturned.of(frame))
+            return
         self.left -= 1
-        if not self.left and not self.future.done():
-            self.future.set_result(frame)
+        if not self.left:
+            self.forget()
+            if not self.future.done():
+                self.future.set_result(frame)
 
     def set_exception(self, exc: BaseException) -> None:
+        self.left -= 1
+        if not self.left:
+            self.forget()
         if not self.future.done():
             self.future.set_exception(exc)

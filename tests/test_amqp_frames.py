@@ -19,8 +19,8 @@ INPUT = "Sales"
 PREFIX = "Sales.gwcore.instance."
 
 
-def reference(framed: bytes, flagged: bool, channel: int, max_content: int) -> bytes:
-    """pamqp's frames for the publish gwcore.amqp describes."""
+def reference(framed: bytes, flagged: bool, channel: int, max_content: int, mandatory: bool = False) -> bytes:
+    """pamqp's frames for the publish gwcore.amqp describes (*mandatory*: to the input queue only)."""
     msg_id, headers, body, expiry_ms, _accepted = core.decode_envelope(framed)
     props, body = to_amqp(msg_id, headers, body, expiry_ms, flagged)
     for name in ("message_id", "correlation_id", "reply_to", "content_type"):
@@ -31,15 +31,16 @@ def reference(framed: bytes, flagged: bool, channel: int, max_content: int) -> b
             setattr(props, name, None)
     to = headers.get("RouteTo") or headers.get("NServiceBus.Header.RouteTo")
     key = to if to is not None and to.startswith(PREFIX) else INPUT
-    out = frame.marshal(commands.Basic.Publish(exchange="", routing_key=key), channel)
+    out = frame.marshal(commands.Basic.Publish(exchange="", routing_key=key, mandatory=mandatory and key == INPUT),
+                        channel)
     out += frame.marshal(header.ContentHeader(0, len(body), props), channel)
     for i in range(0, len(body), max_content):
         out += frame.marshal(pbody.ContentBody(body[i:i + max_content]), channel)
     return out
 
 
-def encode(items, channel=1, max_content=131_064):
-    return core.encode_publishes(items, channel, max_content, INPUT.encode(), PREFIX.encode())
+def encode(items, channel=1, max_content=131_064, **kw):
+    return core.encode_publishes(items, channel, max_content, INPUT.encode(), PREFIX.encode(), **kw)
 
 
 _TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
@@ -56,16 +57,20 @@ _VALUES = st.one_of(_TEXT, st.just(""), st.sampled_from([PREFIX + "a1", PREFIX, 
                           st.lists(st.tuples(_NAMES, _VALUES), max_size=60),   # many headers too
                           st.binary(max_size=700), st.sampled_from([0, 1, 1_787_000_000_123]), st.booleans()),
                 min_size=1, max_size=4),
-       st.integers(1, 65535), st.sampled_from([1, 7, 256, 131_064]))
-def test_the_frames_are_what_pamqp_writes_for_the_reference_publish(messages, channel, max_content):
+       st.integers(1, 65535), st.sampled_from([1, 7, 256, 131_064]), st.booleans())
+def test_the_frames_are_what_pamqp_writes_for_the_reference_publish(messages, channel, max_content, mandatory):
+    """Also: *mandatory* sets the bit on publishes to the input queue (not on replies routed to
+    an instance queue), and *ids* gets each publish's message_id property (None if too long)."""
     items, want = [], b""
     for msg_id, headers, body, expiry_ms, flagged in messages:
         framed = core.encode_envelope(msg_id, headers, body, expiry_ms, 1)
         items.append((framed, flagged))
-        want += reference(framed, flagged, channel, max_content)
-    got, refused = encode(items, channel, max_content)
+        want += reference(framed, flagged, channel, max_content, mandatory)
+    ids: list = []
+    got, refused = encode(items, channel, max_content, mandatory=mandatory, ids=ids)
     assert refused == []
     assert got == want
+    assert ids == [m if len(m.encode()) <= 255 else None for m, *_rest in messages]
 
 
 def test_a_typical_nservicebus_message():
@@ -182,28 +187,43 @@ def test_frame_publisher_on_a_real_broker(endpoint):
 
 def test_batch_confirms_count_down_to_one_future():
     """What FramePublisher puts in aiormq's confirmation map for each publish of a batch: the
-    batch's future resolves at the last ack, not before; a nack (set_exception) fails it at
-    once and the acks after it are taken quietly; a cancelled batch is one aiormq skips."""
+    batch's future resolves at the last ack, not before; a nack (set_exception) or a returned
+    message (aiormq "confirms" it with the message itself) fails it at once, and the calls after
+    it are taken quietly; a cancelled batch is one aiormq skips; once every tag had its call,
+    the batch's message ids leave the channel's map (those still its own)."""
     import asyncio
 
-    from gwcore.amqp import BatchConfirms
+    from gwcore.amqp import BatchConfirms, PublishReturned
+
+    ack = commands.Basic.Ack
 
     async def main():
         loop = asyncio.get_running_loop()
-        ok = BatchConfirms(loop.create_future(), 3)
+        by_id = {"a": 10, "b": 11, "c": 99}  # "c": a later publish of the same id took the entry
+        ok = BatchConfirms(loop.create_future(), 3, by_id, ["a", "b", "c"], 10)
         for i in range(2):
-            ok.set_result(f"ack{i}")
+            ok.set_result(ack(10 + i))
             assert not ok.future.done() and not ok.done()
-        ok.set_result("ack2")
-        assert await ok.future == "ack2"
+        assert by_id == {"a": 10, "b": 11, "c": 99}
+        ok.set_result(ack(12))
+        assert (await ok.future).delivery_tag == 12
+        assert by_id == {"c": 99}
 
         nacked = BatchConfirms(loop.create_future(), 3)
-        nacked.set_result("ack0")
+        nacked.set_result(ack(1))
         nacked.set_exception(ConnectionError("nack"))
-        nacked.set_result("ack2")  # after the failure: no InvalidStateError, still failed
+        nacked.set_result(ack(3))  # after the failure: no InvalidStateError, still failed
         assert not nacked.done()   # aiormq would log each later ack as ignored otherwise
         with pytest.raises(ConnectionError, match="nack"):
             await nacked.future
+
+        class Returned:  # what aiormq hands back for a basic.return: the message, its frame
+            delivery = commands.Basic.Return(312, "NO_ROUTE", "", "Sales")
+
+        returned = BatchConfirms(loop.create_future(), 2)
+        returned.set_result(Returned())
+        with pytest.raises(PublishReturned, match="'Sales': NO_ROUTE"):
+            await returned.future
 
         gone = BatchConfirms(loop.create_future(), 2)
         gone.future.cancel()

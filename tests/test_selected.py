@@ -275,6 +275,33 @@ def test_ack_dispatched_answers_503_while_the_broker_is_away(tmp_path, endpoint,
     assert [m[0] for m in drain(endpoint)] == ["before", "during", "after"]
 
 
+def test_a_publish_no_queue_takes_is_not_answered_200(tmp_path, endpoint, run):
+    """The endpoint's queue deleted while the leader runs: the broker acknowledges a publish
+    that no queue takes and drops the message, so before publishes were mandatory the next
+    submit was answered 200 and lost. Now it comes back (basic.return): its submitter hears 503,
+    the queue is declared again, and the sender's retry is in it, marked (it was in doubt). (A
+    stream record is published mandatory too; a deleted stream is docs/deployment.md's.)"""
+    async def main():
+        async with only_instance(selected_settings(tmp_path, endpoint, "i1")) as gw:
+            assert await submit(port_of(gw), endpoint, "before") == (200, "OK")
+            await asyncio.get_running_loop().run_in_executor(None, rabbitmqctl, "delete_queue", endpoint)
+            answers = []
+            for _attempt in range(50):
+                answers.append(await submit(port_of(gw), endpoint, "after"))
+                if answers[-1] == (200, "OK"):
+                    break
+                await asyncio.sleep(0.1)
+            status, reason = answers[0]
+            assert (status, reason.partition(" (")[0]) == (503, "Service Unavailable: broker unavailable"), answers
+            assert answers[-1] == (200, "OK"), answers
+            assert gw.selected.dispatcher.returned >= 1
+
+    run(main())
+    got = drain(endpoint)
+    assert [m[0] for m in got] == ["after"]  # "before" went with the deleted queue
+    assert got[0][1].get("gwcore.PossibleDuplicate") == "true"
+
+
 def test_a_refused_publish_is_dispatched_again_on_a_new_channel(tmp_path, endpoint, run):
     """The broker nacks every publish to the endpoint's queue (a policy on this test's queue
     alone: reject-publish at length 0); the dispatcher goes on on a new channel each time (what

@@ -169,7 +169,8 @@ cdef class _Out:
 
 
 def encode_publishes(list items not None, unsigned int channel, Py_ssize_t max_content,
-                     bytes input_queue not None, bytes instance_prefix not None):
+                     bytes input_queue not None, bytes instance_prefix not None, *,
+                     bint mandatory=False, list ids=None):
     """See _dedup.pyi."""
     cdef _PublishScratch s = _PublishScratch()
     cdef _Out out = _Out()
@@ -221,6 +222,10 @@ def encode_publishes(list items not None, unsigned int channel, Py_ssize_t max_c
         if too_long:
             refused.append(index)
             continue
+        if ids is not None:
+            # what the broker's basic.return names the publish by: its message_id property
+            ids.append(PyUnicode_DecodeUTF8(<const char*>id.p, id.n, "replace") if id.n <= AMQP_SHORTSTR_MAX
+                       else None)
         # the properties, from the headers as they are before gwcore's own are added
         correlation = id
         at = s.find(_H_CORRELATION_ID)
@@ -275,7 +280,9 @@ def encode_publishes(list items not None, unsigned int channel, Py_ssize_t max_c
         w = _put_u16(w, 0)
         w[0] = 0                                    # exchange: the default one
         w = _put_short(w + 1, route)
-        w[0] = 0                                    # mandatory, immediate: no
+        # bit 0 mandatory (returned if no queue takes it), for the input queue only: a reply to an
+        # instance queue that expired is dropped as before; immediate: no
+        w[0] = 1 if mandatory and route.p == _ptr(input_queue) else 0
         w[1] = AMQP_FRAME_END
         out.n += AMQP_FRAME_OVERHEAD + 9 + route.n
 

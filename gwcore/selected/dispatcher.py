@@ -19,9 +19,11 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+import aiormq
+
 from .. import databus
 from .._core import core
-from ..amqp import FramePublisher, broker_errors, cancel_and_wait
+from ..amqp import FramePublisher, PublishReturned, broker_errors, cancel_and_wait
 from ..errors import BrokerUnavailableError, StoreFullError
 from ..records import append_errors, dedup_key, pack_seq
 from ..ingest import Done, IngestSink
@@ -70,6 +72,7 @@ class Dispatcher(IngestSink):
         self.parts_unreplicated = 0  # parts accepted with ack=stored while the stream was out of reach
         self.refused_full = 0  # submits refused 503 at GWCORE_OUTBOX_MAX
         self.refused_amqp = 0  # submits refused 400: a header name AMQP cannot carry
+        self.returned = 0  # publishes the broker returned: no queue took them
         #: where a dispatched message's time goes: the stream append of each batch's record (the
         #: previous batch done, this one intended), a batch's publish until its last confirm, and
         #: the messages per published batch
@@ -223,6 +226,8 @@ class Dispatcher(IngestSink):
                 old = self._stream.channel
                 pub = await self.link.renew_channel(old, publisher_confirms=True) if old is not None else None
                 if pub is not None:
+                    if isinstance(exc, (PublishReturned, aiormq.exceptions.PublishError)):
+                        await self._declare_again(pub, exc)
                     raw = await pub.get_underlay_channel()
                     self._stream.connection_up(pub, raw)
                     self.connection_up(raw)
@@ -237,6 +242,18 @@ class Dispatcher(IngestSink):
                 for _entries, confirms, _published in flying:   # a lost connection rejected them: seen here
                     if confirms.done() and not confirms.cancelled():
                         confirms.exception()
+
+    async def _declare_again(self, channel: Any, exc: BaseException) -> None:
+        """A publish came back (basic.return): no queue took it, so the endpoint's queue or the
+        stream is gone (deleted while this instance ran). Declared again, as at connecting; the
+        messages are dispatched again, marked, and nothing was answered 200 meanwhile."""
+        log.error("dispatch: the broker returned a publish (%s): the endpoint's queue or dedup stream is "
+                  "missing; declaring them again", exc)
+        self.returned += 1
+        try:
+            await self._mode.topology.declare(channel)
+        except broker_errors as err:
+            log.warning("declaring the endpoint's queues again failed: %s", err)
 
     async def _dispatch(self, flying: collections.deque) -> None:
         """Publish the outbox until it is empty, pipelined: batch N+1's intent is appended to the

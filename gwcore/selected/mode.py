@@ -210,6 +210,10 @@ class Selected(SelectedBase):
             counter("gwcore_submits_refused_amqp_total",
                     "Submits refused 400: a header name longer than the broker's header table carries.",
                     dispatcher.refused_amqp),
+            counter("gwcore_dispatch_returned_total",
+                    "Publishes the broker returned because no queue took them (the endpoint's queue or "
+                    "stream deleted while gwcore ran): declared again, dispatched again, marked.",
+                    dispatcher.returned),
             gauge("gwcore_dedup_replica_records", "Dedup records followed from the stream.", len(stream.replica)),
             counter("gwcore_databus_parts_published_total",
                     "Databus parts this instance took as the leader and appended to the stream.",

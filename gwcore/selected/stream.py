@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import aiormq
 
 from .. import databus
-from ..amqp import broker_errors
+from ..amqp import PublishReturned, broker_errors
 from ..errors import BrokerUnavailableError
 from ..records import decode_replica_record, encode_replica_record, now_ms, pack_seq, part_message_key, unpack_seq
 
@@ -75,6 +75,7 @@ class Stream:
         self.instance = mode.instance
         self.channel: Any = None  # the publisher-confirms channel appends go through, while connected
         self._raw: Any = None  # aiormq's channel under it: an append is one basic_publish there
+        self._appended = 0  # records this instance appended (their message_ids)
         # dedup records from the stream: key -> INTENT / DONE
         self.replica: dict[bytes, int] = {}
         self._ages: collections.deque[tuple[int, list[bytes]]] = collections.deque()  # (first seen ms, keys)
@@ -186,9 +187,15 @@ class Stream:
         if url:
             headers[_URL] = url
         # aiormq's publish, not aio-pika's Message and Exchange around it (a third of the cost);
-        # mandatory, so that a missing stream is a returned publish (an error), not a silent ack
-        await raw.basic_publish(body, routing_key=self._mode.topology.dedup, mandatory=True,
-                                properties=aiormq.spec.Basic.Properties(headers=headers, delivery_mode=2))
+        # mandatory, so that a missing stream is a returned publish (aiormq's PublishError), not
+        # an ack for a record the broker dropped; aiormq matches a return by its message_id
+        self._appended += 1
+        confirm = await raw.basic_publish(body, routing_key=self._mode.topology.dedup, mandatory=True,
+                                          properties=aiormq.spec.Basic.Properties(
+                                              headers=headers, delivery_mode=2,
+                                              message_id=f"gwcore.dedup.{self.instance}.{self._appended}"))
+        if not isinstance(confirm, aiormq.spec.Basic.Ack):  # returned: aiormq hands back the message
+            raise PublishReturned.of(confirm)
 
     async def append_batch(self, done: list[bytes], intended: list[bytes]) -> None:
         """One record: the keys of the previous batch done, those of the next one intended."""
