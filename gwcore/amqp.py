@@ -49,7 +49,6 @@ log = logging.getLogger("gwcore.amqp")
 #: The header a message dispatched again after a crash carries (issue 5, design.md §4).
 POSSIBLE_DUPLICATE = "gwcore.PossibleDuplicate"
 
-# What a lost connection or channel raises from aio-pika/aiormq calls.
 class PublishReturned(ConnectionError):
     """The broker returned a mandatory publish (``basic.return``): no queue took it."""
 
@@ -61,6 +60,7 @@ class PublishReturned(ConnectionError):
                    f"{getattr(frame, 'reply_text', 'returned')} (no queue takes it)")
 
 
+# What a lost connection or channel raises from aio-pika/aiormq calls.
 broker_errors: tuple[type[BaseException], ...] = (
     aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException, ConnectionError, OSError, asyncio.TimeoutError,
 )
@@ -359,16 +359,19 @@ class FramePublisher:
     message against about 60 through pamqp), and aiormq keeps doing what it does well: the
     connection, its writer and its reader, and matching the broker's confirms (``multiple``
     included) to what is registered here for each publish (:class:`BatchConfirms`, one future a
-    batch), under the channel's lock as its own ``basic_publish`` does. It relies on aiormq's channel attributes ``lock``, ``delivery_tag``,
-    ``confirmations``, ``write_queue``, ``number`` and ``max_content_size`` (checked when made,
-    and by tests/test_amqp_frames.py), so an aiormq that changes them fails loudly, not silently.
+    batch), and a returned publish to its tag by message id, under the channel's lock as its own
+    ``basic_publish`` does. It relies on aiormq's channel attributes ``lock``, ``delivery_tag``,
+    ``confirmations``, ``message_id_delivery_tag``, ``write_queue``, ``number`` and
+    ``max_content_size`` (checked when made, and by tests/test_amqp_frames.py), so an aiormq that
+    changes them fails loudly, not silently.
     """
 
     __slots__ = ("channel", "input_queue", "instance_prefix")
 
     def __init__(self, channel: Any, input_queue: str, instance_prefix: str) -> None:
-        missing = [name for name in ("lock", "delivery_tag", "confirmations", "write_queue", "number",
-                                     "max_content_size", "publisher_confirms", "create_future")
+        missing = [name for name in ("lock", "delivery_tag", "confirmations", "message_id_delivery_tag",
+                                     "write_queue", "number", "max_content_size", "publisher_confirms",
+                                     "create_future")
                    if not hasattr(channel, name)]
         if missing or not channel.publisher_confirms:
             raise RuntimeError(f"this aiormq channel cannot take gwcore's publishes (missing {missing or 'confirms'}); "
