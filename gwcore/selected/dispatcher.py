@@ -73,6 +73,13 @@ class Dispatcher(IngestSink):
         self.refused_full = 0  # submits refused 503 at GWCORE_OUTBOX_MAX
         self.refused_amqp = 0  # submits refused 400: a header name AMQP cannot carry
         self.returned = 0  # publishes the broker returned: no queue took them
+        # With GWCORE_ACK=dispatched a submit's outbox entry is kept here, not committed to the
+        # store: no 200 rests on this disk (the broker's confirm and the stream's done record do,
+        # docs/deployment.md), so the fsync'd commit is off the path. n -> (key, stored envelope),
+        # and the ns not taken for dispatch yet, in order.
+        self._mem: dict[int, tuple[bytes, bytes]] = {}
+        self._mem_next = 0
+        self._mem_queue: collections.deque[int] = collections.deque()
         #: where a dispatched message's time goes: the stream append of each batch's record (the
         #: previous batch done, this one intended), a batch's publish until its last confirm, and
         #: the messages per published batch
@@ -142,6 +149,16 @@ class Dispatcher(IngestSink):
             done(False, StoreFullError(f"outbox full: {len(self.undone)} messages wait for the broker "
                                        f"(GWCORE_OUTBOX_MAX={limit}); retry later"))
             return
+        if self.dispatched_ack and not envelope.databus:
+            # (a databus submit goes through the writer: its parts are resolved in its transaction)
+            new = key not in self.undone
+            self._committed(key, known == INTENT, done, True, new)
+            if new:
+                self._mem_next += 1
+                self._mem[self._mem_next] = (key, envelope.framed)
+                self._mem_queue.append(self._mem_next)
+                self.kick()
+            return
         then = functools.partial(self._committed, key, known == INTENT, done)
         if envelope.databus and self._stream.when_parts_stored(functools.partial(self.writer.ingest_then,
                                                                                  envelope, then)):
@@ -194,7 +211,13 @@ class Dispatcher(IngestSink):
     def connection_up(self, raw_channel: Any) -> None:
         topology = self._mode.topology
         self._frames = FramePublisher(raw_channel, topology.input, topology.instance_prefix)
+        self._rewind()
+
+    def _rewind(self) -> None:
+        """Take the outbox from its start again (what was taken and not finished is dispatched
+        again, marked)."""
         self._cursor = 0
+        self._mem_queue = collections.deque(self._mem)
 
     def connection_lost(self) -> None:
         self._frames = None
@@ -220,7 +243,7 @@ class Dispatcher(IngestSink):
                 await self._dispatch(flying)
             except broker_errors as exc:
                 log.warning("dispatch failed (%s): the outbox keeps the messages", exc)
-                self._cursor = 0
+                self._rewind()
                 self.fail_waiters(BrokerUnavailableError(f"broker unavailable ({exc})"))
                 # refused on a live connection: go on on a new channel (Link.renew_channel says why)
                 old = self._stream.channel
@@ -234,7 +257,7 @@ class Dispatcher(IngestSink):
                     self.kick()
             except Exception as exc:  # a bug: keep the dispatcher alive and loud, try again soon
                 log.exception("dispatcher: unexpected error; the outbox keeps the messages")
-                self._cursor = 0
+                self._rewind()
                 self.fail_waiters(BrokerUnavailableError(f"dispatch failed ({exc!r})"))
                 await asyncio.sleep(1.0)
                 self.kick()
@@ -315,7 +338,7 @@ class Dispatcher(IngestSink):
         for _seq, key, _framed, _marked in bad:
             for done, _value in self.undone.pop(key, ()):
                 done(True, core.Rejection(400, f"Bad Request: {reason}"))
-        self._finish([(seq, key) for seq, key, _framed, _marked in bad])
+        self._finish([(seq, key) for seq, key, _framed, _marked in bad], dispatched=False)
         return [entry for i, entry in enumerate(out) if i not in gone]
 
     def _take(self) -> list[tuple[int, bytes, bytes]]:
@@ -333,6 +356,13 @@ class Dispatcher(IngestSink):
             self._cursor = seq
             if seq not in self._finishing:
                 out.append((seq, key, framed))
+        # then the entries kept in memory (ack=dispatched), as -n
+        mem, waiting = self._mem, self._mem_queue
+        while waiting and len(out) < _DISPATCH_BATCH:
+            n = waiting.popleft()
+            entry = mem.get(n)
+            if entry is not None:
+                out.append((-n, entry[0], entry[1]))
         return out
 
     def _prepare(self, batch: list[tuple[int, bytes, bytes]]) -> tuple[list, list[tuple[int, bytes]], bool]:
@@ -350,11 +380,25 @@ class Dispatcher(IngestSink):
         self.skipped += len(skipped)
         return out, skipped, bool(batch)
 
-    def _finish(self, items: list[tuple[int, bytes]]) -> None:
-        seqs = [seq for seq, _key in items]
+    def _finish(self, items: list[tuple[int, bytes]], dispatched: bool = True) -> None:
+        """These entries are done (*dispatched*: in the stream as done, or another leader's; else
+        given up): their submitters are answered, and they leave the outbox."""
+        kept = [key for seq, key in items if seq < 0]
+        if kept:
+            for seq, _key in items:
+                if seq < 0:
+                    del self._mem[-seq]
+            if dispatched:
+                # into the replica before the 200s: a retry that comes before the follower reads
+                # the done record back is a duplicate here (the store's dedup record did that
+                # for an entry that was committed)
+                self._stream.mark_done(kept)
+        seqs = [seq for seq, _key in items if seq > 0]
         for _seq, key in items:
             for done, value in self.undone.pop(key, ()):
                 done(True, value)
+        if not seqs:
+            return
         self._finishing.update(seqs)
         store = self.store
 

@@ -316,6 +316,15 @@ class Stream:
             self._mode.handover.announced_by(sender)
         elif kind == "release" and sender != self.instance:
             self._mode.election.wake()  # try for the leadership now rather than at the next interval
+        self._flush_soon()
+
+    def mark_done(self, keys: list[bytes]) -> None:
+        """The leader's own batch is done (the record saying so was confirmed): into the replica
+        now, not only once the follower reads that record back."""
+        self._apply(keys, DONE)
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
         if not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.flush()))
