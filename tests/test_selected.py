@@ -275,6 +275,27 @@ def test_ack_dispatched_answers_503_while_the_broker_is_away(tmp_path, endpoint,
     assert [m[0] for m in drain(endpoint)] == ["before", "during", "after"]
 
 
+def test_a_retry_right_after_the_200_is_a_duplicate_with_the_outbox_in_memory(tmp_path, endpoint, run):
+    """With ack=dispatched nothing is committed on a submit's way (the outbox is in memory), so
+    the store's dedup record no longer catches a retry sent the moment the 200 arrives, before
+    the follower has read the done record back: the leader puts its own done keys into its
+    replica before answering. Each id sent twice, back to back: one copy each, unmarked."""
+    ids = [f"r{i}" for i in range(30)]
+
+    async def main():
+        async with only_instance(selected_settings(tmp_path, endpoint, "i1")) as gw:
+            for msg_id in ids:
+                assert await submit(port_of(gw), endpoint, msg_id) == (200, "OK")
+                assert await submit(port_of(gw), endpoint, msg_id) == (200, "OK")
+            assert gw.writer.stats.accepted == 0  # no submit was committed to the store
+            assert gw.selected.dispatched == len(ids)
+
+    run(main())
+    got = drain(endpoint)
+    assert sorted(m[0] for m in got) == sorted(ids)
+    assert not any(m[1].get("gwcore.PossibleDuplicate") for m in got)
+
+
 def test_a_publish_no_queue_takes_is_not_answered_200(tmp_path, endpoint, run):
     """The endpoint's queue deleted while the leader runs: the broker acknowledges a publish
     that no queue takes and drops the message, so before publishes were mandatory the next
