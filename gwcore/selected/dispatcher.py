@@ -387,7 +387,7 @@ class Dispatcher(IngestSink):
         if kept:
             for seq, _key in items:
                 if seq < 0:
-                    del self._mem[-seq]
+                    self._mem.pop(-seq, None)
             if dispatched:
                 # into the replica before the 200s: a retry that comes before the follower reads
                 # the done record back is a duplicate here (the store's dedup record did that
