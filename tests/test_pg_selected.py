@@ -127,7 +127,9 @@ def test_handlers_consume_on_every_instance_and_the_poisoned_go_to_the_error_tab
         assert poison in headers["NServiceBus.ExceptionInfo.Message"]
         assert queue_rows(pg_schema, ENDPOINT) == []
         delivered = [int(float(metric(n.port, "gwcore_pg_consumer_delivered_total").split()[-1])) for n in nodes]
-        assert sum(delivered) == 40 + 3  # three attempts at the poisoned one
+        # three attempts at the poisoned one on the instance that moved it, and up to two more on
+        # the other: attempts are counted per instance (docs/deployment.md, PostgreSQL)
+        assert 40 + 3 <= sum(delivered) <= 40 + 3 + 2
     finally:
         for n in nodes:
             if alive(n):
