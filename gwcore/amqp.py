@@ -401,12 +401,11 @@ class FramePublisher:
             # basic.return, which aiormq matches to its tag by message_id, and fails the batch;
             # without it the broker would acknowledge the publish and drop the message.
             by_id = ch.message_id_delivery_tag
+            counter = BatchConfirms(batch, n, by_id, ids, first)
             for tag, msg_id in zip(range(first, first + n), ids):
+                confirmations[tag] = counter
                 if msg_id is not None:
                     by_id[msg_id] = tag
-            counter = BatchConfirms(batch, n, by_id, ids, first)
-            for tag in range(first, first + n):
-                confirmations[tag] = counter
             ch.delivery_tag += n
             drained = ch.create_future()
             try:

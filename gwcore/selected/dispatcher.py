@@ -19,8 +19,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-import aiormq
-
 from .. import databus
 from .._core import core
 from ..amqp import FramePublisher, PublishReturned, broker_errors, cancel_and_wait
@@ -249,7 +247,7 @@ class Dispatcher(IngestSink):
                 old = self._stream.channel
                 pub = await self.link.renew_channel(old, publisher_confirms=True) if old is not None else None
                 if pub is not None:
-                    if isinstance(exc, (PublishReturned, aiormq.exceptions.PublishError)):
+                    if isinstance(exc, PublishReturned):
                         await self._declare_again(pub, exc)
                     raw = await pub.get_underlay_channel()
                     self._stream.connection_up(pub, raw)
@@ -383,17 +381,19 @@ class Dispatcher(IngestSink):
     def _finish(self, items: list[tuple[int, bytes]], dispatched: bool = True) -> None:
         """These entries are done (*dispatched*: in the stream as done, or another leader's; else
         given up): their submitters are answered, and they leave the outbox."""
-        kept = [key for seq, key in items if seq < 0]
-        if kept:
-            for seq, _key in items:
-                if seq < 0:
-                    self._mem.pop(-seq, None)
-            if dispatched:
-                # into the replica before the 200s: a retry that comes before the follower reads
-                # the done record back is a duplicate here (the store's dedup record did that
-                # for an entry that was committed)
-                self._stream.mark_done(kept)
-        seqs = [seq for seq, _key in items if seq > 0]
+        kept: list[bytes] = []  # keys of entries kept in memory (as -n)
+        seqs: list[int] = []  # the store's outbox entries
+        for seq, key in items:
+            if seq < 0:
+                self._mem.pop(-seq, None)
+                kept.append(key)
+            else:
+                seqs.append(seq)
+        if kept and dispatched:
+            # into the replica before the 200s: a retry that comes before the follower reads the
+            # done record back is a duplicate here (the store's dedup record did that for an
+            # entry that was committed)
+            self._stream.mark_done(kept)
         for _seq, key in items:
             for done, value in self.undone.pop(key, ()):
                 done(True, value)
