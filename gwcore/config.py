@@ -589,6 +589,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "GWCORE_AMQP_PREFETCH": ("amqp_prefetch", _positive_int, "64"),
     "GWCORE_ACK": ("ack", _choice(ACK_CHOICES), "dispatched"),
     "GWCORE_OUTBOX_MAX": ("outbox_max", _positive_int, "100000"),
+    "GWCORE_OUTBOX_MAX_BYTES": ("outbox_max_bytes", _positive_size, "256MiB"),
     "GWCORE_ELECTION_INTERVAL": ("election_interval", _positive_duration, "250ms"),
     "GWCORE_INSTANCE": ("instance", _instance_name, ""),
     # selected-instance mode on PostgreSQL
@@ -675,6 +676,7 @@ class Settings:
     amqp_prefetch: int = 64
     ack: str = "dispatched"
     outbox_max: int = 100_000
+    outbox_max_bytes: int = 256 * 1024 * 1024
     election_interval: float = 0.25
     instance: str | None = None
     #: GWCORE_TRANSPORT: what selected mode runs on, ``rabbitmq`` or ``postgresql``.

@@ -11,6 +11,8 @@ import uuid
 from broker import drain, endpoint  # noqa: F401  (a fixture)
 from test_selected import only_instance, port_of, selected_settings, submit, until
 
+from httpclient import Client, nsb_request
+
 from gwcore._core import core
 from gwcore.records import dedup_key
 
@@ -75,6 +77,73 @@ def test_the_outbox_is_bounded_with_ack_stored(tmp_path, endpoint, run):
 
     run(main())
     assert sorted(m[0] for m in drain(endpoint)) == [f"m{i}" for i in range(6)]
+
+
+async def submit_body(port: int, endpoint: str, msg_id: str, body: bytes) -> tuple[int, str]:
+    async with Client("127.0.0.1", port) as c:
+        r = await c.request(nsb_request(msg_id, body, path=f"/{endpoint}/"))
+        return r.status, r.reason
+
+
+def test_the_memory_outbox_is_bounded_by_count_with_ack_dispatched(tmp_path, endpoint, run):
+    """With ack=dispatched the outbox is in memory: GWCORE_OUTBOX_MAX=3 and a dispatcher that
+    is not getting through hold three submits (not answered yet), the fourth is 503 outbox full
+    at once with nothing kept, and once the dispatcher runs the three are answered 200."""
+    async def main():
+        async with only_instance(selected_settings(tmp_path, endpoint, "i1", outbox_max=3)) as gw:
+            dispatcher = gw.selected.dispatcher
+            await dispatcher.stop()
+            port = port_of(gw)
+            held = [asyncio.ensure_future(submit(port, endpoint, f"m{i}")) for i in range(3)]
+            await until(lambda: len(gw.selected.undone) == 3, 10, "three submits in the outbox")
+            status, reason = await asyncio.wait_for(submit(port, endpoint, "m3"), 10)
+            assert status == 503 and "outbox full" in reason and "GWCORE_OUTBOX_MAX=3" in reason
+            assert len(gw.selected.undone) == 3 and not any(f.done() for f in held)
+            dispatcher.start()
+            dispatcher.kick()
+            assert await asyncio.wait_for(asyncio.gather(*held), 10) == [(200, "OK")] * 3
+            assert dispatcher.mem_bytes == 0 and not dispatcher._mem
+
+    run(main())
+    assert sorted(m[0] for m in drain(endpoint)) == ["m0", "m1", "m2"]
+
+
+def test_the_memory_outbox_is_bounded_by_bytes_with_ack_dispatched(tmp_path, endpoint, run):
+    """GWCORE_OUTBOX_MAX_BYTES=64KiB with a dispatcher that is not getting through: 30 KiB
+    bodies fill it after two (whose senders then give up: their messages stay, within the bound),
+    the third is 503 naming the bound, with nothing kept; the level is a metric; a body larger
+    than the whole bound is still taken into the empty outbox, so no message is refused for good."""
+    body = b'{"Blob":"' + b"x" * (30 * 1024) + b'"}'
+    big = b'{"Blob":"' + b"y" * (100 * 1024) + b'"}'
+
+    async def main():
+        settings = selected_settings(tmp_path, endpoint, "i1", outbox_max_bytes=64 * 1024)
+        async with only_instance(settings) as gw:
+            dispatcher = gw.selected.dispatcher
+            await dispatcher.stop()
+            port = port_of(gw)
+            held = [asyncio.ensure_future(submit_body(port, endpoint, f"b{i}", body)) for i in range(2)]
+            await until(lambda: len(gw.selected.undone) == 2, 10, "two submits in the outbox")
+            for f in held:            # the senders give up: their messages stay in the outbox
+                f.cancel()
+            level = dispatcher.mem_bytes
+            assert 2 * len(body) < level < 64 * 1024
+            status, reason = await asyncio.wait_for(submit_body(port, endpoint, "b2", body), 10)
+            assert status == 503 and "outbox full" in reason and "GWCORE_OUTBOX_MAX_BYTES=65536" in reason
+            assert dispatcher.mem_bytes == level and len(gw.selected.undone) == 2
+            text = gw.render_metrics()
+            assert f"gwcore_outbox_memory_bytes {float(level)}" in text
+            assert "gwcore_outbox_refused_full_total 1.0" in text
+            dispatcher.start()
+            dispatcher.kick()
+            await until(lambda: not gw.selected.undone, 10, "the outbox to drain")
+            assert dispatcher.mem_bytes == 0
+            assert await asyncio.wait_for(submit_body(port, endpoint, "b0", body), 10) == (200, "OK")  # a duplicate
+            assert await asyncio.wait_for(submit_body(port, endpoint, "big", big), 10) == (200, "OK")
+            assert dispatcher.mem_bytes == 0
+
+    run(main())
+    assert sorted(m[0] for m in drain(endpoint)) == ["b0", "b1", "big"]
 
 
 async def send_all(port, endpoint, ids, senders, answered=None):

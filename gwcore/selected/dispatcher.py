@@ -68,7 +68,7 @@ class Dispatcher(IngestSink):
         self.skipped = 0
         self.parts_published = 0  # part records this instance appended as the leader
         self.parts_unreplicated = 0  # parts accepted with ack=stored while the stream was out of reach
-        self.refused_full = 0  # submits refused 503 at GWCORE_OUTBOX_MAX
+        self.refused_full = 0  # submits refused 503 at GWCORE_OUTBOX_MAX or GWCORE_OUTBOX_MAX_BYTES
         self.refused_amqp = 0  # submits refused 400: a header name AMQP cannot carry
         self.returned = 0  # publishes the broker returned: no queue took them
         # With GWCORE_ACK=dispatched a submit's outbox entry is kept here, not committed to the
@@ -77,6 +77,7 @@ class Dispatcher(IngestSink):
         # and the ns not taken for dispatch yet, in order.
         self._mem: dict[int, tuple[bytes, bytes]] = {}
         self._mem_next = 0
+        self.mem_bytes = 0  # the envelopes' bytes in _mem, bounded by GWCORE_OUTBOX_MAX_BYTES
         self._mem_queue: collections.deque[int] = collections.deque()
         #: where a dispatched message's time goes: the stream append of each batch's record (the
         #: previous batch done, this one intended), a batch's publish until its last confirm, and
@@ -150,10 +151,20 @@ class Dispatcher(IngestSink):
         if self.dispatched_ack and not envelope.databus:
             # (a databus submit goes through the writer: its parts are resolved in its transaction)
             new = key not in self.undone
+            framed = envelope.framed
+            if new and self.mem_bytes and self.mem_bytes + len(framed) > self.settings.outbox_max_bytes:
+                # (one message is always taken into an empty outbox, however large: the bound can
+                # never refuse a message for good)
+                self.refused_full += 1
+                done(False, StoreFullError(f"outbox full: {self.mem_bytes} bytes of messages wait for the broker "
+                                           f"(GWCORE_OUTBOX_MAX_BYTES={self.settings.outbox_max_bytes}); "
+                                           f"retry later"))
+                return
             self._committed(key, known == INTENT, done, True, new)
             if new:
                 self._mem_next += 1
-                self._mem[self._mem_next] = (key, envelope.framed)
+                self.mem_bytes += len(framed)
+                self._mem[self._mem_next] = (key, framed)
                 self._mem_queue.append(self._mem_next)
                 self.kick()
             return
@@ -385,7 +396,9 @@ class Dispatcher(IngestSink):
         seqs: list[int] = []  # the store's outbox entries
         for seq, key in items:
             if seq < 0:
-                self._mem.pop(-seq, None)
+                entry = self._mem.pop(-seq, None)
+                if entry is not None:
+                    self.mem_bytes -= len(entry[1])
                 kept.append(key)
             else:
                 seqs.append(seq)
