@@ -143,7 +143,10 @@ class Dispatcher(IngestSink):
                                            f"table (AMQP) carries names of at most {_AMQP_FIELD_NAME_MAX} bytes"))
             return
         limit = self.settings.outbox_max
-        if len(self.undone) + self.writer.pending >= limit and key not in self.undone:
+        # with ack=stored the submits on their way to the commit count too; with ack=dispatched
+        # the outbox is the memory one alone (the writer's own jobs, a replica flush, are no part of it)
+        depth = len(self.undone) if self.dispatched_ack else len(self.undone) + self.writer.pending
+        if depth >= limit and key not in self.undone:
             self.refused_full += 1
             done(False, StoreFullError(f"outbox full: {len(self.undone)} messages wait for the broker "
                                        f"(GWCORE_OUTBOX_MAX={limit}); retry later"))
