@@ -23,7 +23,9 @@ A new message takes the next sequence number and is appended to both ``dedup_log
 in the same transaction. The writer keeps a hash table of every live record in memory
 (:class:`gwcore._dedup.DedupIndex`, loaded from the log at start-up), so the check needs no tree
 lookup and the commit writes only the right edges of two trees, however many records the store
-holds. Retention deletes from the front of the log.
+holds. Retention deletes from the front of the log. The last seq given is the last key of the
+log or the queue; meta holds it only from the first retention slice that removes records (written
+in that slice's transaction), so a commit writes no meta page.
 
 Every write goes through one writer thread. The event loop hands it jobs and gets one callback per
 committed batch; the thread owns the write transaction, the commit and its fsync, so the loop keeps
@@ -282,8 +284,16 @@ class Store:
 
     # -- reads (any thread; short transactions) ---------------------------------------------------
 
+    def put_last_seq(self, txn: Any, seq: int) -> None:
+        """Record *seq* as the highest assigned, in *txn* (never lowers what meta holds)."""
+        raw = txn.get(b"seq", db=self.meta)
+        if not raw or unpack_seq(raw) < seq:
+            txn.put(b"seq", pack_seq(seq), db=self.meta)
+
     def last_seq(self) -> int:
-        """The highest sequence number ever assigned (kept in meta, since consumed entries go)."""
+        """The highest sequence number ever assigned: the last key of ``dedup_log`` or ``queue``,
+        or what meta holds (written when retention removes dedup records, and by stores before
+        2026-12-07 at every commit), whichever is highest."""
         with self.resize_lock, self.env.begin() as txn:
             raw = txn.get(b"seq", db=self.meta)
             seq = unpack_seq(raw) if raw else 0
@@ -681,8 +691,8 @@ class Writer:
                 new_flags, next_seq = self.index.apply_batch(
                     txn, store.dedup_log, store.queue, envelopes, accepted_ms, self.next_seq
                 )
-                if next_seq != self.next_seq:
-                    txn.put(b"seq", pack_seq(next_seq - 1), db=store.meta)
+                # (no meta write: the two trees' last keys are the last seq, until retention
+                # removes records: _expire writes it then; one page less to sync a commit)
             else:
                 new_flags, next_seq = [], self.next_seq
             results: list[tuple[Any, bool, Any]]
@@ -691,7 +701,7 @@ class Writer:
             else:
                 results = self._answers(txn, batch, new_flags, rejected)
             if time.monotonic() >= self._cleanup_due:
-                self._expire(txn)
+                self._expire(txn, next_seq - 1)
             synced = time.perf_counter()
             store.commit(txn)
             self.stats.sync.observe(time.perf_counter() - synced)
@@ -772,8 +782,13 @@ class Writer:
         self.stats.map_resizes += 1
         return True
 
-    def _expire(self, txn: Any) -> None:
+    def _expire(self, txn: Any, last_seq: int) -> None:
         n = self.index.expire(txn, self.store.dedup_log, now_ms() - self.ttl_ms, self.cleanup_slice)
+        if n:
+            # The last seq is the last key of dedup_log or queue (Store.last_seq) until records
+            # leave the log: kept in meta from then, so that a sequence number is never given twice
+            # (the queue may be empty, and the log's last record may be one of these).
+            self.store.put_last_seq(txn, last_seq)
         self.stats.expired_records += n
         blobs = databus.expire(txn, self.store, now_ms(), self.cleanup_slice, self._doomed)
         self.blobs_expired += blobs
@@ -787,7 +802,7 @@ class Writer:
         try:
             txn = self.store.env.begin(write=True)
             try:
-                self._expire(txn)
+                self._expire(txn, self.next_seq - 1)
             except BaseException:
                 txn.abort()
                 raise

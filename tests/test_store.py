@@ -87,6 +87,39 @@ def test_retention_expires_old_records_incrementally(tmp_path):
     run_writer(tmp_path, body, dedup_ttl=1.0, cleanup_slice=10)
 
 
+def test_a_sequence_number_is_never_given_twice_after_retention_and_a_drained_queue(tmp_path):
+    """A commit writes no last seq to meta (one page less to sync): the last keys of the dedup log
+    and the queue give it. Once the queue is drained and retention has removed every dedup
+    record, meta must hold it, or the reopened store would give seq 1 to a new message again."""
+    async def body(store, writer):
+        await asyncio.gather(*(writer.ingest(envelope(str(uuid.uuid4()))) for _ in range(5)))
+        last = writer.next_seq - 1
+        assert last == 5
+
+        def drain(txn):
+            for key in [bytes(k) for k, _v in txn.cursor(db=store.queue)]:
+                txn.delete(key, db=store.queue)
+
+        await writer.call(drain)
+        await asyncio.sleep(1.2)
+        deadline = time.monotonic() + 5
+        while store.counts()["dedup"] and time.monotonic() < deadline:
+            writer._cleanup_due = 0
+            await writer.call(lambda _txn: None)  # a batch: it runs a retention slice
+            await asyncio.sleep(0.02)
+        assert store.counts()["dedup"] == 0 and store.counts()["queue"] == 0
+        return last
+
+    last = run_writer(tmp_path, body, dedup_ttl=1.0, cleanup_slice=2)
+
+    async def again(store, writer):
+        assert store.last_seq() == last and writer.next_seq == last + 1
+        assert await writer.ingest(envelope(str(uuid.uuid4()))) is True
+        assert writer.next_seq == last + 2
+
+    run_writer(tmp_path, again)
+
+
 def test_map_grows_then_store_full_refuses_new_keeps_duplicates(tmp_path):
     async def body(store, writer):
         body_ = b"z" * 20_000
