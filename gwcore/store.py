@@ -284,12 +284,6 @@ class Store:
 
     # -- reads (any thread; short transactions) ---------------------------------------------------
 
-    def put_last_seq(self, txn: Any, seq: int) -> None:
-        """Record *seq* as the highest assigned, in *txn* (never lowers what meta holds)."""
-        raw = txn.get(b"seq", db=self.meta)
-        if not raw or unpack_seq(raw) < seq:
-            txn.put(b"seq", pack_seq(seq), db=self.meta)
-
     def last_seq(self) -> int:
         """The highest sequence number ever assigned: the last key of ``dedup_log`` or ``queue``,
         or what meta holds (written when retention removes dedup records, and by stores before
@@ -302,6 +296,13 @@ class Store:
                 if cur.last():
                     seq = max(seq, unpack_seq(cur.key()))
             return seq
+
+    def put_last_seq(self, txn: Any, seq: int) -> None:
+        """Record *seq* as the highest assigned, in the writer's write transaction *txn* (it never
+        lowers what meta holds)."""
+        raw = txn.get(b"seq", db=self.meta)
+        if not raw or unpack_seq(raw) < seq:
+            txn.put(b"seq", pack_seq(seq), db=self.meta)
 
     def read_queue(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to ``limit`` queued ``(seq, framed)`` pairs with ``seq > after_seq``, in order."""
