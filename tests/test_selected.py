@@ -213,6 +213,37 @@ def test_link_starts_on_a_node_picked_at_random():
     assert described == ", ".join(f"127.0.0.1:{5672 + i}/" for i in range(3))
 
 
+def test_an_instance_tries_for_the_leadership_only_once_set_up(tmp_path, endpoint, run, monkeypatch):
+    """An instance's connection setup (its reply queue declared and consumed, its listeners told
+    the broker is there) ends before it tries for the leadership. Before, the election started
+    first: with a slow setup a standby lost elections while /readyz still said "broker
+    unavailable" (CI saw it), and an instance could lead before it could take its replies."""
+    from gwcore.amqp import Topology
+
+    declare_instance = Topology.declare_instance
+
+    async def slow_declare_instance(self, connection):
+        await asyncio.sleep(0.5)
+        return await declare_instance(self, connection)
+
+    monkeypatch.setattr(Topology, "declare_instance", slow_declare_instance)
+
+    async def main():
+        gws = [await Gateway(selected_settings(tmp_path, endpoint, f"i{i}")).start() for i in range(2)]
+        try:
+            await until(lambda: any(g.selected.election.elections_lost for g in gws)
+                        and any(g.ready for g in gws), 10, "a leader and a lost election")
+            for g in gws:
+                assert g.selected._ready_link.is_set()  # set up before it tried
+                r = await get("127.0.0.1", port_of(g), "/readyz")
+                assert (r.status, r.reason) == ((200, "OK") if g.ready else (503, "Service Unavailable: standby"))
+        finally:
+            for g in gws:
+                await g.stop()
+
+    run(main())
+
+
 def test_one_leader_the_others_answer_503_standby(tmp_path, endpoint, run):
     async def main():
         gws = [await Gateway(selected_settings(tmp_path, endpoint, f"i{i}")).start() for i in range(3)]

@@ -146,14 +146,17 @@ class Selected(SelectedBase):
         self.stream.connection_up(pub, raw)
         follow = await conn.channel()
         await follow.set_qos(prefetch_count=2000)
-        self._conn_tasks = [asyncio.ensure_future(self.stream.follow(follow)),
-                            asyncio.ensure_future(self.election.run(conn))]
+        self._conn_tasks = [asyncio.ensure_future(self.stream.follow(follow))]
         if self.consume:
             await self._consume(conn)
         rq = await self.topology.declare_instance(conn)
         await rq.consume(self.messages.deliver)
         self._ready_link.set()
         self.update_listeners()
+        # Only now, set up: an instance that leads can take its replies, and a standby that
+        # loses an election says "standby", not "broker unavailable" (a slow setup let it lose
+        # elections before its listeners were told the broker is back).
+        self._conn_tasks.append(asyncio.ensure_future(self.election.run(conn)))
 
     async def _consume(self, conn: Any) -> None:
         ch = await conn.channel()
