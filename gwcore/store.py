@@ -298,11 +298,9 @@ class Store:
             return seq
 
     def put_last_seq(self, txn: Any, seq: int) -> None:
-        """Record *seq* as the highest assigned, in the writer's write transaction *txn* (it never
-        lowers what meta holds)."""
-        raw = txn.get(b"seq", db=self.meta)
-        if not raw or unpack_seq(raw) < seq:
-            txn.put(b"seq", pack_seq(seq), db=self.meta)
+        """Record *seq* as the highest assigned, in the writer's write transaction *txn* (the
+        writer's own last seq, which no value in meta exceeds: it started above :meth:`last_seq`)."""
+        txn.put(b"seq", pack_seq(seq), db=self.meta)
 
     def read_queue(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to ``limit`` queued ``(seq, framed)`` pairs with ``seq > after_seq``, in order."""

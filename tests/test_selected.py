@@ -98,9 +98,10 @@ async def only_instance(settings: Settings):
         await gw.stop()
 
 
-async def submit(port: int, endpoint: str, msg_id: str, extra=None) -> tuple[int, str]:
+async def submit(port: int, endpoint: str, msg_id: str, extra=None, body: bytes | None = None) -> tuple[int, str]:
     async with Client("127.0.0.1", port) as c:
-        r = await c.request(nsb_request(msg_id, path=f"/{endpoint}/", extra=extra))
+        kw = {} if body is None else {"body": body}
+        r = await c.request(nsb_request(msg_id, path=f"/{endpoint}/", extra=extra, **kw))
         return r.status, r.reason
 
 

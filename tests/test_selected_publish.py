@@ -12,8 +12,6 @@ import uuid
 from broker import drain, endpoint  # noqa: F401  (a fixture)
 from test_selected import only_instance, port_of, selected_settings, submit, until
 
-from httpclient import Client, nsb_request
-
 from gwcore._core import core
 from gwcore.records import dedup_key
 
@@ -80,12 +78,6 @@ def test_the_outbox_is_bounded_with_ack_stored(tmp_path, endpoint, run):
     assert sorted(m[0] for m in drain(endpoint)) == [f"m{i}" for i in range(6)]
 
 
-async def submit_body(port: int, endpoint: str, msg_id: str, body: bytes) -> tuple[int, str]:
-    async with Client("127.0.0.1", port) as c:
-        r = await c.request(nsb_request(msg_id, body, path=f"/{endpoint}/"))
-        return r.status, r.reason
-
-
 def test_the_memory_outbox_is_bounded_by_count_with_ack_dispatched(tmp_path, endpoint, run):
     """With ack=dispatched the outbox is in memory: GWCORE_OUTBOX_MAX=3 and a dispatcher that
     is not getting through hold three submits (not answered yet), the fourth is 503 outbox full
@@ -130,13 +122,13 @@ def test_the_memory_outbox_is_bounded_by_bytes_with_ack_dispatched(tmp_path, end
             dispatcher = gw.selected.dispatcher
             await dispatcher.stop()
             port = port_of(gw)
-            held = [asyncio.ensure_future(submit_body(port, endpoint, f"b{i}", body)) for i in range(2)]
+            held = [asyncio.ensure_future(submit(port, endpoint, f"b{i}", body=body)) for i in range(2)]
             await until(lambda: len(gw.selected.undone) == 2, 10, "two submits in the outbox")
             for f in held:            # the senders give up: their messages stay in the outbox
                 f.cancel()
             level = dispatcher.mem_bytes
             assert 2 * len(body) < level < 64 * 1024
-            status, reason = await asyncio.wait_for(submit_body(port, endpoint, "b2", body), 10)
+            status, reason = await asyncio.wait_for(submit(port, endpoint, "b2", body=body), 10)
             assert status == 503 and "outbox full" in reason and "GWCORE_OUTBOX_MAX_BYTES=65536" in reason
             assert dispatcher.mem_bytes == level and len(gw.selected.undone) == 2
             text = gw.render_metrics()
@@ -146,8 +138,8 @@ def test_the_memory_outbox_is_bounded_by_bytes_with_ack_dispatched(tmp_path, end
             dispatcher.kick()
             await until(lambda: not gw.selected.undone, 10, "the outbox to drain")
             assert dispatcher.mem_bytes == 0
-            assert await asyncio.wait_for(submit_body(port, endpoint, "b0", body), 10) == (200, "OK")  # a duplicate
-            assert await asyncio.wait_for(submit_body(port, endpoint, "big", big), 10) == (200, "OK")
+            assert await asyncio.wait_for(submit(port, endpoint, "b0", body=body), 10) == (200, "OK")  # a duplicate
+            assert await asyncio.wait_for(submit(port, endpoint, "big", body=big), 10) == (200, "OK")
             assert dispatcher.mem_bytes == 0
 
     run(main())

@@ -147,9 +147,7 @@ class Dispatcher(IngestSink):
         # the outbox is the memory one alone (the writer's own jobs, a replica flush, are no part of it)
         depth = len(self.undone) if self.dispatched_ack else len(self.undone) + self.writer.pending
         if depth >= limit and key not in self.undone:
-            self.refused_full += 1
-            done(False, StoreFullError(f"outbox full: {len(self.undone)} messages wait for the broker "
-                                       f"(GWCORE_OUTBOX_MAX={limit}); retry later"))
+            self._refuse_full(done, f"{len(self.undone)} messages", f"GWCORE_OUTBOX_MAX={limit}")
             return
         if self.dispatched_ack and not envelope.databus:
             # (a databus submit goes through the writer: its parts are resolved in its transaction)
@@ -158,10 +156,8 @@ class Dispatcher(IngestSink):
             if new and self.mem_bytes and self.mem_bytes + len(framed) > self.settings.outbox_max_bytes:
                 # (one message is always taken into an empty outbox, however large: the bound can
                 # never refuse a message for good)
-                self.refused_full += 1
-                done(False, StoreFullError(f"outbox full: {self.mem_bytes} bytes of messages wait for the broker "
-                                           f"(GWCORE_OUTBOX_MAX_BYTES={self.settings.outbox_max_bytes}); "
-                                           f"retry later"))
+                self._refuse_full(done, f"{self.mem_bytes} bytes of messages",
+                                  f"GWCORE_OUTBOX_MAX_BYTES={self.settings.outbox_max_bytes}")
                 return
             self._committed(key, known == INTENT, done, True, new)
             if new:
@@ -176,6 +172,11 @@ class Dispatcher(IngestSink):
                                                                                  envelope, then)):
             return
         self.writer.ingest_then(envelope, then)
+
+    def _refuse_full(self, done: Done, waiting: str, bound: str) -> None:
+        """503 outbox full: *waiting* wait for the broker, at *bound* (nothing is kept)."""
+        self.refused_full += 1
+        done(False, StoreFullError(f"outbox full: {waiting} wait for the broker ({bound}); retry later"))
 
     def _committed(self, key: bytes, in_doubt: bool, done: Done, ok: bool, value: Any) -> None:
         if not ok or type(value) is core.Rejection:  # a failure, or a refusal (412: parts missing)
