@@ -282,3 +282,43 @@ def test_a_failing_batch_answers_every_job(tmp_path, monkeypatch):
         assert store.counts()["queue"] == 0
 
     run_writer(tmp_path, body)
+
+
+def test_jobs_handed_over_while_the_write_transaction_begins_join_its_commit(tmp_path):
+    """py-lmdb lets go of the GIL while it begins a write transaction, and on one core the loop
+    thread then runs and hands over what it parsed. The writer begins before it drains its queue,
+    so those jobs go into this commit, not the next one (two commits with the drain first)."""
+    import threading
+
+    async def body(store, writer):
+        writer._cleanup_due = float("inf")  # no retention transaction in between
+        entered, release = threading.Event(), threading.Event()
+        real = store.env
+
+        class Env:
+            blocked = False
+
+            def begin(self, **kw):
+                if kw.get("write") and not Env.blocked:
+                    Env.blocked = True
+                    entered.set()  # the writer is inside its first write begin
+                    assert release.wait(10)
+                return real.begin(**kw)
+
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+        store.env = Env()
+        loop = asyncio.get_running_loop()
+        first = writer.ingest(envelope(str(uuid.uuid4())))
+        assert await loop.run_in_executor(None, entered.wait, 10)
+        later = [writer.ingest(envelope(str(uuid.uuid4()))) for _ in range(3)]
+        for _ in range(3):
+            await asyncio.sleep(0)  # the inbox hands them over at the end of the loop's turn
+        assert writer._jobs.qsize() == 1  # the three, handed over while the writer begins
+        release.set()
+        assert await asyncio.gather(first, *later) == [True] * 4
+        assert writer.stats.batches == 1  # one commit carried all four
+        store.env = real
+
+    run_writer(tmp_path, body)
