@@ -486,7 +486,6 @@ class Writer:
         self.inbox = core.JobInbox(loop.call_soon, self._hand_over)
         self._closed = False
         self._cleanup_due = 0.0
-        self._txn: Any = None  # writer thread: the next batch's write transaction, once begun (_begin)
         self._thread = threading.Thread(target=self._run, name="gwcore-writer", daemon=True)
         self._thread.start()
 
@@ -579,16 +578,16 @@ class Writer:
 
     # -- writer thread -----------------------------------------------------------------------------
 
-    def _take_batch(self) -> tuple[list, bool]:
+    def _take_batch(self) -> tuple[list, bool, Any]:
+        """``(jobs, stop, the batch's write transaction or None)``."""
         try:
             # Not forever: an idle writer still runs the retention and blob expiry slices.
             first = self._jobs.get(timeout=1.0)
         except queue.Empty:
-            return [], False
+            return [], False, None
         if first is None:
-            return [], True
-        if first:
-            self._begin()
+            return [], True, None
+        txn = self._begin() if first else None
         batch = list(first)
         get = self._jobs.get_nowait
         stop = False
@@ -613,9 +612,9 @@ class Writer:
                 stop = True
                 break
             batch.extend(jobs)
-        return batch, stop
+        return batch, stop, txn
 
-    def _begin(self) -> None:
+    def _begin(self) -> Any:
         """Begin the batch's write transaction before the queue is drained.
 
         py-lmdb lets go of the GIL while it begins a write transaction (the call may wait for
@@ -624,20 +623,17 @@ class Writer:
         requests and handing them over. Begun here, the transaction takes those requests into
         this commit; begun after the queue was drained, they waited for the next one.
         """
-        if self._txn is not None:  # left by a batch that failed before its write (a bug): never two
-            self._txn.abort()
-            self._txn = None
         try:
-            self._txn = self.store.env.begin(write=True)
+            return self.store.env.begin(write=True)
         except lmdb.Error:
-            self._txn = None  # _write begins again: its error answers the batch
+            return None  # _write begins again: its error answers the batch
 
     def _run(self) -> None:
         while True:
             try:
-                batch, stop = self._take_batch()
+                batch, stop, txn = self._take_batch()
                 if batch:
-                    self._process(batch)
+                    self._process(batch, txn)
                 if stop:
                     # Anything queued after the stop marker still gets an answer.
                     rest = []
@@ -656,12 +652,13 @@ class Writer:
             except Exception:  # pragma: no cover - a bug; keep the thread alive and loud
                 log.exception("gwcore writer thread: unexpected error")
 
-    def _process(self, batch: list) -> None:
+    def _process(self, batch: list, txn: Any = None) -> None:
         envelopes = [job[1] for job in batch if job[0] == _INGEST]
         started = time.perf_counter()
         while True:
             try:
-                results, added = self._write(batch, envelopes)
+                begun, txn = txn, None  # a retry (after the map grew) begins its own
+                results, added = self._write(batch, envelopes, begun)
                 break
             except lmdb.MapFullError:
                 if self._grow():
@@ -695,9 +692,9 @@ class Writer:
         if doomed:
             databus.unlink(self.store.blob_dir, doomed)
 
-    def _write(self, batch: list, envelopes: list) -> tuple[list, int]:
+    def _write(self, batch: list, envelopes: list, txn: Any = None) -> tuple[list, int]:
+        """One batch in one write transaction (*txn*, begun by :meth:`_begin`, or begun here)."""
         store = self.store
-        txn, self._txn = self._txn, None
         if txn is None:
             txn = store.env.begin(write=True)
         rejected: dict = {}
