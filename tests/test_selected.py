@@ -373,6 +373,10 @@ def test_a_refused_publish_is_dispatched_again_on_a_new_channel(tmp_path, endpoi
             assert (status, reason.partition(" (")[0]) == (503, "Service Unavailable: broker unavailable"), reason
             assert "Nack" in reason
             await until(lambda: gw.selected.stream.channel is not first, 5, "a new channel")
+            # both renewed, and still apart: the publishes' channel is not the appends'
+            dispatcher = gw.selected.dispatcher
+            await until(lambda: dispatcher._frames is not None, 5, "a new publish channel")
+            assert dispatcher._frames.channel.number != gw.selected.stream._raw.number
             await ctl("clear_policy", policy)
             assert await submit(port_of(gw), endpoint, "refused") == (200, "OK")  # the sender's retry
             assert gw.ready and gw.selected.link.connects == 1  # the connection stayed up throughout

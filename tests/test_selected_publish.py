@@ -184,7 +184,9 @@ def test_no_message_is_published_before_its_intent_nor_answered_before_its_done(
     """What a new leader can tell from the stream rests on two orders, checked here under 64
     concurrent senders: each message is published only after a stream record with its intent was
     confirmed, and its submitter is answered 200 only after a record saying it is done was
-    confirmed."""
+    confirmed. The appends and the publishes go on confirm channels of their own (an append
+    waits behind no batch of publishes on the broker's side), so the orders hold across two
+    channels."""
     n, senders = 2000, 64
     ids = [str(uuid.uuid4()) for _ in range(n)]
 
@@ -213,6 +215,7 @@ def test_no_message_is_published_before_its_intent_nor_answered_before_its_done(
                     early.extend(k for k in keys if k not in intended)
                     return await self.inner.publish(items)
 
+            assert dispatcher._frames.channel.number != stream._raw.number
             frames = dispatcher._frames = CheckingPublisher(dispatcher._frames)
 
             def answered(msg_id):

@@ -54,7 +54,11 @@ class Dispatcher(IngestSink):
         self.link = mode.link
         self._stream = mode.stream
         self.dispatched_ack = mode.dispatched_ack
-        self._frames: FramePublisher | None = None  # the core's publishes on the stream's confirm channel
+        # The core's publishes, on a confirm channel of their own: the broker handles a channel's
+        # frames one after another, so a stream append on the publishes' channel waited behind a
+        # whole batch's publishes (docs/architecture.md, "Selected mode's publish path").
+        self._frames: FramePublisher | None = None
+        self._channel: Any = None  # aio-pika's channel under _frames
         self._key_prefix = dedup_key(self.settings.endpoint, "")
         # key -> the answers waiting for its dispatch (GWCORE_ACK=dispatched)
         self.undone: dict[bytes, list[tuple[Done, Any]]] = {}
@@ -221,8 +225,11 @@ class Dispatcher(IngestSink):
     def kick(self, _added: int = 0) -> None:
         self._work.set()
 
-    def connection_up(self, raw_channel: Any) -> None:
+    def connection_up(self, channel: Any, raw_channel: Any) -> None:
+        """*channel*: aio-pika's publisher-confirms channel for the publishes; *raw_channel*:
+        aiormq's under it."""
         topology = self._mode.topology
+        self._channel = channel
         self._frames = FramePublisher(raw_channel, topology.input, topology.instance_prefix)
         self._rewind()
 
@@ -233,7 +240,7 @@ class Dispatcher(IngestSink):
         self._mem_queue = collections.deque(self._mem)
 
     def connection_lost(self) -> None:
-        self._frames = None
+        self._frames = self._channel = None
         self.term_ended()
 
     def term_ended(self) -> None:
@@ -258,15 +265,8 @@ class Dispatcher(IngestSink):
                 log.warning("dispatch failed (%s): the outbox keeps the messages", exc)
                 self._rewind()
                 self.fail_waiters(BrokerUnavailableError(f"broker unavailable ({exc})"))
-                # refused on a live connection: go on on a new channel (Link.renew_channel says why)
-                old = self._stream.channel
-                pub = await self.link.renew_channel(old, publisher_confirms=True) if old is not None else None
-                if pub is not None:
-                    if isinstance(exc, PublishReturned):
-                        await self._declare_again(pub, exc)
-                    raw = await pub.get_underlay_channel()
-                    self._stream.connection_up(pub, raw)
-                    self.connection_up(raw)
+                # refused on a live connection: go on on new channels (Link.renew_channel says why)
+                if await self._renew_channels(exc):
                     self.kick()
             except Exception as exc:  # a bug: keep the dispatcher alive and loud, try again soon
                 log.exception("dispatcher: unexpected error; the outbox keeps the messages")
@@ -278,6 +278,22 @@ class Dispatcher(IngestSink):
                 for _entries, confirms, _published in flying:   # a lost connection rejected them: seen here
                     if confirms.done() and not confirms.cancelled():
                         confirms.exception()
+
+    async def _renew_channels(self, exc: BaseException) -> bool:
+        """New confirm channels for the stream's appends and for the publishes, in place of those
+        on which the broker refused one; False if the connection went meanwhile."""
+        old_stream, old_pub = self._stream.channel, self._channel
+        if old_stream is None or old_pub is None:
+            return False
+        stream_ch, pub = await asyncio.gather(self.link.renew_channel(old_stream, publisher_confirms=True),
+                                              self.link.renew_channel(old_pub, publisher_confirms=True))
+        if stream_ch is None or pub is None:
+            return False
+        if isinstance(exc, PublishReturned):
+            await self._declare_again(pub, exc)
+        self._stream.connection_up(stream_ch, await stream_ch.get_underlay_channel())
+        self.connection_up(pub, await pub.get_underlay_channel())
+        return True
 
     async def _declare_again(self, channel: Any, exc: BaseException) -> None:
         """A publish came back (basic.return): no queue took it, so the endpoint's queue or the

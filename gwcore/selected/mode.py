@@ -141,9 +141,12 @@ class Selected(SelectedBase):
     async def _up(self, conn: Any) -> None:
         pub = await conn.channel(publisher_confirms=True)
         await self.topology.declare(pub)
-        raw = await pub.get_underlay_channel()  # aiormq's: a third of aio-pika's cost per publish
-        self.dispatcher.connection_up(raw)
-        self.stream.connection_up(pub, raw)
+        # aiormq's channels under aio-pika's: a third of aio-pika's cost per publish. The stream's
+        # appends and the dispatcher's publishes each have a confirm channel: an append waits for
+        # no batch of publishes ahead of it on the broker's side.
+        self.stream.connection_up(pub, await pub.get_underlay_channel())
+        dispatch = await conn.channel(publisher_confirms=True)
+        self.dispatcher.connection_up(dispatch, await dispatch.get_underlay_channel())
         follow = await conn.channel()
         await follow.set_qos(prefetch_count=2000)
         self._conn_tasks = [asyncio.ensure_future(self.stream.follow(follow))]
