@@ -369,13 +369,14 @@ def test_a_refused_publish_is_dispatched_again_on_a_new_channel(tmp_path, endpoi
             await ctl("set_policy", policy, f"^{endpoint}$", '{"max-length": 0, "overflow": "reject-publish"}',
                       "--apply-to", "queues")
             first = gw.selected.stream.channel
+            dispatcher = gw.selected.dispatcher
+            first_pub = dispatcher._frames.channel
             status, reason = await submit(port_of(gw), endpoint, "refused")
             assert (status, reason.partition(" (")[0]) == (503, "Service Unavailable: broker unavailable"), reason
             assert "Nack" in reason
             await until(lambda: gw.selected.stream.channel is not first, 5, "a new channel")
             # both renewed, and still apart: the publishes' channel is not the appends'
-            dispatcher = gw.selected.dispatcher
-            await until(lambda: dispatcher._frames is not None, 5, "a new publish channel")
+            await until(lambda: dispatcher._frames.channel is not first_pub, 5, "a new publish channel")
             assert dispatcher._frames.channel.number != gw.selected.stream._raw.number
             await ctl("clear_policy", policy)
             assert await submit(port_of(gw), endpoint, "refused") == (200, "OK")  # the sender's retry

@@ -291,8 +291,11 @@ class Dispatcher(IngestSink):
             return False
         if isinstance(exc, PublishReturned):
             await self._declare_again(pub, exc)
-        self._stream.connection_up(stream_ch, await stream_ch.get_underlay_channel())
-        self.connection_up(pub, await pub.get_underlay_channel())
+        # both taken up with no await between: never the stream on a new channel and the
+        # publishes on the old one
+        stream_raw, pub_raw = await stream_ch.get_underlay_channel(), await pub.get_underlay_channel()
+        self._stream.connection_up(stream_ch, stream_raw)
+        self.connection_up(pub, pub_raw)
         return True
 
     async def _declare_again(self, channel: Any, exc: BaseException) -> None:
